@@ -1,0 +1,37 @@
+# Two commands set moekit up on a fresh machine: `make demo` and `make test`.
+# Both create .venv and install everything they need; running them again installs nothing new.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.moekit-installed
+EXTRAS := bench,hf,report,dev
+PYTEST_WORKERS ?= 2
+
+.PHONY: install test lint demo bench clean
+
+install: $(STAMP)
+
+# torch is installed first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "moekit needs $(PYTHON) on PATH (set PYTHON=...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+test: lint
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS)
+
+demo: $(STAMP)
+	$(BIN)/moekit demo
+
+bench: $(STAMP)
+	$(BIN)/moekit bench layer --json runs/bench/layer.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis .ruff_cache

@@ -1,0 +1,36 @@
+"""moekit: a PyTorch toolkit for Mixture-of-Experts models.
+
+Top-level names are imported on first use, so that `moekit.cli` can tune the CPU runtime before
+torch is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "MoE": "moekit.layer",
+    "MoEConfig": "moekit.layer",
+    "Assignments": "moekit.routing.record",
+    "Routing": "moekit.routing.record",
+    "RouterSpec": "moekit.routing.spec",
+    "preset": "moekit.routing.spec",
+    "PRESET_NAMES": "moekit.routing.spec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from moekit.layer import MoE, MoEConfig
+    from moekit.routing.record import Assignments, Routing
+    from moekit.routing.spec import PRESET_NAMES, RouterSpec, preset
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moekit' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

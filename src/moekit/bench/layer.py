@@ -1,0 +1,215 @@
+"""`moekit bench layer`: the MoE layer side by side with the dense-equivalent GEMM chain and peers.
+
+All implementations of one shape share weights and inputs and are timed in the same process,
+interleaved round by round, so that machine noise hits them alike; each figure is the median of
+`repeats` rounds after warm-up. Backward is driven by a fixed random upstream gradient.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moekit.bench.peers import PEER_PACKAGES, PEERS, Contender, dense_contender, moekit_contender
+from moekit.io import write_json_atomic
+from moekit.layer import MoE, MoEConfig
+from moekit.routing.spec import preset
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    num_experts: int
+    top_k: int
+    hidden: int
+    ff: int
+
+
+SHAPES = {
+    "coarse": Shape("coarse", 8, 2, 512, 1024),
+    "fine": Shape("fine", 64, 6, 512, 256),
+    "very_fine": Shape("very_fine", 128, 8, 256, 128),
+}
+TOKEN_COUNTS = (2048, 8)
+MODES = ("fwd", "fwd_bwd")
+
+
+def build_layer(shape: Shape, backend: str = "auto") -> MoE:
+    """A Qwen3-MoE-style layer (softmax -> top-k -> renormalise, SwiGLU experts)."""
+    config = MoEConfig(
+        hidden_size=shape.hidden,
+        ff_size=shape.ff,
+        router=preset("qwen3_moe", shape.num_experts, shape.top_k),
+        backend=backend,
+    )
+    return MoE(config).train()
+
+
+def contenders_for(
+    shape: Shape, peers: list[str], notes: list[str], backend: str = "auto"
+) -> list[Contender]:
+    layer = build_layer(shape, backend)
+    out = [moekit_contender(layer), dense_contender(shape.hidden, shape.ff, shape.top_k)]
+    for peer in peers:
+        package = PEER_PACKAGES[peer]
+        if importlib.util.find_spec(package) is None:
+            notes.append(f"{peer}: skipped, `{package}` is not installed (pip install 'moekit[bench]')")
+            continue
+        try:
+            out += PEERS[peer](layer)
+        except Exception as exc:  # a peer failing to build must not stop the benchmark
+            notes.append(f"{peer}: skipped, it failed to build: {type(exc).__name__}: {exc}")
+    return out
+
+
+def _step(contender: Contender, x: torch.Tensor, upstream: torch.Tensor, mode: str) -> float:
+    for p in contender.module.parameters():
+        p.grad = None
+    xin = x.detach().requires_grad_(mode == "fwd_bwd")
+    start = time.perf_counter()
+    if mode == "fwd":
+        with torch.no_grad():
+            contender.run(xin)
+    else:
+        y = contender.run(xin)
+        y.backward(upstream)
+    return time.perf_counter() - start
+
+
+def time_shape(
+    shape: Shape,
+    tokens: int,
+    mode: str,
+    contenders: list[Contender],
+    repeats: int,
+    warmup: int,
+    seed: int = 0,
+) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, shape.hidden, generator=gen)
+    upstream = torch.randn(tokens, shape.hidden, generator=gen)
+    times: dict[str, list[float]] = {c.impl: [] for c in contenders}
+    for round_index in range(warmup + repeats):
+        for c in contenders:
+            elapsed = _step(c, x, upstream, mode)
+            if round_index >= warmup:
+                times[c.impl].append(elapsed)
+    return {impl: statistics.median(ts) for impl, ts in times.items()}
+
+
+def run_layer_benchmark(
+    shapes: list[str],
+    token_counts: list[int],
+    modes: list[str],
+    peers: list[str],
+    repeats: int = 7,
+    warmup: int = 2,
+    backend: str = "auto",
+    progress=print,
+) -> dict:
+    notes: list[str] = []
+    results = []
+    for shape_name in shapes:
+        shape = SHAPES[shape_name]
+        contenders = contenders_for(shape, peers, notes, backend)
+        for tokens in token_counts:
+            for mode in modes:
+                medians = time_shape(shape, tokens, mode, contenders, repeats, warmup)
+                dense = medians["dense"]
+                for impl, median in medians.items():
+                    results.append(
+                        dict(
+                            shape=shape_name,
+                            tokens=tokens,
+                            mode=mode,
+                            impl=impl,
+                            median_s=median,
+                            ratio_vs_dense=median / dense,
+                        )
+                    )
+                progress(
+                    format_rows(
+                        [
+                            r
+                            for r in results
+                            if r["shape"] == shape_name and r["tokens"] == tokens and r["mode"] == mode
+                        ]
+                    )
+                )
+    return dict(
+        results=results,
+        notes=sorted(set(notes)),
+        settings=dict(
+            repeats=repeats, warmup=warmup, threads=torch.get_num_threads(), torch=torch.__version__
+        ),
+    )
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        lines.append(
+            f"{r['shape']:>10} T={r['tokens']:<5} {r['mode']:<8} {r['impl']:<14} "
+            f"{r['median_s'] * 1e3:9.2f} ms   {r['ratio_vs_dense']:6.2f}x dense"
+        )
+    return "\n".join(lines)
+
+
+def format_table(report: dict) -> str:
+    """Markdown table: one row per shape/tokens/mode, one column per implementation."""
+    results = report["results"]
+    impls = []
+    for r in results:
+        if r["impl"] not in impls:
+            impls.append(r["impl"])
+    header = "| shape | T | mode | " + " | ".join(impls) + " |"
+    lines = [header, "|" + "---|" * (3 + len(impls))]
+    keys = []
+    for r in results:
+        key = (r["shape"], r["tokens"], r["mode"])
+        if key not in keys:
+            keys.append(key)
+    for key in keys:
+        row = {r["impl"]: r for r in results if (r["shape"], r["tokens"], r["mode"]) == key}
+        cells = []
+        for impl in impls:
+            r = row.get(impl)
+            cells.append("—" if r is None else f"{r['median_s'] * 1e3:.2f} ms ({r['ratio_vs_dense']:.2f}x)")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    report = run_layer_benchmark(
+        shapes=args.shapes,
+        token_counts=args.tokens,
+        modes=args.modes,
+        peers=args.peers,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        backend=args.backend,
+    )
+    print()
+    print(format_table(report))
+    for note in report["notes"]:
+        print(f"note: {note}")
+    if args.json:
+        write_json_atomic(Path(args.json), report)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKEN_COUNTS))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS))
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per case (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--backend", default="auto", choices=["auto", "loop", "grouped_mm"])
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")

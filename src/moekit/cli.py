@@ -1,0 +1,54 @@
+"""The `moekit` command. Subcommands live in their own modules and are imported on use."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moekit.errors import MoekitError
+from moekit.runtime import tune_cpu_runtime
+
+
+def _bench_layer(args: argparse.Namespace) -> int:
+    from moekit.bench import layer
+
+    return layer.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moekit",
+        description="moekit: Mixture-of-Experts layers, training, analysis and interop on PyTorch.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    bench = sub.add_parser("bench", help="speed benchmarks (results feed BENCHMARKS.md)")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+    layer = bench_sub.add_parser(
+        "layer", help="the MoE layer vs the dense-equivalent GEMM chain, HF transformers and DeepSpeed"
+    )
+    from moekit.bench.layer import add_arguments
+
+    add_arguments(layer)
+    layer.set_defaults(handler=_bench_layer)
+    bench.set_defaults(handler=lambda args: (bench.print_help(), 0)[1])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    tune_cpu_runtime()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(handler(args) or 0)
+    except MoekitError as exc:
+        print(f"moekit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Expert activations with hand-written derivatives, for the grouped path's own backward.
+
+Each activation maps the first projection's output h [A, in_features] to a [A, ff] and, given
+dL/da, returns dL/dh. Gated activations read h as [gate | up] (gate first, as HF's fused
+`gate_up_proj`). The tests hold every derivative to autograd in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moekit.errors import require_choice
+
+
+class Activation(ABC):
+    name: str = ""
+    gated: bool = False
+
+    @abstractmethod
+    def forward(self, h: Tensor) -> Tensor:
+        """a = act(h)."""
+
+    @abstractmethod
+    def backward(self, h: Tensor, grad: Tensor) -> Tensor:
+        """dL/dh given h and dL/da."""
+
+    def in_features(self, ff: int) -> int:
+        """Width of the first projection for an intermediate size of `ff`."""
+        return 2 * ff if self.gated else ff
+
+    def split(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        ff = h.shape[-1] // 2
+        return h[..., :ff], h[..., ff:]
+
+
+class SwiGLU(Activation):
+    """silu(gate) * up (Shazeer 2020, "GLU Variants Improve Transformer")."""
+
+    name = "swiglu"
+    gated = True
+
+    def forward(self, h: Tensor) -> Tensor:
+        gate, up = self.split(h)
+        return torch.nn.functional.silu(gate) * up
+
+    def backward(self, h: Tensor, grad: Tensor) -> Tensor:
+        gate, up = self.split(h)
+        ff = gate.shape[-1]
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        out = torch.empty_like(h)
+        torch.mul(grad, silu, out=out[..., ff:])
+        # d silu / d gate = sig * (1 + gate * (1 - sig)) = sig + silu * (1 - sig)
+        dsilu = silu.neg_().add_(gate).mul_(sig).add_(sig)  # silu*(1-sig) + sig, in place
+        torch.mul(grad * up, dsilu, out=out[..., :ff])
+        return out
+
+
+@dataclass
+class ClampedSwiGLU(Activation):
+    """GPT-OSS's SwiGLU: gate clamped above at `limit`, up clamped to [-limit, limit],
+    out = (up + 1) * gate * sigmoid(alpha * gate)."""
+
+    alpha: float = 1.702
+    limit: float = 7.0
+    name = "clamped_swiglu"
+    gated = True
+
+    def forward(self, h: Tensor) -> Tensor:
+        gate, up = self.split(h)
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    def backward(self, h: Tensor, grad: Tensor) -> Tensor:
+        gate_raw, up_raw = self.split(h)
+        ff = gate_raw.shape[-1]
+        gate = gate_raw.clamp(max=self.limit)
+        up = up_raw.clamp(min=-self.limit, max=self.limit)
+        sig = torch.sigmoid(gate * self.alpha)
+        glu = gate * sig
+        out = torch.empty_like(h)
+        # clamp passes the gradient where the input lies inside the bounds (as torch.clamp does)
+        up_inside = (up_raw >= -self.limit) & (up_raw <= self.limit)
+        torch.mul(grad * glu, up_inside, out=out[..., ff:])
+        dglu = sig + self.alpha * glu * (1 - sig)
+        torch.mul(grad * (up + 1) * dglu, gate_raw <= self.limit, out=out[..., :ff])
+        return out
+
+
+class GELU(Activation):
+    """Exact (erf) GELU, non-gated."""
+
+    name = "gelu"
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.nn.functional.gelu(h)
+
+    def backward(self, h: Tensor, grad: Tensor) -> Tensor:
+        cdf = 0.5 * (1.0 + torch.erf(h * (1.0 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * h * h) * (1.0 / math.sqrt(2.0 * math.pi))
+        return grad * (cdf + h * pdf)
+
+
+class ReLU2(Activation):
+    """Squared ReLU (So et al. 2021, "Primer"), non-gated."""
+
+    name = "relu2"
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.relu(h).square()
+
+    def backward(self, h: Tensor, grad: Tensor) -> Tensor:
+        return grad * (2.0 * torch.relu(h))
+
+
+ACTIVATION_NAMES = ("swiglu", "clamped_swiglu", "gelu", "relu2")
+
+
+def make_activation(name: str, alpha: float = 1.702, limit: float = 7.0) -> Activation:
+    require_choice("experts.activation", name, ACTIVATION_NAMES)
+    if name == "swiglu":
+        return SwiGLU()
+    if name == "clamped_swiglu":
+        return ClampedSwiGLU(alpha=alpha, limit=limit)
+    if name == "gelu":
+        return GELU()
+    return ReLU2()

@@ -1,0 +1,146 @@
+"""The MoE layer: router + packed experts + grouped dispatch (+ shared experts). Thin glue."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moekit.dispatch.grouped import BACKENDS, grouped_experts
+from moekit.errors import ConfigError, require_choice, require_int, require_number
+from moekit.experts.activations import ACTIVATION_NAMES, make_activation
+from moekit.experts.packed import PackedExperts, SharedExperts
+from moekit.routing.record import Routing
+from moekit.routing.spec import RouterSpec
+from moekit.routing.token_choice import TokenChoiceRouter
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """One MoE layer.
+
+    `ff_size` is each routed expert's intermediate size (fine-grained experts: many small ones).
+    `num_shared_experts` always-on experts of `shared_ff_size` each (default `ff_size`) are fused
+    into one FFN, optionally behind a sigmoid gate (Qwen2-MoE).
+    """
+
+    hidden_size: int
+    ff_size: int
+    router: RouterSpec
+    activation: str = "swiglu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    expert_bias: bool = False
+    num_shared_experts: int = 0
+    shared_ff_size: int | None = None
+    shared_gate: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        require_int("moe.hidden_size", self.hidden_size, minimum=1)
+        require_int("moe.ff_size", self.ff_size, minimum=1)
+        if not isinstance(self.router, RouterSpec):
+            raise ConfigError("moe.router", f"expected a RouterSpec, got {type(self.router).__name__}")
+        require_choice("moe.activation", self.activation, ACTIVATION_NAMES)
+        require_number("moe.swiglu_limit", self.swiglu_limit, minimum=0.0, strict=True)
+        require_int("moe.num_shared_experts", self.num_shared_experts, minimum=0)
+        if self.shared_ff_size is not None:
+            require_int("moe.shared_ff_size", self.shared_ff_size, minimum=1)
+        require_choice("moe.backend", self.backend, BACKENDS)
+
+    @property
+    def shared_total_ff(self) -> int:
+        return self.num_shared_experts * (self.shared_ff_size or self.ff_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["router"] = self.router.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], field_prefix: str = "moe") -> MoEConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"{field_prefix}.{unknown[0]}", f"unknown field; expected one of {', '.join(sorted(known))}"
+            )
+        if "router" not in data:
+            raise ConfigError(f"{field_prefix}.router", "missing")
+        values = dict(data)
+        router = values.pop("router")
+        spec = (
+            router
+            if isinstance(router, RouterSpec)
+            else RouterSpec.from_dict(router, f"{field_prefix}.router")
+        )
+        return cls(router=spec, **values)
+
+
+class MoE(nn.Module):
+    """A drop-in FFN replacement: `y = moe(x)` for x [..., hidden]; `forward_with_routing` also
+    returns the `Routing` record that objectives and analysis consume."""
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        activation = make_activation(config.activation, config.swiglu_alpha, config.swiglu_limit)
+        self.router = TokenChoiceRouter(config.hidden_size, config.router)
+        self.experts = PackedExperts(
+            config.router.num_experts, config.hidden_size, config.ff_size, activation, bias=config.expert_bias
+        )
+        self.shared = (
+            SharedExperts(config.hidden_size, config.shared_total_ff, activation, gate=config.shared_gate)
+            if config.num_shared_experts
+            else None
+        )
+
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        return self.forward_with_routing(x, token_mask)[0]
+
+    def forward_with_routing(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, Routing]:
+        shape = x.shape
+        if shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"MoE input: expected last dimension {self.config.hidden_size}, got shape {tuple(shape)}"
+            )
+        flat = x.reshape(-1, shape[-1])
+        mask = None
+        if token_mask is not None:
+            if token_mask.shape != shape[:-1]:
+                raise ValueError(
+                    f"token_mask: expected shape {tuple(shape[:-1])}, got {tuple(token_mask.shape)}"
+                )
+            mask = token_mask.reshape(-1).to(torch.bool)
+        spec = self.config.router
+        router_in = flat
+        if self.training and spec.jitter_eps > 0:
+            noise = torch.empty_like(flat).uniform_(1.0 - spec.jitter_eps, 1.0 + spec.jitter_eps)
+            router_in = flat * noise
+            if spec.jitter_target == "router_and_experts":
+                flat = router_in
+        routing = self.router(router_in, mask)
+        y = self.routed(flat, routing)
+        if self.shared is not None:
+            y = y + self.shared(flat)
+        return y.reshape(shape), routing
+
+    def routed(self, x: Tensor, routing: Routing) -> Tensor:
+        """The routed experts' contribution for a given routing (replay, overrides, analysis)."""
+        experts = self.experts
+        assignments = routing.compute_assignments
+        return grouped_experts(
+            x,
+            assignments.token,
+            assignments.expert,
+            assignments.weight,
+            experts.w_in,
+            experts.w_out,
+            experts.b_in,
+            experts.b_out,
+            experts.activation,
+            weight_on=self.config.router.weight_on,
+            backend=self.config.backend,
+        )

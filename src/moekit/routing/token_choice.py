@@ -1,0 +1,141 @@
+"""The token-choice top-k router driven by a `RouterSpec`: each token picks its k experts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.routing.capacity import apply_capacity, expert_capacity
+from moekit.routing.record import Assignments, Routing
+from moekit.routing.spec import RouterSpec
+
+
+def score(logits: Tensor, score_fn: str) -> Tensor:
+    """The score function over the last dimension (fp32 in, fp32 out)."""
+    if score_fn == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if score_fn == "sigmoid":
+        return torch.sigmoid(logits)
+    return logits
+
+
+def group_limited(selection: Tensor, num_groups: int, topk_groups: int, group_score: str) -> Tensor:
+    """DeepSeek-V2/V3 group-limited routing: keep the `topk_groups` best groups, mask the rest.
+
+    A group's score is the sum of its two best selection scores (DeepSeek-V3) or its best one
+    (DeepSeek-V2 "group_limited_greedy"). Experts outside the kept groups get -inf.
+    """
+    tokens, experts = selection.shape
+    grouped = selection.view(tokens, num_groups, experts // num_groups)
+    if group_score == "top2_sum":
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+    else:
+        group_scores = grouped.max(dim=-1).values
+    kept_groups = group_scores.topk(topk_groups, dim=-1).indices
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)
+    expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(tokens, experts)
+    return selection.masked_fill(~expert_mask, float("-inf"))
+
+
+def renormalise(weights: Tensor, renorm: str, p: float, eps: float) -> Tensor:
+    """Divide the chosen weights of each token by their sum or p-norm (plus eps)."""
+    if renorm == "sum":
+        return weights / (weights.sum(dim=-1, keepdim=True) + eps)
+    if renorm == "pnorm":
+        return weights / (torch.linalg.vector_norm(weights, ord=p, dim=-1, keepdim=True) + eps)
+    return weights
+
+
+def choose_topk(
+    logits: Tensor, spec: RouterSpec, selection_bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(scores [T,E], chosen expert ids [T,k] best first, their weights [T,k]) for fp32 logits."""
+    scores = score(logits, spec.score_fn)
+    if spec.score_timing == "before_topk":
+        selection = scores if selection_bias is None else scores + selection_bias
+        if spec.num_groups > 1:
+            selection = group_limited(selection, spec.num_groups, spec.topk_groups, spec.group_score)
+        index = selection.topk(spec.top_k, dim=-1).indices
+        weights = scores.gather(1, index)
+    else:
+        selection = logits if selection_bias is None else logits + selection_bias
+        index = selection.topk(spec.top_k, dim=-1).indices
+        weights = score(logits.gather(1, index), spec.score_fn)
+    weights = renormalise(weights, spec.renorm, spec.renorm_p, spec.renorm_eps)
+    if spec.scaling != 1.0:
+        weights = weights * spec.scaling
+    return scores, index, weights
+
+
+def router_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Router arithmetic runs in fp32 for fp32 and lower-precision models, in float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class TokenChoiceRouter(nn.Module):
+    """A linear router whose arithmetic runs in fp32 (or float64) whatever the model dtype.
+
+    The selection bias (DeepSeek-V3's aux-loss-free balancing) is an fp32 buffer: it is saved with
+    the model, never seen by the optimizer, and is never cast below fp32 with the module.
+    """
+
+    def __init__(self, hidden_size: int, spec: RouterSpec):
+        super().__init__()
+        self.spec = spec
+        self.hidden_size = hidden_size
+        self.weight = nn.Parameter(torch.empty(spec.num_experts, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(spec.num_experts)) if spec.router_bias else None
+        if spec.selection_bias:
+            self.register_buffer("selection_bias", torch.zeros(spec.num_experts, dtype=torch.float32))
+        else:
+            self.selection_bias = None
+        nn.init.normal_(self.weight, std=hidden_size**-0.5)
+
+    @property
+    def num_experts(self) -> int:
+        return self.spec.num_experts
+
+    @property
+    def num_compute_experts(self) -> int:
+        return self.spec.num_experts
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        bias = self.selection_bias
+        if bias is not None and bias.dtype != router_dtype(bias.dtype):
+            self.selection_bias = bias.float()
+        return self
+
+    def logits(self, x: Tensor) -> Tensor:
+        dtype = router_dtype(x.dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), self.weight.to(dtype), bias)
+
+    def forward(
+        self, x: Tensor, token_mask: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Routing:
+        """Route T tokens of `x` [T, d]; `token_mask` [T] marks real tokens (default: all)."""
+        spec = self.spec
+        num_tokens = x.shape[0]
+        if token_mask is None:
+            token_mask = torch.ones(num_tokens, dtype=torch.bool, device=x.device)
+        logits = self.logits(x)
+        selection_bias = None if self.selection_bias is None else self.selection_bias.to(logits.dtype)
+        scores, index, weights = choose_topk(logits, spec, selection_bias)
+        chosen = Assignments.from_dense(index, weights, token_mask)
+        if spec.capacity_factor is None:
+            kept, dropped = chosen, Assignments.empty(x.device)
+        else:
+            capacity = expert_capacity(len(chosen), spec.num_experts, spec.capacity_factor)
+            kept, dropped = apply_capacity(
+                chosen, num_tokens, spec.num_experts, capacity, spec.drop_policy, generator
+            )
+        return Routing(
+            logits=logits,
+            scores=scores,
+            kept=kept,
+            dropped=dropped,
+            token_mask=token_mask,
+            num_compute_experts=spec.num_experts,
+        )

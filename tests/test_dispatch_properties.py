@@ -1,0 +1,173 @@
+"""Property tests for routing and dispatch invariants: empty experts, one hot expert, drops, masks."""
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moekit.dispatch.grouped import grouped_experts
+from moekit.experts.activations import make_activation
+from moekit.routing.capacity import apply_capacity, expert_capacity, priority_key
+from moekit.routing.record import Assignments
+from moekit.routing.spec import RouterSpec
+from moekit.routing.token_choice import TokenChoiceRouter
+
+
+@st.composite
+def routing_problems(draw):
+    num_tokens = draw(st.integers(1, 24))
+    num_experts = draw(st.integers(1, 9))
+    k = draw(st.integers(1, num_experts))
+    skew = draw(st.sampled_from(["uniform", "one_expert", "two_experts"]))
+    seed = draw(st.integers(0, 2**16))
+    mask_kind = draw(st.sampled_from(["none", "random", "all_masked"]))
+    capacity_factor = draw(st.sampled_from([None, 0.25, 0.5, 1.0, 2.0]))
+    policy = draw(st.sampled_from(["position", "score", "random"]))
+    return num_tokens, num_experts, k, skew, seed, mask_kind, capacity_factor, policy
+
+
+def _route(problem):
+    num_tokens, num_experts, k, skew, seed, mask_kind, capacity_factor, policy = problem
+    gen = torch.Generator().manual_seed(seed)
+    spec = RouterSpec(num_experts=num_experts, top_k=k, capacity_factor=capacity_factor, drop_policy=policy)
+    router = TokenChoiceRouter(8, spec)
+    x = torch.randn(num_tokens, 8, generator=gen)
+    with torch.no_grad():
+        router.weight.normal_(generator=gen)
+        if skew != "uniform":  # make one or two experts win every token
+            router.weight[: 1 if skew == "one_expert" else 2] = 0
+            x[:, 0] = 0
+            router.weight[: 1 if skew == "one_expert" else 2, 0] = 100.0
+            x = x.abs()
+            router.weight[:, 1:] = router.weight[:, 1:] * 0.01
+            router.weight[: 1 if skew == "one_expert" else 2, 1:] = 1.0
+    mask = None
+    if mask_kind == "random":
+        mask = torch.rand(num_tokens, generator=gen) > 0.4
+    elif mask_kind == "all_masked":
+        mask = torch.zeros(num_tokens, dtype=torch.bool)
+    return router(x, mask, generator=gen), spec, x, mask
+
+
+@given(routing_problems())
+def test_counts_add_up_and_capacity_holds(problem):
+    routing, spec, x, mask = _route(problem)
+    num_real = int(routing.token_mask.sum())
+    chosen = routing.chosen_counts
+    assert int(chosen.sum()) == num_real * spec.top_k
+    assert int(routing.counts.sum()) == len(routing.kept)
+    assert torch.equal(chosen, routing.counts + routing.dropped.counts(spec.num_experts))
+    # every token's k choices are distinct experts and each appears exactly once (kept or dropped)
+    pairs = list(zip(routing.kept.token.tolist(), routing.kept.expert.tolist(), strict=True))
+    pairs += list(zip(routing.dropped.token.tolist(), routing.dropped.expert.tolist(), strict=True))
+    assert len(pairs) == len(set(pairs))
+    assert torch.all(routing.kept.expert[1:] >= routing.kept.expert[:-1])
+    # padding gets nothing
+    real = set(torch.nonzero(routing.token_mask).flatten().tolist())
+    assert {t for t, _ in pairs} <= real
+    if spec.capacity_factor is None:
+        assert len(routing.dropped) == 0
+    else:
+        cap = expert_capacity(num_real * spec.top_k, spec.num_experts, spec.capacity_factor)
+        assert all(c <= cap for c in routing.counts.tolist())
+        # an expert drops only once it is full
+        full = routing.counts == cap
+        assert all(full[routing.dropped.expert].tolist())
+
+
+@given(routing_problems())
+def test_position_and_score_policies_keep_the_best_keys(problem):
+    routing, spec, _, _ = _route(problem)
+    if spec.capacity_factor is None or spec.drop_policy == "random" or len(routing.dropped) == 0:
+        return
+    num_tokens = routing.num_tokens
+    kept_key = priority_key(routing.kept, spec.drop_policy, num_tokens)
+    dropped_key = priority_key(routing.dropped, spec.drop_policy, num_tokens)
+    for e in routing.dropped.expert.unique().tolist():
+        worst_kept = kept_key[routing.kept.expert == e].max()
+        best_dropped = dropped_key[routing.dropped.expert == e].min()
+        assert worst_kept <= best_dropped
+
+
+@st.composite
+def assignment_sets(draw):
+    num_tokens = draw(st.integers(1, 12))
+    num_experts = draw(st.integers(1, 6))
+    layout = draw(st.sampled_from(["random", "all_on_one", "empty", "some_empty"]))
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    pairs = set()
+    if layout == "all_on_one":
+        e = int(torch.randint(num_experts, (1,), generator=gen))
+        pairs = {(t, e) for t in range(num_tokens)}
+    elif layout != "empty":
+        allowed = list(range(num_experts)) if layout == "random" else list(range(0, num_experts, 2))
+        for t in range(num_tokens):
+            for e in allowed:
+                if torch.rand(1, generator=gen) < 0.5:
+                    pairs.add((t, e))
+    pairs = sorted(pairs, key=lambda p: (p[1], p[0]))
+    return num_tokens, num_experts, pairs, seed
+
+
+@given(
+    assignment_sets(),
+    st.sampled_from(["swiglu", "gelu", "relu2", "clamped_swiglu"]),
+    st.sampled_from(["output", "input"]),
+    st.booleans(),
+)
+def test_every_kept_assignment_is_computed_exactly_once(case, act_name, weight_on, bias):
+    num_tokens, num_experts, pairs, seed = case
+    gen = torch.Generator().manual_seed(seed)
+    hidden, ff = 5, 3
+    act = make_activation(act_name)
+    token = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+    expert = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+    weight = torch.rand(len(pairs), dtype=torch.float64, generator=gen).requires_grad_()
+    x = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen).requires_grad_()
+    w_in = torch.randn(
+        num_experts, act.in_features(ff), hidden, dtype=torch.float64, generator=gen
+    ).requires_grad_()
+    w_out = torch.randn(num_experts, hidden, ff, dtype=torch.float64, generator=gen).requires_grad_()
+    b_in = (
+        torch.randn(num_experts, act.in_features(ff), dtype=torch.float64, generator=gen).requires_grad_()
+        if bias
+        else None
+    )
+    b_out = (
+        torch.randn(num_experts, hidden, dtype=torch.float64, generator=gen).requires_grad_()
+        if bias
+        else None
+    )
+    y = grouped_experts(x, token, expert, weight, w_in, w_out, b_in, b_out, act, weight_on, backend="loop")
+    upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
+    leaves = [t for t in (x, weight, w_in, w_out, b_in, b_out) if t is not None]
+    grads = torch.autograd.grad((y * upstream).sum(), leaves, allow_unused=False)
+
+    expected = torch.zeros(num_tokens, hidden, dtype=torch.float64)
+    for i, (t, e) in enumerate(pairs):
+        xin = x[t] * weight[i] if weight_on == "input" else x[t]
+        h = w_in[e] @ xin + (b_in[e] if bias else 0)
+        out = w_out[e] @ act.forward(h.unsqueeze(0)).squeeze(0) + (b_out[e] if bias else 0)
+        expected = expected.index_add(
+            0, torch.tensor([t]), (out * weight[i] if weight_on == "output" else out)[None]
+        )
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    if pairs:
+        expected_grads = torch.autograd.grad((expected * upstream).sum(), leaves, allow_unused=True)
+        for got, want in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(
+                got, torch.zeros_like(got) if want is None else want, rtol=1e-10, atol=1e-12
+            )
+    else:
+        assert all(torch.count_nonzero(g) == 0 for g in grads)
+    # experts that received nothing get an exactly-zero weight gradient
+    used = set(expert.tolist())
+    for e in range(num_experts):
+        if e not in used:
+            assert torch.count_nonzero(grads[2][e]) == 0 and torch.count_nonzero(grads[3][e]) == 0
+
+
+def test_apply_capacity_on_empty_assignments():
+    empty = Assignments.empty()
+    kept, dropped = apply_capacity(empty, 4, 3, 1, "position")
+    assert len(kept) == 0 and len(dropped) == 0
