@@ -171,3 +171,27 @@ def test_apply_capacity_on_empty_assignments():
     empty = Assignments.empty()
     kept, dropped = apply_capacity(empty, 4, 3, 1, "position")
     assert len(kept) == 0 and len(dropped) == 0
+
+
+def test_parallel_expert_workers_match_the_serial_loop():
+    """The worker path (whole experts per single-threaded worker) computes the same thing."""
+    gen = torch.Generator().manual_seed(3)
+    num_tokens, num_experts, k, hidden, ff = 300, 6, 2, 8, 5
+    act = make_activation("swiglu")
+    expert = torch.topk(torch.randn(num_tokens, num_experts, generator=gen), k).indices.reshape(-1)
+    expert, order = expert.sort(stable=True)
+    token = torch.arange(num_tokens).repeat_interleave(k)[order]
+    weight = torch.rand(len(token), dtype=torch.float64, generator=gen).requires_grad_()
+    x = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen).requires_grad_()
+    w_in = torch.randn(num_experts, 2 * ff, hidden, dtype=torch.float64, generator=gen).requires_grad_()
+    w_out = torch.randn(num_experts, hidden, ff, dtype=torch.float64, generator=gen).requires_grad_()
+    upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
+    results = []
+    for parallel in (False, True):
+        y = grouped_experts(
+            x, token, expert, weight, w_in, w_out, None, None, act, backend="loop", parallel_workers=parallel
+        )
+        grads = torch.autograd.grad((y * upstream).sum(), (x, weight, w_in, w_out))
+        results.append((y, *grads))
+    for serial, parallel in zip(*results, strict=True):
+        torch.testing.assert_close(parallel, serial, rtol=1e-12, atol=1e-12)

@@ -21,7 +21,7 @@ _EXPORTS = {
     "PRESET_NAMES": "moekit.routing.spec",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["MoE", "MoEConfig", "Assignments", "Routing", "RouterSpec", "preset", "PRESET_NAMES"]
 
 if TYPE_CHECKING:
     from moekit.layer import MoE, MoEConfig

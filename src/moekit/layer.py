@@ -13,7 +13,7 @@ from moekit.errors import ConfigError, require_choice, require_int, require_numb
 from moekit.experts.activations import ACTIVATION_NAMES, make_activation
 from moekit.experts.packed import PackedExperts, SharedExperts
 from moekit.routing.record import Routing
-from moekit.routing.spec import RouterSpec
+from moekit.routing.spec import RouterSpec, router_spec_from_dict
 from moekit.routing.token_choice import TokenChoiceRouter
 
 
@@ -71,12 +71,9 @@ class MoEConfig:
             raise ConfigError(f"{field_prefix}.router", "missing")
         values = dict(data)
         router = values.pop("router")
-        spec = (
-            router
-            if isinstance(router, RouterSpec)
-            else RouterSpec.from_dict(router, f"{field_prefix}.router")
-        )
-        return cls(router=spec, **values)
+        if not isinstance(router, RouterSpec):
+            router = router_spec_from_dict(router, f"{field_prefix}.router")
+        return cls(router=router, **values)
 
 
 class MoE(nn.Module):

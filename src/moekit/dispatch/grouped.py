@@ -21,9 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moekit.dispatch.workers import for_each_expert, workers_enabled
 from moekit.experts.activations import Activation
 
 BACKENDS = ("auto", "loop", "grouped_mm")
+# Below this many rows the per-phase hand-off to the workers costs more than it saves.
+PARALLEL_MIN_ROWS = 256
+# Expert GEMMs below this many FLOPs run faster one per core than split across cores.
+SMALL_EXPERT_FLOPS = 256e6
 
 
 @dataclass(frozen=True)
@@ -49,12 +54,11 @@ class ExpertGroups:
     def num_experts(self) -> int:
         return len(self.counts)
 
-    def slices(self):
-        """(expert, start, end) for every non-empty expert."""
+    @cached_property
+    def nonempty(self) -> tuple[tuple[int, int, int], ...]:
+        """(expert, start, end) for every expert with rows."""
         offsets = self.offsets
-        for e, c in enumerate(self.counts):
-            if c:
-                yield e, offsets[e], offsets[e + 1]
+        return tuple((e, offsets[e], offsets[e + 1]) for e, c in enumerate(self.counts) if c)
 
     @staticmethod
     def build(token: Tensor, expert: Tensor, num_experts: int) -> ExpertGroups:
@@ -78,40 +82,6 @@ def choose_backend(requested: str, dtype: torch.dtype, hidden: int, in_features:
     return "grouped_mm" if usable and requested == "grouped_mm" else "loop"
 
 
-def _rows_times_weight(rows: Tensor, weight: Tensor, groups: ExpertGroups, backend: str) -> Tensor:
-    """out[rows of e] = rows[rows of e] @ weight[e].T for packed `weight` [E, n_out, n_in]."""
-    if backend == "grouped_mm":
-        return F.grouped_mm(rows, weight.transpose(1, 2), offs=groups.grouped_mm_offsets)
-    out = rows.new_empty(rows.shape[0], weight.shape[1])
-    for e, s, t in groups.slices():
-        torch.mm(rows[s:t], weight[e].t(), out=out[s:t])
-    return out
-
-
-def _rows_times_weight_t(rows: Tensor, weight: Tensor, groups: ExpertGroups, backend: str) -> Tensor:
-    """out[rows of e] = rows[rows of e] @ weight[e] for packed `weight` [E, n_out, n_in]."""
-    if backend == "grouped_mm":
-        return F.grouped_mm(rows, weight, offs=groups.grouped_mm_offsets)
-    out = rows.new_empty(rows.shape[0], weight.shape[2])
-    for e, s, t in groups.slices():
-        torch.mm(rows[s:t], weight[e], out=out[s:t])
-    return out
-
-
-def _weight_grad(grad_rows: Tensor, in_rows: Tensor, groups: ExpertGroups, shape: torch.Size) -> Tensor:
-    """Packed gradient [E, n_out, n_in]: slice e = grad_rows[e]^T @ in_rows[e]; empty experts 0."""
-    grad = grad_rows.new_empty(shape)
-    counts = groups.counts
-    offsets = groups.offsets
-    for e in range(shape[0]):
-        if e < len(counts) and counts[e]:
-            s, t = offsets[e], offsets[e + 1]
-            torch.mm(grad_rows[s:t].t(), in_rows[s:t], out=grad[e])
-        else:
-            grad[e].zero_()
-    return grad
-
-
 def _bias_grad(grad_rows: Tensor, groups: ExpertGroups, num_experts: int) -> Tensor:
     out = grad_rows.new_zeros(num_experts, grad_rows.shape[1])
     return out.index_add_(0, groups.expert, grad_rows)
@@ -125,6 +95,50 @@ class ExpertPlan:
     activation: Activation
     weight_on: str  # "output" | "input"
     backend: str  # "loop" | "grouped_mm"
+    parallel: bool = False  # loop backend: whole experts per single-threaded worker
+
+
+def _rows_times_weight(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tensor:
+    """out[rows of e] = rows[rows of e] @ weight[e].T for packed `weight` [E, n_out, n_in]."""
+    groups = plan.groups
+    if plan.backend == "grouped_mm":
+        return F.grouped_mm(rows, weight.transpose(1, 2), offs=groups.grouped_mm_offsets)
+    out = rows.new_empty(rows.shape[0], weight.shape[1])
+
+    def gemm(e: int, s: int, t: int) -> None:
+        torch.mm(rows[s:t], weight[e].t(), out=out[s:t])
+
+    for_each_expert(groups.nonempty, gemm, plan.parallel)
+    return out
+
+
+def _rows_times_weight_t(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tensor:
+    """out[rows of e] = rows[rows of e] @ weight[e] for packed `weight` [E, n_out, n_in]."""
+    groups = plan.groups
+    if plan.backend == "grouped_mm":
+        return F.grouped_mm(rows, weight, offs=groups.grouped_mm_offsets)
+    out = rows.new_empty(rows.shape[0], weight.shape[2])
+
+    def gemm(e: int, s: int, t: int) -> None:
+        torch.mm(rows[s:t], weight[e], out=out[s:t])
+
+    for_each_expert(groups.nonempty, gemm, plan.parallel)
+    return out
+
+
+def _weight_grad(grad_rows: Tensor, in_rows: Tensor, plan: ExpertPlan, shape: torch.Size) -> Tensor:
+    """Packed gradient [E, n_out, n_in]: slice e = grad_rows[e]^T @ in_rows[e]; empty experts 0."""
+    groups = plan.groups
+    grad = grad_rows.new_empty(shape)
+
+    def gemm(e: int, s: int, t: int) -> None:
+        torch.mm(grad_rows[s:t].t(), in_rows[s:t], out=grad[e])
+
+    for_each_expert(groups.nonempty, gemm, plan.parallel)
+    for e in range(shape[0]):
+        if e >= len(groups.counts) or not groups.counts[e]:
+            grad[e].zero_()
+    return grad
 
 
 class GroupedExperts(torch.autograd.Function):
@@ -136,39 +150,38 @@ class GroupedExperts(torch.autograd.Function):
         scale = weight.to(x.dtype).unsqueeze(1)
         xs = x.index_select(0, groups.token)
         xs_in = xs * scale if plan.weight_on == "input" else xs
-        h = _rows_times_weight(xs_in, w_in, groups, plan.backend)
+        h = _rows_times_weight(xs_in, w_in, plan)
         if b_in is not None:
             h += b_in.index_select(0, groups.expert)
         a = act.forward(h)
         a_in = a * scale if plan.weight_on == "output" else a
-        ys = _rows_times_weight(a_in, w_out, groups, plan.backend)
+        ys = _rows_times_weight(a_in, w_out, plan)
         if b_out is not None:
             bias_rows = b_out.index_select(0, groups.expert)
             ys += bias_rows * scale if plan.weight_on == "output" else bias_rows
         out = torch.zeros_like(x).index_add_(0, groups.token, ys)
         ctx.plan = plan
         ctx.has_bias = (b_in is not None, b_out is not None)
-        ctx.save_for_backward(xs, weight, w_in, w_out, b_out, h, a)
+        ctx.save_for_backward(xs, weight, w_in, w_out, b_out, h, a, a_in)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        xs, weight, w_in, w_out, b_out, h, a = ctx.saved_tensors
+        xs, weight, w_in, w_out, b_out, h, a, a_in = ctx.saved_tensors
         plan: ExpertPlan = ctx.plan
-        groups, act, backend = plan.groups, plan.activation, plan.backend
+        groups, act = plan.groups, plan.activation
         num_experts = w_in.shape[0]
         scale = weight.to(xs.dtype).unsqueeze(1)
         on_output = plan.weight_on == "output"
 
         grad_ys = grad_out.contiguous().index_select(0, groups.token)
-        a_in = a * scale if on_output else a
-        grad_w_out = _weight_grad(grad_ys, a_in, groups, w_out.shape) if ctx.needs_input_grad[3] else None
-        grad_a_in = _rows_times_weight_t(grad_ys, w_out, groups, backend)
+        grad_w_out = _weight_grad(grad_ys, a_in, plan, w_out.shape) if ctx.needs_input_grad[3] else None
+        grad_a_in = _rows_times_weight_t(grad_ys, w_out, plan)
         grad_weight = None
         if on_output:
-            grad_weight = (grad_a_in * a).sum(1)
+            grad_weight = torch.linalg.vecdot(grad_a_in, a)
             if b_out is not None:
-                grad_weight += (grad_ys * b_out.index_select(0, groups.expert)).sum(1)
+                grad_weight += torch.linalg.vecdot(grad_ys, b_out.index_select(0, groups.expert))
             grad_a = grad_a_in.mul_(scale)
         else:
             grad_a = grad_a_in
@@ -178,13 +191,13 @@ class GroupedExperts(torch.autograd.Function):
 
         grad_h = act.backward(h, grad_a)
         xs_in = xs if on_output else xs * scale
-        grad_w_in = _weight_grad(grad_h, xs_in, groups, w_in.shape) if ctx.needs_input_grad[2] else None
+        grad_w_in = _weight_grad(grad_h, xs_in, plan, w_in.shape) if ctx.needs_input_grad[2] else None
         grad_b_in = (
             _bias_grad(grad_h, groups, num_experts) if ctx.has_bias[0] and ctx.needs_input_grad[4] else None
         )
-        grad_xs = _rows_times_weight_t(grad_h, w_in, groups, backend)
+        grad_xs = _rows_times_weight_t(grad_h, w_in, plan)
         if not on_output:
-            grad_weight = (grad_xs * xs).sum(1)
+            grad_weight = torch.linalg.vecdot(grad_xs, xs)
             grad_xs.mul_(scale)
         grad_x = torch.zeros(
             (grad_out.shape[0], xs.shape[1]), dtype=grad_xs.dtype, device=grad_xs.device
@@ -192,6 +205,13 @@ class GroupedExperts(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_x, grad_weight, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None
+
+
+def _small_experts(rows: int, num_experts: int, in_features: int, hidden: int) -> bool:
+    """Whether an average expert GEMM is small enough that MKL threads it poorly (measured:
+    8 experts x 512 rows x 512 x 2048 thread well; 64 x 192 x 512 x 512 and smaller do not)."""
+    flops = 2 * (rows / max(1, num_experts)) * in_features * hidden
+    return flops < SMALL_EXPERT_FLOPS
 
 
 def grouped_experts(
@@ -206,10 +226,14 @@ def grouped_experts(
     activation: Activation,
     weight_on: str = "output",
     backend: str = "auto",
+    parallel_workers: bool | None = None,
 ) -> Tensor:
     """Run the kept assignments (expert-sorted `token`, `expert`, `weight`) through packed experts."""
     num_experts, in_features, hidden = w_in.shape
     groups = ExpertGroups.build(token, expert, num_experts)
     resolved = choose_backend(backend, x.dtype, hidden, in_features, w_out.shape[2])
-    plan = ExpertPlan(groups, activation, weight_on, resolved)
+    if parallel_workers is None:
+        parallel_workers = workers_enabled() and _small_experts(len(token), num_experts, in_features, hidden)
+    parallel = resolved == "loop" and parallel_workers and len(token) >= PARALLEL_MIN_ROWS
+    plan = ExpertPlan(groups, activation, weight_on, resolved, parallel)
     return GroupedExperts.apply(x, weight, w_in, w_out, b_in, b_out, plan)

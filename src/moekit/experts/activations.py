@@ -51,13 +51,10 @@ class SwiGLU(Activation):
     def backward(self, h: Tensor, grad: Tensor) -> Tensor:
         gate, up = self.split(h)
         ff = gate.shape[-1]
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
         out = torch.empty_like(h)
-        torch.mul(grad, silu, out=out[..., ff:])
-        # d silu / d gate = sig * (1 + gate * (1 - sig)) = sig + silu * (1 - sig)
-        dsilu = silu.neg_().add_(gate).mul_(sig).add_(sig)  # silu*(1-sig) + sig, in place
-        torch.mul(grad * up, dsilu, out=out[..., :ff])
+        # d/d gate: grad * up * silu'(gate), with torch's fused silu derivative
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=out[..., :ff])
+        torch.mul(grad, torch.nn.functional.silu(gate), out=out[..., ff:])
         return out
 
 

@@ -171,3 +171,29 @@ def preset(name: str, num_experts: int, top_k: int | None = None, **overrides: A
     return RouterSpec(
         num_experts=num_experts, top_k=top_k if top_k is not None else default_k, **axes, **overrides
     )
+
+
+def router_spec_from_dict(data: dict[str, Any], field_prefix: str = "router") -> RouterSpec:
+    """A spec from config data; `preset: NAME` starts from an HF family and the other keys override it."""
+    if not isinstance(data, dict):
+        raise ConfigError(field_prefix, f"expected a mapping, got {type(data).__name__}")
+    values = dict(data)
+    name = values.pop("preset", None)
+    if name is None:
+        return RouterSpec.from_dict(values, field_prefix)
+    for required in ("num_experts",):
+        if required not in values:
+            raise ConfigError(f"{field_prefix}.{required}", "missing (needed with a preset)")
+    known = {f.name for f in fields(RouterSpec)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{field_prefix}.{unknown[0]}", f"unknown field; expected one of {', '.join(sorted(known))}"
+        )
+    require_choice(f"{field_prefix}.preset", name, PRESET_NAMES)
+    num_experts = values.pop("num_experts")
+    top_k = values.pop("top_k", None)
+    axes = dict(_preset_table()[name])
+    default_k = axes.pop("top_k", 2)
+    axes.update(values)
+    return RouterSpec(num_experts=num_experts, top_k=top_k if top_k is not None else default_k, **axes)

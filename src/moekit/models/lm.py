@@ -1,0 +1,295 @@
+"""A decoder-only language model whose FFN in each layer is dense or a moekit MoE.
+
+RMSNorm, rotary position embeddings, causal attention through SDPA (documents in a packed row
+never attend to each other), SwiGLU FFNs. Readable top to bottom, in the spirit of nanoGPT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.errors import ConfigError, require_int, require_number
+from moekit.layer import MoE, MoEConfig
+from moekit.routing.record import Routing
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """The model. `moe` (None for a dense model) configures every MoE layer; which layers are
+    MoE follows the pattern: the first `first_dense_layers` are dense, then every `moe_every`-th."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    ff_size: int
+    max_seq_len: int
+    num_kv_heads: int | None = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    moe: MoEConfig | None = None
+    first_dense_layers: int = 0
+    moe_every: int = 1
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "ff_size",
+            "max_seq_len",
+            "moe_every",
+        ):
+            require_int(f"model.{name}", getattr(self, name), minimum=1)
+        require_int("model.first_dense_layers", self.first_dense_layers, minimum=0)
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                "model.num_heads",
+                f"got {self.num_heads}, expected a divisor of hidden_size={self.hidden_size}",
+            )
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ConfigError(
+                "model.num_heads", "the head dimension hidden_size/num_heads must be even for RoPE"
+            )
+        kv = self.kv_heads
+        require_int("model.num_kv_heads", kv, minimum=1)
+        if self.num_heads % kv:
+            raise ConfigError(
+                "model.num_kv_heads", f"got {kv}, expected a divisor of num_heads={self.num_heads}"
+            )
+        require_number("model.rope_theta", self.rope_theta, minimum=0.0, strict=True)
+        require_number("model.norm_eps", self.norm_eps, minimum=0.0, strict=True)
+        require_number("model.init_std", self.init_std, minimum=0.0, strict=True)
+        if self.moe is not None and self.moe.hidden_size != self.hidden_size:
+            raise ConfigError(
+                "model.moe.hidden_size",
+                f"got {self.moe.hidden_size}, expected model.hidden_size={self.hidden_size}",
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def is_moe_layer(self, index: int) -> bool:
+        if self.moe is None or index < self.first_dense_layers:
+            return False
+        return (index - self.first_dense_layers) % self.moe_every == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["moe"] = None if self.moe is None else self.moe.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], field_prefix: str = "model") -> LMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"{field_prefix}.{unknown[0]}", f"unknown field; expected one of {', '.join(sorted(known))}"
+            )
+        values = dict(data)
+        moe = values.pop("moe", None)
+        if moe is not None and not isinstance(moe, MoEConfig):
+            moe = MoEConfig.from_dict(
+                {"hidden_size": values.get("hidden_size"), **moe}, f"{field_prefix}.moe"
+            )
+        missing = [f.name for f in fields(cls) if f.name not in values and f.default is MISSING]
+        if missing:
+            raise ConfigError(f"{field_prefix}.{missing[0]}", "missing")
+        return cls(moe=moe, **values)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin [B, S, head_dim] for integer `positions` [B, S] (RoFormer, Su et al. 2021, eq. 34)."""
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    )
+    angles = positions.float().unsqueeze(-1) * inv_freq
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate [B, H, S, D] queries or keys (the half-split convention used by HF Llama)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+def attention_mask(doc_ids: Tensor | None, seq_len: int, device: torch.device) -> Tensor | None:
+    """Causal mask, block-diagonal over documents when rows are packed ([B, 1, S, S] bool)."""
+    if doc_ids is None:
+        return None
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    same_doc = doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)
+    mask = same_doc & causal
+    # padding rows (doc id -1) attend to themselves so that no softmax row is empty
+    mask |= torch.eye(seq_len, dtype=torch.bool, device=device)
+    return mask.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = config
+        d, h, kv, hd = config.hidden_size, config.num_heads, config.kv_heads, config.head_dim
+        self.q_proj = nn.Linear(d, h * hd, bias=False)
+        self.k_proj = nn.Linear(d, kv * hd, bias=False)
+        self.v_proj = nn.Linear(d, kv * hd, bias=False)
+        self.o_proj = nn.Linear(h * hd, d, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        b, s, _ = x.shape
+        cfg = self.config
+        q = self.q_proj(x).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        groups = cfg.num_heads // cfg.kv_heads
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class DenseFFN(nn.Module):
+    """SwiGLU FFN: down(silu(gate(x)) * up(x)), gate and up fused in one projection."""
+
+    def __init__(self, hidden: int, ff: int):
+        super().__init__()
+        self.proj_in = nn.Linear(hidden, 2 * ff, bias=False)
+        self.proj_out = nn.Linear(ff, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: LMConfig, index: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.ffn: nn.Module = (
+            MoE(config.moe) if config.is_moe_layer(index) else DenseFFN(config.hidden_size, config.ff_size)
+        )
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoE)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, token_mask: Tensor | None
+    ) -> tuple[Tensor, Routing | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        h = self.ffn_norm(x)
+        if self.is_moe:
+            y, routing = self.ffn.forward_with_routing(h, token_mask)
+        else:
+            y, routing = self.ffn(h), None
+        return x + y, routing
+
+
+@dataclass
+class LMOutput:
+    logits: Tensor  # [B, S, V]
+    routings: list[Routing]  # one per MoE layer, in layer order
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style: N(0, init_std), output projections scaled by 1/sqrt(2 * layers)."""
+        std = self.config.init_std
+        out_std = std / (2 * self.config.num_layers) ** 0.5
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            is_output = name.endswith(("o_proj.weight", "proj_out.weight", "experts.w_out"))
+            nn.init.normal_(p, std=out_std if is_output else std)
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        token_mask: Tensor | None = None,
+    ) -> LMOutput:
+        """`input_ids` [B, S]; `positions` within each document (default 0..S-1); `doc_ids` make
+        attention block-diagonal for packed rows; `token_mask` keeps padding out of routing."""
+        b, s = input_ids.shape
+        if s > self.config.max_seq_len:
+            raise ValueError(
+                f"input_ids: sequence length {s} exceeds model.max_seq_len={self.config.max_seq_len}"
+            )
+        if positions is None:
+            positions = torch.arange(s, device=input_ids.device).expand(b, s)
+        x = self.embed(input_ids)
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = attention_mask(doc_ids, s, input_ids.device)
+        routings = []
+        for block in self.blocks:
+            x, routing = block(x, cos, sin, mask, token_mask)
+            if routing is not None:
+                routings.append(routing)
+        return LMOutput(self.head(self.norm(x)), routings)
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    total: int
+    active: int  # touched per token (each MoE layer: router, shared experts and top_k routed experts)
+    embedding: int
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def count_parameters(model: LanguageModel) -> ParameterCounts:
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for moe in model.moe_layers:
+        experts = moe.experts
+        per_expert = sum(p[0].numel() for p in experts.parameters())
+        k = moe.config.router.top_k
+        inactive += (experts.num_experts - k) * per_expert
+    return ParameterCounts(total=total, active=total - inactive, embedding=model.embed.weight.numel())

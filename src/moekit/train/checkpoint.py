@@ -1,0 +1,161 @@
+"""Checkpoints as safetensors + JSON, written atomically; resuming continues bit-identically.
+
+A checkpoint is a directory:
+- `model.safetensors`: the model's state dict (buffers included, e.g. the fp32 selection bias);
+  a tied output head is stored once, as the embedding.
+- `optimizer.safetensors`: every optimizer state tensor, named `<parameter name>/<state key>`,
+  and the RNG state of torch's CPU generator.
+- `state.json`: the run config, the step, the optimizer's scalar settings, the data position and
+  anything else the trainer needs to continue.
+It is written into a temporary directory that is renamed into place, so a crash leaves either the
+old checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moekit.errors import MoekitError
+from moekit.io import load_tensors, read_json, save_tensors_atomic, write_json_atomic, write_text_atomic
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+LATEST_FILE = "latest"
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied (storage-sharing) tensors kept once, under their first name."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
+        if key in seen and tensor.numel():
+            continue
+        seen[key] = name
+        out[name] = tensor
+    return out
+
+
+def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load into `model`; tied tensors missing from the file are fine, anything else is an error."""
+    state = model.state_dict()
+    tied = set(state) - set(model_tensors(model))
+    missing = sorted(set(state) - set(tensors) - tied)
+    unexpected = sorted(set(tensors) - set(state))
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"missing {', '.join(missing[:5])}")
+        if unexpected:
+            detail.append(f"unexpected {', '.join(unexpected[:5])}")
+        raise MoekitError(f"{source}: does not match the model ({'; '.join(detail)})")
+    for name, tensor in tensors.items():
+        expected = tuple(state[name].shape)
+        if tuple(tensor.shape) != expected:
+            got = tuple(tensor.shape)
+            raise MoekitError(f"{source}: {name} has shape {got}, the model expects {expected}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict, list]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: list[dict[str, Any]] = []
+    for group in optimizer.param_groups:
+        scalars.append({k: v for k, v in group.items() if k != "params"})
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    tensors[f"{names[id(p)]}/{key}"] = value
+    return tensors, scalars
+
+
+def save_checkpoint(
+    directory: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+) -> Path:
+    """Write a checkpoint directory atomically and point `<parent>/latest` at it."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_tensors_atomic(tmp / MODEL_FILE, model_tensors(model))
+        full_state = dict(state)
+        extra = {"rng/torch": torch.get_rng_state()}
+        if optimizer is not None:
+            names = {id(p): n for n, p in model.named_parameters()}
+            tensors, scalars = optimizer_tensors(optimizer, names)
+            extra.update(tensors)
+            full_state["optimizer_groups"] = scalars
+        save_tensors_atomic(tmp / OPTIMIZER_FILE, extra)
+        write_json_atomic(tmp / STATE_FILE, full_state)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    write_text_atomic(directory.parent / LATEST_FILE, directory.name + "\n")
+    return directory
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or a run directory whose `latest` (or `checkpoints/latest`) names one."""
+    path = Path(path)
+    for base in (path, path / "checkpoints"):
+        if (base / STATE_FILE).is_file():
+            return base
+        latest = base / LATEST_FILE
+        if latest.is_file():
+            candidate = base / latest.read_text().strip()
+            if (candidate / STATE_FILE).is_file():
+                return candidate
+    raise MoekitError(f"{path}: no checkpoint found (expected {STATE_FILE} or a '{LATEST_FILE}' file)")
+
+
+def read_checkpoint_state(path: Path) -> dict[str, Any]:
+    return read_json(resolve_checkpoint(path) / STATE_FILE, "checkpoint state")
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True
+) -> dict[str, Any]:
+    """Load model (and optimizer, RNG) from a checkpoint; returns its state.json contents."""
+    directory = resolve_checkpoint(path)
+    state = read_json(directory / STATE_FILE, "checkpoint state")
+    load_model_tensors(
+        model, load_tensors(directory / MODEL_FILE, "checkpoint model"), str(directory / MODEL_FILE)
+    )
+    extra = load_tensors(directory / OPTIMIZER_FILE, "checkpoint optimizer")
+    if restore_rng and "rng/torch" in extra:
+        torch.set_rng_state(extra["rng/torch"])
+    if optimizer is not None:
+        groups = state.get("optimizer_groups")
+        if groups is None or len(groups) != len(optimizer.param_groups):
+            raise MoekitError(f"{directory / STATE_FILE}: optimizer groups do not match this model")
+        params = dict(model.named_parameters())
+        for group, saved in zip(optimizer.param_groups, groups, strict=True):
+            for key, value in saved.items():
+                group[key] = tuple(value) if isinstance(value, list) else value
+        for key, tensor in extra.items():
+            if key.startswith("rng/"):
+                continue
+            name, _, state_key = key.rpartition("/")
+            if name not in params:
+                raise MoekitError(f"{directory / OPTIMIZER_FILE}: state for unknown parameter {name}")
+            optimizer.state[params[name]][state_key] = tensor.clone()
+    return state
