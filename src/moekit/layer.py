@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from moekit.dispatch.grouped import BACKENDS, grouped_experts
+from moekit.dispatch.grouped import BACKENDS
 from moekit.errors import ConfigError, require_choice, require_int, require_number
 from moekit.experts.activations import ACTIVATION_NAMES, make_activation
-from moekit.experts.packed import PackedExperts, SharedExperts
+from moekit.experts.factory import build_experts
+from moekit.experts.packed import SharedExperts
+from moekit.routing.factory import ROUTER_KINDS, build_router
 from moekit.routing.record import Routing
 from moekit.routing.spec import RouterSpec, router_spec_from_dict
-from moekit.routing.token_choice import TokenChoiceRouter
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class MoEConfig:
     shared_ff_size: int | None = None
     shared_gate: bool = False
     backend: str = "auto"
+    router_kind: str = "token_choice"
+    router_options: dict[str, Any] = field(default_factory=dict)
+    experts_kind: str = "packed"
+    experts_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         require_int("moe.hidden_size", self.hidden_size, minimum=1)
@@ -49,6 +54,11 @@ class MoEConfig:
         if self.shared_ff_size is not None:
             require_int("moe.shared_ff_size", self.shared_ff_size, minimum=1)
         require_choice("moe.backend", self.backend, BACKENDS)
+        require_choice("moe.router_kind", self.router_kind, ROUTER_KINDS)
+        if not isinstance(self.router_options, dict):
+            raise ConfigError(
+                "moe.router_options", f"expected a mapping, got {type(self.router_options).__name__}"
+            )
 
     @property
     def shared_total_ff(self) -> int:
@@ -84,10 +94,8 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         activation = make_activation(config.activation, config.swiglu_alpha, config.swiglu_limit)
-        self.router = TokenChoiceRouter(config.hidden_size, config.router)
-        self.experts = PackedExperts(
-            config.router.num_experts, config.hidden_size, config.ff_size, activation, bias=config.expert_bias
-        )
+        self.router = build_router(config)
+        self.experts = build_experts(config, activation)
         self.shared = (
             SharedExperts(config.hidden_size, config.shared_total_ff, activation, gate=config.shared_gate)
             if config.num_shared_experts
@@ -97,7 +105,11 @@ class MoE(nn.Module):
     def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
         return self.forward_with_routing(x, token_mask)[0]
 
-    def forward_with_routing(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, Routing]:
+    def forward_with_routing(
+        self, x: Tensor, token_mask: Tensor | None = None, previous: Routing | None = None
+    ) -> tuple[Tensor, Routing]:
+        """`previous` is the routing of the model's preceding MoE layer, for routers that carry
+        state from layer to layer (e.g. a recurrent router); others ignore it."""
         shape = x.shape
         if shape[-1] != self.config.hidden_size:
             raise ValueError(
@@ -118,7 +130,7 @@ class MoE(nn.Module):
             router_in = flat * noise
             if spec.jitter_target == "router_and_experts":
                 flat = router_in
-        routing = self.router(router_in, mask)
+        routing = self.router(router_in, mask, previous=previous)
         y = self.routed(flat, routing)
         if self.shared is not None:
             y = y + self.shared(flat)
@@ -126,18 +138,4 @@ class MoE(nn.Module):
 
     def routed(self, x: Tensor, routing: Routing) -> Tensor:
         """The routed experts' contribution for a given routing (replay, overrides, analysis)."""
-        experts = self.experts
-        assignments = routing.compute_assignments
-        return grouped_experts(
-            x,
-            assignments.token,
-            assignments.expert,
-            assignments.weight,
-            experts.w_in,
-            experts.w_out,
-            experts.b_in,
-            experts.b_out,
-            experts.activation,
-            weight_on=self.config.router.weight_on,
-            backend=self.config.backend,
-        )
+        return self.experts.compute(x, routing, self.config.router.weight_on, self.config.backend)

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.dispatch.grouped import grouped_experts
 from moekit.experts.activations import Activation
+from moekit.routing.record import Routing
 
 
 class PackedExperts(nn.Module):
@@ -33,6 +35,25 @@ class PackedExperts(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.w_in, std=self.hidden_size**-0.5)
         nn.init.normal_(self.w_out, std=self.ff_size**-0.5)
+
+    def compute(
+        self, x: Tensor, routing: Routing, weight_on: str = "output", backend: str = "auto"
+    ) -> Tensor:
+        """Sum over the routing's kept compute assignments of weight * expert(x[token])."""
+        a = routing.compute_assignments
+        return grouped_experts(
+            x,
+            a.token,
+            a.expert,
+            a.weight,
+            self.w_in,
+            self.w_out,
+            self.b_in,
+            self.b_out,
+            self.activation,
+            weight_on=weight_on,
+            backend=backend,
+        )
 
     def expert_forward(self, expert: int, x: Tensor) -> Tensor:
         """One expert on rows `x` [n, d], unweighted; the readable definition the fast path matches."""

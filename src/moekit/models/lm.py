@@ -204,12 +204,18 @@ class Block(nn.Module):
         return isinstance(self.ffn, MoE)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, token_mask: Tensor | None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        token_mask: Tensor | None,
+        previous: Routing | None = None,
     ) -> tuple[Tensor, Routing | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         h = self.ffn_norm(x)
         if self.is_moe:
-            y, routing = self.ffn.forward_with_routing(h, token_mask)
+            y, routing = self.ffn.forward_with_routing(h, token_mask, previous=previous)
         else:
             y, routing = self.ffn(h), None
         return x + y, routing
@@ -268,7 +274,7 @@ class LanguageModel(nn.Module):
         mask = attention_mask(doc_ids, s, input_ids.device)
         routings = []
         for block in self.blocks:
-            x, routing = block(x, cos, sin, mask, token_mask)
+            x, routing = block(x, cos, sin, mask, token_mask, routings[-1] if routings else None)
             if routing is not None:
                 routings.append(routing)
         return LMOutput(self.head(self.norm(x)), routings)

@@ -113,9 +113,14 @@ class TokenChoiceRouter(nn.Module):
         return F.linear(x.to(dtype), self.weight.to(dtype), bias)
 
     def forward(
-        self, x: Tensor, token_mask: Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        x: Tensor,
+        token_mask: Tensor | None = None,
+        previous: Routing | None = None,
+        generator: torch.Generator | None = None,
     ) -> Routing:
-        """Route T tokens of `x` [T, d]; `token_mask` [T] marks real tokens (default: all)."""
+        """Route T tokens of `x` [T, d]; `token_mask` [T] marks real tokens (default: all).
+        `previous` (the preceding MoE layer's routing) is not used by this router."""
         spec = self.spec
         num_tokens = x.shape[0]
         if token_mask is None:
