@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from moekit.errors import MoekitError
-from moekit.runtime import tune_cpu_runtime
+from moekit.runtime import keep_freed_memory, tune_cpu_runtime
 
 
 def _bench_layer(args: argparse.Namespace) -> int:
@@ -15,12 +15,46 @@ def _bench_layer(args: argparse.Namespace) -> int:
     return layer.main(args)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from moekit.train.cli import train_main
+
+    return train_main(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from moekit.train.cli import eval_main
+
+    return eval_main(args)
+
+
+def _data(args: argparse.Namespace) -> int:
+    from moekit.data.cli import main
+
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moekit",
         description="moekit: Mixture-of-Experts layers, training, analysis and interop on PyTorch.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from moekit.train.cli import add_eval_arguments, add_train_arguments
+
+    train = sub.add_parser("train", help="train a dense or MoE language model from a YAML config")
+    add_train_arguments(train)
+    train.set_defaults(handler=_train)
+    evaluate = sub.add_parser("eval", help="per-domain loss of a checkpoint")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(handler=_eval)
+    from moekit.data.cli import add_arguments as add_data_arguments
+
+    data = sub.add_parser("data", help="the built-in multi-domain corpus")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    build = data_sub.add_parser("build", help="build (or refresh) the corpus and print its manifest")
+    add_data_arguments(build)
+    build.set_defaults(handler=_data)
+    data.set_defaults(handler=lambda args: (data.print_help(), 0)[1])
 
     bench = sub.add_parser("bench", help="speed benchmarks (results feed BENCHMARKS.md)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
@@ -37,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     tune_cpu_runtime()
+    keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)

@@ -101,10 +101,13 @@ class TokenChoiceRouter(nn.Module):
         return self.spec.num_experts
 
     def _apply(self, fn, recurse=True):
+        """Cast/move like any module, but the selection bias keeps its value and never goes below
+        fp32: it takes the new device (and dtype, if at least fp32) from the cast, not the cast value."""
+        original = self.selection_bias
         super()._apply(fn, recurse)
-        bias = self.selection_bias
-        if bias is not None and bias.dtype != router_dtype(bias.dtype):
-            self.selection_bias = bias.float()
+        if original is not None:
+            moved = self.selection_bias
+            self.selection_bias = original.to(device=moved.device, dtype=router_dtype(moved.dtype))
         return self
 
     def logits(self, x: Tensor) -> Tensor:

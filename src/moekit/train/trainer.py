@@ -1,0 +1,276 @@
+"""The training loop: global-batch gradient accumulation with moekit's balancing objectives,
+AdamW + warm-up/cosine, clipping, per-domain evaluation, JSONL metrics, atomic checkpoints,
+and bit-identical resumption."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moekit.balance.bias import apply_bias_updates
+from moekit.balance.guard import warn_if_unbalanced
+from moekit.balance.step import ForwardOutput, StepReport, accumulate_gradients
+from moekit.data.batch import IGNORE_INDEX, Batch
+from moekit.data.lmdata import LanguageModelData, prepare_data
+from moekit.errors import MoekitError
+from moekit.models.lm import LanguageModel, count_parameters
+from moekit.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from moekit.train.config import RunConfig
+from moekit.train.metrics import MetricsLog, Progress
+from moekit.train.optim import make_optimizer, set_learning_rate, warmup_cosine
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """A data batch as `accumulate_gradients` reads it (token mask, loss tokens, documents)."""
+
+    batch: Batch
+
+    @property
+    def token_mask(self) -> torch.Tensor:
+        return self.batch.token_mask
+
+    @property
+    def doc_ids(self) -> torch.Tensor:
+        return self.batch.doc_ids
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return self.batch.num_targets
+
+
+def lm_forward(model: LanguageModel, batch: Batch) -> ForwardOutput:
+    """Summed next-token cross-entropy of a batch and the model's routing records."""
+    out = model(
+        batch.input_ids, positions=batch.positions, doc_ids=batch.doc_ids, token_mask=batch.token_mask
+    )
+    logits = out.logits
+    loss_sum = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        batch.targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return ForwardOutput(loss_sum=loss_sum, routings=out.routings)
+
+
+@torch.no_grad()
+def evaluate(
+    model: LanguageModel,
+    data: LanguageModelData,
+    seq_len: int,
+    batch_size: int,
+    split: str = "validation",
+    max_batches: int | None = None,
+    layout: str = "packed",
+) -> dict[str, float]:
+    """Mean next-token loss (nats per token) per domain, and their unweighted mean as `mean`."""
+    was_training = model.training
+    model.eval()
+    losses: dict[str, float] = {}
+    try:
+        for domain in data.domains:
+            total, count = 0.0, 0
+            for index, batch in enumerate(
+                data.eval_batches(domain, split, batch_size=batch_size, seq_len=seq_len, layout=layout)
+            ):
+                if max_batches is not None and index >= max_batches:
+                    break
+                out = lm_forward(model, batch)
+                total += float(out.loss_sum)
+                count += batch.num_targets
+            if count:
+                losses[domain] = total / count
+    finally:
+        model.train(was_training)
+    if losses:
+        losses["mean"] = sum(losses.values()) / len(losses)
+    return losses
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    final_train_loss: float
+    val_loss: dict[str, float]
+    tokens_per_s: float
+    parameters: dict[str, int]
+
+
+class Trainer:
+    """Owns the model, optimizer, data stream and the step counter of one run."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        data: LanguageModelData | None = None,
+        log: Callable[[str], None] = print,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.config = config
+        self.log = log
+        self.out_dir = Path(config.out_dir)
+        torch.manual_seed(config.loop.seed)
+        d = config.data
+        self.data = data or prepare_data(
+            d.source,
+            tokenizer=d.tokenizer,
+            bpe_vocab_size=d.bpe_vocab_size,
+            holdout=d.holdout,
+            cache_dir=Path(d.cache_dir) if d.cache_dir else None,
+            log=log,
+        )
+        self.model_config = config.model_config(self.data.tokenizer.vocab_size)
+        if self.model_config.max_seq_len < d.seq_len:
+            raise MoekitError(
+                f"model.max_seq_len={self.model_config.max_seq_len} is shorter than data.seq_len={d.seq_len}"
+            )
+        self.model = LanguageModel(self.model_config).to(dtype)
+        t = config.train
+        self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+        self.batches = self.data.train_batches(
+            t.micro_batch_size,
+            d.seq_len,
+            layout=d.layout,
+            seed=config.loop.seed,
+            single_domain=d.single_domain_batches,
+        )
+        self.step = 0
+        self.tokens_seen = 0
+        self.parameters = count_parameters(self.model)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "config": {**self.config.to_dict(), "model": self.model_config.to_dict()},
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "data_state": self.batches.state_dict(),
+            "domains": list(self.data.domains),
+            "parameters": self.parameters.to_dict(),
+        }
+
+    def save(self) -> Path:
+        path = save_checkpoint(
+            self.out_dir / "checkpoints" / f"step-{self.step:06d}", self.model, self.optimizer, self.state()
+        )
+        self.log(f"checkpoint: {path}")
+        return path
+
+    def resume(self, path: Path) -> None:
+        directory = resolve_checkpoint(path)
+        state = load_checkpoint(directory, self.model, self.optimizer)
+        self.step = int(state["step"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.batches.load_state_dict(state["data_state"])
+        self.log(f"resumed from {directory} at step {self.step}")
+
+    # -- the loop ----------------------------------------------------------------------------
+    def train_step(self) -> StepReport:
+        t = self.config.train
+        multiplier = warmup_cosine(self.step, t.warmup_steps, t.steps, t.min_lr_ratio)
+        set_learning_rate(self.optimizer, t.lr, multiplier)
+        micro = [MicroBatch(next(self.batches)) for _ in range(t.grad_accum)]
+        report = accumulate_gradients(
+            lambda mb: lm_forward(self.model, mb.batch), micro, self.config.balance, self.step
+        )
+        if t.clip_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.model.parameters() if p.grad is not None]
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        rate = self.config.balance.bias_update_rate.value(self.step)
+        if rate:
+            apply_bias_updates(self.model, report.expert_counts, rate)
+        self.step += 1
+        self.tokens_seen += report.totals.num_tokens
+        self.last_grad_norm = float(grad_norm)
+        return report
+
+    def run(self, max_steps: int | None = None) -> TrainResult:
+        """Train until `train.steps` (or `max_steps` more steps), evaluating and checkpointing on the way."""
+        cfg = self.config
+        warn_if_unbalanced(self.model, cfg.balance)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(self.out_dir / "metrics.jsonl")
+        end = cfg.train.steps if max_steps is None else min(cfg.train.steps, self.step + max_steps)
+        self.log(
+            f"{cfg.name}: {self.parameters.total / 1e6:.2f}M parameters, {self.parameters.active / 1e6:.2f}M active"
+        )
+        progress = Progress(total=end, initial=self.step, enabled=cfg.loop.progress, desc=cfg.name)
+        train_time, train_tokens, last_loss = 0.0, 0, math.nan
+        val: dict[str, float] = {}
+        try:
+            while self.step < end:
+                start = time.perf_counter()
+                report = self.train_step()
+                elapsed = time.perf_counter() - start
+                train_time += elapsed
+                train_tokens += report.totals.num_tokens
+                last_loss = report.lm_loss
+                tokens_per_s = train_tokens / train_time
+                progress.update(loss=report.lm_loss, tokens_per_s=tokens_per_s)
+                if cfg.loop.log_every and (self.step % cfg.loop.log_every == 0 or self.step == end):
+                    record = {
+                        "step": self.step,
+                        "tokens": self.tokens_seen,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "grad_norm": self.last_grad_norm,
+                        "tokens_per_s": tokens_per_s,
+                        "step_s": elapsed,
+                    }
+                    record.update(report.log_dict("train/"))
+                    metrics.write(record)
+                if cfg.loop.eval_every and self.step % cfg.loop.eval_every == 0 and self.step < end:
+                    val = self.evaluate()
+                    metrics.write(
+                        {
+                            "step": self.step,
+                            "tokens": self.tokens_seen,
+                            **{f"val/{k}": v for k, v in val.items()},
+                        }
+                    )
+                if (
+                    cfg.loop.checkpoint_every
+                    and self.step % cfg.loop.checkpoint_every == 0
+                    and self.step < end
+                ):
+                    self.save()
+        finally:
+            progress.close()
+        val = self.evaluate()
+        metrics.write(
+            {"step": self.step, "tokens": self.tokens_seen, **{f"val/{k}": v for k, v in val.items()}}
+        )
+        self.save()
+        return TrainResult(
+            out_dir=self.out_dir,
+            steps=self.step,
+            final_train_loss=last_loss,
+            val_loss=val,
+            tokens_per_s=train_tokens / train_time if train_time else 0.0,
+            parameters=self.parameters.to_dict(),
+        )
+
+    def evaluate(self, split: str | None = None) -> dict[str, float]:
+        cfg = self.config
+        return evaluate(
+            self.model,
+            self.data,
+            cfg.data.seq_len,
+            cfg.train.micro_batch_size,
+            split or cfg.loop.eval_split,
+            cfg.loop.eval_batches or None,
+            cfg.data.layout,
+        )
