@@ -205,9 +205,8 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(self.out_dir / "metrics.jsonl")
         end = cfg.train.steps if max_steps is None else min(cfg.train.steps, self.step + max_steps)
-        self.log(
-            f"{cfg.name}: {self.parameters.total / 1e6:.2f}M parameters, {self.parameters.active / 1e6:.2f}M active"
-        )
+        counts = self.parameters
+        self.log(f"{cfg.name}: {counts.total / 1e6:.2f}M parameters, {counts.active / 1e6:.2f}M active")
         progress = Progress(total=end, initial=self.step, enabled=cfg.loop.progress, desc=cfg.name)
         train_time, train_tokens, last_loss = 0.0, 0, math.nan
         val: dict[str, float] = {}
