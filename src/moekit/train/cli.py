@@ -30,22 +30,32 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_main(args: argparse.Namespace) -> int:
+    """Train; under torchrun (WORLD_SIZE > 1) every process runs this and they train as one run."""
+    from moekit.distributed.mesh import init_from_environment
     from moekit.train.config import RunConfig
     from moekit.train.trainer import Trainer
 
     config = RunConfig.load(args.config, args.overrides)
-    trainer = Trainer(config)
-    if args.resume is not None:
-        trainer.resume(Path(config.out_dir) if args.resume == "latest" else Path(args.resume))
-    result = trainer.run()
-    summary = {
-        "out_dir": str(result.out_dir),
-        "steps": result.steps,
-        "val_loss": result.val_loss,
-        "tokens_per_s": result.tokens_per_s,
-        "parameters": result.parameters,
-    }
-    print(json.dumps(summary, indent=2))
+    joined = init_from_environment()
+    try:
+        trainer = Trainer(config)
+        if args.resume is not None:
+            trainer.resume(Path(config.out_dir) if args.resume == "latest" else Path(args.resume))
+        result = trainer.run()
+        if trainer.mesh.is_main:
+            summary = {
+                "out_dir": str(result.out_dir),
+                "steps": result.steps,
+                "val_loss": result.val_loss,
+                "tokens_per_s": result.tokens_per_s,
+                "parameters": result.parameters,
+            }
+            print(json.dumps(summary, indent=2))
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0
 
 

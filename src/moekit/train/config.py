@@ -87,6 +87,18 @@ class LoopConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Expert parallelism: `ep` ranks share each MoE layer's experts (E/ep each); the world size
+    (torchrun's processes) divided by `ep` is the number of data-parallel replicas. Every rank takes
+    `train.grad_accum` micro-batches of the step's global batch of grad_accum x world size."""
+
+    ep: int = 1
+
+    def __post_init__(self) -> None:
+        require_int("parallel.ep", self.ep, minimum=1)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str
     out_dir: str
@@ -95,6 +107,7 @@ class RunConfig:
     train: OptimConfig = field(default_factory=OptimConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def model_config(self, vocab_size: int) -> LMConfig:
         """The model section with `vocab_size: auto` (or absent) resolved from the tokenizer."""
@@ -112,13 +125,14 @@ class RunConfig:
             "train": asdict(self.train),
             "loop": asdict(self.loop),
             "balance": self.balance.to_dict(),
+            "parallel": asdict(self.parallel),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         if not isinstance(data, dict):
             raise ConfigError("config", f"expected a mapping, got {type(data).__name__}")
-        known = ("name", "out_dir", "model", "data", "train", "loop", "balance")
+        known = ("name", "out_dir", "model", "data", "train", "loop", "balance", "parallel")
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(unknown[0], f"unknown section; expected one of {', '.join(known)}")
@@ -140,8 +154,17 @@ class RunConfig:
             train=dataclass_from_dict(OptimConfig, data.get("train"), "train"),
             loop=dataclass_from_dict(LoopConfig, data.get("loop"), "loop"),
             balance=BalanceConfig.from_dict(data.get("balance") or {}, "balance"),
+            parallel=dataclass_from_dict(ParallelConfig, data.get("parallel"), "parallel"),
         )
-        config.model_config(vocab_size=256)  # validates the model section now; 'auto' is resolved later
+        # validates the model section now; 'auto' is resolved later
+        model_config = config.model_config(vocab_size=256)
+        ep = config.parallel.ep
+        if model_config.moe is not None and model_config.moe.router.num_experts % ep:
+            raise ConfigError(
+                "parallel.ep",
+                f"got {ep}, expected a divisor of model.moe.router.num_experts="
+                f"{model_config.moe.router.num_experts}",
+            )
         return config
 
     @classmethod

@@ -1,6 +1,13 @@
 """The training loop: global-batch gradient accumulation with moekit's balancing objectives,
 AdamW + warm-up/cosine, clipping, per-domain evaluation, JSONL metrics, atomic checkpoints,
-and bit-identical resumption."""
+and bit-identical resumption.
+
+Under torchrun (several processes) the same loop runs expert- and data-parallel: every rank builds
+the same model and data stream, keeps its block of experts (`parallel.ep`), takes micro-batches
+rank, rank + W, ... of the step's grad_accum x W, and the gradients are summed over the ranks that
+share each parameter before global clipping and the optimizer step. The result is the single-process
+run with grad_accum x W accumulation steps. Only rank 0 writes metrics, progress and checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +26,11 @@ from moekit.balance.guard import warn_if_unbalanced
 from moekit.balance.step import ForwardOutput, StepReport, accumulate_gradients
 from moekit.data.batch import IGNORE_INDEX, Batch
 from moekit.data.lmdata import LanguageModelData, prepare_data
-from moekit.errors import MoekitError
+from moekit.distributed import checkpoint as distributed_checkpoint
+from moekit.distributed.expert_parallel import make_expert_parallel
+from moekit.distributed.grad_sync import clip_grad_norm, global_grad_norm, sync_gradients
+from moekit.distributed.mesh import ParallelMesh, build_mesh
+from moekit.errors import ConfigError, MoekitError
 from moekit.models.lm import LanguageModel, count_parameters
 from moekit.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from moekit.train.config import RunConfig
@@ -106,7 +117,11 @@ class TrainResult:
 
 
 class Trainer:
-    """Owns the model, optimizer, data stream and the step counter of one run."""
+    """Owns the model, optimizer, data stream and the step counter of one run.
+
+    `mesh` is this rank's place in the expert/data-parallel layout; by default it is built from
+    `config.parallel` over the initialised process group (a single process when there is none).
+    """
 
     def __init__(
         self,
@@ -114,9 +129,14 @@ class Trainer:
         data: LanguageModelData | None = None,
         log: Callable[[str], None] = print,
         dtype: torch.dtype = torch.float32,
+        mesh: ParallelMesh | None = None,
     ):
         self.config = config
-        self.log = log
+        self.mesh = mesh if mesh is not None else build_mesh(config.parallel.ep)
+        if self.mesh.ep != config.parallel.ep:
+            raise ConfigError("parallel.ep", f"got {config.parallel.ep}, but the mesh has ep={self.mesh.ep}")
+        self.log = log if self.mesh.is_main else _silent
+        log = self.log
         self.out_dir = Path(config.out_dir)
         torch.manual_seed(config.loop.seed)
         d = config.data
@@ -134,6 +154,8 @@ class Trainer:
                 f"model.max_seq_len={self.model_config.max_seq_len} is shorter than data.seq_len={d.seq_len}"
             )
         self.model = LanguageModel(self.model_config).to(dtype)
+        self.parameters = count_parameters(self.model)
+        make_expert_parallel(self.model, self.mesh)  # after counting: only this rank's experts remain
         t = config.train
         self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
         self.batches = self.data.train_batches(
@@ -145,7 +167,6 @@ class Trainer:
         )
         self.step = 0
         self.tokens_seen = 0
-        self.parameters = count_parameters(self.model)
 
     # -- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -159,15 +180,24 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        path = save_checkpoint(
-            self.out_dir / "checkpoints" / f"step-{self.step:06d}", self.model, self.optimizer, self.state()
-        )
+        """Write a checkpoint (collective under several ranks: gathered experts, written by rank 0)."""
+        directory = self.out_dir / "checkpoints" / f"step-{self.step:06d}"
+        if self.mesh.distributed:
+            path = distributed_checkpoint.save_checkpoint(
+                directory, self.model, self.optimizer, self.state(), self.mesh
+            )
+        else:
+            path = save_checkpoint(directory, self.model, self.optimizer, self.state())
         self.log(f"checkpoint: {path}")
         return path
 
     def resume(self, path: Path) -> None:
+        """Continue from a checkpoint saved at any expert-parallel size."""
         directory = resolve_checkpoint(path)
-        state = load_checkpoint(directory, self.model, self.optimizer)
+        if self.mesh.distributed:
+            state = distributed_checkpoint.load_checkpoint(directory, self.model, self.optimizer)
+        else:
+            state = load_checkpoint(directory, self.model, self.optimizer)
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.batches.load_state_dict(state["data_state"])
@@ -178,11 +208,25 @@ class Trainer:
         t = self.config.train
         multiplier = warmup_cosine(self.step, t.warmup_steps, t.steps, t.min_lr_ratio)
         set_learning_rate(self.optimizer, t.lr, multiplier)
-        micro = [MicroBatch(next(self.batches)) for _ in range(t.grad_accum)]
+        mesh = self.mesh
+        # Every rank draws the whole global batch and keeps its share, so the data stream (and its
+        # checkpointed position) is the same on every rank and in a single process.
+        drawn = [MicroBatch(next(self.batches)) for _ in range(t.grad_accum * mesh.world_size)]
+        micro = drawn[mesh.rank :: mesh.world_size]
         report = accumulate_gradients(
-            lambda mb: lm_forward(self.model, mb.batch), micro, self.config.balance, self.step
+            lambda mb: lm_forward(self.model, mb.batch),
+            micro,
+            self.config.balance,
+            self.step,
+            group=mesh.world_group,
         )
-        if t.clip_grad_norm > 0:
+        if mesh.distributed:
+            sync_gradients(self.model, mesh)
+            if t.clip_grad_norm > 0:
+                grad_norm = clip_grad_norm(self.model, mesh, t.clip_grad_norm)
+            else:
+                grad_norm = global_grad_norm(self.model, mesh)
+        elif t.clip_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm(
@@ -201,13 +245,19 @@ class Trainer:
     def run(self, max_steps: int | None = None) -> TrainResult:
         """Train until `train.steps` (or `max_steps` more steps), evaluating and checkpointing on the way."""
         cfg = self.config
-        warn_if_unbalanced(self.model, cfg.balance)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        metrics = MetricsLog(self.out_dir / "metrics.jsonl")
+        main = self.mesh.is_main
+        if main:
+            warn_if_unbalanced(self.model, cfg.balance)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(self.out_dir / "metrics.jsonl") if main else _NoMetrics()
         end = cfg.train.steps if max_steps is None else min(cfg.train.steps, self.step + max_steps)
         counts = self.parameters
         self.log(f"{cfg.name}: {counts.total / 1e6:.2f}M parameters, {counts.active / 1e6:.2f}M active")
-        progress = Progress(total=end, initial=self.step, enabled=cfg.loop.progress, desc=cfg.name)
+        if self.mesh.distributed:
+            self.log(
+                f"{self.mesh.world_size} ranks: expert-parallel {self.mesh.ep} x data-parallel {self.mesh.dp}"
+            )
+        progress = Progress(total=end, initial=self.step, enabled=cfg.loop.progress and main, desc=cfg.name)
         train_time, train_tokens, last_loss = 0.0, 0, math.nan
         val: dict[str, float] = {}
         try:
@@ -263,6 +313,7 @@ class Trainer:
         )
 
     def evaluate(self, split: str | None = None) -> dict[str, float]:
+        """Per-domain loss; collective under expert parallelism (every rank evaluates the same batches)."""
         cfg = self.config
         return evaluate(
             self.model,
@@ -273,3 +324,14 @@ class Trainer:
             cfg.loop.eval_batches or None,
             cfg.data.layout,
         )
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0."""
+
+
+class _NoMetrics:
+    """The metrics log of ranks other than 0."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
