@@ -33,6 +33,18 @@ def _data(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from moekit.analysis import cli as analysis_cli
+
+    return analysis_cli.main(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from moekit import demo
+
+    return demo.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moekit",
@@ -55,6 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(build)
     build.set_defaults(handler=_data)
     data.set_defaults(handler=lambda args: (data.print_help(), 0)[1])
+
+    from moekit.analysis.cli import add_arguments as add_analyze_arguments
+
+    analyze = sub.add_parser(
+        "analyze", help="routing-health report (report.html, metrics.json) of a checkpoint"
+    )
+    add_analyze_arguments(analyze)
+    analyze.set_defaults(handler=_analyze)
+
+    from moekit.demo import add_arguments as add_demo_arguments
+
+    demo = sub.add_parser("demo", help="train a dense model and an MoE on the built-in corpus and report")
+    add_demo_arguments(demo)
+    demo.set_defaults(handler=_demo)
 
     bench = sub.add_parser("bench", help="speed benchmarks (results feed BENCHMARKS.md)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
