@@ -19,11 +19,27 @@ _EXPORTS = {
     "RouterSpec": "moekit.routing.spec",
     "preset": "moekit.routing.spec",
     "PRESET_NAMES": "moekit.routing.spec",
+    "from_hf": "moekit.interop.hf",
+    "to_hf": "moekit.interop.hf",
+    "patch": "moekit.interop.patch",
 }
 
-__all__ = ["MoE", "MoEConfig", "Assignments", "Routing", "RouterSpec", "preset", "PRESET_NAMES"]
+__all__ = [
+    "MoE",
+    "MoEConfig",
+    "Assignments",
+    "Routing",
+    "RouterSpec",
+    "preset",
+    "PRESET_NAMES",
+    "from_hf",
+    "to_hf",
+    "patch",
+]
 
 if TYPE_CHECKING:
+    from moekit.interop.hf import from_hf, to_hf
+    from moekit.interop.patch import patch
     from moekit.layer import MoE, MoEConfig
     from moekit.routing.record import Assignments, Routing
     from moekit.routing.spec import PRESET_NAMES, RouterSpec, preset

@@ -45,6 +45,18 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from moekit.interop import cli as interop_cli
+
+    return interop_cli.main(args)
+
+
+def _bench_hf(args: argparse.Namespace) -> int:
+    from moekit.bench import hf
+
+    return hf.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moekit",
@@ -76,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze_arguments(analyze)
     analyze.set_defaults(handler=_analyze)
 
+    from moekit.interop.cli import add_arguments as add_convert_arguments
+
+    convert = sub.add_parser("convert", help="Hugging Face checkpoints to moekit and back")
+    add_convert_arguments(convert)
+    convert.set_defaults(handler=_convert)
+
     from moekit.demo import add_arguments as add_demo_arguments
 
     demo = sub.add_parser("demo", help="train a dense model and an MoE on the built-in corpus and report")
@@ -91,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(layer)
     layer.set_defaults(handler=_bench_layer)
+    from moekit.bench.hf import add_arguments as add_bench_hf_arguments
+
+    hf = bench_sub.add_parser(
+        "hf", help="training step of tiny HF MoE models: stock eager/grouped_mm vs moekit.patch"
+    )
+    add_bench_hf_arguments(hf)
+    hf.set_defaults(handler=_bench_hf)
     bench.set_defaults(handler=lambda args: (bench.print_help(), 0)[1])
     return parser
 

@@ -1,0 +1,311 @@
+"""Attention as the HF MoE families implement it: grouped-query attention with its variants
+(biases, fused QKV, QK-norm per head or over the projection, QKV clipping, attention sinks,
+sliding windows) and DeepSeek's multi-head latent attention (MLA).
+
+Each variant repeats the arithmetic of the transformers module it stands for, in the same order,
+so that an imported model reproduces the original's logits to rounding. The kernel is SDPA
+(transformers' default) or the eager matmul-softmax path (needed for sinks, as in GPT-OSS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.errors import ConfigError, require_choice, require_int
+from moekit.interop.rope import apply_rope
+
+ATTENTION_KINDS = ("gqa", "mla")
+QK_NORMS = ("none", "per_head", "whole", "l2")
+IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """One attention flavour.
+
+    - `qk_norm`: RMSNorm of queries and keys over each head (Qwen3) or over the whole
+      projection (OLMoE), or a weightless L2 norm per head after RoPE on RoPE layers (Llama 4);
+      `norm_eps` is the epsilon of these and of MLA's latent norms.
+    - `nope_temperature_scale`, `nope_temperature_floor`: on layers without RoPE, queries at
+      position p are scaled by 1 + scale * log(1 + floor((p + 1) / floor)) (Llama 4; None = off).
+    - `clip_qkv`: clamp q, k, v to [-c, c] (OLMoE, DBRX); `fused_qkv`: one [q|k|v] projection (DBRX).
+    - `sinks`: a learned per-head logit that joins every softmax and is dropped after (GPT-OSS).
+    - `scaling`: the softmax temperature; None is 1/sqrt(query head dim).
+    - MLA fields (`kind="mla"`): low-rank query (`q_lora_rank`, None = full projection), latent
+      key/value of `kv_lora_rank`, per-head dims split into a rotary and a non-rotary part.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    kind: str = "gqa"
+    qkv_bias: bool = False
+    out_bias: bool = False
+    fused_qkv: bool = False
+    qk_norm: str = "none"
+    norm_eps: float = 1e-6
+    clip_qkv: float | None = None
+    sinks: bool = False
+    scaling: float | None = None
+    implementation: str = "sdpa"
+    nope_temperature_scale: float | None = None
+    nope_temperature_floor: float = 8192.0
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+
+    def __post_init__(self) -> None:
+        require_choice("attention.kind", self.kind, ATTENTION_KINDS)
+        require_choice("attention.qk_norm", self.qk_norm, QK_NORMS)
+        require_choice("attention.implementation", self.implementation, IMPLEMENTATIONS)
+        for name in ("num_heads", "num_kv_heads", "head_dim"):
+            require_int(f"attention.{name}", getattr(self, name), minimum=1)
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                "attention.num_kv_heads",
+                f"got {self.num_kv_heads}, expected a divisor of num_heads={self.num_heads}",
+            )
+        if self.sinks and self.implementation != "eager":
+            raise ConfigError("attention.implementation", "attention sinks need the eager implementation")
+        if self.kind == "mla":
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                require_int(f"attention.{name}", getattr(self, name), minimum=1)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.kind == "mla" else self.head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.scaling if self.scaling is not None else self.qk_head_dim**-0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    """HF's RMSNorm, operation for operation: normalise in fp32, cast back, then scale
+    (`upcast_weight`: scale in fp32, then cast, as GPT-OSS does)."""
+
+    def __init__(self, size: int, eps: float, upcast_weight: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+        self.upcast_weight = upcast_weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.upcast_weight:
+            return (self.weight * h).to(dtype)
+        return self.weight * h.to(dtype)
+
+
+@dataclass(frozen=True)
+class MaskInputs:
+    """What the masks of one forward depend on: padding [B, S] (True = real token) and the document
+    of each token of a packed row [B, S] (None: one document per row)."""
+
+    batch: int
+    seq_len: int
+    padding: Tensor | None
+    documents: Tensor | None
+    device: torch.device
+
+
+def build_mask(inputs: MaskInputs, window: int | None, chunk: int | None, materialise: bool) -> Tensor | None:
+    """Boolean [B, 1, S, S] mask (True = attend), or None when SDPA's `is_causal` is the same
+    pattern, under the conditions transformers uses to skip it. `window`: attend to the last
+    `window` positions; `chunk`: attend within chunks of `chunk` positions counted from each row's
+    first real token (Llama 4)."""
+    s = inputs.seq_len
+    plain = inputs.padding is None or bool(inputs.padding.all())
+    span = window if chunk is None else chunk
+    if not materialise and plain and inputs.documents is None and (span is None or s < span):
+        return None
+    idx = torch.arange(s, device=inputs.device)
+    mask = (idx[None, :] <= idx[:, None]).expand(inputs.batch, s, s)
+    if window is not None:
+        mask = mask & (idx[None, :] > idx[:, None] - window)
+    if chunk is not None:
+        left = torch.zeros(inputs.batch, 1, dtype=torch.long, device=inputs.device)
+        if inputs.padding is not None:
+            left = (inputs.padding.long().cumsum(-1) == 0).sum(-1, keepdim=True)
+        position = idx[None, :] - left  # [B, S]
+        mask = mask & ((position[:, None, :] // chunk) == (position[:, :, None] // chunk))
+    if inputs.documents is not None:
+        mask = mask & (inputs.documents[:, :, None] == inputs.documents[:, None, :])
+    if inputs.padding is not None:
+        mask = mask & inputs.padding[:, None, :]
+    return mask.unsqueeze(1)
+
+
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
+    if groups == 1:
+        return x
+    b, kv, s, d = x.shape
+    return x[:, :, None].expand(b, kv, groups, s, d).reshape(b, kv * groups, s, d)
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    implementation: str,
+    sinks: Tensor | None = None,
+) -> Tensor:
+    """softmax(q k^T * scale + mask) v for [B, H, S, D] queries and [B, KV, S, D] keys/values;
+    returns [B, S, H, Dv]. Mirrors transformers' sdpa and eager attention functions."""
+    groups = q.shape[1] // k.shape[1]
+    if implementation == "sdpa":
+        gqa = groups > 1 and mask is None and k.shape[-1] == v.shape[-1] <= 256
+        if groups > 1 and not gqa:
+            k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale, is_causal=mask is None and q.shape[2] > 1, enable_gqa=gqa
+        )
+        return out.transpose(1, 2).contiguous()
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    if mask is not None:
+        additive = torch.zeros((), dtype=scores.dtype, device=scores.device)
+        scores = scores + torch.where(mask, additive, torch.finfo(scores.dtype).min)
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    else:
+        sink = sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+        combined = torch.cat([scores, sink], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1].to(v.dtype)
+    return torch.matmul(probs, v).transpose(1, 2).contiguous()
+
+
+def l2_norm(x: Tensor, eps: float) -> Tensor:
+    """Llama 4's weightless QK norm: x / rms(x), computed in fp32."""
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+def nope_temperature(seq_len: int, scale: float, floor: float, device: torch.device) -> Tensor:
+    """Per-position query scale of Llama 4's layers without RoPE ([S, 1], fp32)."""
+    positions = torch.arange(seq_len, device=device).float()
+    return (torch.log1p(torch.floor((positions + 1.0) / floor)) * scale + 1.0).unsqueeze(-1)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with the per-family options of `AttentionConfig`; `use_rope=False`
+    makes a NoPE layer (Llama 4)."""
+
+    def __init__(self, hidden: int, config: AttentionConfig, rope_layout: str, use_rope: bool = True):
+        super().__init__()
+        self.config = config
+        self.rope_layout = rope_layout
+        self.use_rope = use_rope
+        h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
+        if config.fused_qkv:
+            self.qkv_proj = nn.Linear(hidden, (h + 2 * kv) * d, bias=config.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(hidden, h * d, bias=config.qkv_bias)
+            self.k_proj = nn.Linear(hidden, kv * d, bias=config.qkv_bias)
+            self.v_proj = nn.Linear(hidden, kv * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(h * d, hidden, bias=config.out_bias)
+        if config.qk_norm == "per_head":
+            self.q_norm = RMSNorm(d, config.norm_eps)
+            self.k_norm = RMSNorm(d, config.norm_eps)
+        elif config.qk_norm == "whole":
+            self.q_norm = RMSNorm(h * d, config.norm_eps)
+            self.k_norm = RMSNorm(kv * d, config.norm_eps)
+        self.sinks = nn.Parameter(torch.zeros(h)) if config.sinks else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        cfg = self.config
+        b, s, _ = x.shape
+        if cfg.fused_qkv:
+            kv_width = cfg.num_kv_heads * cfg.head_dim
+            qkv = self._clip(self.qkv_proj(x))
+            q, k, v = qkv.split([cfg.num_heads * cfg.head_dim, kv_width, kv_width], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            if cfg.qk_norm == "whole":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = self._clip(q), self._clip(k), self._clip(v)
+        shape = (b, s, -1, cfg.head_dim)
+        q, k, v = q.view(shape), k.view(shape), v.view(shape)
+        if cfg.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin, self.rope_layout), apply_rope(k, cos, sin, self.rope_layout)
+            if cfg.qk_norm == "l2":
+                q, k = l2_norm(q, cfg.norm_eps), l2_norm(k, cfg.norm_eps)
+        elif cfg.nope_temperature_scale is not None:
+            scale = nope_temperature(s, cfg.nope_temperature_scale, cfg.nope_temperature_floor, x.device)
+            q = (q * scale).to(q.dtype)
+        out = attend(q, k, v, mask, cfg.softmax_scale, cfg.implementation, self.sinks)
+        return self.o_proj(out.reshape(b, s, -1))
+
+    def _clip(self, t: Tensor) -> Tensor:
+        c = self.config.clip_qkv
+        return t if c is None else t.clamp(min=-c, max=c)
+
+
+class LatentAttention(nn.Module):
+    """DeepSeek-V2/V3 multi-head latent attention as transformers implements it (no cache)."""
+
+    def __init__(self, hidden: int, config: AttentionConfig, rope_layout: str):
+        super().__init__()
+        self.config = config
+        self.rope_layout = rope_layout
+        h, qk = config.num_heads, config.qk_head_dim
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, h * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=config.qkv_bias)
+            self.q_a_norm = RMSNorm(config.q_lora_rank, config.norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, h * qk, bias=False)
+        self.kv_a_proj = nn.Linear(
+            hidden, config.kv_lora_rank + config.qk_rope_head_dim, bias=config.qkv_bias
+        )
+        self.kv_a_norm = RMSNorm(config.kv_lora_rank, config.norm_eps)
+        self.kv_b_proj = nn.Linear(
+            config.kv_lora_rank, h * (config.qk_nope_head_dim + config.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(h * config.v_head_dim, hidden, bias=config.out_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        cfg = self.config
+        b, s, _ = x.shape
+        q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        q = q.view(b, s, -1, cfg.qk_head_dim).transpose(1, 2)
+        q_pass, q_rot = torch.split(q, [cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        kv_latent, k_rot = torch.split(self.kv_a_proj(x), [cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        kv_latent = self.kv_a_norm(kv_latent).view(b, 1, s, cfg.kv_lora_rank)
+        k_rot = k_rot.view(b, 1, s, cfg.qk_rope_head_dim)
+        q_rot, k_rot = (
+            apply_rope(q_rot, cos, sin, self.rope_layout),
+            apply_rope(k_rot, cos, sin, self.rope_layout),
+        )
+        query = torch.cat((q_pass, q_rot), dim=-1)
+        kv = self.kv_b_proj(kv_latent).view(b, s, -1, cfg.qk_nope_head_dim + cfg.v_head_dim).transpose(1, 2)
+        k_nope, value = torch.split(kv, [cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        key = torch.cat((k_nope, k_rot.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
+        out = attend(query, key, value, mask, cfg.softmax_scale, cfg.implementation)
+        return self.o_proj(out.reshape(b, s, -1))
+
+
+def build_attention(
+    hidden: int, config: AttentionConfig, rope_layout: str, use_rope: bool = True
+) -> nn.Module:
+    if config.kind == "mla":
+        return LatentAttention(hidden, config, rope_layout)
+    return Attention(hidden, config, rope_layout, use_rope)
