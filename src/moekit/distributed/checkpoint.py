@@ -10,9 +10,6 @@ at any EP size. Every rank must reach the same directory (one machine, or a shar
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +20,8 @@ from torch import Tensor, nn
 from moekit.distributed.expert_parallel import ExpertParallelExperts, gather_experts, sharded_parameter_names
 from moekit.distributed.mesh import ParallelMesh
 from moekit.errors import MoekitError
-from moekit.io import load_tensors, read_json, save_tensors_atomic, write_json_atomic, write_text_atomic
-from moekit.train.checkpoint import (
-    LATEST_FILE,
-    MODEL_FILE,
-    OPTIMIZER_FILE,
-    STATE_FILE,
-    load_model_tensors,
-    model_tensors,
-    optimizer_tensors,
-    resolve_checkpoint,
-)
+from moekit.train.checkpoint import load_checkpoint as load_single_process_checkpoint
+from moekit.train.checkpoint import model_tensors, optimizer_tensors, write_checkpoint
 
 
 def _is_expert_block(tensor: Tensor, module: ExpertParallelExperts) -> bool:
@@ -85,35 +73,10 @@ def save_checkpoint(
         extra.update(optimizer_state)
         full_state["optimizer_groups"] = scalars
     if mesh.is_main:
-        _write_directory(directory, tensors, extra, full_state)
+        write_checkpoint(directory, tensors, extra, full_state)
     if mesh.world_group is not None:
         dist.barrier(group=mesh.world_group)
     return directory
-
-
-def _write_directory(
-    directory: Path, tensors: dict[str, Tensor], extra: dict[str, Tensor], state: dict[str, Any]
-) -> None:
-    """The layout of `moekit.train.checkpoint.save_checkpoint`, written into a temporary directory
-    that is renamed into place."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        save_tensors_atomic(tmp / MODEL_FILE, tensors)
-        save_tensors_atomic(tmp / OPTIMIZER_FILE, extra)
-        write_json_atomic(tmp / STATE_FILE, state)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    write_text_atomic(directory.parent / LATEST_FILE, directory.name + "\n")
 
 
 def _local_block(tensor: Tensor, module: ExpertParallelExperts, source: str, name: str) -> Tensor:
@@ -133,36 +96,10 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load a single-process-format checkpoint into an expert-parallel (or plain) model: each rank
     keeps its block of every expert tensor. Returns the state.json contents. Not collective."""
-    directory = resolve_checkpoint(path)
-    state = read_json(directory / STATE_FILE, "checkpoint state")
     sharded = sharded_parameter_names(model)
-    source = str(directory / MODEL_FILE)
-    tensors = load_tensors(directory / MODEL_FILE, "checkpoint model")
-    for name, module in sharded.items():
-        if name in tensors:
-            tensors[name] = _local_block(tensors[name], module, source, name)
-    load_model_tensors(model, tensors, source)
-    extra = load_tensors(directory / OPTIMIZER_FILE, "checkpoint optimizer")
-    if restore_rng and "rng/torch" in extra:
-        torch.set_rng_state(extra["rng/torch"])
-    if optimizer is None:
-        return state
-    groups = state.get("optimizer_groups")
-    if groups is None or len(groups) != len(optimizer.param_groups):
-        raise MoekitError(f"{directory / STATE_FILE}: optimizer groups do not match this model")
-    params = dict(model.named_parameters())
-    for group, saved in zip(optimizer.param_groups, groups, strict=True):
-        for key, value in saved.items():
-            group[key] = tuple(value) if isinstance(value, list) else value
-    source = str(directory / OPTIMIZER_FILE)
-    for key, tensor in extra.items():
-        if key.startswith("rng/"):
-            continue
-        name, _, state_key = key.rpartition("/")
-        if name not in params:
-            raise MoekitError(f"{source}: state for unknown parameter {name}")
+
+    def localize(name: str, tensor: Tensor, source: str) -> Tensor:
         module = sharded.get(name)
-        if module is not None and tensor.dim() > 0:
-            tensor = _local_block(tensor, module, source, key)
-        optimizer.state[params[name]][state_key] = tensor.clone()
-    return state
+        return tensor if module is None else _local_block(tensor, module, source, name)
+
+    return load_single_process_checkpoint(path, model, optimizer, restore_rng, localize)

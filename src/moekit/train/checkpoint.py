@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,27 +78,18 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -
     return tensors, scalars
 
 
-def save_checkpoint(
-    directory: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    state: dict[str, Any],
+def write_checkpoint(
+    directory: Path, tensors: dict[str, torch.Tensor], extra: dict[str, torch.Tensor], state: dict[str, Any]
 ) -> Path:
-    """Write a checkpoint directory atomically and point `<parent>/latest` at it."""
+    """Write the three files into a temporary directory, rename it into place, then point
+    `<parent>/latest` at it."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        save_tensors_atomic(tmp / MODEL_FILE, model_tensors(model))
-        full_state = dict(state)
-        extra = {"rng/torch": torch.get_rng_state()}
-        if optimizer is not None:
-            names = {id(p): n for n, p in model.named_parameters()}
-            tensors, scalars = optimizer_tensors(optimizer, names)
-            extra.update(tensors)
-            full_state["optimizer_groups"] = scalars
+        save_tensors_atomic(tmp / MODEL_FILE, tensors)
         save_tensors_atomic(tmp / OPTIMIZER_FILE, extra)
-        write_json_atomic(tmp / STATE_FILE, full_state)
+        write_json_atomic(tmp / STATE_FILE, state)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -111,6 +103,23 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
     write_text_atomic(directory.parent / LATEST_FILE, directory.name + "\n")
     return directory
+
+
+def save_checkpoint(
+    directory: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+) -> Path:
+    """Write a checkpoint directory atomically and point `<parent>/latest` at it."""
+    extra = {"rng/torch": torch.get_rng_state()}
+    full_state = dict(state)
+    if optimizer is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        tensors, scalars = optimizer_tensors(optimizer, names)
+        extra.update(tensors)
+        full_state["optimizer_groups"] = scalars
+    return write_checkpoint(directory, model_tensors(model), extra, full_state)
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -131,31 +140,46 @@ def read_checkpoint_state(path: Path) -> dict[str, Any]:
     return read_json(resolve_checkpoint(path) / STATE_FILE, "checkpoint state")
 
 
+# Maps (parameter name, tensor as saved, file) to the tensor this process keeps, e.g. its block of
+# experts under expert parallelism; the default keeps everything.
+Localize = Callable[[str, torch.Tensor, str], torch.Tensor]
+
+
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    restore_rng: bool = True,
+    localize: Localize | None = None,
 ) -> dict[str, Any]:
     """Load model (and optimizer, RNG) from a checkpoint; returns its state.json contents."""
     directory = resolve_checkpoint(path)
     state = read_json(directory / STATE_FILE, "checkpoint state")
-    load_model_tensors(
-        model, load_tensors(directory / MODEL_FILE, "checkpoint model"), str(directory / MODEL_FILE)
-    )
-    extra = load_tensors(directory / OPTIMIZER_FILE, "checkpoint optimizer")
+    model_file = directory / MODEL_FILE
+    tensors = load_tensors(model_file, "checkpoint model")
+    if localize is not None:
+        tensors = {name: localize(name, tensor, str(model_file)) for name, tensor in tensors.items()}
+    load_model_tensors(model, tensors, str(model_file))
+    optimizer_file = directory / OPTIMIZER_FILE
+    extra = load_tensors(optimizer_file, "checkpoint optimizer")
     if restore_rng and "rng/torch" in extra:
         torch.set_rng_state(extra["rng/torch"])
-    if optimizer is not None:
-        groups = state.get("optimizer_groups")
-        if groups is None or len(groups) != len(optimizer.param_groups):
-            raise MoekitError(f"{directory / STATE_FILE}: optimizer groups do not match this model")
-        params = dict(model.named_parameters())
-        for group, saved in zip(optimizer.param_groups, groups, strict=True):
-            for key, value in saved.items():
-                group[key] = tuple(value) if isinstance(value, list) else value
-        for key, tensor in extra.items():
-            if key.startswith("rng/"):
-                continue
-            name, _, state_key = key.rpartition("/")
-            if name not in params:
-                raise MoekitError(f"{directory / OPTIMIZER_FILE}: state for unknown parameter {name}")
-            optimizer.state[params[name]][state_key] = tensor.clone()
+    if optimizer is None:
+        return state
+    groups = state.get("optimizer_groups")
+    if groups is None or len(groups) != len(optimizer.param_groups):
+        raise MoekitError(f"{directory / STATE_FILE}: optimizer groups do not match this model")
+    params = dict(model.named_parameters())
+    for group, saved in zip(optimizer.param_groups, groups, strict=True):
+        for key, value in saved.items():
+            group[key] = tuple(value) if isinstance(value, list) else value
+    for key, tensor in extra.items():
+        if key.startswith("rng/"):
+            continue
+        name, _, state_key = key.rpartition("/")
+        if name not in params:
+            raise MoekitError(f"{optimizer_file}: state for unknown parameter {name}")
+        if localize is not None and tensor.dim() > 0:
+            tensor = localize(name, tensor, str(optimizer_file))
+        optimizer.state[params[name]][state_key] = tensor.clone()
     return state
