@@ -1,8 +1,9 @@
 """`moekit bench layer`: the MoE layer side by side with the dense-equivalent GEMM chain and peers.
 
 All implementations of one shape share weights and inputs and are timed in the same process,
-interleaved round by round, so that machine noise hits them alike; each figure is the median of
-`repeats` rounds after warm-up. Backward is driven by a fixed random upstream gradient.
+interleaved round by round (in a rotating order, since what ran just before affects the caches),
+so that machine noise hits them alike; each figure is the median of `repeats` rounds after
+warm-up. Backward is driven by a fixed random upstream gradient.
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def time_shape(
     upstream = torch.randn(tokens, shape.hidden, generator=gen)
     times: dict[str, list[float]] = {c.impl: [] for c in contenders}
     for round_index in range(warmup + repeats):
-        for c in contenders:
+        # rotate the order every round, so that no contender always runs right after the same one
+        shift = round_index % len(contenders)
+        for c in contenders[shift:] + contenders[:shift]:
             elapsed = _step(c, x, upstream, mode)
             if round_index >= warmup:
                 times[c.impl].append(elapsed)

@@ -74,7 +74,7 @@ def choose_backend(requested: str, dtype: torch.dtype, hidden: int, in_features:
     """Resolve `auto`: grouped_mm only where it runs (dtype, 16-byte strides); else the loop."""
     if requested != "auto" and requested != "grouped_mm":
         return requested
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     aligned = all((n * itemsize) % 16 == 0 for n in (hidden, in_features, ff))
     usable = grouped_mm_available() and dtype in (torch.float32, torch.bfloat16, torch.float16) and aligned
     if requested == "grouped_mm" and not usable:

@@ -44,19 +44,29 @@ class Assignments:
         return Assignments(idx, idx.clone(), torch.zeros(0, device=device), idx.clone())
 
     @staticmethod
-    def from_dense(topk_index: Tensor, topk_weight: Tensor, token_mask: Tensor | None = None) -> Assignments:
-        """Group [T, k] top-k choices by expert; tokens where `token_mask` is false get none."""
+    def from_dense(
+        topk_index: Tensor, topk_weight: Tensor, token_mask: Tensor | None = None
+    ) -> Assignments:
+        """Group [T, k] top-k choices by expert; tokens where `token_mask` is false get none.
+
+        One stable sort does the grouping: masked tokens' choices get a sentinel expert id past
+        the last expert, so they sort to the end and are cut off.
+        """
         num_tokens, k = topk_index.shape
-        device = topk_index.device
-        token = torch.arange(num_tokens, device=device).repeat_interleave(k)
-        rank = torch.arange(k, device=device).repeat(num_tokens)
         expert = topk_index.reshape(-1)
-        weight = topk_weight.reshape(-1)
+        kept = num_tokens * k
         if token_mask is not None:
-            keep = token_mask.repeat_interleave(k)
-            token, rank, expert, weight = token[keep], rank[keep], expert[keep], weight[keep]
-        order = torch.argsort(expert, stable=True)
-        return Assignments(token[order], expert[order], weight[order], rank[order])
+            sentinel = torch.iinfo(expert.dtype).max
+            expert = expert.masked_fill(~token_mask.repeat_interleave(k), sentinel)
+            kept = int(token_mask.sum()) * k
+        expert, order = torch.sort(expert, stable=True)
+        order = order[:kept]
+        return Assignments(
+            token=torch.div(order, k, rounding_mode="floor"),
+            expert=expert[:kept],
+            weight=topk_weight.reshape(-1)[order],
+            rank=order % k,
+        )
 
 
 @dataclass(frozen=True)
