@@ -118,7 +118,7 @@ def test_bias_update_checks_its_inputs():
     model = nn.Sequential(deepseek_moe(), MoE(MoEConfig(HIDDEN, 4, preset("mixtral", 6, 2))))
     counts = torch.tensor([1, 2, 3, 4, 5, 6])
     assert apply_bias_updates(model, [counts, counts], 0.1) == 1  # the mixtral router has no bias
-    with pytest.raises(MoekitError, match="2 token-choice routers"):
+    with pytest.raises(MoekitError, match="2 MoE layers"):
         apply_bias_updates(model, [counts], 0.1)
     with pytest.raises(MoekitError, match="selection_bias"):
         apply_bias_updates(model, [counts[:4], counts], 0.1)

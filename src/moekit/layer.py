@@ -11,9 +11,9 @@ from torch import Tensor, nn
 from moekit.dispatch.grouped import BACKENDS
 from moekit.errors import ConfigError, require_choice, require_int, require_number
 from moekit.experts.activations import ACTIVATION_NAMES, make_activation
-from moekit.experts.factory import build_experts
+from moekit.experts.factory import EXPERT_KINDS, build_experts, check_experts_config
 from moekit.experts.packed import SharedExperts
-from moekit.routing.factory import ROUTER_KINDS, build_router
+from moekit.routing.factory import ROUTER_KINDS, build_router, check_router_config
 from moekit.routing.record import Routing
 from moekit.routing.spec import RouterSpec, router_spec_from_dict
 
@@ -59,6 +59,9 @@ class MoEConfig:
             raise ConfigError(
                 "moe.router_options", f"expected a mapping, got {type(self.router_options).__name__}"
             )
+        require_choice("moe.experts_kind", self.experts_kind, EXPERT_KINDS)
+        check_router_config(self)
+        check_experts_config(self)
 
     @property
     def shared_total_ff(self) -> int:
@@ -102,14 +105,21 @@ class MoE(nn.Module):
             else None
         )
 
-    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
-        return self.forward_with_routing(x, token_mask)[0]
+    def forward(self, x: Tensor, token_mask: Tensor | None = None, token_ids: Tensor | None = None) -> Tensor:
+        return self.forward_with_routing(x, token_mask, token_ids=token_ids)[0]
 
     def forward_with_routing(
-        self, x: Tensor, token_mask: Tensor | None = None, previous: Routing | None = None
+        self,
+        x: Tensor,
+        token_mask: Tensor | None = None,
+        previous: Routing | None = None,
+        token_ids: Tensor | None = None,
     ) -> tuple[Tensor, Routing]:
         """`previous` is the routing of the model's preceding MoE layer, for routers that carry
-        state from layer to layer (e.g. a recurrent router); others ignore it."""
+        state from layer to layer (e.g. a recurrent router); others ignore it. `token_ids` (the
+        shape of `x` without its last dimension) reach routers that route on token identity (hash
+        routing). A router with `route_iteratively` (chain-of-experts) interleaves its routing with
+        the experts' compute."""
         shape = x.shape
         if shape[-1] != self.config.hidden_size:
             raise ValueError(
@@ -130,8 +140,19 @@ class MoE(nn.Module):
             router_in = flat * noise
             if spec.jitter_target == "router_and_experts":
                 flat = router_in
-        routing = self.router(router_in, mask, previous=previous)
-        y = self.routed(flat, routing)
+        iterate = getattr(self.router, "route_iteratively", None)
+        if iterate is not None:
+            y, routing = iterate(flat, mask, previous, self.routed)
+        else:
+            extra = {}
+            if getattr(self.router, "routes_on_token_ids", False):
+                if token_ids is not None and token_ids.shape != shape[:-1]:
+                    raise ValueError(
+                        f"token_ids: expected shape {tuple(shape[:-1])}, got {tuple(token_ids.shape)}"
+                    )
+                extra["token_ids"] = None if token_ids is None else token_ids.reshape(-1)
+            routing = self.router(router_in, mask, previous=previous, **extra)
+            y = self.routed(flat, routing)
         if self.shared is not None:
             y = y + self.shared(flat)
         return y.reshape(shape), routing

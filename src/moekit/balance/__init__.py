@@ -10,7 +10,7 @@
 - `guard`: the warning for an MoE trained with every balancing mechanism off.
 """
 
-from moekit.balance.bias import apply_bias_updates, sign_update, token_choice_routers
+from moekit.balance.bias import apply_bias_updates, moe_routers, sign_update
 from moekit.balance.config import OBJECTIVE_KINDS, SCOPES, BalanceConfig, ObjectiveSpec
 from moekit.balance.diagnostics import BalanceDiagnostics, diagnose, diagnose_stats
 from moekit.balance.guard import BalancingDisabledWarning, balancing_mechanisms, warn_if_unbalanced
@@ -43,6 +43,6 @@ __all__ = [
     "sequence_index",
     "sign_update",
     "summed_cross_entropy",
-    "token_choice_routers",
+    "moe_routers",
     "warn_if_unbalanced",
 ]

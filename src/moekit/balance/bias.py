@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.errors import MoekitError
-from moekit.routing.token_choice import TokenChoiceRouter
+from moekit.layer import MoE
 
 
 def sign_update(counts: Tensor, rate: float) -> Tensor:
@@ -34,32 +34,37 @@ def sign_update(counts: Tensor, rate: float) -> Tensor:
     return direction.to(torch.float32) * rate
 
 
-def token_choice_routers(model: nn.Module) -> list[tuple[str, TokenChoiceRouter]]:
-    """Every token-choice router of `model`, named, in module order (the order of its MoE layers)."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, TokenChoiceRouter)]
+def moe_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The router of every MoE layer of `model`, named, in module order: one per routing record
+    the model returns (routers nested inside a layer's router, e.g. chain-of-experts, not counted)."""
+    return [
+        (f"{name}.router" if name else "router", m.router)
+        for name, m in model.named_modules()
+        if isinstance(m, MoE)
+    ]
 
 
 def has_selection_bias(model: nn.Module) -> bool:
-    return any(router.selection_bias is not None for _, router in token_choice_routers(model))
+    return any(getattr(router, "selection_bias", None) is not None for _, router in moe_routers(model))
 
 
 def apply_bias_updates(model: nn.Module, expert_counts: Sequence[Tensor], rate: float) -> int:
     """Move every router's selection bias by `sign_update(counts, rate)`; returns routers updated.
 
-    `expert_counts` holds one int64 [E] tensor per token-choice router of `model`, in module order
+    `expert_counts` holds one int64 [E] tensor per MoE layer of `model`, in module order
     (`StepReport.expert_counts`: chosen assignments over the whole global batch). Routers without a
     selection bias are skipped. Call it once per optimizer step, after the step's last backward.
     """
-    routers = token_choice_routers(model)
+    routers = moe_routers(model)
     if len(expert_counts) != len(routers):
         raise MoekitError(
             f"bias update: got expert counts for {len(expert_counts)} layers, "
-            f"but the model has {len(routers)} token-choice routers"
+            f"but the model has {len(routers)} MoE layers"
         )
     updated = 0
     with torch.no_grad():
         for (name, router), counts in zip(routers, expert_counts, strict=True):
-            bias = router.selection_bias
+            bias = getattr(router, "selection_bias", None)
             if bias is None:
                 continue
             if counts.shape != bias.shape:

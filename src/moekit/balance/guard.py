@@ -14,7 +14,7 @@ import warnings
 
 from torch import nn
 
-from moekit.balance.bias import has_selection_bias, token_choice_routers
+from moekit.balance.bias import has_selection_bias, moe_routers
 from moekit.balance.config import BalanceConfig
 
 logger = logging.getLogger("moekit.balance")
@@ -39,7 +39,7 @@ def balancing_mechanisms(model: nn.Module, config: BalanceConfig) -> list[str]:
 def warn_if_unbalanced(model: nn.Module, config: BalanceConfig) -> bool:
     """Warn (BalancingDisabledWarning + an error-level log record) if `model` has MoE routers and
     no balancing mechanism is on; returns whether it warned. Call it once before training."""
-    if not token_choice_routers(model) or balancing_mechanisms(model, config):
+    if not moe_routers(model) or balancing_mechanisms(model, config):
         return False
     reasons = ["no load_balance objective has a non-zero coefficient"]
     if config.bias_update_rate.always_zero:

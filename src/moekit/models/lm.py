@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from moekit.errors import ConfigError, require_int, require_number
 from moekit.layer import MoE, MoEConfig
 from moekit.routing.record import Routing
+from moekit.routing.recurrent import tie_recurrent_cells
 
 
 @dataclass(frozen=True)
@@ -211,11 +212,12 @@ class Block(nn.Module):
         mask: Tensor | None,
         token_mask: Tensor | None,
         previous: Routing | None = None,
+        token_ids: Tensor | None = None,
     ) -> tuple[Tensor, Routing | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         h = self.ffn_norm(x)
         if self.is_moe:
-            y, routing = self.ffn.forward_with_routing(h, token_mask, previous=previous)
+            y, routing = self.ffn.forward_with_routing(h, token_mask, previous=previous, token_ids=token_ids)
         else:
             y, routing = self.ffn(h), None
         return x + y, routing
@@ -237,6 +239,7 @@ class LanguageModel(nn.Module):
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
+        tie_recurrent_cells(self)  # RMoE (#16): one GRU cell for every recurrent router
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -248,6 +251,11 @@ class LanguageModel(nn.Module):
                 continue
             is_output = name.endswith(("o_proj.weight", "proj_out.weight", "experts.w_out"))
             nn.init.normal_(p, std=out_std if is_output else std)
+        for moe in self.moe_layers:  # the part of a method's init the loop above overwrote (LoRA's zero B)
+            for part in (moe.router, moe.experts):
+                restore = getattr(part, "restore_own_init", None)
+                if restore is not None:
+                    restore()
 
     @property
     def moe_layers(self) -> list[MoE]:
@@ -274,7 +282,7 @@ class LanguageModel(nn.Module):
         mask = attention_mask(doc_ids, s, input_ids.device)
         routings = []
         for block in self.blocks:
-            x, routing = block(x, cos, sin, mask, token_mask, routings[-1] if routings else None)
+            x, routing = block(x, cos, sin, mask, token_mask, routings[-1] if routings else None, input_ids)
             if routing is not None:
                 routings.append(routing)
         return LMOutput(self.head(self.norm(x)), routings)
@@ -295,7 +303,11 @@ def count_parameters(model: LanguageModel) -> ParameterCounts:
     inactive = 0
     for moe in model.moe_layers:
         experts = moe.experts
-        per_expert = sum(p[0].numel() for p in experts.parameters())
-        k = moe.config.router.top_k
+        if hasattr(experts, "expert_parameter_count"):  # latent / LoRA experts: shared parts stay active
+            per_expert = experts.expert_parameter_count()
+        else:
+            per_expert = sum(p[0].numel() for p in experts.parameters())
+        # nominal k: top_k for token-choice kinds (dynamic-k routers vary around it, see Routing)
+        k = min(moe.config.router.top_k, experts.num_experts)
         inactive += (experts.num_experts - k) * per_expert
     return ParameterCounts(total=total, active=total - inactive, embedding=model.embed.weight.numel())

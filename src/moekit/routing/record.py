@@ -44,9 +44,7 @@ class Assignments:
         return Assignments(idx, idx.clone(), torch.zeros(0, device=device), idx.clone())
 
     @staticmethod
-    def from_dense(
-        topk_index: Tensor, topk_weight: Tensor, token_mask: Tensor | None = None
-    ) -> Assignments:
+    def from_dense(topk_index: Tensor, topk_weight: Tensor, token_mask: Tensor | None = None) -> Assignments:
         """Group [T, k] top-k choices by expert; tokens where `token_mask` is false get none.
 
         One stable sort does the grouping: masked tokens' choices get a sentinel expert id past

@@ -10,6 +10,7 @@ from moekit.balance.config import BalanceConfig
 from moekit.config_tree import apply_overrides, dataclass_from_dict, load_yaml
 from moekit.errors import ConfigError, require_choice, require_int, require_number
 from moekit.models.lm import LMConfig
+from moekit.train.methods import MethodConfig
 
 TOKENIZERS = ("byte", "bpe")
 LAYOUTS = ("packed", "padded")
@@ -108,6 +109,7 @@ class RunConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    methods: MethodConfig = field(default_factory=MethodConfig)
 
     def model_config(self, vocab_size: int) -> LMConfig:
         """The model section with `vocab_size: auto` (or absent) resolved from the tokenizer."""
@@ -126,13 +128,17 @@ class RunConfig:
             "loop": asdict(self.loop),
             "balance": self.balance.to_dict(),
             "parallel": asdict(self.parallel),
+            "methods": {
+                **asdict(self.methods),
+                "loramoe_knowledge_domains": list(self.methods.loramoe_knowledge_domains),
+            },
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         if not isinstance(data, dict):
             raise ConfigError("config", f"expected a mapping, got {type(data).__name__}")
-        known = ("name", "out_dir", "model", "data", "train", "loop", "balance", "parallel")
+        known = ("name", "out_dir", "model", "data", "train", "loop", "balance", "parallel", "methods")
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(unknown[0], f"unknown section; expected one of {', '.join(known)}")
@@ -155,6 +161,7 @@ class RunConfig:
             loop=dataclass_from_dict(LoopConfig, data.get("loop"), "loop"),
             balance=BalanceConfig.from_dict(data.get("balance") or {}, "balance"),
             parallel=dataclass_from_dict(ParallelConfig, data.get("parallel"), "parallel"),
+            methods=dataclass_from_dict(MethodConfig, data.get("methods"), "methods"),
         )
         # validates the model section now; 'auto' is resolved later
         model_config = config.model_config(vocab_size=256)

@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from moekit.balance.bias import apply_bias_updates
 from moekit.balance.guard import warn_if_unbalanced
-from moekit.balance.step import ForwardOutput, StepReport, accumulate_gradients
-from moekit.data.batch import IGNORE_INDEX, Batch
+from moekit.balance.step import StepReport, accumulate_gradients
+from moekit.data.batch import Batch
 from moekit.data.lmdata import LanguageModelData, prepare_data
 from moekit.distributed import checkpoint as distributed_checkpoint
 from moekit.distributed.expert_parallel import make_expert_parallel
@@ -34,6 +33,7 @@ from moekit.errors import ConfigError, MoekitError
 from moekit.models.lm import LanguageModel, count_parameters
 from moekit.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from moekit.train.config import RunConfig
+from moekit.train.methods import announce_step, lm_forward, make_forward
 from moekit.train.metrics import MetricsLog, Progress
 from moekit.train.optim import make_optimizer, set_learning_rate, warmup_cosine
 
@@ -55,21 +55,6 @@ class MicroBatch:
     @property
     def num_loss_tokens(self) -> int:
         return self.batch.num_targets
-
-
-def lm_forward(model: LanguageModel, batch: Batch) -> ForwardOutput:
-    """Summed next-token cross-entropy of a batch and the model's routing records."""
-    out = model(
-        batch.input_ids, positions=batch.positions, doc_ids=batch.doc_ids, token_mask=batch.token_mask
-    )
-    logits = out.logits
-    loss_sum = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        batch.targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return ForwardOutput(loss_sum=loss_sum, routings=out.routings)
 
 
 @torch.no_grad()
@@ -156,6 +141,7 @@ class Trainer:
         self.model = LanguageModel(self.model_config).to(dtype)
         self.parameters = count_parameters(self.model)
         make_expert_parallel(self.model, self.mesh)  # after counting: only this rank's experts remain
+        self.forward = make_forward(self.model, config.methods, self.data.domains)
         t = config.train
         self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
         self.batches = self.data.train_batches(
@@ -213,8 +199,9 @@ class Trainer:
         # checkpointed position) is the same on every rank and in a single process.
         drawn = [MicroBatch(next(self.batches)) for _ in range(t.grad_accum * mesh.world_size)]
         micro = drawn[mesh.rank :: mesh.world_size]
+        announce_step(self.model, self.step, t.steps)
         report = accumulate_gradients(
-            lambda mb: lm_forward(self.model, mb.batch),
+            lambda mb: self.forward(mb.batch),
             micro,
             self.config.balance,
             self.step,

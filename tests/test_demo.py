@@ -1,0 +1,34 @@
+"""`moekit demo` end to end at a few steps: the files and the metrics.json schema it promises."""
+
+import json
+
+from moekit.demo import DemoSettings, run_configs, run_demo
+from moekit.train.config import RunConfig
+
+
+def test_dense_and_moe_have_equal_active_ffn_parameters(tmp_path):
+    configs = {
+        name: RunConfig.from_dict(raw) for name, raw in run_configs(DemoSettings(out_dir=tmp_path)).items()
+    }
+    dense = configs["dense"].model_config(vocab_size=259)
+    moe = configs["moe"].model_config(vocab_size=259)
+    expert = moe.moe
+    active_moe_ff = expert.router.top_k * expert.ff_size + expert.shared_total_ff
+    assert active_moe_ff == dense.ff_size
+    # the runs differ only in the FFN: same data, schedule and seed
+    assert configs["dense"].data == configs["moe"].data and configs["dense"].train == configs["moe"].train
+
+
+def test_demo_writes_report_and_metrics(tmp_path):
+    settings = DemoSettings(out_dir=tmp_path, source="sample", steps=3, eval_batches=1, progress=False)
+    run_demo(settings, log=lambda _: None)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for name in ("dense", "moe"):
+        val = metrics[name]["val_loss"]
+        assert {"code", "english", "multilingual", "math", "structured", "mean"} <= set(val)
+        assert all(isinstance(v, float) for v in val.values())
+        assert metrics[name]["tokens_per_s"] > 0
+    nmi = metrics["moe"]["domain_nmi"]
+    assert len(nmi) == 4 and all(0.0 <= v <= 1.0 for v in nmi)
+    html = (tmp_path / "report.html").read_text()
+    assert "Dense vs MoE" in html and "data:image/png;base64" in html and "<script src" not in html
