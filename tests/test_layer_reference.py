@@ -100,3 +100,33 @@ def test_dropped_assignments_contribute_zero_and_residual_carries_token():
     assert fully_dropped, "expected some token to lose every assignment at capacity 0.25"
     for t in fully_dropped:
         assert torch.count_nonzero(y[t]) == 0  # no routed contribution; a residual x + y keeps x
+
+
+@pytest.mark.parametrize("backend", ["auto", "grouped_mm", "loop"])
+def test_decode_sized_inputs_close_to_reference(backend):
+    """A few tokens over many experts (decode): the single-threaded grouped_mm path and its
+    grouped weight gradients, against the float64 reference."""
+    if backend == "grouped_mm" and not grouped_mm_available():
+        pytest.skip("torch.nn.functional.grouped_mm needs torch >= 2.9")
+    spec = preset("qwen3_moe", 16, 2)
+    layer = MoE(MoEConfig(hidden_size=HIDDEN, ff_size=FF, router=spec, backend=backend))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+    layer.eval()
+    x = torch.randn(3, HIDDEN, dtype=torch.float64)
+    x_ref = x.clone().requires_grad_()
+    ref = reference_moe(layer, x_ref)
+    upstream = torch.randn_like(ref.output)
+    (ref.output * upstream).sum().backward()
+    x_fast = x.float().requires_grad_()
+    y = layer(x_fast)
+    (y * upstream.float()).sum().backward()
+    torch.testing.assert_close(y.double(), ref.output.detach(), rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(x_fast.grad.double(), x_ref.grad, rtol=2e-4, atol=2e-4)
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(p.grad.double(), ref.params[name].grad, rtol=2e-4, atol=2e-4, msg=name)
+        if "experts" in name:
+            used = set(torch.topk(layer.router.logits(x.float()), 2).indices.flatten().tolist())
+            unused = [e for e in range(16) if e not in used]
+            assert torch.count_nonzero(p.grad[unused]) == 0  # experts with no tokens: exactly zero

@@ -14,6 +14,7 @@ Backends, chosen per call:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -21,14 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.dispatch.workers import for_each_expert, workers_enabled
+from moekit.dispatch.workers import for_each_expert, single_threaded, workers_enabled
 from moekit.experts.activations import Activation
 
 BACKENDS = ("auto", "loop", "grouped_mm")
-# Below this many rows the per-phase hand-off to the workers costs more than it saves.
-PARALLEL_MIN_ROWS = 256
-# Expert GEMMs below this many FLOPs run faster one per core than split across cores.
+# Expert GEMMs of more FLOPs than this are threaded well by MKL itself: keep them whole.
 SMALL_EXPERT_FLOPS = 256e6
+# Below this estimated time per expert GEMM, handing experts to workers costs more than it saves.
+MIN_EXPERT_SECONDS = 50e-6
+# With fewer rows than this per active expert (decode) and no workers, `auto` picks grouped_mm.
+DECODE_ROWS_PER_EXPERT = 4
+# Rough single-core rates used for that estimate (this machine class: AVX2/AVX-512, ~2 cores).
+CORE_FLOPS_PER_S = 100e9
+CORE_BYTES_PER_S = 10e9
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,10 @@ class ExpertGroups:
         return len(self.counts)
 
     @cached_property
+    def empty_experts(self) -> list[int]:
+        return [e for e, c in enumerate(self.counts) if not c]
+
+    @cached_property
     def nonempty(self) -> tuple[tuple[int, int, int], ...]:
         """(expert, start, end) for every expert with rows."""
         offsets = self.offsets
@@ -71,15 +81,13 @@ def grouped_mm_available() -> bool:
 
 
 def choose_backend(requested: str, dtype: torch.dtype, hidden: int, in_features: int, ff: int) -> str:
-    """Resolve `auto`: grouped_mm only where it runs (dtype, 16-byte strides); else the loop."""
-    if requested != "auto" and requested != "grouped_mm":
-        return requested
-    itemsize = dtype.itemsize
-    aligned = all((n * itemsize) % 16 == 0 for n in (hidden, in_features, ff))
-    usable = grouped_mm_available() and dtype in (torch.float32, torch.bfloat16, torch.float16) and aligned
-    if requested == "grouped_mm" and not usable:
+    """Resolve the backend: grouped_mm only where it runs (dtype, 16-byte strides), else the loop;
+    `auto` means the loop (`grouped_experts` picks grouped_mm itself for decode-sized inputs)."""
+    if requested != "grouped_mm":
         return "loop"
-    return "grouped_mm" if usable and requested == "grouped_mm" else "loop"
+    aligned = all((n * dtype.itemsize) % 16 == 0 for n in (hidden, in_features, ff))
+    usable = grouped_mm_available() and dtype in (torch.float32, torch.bfloat16, torch.float16) and aligned
+    return "grouped_mm" if usable else "loop"
 
 
 def _bias_grad(grad_rows: Tensor, groups: ExpertGroups, num_experts: int) -> Tensor:
@@ -96,6 +104,7 @@ class ExpertPlan:
     weight_on: str  # "output" | "input"
     backend: str  # "loop" | "grouped_mm"
     parallel: bool = False  # loop backend: whole experts per single-threaded worker
+    single_threaded: bool = False  # decode-sized GEMMs: unthreaded is faster than MKL's hand-off
 
 
 def _rows_times_weight(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tensor:
@@ -129,15 +138,17 @@ def _rows_times_weight_t(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tens
 def _weight_grad(grad_rows: Tensor, in_rows: Tensor, plan: ExpertPlan, shape: torch.Size) -> Tensor:
     """Packed gradient [E, n_out, n_in]: slice e = grad_rows[e]^T @ in_rows[e]; empty experts 0."""
     groups = plan.groups
+    if plan.backend == "grouped_mm" and plan.single_threaded:
+        # decode: one C++ loop beats ~E Python-dispatched GEMMs and zero fills
+        return F.grouped_mm(grad_rows.t(), in_rows, offs=groups.grouped_mm_offsets)
     grad = grad_rows.new_empty(shape)
 
     def gemm(e: int, s: int, t: int) -> None:
         torch.mm(grad_rows[s:t].t(), in_rows[s:t], out=grad[e])
 
     for_each_expert(groups.nonempty, gemm, plan.parallel)
-    for e in range(shape[0]):
-        if e >= len(groups.counts) or not groups.counts[e]:
-            grad[e].zero_()
+    if groups.empty_experts:
+        grad.index_fill_(0, torch.tensor(groups.empty_experts, device=grad.device), 0)
     return grad
 
 
@@ -146,6 +157,16 @@ class GroupedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, w_in, w_out, b_in, b_out, plan: ExpertPlan):
+        with single_threaded() if plan.single_threaded else nullcontext():
+            return GroupedExperts._forward(ctx, x, weight, w_in, w_out, b_in, b_out, plan)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with single_threaded() if ctx.plan.single_threaded else nullcontext():
+            return GroupedExperts._backward(ctx, grad_out)
+
+    @staticmethod
+    def _forward(ctx, x, weight, w_in, w_out, b_in, b_out, plan: ExpertPlan):
         groups, act = plan.groups, plan.activation
         scale = weight.to(x.dtype).unsqueeze(1)
         xs = x.index_select(0, groups.token)
@@ -166,7 +187,7 @@ class GroupedExperts(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def _backward(ctx, grad_out):
         xs, weight, w_in, w_out, b_out, h, a, a_in = ctx.saved_tensors
         plan: ExpertPlan = ctx.plan
         groups, act = plan.groups, plan.activation
@@ -207,11 +228,20 @@ class GroupedExperts(torch.autograd.Function):
         return grad_x, grad_weight, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None
 
 
-def _small_experts(rows: int, num_experts: int, in_features: int, hidden: int) -> bool:
-    """Whether an average expert GEMM is small enough that MKL threads it poorly (measured:
-    8 experts x 512 rows x 512 x 2048 thread well; 64 x 192 x 512 x 512 and smaller do not)."""
-    flops = 2 * (rows / max(1, num_experts)) * in_features * hidden
-    return flops < SMALL_EXPERT_FLOPS
+def workers_pay_off(rows: int, active_experts: int, in_features: int, hidden: int, itemsize: int) -> bool:
+    """Whether whole experts on single-threaded workers beat MKL threading each expert GEMM.
+
+    Measured (BENCHMARKS.md): MKL threads large GEMMs well (8 experts x 512 rows x 512 x 2048), so
+    those stay whole; small ones lose much to its synchronisation (64 x 192 x 512 x 512, and decode
+    with 1-2 rows per expert reading 1-4 MB of weights), so workers win; but when an expert's GEMM
+    is only a few microseconds (decode at 128 experts of 256 x 256), the hand-off costs more.
+    """
+    if active_experts < 2:
+        return False
+    rows_per_expert = rows / active_experts
+    flops = 2 * rows_per_expert * in_features * hidden
+    seconds = max(flops / CORE_FLOPS_PER_S, in_features * hidden * itemsize / CORE_BYTES_PER_S)
+    return flops < SMALL_EXPERT_FLOPS and seconds >= MIN_EXPERT_SECONDS
 
 
 def grouped_experts(
@@ -231,9 +261,17 @@ def grouped_experts(
     """Run the kept assignments (expert-sorted `token`, `expert`, `weight`) through packed experts."""
     num_experts, in_features, hidden = w_in.shape
     groups = ExpertGroups.build(token, expert, num_experts)
-    resolved = choose_backend(backend, x.dtype, hidden, in_features, w_out.shape[2])
+    active = len(groups.nonempty)
     if parallel_workers is None:
-        parallel_workers = workers_enabled() and _small_experts(len(token), num_experts, in_features, hidden)
-    parallel = resolved == "loop" and parallel_workers and len(token) >= PARALLEL_MIN_ROWS
-    plan = ExpertPlan(groups, activation, weight_on, resolved, parallel)
+        parallel_workers = workers_enabled() and workers_pay_off(
+            len(token), active, in_features, hidden, x.dtype.itemsize
+        )
+    decode = len(token) < DECODE_ROWS_PER_EXPERT * max(1, active)
+    if backend == "auto" and not parallel_workers and decode:
+        backend = "grouped_mm"  # a few rows per expert: one C++ loop beats a Python one
+    resolved = choose_backend(backend, x.dtype, hidden, in_features, w_out.shape[2])
+    parallel = resolved == "loop" and parallel_workers
+    plan = ExpertPlan(
+        groups, activation, weight_on, resolved, parallel, single_threaded=decode and not parallel
+    )
     return GroupedExperts.apply(x, weight, w_in, w_out, b_in, b_out, plan)

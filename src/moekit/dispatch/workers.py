@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import cache
 
 import torch
@@ -98,11 +99,26 @@ def for_each_expert(
 
     own, *others = balanced_chunks(items, threads)
     futures = [pool.submit(run, chunk) for chunk in others]
-    openmp = openmp_library()
-    openmp.omp_set_num_threads(1)
-    try:
+    with single_threaded():
         run(own)
-    finally:
-        openmp.omp_set_num_threads(threads)
     for future in futures:
         future.result()
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run this thread's torch ops on one OpenMP thread for the duration (a per-thread setting).
+
+    Tiny GEMMs (decode: one or two rows per expert) run faster unthreaded than with MKL's
+    hand-off between threads; a no-op where torch's OpenMP library is not found.
+    """
+    openmp = openmp_library()
+    threads = torch.get_num_threads()
+    if openmp is None or threads == 1:
+        yield
+        return
+    openmp.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        openmp.omp_set_num_threads(threads)
