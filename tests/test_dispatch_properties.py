@@ -114,8 +114,10 @@ def assignment_sets(draw):
     st.sampled_from(["swiglu", "gelu", "relu2", "clamped_swiglu"]),
     st.sampled_from(["output", "input"]),
     st.booleans(),
+    st.booleans(),
 )
-def test_every_kept_assignment_is_computed_exactly_once(case, act_name, weight_on, bias):
+def test_every_kept_assignment_is_computed_exactly_once(case, act_name, weight_on, bias, workers):
+    """Also on the per-expert worker path (`workers`), whatever the machine would choose."""
     num_tokens, num_experts, pairs, seed = case
     gen = torch.Generator().manual_seed(seed)
     hidden, ff = 5, 3
@@ -138,7 +140,20 @@ def test_every_kept_assignment_is_computed_exactly_once(case, act_name, weight_o
         if bias
         else None
     )
-    y = grouped_experts(x, token, expert, weight, w_in, w_out, b_in, b_out, act, weight_on, backend="loop")
+    y = grouped_experts(
+        x,
+        token,
+        expert,
+        weight,
+        w_in,
+        w_out,
+        b_in,
+        b_out,
+        act,
+        weight_on,
+        backend="loop",
+        parallel_workers=workers,
+    )
     upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
     leaves = [t for t in (x, weight, w_in, w_out, b_in, b_out) if t is not None]
     grads = torch.autograd.grad((y * upstream).sum(), leaves, allow_unused=False)

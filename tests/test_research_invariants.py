@@ -1,7 +1,6 @@
 """Invariants every research router keeps (hypothesis), float64 gradient checks of the learned
 routers, config errors that name their field, and every kind inside the language model."""
 
-
 import pytest
 import torch
 from hypothesis import given

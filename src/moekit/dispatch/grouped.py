@@ -167,6 +167,12 @@ class GroupedExperts(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, x, weight, w_in, w_out, b_in, b_out, plan: ExpertPlan):
+        ctx.plan = plan
+        ctx.has_bias = (b_in is not None, b_out is not None)
+        if plan.parallel:
+            out, saved = _per_expert_forward(x, weight, w_in, w_out, b_in, b_out, plan)
+            ctx.save_for_backward(*saved)
+            return out
         groups, act = plan.groups, plan.activation
         scale = weight.to(x.dtype).unsqueeze(1)
         xs = x.index_select(0, groups.token)
@@ -181,15 +187,15 @@ class GroupedExperts(torch.autograd.Function):
             bias_rows = b_out.index_select(0, groups.expert)
             ys += bias_rows * scale if plan.weight_on == "output" else bias_rows
         out = torch.zeros_like(x).index_add_(0, groups.token, ys)
-        ctx.plan = plan
-        ctx.has_bias = (b_in is not None, b_out is not None)
         ctx.save_for_backward(xs, weight, w_in, w_out, b_out, h, a, a_in)
         return out
 
     @staticmethod
     def _backward(ctx, grad_out):
-        xs, weight, w_in, w_out, b_out, h, a, a_in = ctx.saved_tensors
         plan: ExpertPlan = ctx.plan
+        if plan.parallel:
+            return _per_expert_backward(grad_out, ctx.saved_tensors, plan, ctx.needs_input_grad, ctx.has_bias)
+        xs, weight, w_in, w_out, b_out, h, a, a_in = ctx.saved_tensors
         groups, act = plan.groups, plan.activation
         num_experts = w_in.shape[0]
         scale = weight.to(xs.dtype).unsqueeze(1)
@@ -226,6 +232,90 @@ class GroupedExperts(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_x, grad_weight, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None
+
+
+def _per_expert_forward(x, weight, w_in, w_out, b_in, b_out, plan: ExpertPlan):
+    """The forward as one task per expert (gather, GEMM, activation, weight, GEMM) on the workers:
+    each expert's rows stay in cache from its gather to its last GEMM, and the workers meet once."""
+    groups, act = plan.groups, plan.activation
+    token, rows = groups.token, len(groups.token)
+    on_output = plan.weight_on == "output"
+    scale = weight.to(x.dtype).unsqueeze(1)
+    xs = x.new_empty(rows, x.shape[1])
+    h = x.new_empty(rows, w_in.shape[1])
+    a = x.new_empty(rows, w_out.shape[2])
+    a_in = x.new_empty(rows, w_out.shape[2]) if on_output else a
+    ys = x.new_empty(rows, x.shape[1])
+
+    def expert(e: int, s: int, t: int) -> None:
+        torch.index_select(x, 0, token[s:t], out=xs[s:t])
+        x_in = xs[s:t] if on_output else xs[s:t] * scale[s:t]
+        torch.mm(x_in, w_in[e].t(), out=h[s:t])
+        if b_in is not None:
+            h[s:t] += b_in[e]
+        a[s:t] = act.forward(h[s:t])
+        if on_output:
+            torch.mul(a[s:t], scale[s:t], out=a_in[s:t])
+        torch.mm(a_in[s:t], w_out[e].t(), out=ys[s:t])
+        if b_out is not None:
+            ys[s:t] += b_out[e] * scale[s:t] if on_output else b_out[e]
+
+    for_each_expert(groups.nonempty, expert, parallel=True)
+    out = torch.zeros_like(x).index_add_(0, token, ys)
+    return out, (xs, weight, w_in, w_out, b_out, h, a, a_in)
+
+
+def _per_expert_backward(grad_out, saved, plan: ExpertPlan, needs_input_grad, has_bias):
+    """The backward as one task per expert: gather the expert's output gradient once and run both
+    of its GEMM pairs and the activation's derivative on it while it is in cache."""
+    xs, weight, w_in, w_out, b_out, h, a, a_in = saved
+    groups, act = plan.groups, plan.activation
+    token, num_experts = groups.token, w_in.shape[0]
+    on_output = plan.weight_on == "output"
+    scale = weight.to(xs.dtype).unsqueeze(1)
+    grad_out = grad_out.contiguous()
+    grad_w_in = torch.empty_like(w_in) if needs_input_grad[2] else None
+    grad_w_out = torch.empty_like(w_out) if needs_input_grad[3] else None
+    grad_b_in = xs.new_zeros(num_experts, w_in.shape[1]) if has_bias[0] and needs_input_grad[4] else None
+    grad_b_out = xs.new_zeros(num_experts, w_out.shape[1]) if has_bias[1] and needs_input_grad[5] else None
+    grad_weight = xs.new_empty(len(token))
+    grad_xs = torch.empty_like(xs)
+
+    def expert(e: int, s: int, t: int) -> None:
+        grad_ys = grad_out.index_select(0, token[s:t])
+        if grad_w_out is not None:
+            torch.mm(grad_ys.t(), a_in[s:t], out=grad_w_out[e])
+        grad_a = grad_ys @ w_out[e]
+        if on_output:
+            dot = torch.linalg.vecdot(grad_a, a[s:t])
+            if b_out is not None:
+                dot += grad_ys @ b_out[e]
+            grad_weight[s:t] = dot
+            grad_a.mul_(scale[s:t])
+            if grad_b_out is not None:
+                grad_b_out[e] = (grad_ys * scale[s:t]).sum(0)
+        elif grad_b_out is not None:
+            grad_b_out[e] = grad_ys.sum(0)
+        grad_h = act.backward(h[s:t], grad_a)
+        if grad_w_in is not None:
+            x_in = xs[s:t] if on_output else xs[s:t] * scale[s:t]
+            torch.mm(grad_h.t(), x_in, out=grad_w_in[e])
+        if grad_b_in is not None:
+            grad_b_in[e] = grad_h.sum(0)
+        torch.mm(grad_h, w_in[e], out=grad_xs[s:t])
+        if not on_output:
+            grad_weight[s:t] = torch.linalg.vecdot(grad_xs[s:t], xs[s:t])
+            grad_xs[s:t].mul_(scale[s:t])
+
+    for_each_expert(groups.nonempty, expert, parallel=True)
+    if groups.empty_experts:
+        empty = torch.tensor(groups.empty_experts, device=xs.device)
+        for grad in (grad_w_in, grad_w_out):
+            if grad is not None:
+                grad.index_fill_(0, empty, 0)
+    grad_x = torch.zeros((grad_out.shape[0], xs.shape[1]), dtype=xs.dtype, device=xs.device)
+    grad_x.index_add_(0, token, grad_xs)
+    return grad_x, grad_weight.to(weight.dtype), grad_w_in, grad_w_out, grad_b_in, grad_b_out, None
 
 
 def workers_pay_off(rows: int, active_experts: int, in_features: int, hidden: int, itemsize: int) -> bool:
