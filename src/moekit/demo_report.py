@@ -41,9 +41,16 @@ def validation_batches(data: Any, seq_len: int, batch_size: int, per_domain: int
     return batches
 
 
-def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+def _series(records: list[dict[str, Any]], key: str, window: int = 1) -> tuple[list[float], list[float]]:
+    """(tokens in millions, value) for every record that has `key`, as a trailing moving average
+    over `window` records (training batches differ a lot by domain; the average shows the trend)."""
     points = [(r["tokens"], r[key]) for r in records if r.get(key) is not None]
-    return [p[0] / 1e6 for p in points], [p[1] for p in points]
+    values = [p[1] for p in points]
+    smoothed = [
+        sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))
+        for i in range(len(values))
+    ]
+    return [p[0] / 1e6 for p in points], smoothed
 
 
 def comparison_sections(out_dir: Path, results: Mapping[str, Any], domains: tuple[str, ...]) -> list[Section]:
@@ -69,10 +76,13 @@ def comparison_sections(out_dir: Path, results: Mapping[str, Any], domains: tupl
     val_curves = {}
     for name in ("dense", "moe"):
         records = read_metrics(out_dir / name / "metrics.jsonl")
-        curves[name] = _series(records, "train/lm_loss")
+        curves[name] = _series(records, "train/lm_loss", window=10)
         val_curves[name] = _series(records, "val/mean")
     figures = [
-        figure_block(loss_curves(curves, "training loss", xlabel="tokens (M)"), "next-token loss per step"),
+        figure_block(
+            loss_curves(curves, "training loss", xlabel="tokens (M)"),
+            "next-token loss of the training batches, moving average over 10 logged steps",
+        ),
         figure_block(loss_curves(val_curves, "validation loss", xlabel="tokens (M)"), "mean over domains"),
     ]
     nmi = moe.get("domain_nmi", [])
