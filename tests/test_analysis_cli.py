@@ -19,15 +19,6 @@ from moekit.routing.spec import preset
 from moekit.train.checkpoint import save_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """These models are tiny: one intra-op thread spares OpenMP's spin-waits on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def save_tiny_run(root, seed=0):
     torch.manual_seed(seed)
     router = preset("qwen3_moe", 8, 2).with_(capacity_factor=1.0)

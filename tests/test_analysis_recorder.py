@@ -16,15 +16,6 @@ from moekit.routing.record import Assignments, Routing
 from moekit.routing.spec import preset
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """These models are tiny: one intra-op thread spares OpenMP's spin-waits on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_lm(capacity_factor=1.0) -> LanguageModel:
     router = preset("qwen3_moe", 8, 2).with_(capacity_factor=capacity_factor)
     moe = MoEConfig(hidden_size=32, ff_size=16, router=router, num_shared_experts=1)

@@ -202,11 +202,14 @@ def test_parallel_expert_workers_match_the_serial_loop():
     w_out = torch.randn(num_experts, hidden, ff, dtype=torch.float64, generator=gen).requires_grad_()
     upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
     results = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the worker path needs a second thread to hand experts to
     for parallel in (False, True):
         y = grouped_experts(
             x, token, expert, weight, w_in, w_out, None, None, act, backend="loop", parallel_workers=parallel
         )
         grads = torch.autograd.grad((y * upstream).sum(), (x, weight, w_in, w_out))
         results.append((y, *grads))
+    torch.set_num_threads(threads)
     for serial, parallel in zip(*results, strict=True):
         torch.testing.assert_close(parallel, serial, rtol=1e-12, atol=1e-12)

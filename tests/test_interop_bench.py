@@ -5,22 +5,12 @@ import argparse
 import json
 
 import pytest
-import torch
 
 pytest.importorskip(
     "transformers", reason="transformers is installed by the `hf` extra that `make test` installs"
 )
 
 from moekit.bench import hf as bench  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread; OpenMP hand-offs would dominate their time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_benchmark_runs_agrees_and_reports(tmp_path, capsys, monkeypatch):

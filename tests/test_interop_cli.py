@@ -16,15 +16,6 @@ from moekit.interop import cli  # noqa: E402
 from moekit.interop.tiny import tiny_model  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread; OpenMP hand-offs would dominate their time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _convert(*argv):
     parser = argparse.ArgumentParser(prog="moekit convert")
     cli.add_arguments(parser)

@@ -19,15 +19,6 @@ from moekit.interop.model import FamilyModel  # noqa: E402
 from moekit.interop.tiny import tiny_model  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread; OpenMP hand-offs would dominate their time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def qwen3_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qwen3")

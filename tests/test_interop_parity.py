@@ -20,16 +20,6 @@ from moekit.interop.families import FAMILIES  # noqa: E402
 from moekit.interop.hf import from_hf, load_family, save_family, to_hf  # noqa: E402
 from moekit.interop.tiny import TINY_CONFIGS, tiny_model  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread; OpenMP hand-offs would dominate their time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 LAYOUTS = {"per_expert": True, "packed": False}  # save_pretrained(save_original_format=...)
 CASES = {family: {} for family in TINY_CONFIGS}
 # DeepSeek without the low-rank query, with half-split RoPE and without YaRN

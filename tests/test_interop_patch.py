@@ -19,16 +19,6 @@ from moekit.errors import MoekitError  # noqa: E402
 from moekit.interop.patch import PatchedMoE, patch  # noqa: E402
 from moekit.interop.tiny import tiny_model  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread; OpenMP hand-offs would dominate their time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 PATCHABLE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "granitemoe"]
 ATOL = 1e-5
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.errors import ConfigError, MoekitError, require_int
+from moekit.routing.base import SpecRouter
 from moekit.routing.options import ROUTER_OPTIONS, require_bool
 from moekit.routing.record import Assignments, Routing
 from moekit.routing.spec import RouterSpec
@@ -90,29 +91,18 @@ def merge_iterations(routings: list[Routing], experts_per_iteration: int) -> Rou
     )
 
 
-class ChainRouter(nn.Module):
+class ChainRouter(SpecRouter):
     @staticmethod
     def check_config(spec: RouterSpec, options: ChainOptions) -> None:
         check_chain_spec(spec, options)
 
     def __init__(self, hidden_size: int, spec: RouterSpec, options: ChainOptions):
-        super().__init__()
-        self.check_config(spec, options)
-        self.spec = spec
-        self.options = options
+        super().__init__(spec, options)
         self.iteration_spec = spec.with_(top_k=spec.top_k // options.iterations)
         count = 1 if options.shared_router else options.iterations
         self.routers = nn.ModuleList(
             TokenChoiceRouter(hidden_size, self.iteration_spec) for _ in range(count)
         )
-
-    @property
-    def num_experts(self) -> int:
-        return self.spec.num_experts
-
-    @property
-    def num_compute_experts(self) -> int:
-        return self.spec.num_experts
 
     def router_for(self, iteration: int) -> TokenChoiceRouter:
         return self.routers[0 if self.options.shared_router else iteration]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.errors import ConfigError, MoekitError, require_number
+from moekit.routing.base import SpecRouter
 from moekit.routing.options import ROUTER_OPTIONS, require_optional_int
 from moekit.routing.record import Assignments, Routing
 from moekit.routing.selection import real_tokens, split_by_capacity
@@ -50,7 +51,7 @@ def cosine_logits(features: Tensor, prototypes: Tensor, temperature: float, eps:
     return F.normalize(features, dim=-1, eps=eps) @ F.normalize(prototypes, dim=-1, eps=eps).t() / temperature
 
 
-class CosineRouter(nn.Module):
+class CosineRouter(SpecRouter):
     @staticmethod
     def check_config(spec: RouterSpec, options: CosineOptions) -> None:
         for name in ("router_bias", "selection_bias"):
@@ -58,10 +59,7 @@ class CosineRouter(nn.Module):
                 raise ConfigError(f"moe.router.{name}", "the cosine router does not support it")
 
     def __init__(self, hidden_size: int, spec: RouterSpec, options: CosineOptions):
-        super().__init__()
-        self.check_config(spec, options)
-        self.spec = spec
-        self.options = options
+        super().__init__(spec, options)
         width = options.dim if options.dim is not None else hidden_size
         self.proj = None
         if options.dim is not None:
@@ -69,14 +67,6 @@ class CosineRouter(nn.Module):
             nn.init.normal_(self.proj, std=hidden_size**-0.5)
         self.prototypes = nn.Parameter(torch.empty(spec.num_experts, width))
         nn.init.normal_(self.prototypes, std=width**-0.5)
-
-    @property
-    def num_experts(self) -> int:
-        return self.spec.num_experts
-
-    @property
-    def num_compute_experts(self) -> int:
-        return self.spec.num_experts
 
     def features(self, x: Tensor) -> Tensor:
         """phi(x) in the router dtype."""

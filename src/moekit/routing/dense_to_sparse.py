@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.errors import ConfigError, require_choice, require_int, require_number
+from moekit.routing.base import SpecRouter
 from moekit.routing.linear_logits import LinearLogits
 from moekit.routing.null_experts import topk_mask
 from moekit.routing.options import ROUTER_OPTIONS, require_optional_int, require_spec_defaults
@@ -98,27 +99,16 @@ def gumbel_softmax(logits: Tensor, temperature: float, noise: Tensor | None) -> 
     return torch.softmax(perturbed / temperature, dim=-1)
 
 
-class DenseToSparseRouter(nn.Module):
+class DenseToSparseRouter(SpecRouter):
     @staticmethod
     def check_config(spec: RouterSpec, options: DenseToSparseOptions) -> None:
         require_spec_defaults(spec, "dense_to_sparse", {"router_bias"})
 
     def __init__(self, hidden_size: int, spec: RouterSpec, options: DenseToSparseOptions):
-        super().__init__()
-        self.check_config(spec, options)
-        self.spec = spec
-        self.options = options
+        super().__init__(spec, options)
         self.linear = LinearLogits(hidden_size, spec.num_experts, bias=spec.router_bias)
         self.step = 0
         self.total_steps: int | None = None
-
-    @property
-    def num_experts(self) -> int:
-        return self.spec.num_experts
-
-    @property
-    def num_compute_experts(self) -> int:
-        return self.spec.num_experts
 
     def set_step(self, step: int, total_steps: int | None = None) -> None:
         """Tell the gate which optimizer step comes next (and the run's length, T_decay by default)."""

@@ -21,9 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from moekit.errors import require_int
+from moekit.routing.base import SpecRouter
 from moekit.routing.linear_logits import LinearLogits
 from moekit.routing.options import ROUTER_OPTIONS, require_fraction
 from moekit.routing.record import Routing
@@ -50,7 +51,7 @@ class DynamicCapacityOptions:
         require_int(f"{ROUTER_OPTIONS}.num_null", self.num_null, minimum=1)
 
 
-class DynamicCapacityRouter(nn.Module):
+class DynamicCapacityRouter(SpecRouter):
     """softmax over N_r routed + N_n null experts -> top-p set -> weights -> capacity on routed."""
 
     @staticmethod
@@ -58,19 +59,12 @@ class DynamicCapacityRouter(nn.Module):
         check_top_p_spec(spec, "dynamic_capacity")
 
     def __init__(self, hidden_size: int, spec: RouterSpec, options: DynamicCapacityOptions):
-        super().__init__()
-        self.check_config(spec, options)
-        self.spec = spec
-        self.options = options
+        super().__init__(spec, options)
         self.linear = LinearLogits(hidden_size, spec.num_experts + options.num_null, bias=spec.router_bias)
 
     @property
-    def num_experts(self) -> int:
-        return self.spec.num_experts + self.options.num_null
-
-    @property
-    def num_compute_experts(self) -> int:
-        return self.spec.num_experts
+    def extra_experts(self) -> int:
+        return self.options.num_null
 
     def forward(
         self,

@@ -21,9 +21,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from moekit.errors import require_number
+from moekit.routing.base import SpecRouter
 from moekit.routing.linear_logits import LinearLogits
 from moekit.routing.options import ROUTER_OPTIONS, require_spec_defaults, require_spec_value
 from moekit.routing.record import Assignments, Routing
@@ -63,26 +64,15 @@ def expert_choice_assignments(scores: Tensor, token_mask: Tensor, capacity: int)
     return Assignments(token, expert, scores[token, expert], rank)
 
 
-class ExpertChoiceRouter(nn.Module):
+class ExpertChoiceRouter(SpecRouter):
     @staticmethod
     def check_config(spec: RouterSpec, options: ExpertChoiceOptions) -> None:
         require_spec_defaults(spec, "expert_choice", {"score_fn", "router_bias"})
         require_spec_value(spec, "expert_choice", "score_fn", ("softmax", "sigmoid"))
 
     def __init__(self, hidden_size: int, spec: RouterSpec, options: ExpertChoiceOptions):
-        super().__init__()
-        self.check_config(spec, options)
-        self.spec = spec
-        self.options = options
+        super().__init__(spec, options)
         self.linear = LinearLogits(hidden_size, spec.num_experts, bias=spec.router_bias)
-
-    @property
-    def num_experts(self) -> int:
-        return self.spec.num_experts
-
-    @property
-    def num_compute_experts(self) -> int:
-        return self.spec.num_experts
 
     def capacity(self, num_real_tokens: int) -> int:
         return expert_choice_capacity(

@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from moekit.errors import MoekitError, require_int
+from moekit.routing.base import SpecRouter
 from moekit.routing.options import ROUTER_OPTIONS, require_spec_defaults
 from moekit.routing.record import Assignments, Routing
 from moekit.routing.selection import real_tokens
@@ -45,7 +46,7 @@ def random_hash_table(vocab_size: int, num_experts: int, k: int, seed: int) -> T
     return torch.rand(vocab_size, num_experts, generator=generator).argsort(dim=-1)[:, :k].contiguous()
 
 
-class HashRouter(nn.Module):
+class HashRouter(SpecRouter):
     routes_on_token_ids = True
 
     @staticmethod
@@ -53,21 +54,10 @@ class HashRouter(nn.Module):
         require_spec_defaults(spec, "hash", set())
 
     def __init__(self, hidden_size: int, spec: RouterSpec, options: HashOptions):
-        super().__init__()
-        self.check_config(spec, options)
-        self.spec = spec
-        self.options = options
+        super().__init__(spec, options)
         self.register_buffer(
             "table", random_hash_table(options.vocab_size, spec.num_experts, spec.top_k, options.seed)
         )
-
-    @property
-    def num_experts(self) -> int:
-        return self.spec.num_experts
-
-    @property
-    def num_compute_experts(self) -> int:
-        return self.spec.num_experts
 
     def forward(
         self,

@@ -22,9 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from moekit.errors import require_int
+from moekit.routing.base import SpecRouter
 from moekit.routing.linear_logits import LinearLogits
 from moekit.routing.options import ROUTER_OPTIONS, require_spec_defaults, require_spec_value
 from moekit.routing.record import Routing
@@ -64,7 +65,7 @@ def topk_mask(scores: Tensor, k: int) -> Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
 
 
-class NullExpertRouter(nn.Module):
+class NullExpertRouter(SpecRouter):
     """softmax over E real + m null experts -> top-k' -> weights on the chosen real experts."""
 
     @staticmethod
@@ -73,19 +74,12 @@ class NullExpertRouter(nn.Module):
         require_spec_value(spec, "null_experts", "score_fn", ("softmax",))
 
     def __init__(self, hidden_size: int, spec: RouterSpec, options: NullExpertOptions):
-        super().__init__()
-        self.check_config(spec, options)
-        self.spec = spec
-        self.options = options
+        super().__init__(spec, options)
         self.linear = LinearLogits(hidden_size, spec.num_experts + options.num_null, bias=spec.router_bias)
 
     @property
-    def num_experts(self) -> int:
-        return self.spec.num_experts + self.options.num_null
-
-    @property
-    def num_compute_experts(self) -> int:
-        return self.spec.num_experts
+    def extra_experts(self) -> int:
+        return self.options.num_null
 
     def forward(
         self,

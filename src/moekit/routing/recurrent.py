@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.errors import ConfigError, MoekitError, require_choice, require_int
+from moekit.routing.base import SpecRouter
 from moekit.routing.options import ROUTER_OPTIONS, require_bool
 from moekit.routing.record import Assignments, Routing
 from moekit.routing.selection import real_tokens, split_by_capacity
@@ -92,31 +93,20 @@ class RecurrentCell(nn.Module):
         return step(x, r, *(p.to(dtype) for p in (self.w_ih, self.w_hh, self.b_ih, self.b_hh)))
 
 
-class RecurrentRouter(nn.Module):
+class RecurrentRouter(SpecRouter):
     @staticmethod
     def check_config(spec: RouterSpec, options: RecurrentOptions) -> None:
         if spec.selection_bias:
             raise ConfigError("moe.router.selection_bias", "the recurrent router does not support it")
 
     def __init__(self, hidden_size: int, spec: RouterSpec, options: RecurrentOptions):
-        super().__init__()
-        self.check_config(spec, options)
-        self.spec = spec
-        self.options = options
+        super().__init__(spec, options)
         self.proj_in = nn.Parameter(torch.empty(options.state_size, hidden_size))  # W1^(l)
         self.cell = RecurrentCell(options.state_size, options.cell)
         self.proj_out = nn.Parameter(torch.empty(spec.num_experts, options.state_size))  # W2^(l)
         self.bias = nn.Parameter(torch.zeros(spec.num_experts)) if spec.router_bias else None
         nn.init.normal_(self.proj_in, std=hidden_size**-0.5)
         nn.init.normal_(self.proj_out, std=options.state_size**-0.5)
-
-    @property
-    def num_experts(self) -> int:
-        return self.spec.num_experts
-
-    @property
-    def num_compute_experts(self) -> int:
-        return self.spec.num_experts
 
     def previous_state(self, previous: Routing | None, num_tokens: int, dtype: torch.dtype, device) -> Tensor:
         """r_{l-1}: the preceding MoE layer's state, or zeros for the first layer (or after a layer

@@ -20,9 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from moekit.errors import ConfigError, require_choice
+from moekit.routing.base import SpecRouter
 from moekit.routing.options import ROUTER_OPTIONS, require_spec_defaults
 from moekit.routing.record import Assignments, Routing
 from moekit.routing.selection import real_tokens
@@ -51,7 +52,7 @@ def uniform_expert_draw(
     return torch.randint(num_experts, (1,), generator=generator, device=device).expand(num_tokens)
 
 
-class StochasticRouter(nn.Module):
+class StochasticRouter(SpecRouter):
     @staticmethod
     def check_config(spec: RouterSpec, options: StochasticOptions) -> None:
         require_spec_defaults(spec, "stochastic", set())
@@ -59,18 +60,7 @@ class StochasticRouter(nn.Module):
             raise ConfigError("moe.router.top_k", f"got {spec.top_k}; the stochastic (THOR) router takes 1")
 
     def __init__(self, hidden_size: int, spec: RouterSpec, options: StochasticOptions):
-        super().__init__()
-        self.check_config(spec, options)
-        self.spec = spec
-        self.options = options
-
-    @property
-    def num_experts(self) -> int:
-        return self.spec.num_experts
-
-    @property
-    def num_compute_experts(self) -> int:
-        return self.spec.num_experts
+        super().__init__(spec, options)
 
     def forward(
         self,

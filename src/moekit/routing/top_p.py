@@ -16,8 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from moekit.routing.base import SpecRouter
 from moekit.routing.linear_logits import LinearLogits
 from moekit.routing.options import (
     ROUTER_OPTIONS,
@@ -79,7 +80,7 @@ def top_p_selection(probs: Tensor, p: float, max_experts: int | None = None) -> 
     return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
-class TopPRouter(nn.Module):
+class TopPRouter(SpecRouter):
     """softmax(W x) -> the top-p set per token -> weights (raw or renormalised) -> capacity."""
 
     @staticmethod
@@ -87,19 +88,8 @@ class TopPRouter(nn.Module):
         check_top_p_spec(spec, "top_p")
 
     def __init__(self, hidden_size: int, spec: RouterSpec, options: TopPOptions):
-        super().__init__()
-        self.check_config(spec, options)
-        self.spec = spec
-        self.options = options
+        super().__init__(spec, options)
         self.linear = LinearLogits(hidden_size, spec.num_experts, bias=spec.router_bias)
-
-    @property
-    def num_experts(self) -> int:
-        return self.spec.num_experts
-
-    @property
-    def num_compute_experts(self) -> int:
-        return self.spec.num_experts
 
     def forward(
         self,
