@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from moekit.bench.peers import PEER_PACKAGES, PEERS, Contender, dense_contender, moekit_contender
+from moekit.bench.peers import PEER_PACKAGES, PEERS, Contender, dense_contenders, moekit_contender
 from moekit.io import write_json_atomic
 from moekit.layer import MoE, MoEConfig
 from moekit.routing.spec import preset
@@ -55,7 +55,7 @@ def contenders_for(
     shape: Shape, peers: list[str], notes: list[str], backend: str = "auto"
 ) -> list[Contender]:
     layer = build_layer(shape, backend)
-    out = [moekit_contender(layer), dense_contender(shape.hidden, shape.ff, shape.top_k)]
+    out = [moekit_contender(layer), *dense_contenders(shape.hidden, shape.ff, shape.top_k)]
     for peer in peers:
         package = PEER_PACKAGES[peer]
         if importlib.util.find_spec(package) is None:

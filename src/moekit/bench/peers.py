@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.kernels.linear import fast_linear
 from moekit.layer import MoE
 
 
@@ -28,25 +29,31 @@ class DenseEquivalent(nn.Module):
     """One SwiGLU GEMM chain with the active FLOPs of top-k experts: d -> 2*k*ff -> d.
 
     What an MoE layer would cost if routing, permutation and combine were free: the practical limit.
+    By default its GEMMs run on the same kernel as moekit's experts (`moekit.kernels.gemm`), so the
+    ratio to it measures routing and dispatch, not a choice of BLAS; `stock=True` uses torch's own
+    `F.linear`, as a user's dense layer runs.
     """
 
-    def __init__(self, hidden: int, active_ff: int):
+    def __init__(self, hidden: int, active_ff: int, stock: bool = False):
         super().__init__()
         self.w_in = nn.Parameter(torch.randn(2 * active_ff, hidden) * hidden**-0.5)
         self.w_out = nn.Parameter(torch.randn(hidden, active_ff) * active_ff**-0.5)
+        self.linear = F.linear if stock else fast_linear
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = F.linear(x, self.w_in).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w_out)
+        gate, up = self.linear(x, self.w_in).chunk(2, dim=-1)
+        return self.linear(F.silu(gate) * up, self.w_out)
 
 
 def moekit_contender(layer: MoE) -> Contender:
     return Contender("moekit", layer, layer)
 
 
-def dense_contender(hidden: int, ff: int, top_k: int) -> Contender:
+def dense_contenders(hidden: int, ff: int, top_k: int) -> list[Contender]:
+    """`dense` on moekit's GEMM kernel (the limit the ratios refer to) and `dense_torch` on F.linear."""
     dense = DenseEquivalent(hidden, top_k * ff)
-    return Contender("dense", dense, dense)
+    stock = DenseEquivalent(hidden, top_k * ff, stock=True)
+    return [Contender("dense", dense, dense), Contender("dense_torch", stock, stock)]
 
 
 def hf_qwen3_contenders(layer: MoE) -> list[Contender]:

@@ -7,7 +7,8 @@ written straight into its slice of the packed gradient, and the routing weight i
 smaller of the two activations so that the combine is a single `index_add_`.
 
 Backends, chosen per call:
-- `loop`: one `torch.mm(..., out=slice)` per non-empty expert over expert-sorted rows; any dtype.
+- `loop`: one GEMM per non-empty expert over expert-sorted rows, written into its slice of the
+  output (`moekit.kernels.gemm`: oneDNN or MKL, whichever is faster here); any dtype.
 - `grouped_mm`: `torch.nn.functional.grouped_mm` for the two activation GEMMs (fp32/bf16/fp16,
   16-byte-aligned strides); weight gradients still go through the loop, which measured faster.
 """
@@ -24,9 +25,10 @@ from torch import Tensor
 
 from moekit.dispatch.workers import for_each_expert, single_threaded, workers_enabled
 from moekit.experts.activations import Activation
+from moekit.kernels.gemm import linear_into, onednn_is_faster
 
 BACKENDS = ("auto", "loop", "grouped_mm")
-# Expert GEMMs of more FLOPs than this are threaded well by MKL itself: keep them whole.
+# With MKL, expert GEMMs of more FLOPs than this are threaded well by MKL itself: keep them whole.
 SMALL_EXPERT_FLOPS = 256e6
 # Below this estimated time per expert GEMM, handing experts to workers costs more than it saves.
 MIN_EXPERT_SECONDS = 50e-6
@@ -34,6 +36,7 @@ MIN_EXPERT_SECONDS = 50e-6
 DECODE_ROWS_PER_EXPERT = 4
 # Rough single-core rates used for that estimate (this machine class: AVX2/AVX-512, ~2 cores).
 CORE_FLOPS_PER_S = 100e9
+CORE_FLOPS_PER_S_ONEDNN = 250e9
 CORE_BYTES_PER_S = 10e9
 
 
@@ -115,7 +118,7 @@ def _rows_times_weight(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tensor
     out = rows.new_empty(rows.shape[0], weight.shape[1])
 
     def gemm(e: int, s: int, t: int) -> None:
-        torch.mm(rows[s:t], weight[e].t(), out=out[s:t])
+        linear_into(out[s:t], rows[s:t], weight[e])
 
     for_each_expert(groups.nonempty, gemm, plan.parallel)
     return out
@@ -129,7 +132,7 @@ def _rows_times_weight_t(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tens
     out = rows.new_empty(rows.shape[0], weight.shape[2])
 
     def gemm(e: int, s: int, t: int) -> None:
-        torch.mm(rows[s:t], weight[e], out=out[s:t])
+        linear_into(out[s:t], rows[s:t], weight[e].t())
 
     for_each_expert(groups.nonempty, gemm, plan.parallel)
     return out
@@ -144,12 +147,39 @@ def _weight_grad(grad_rows: Tensor, in_rows: Tensor, plan: ExpertPlan, shape: to
     grad = grad_rows.new_empty(shape)
 
     def gemm(e: int, s: int, t: int) -> None:
-        torch.mm(grad_rows[s:t].t(), in_rows[s:t], out=grad[e])
+        linear_into(grad[e], grad_rows[s:t].t(), in_rows[s:t].t())
 
     for_each_expert(groups.nonempty, gemm, plan.parallel)
     if groups.empty_experts:
         grad.index_fill_(0, torch.tensor(groups.empty_experts, device=grad.device), 0)
     return grad
+
+
+def _backward_pair(
+    grad_rows: Tensor, in_rows: Tensor, weight: Tensor, plan: ExpertPlan, weight_grad: bool
+) -> tuple[Tensor | None, Tensor]:
+    """The two products of one projection's backward: its packed weight gradient (slice e =
+    grad_rows[e]^T @ in_rows[e]) and the gradient of its input rows (grad_rows[e] @ weight[e]).
+
+    On the workers each expert does both in one task, reading its gradient rows once while they
+    are in cache; otherwise they are two passes over the experts.
+    """
+    if not plan.parallel:
+        grad_weight = _weight_grad(grad_rows, in_rows, plan, weight.shape) if weight_grad else None
+        return grad_weight, _rows_times_weight_t(grad_rows, weight, plan)
+    groups = plan.groups
+    grad_weight = grad_rows.new_empty(weight.shape) if weight_grad else None
+    grad_in = grad_rows.new_empty(grad_rows.shape[0], weight.shape[2])
+
+    def both(e: int, s: int, t: int) -> None:
+        if grad_weight is not None:
+            linear_into(grad_weight[e], grad_rows[s:t].t(), in_rows[s:t].t())
+        linear_into(grad_in[s:t], grad_rows[s:t], weight[e].t())
+
+    for_each_expert(groups.nonempty, both, parallel=True)
+    if grad_weight is not None and groups.empty_experts:
+        grad_weight.index_fill_(0, torch.tensor(groups.empty_experts, device=grad_weight.device), 0)
+    return grad_weight, grad_in
 
 
 class GroupedExperts(torch.autograd.Function):
@@ -169,10 +199,6 @@ class GroupedExperts(torch.autograd.Function):
     def _forward(ctx, x, weight, w_in, w_out, b_in, b_out, plan: ExpertPlan):
         ctx.plan = plan
         ctx.has_bias = (b_in is not None, b_out is not None)
-        if plan.parallel:
-            out, saved = _per_expert_forward(x, weight, w_in, w_out, b_in, b_out, plan)
-            ctx.save_for_backward(*saved)
-            return out
         groups, act = plan.groups, plan.activation
         scale = weight.to(x.dtype).unsqueeze(1)
         xs = x.index_select(0, groups.token)
@@ -193,8 +219,6 @@ class GroupedExperts(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_out):
         plan: ExpertPlan = ctx.plan
-        if plan.parallel:
-            return _per_expert_backward(grad_out, ctx.saved_tensors, plan, ctx.needs_input_grad, ctx.has_bias)
         xs, weight, w_in, w_out, b_out, h, a, a_in = ctx.saved_tensors
         groups, act = plan.groups, plan.activation
         num_experts = w_in.shape[0]
@@ -202,8 +226,7 @@ class GroupedExperts(torch.autograd.Function):
         on_output = plan.weight_on == "output"
 
         grad_ys = grad_out.contiguous().index_select(0, groups.token)
-        grad_w_out = _weight_grad(grad_ys, a_in, plan, w_out.shape) if ctx.needs_input_grad[3] else None
-        grad_a_in = _rows_times_weight_t(grad_ys, w_out, plan)
+        grad_w_out, grad_a_in = _backward_pair(grad_ys, a_in, w_out, plan, ctx.needs_input_grad[3])
         grad_weight = None
         if on_output:
             grad_weight = torch.linalg.vecdot(grad_a_in, a)
@@ -218,11 +241,10 @@ class GroupedExperts(torch.autograd.Function):
 
         grad_h = act.backward(h, grad_a)
         xs_in = xs if on_output else xs * scale
-        grad_w_in = _weight_grad(grad_h, xs_in, plan, w_in.shape) if ctx.needs_input_grad[2] else None
+        grad_w_in, grad_xs = _backward_pair(grad_h, xs_in, w_in, plan, ctx.needs_input_grad[2])
         grad_b_in = (
             _bias_grad(grad_h, groups, num_experts) if ctx.has_bias[0] and ctx.needs_input_grad[4] else None
         )
-        grad_xs = _rows_times_weight_t(grad_h, w_in, plan)
         if not on_output:
             grad_weight = torch.linalg.vecdot(grad_xs, xs)
             grad_xs.mul_(scale)
@@ -234,104 +256,27 @@ class GroupedExperts(torch.autograd.Function):
         return grad_x, grad_weight, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None
 
 
-def _per_expert_forward(x, weight, w_in, w_out, b_in, b_out, plan: ExpertPlan):
-    """The forward as one task per expert (gather, GEMM, activation, weight, GEMM) on the workers:
-    each expert's rows stay in cache from its gather to its last GEMM, and the workers meet once."""
-    groups, act = plan.groups, plan.activation
-    token, rows = groups.token, len(groups.token)
-    on_output = plan.weight_on == "output"
-    scale = weight.to(x.dtype).unsqueeze(1)
-    xs = x.new_empty(rows, x.shape[1])
-    h = x.new_empty(rows, w_in.shape[1])
-    a = x.new_empty(rows, w_out.shape[2])
-    a_in = x.new_empty(rows, w_out.shape[2]) if on_output else a
-    ys = x.new_empty(rows, x.shape[1])
-
-    def expert(e: int, s: int, t: int) -> None:
-        torch.index_select(x, 0, token[s:t], out=xs[s:t])
-        x_in = xs[s:t] if on_output else xs[s:t] * scale[s:t]
-        torch.mm(x_in, w_in[e].t(), out=h[s:t])
-        if b_in is not None:
-            h[s:t] += b_in[e]
-        a[s:t] = act.forward(h[s:t])
-        if on_output:
-            torch.mul(a[s:t], scale[s:t], out=a_in[s:t])
-        torch.mm(a_in[s:t], w_out[e].t(), out=ys[s:t])
-        if b_out is not None:
-            ys[s:t] += b_out[e] * scale[s:t] if on_output else b_out[e]
-
-    for_each_expert(groups.nonempty, expert, parallel=True)
-    out = torch.zeros_like(x).index_add_(0, token, ys)
-    return out, (xs, weight, w_in, w_out, b_out, h, a, a_in)
-
-
-def _per_expert_backward(grad_out, saved, plan: ExpertPlan, needs_input_grad, has_bias):
-    """The backward as one task per expert: gather the expert's output gradient once and run both
-    of its GEMM pairs and the activation's derivative on it while it is in cache."""
-    xs, weight, w_in, w_out, b_out, h, a, a_in = saved
-    groups, act = plan.groups, plan.activation
-    token, num_experts = groups.token, w_in.shape[0]
-    on_output = plan.weight_on == "output"
-    scale = weight.to(xs.dtype).unsqueeze(1)
-    grad_out = grad_out.contiguous()
-    grad_w_in = torch.empty_like(w_in) if needs_input_grad[2] else None
-    grad_w_out = torch.empty_like(w_out) if needs_input_grad[3] else None
-    grad_b_in = xs.new_zeros(num_experts, w_in.shape[1]) if has_bias[0] and needs_input_grad[4] else None
-    grad_b_out = xs.new_zeros(num_experts, w_out.shape[1]) if has_bias[1] and needs_input_grad[5] else None
-    grad_weight = xs.new_empty(len(token))
-    grad_xs = torch.empty_like(xs)
-
-    def expert(e: int, s: int, t: int) -> None:
-        grad_ys = grad_out.index_select(0, token[s:t])
-        if grad_w_out is not None:
-            torch.mm(grad_ys.t(), a_in[s:t], out=grad_w_out[e])
-        grad_a = grad_ys @ w_out[e]
-        if on_output:
-            dot = torch.linalg.vecdot(grad_a, a[s:t])
-            if b_out is not None:
-                dot += grad_ys @ b_out[e]
-            grad_weight[s:t] = dot
-            grad_a.mul_(scale[s:t])
-            if grad_b_out is not None:
-                grad_b_out[e] = (grad_ys * scale[s:t]).sum(0)
-        elif grad_b_out is not None:
-            grad_b_out[e] = grad_ys.sum(0)
-        grad_h = act.backward(h[s:t], grad_a)
-        if grad_w_in is not None:
-            x_in = xs[s:t] if on_output else xs[s:t] * scale[s:t]
-            torch.mm(grad_h.t(), x_in, out=grad_w_in[e])
-        if grad_b_in is not None:
-            grad_b_in[e] = grad_h.sum(0)
-        torch.mm(grad_h, w_in[e], out=grad_xs[s:t])
-        if not on_output:
-            grad_weight[s:t] = torch.linalg.vecdot(grad_xs[s:t], xs[s:t])
-            grad_xs[s:t].mul_(scale[s:t])
-
-    for_each_expert(groups.nonempty, expert, parallel=True)
-    if groups.empty_experts:
-        empty = torch.tensor(groups.empty_experts, device=xs.device)
-        for grad in (grad_w_in, grad_w_out):
-            if grad is not None:
-                grad.index_fill_(0, empty, 0)
-    grad_x = torch.zeros((grad_out.shape[0], xs.shape[1]), dtype=xs.dtype, device=xs.device)
-    grad_x.index_add_(0, token, grad_xs)
-    return grad_x, grad_weight.to(weight.dtype), grad_w_in, grad_w_out, grad_b_in, grad_b_out, None
-
-
-def workers_pay_off(rows: int, active_experts: int, in_features: int, hidden: int, itemsize: int) -> bool:
-    """Whether whole experts on single-threaded workers beat MKL threading each expert GEMM.
+def workers_pay_off(
+    rows: int, active_experts: int, in_features: int, hidden: int, dtype: torch.dtype
+) -> bool:
+    """Whether whole experts on single-threaded workers beat threading each expert GEMM.
 
     Measured (BENCHMARKS.md): MKL threads large GEMMs well (8 experts x 512 rows x 512 x 2048), so
-    those stay whole; small ones lose much to its synchronisation (64 x 192 x 512 x 512, and decode
-    with 1-2 rows per expert reading 1-4 MB of weights), so workers win; but when an expert's GEMM
-    is only a few microseconds (decode at 128 experts of 256 x 256), the hand-off costs more.
+    with MKL those stay whole, but it loses much to its synchronisation on small ones (64 x 192 x
+    512 x 512, and decode with 1-2 rows per expert reading 1-4 MB of weights), where workers win;
+    oneDNN gains from workers at every training size. When an expert's GEMM takes only a few
+    microseconds (decode at 128 experts of 256 x 256), the hand-off costs more than it saves.
     """
     if active_experts < 2:
         return False
+    onednn = onednn_is_faster(dtype)
     rows_per_expert = rows / active_experts
     flops = 2 * rows_per_expert * in_features * hidden
-    seconds = max(flops / CORE_FLOPS_PER_S, in_features * hidden * itemsize / CORE_BYTES_PER_S)
-    return flops < SMALL_EXPERT_FLOPS and seconds >= MIN_EXPERT_SECONDS
+    rate = CORE_FLOPS_PER_S_ONEDNN if onednn else CORE_FLOPS_PER_S
+    seconds = max(flops / rate, in_features * hidden * dtype.itemsize / CORE_BYTES_PER_S)
+    if not onednn and flops >= SMALL_EXPERT_FLOPS:
+        return False
+    return seconds >= MIN_EXPERT_SECONDS
 
 
 def grouped_experts(
@@ -354,7 +299,7 @@ def grouped_experts(
     active = len(groups.nonempty)
     if parallel_workers is None:
         parallel_workers = workers_enabled() and workers_pay_off(
-            len(token), active, in_features, hidden, x.dtype.itemsize
+            len(token), active, in_features, hidden, x.dtype
         )
     decode = len(token) < DECODE_ROWS_PER_EXPERT * max(1, active)
     if backend == "auto" and not parallel_workers and decode:

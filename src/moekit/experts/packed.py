@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from moekit.dispatch.grouped import grouped_experts
 from moekit.experts.activations import Activation
+from moekit.kernels.linear import Linear
 from moekit.routing.record import Routing
 
 
@@ -76,9 +77,9 @@ class SharedExperts(nn.Module):
     def __init__(self, hidden_size: int, ff_size: int, activation: Activation, gate: bool = False):
         super().__init__()
         self.activation = activation
-        self.proj_in = nn.Linear(hidden_size, activation.in_features(ff_size), bias=False)
-        self.proj_out = nn.Linear(ff_size, hidden_size, bias=False)
-        self.gate = nn.Linear(hidden_size, 1, bias=False) if gate else None
+        self.proj_in = Linear(hidden_size, activation.in_features(ff_size), bias=False)
+        self.proj_out = Linear(ff_size, hidden_size, bias=False)
+        self.gate = Linear(hidden_size, 1, bias=False) if gate else None
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.proj_out(self.activation.forward(self.proj_in(x)))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.errors import ConfigError, require_int, require_number
+from moekit.kernels.linear import Linear
 from moekit.layer import MoE, MoEConfig
 from moekit.routing.record import Routing
 from moekit.routing.recurrent import tie_recurrent_cells
@@ -157,10 +158,10 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         d, h, kv, hd = config.hidden_size, config.num_heads, config.kv_heads, config.head_dim
-        self.q_proj = nn.Linear(d, h * hd, bias=False)
-        self.k_proj = nn.Linear(d, kv * hd, bias=False)
-        self.v_proj = nn.Linear(d, kv * hd, bias=False)
-        self.o_proj = nn.Linear(h * hd, d, bias=False)
+        self.q_proj = Linear(d, h * hd, bias=False)
+        self.k_proj = Linear(d, kv * hd, bias=False)
+        self.v_proj = Linear(d, kv * hd, bias=False)
+        self.o_proj = Linear(h * hd, d, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
         b, s, _ = x.shape
@@ -182,8 +183,8 @@ class DenseFFN(nn.Module):
 
     def __init__(self, hidden: int, ff: int):
         super().__init__()
-        self.proj_in = nn.Linear(hidden, 2 * ff, bias=False)
-        self.proj_out = nn.Linear(ff, hidden, bias=False)
+        self.proj_in = Linear(hidden, 2 * ff, bias=False)
+        self.proj_out = Linear(ff, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.proj_in(x).chunk(2, dim=-1)
@@ -236,7 +237,7 @@ class LanguageModel(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
         tie_recurrent_cells(self)  # RMoE (#16): one GRU cell for every recurrent router

@@ -1,0 +1,45 @@
+"""A linear layer whose three products (forward, input gradient, weight gradient) go through
+`moekit.kernels.gemm`, so dense layers run on the same fast kernel as the experts."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moekit.kernels.gemm import linear, onednn_is_faster
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        out = linear(flat, weight)
+        if bias is not None:
+            out += bias
+        ctx.save_for_backward(flat, weight)
+        ctx.has_bias = bias is not None
+        ctx.shape = x.shape
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        flat, weight = ctx.saved_tensors
+        grad = grad_out.contiguous().reshape(-1, weight.shape[0])
+        grad_x = linear(grad, weight.t()).reshape(ctx.shape) if ctx.needs_input_grad[0] else None
+        grad_w = linear(grad.t(), flat.t()) if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def fast_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear` on the faster kernel where there is one (fp32/bf16), else `F.linear` itself."""
+    if not onednn_is_faster(x.dtype):
+        return nn.functional.linear(x, weight, bias)
+    return _Linear.apply(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters, same state dict) computed with `fast_linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fast_linear(x, self.weight, self.bias)
