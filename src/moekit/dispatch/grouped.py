@@ -8,9 +8,12 @@ smaller of the two activations so that the combine is a single `index_add_`.
 
 Backends, chosen per call:
 - `loop`: one GEMM per non-empty expert over expert-sorted rows, written into its slice of the
-  output (`moekit.kernels.gemm`: oneDNN or MKL, whichever is faster here); any dtype.
-- `grouped_mm`: `torch.nn.functional.grouped_mm` for the two activation GEMMs (fp32/bf16/fp16,
-  16-byte-aligned strides); weight gradients still go through the loop, which measured faster.
+  output (`moekit.kernels.gemm`: oneDNN or MKL, whichever is faster here); any dtype. Where the
+  experts are small, whole experts go to single-threaded workers (`dispatch/workers.py`), and each
+  expert's two backward GEMMs run in one task.
+- `grouped_mm`: `torch.nn.functional.grouped_mm` (fp32/bf16/fp16, 16-byte-aligned strides), one
+  C++ loop over the experts; `auto` takes it for decode-sized inputs (a few rows per expert),
+  unthreaded, weight gradients included.
 """
 
 from __future__ import annotations
@@ -58,10 +61,6 @@ class ExpertGroups:
     @cached_property
     def grouped_mm_offsets(self) -> Tensor:
         return torch.tensor(self.offsets[1:], dtype=torch.int32, device=self.token.device)
-
-    @property
-    def num_experts(self) -> int:
-        return len(self.counts)
 
     @cached_property
     def empty_experts(self) -> list[int]:
@@ -150,6 +149,11 @@ def _weight_grad(grad_rows: Tensor, in_rows: Tensor, plan: ExpertPlan, shape: to
         linear_into(grad[e], grad_rows[s:t].t(), in_rows[s:t].t())
 
     for_each_expert(groups.nonempty, gemm, plan.parallel)
+    return _zero_empty_experts(grad, groups)
+
+
+def _zero_empty_experts(grad: Tensor, groups: ExpertGroups) -> Tensor:
+    """Experts that received no rows get an exactly-zero weight gradient (one fill for all)."""
     if groups.empty_experts:
         grad.index_fill_(0, torch.tensor(groups.empty_experts, device=grad.device), 0)
     return grad
@@ -177,8 +181,8 @@ def _backward_pair(
         linear_into(grad_in[s:t], grad_rows[s:t], weight[e].t())
 
     for_each_expert(groups.nonempty, both, parallel=True)
-    if grad_weight is not None and groups.empty_experts:
-        grad_weight.index_fill_(0, torch.tensor(groups.empty_experts, device=grad_weight.device), 0)
+    if grad_weight is not None:
+        _zero_empty_experts(grad_weight, groups)
     return grad_weight, grad_in
 
 
