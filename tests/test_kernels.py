@@ -3,7 +3,15 @@
 import torch
 from torch import nn
 
-from moekit.kernels.gemm import linear, linear_into, onednn_is_faster
+from moekit.kernels.gemm import (
+    CHUNK_ROWS,
+    ROW_BUCKET,
+    linear,
+    linear_parts,
+    onednn_is_faster,
+    row_chunks,
+    weight_grad,
+)
 from moekit.kernels.linear import Linear, fast_linear
 
 
@@ -15,10 +23,31 @@ def test_linear_matches_mm_for_every_layout():
     for xs in (x, x.t().contiguous().t()):
         for ws in (w, w.t().contiguous().t()):
             torch.testing.assert_close(linear(xs, ws), expected, rtol=1e-5, atol=1e-5)
-    out = torch.empty(40, 16)
-    linear_into(out[2:39], x, w)
-    torch.testing.assert_close(out[2:39], expected, rtol=1e-5, atol=1e-5)
     assert linear(x[:0], w).shape == (0, 16)
+
+
+def test_row_varying_products_are_cut_into_few_shapes_and_add_up():
+    """Expert products go to oneDNN in CHUNK_ROWS chunks plus a bucketed tail (few distinct
+    shapes to compile), the last rows to MKL; the blocks and the summed weight gradient are exact."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 24, generator=gen)
+    for rows in (0, 3, 8, 13, CHUNK_ROWS, CHUNK_ROWS + 21, 2 * CHUNK_ROWS + 8):
+        x = torch.randn(rows, 24, generator=gen)
+        g = torch.randn(rows, 16, generator=gen)
+        chunks, rest = row_chunks(rows, torch.float32)
+        covered = [r for start, stop in chunks for r in range(start, stop)]
+        assert covered == list(range(rest))
+        if onednn_is_faster(torch.float32):  # on machines where MKL wins, everything goes to MKL
+            assert rows - rest < max(ROW_BUCKET, 8)
+            assert all(
+                stop - start == CHUNK_ROWS or (stop - start) % ROW_BUCKET == 0 for start, stop in chunks
+            )
+        else:
+            assert chunks == [] and rest == 0
+        parts = linear_parts(x, w)
+        joined = torch.cat(parts) if parts else x.new_empty(0, 16)
+        torch.testing.assert_close(joined, x @ w.t(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(weight_grad(g, x), g.t() @ x, rtol=1e-4, atol=1e-4)
 
 
 def test_float64_uses_torch_mm_exactly():

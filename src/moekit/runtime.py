@@ -43,5 +43,8 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**30))
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+    # One arena: helper threads' arenas would otherwise trim (and page-fault back) what oneDNN
+    # allocates and frees on every GEMM they run.
+    settings = ((m_mmap_max, 0), (m_trim_threshold, 2**30), (m_arena_max, 1))
+    return all(bool(mallopt(option, value)) for option, value in settings)

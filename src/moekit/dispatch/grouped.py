@@ -28,7 +28,7 @@ from torch import Tensor
 
 from moekit.dispatch.workers import for_each_expert, single_threaded, workers_enabled
 from moekit.experts.activations import Activation
-from moekit.kernels.gemm import linear_into, onednn_is_faster
+from moekit.kernels.gemm import linear_parts, onednn_is_faster, weight_grad
 
 BACKENDS = ("auto", "loop", "grouped_mm")
 # With MKL, expert GEMMs of more FLOPs than this are threaded well by MKL itself: keep them whole.
@@ -111,30 +111,38 @@ class ExpertPlan:
 
 def _rows_times_weight(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tensor:
     """out[rows of e] = rows[rows of e] @ weight[e].T for packed `weight` [E, n_out, n_in]."""
-    groups = plan.groups
     if plan.backend == "grouped_mm":
-        return F.grouped_mm(rows, weight.transpose(1, 2), offs=groups.grouped_mm_offsets)
-    out = rows.new_empty(rows.shape[0], weight.shape[1])
-
-    def gemm(e: int, s: int, t: int) -> None:
-        linear_into(out[s:t], rows[s:t], weight[e])
-
-    for_each_expert(groups.nonempty, gemm, plan.parallel)
-    return out
+        return F.grouped_mm(rows, weight.transpose(1, 2), offs=plan.groups.grouped_mm_offsets)
+    return _expert_products(rows, plan, lambda e, s, t: linear_parts(rows[s:t], weight[e]), weight.shape[1])
 
 
 def _rows_times_weight_t(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tensor:
     """out[rows of e] = rows[rows of e] @ weight[e] for packed `weight` [E, n_out, n_in]."""
-    groups = plan.groups
     if plan.backend == "grouped_mm":
-        return F.grouped_mm(rows, weight, offs=groups.grouped_mm_offsets)
-    out = rows.new_empty(rows.shape[0], weight.shape[2])
+        return F.grouped_mm(rows, weight, offs=plan.groups.grouped_mm_offsets)
+    return _expert_products(
+        rows, plan, lambda e, s, t: linear_parts(rows[s:t], weight[e].t()), weight.shape[2]
+    )
 
-    def gemm(e: int, s: int, t: int) -> None:
-        linear_into(out[s:t], rows[s:t], weight[e].t())
 
-    for_each_expert(groups.nonempty, gemm, plan.parallel)
-    return out
+def _expert_products(rows: Tensor, plan: ExpertPlan, product, width: int) -> Tensor:
+    """Run `product(e, start, end) -> [row blocks]` for every expert (on the workers when the plan
+    says so) and concatenate all blocks in expert order: one copy, not one per expert."""
+    blocks: dict[int, list[Tensor]] = {}
+
+    def run(e: int, s: int, t: int) -> None:
+        blocks[e] = product(e, s, t)
+
+    for_each_expert(plan.groups.nonempty, run, plan.parallel)
+    pieces = [block for e, _, _ in plan.groups.nonempty for block in blocks[e]]
+    return torch.cat(pieces) if pieces else rows.new_empty(0, width)
+
+
+def _packed_weight_grads(grads: dict[int, Tensor], shape: torch.Size, like: Tensor) -> Tensor:
+    """Stack per-expert weight gradients into the packed [E, ...] gradient in one copy; experts
+    that received no rows get exactly zero."""
+    zero = like.new_zeros(shape[1:]) if len(grads) < shape[0] else None
+    return torch.stack([grads.get(e, zero) for e in range(shape[0])])
 
 
 def _weight_grad(grad_rows: Tensor, in_rows: Tensor, plan: ExpertPlan, shape: torch.Size) -> Tensor:
@@ -143,24 +151,17 @@ def _weight_grad(grad_rows: Tensor, in_rows: Tensor, plan: ExpertPlan, shape: to
     if plan.backend == "grouped_mm" and plan.single_threaded:
         # decode: one C++ loop beats ~E Python-dispatched GEMMs and zero fills
         return F.grouped_mm(grad_rows.t(), in_rows, offs=groups.grouped_mm_offsets)
-    grad = grad_rows.new_empty(shape)
+    grads: dict[int, Tensor] = {}
 
-    def gemm(e: int, s: int, t: int) -> None:
-        linear_into(grad[e], grad_rows[s:t].t(), in_rows[s:t].t())
+    def run(e: int, s: int, t: int) -> None:
+        grads[e] = weight_grad(grad_rows[s:t], in_rows[s:t])
 
-    for_each_expert(groups.nonempty, gemm, plan.parallel)
-    return _zero_empty_experts(grad, groups)
-
-
-def _zero_empty_experts(grad: Tensor, groups: ExpertGroups) -> Tensor:
-    """Experts that received no rows get an exactly-zero weight gradient (one fill for all)."""
-    if groups.empty_experts:
-        grad.index_fill_(0, torch.tensor(groups.empty_experts, device=grad.device), 0)
-    return grad
+    for_each_expert(groups.nonempty, run, plan.parallel)
+    return _packed_weight_grads(grads, shape, grad_rows)
 
 
 def _backward_pair(
-    grad_rows: Tensor, in_rows: Tensor, weight: Tensor, plan: ExpertPlan, weight_grad: bool
+    grad_rows: Tensor, in_rows: Tensor, weight: Tensor, plan: ExpertPlan, weight_grad_needed: bool
 ) -> tuple[Tensor | None, Tensor]:
     """The two products of one projection's backward: its packed weight gradient (slice e =
     grad_rows[e]^T @ in_rows[e]) and the gradient of its input rows (grad_rows[e] @ weight[e]).
@@ -169,20 +170,17 @@ def _backward_pair(
     are in cache; otherwise they are two passes over the experts.
     """
     if not plan.parallel:
-        grad_weight = _weight_grad(grad_rows, in_rows, plan, weight.shape) if weight_grad else None
+        grad_weight = _weight_grad(grad_rows, in_rows, plan, weight.shape) if weight_grad_needed else None
         return grad_weight, _rows_times_weight_t(grad_rows, weight, plan)
-    groups = plan.groups
-    grad_weight = grad_rows.new_empty(weight.shape) if weight_grad else None
-    grad_in = grad_rows.new_empty(grad_rows.shape[0], weight.shape[2])
+    grads: dict[int, Tensor] = {}
 
-    def both(e: int, s: int, t: int) -> None:
-        if grad_weight is not None:
-            linear_into(grad_weight[e], grad_rows[s:t].t(), in_rows[s:t].t())
-        linear_into(grad_in[s:t], grad_rows[s:t], weight[e].t())
+    def both(e: int, s: int, t: int) -> list[Tensor]:
+        if weight_grad_needed:
+            grads[e] = weight_grad(grad_rows[s:t], in_rows[s:t])
+        return linear_parts(grad_rows[s:t], weight[e].t())
 
-    for_each_expert(groups.nonempty, both, parallel=True)
-    if grad_weight is not None:
-        _zero_empty_experts(grad_weight, groups)
+    grad_in = _expert_products(grad_rows, plan, both, weight.shape[2])
+    grad_weight = _packed_weight_grads(grads, weight.shape, grad_rows) if weight_grad_needed else None
     return grad_weight, grad_in
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moekit.kernels.gemm import linear, onednn_is_faster
+from moekit.kernels.gemm import dense_weight_grad, linear, onednn_is_faster
 
 
 class _Linear(torch.autograd.Function):
@@ -26,7 +26,7 @@ class _Linear(torch.autograd.Function):
         flat, weight = ctx.saved_tensors
         grad = grad_out.contiguous().reshape(-1, weight.shape[0])
         grad_x = linear(grad, weight.t()).reshape(ctx.shape) if ctx.needs_input_grad[0] else None
-        grad_w = linear(grad.t(), flat.t()) if ctx.needs_input_grad[1] else None
+        grad_w = dense_weight_grad(grad, flat) if ctx.needs_input_grad[1] else None
         grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
