@@ -8,6 +8,7 @@ from moekit.kernels.gemm import (
     ROW_BUCKET,
     linear,
     linear_parts,
+    linear_rows,
     onednn_is_faster,
     row_chunks,
     weight_grad,
@@ -70,3 +71,13 @@ def test_fast_linear_forward_and_gradients_match_f_linear():
     torch.testing.assert_close(layer.bias.grad, reference.bias.grad, rtol=1e-5, atol=1e-5)
     # a sum's zero-stride gradient is accepted
     fast_linear(x, layer.weight).sum().backward()
+
+
+def test_rows_of_a_buffer_round_up_over_the_next_rows_and_drop_them():
+    gen = torch.Generator().manual_seed(2)
+    buffer = torch.randn(3 * CHUNK_ROWS, 24, generator=gen)
+    w = torch.randn(16, 24, generator=gen)
+    for start, stop in [(0, 13), (5, 5 + CHUNK_ROWS + 19), (len(buffer) - 13, len(buffer)), (7, 9), (0, 0)]:
+        parts = linear_rows(buffer, start, stop, w)
+        joined = torch.cat(parts) if parts else buffer.new_empty(0, 16)
+        torch.testing.assert_close(joined, buffer[start:stop] @ w.t(), rtol=1e-5, atol=1e-5)

@@ -20,20 +20,20 @@ from moekit.io import write_json_atomic
 
 DEMO_MODEL = {
     "vocab_size": "auto",
-    "hidden_size": 128,
+    "hidden_size": 256,
     "num_layers": 4,
-    "num_heads": 2,
+    "num_heads": 4,
     "max_seq_len": 256,
 }
-DEMO_EXPERTS = {"num_experts": 16, "top_k": 2, "ff_size": 128, "shared_ff_size": 256}
+DEMO_EXPERTS = {"num_experts": 16, "top_k": 2, "ff_size": 256, "shared_ff_size": 512}
 
 
 @dataclass(frozen=True)
 class DemoSettings:
     out_dir: Path
     source: str = "builtin"
-    steps: int = 800
-    micro_batch_size: int = 16
+    steps: int = 240
+    micro_batch_size: int = 32
     seq_len: int = 256
     lr: float = 3e-3
     eval_batches: int = 16

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from moekit.dispatch.workers import for_each_expert, single_threaded, workers_enabled
 from moekit.experts.activations import Activation
-from moekit.kernels.gemm import linear_parts, onednn_is_faster, weight_grad
+from moekit.kernels.gemm import linear_rows, onednn_is_faster, weight_grad
 
 BACKENDS = ("auto", "loop", "grouped_mm")
 # With MKL, expert GEMMs of more FLOPs than this are threaded well by MKL itself: keep them whole.
@@ -113,7 +113,7 @@ def _rows_times_weight(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tensor
     """out[rows of e] = rows[rows of e] @ weight[e].T for packed `weight` [E, n_out, n_in]."""
     if plan.backend == "grouped_mm":
         return F.grouped_mm(rows, weight.transpose(1, 2), offs=plan.groups.grouped_mm_offsets)
-    return _expert_products(rows, plan, lambda e, s, t: linear_parts(rows[s:t], weight[e]), weight.shape[1])
+    return _expert_products(rows, plan, lambda e, s, t: linear_rows(rows, s, t, weight[e]), weight.shape[1])
 
 
 def _rows_times_weight_t(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tensor:
@@ -121,7 +121,7 @@ def _rows_times_weight_t(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tens
     if plan.backend == "grouped_mm":
         return F.grouped_mm(rows, weight, offs=plan.groups.grouped_mm_offsets)
     return _expert_products(
-        rows, plan, lambda e, s, t: linear_parts(rows[s:t], weight[e].t()), weight.shape[2]
+        rows, plan, lambda e, s, t: linear_rows(rows, s, t, weight[e].t()), weight.shape[2]
     )
 
 
@@ -177,7 +177,7 @@ def _backward_pair(
     def both(e: int, s: int, t: int) -> list[Tensor]:
         if weight_grad_needed:
             grads[e] = weight_grad(grad_rows[s:t], in_rows[s:t])
-        return linear_parts(grad_rows[s:t], weight[e].t())
+        return linear_rows(grad_rows, s, t, weight[e].t())
 
     grad_in = _expert_products(grad_rows, plan, both, weight.shape[2])
     grad_weight = _packed_weight_grads(grads, weight.shape, grad_rows) if weight_grad_needed else None

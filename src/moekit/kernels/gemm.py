@@ -25,10 +25,12 @@ PROBE_SHAPE = (256, 512, 512)  # rows, in, out: an expert-sized GEMM
 ONEDNN_MIN_ROWS = 8
 # oneDNN compiles a kernel for every new shape (~0.6 ms and ~170 page faults for 512 x 512), and
 # an expert's row count changes every step, over the whole range early in training. Expert products
-# are therefore cut into chunks of CHUNK_ROWS rows plus one tail of a multiple of ROW_BUCKET rows,
-# and the last few rows go to MKL: a run compiles a few dozen shapes instead of thousands.
-CHUNK_ROWS = 256
-ROW_BUCKET = 8
+# are therefore cut into chunks of CHUNK_ROWS rows plus one tail of a multiple of ROW_BUCKET rows:
+# a run compiles a few dozen shapes instead of thousands. Where the rows sit in a larger buffer,
+# the tail is rounded up over the next rows and the extra output dropped; otherwise (and for
+# weight gradients, where the rows are summed) the last few rows go to MKL.
+CHUNK_ROWS = 1024
+ROW_BUCKET = 16
 
 
 def _onednn_linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -116,6 +118,26 @@ def linear_parts(x: Tensor, weight: Tensor) -> list[Tensor]:
     parts = [_onednn_linear(x[start:stop], weight) for start, stop in chunks]
     if rest < x.shape[0]:
         parts.append(torch.mm(x[rest:], weight.t()))
+    return parts
+
+
+def linear_rows(rows: Tensor, start: int, stop: int, weight: Tensor) -> list[Tensor]:
+    """rows[start:stop] @ weight.T as consecutive row blocks, for a slice of a larger buffer:
+    oneDNN products of bucketed shapes reading past `stop` where the buffer allows (the extra
+    rows' output is dropped), so that most slices take a single product."""
+    count = stop - start
+    if count < ONEDNN_MIN_ROWS or not onednn_is_faster(rows.dtype):
+        return linear_parts(rows[start:stop], weight)
+    parts = []
+    while count >= CHUNK_ROWS:
+        parts.append(_onednn_linear(rows[start : start + CHUNK_ROWS], weight))
+        start, count = start + CHUNK_ROWS, count - CHUNK_ROWS
+    if count:
+        padded = -(-count // ROW_BUCKET) * ROW_BUCKET
+        if start + padded <= rows.shape[0] and padded >= ONEDNN_MIN_ROWS:
+            parts.append(_onednn_linear(rows[start : start + padded], weight)[:count])
+        else:
+            parts.extend(linear_parts(rows[start : start + count], weight))
     return parts
 
 
