@@ -10,6 +10,7 @@ from moekit.kernels.gemm import (
     linear_parts,
     linear_rows,
     onednn_is_faster,
+    padded_stop,
     row_chunks,
     weight_grad,
 )
@@ -81,3 +82,8 @@ def test_rows_of_a_buffer_round_up_over_the_next_rows_and_drop_them():
         parts = linear_rows(buffer, start, stop, w)
         joined = torch.cat(parts) if parts else buffer.new_empty(0, 16)
         torch.testing.assert_close(joined, buffer[start:stop] @ w.t(), rtol=1e-5, atol=1e-5)
+    if onednn_is_faster(torch.float32):  # the tail rounds up only where the buffer has the rows
+        assert padded_stop(0, 13, len(buffer), torch.float32) == ROW_BUCKET
+        assert padded_stop(5, 5 + CHUNK_ROWS + 19, len(buffer), torch.float32) == 5 + CHUNK_ROWS + 32
+        assert padded_stop(len(buffer) - 13, len(buffer), len(buffer), torch.float32) == len(buffer)
+        assert padded_stop(7, 9, len(buffer), torch.float32) == 9

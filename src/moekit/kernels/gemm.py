@@ -121,23 +121,28 @@ def linear_parts(x: Tensor, weight: Tensor) -> list[Tensor]:
     return parts
 
 
+def padded_stop(start: int, stop: int, buffer_rows: int, dtype: torch.dtype) -> int:
+    """Where `linear_rows`'s products over rows[start:stop] of a `buffer_rows`-row buffer end:
+    past `stop` when oneDNN computes the tail rounded up to ROW_BUCKET rows and the buffer has
+    them (the extra rows' output is dropped), else at `stop`."""
+    count = stop - start
+    if count < ONEDNN_MIN_ROWS or not onednn_is_faster(dtype):
+        return stop
+    tail = count % CHUNK_ROWS
+    end = stop - tail + -(-tail // ROW_BUCKET) * ROW_BUCKET
+    return end if tail and end - (stop - tail) >= ONEDNN_MIN_ROWS and end <= buffer_rows else stop
+
+
 def linear_rows(rows: Tensor, start: int, stop: int, weight: Tensor) -> list[Tensor]:
     """rows[start:stop] @ weight.T as consecutive row blocks, for a slice of a larger buffer:
-    oneDNN products of bucketed shapes reading past `stop` where the buffer allows (the extra
-    rows' output is dropped), so that most slices take a single product."""
-    count = stop - start
-    if count < ONEDNN_MIN_ROWS or not onednn_is_faster(rows.dtype):
+    oneDNN products of bucketed shapes reading up to `padded_stop` so that most slices take a
+    single product."""
+    end = padded_stop(start, stop, rows.shape[0], rows.dtype)
+    if end == stop:
         return linear_parts(rows[start:stop], weight)
-    parts = []
-    while count >= CHUNK_ROWS:
-        parts.append(_onednn_linear(rows[start : start + CHUNK_ROWS], weight))
-        start, count = start + CHUNK_ROWS, count - CHUNK_ROWS
-    if count:
-        padded = -(-count // ROW_BUCKET) * ROW_BUCKET
-        if start + padded <= rows.shape[0] and padded >= ONEDNN_MIN_ROWS:
-            parts.append(_onednn_linear(rows[start : start + padded], weight)[:count])
-        else:
-            parts.extend(linear_parts(rows[start : start + count], weight))
+    tail_start = stop - (stop - start) % CHUNK_ROWS
+    parts = [_onednn_linear(rows[s : s + CHUNK_ROWS], weight) for s in range(start, tail_start, CHUNK_ROWS)]
+    parts.append(_onednn_linear(rows[tail_start:end], weight)[: stop - tail_start])
     return parts
 
 
