@@ -21,7 +21,7 @@ from moekit.io import write_json_atomic
 DEMO_MODEL = {
     "vocab_size": "auto",
     "hidden_size": 256,
-    "num_layers": 4,
+    "num_layers": 2,
     "num_heads": 4,
     "max_seq_len": 256,
 }
@@ -32,7 +32,7 @@ DEMO_EXPERTS = {"num_experts": 16, "top_k": 2, "ff_size": 256, "shared_ff_size":
 class DemoSettings:
     out_dir: Path
     source: str = "builtin"
-    steps: int = 240
+    steps: int = 480
     micro_batch_size: int = 32
     seq_len: int = 256
     lr: float = 3e-3
