@@ -127,22 +127,26 @@ def _rows_times_weight_t(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tens
 
 def _expert_products(rows: Tensor, plan: ExpertPlan, product, width: int) -> Tensor:
     """Run `product(e, start, end) -> [row blocks]` for every expert (on the workers when the plan
-    says so) and concatenate all blocks in expert order: one copy, not one per expert."""
-    blocks: dict[int, list[Tensor]] = {}
+    says so); each task copies its blocks into one output while they are still in cache, rather
+    than the main thread concatenating them all afterwards."""
+    out = rows.new_empty(rows.shape[0], width)
 
     def run(e: int, s: int, t: int) -> None:
-        blocks[e] = product(e, s, t)
+        for block in product(e, s, t):
+            out[s : s + block.shape[0]].copy_(block)
+            s += block.shape[0]
 
     for_each_expert(plan.groups.nonempty, run, plan.parallel)
-    pieces = [block for e, _, _ in plan.groups.nonempty for block in blocks[e]]
-    return torch.cat(pieces) if pieces else rows.new_empty(0, width)
+    return out
 
 
-def _packed_weight_grads(grads: dict[int, Tensor], shape: torch.Size, like: Tensor) -> Tensor:
-    """Stack per-expert weight gradients into the packed [E, ...] gradient in one copy; experts
-    that received no rows get exactly zero."""
-    zero = like.new_zeros(shape[1:]) if len(grads) < shape[0] else None
-    return torch.stack([grads.get(e, zero) for e in range(shape[0])])
+def _packed_grad(shape: torch.Size, like: Tensor, groups: ExpertGroups) -> Tensor:
+    """The packed [E, ...] weight gradient that expert tasks copy their slices into; experts that
+    received no rows get exactly zero."""
+    packed = like.new_empty(shape)
+    for e in groups.empty_experts:
+        packed[e].zero_()
+    return packed
 
 
 def _weight_grad(grad_rows: Tensor, in_rows: Tensor, plan: ExpertPlan, shape: torch.Size) -> Tensor:
@@ -151,13 +155,13 @@ def _weight_grad(grad_rows: Tensor, in_rows: Tensor, plan: ExpertPlan, shape: to
     if plan.backend == "grouped_mm" and plan.single_threaded:
         # decode: one C++ loop beats ~E Python-dispatched GEMMs and zero fills
         return F.grouped_mm(grad_rows.t(), in_rows, offs=groups.grouped_mm_offsets)
-    grads: dict[int, Tensor] = {}
+    packed = _packed_grad(shape, grad_rows, groups)
 
     def run(e: int, s: int, t: int) -> None:
-        grads[e] = weight_grad(grad_rows[s:t], in_rows[s:t])
+        packed[e].copy_(weight_grad(grad_rows[s:t], in_rows[s:t]))
 
     for_each_expert(groups.nonempty, run, plan.parallel)
-    return _packed_weight_grads(grads, shape, grad_rows)
+    return packed
 
 
 def _backward_pair(
@@ -172,16 +176,14 @@ def _backward_pair(
     if not plan.parallel:
         grad_weight = _weight_grad(grad_rows, in_rows, plan, weight.shape) if weight_grad_needed else None
         return grad_weight, _rows_times_weight_t(grad_rows, weight, plan)
-    grads: dict[int, Tensor] = {}
+    grad_weight = _packed_grad(weight.shape, grad_rows, plan.groups) if weight_grad_needed else None
 
     def both(e: int, s: int, t: int) -> list[Tensor]:
-        if weight_grad_needed:
-            grads[e] = weight_grad(grad_rows[s:t], in_rows[s:t])
+        if grad_weight is not None:
+            grad_weight[e].copy_(weight_grad(grad_rows[s:t], in_rows[s:t]))
         return linear_rows(grad_rows, s, t, weight[e].t())
 
-    grad_in = _expert_products(grad_rows, plan, both, weight.shape[2])
-    grad_weight = _packed_weight_grads(grads, weight.shape, grad_rows) if weight_grad_needed else None
-    return grad_weight, grad_in
+    return grad_weight, _expert_products(grad_rows, plan, both, weight.shape[2])
 
 
 class GroupedExperts(torch.autograd.Function):

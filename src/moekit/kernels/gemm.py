@@ -148,12 +148,13 @@ def linear_rows(rows: Tensor, start: int, stop: int, weight: Tensor) -> list[Ten
 
 def weight_grad(grad_rows: Tensor, in_rows: Tensor) -> Tensor:
     """grad_rows.T @ in_rows: a weight gradient [N, K] summed over M rows, M varying call to call;
-    the rows (here the reduction dimension) are cut like `linear_parts`'s and the parts added."""
+    the rows (here the reduction dimension) are cut like `linear_parts`'s and the parts added.
+    May be a transposed view: callers copy it into their packed gradient."""
     chunks, rest = row_chunks(grad_rows.shape[0], grad_rows.dtype)
     if not chunks:
         return torch.mm(grad_rows.t(), in_rows)
     first, stop = chunks[0]
-    out = _onednn_weight_grad(grad_rows[first:stop], in_rows[first:stop]).contiguous()
+    out = _onednn_weight_grad(grad_rows[first:stop], in_rows[first:stop])
     for start, stop in chunks[1:]:
         out += _onednn_weight_grad(grad_rows[start:stop], in_rows[start:stop])
     if rest < grad_rows.shape[0]:
