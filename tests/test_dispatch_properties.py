@@ -1,5 +1,7 @@
 """Property tests for routing and dispatch invariants: empty experts, one hot expert, drops, masks."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from hypothesis import given
@@ -190,6 +192,17 @@ def test_apply_capacity_on_empty_assignments():
     assert len(kept) == 0 and len(dropped) == 0
 
 
+@contextmanager
+def torch_threads(count: int):
+    """The worker path needs a second thread to hand experts to; the tests run with one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_parallel_expert_workers_match_the_serial_loop():
     """The worker path (whole experts per single-threaded worker) computes the same thing."""
     gen = torch.Generator().manual_seed(3)
@@ -204,15 +217,23 @@ def test_parallel_expert_workers_match_the_serial_loop():
     w_out = torch.randn(num_experts, hidden, ff, dtype=torch.float64, generator=gen).requires_grad_()
     upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
     results = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the worker path needs a second thread to hand experts to
-    for parallel in (False, True):
-        y = grouped_experts(
-            x, token, expert, weight, w_in, w_out, None, None, act, backend="loop", parallel_workers=parallel
-        )
-        grads = torch.autograd.grad((y * upstream).sum(), (x, weight, w_in, w_out))
-        results.append((y, *grads))
-    torch.set_num_threads(threads)
+    with torch_threads(2):
+        for parallel in (False, True):
+            y = grouped_experts(
+                x,
+                token,
+                expert,
+                weight,
+                w_in,
+                w_out,
+                None,
+                None,
+                act,
+                backend="loop",
+                parallel_workers=parallel,
+            )
+            grads = torch.autograd.grad((y * upstream).sum(), (x, weight, w_in, w_out))
+            results.append((y, *grads))
     for serial, parallel in zip(*results, strict=True):
         torch.testing.assert_close(parallel, serial, rtol=1e-12, atol=1e-12)
 
@@ -242,9 +263,7 @@ def test_float32_kernel_path_matches_float64(parallel):
     )
     upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
     results = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the worker path needs a second thread to hand experts to
-    try:
+    with torch_threads(2):
         for dtype in (torch.float64, torch.float32):
             x, weight, w_in, w_out = (t.to(dtype).requires_grad_() for t in inputs)
             y = grouped_experts(
@@ -262,8 +281,6 @@ def test_float32_kernel_path_matches_float64(parallel):
             )
             grads = torch.autograd.grad((y * upstream.to(dtype)).sum(), (x, weight, w_in, w_out))
             results[dtype] = (y, *grads)
-    finally:
-        torch.set_num_threads(threads)
     for fast, exact in zip(results[torch.float32], results[torch.float64], strict=True):
         torch.testing.assert_close(fast.double(), exact, rtol=1e-4, atol=1e-4)
     for grad in results[torch.float32][3:]:
