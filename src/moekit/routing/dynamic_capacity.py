@@ -20,22 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
-
 from moekit.errors import require_int
-from moekit.routing.base import SpecRouter
-from moekit.routing.linear_logits import LinearLogits
-from moekit.routing.options import ROUTER_OPTIONS, require_fraction
-from moekit.routing.record import Routing
-from moekit.routing.selection import (
-    assignments_from_mask,
-    real_tokens,
-    renormalise_selected,
-    split_by_capacity,
-)
+from moekit.routing.options import ROUTER_OPTIONS, require_fraction, require_softmax_set_spec
 from moekit.routing.spec import RouterSpec
-from moekit.routing.top_p import check_top_p_spec, top_p_selection
+from moekit.routing.top_p import TopPRouter
 
 
 @dataclass(frozen=True)
@@ -51,34 +39,14 @@ class DynamicCapacityOptions:
         require_int(f"{ROUTER_OPTIONS}.num_null", self.num_null, minimum=1)
 
 
-class DynamicCapacityRouter(SpecRouter):
-    """softmax over N_r routed + N_n null experts -> top-p set -> weights -> capacity on routed."""
+class DynamicCapacityRouter(TopPRouter):
+    """softmax over N_r routed + N_n null experts -> top-p set -> weights -> capacity on routed:
+    the top-p router with `num_null` zero-compute experts after the routed ones."""
 
     @staticmethod
     def check_config(spec: RouterSpec, options: DynamicCapacityOptions) -> None:
-        check_top_p_spec(spec, "dynamic_capacity")
-
-    def __init__(self, hidden_size: int, spec: RouterSpec, options: DynamicCapacityOptions):
-        super().__init__(spec, options)
-        self.linear = LinearLogits(hidden_size, spec.num_experts + options.num_null, bias=spec.router_bias)
+        require_softmax_set_spec(spec, "dynamic_capacity")
 
     @property
     def extra_experts(self) -> int:
         return self.options.num_null
-
-    def forward(
-        self,
-        x: Tensor,
-        token_mask: Tensor | None = None,
-        previous: Routing | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Routing:
-        """Route T tokens of `x` [T, d]; `previous` is not used by this router."""
-        mask = real_tokens(token_mask, x.shape[0], x.device)
-        logits = self.linear(x)
-        probs = torch.softmax(logits, dim=-1)
-        selected = top_p_selection(probs, self.options.p, self.spec.top_k)
-        weights = renormalise_selected(probs * selected, selected, self.spec)
-        chosen = assignments_from_mask(selected, weights, probs, mask)
-        kept, dropped = split_by_capacity(chosen, self.spec, x.shape[0], self.num_compute_experts, generator)
-        return Routing(logits, probs, kept, dropped, mask, self.num_compute_experts)

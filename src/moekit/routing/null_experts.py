@@ -27,7 +27,7 @@ from torch import Tensor
 from moekit.errors import require_int
 from moekit.routing.base import SpecRouter
 from moekit.routing.linear_logits import LinearLogits
-from moekit.routing.options import ROUTER_OPTIONS, require_spec_defaults, require_spec_value
+from moekit.routing.options import ROUTER_OPTIONS, require_softmax_set_spec
 from moekit.routing.record import Routing
 from moekit.routing.selection import (
     assignments_from_mask,
@@ -36,17 +36,6 @@ from moekit.routing.selection import (
     split_by_capacity,
 )
 from moekit.routing.spec import RouterSpec
-
-SPEC_AXES = {
-    "score_fn",
-    "renorm",
-    "renorm_p",
-    "renorm_eps",
-    "scaling",
-    "router_bias",
-    "capacity_factor",
-    "drop_policy",
-}
 
 
 @dataclass(frozen=True)
@@ -70,8 +59,7 @@ class NullExpertRouter(SpecRouter):
 
     @staticmethod
     def check_config(spec: RouterSpec, options: NullExpertOptions) -> None:
-        require_spec_defaults(spec, "null_experts", SPEC_AXES)
-        require_spec_value(spec, "null_experts", "score_fn", ("softmax",))
+        require_softmax_set_spec(spec, "null_experts")
 
     def __init__(self, hidden_size: int, spec: RouterSpec, options: NullExpertOptions):
         super().__init__(spec, options)

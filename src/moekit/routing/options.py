@@ -79,3 +79,25 @@ def require_spec_value(spec: RouterSpec, kind: str, name: str, allowed: tuple[An
     if value not in allowed:
         shown = ", ".join(repr(a) for a in allowed)
         raise ConfigError(f"moe.router.{name}", f"got {value!r}; the {kind} router supports {shown}")
+
+
+# The spec axes a router honours when it scores with softmax(W x), selects a set of experts per
+# token and then weights (renorm, scaling) and caps (capacity) them as token-choice routing does.
+SOFTMAX_SET_SPEC_AXES = frozenset(
+    {
+        "score_fn",
+        "renorm",
+        "renorm_p",
+        "renorm_eps",
+        "scaling",
+        "router_bias",
+        "capacity_factor",
+        "drop_policy",
+    }
+)
+
+
+def require_softmax_set_spec(spec: RouterSpec, kind: str) -> None:
+    """For routers that pick a softmax-scored set per token (top-p, null experts, dynamic capacity)."""
+    require_spec_defaults(spec, kind, set(SOFTMAX_SET_SPEC_AXES))
+    require_spec_value(spec, kind, "score_fn", ("softmax",))

@@ -20,12 +20,7 @@ from torch import Tensor
 
 from moekit.routing.base import SpecRouter
 from moekit.routing.linear_logits import LinearLogits
-from moekit.routing.options import (
-    ROUTER_OPTIONS,
-    require_fraction,
-    require_spec_defaults,
-    require_spec_value,
-)
+from moekit.routing.options import ROUTER_OPTIONS, require_fraction, require_softmax_set_spec
 from moekit.routing.record import Routing
 from moekit.routing.selection import (
     assignments_from_mask,
@@ -34,17 +29,6 @@ from moekit.routing.selection import (
     split_by_capacity,
 )
 from moekit.routing.spec import RouterSpec
-
-SPEC_AXES = {
-    "score_fn",
-    "renorm",
-    "renorm_p",
-    "renorm_eps",
-    "scaling",
-    "router_bias",
-    "capacity_factor",
-    "drop_policy",
-}
 
 
 @dataclass(frozen=True)
@@ -56,11 +40,6 @@ class TopPOptions:
 
     def __post_init__(self) -> None:
         require_fraction(f"{ROUTER_OPTIONS}.p", self.p)
-
-
-def check_top_p_spec(spec: RouterSpec, kind: str) -> None:
-    require_spec_defaults(spec, kind, SPEC_AXES)
-    require_spec_value(spec, kind, "score_fn", ("softmax",))
 
 
 def top_p_selection(probs: Tensor, p: float, max_experts: int | None = None) -> Tensor:
@@ -85,11 +64,11 @@ class TopPRouter(SpecRouter):
 
     @staticmethod
     def check_config(spec: RouterSpec, options: TopPOptions) -> None:
-        check_top_p_spec(spec, "top_p")
+        require_softmax_set_spec(spec, "top_p")
 
     def __init__(self, hidden_size: int, spec: RouterSpec, options: TopPOptions):
         super().__init__(spec, options)
-        self.linear = LinearLogits(hidden_size, spec.num_experts, bias=spec.router_bias)
+        self.linear = LinearLogits(hidden_size, self.num_experts, bias=spec.router_bias)
 
     def forward(
         self,
@@ -105,5 +84,6 @@ class TopPRouter(SpecRouter):
         selected = top_p_selection(probs, self.options.p, self.spec.top_k)
         weights = renormalise_selected(probs * selected, selected, self.spec)
         chosen = assignments_from_mask(selected, weights, probs, mask)
-        kept, dropped = split_by_capacity(chosen, self.spec, x.shape[0], self.num_experts, generator)
-        return Routing(logits, probs, kept, dropped, mask, self.num_experts)
+        compute = self.num_compute_experts  # the experts beyond it (if any) cost nothing
+        kept, dropped = split_by_capacity(chosen, self.spec, x.shape[0], compute, generator)
+        return Routing(logits, probs, kept, dropped, mask, compute)
