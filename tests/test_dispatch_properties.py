@@ -7,7 +7,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moekit.dispatch.grouped import grouped_experts
+import moekit.dispatch.grouped as grouped_module
+from moekit.dispatch.grouped import ExpertGroups, grouped_experts, grouped_mm_available
 from moekit.experts.activations import make_activation
 from moekit.kernels.gemm import CHUNK_ROWS
 from moekit.routing.capacity import apply_capacity, expert_capacity, priority_key
@@ -285,3 +286,80 @@ def test_float32_kernel_path_matches_float64(parallel):
         torch.testing.assert_close(fast.double(), exact, rtol=1e-4, atol=1e-4)
     for grad in results[torch.float32][3:]:
         assert torch.count_nonzero(grad[5]) == 0
+
+
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=12), st.integers(1, 4))
+def test_expert_shares_partition_experts_and_rows(counts, parts):
+    """Shares (one grouped_mm call per worker) cover every expert and every row exactly once, in
+    order, with grouped_mm offsets that match each expert's rows (empty experts included), and
+    split the rows about evenly."""
+    expert = torch.arange(len(counts)).repeat_interleave(torch.tensor(counts))
+    groups = ExpertGroups.build(torch.arange(len(expert)), expert, len(counts))
+    shares = groups.shares(parts)
+    assert 1 <= len(shares) <= parts
+    assert shares[0].first == 0 and shares[-1].stop == len(counts)
+    assert shares[0].row_start == 0 and shares[-1].row_stop == len(expert)
+    for before, after in zip(shares, shares[1:], strict=False):
+        assert before.stop == after.first and before.row_stop == after.row_start
+    for share in shares:
+        sizes = [counts[e] for e in range(share.first, share.stop)]
+        ends = torch.tensor(sizes).cumsum(0).to(torch.int32)
+        assert torch.equal(share.grouped_mm_offsets, ends)
+        assert share.row_stop - share.row_start == sum(sizes)
+        # balanced: no share holds more than its part of the rows plus one expert's
+        assert share.row_stop - share.row_start <= sum(counts) / parts + max(counts)
+
+
+@pytest.mark.skipif(not grouped_mm_available(), reason="torch.nn.functional.grouped_mm needs torch >= 2.9")
+@pytest.mark.parametrize("weight_on", ["output", "input"])
+def test_grouped_mm_shares_on_workers_match_float64(monkeypatch, weight_on):
+    """Decode-sized inputs on the grouped_mm backend split into one call per worker, each over a
+    share of the experts (fp32): output and every gradient close to the float64 loop, and experts
+    without rows (some at the share boundaries) get an exactly-zero weight gradient."""
+    gen = torch.Generator().manual_seed(5)
+    num_tokens, num_experts, k, hidden, ff = 5, 16, 2, 16, 8
+    act = make_activation("swiglu")
+    expert = torch.topk(torch.randn(num_tokens, num_experts, generator=gen), k).indices.reshape(-1)
+    expert, order = expert.sort(stable=True)
+    token = torch.arange(num_tokens).repeat_interleave(k)[order]
+    inputs = (
+        torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen),
+        torch.rand(len(token), dtype=torch.float64, generator=gen),
+        torch.randn(num_experts, 2 * ff, hidden, dtype=torch.float64, generator=gen) * 0.3,
+        torch.randn(num_experts, hidden, ff, dtype=torch.float64, generator=gen) * 0.3,
+    )
+    upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
+    shares_run = []
+    real_run_shares = grouped_module.run_shares
+    monkeypatch.setattr(
+        grouped_module,
+        "run_shares",
+        lambda shares, fn: (shares_run.append(len(shares)), real_run_shares(shares, fn)),
+    )
+    results = {}
+    with torch_threads(2):
+        for dtype, backend in ((torch.float64, "loop"), (torch.float32, "grouped_mm")):
+            x, weight, w_in, w_out = (t.to(dtype).requires_grad_() for t in inputs)
+            y = grouped_experts(
+                x,
+                token,
+                expert,
+                weight,
+                w_in,
+                w_out,
+                None,
+                None,
+                act,
+                weight_on,
+                backend,
+                parallel_workers=True,
+            )
+            grads = torch.autograd.grad((y * upstream.to(dtype)).sum(), (x, weight, w_in, w_out))
+            results[dtype] = (y, *grads)
+    assert shares_run and all(count == 2 for count in shares_run)  # forward and backward, 2 workers
+    for fast, exact in zip(results[torch.float32], results[torch.float64], strict=True):
+        torch.testing.assert_close(fast.double(), exact, rtol=1e-5, atol=1e-5)
+    unused = sorted(set(range(num_experts)) - set(expert.tolist()))
+    assert unused
+    for grad in results[torch.float32][3:]:
+        assert torch.count_nonzero(grad[unused]) == 0

@@ -13,11 +13,13 @@ Backends, chosen per call:
   expert's two backward GEMMs run in one task.
 - `grouped_mm`: `torch.nn.functional.grouped_mm` (fp32/bf16/fp16, 16-byte-aligned strides), one
   C++ loop over the experts; `auto` takes it for decode-sized inputs (a few rows per expert),
-  unthreaded, weight gradients included.
+  weight gradients included: unthreaded, or, where the experts' weights take long enough to read,
+  one call per worker over a share of the experts (each core reading its own share).
 """
 
 from __future__ import annotations
 
+import itertools
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.dispatch.workers import for_each_expert, single_threaded, workers_enabled
+from moekit.dispatch.workers import (
+    balanced_chunks,
+    for_each_expert,
+    run_shares,
+    single_threaded,
+    workers_enabled,
+)
 from moekit.experts.activations import Activation
 from moekit.kernels.gemm import linear_rows, onednn_is_faster, weight_grad
 
@@ -35,12 +43,36 @@ BACKENDS = ("auto", "loop", "grouped_mm")
 SMALL_EXPERT_FLOPS = 256e6
 # Below this estimated time per expert GEMM, handing experts to workers costs more than it saves.
 MIN_EXPERT_SECONDS = 50e-6
-# With fewer rows than this per active expert (decode) and no workers, `auto` picks grouped_mm.
+# With fewer rows than this per active expert (decode), `auto` picks grouped_mm.
 DECODE_ROWS_PER_EXPERT = 4
+# A grouped_mm share on a worker should take at least this long to pay for the hand-off.
+MIN_SHARE_SECONDS = 100e-6
 # Rough single-core rates used for that estimate (this machine class: AVX2/AVX-512, ~2 cores).
 CORE_FLOPS_PER_S = 100e9
 CORE_FLOPS_PER_S_ONEDNN = 250e9
 CORE_BYTES_PER_S = 10e9
+
+
+@dataclass(frozen=True)
+class ExpertShare:
+    """Experts [first, stop) and their rows: one worker's part of a grouped_mm backend call."""
+
+    first: int
+    stop: int
+    row_offsets: tuple[int, ...]  # start row of each expert in [first, stop), then the end row
+
+    @property
+    def row_start(self) -> int:
+        return self.row_offsets[0]
+
+    @property
+    def row_stop(self) -> int:
+        return self.row_offsets[-1]
+
+    @cached_property
+    def grouped_mm_offsets(self) -> Tensor:
+        """Each expert's end row relative to row_start, as grouped_mm takes them."""
+        return torch.tensor([end - self.row_start for end in self.row_offsets[1:]], dtype=torch.int32)
 
 
 @dataclass(frozen=True)
@@ -71,6 +103,16 @@ class ExpertGroups:
         """(expert, start, end) for every expert with rows."""
         offsets = self.offsets
         return tuple((e, offsets[e], offsets[e + 1]) for e, c in enumerate(self.counts) if c)
+
+    def shares(self, parts: int) -> tuple[ExpertShare, ...]:
+        """The experts cut into at most `parts` consecutive ranges of about equal rows, together
+        covering every expert (the empty ones inside the range they fall in)."""
+        chunks = balanced_chunks(self.nonempty, parts)
+        firsts = [0] + [chunk[0][0] for chunk in chunks[1:]] + [len(self.counts)]
+        return tuple(
+            ExpertShare(first, stop, self.offsets[first : stop + 1])
+            for first, stop in itertools.pairwise(firsts)
+        )
 
     @staticmethod
     def build(token: Tensor, expert: Tensor, num_experts: int) -> ExpertGroups:
@@ -105,24 +147,56 @@ class ExpertPlan:
     activation: Activation
     weight_on: str  # "output" | "input"
     backend: str  # "loop" | "grouped_mm"
-    parallel: bool = False  # loop backend: whole experts per single-threaded worker
+    parallel: bool = False  # whole experts per single-threaded worker
     single_threaded: bool = False  # decode-sized GEMMs: unthreaded is faster than MKL's hand-off
+    # grouped_mm on the workers: one call per share of the experts (empty: one call in all)
+    shares: tuple[ExpertShare, ...] = ()
 
 
 def _rows_times_weight(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tensor:
     """out[rows of e] = rows[rows of e] @ weight[e].T for packed `weight` [E, n_out, n_in]."""
-    if plan.backend == "grouped_mm":
-        return F.grouped_mm(rows, weight.transpose(1, 2), offs=plan.groups.grouped_mm_offsets)
-    return _expert_products(rows, plan, lambda e, s, t: linear_rows(rows, s, t, weight[e]), weight.shape[1])
+    return _rows_times(rows, weight.transpose(1, 2), plan)
 
 
 def _rows_times_weight_t(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tensor:
     """out[rows of e] = rows[rows of e] @ weight[e] for packed `weight` [E, n_out, n_in]."""
+    return _rows_times(rows, weight, plan)
+
+
+def _rows_times(rows: Tensor, right: Tensor, plan: ExpertPlan) -> Tensor:
+    """out[rows of e] = rows[rows of e] @ right[e] for `right` [E, n_in, n_out] (any strides)."""
+    if plan.shares:
+        out = rows.new_empty(rows.shape[0], right.shape[2])
+
+        def share_product(share: ExpertShare) -> None:
+            out[share.row_start : share.row_stop] = _share_product(rows, right, share)
+
+        run_shares(plan.shares, share_product)
+        return out
     if plan.backend == "grouped_mm":
-        return F.grouped_mm(rows, weight, offs=plan.groups.grouped_mm_offsets)
-    return _expert_products(
-        rows, plan, lambda e, s, t: linear_rows(rows, s, t, weight[e].t()), weight.shape[2]
+        return F.grouped_mm(rows, right, offs=plan.groups.grouped_mm_offsets)
+    return _expert_products(rows, plan, lambda e, s, t: linear_rows(rows, s, t, right[e].t()), right.shape[2])
+
+
+def _share_product(rows: Tensor, right: Tensor, share: ExpertShare) -> Tensor:
+    """rows @ right[e] for the experts and rows of one share, in one grouped_mm call."""
+    return F.grouped_mm(
+        rows[share.row_start : share.row_stop],
+        right[share.first : share.stop],
+        offs=share.grouped_mm_offsets,
     )
+
+
+def _share_weight_grad(grad_rows: Tensor, in_rows: Tensor, share: ExpertShare, packed: Tensor) -> None:
+    """packed[e] = grad_rows[e]^T @ in_rows[e] for the experts of one share, zero where e has no
+    rows. Written in place: the packed gradient is the largest tensor of a decode step (50 MB at
+    128 experts of 256 x 128), and a grouped_mm result would have to be copied into it."""
+    bounds = share.row_offsets
+    for e, start, stop in zip(range(share.first, share.stop), bounds, bounds[1:], strict=False):
+        if start == stop:
+            packed[e].zero_()
+        else:
+            torch.mm(grad_rows[start:stop].t(), in_rows[start:stop], out=packed[e])
 
 
 def _expert_products(rows: Tensor, plan: ExpertPlan, product, width: int) -> Tensor:
@@ -152,6 +226,10 @@ def _packed_grad(shape: torch.Size, like: Tensor, groups: ExpertGroups) -> Tenso
 def _weight_grad(grad_rows: Tensor, in_rows: Tensor, plan: ExpertPlan, shape: torch.Size) -> Tensor:
     """Packed gradient [E, n_out, n_in]: slice e = grad_rows[e]^T @ in_rows[e]; empty experts 0."""
     groups = plan.groups
+    if plan.shares:
+        packed = grad_rows.new_empty(shape)
+        run_shares(plan.shares, lambda share: _share_weight_grad(grad_rows, in_rows, share, packed))
+        return packed
     if plan.backend == "grouped_mm" and plan.single_threaded:
         # decode: one C++ loop beats ~E Python-dispatched GEMMs and zero fills
         return F.grouped_mm(grad_rows.t(), in_rows, offs=groups.grouped_mm_offsets)
@@ -170,9 +248,20 @@ def _backward_pair(
     """The two products of one projection's backward: its packed weight gradient (slice e =
     grad_rows[e]^T @ in_rows[e]) and the gradient of its input rows (grad_rows[e] @ weight[e]).
 
-    On the workers each expert does both in one task, reading its gradient rows once while they
-    are in cache; otherwise they are two passes over the experts.
+    On the workers each expert (or share of experts) does both in one task, reading its gradient
+    rows once while they are in cache; otherwise they are two passes over the experts.
     """
+    if plan.shares:
+        grad_weight = grad_rows.new_empty(weight.shape) if weight_grad_needed else None
+        grad_in = grad_rows.new_empty(grad_rows.shape[0], weight.shape[2])
+
+        def share_pair(share: ExpertShare) -> None:
+            if grad_weight is not None:
+                _share_weight_grad(grad_rows, in_rows, share, grad_weight)
+            grad_in[share.row_start : share.row_stop] = _share_product(grad_rows, weight, share)
+
+        run_shares(plan.shares, share_pair)
+        return grad_weight, grad_in
     if not plan.parallel:
         grad_weight = _weight_grad(grad_rows, in_rows, plan, weight.shape) if weight_grad_needed else None
         return grad_weight, _rows_times_weight_t(grad_rows, weight, plan)
@@ -260,6 +349,15 @@ class GroupedExperts(torch.autograd.Function):
         return grad_x, grad_weight, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None
 
 
+def _expert_seconds(
+    rows: int, active_experts: int, in_features: int, hidden: int, dtype: torch.dtype
+) -> float:
+    """Rough single-core time of one expert's first GEMM: its FLOPs or its weight reads."""
+    rate = CORE_FLOPS_PER_S_ONEDNN if onednn_is_faster(dtype) else CORE_FLOPS_PER_S
+    flops = 2 * rows / max(1, active_experts) * in_features * hidden
+    return max(flops / rate, in_features * hidden * dtype.itemsize / CORE_BYTES_PER_S)
+
+
 def workers_pay_off(
     rows: int, active_experts: int, in_features: int, hidden: int, dtype: torch.dtype
 ) -> bool:
@@ -273,14 +371,23 @@ def workers_pay_off(
     """
     if active_experts < 2:
         return False
-    onednn = onednn_is_faster(dtype)
-    rows_per_expert = rows / active_experts
-    flops = 2 * rows_per_expert * in_features * hidden
-    rate = CORE_FLOPS_PER_S_ONEDNN if onednn else CORE_FLOPS_PER_S
-    seconds = max(flops / rate, in_features * hidden * dtype.itemsize / CORE_BYTES_PER_S)
-    if not onednn and flops >= SMALL_EXPERT_FLOPS:
+    flops = 2 * rows / active_experts * in_features * hidden
+    if not onednn_is_faster(dtype) and flops >= SMALL_EXPERT_FLOPS:
         return False
-    return seconds >= MIN_EXPERT_SECONDS
+    return _expert_seconds(rows, active_experts, in_features, hidden, dtype) >= MIN_EXPERT_SECONDS
+
+
+def shares_pay_off(
+    rows: int, active_experts: int, in_features: int, hidden: int, dtype: torch.dtype, threads: int
+) -> bool:
+    """Whether one grouped_mm call per worker, each over a share of the experts, beats a single
+    unthreaded call. Decode reads every active expert's weights for a row or two, which one core
+    does at its own memory bandwidth (measured: 128 experts of 256 x 256, ~50 of them active, 1.43
+    ms on one thread, 0.67 ms as two shares on two), once a share is long enough to pay the hand-off."""
+    if active_experts < 2 or threads < 2:
+        return False
+    seconds = _expert_seconds(rows, active_experts, in_features, hidden, dtype) * active_experts
+    return seconds / threads >= MIN_SHARE_SECONDS
 
 
 def grouped_experts(
@@ -301,16 +408,25 @@ def grouped_experts(
     num_experts, in_features, hidden = w_in.shape
     groups = ExpertGroups.build(token, expert, num_experts)
     active = len(groups.nonempty)
-    if parallel_workers is None:
-        parallel_workers = workers_enabled() and workers_pay_off(
-            len(token), active, in_features, hidden, x.dtype
-        )
     decode = len(token) < DECODE_ROWS_PER_EXPERT * max(1, active)
-    if backend == "auto" and not parallel_workers and decode:
+    if backend == "auto" and decode:
         backend = "grouped_mm"  # a few rows per expert: one C++ loop beats a Python one
     resolved = choose_backend(backend, x.dtype, hidden, in_features, w_out.shape[2])
-    parallel = resolved == "loop" and parallel_workers
+    threads = torch.get_num_threads()
+    if parallel_workers is None:
+        estimate = (len(token), active, in_features, hidden, x.dtype)
+        parallel_workers = workers_enabled() and (
+            shares_pay_off(*estimate, threads) if resolved == "grouped_mm" else workers_pay_off(*estimate)
+        )
+    shares = groups.shares(threads) if resolved == "grouped_mm" and parallel_workers else ()
+    parallel = parallel_workers and (resolved == "loop" or len(shares) > 1)
     plan = ExpertPlan(
-        groups, activation, weight_on, resolved, parallel, single_threaded=decode and not parallel
+        groups,
+        activation,
+        weight_on,
+        resolved,
+        parallel,
+        single_threaded=decode and not parallel,
+        shares=shares if parallel else (),
     )
     return GroupedExperts.apply(x, weight, w_in, w_out, b_in, b_out, plan)

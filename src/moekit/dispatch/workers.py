@@ -22,8 +22,11 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cache
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def _torch_openmp() -> ctypes.CDLL | None:
@@ -87,8 +90,7 @@ def for_each_expert(
     """Call fn(e, start, end) for every item; when `parallel`, the calling thread and
     threads-1 helpers each take a share of the experts, every GEMM single-threaded."""
     threads = torch.get_num_threads()
-    pool = worker_pool(threads - 1) if parallel and len(items) > 1 and threads > 1 else None
-    if pool is None:
+    if not parallel or len(items) < 2 or threads < 2 or worker_pool(threads - 1) is None:
         for item in items:
             fn(*item)
         return
@@ -97,10 +99,23 @@ def for_each_expert(
         for item in chunk:
             fn(*item)
 
-    own, *others = balanced_chunks(items, threads)
-    futures = [pool.submit(run, chunk) for chunk in others]
+    run_shares(balanced_chunks(items, threads), run)
+
+
+def run_shares(shares: Sequence[T], fn: Callable[[T], None]) -> None:
+    """fn(share) for every share at once: the calling thread takes the first, helper threads the
+    rest (run in turn on the calling thread where there are no helpers); every torch op inside
+    runs single-threaded. At most one share per torch thread."""
+    threads = torch.get_num_threads()
+    pool = worker_pool(threads - 1) if 1 < len(shares) <= threads else None
+    if pool is None:
+        for share in shares:
+            fn(share)
+        return
+    own, *others = shares
+    futures = [pool.submit(fn, share) for share in others]
     with single_threaded():
-        run(own)
+        fn(own)
     for future in futures:
         future.result()
 
