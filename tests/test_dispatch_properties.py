@@ -1,5 +1,6 @@
 """Property tests for routing and dispatch invariants: empty experts, one hot expert, drops, masks."""
 
+import threading
 from contextlib import contextmanager
 
 import pytest
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 
 import moekit.dispatch.grouped as grouped_module
 from moekit.dispatch.grouped import ExpertGroups, grouped_experts, grouped_mm_available
+from moekit.dispatch.workers import for_each_expert
 from moekit.experts.activations import make_activation
 from moekit.kernels.gemm import CHUNK_ROWS
 from moekit.routing.capacity import apply_capacity, expert_capacity, priority_key
@@ -308,6 +310,11 @@ def test_expert_shares_partition_experts_and_rows(counts, parts):
         assert share.row_stop - share.row_start == sum(sizes)
         # balanced: no share holds more than its part of the rows plus one expert's
         assert share.row_stop - share.row_start <= sum(counts) / parts + max(counts)
+    if parts == 2 and sum(c > 0 for c in counts) >= 2:
+        # each expert goes where its middle row falls: two shares, cut within half an expert of
+        # the middle row
+        assert len(shares) == 2
+        assert abs(shares[1].row_start - sum(counts) / 2) <= max(counts) / 2
 
 
 @pytest.mark.skipif(not grouped_mm_available(), reason="torch.nn.functional.grouped_mm needs torch >= 2.9")
@@ -363,3 +370,23 @@ def test_grouped_mm_shares_on_workers_match_float64(monkeypatch, weight_on):
     assert unused
     for grad in results[torch.float32][3:]:
         assert torch.count_nonzero(grad[unused]) == 0
+
+
+@given(st.lists(st.integers(0, 50), min_size=0, max_size=20))
+def test_workers_take_every_expert_exactly_once(sizes):
+    """The dynamic hand-out of experts to the calling thread and its helper: every expert slice
+    is run exactly once, whatever the sizes (empty, one, many, all equal)."""
+    items = []
+    for e, size in enumerate(sizes):
+        start = items[-1][2] if items else 0
+        items.append((e, start, start + size))
+    seen = []
+    lock = threading.Lock()
+
+    def record(e, start, stop):
+        with lock:
+            seen.append((e, start, stop))
+
+    with torch_threads(2):
+        for_each_expert(items, record, parallel=True)
+    assert sorted(seen) == items

@@ -40,15 +40,18 @@ TOKEN_COUNTS = (2048, 8)
 MODES = ("fwd", "fwd_bwd")
 
 
-def build_layer(shape: Shape, backend: str = "auto") -> MoE:
-    """A Qwen3-MoE-style layer (softmax -> top-k -> renormalise, SwiGLU experts)."""
+def build_layer(shape: Shape, backend: str = "auto", seed: int = 0) -> MoE:
+    """A Qwen3-MoE-style layer (softmax -> top-k -> renormalise, SwiGLU experts), its weights drawn
+    from `seed`: the routing, and with it every expert's row count, is the same from run to run."""
     config = MoEConfig(
         hidden_size=shape.hidden,
         ff_size=shape.ff,
         router=preset("qwen3_moe", shape.num_experts, shape.top_k),
         backend=backend,
     )
-    return MoE(config).train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MoE(config).train()
 
 
 def contenders_for(
