@@ -2,6 +2,7 @@
 
 import threading
 from contextlib import contextmanager
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -17,6 +18,18 @@ from moekit.routing.capacity import apply_capacity, expert_capacity, priority_ke
 from moekit.routing.record import Assignments
 from moekit.routing.spec import RouterSpec
 from moekit.routing.token_choice import TokenChoiceRouter
+
+EXPERT_PATHS = ("serial", "workers", "fused")
+
+
+@contextmanager
+def expert_path(path: str):
+    """The loop backend's paths: `serial`, `workers` (each product a task per expert) and `fused`
+    (each expert's whole forward and backward one task, forced on whatever the expert size).
+    Yields the `parallel_workers` flag for `grouped_experts`."""
+    min_seconds = 0.0 if path == "fused" else float("inf")
+    with patch.object(grouped_module, "MIN_FUSED_EXPERT_SECONDS", min_seconds):
+        yield path != "serial"
 
 
 @st.composite
@@ -121,10 +134,11 @@ def assignment_sets(draw):
     st.sampled_from(["swiglu", "gelu", "relu2", "clamped_swiglu"]),
     st.sampled_from(["output", "input"]),
     st.booleans(),
-    st.booleans(),
+    st.sampled_from(EXPERT_PATHS),
 )
-def test_every_kept_assignment_is_computed_exactly_once(case, act_name, weight_on, bias, workers):
-    """Also on the per-expert worker path (`workers`), whatever the machine would choose."""
+def test_every_kept_assignment_is_computed_exactly_once(case, act_name, weight_on, bias, path):
+    """On every path of the loop backend (serial, per-expert workers, whole-expert tasks),
+    whatever the machine would choose."""
     num_tokens, num_experts, pairs, seed = case
     gen = torch.Generator().manual_seed(seed)
     hidden, ff = 5, 3
@@ -147,23 +161,24 @@ def test_every_kept_assignment_is_computed_exactly_once(case, act_name, weight_o
         if bias
         else None
     )
-    y = grouped_experts(
-        x,
-        token,
-        expert,
-        weight,
-        w_in,
-        w_out,
-        b_in,
-        b_out,
-        act,
-        weight_on,
-        backend="loop",
-        parallel_workers=workers,
-    )
     upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
     leaves = [t for t in (x, weight, w_in, w_out, b_in, b_out) if t is not None]
-    grads = torch.autograd.grad((y * upstream).sum(), leaves, allow_unused=False)
+    with expert_path(path) as parallel_workers:
+        y = grouped_experts(
+            x,
+            token,
+            expert,
+            weight,
+            w_in,
+            w_out,
+            b_in,
+            b_out,
+            act,
+            weight_on,
+            backend="loop",
+            parallel_workers=parallel_workers,
+        )
+        grads = torch.autograd.grad((y * upstream).sum(), leaves, allow_unused=False)
 
     expected = torch.zeros(num_tokens, hidden, dtype=torch.float64)
     for i, (t, e) in enumerate(pairs):
@@ -206,8 +221,10 @@ def torch_threads(count: int):
         torch.set_num_threads(before)
 
 
-def test_parallel_expert_workers_match_the_serial_loop():
-    """The worker path (whole experts per single-threaded worker) computes the same thing."""
+@pytest.mark.parametrize("path", ["workers", "fused"])
+def test_parallel_expert_workers_match_the_serial_loop(path):
+    """The worker paths (experts on single-threaded workers; with `fused`, each expert's whole
+    forward and backward as one task) compute the same thing as the serial loop."""
     gen = torch.Generator().manual_seed(3)
     num_tokens, num_experts, k, hidden, ff = 300, 6, 2, 8, 5
     act = make_activation("swiglu")
@@ -221,28 +238,29 @@ def test_parallel_expert_workers_match_the_serial_loop():
     upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
     results = []
     with torch_threads(2):
-        for parallel in (False, True):
-            y = grouped_experts(
-                x,
-                token,
-                expert,
-                weight,
-                w_in,
-                w_out,
-                None,
-                None,
-                act,
-                backend="loop",
-                parallel_workers=parallel,
-            )
-            grads = torch.autograd.grad((y * upstream).sum(), (x, weight, w_in, w_out))
+        for run_path in ("serial", path):
+            with expert_path(run_path) as parallel:
+                y = grouped_experts(
+                    x,
+                    token,
+                    expert,
+                    weight,
+                    w_in,
+                    w_out,
+                    None,
+                    None,
+                    act,
+                    backend="loop",
+                    parallel_workers=parallel,
+                )
+                grads = torch.autograd.grad((y * upstream).sum(), (x, weight, w_in, w_out))
             results.append((y, *grads))
     for serial, parallel in zip(*results, strict=True):
         torch.testing.assert_close(parallel, serial, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("parallel", [False, True])
-def test_float32_kernel_path_matches_float64(parallel):
+@pytest.mark.parametrize("path", EXPERT_PATHS)
+def test_float32_kernel_path_matches_float64(path):
     """fp32 experts big enough for the GEMM kernel's chunked, row-bucketed products (one expert
     past CHUNK_ROWS rows, ragged tails, one expert empty), on the serial loop and on the workers:
     the output and every gradient close to the same computation in float64 (itself held to the
@@ -269,20 +287,21 @@ def test_float32_kernel_path_matches_float64(parallel):
     with torch_threads(2):
         for dtype in (torch.float64, torch.float32):
             x, weight, w_in, w_out = (t.to(dtype).requires_grad_() for t in inputs)
-            y = grouped_experts(
-                x,
-                token,
-                expert,
-                weight,
-                w_in,
-                w_out,
-                None,
-                None,
-                act,
-                backend="loop",
-                parallel_workers=parallel,
-            )
-            grads = torch.autograd.grad((y * upstream.to(dtype)).sum(), (x, weight, w_in, w_out))
+            with expert_path(path) as parallel:
+                y = grouped_experts(
+                    x,
+                    token,
+                    expert,
+                    weight,
+                    w_in,
+                    w_out,
+                    None,
+                    None,
+                    act,
+                    backend="loop",
+                    parallel_workers=parallel,
+                )
+                grads = torch.autograd.grad((y * upstream.to(dtype)).sum(), (x, weight, w_in, w_out))
             results[dtype] = (y, *grads)
     for fast, exact in zip(results[torch.float32], results[torch.float64], strict=True):
         torch.testing.assert_close(fast.double(), exact, rtol=1e-4, atol=1e-4)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moekit.dispatch.fused import FusedExperts
 from moekit.dispatch.workers import (
     balanced_chunks,
     for_each_expert,
@@ -45,6 +46,8 @@ SMALL_EXPERT_FLOPS = 256e6
 MIN_EXPERT_SECONDS = 50e-6
 # With fewer rows than this per active expert (decode), `auto` picks grouped_mm.
 DECODE_ROWS_PER_EXPERT = 4
+# An expert's first product should take at least this long to run its whole expert as one task.
+MIN_FUSED_EXPERT_SECONDS = 1e-3
 # A grouped_mm share on a worker should take at least this long to pay for the hand-off.
 MIN_SHARE_SECONDS = 100e-6
 # Rough single-core rates used for that estimate (this machine class: AVX2/AVX-512, ~2 cores).
@@ -151,6 +154,8 @@ class ExpertPlan:
     single_threaded: bool = False  # decode-sized GEMMs: unthreaded is faster than MKL's hand-off
     # grouped_mm on the workers: one call per share of the experts (empty: one call in all)
     shares: tuple[ExpertShare, ...] = ()
+    # loop on the workers: each expert's whole forward and backward as one task
+    fused: FusedExperts | None = None
 
 
 def _rows_times_weight(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tensor:
@@ -192,11 +197,16 @@ def _share_weight_grad(grad_rows: Tensor, in_rows: Tensor, share: ExpertShare, p
     rows. Written in place: the packed gradient is the largest tensor of a decode step (50 MB at
     128 experts of 256 x 128), and a grouped_mm result would have to be copied into it."""
     bounds = share.row_offsets
+    empty_from = share.first  # experts [empty_from, e) have no rows: zeroed in one call
     for e, start, stop in zip(range(share.first, share.stop), bounds, bounds[1:], strict=False):
         if start == stop:
-            packed[e].zero_()
-        else:
-            torch.mm(grad_rows[start:stop].t(), in_rows[start:stop], out=packed[e])
+            continue
+        if empty_from < e:
+            packed[empty_from:e].zero_()
+        torch.mm(grad_rows[start:stop].t(), in_rows[start:stop], out=packed[e])
+        empty_from = e + 1
+    if empty_from < share.stop:
+        packed[empty_from : share.stop].zero_()
 
 
 def _expert_products(rows: Tensor, plan: ExpertPlan, product, width: int) -> Tensor:
@@ -275,6 +285,11 @@ def _backward_pair(
     return grad_weight, _expert_products(grad_rows, plan, both, weight.shape[2])
 
 
+def _scale(weight: Tensor, x: Tensor) -> Tensor:
+    """The routing weights as a column [A, 1] in the activations' dtype."""
+    return weight.to(x.dtype).unsqueeze(1)
+
+
 class GroupedExperts(torch.autograd.Function):
     """y[t] = sum over kept assignments (t, e, w) of w * expert_e(x[t]) (or expert_e(w * x[t]))."""
 
@@ -292,6 +307,10 @@ class GroupedExperts(torch.autograd.Function):
     def _forward(ctx, x, weight, w_in, w_out, b_in, b_out, plan: ExpertPlan):
         ctx.plan = plan
         ctx.has_bias = (b_in is not None, b_out is not None)
+        if plan.fused is not None:
+            out, ctx.fused_rows = plan.fused.forward(x, _scale(weight, x), w_in, w_out, b_in, b_out)
+            ctx.save_for_backward(x, weight, w_in, w_out, b_out)
+            return out
         groups, act = plan.groups, plan.activation
         scale = weight.to(x.dtype).unsqueeze(1)
         xs = x.index_select(0, groups.token)
@@ -312,6 +331,13 @@ class GroupedExperts(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_out):
         plan: ExpertPlan = ctx.plan
+        if plan.fused is not None:
+            x, weight, w_in, w_out, b_out = ctx.saved_tensors
+            grads = plan.fused.backward(
+                grad_out, x, _scale(weight, x), ctx.fused_rows, w_in, w_out, b_out, ctx.needs_input_grad[:6]
+            )
+            grad_x, grad_weight, *rest = grads
+            return (grad_x, grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None, *rest, None)
         xs, weight, w_in, w_out, b_out, h, a, a_in = ctx.saved_tensors
         groups, act = plan.groups, plan.activation
         num_experts = w_in.shape[0]
@@ -377,6 +403,15 @@ def workers_pay_off(
     return _expert_seconds(rows, active_experts, in_features, hidden, dtype) >= MIN_EXPERT_SECONDS
 
 
+def fused_pays_off(rows: int, active_experts: int, in_features: int, hidden: int, dtype: torch.dtype) -> bool:
+    """Whether each expert's whole forward and backward should run as one task (`fused.py`):
+    measured, it takes the coarse shape (8 experts of 512 rows, 512 x 2048) from 1.22x to 1.15x of
+    the dense chain, but slows fine and very fine experts (192 and 128 rows) by 10-35 %: an
+    expert task then runs some twenty small ops whose dispatch, on two threads at once, queues on
+    the interpreter lock, while the unfused path runs them once over all experts."""
+    return _expert_seconds(rows, active_experts, in_features, hidden, dtype) >= MIN_FUSED_EXPERT_SECONDS
+
+
 def shares_pay_off(
     rows: int, active_experts: int, in_features: int, hidden: int, dtype: torch.dtype, threads: int
 ) -> bool:
@@ -413,13 +448,16 @@ def grouped_experts(
         backend = "grouped_mm"  # a few rows per expert: one C++ loop beats a Python one
     resolved = choose_backend(backend, x.dtype, hidden, in_features, w_out.shape[2])
     threads = torch.get_num_threads()
+    estimate = (len(token), active, in_features, hidden, x.dtype)
     if parallel_workers is None:
-        estimate = (len(token), active, in_features, hidden, x.dtype)
         parallel_workers = workers_enabled() and (
             shares_pay_off(*estimate, threads) if resolved == "grouped_mm" else workers_pay_off(*estimate)
         )
     shares = groups.shares(threads) if resolved == "grouped_mm" and parallel_workers else ()
     parallel = parallel_workers and (resolved == "loop" or len(shares) > 1)
+    fused = None
+    if parallel and resolved == "loop" and fused_pays_off(*estimate):
+        fused = FusedExperts(token, expert, groups.nonempty, activation, weight_on == "output")
     plan = ExpertPlan(
         groups,
         activation,
@@ -428,5 +466,6 @@ def grouped_experts(
         parallel,
         single_threaded=decode and not parallel,
         shares=shares if parallel else (),
+        fused=fused,
     )
     return GroupedExperts.apply(x, weight, w_in, w_out, b_in, b_out, plan)

@@ -133,6 +133,15 @@ def padded_stop(start: int, stop: int, buffer_rows: int, dtype: torch.dtype) -> 
     return end if tail and end - (stop - tail) >= ONEDNN_MIN_ROWS and end <= buffer_rows else stop
 
 
+def padded_rows(rows: int, dtype: torch.dtype) -> int:
+    """How many rows to give a product of `rows` rows (the extra ones zero) so that `linear_parts`
+    and `weight_grad` compute it all on oneDNN in bucketed shapes: `rows` rounded up to ROW_BUCKET
+    where oneDNN is used, else `rows`."""
+    if rows < ONEDNN_MIN_ROWS or not onednn_is_faster(dtype):
+        return rows
+    return -(-rows // ROW_BUCKET) * ROW_BUCKET
+
+
 def linear_rows(rows: Tensor, start: int, stop: int, weight: Tensor) -> list[Tensor]:
     """rows[start:stop] @ weight.T as consecutive row blocks, for a slice of a larger buffer:
     oneDNN products of bucketed shapes reading up to `padded_stop` so that most slices take a
