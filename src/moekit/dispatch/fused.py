@@ -1,11 +1,13 @@
 """Whole-expert tasks for the worker path: an expert's gather, both products, activation and
 routing weight (forward), and its whole backward, each run as one task while its rows are in cache.
 
-Why: with the expert products on oneDNN, the rest of the grouped path cost as much as a third of
-the layer at fine experts: full-size gathers, activations and their derivatives streamed through
-memory on the main thread, and every expert's product copied into a shared buffer. Here the only
-full-size passes left are the combine (`index_add_` on the calling thread, in a fixed order, so
-results do not depend on which worker ran which expert) and the packed weight gradients.
+Why: otherwise the gathers, activations and their derivatives stream full-size tensors through
+memory between the per-expert products, and every product is copied into a shared buffer. Here
+the only full-size passes left are the combine (`index_add_` on the calling thread, in a fixed
+order, so results do not depend on which worker ran which expert) and the packed weight
+gradients. It pays off for large experts only (`grouped.fused_pays_off`): an expert task runs some
+twenty small ops, and for many small experts their dispatch, on two threads at once, queues on
+the interpreter lock.
 
 Each expert's rows are padded with zero rows up to the GEMM kernel's row bucket, so every product
 is a single oneDNN call of a shape it has compiled; zero input and zero upstream-gradient rows
@@ -62,7 +64,6 @@ class FusedExperts:
     """The forward and backward of the grouped experts as whole-expert tasks on the workers."""
 
     token: Tensor  # [A] expert-sorted token ids
-    expert: Tensor  # [A]
     nonempty: tuple[tuple[int, int, int], ...]  # (expert, start, end)
     activation: Activation
     on_output: bool  # routing weight applied to the expert's output (else to its input)
@@ -149,7 +150,7 @@ class FusedExperts:
         for_each_expert(self.nonempty, run, parallel=True)
         grad_x = None
         if needs[0]:
-            grad_x = torch.zeros(grad_out.shape[0], w_in.shape[2], dtype=grad_xs.dtype)
+            grad_x = grad_xs.new_zeros(grad_out.shape[0], w_in.shape[2])
             grad_x.index_add_(0, self.token, grad_xs)
         return grad_x, grad_scale, grad_w_in, grad_w_out, grad_b_in, grad_b_out
 

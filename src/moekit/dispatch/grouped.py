@@ -10,7 +10,8 @@ Backends, chosen per call:
 - `loop`: one GEMM per non-empty expert over expert-sorted rows, written into its slice of the
   output (`moekit.kernels.gemm`: oneDNN or MKL, whichever is faster here); any dtype. Where the
   experts are small, whole experts go to single-threaded workers (`dispatch/workers.py`), and each
-  expert's two backward GEMMs run in one task.
+  expert's two backward GEMMs run in one task; where they are large, each expert's whole forward
+  and backward is one task (`dispatch/fused.py`).
 - `grouped_mm`: `torch.nn.functional.grouped_mm` (fp32/bf16/fp16, 16-byte-aligned strides), one
   C++ loop over the experts; `auto` takes it for decode-sized inputs (a few rows per expert),
   weight gradients included: unthreaded, or, where the experts' weights take long enough to read,
@@ -63,6 +64,7 @@ class ExpertShare:
     first: int
     stop: int
     row_offsets: tuple[int, ...]  # start row of each expert in [first, stop), then the end row
+    device: torch.device
 
     @property
     def row_start(self) -> int:
@@ -75,7 +77,8 @@ class ExpertShare:
     @cached_property
     def grouped_mm_offsets(self) -> Tensor:
         """Each expert's end row relative to row_start, as grouped_mm takes them."""
-        return torch.tensor([end - self.row_start for end in self.row_offsets[1:]], dtype=torch.int32)
+        ends = [end - self.row_start for end in self.row_offsets[1:]]
+        return torch.tensor(ends, dtype=torch.int32, device=self.device)
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,7 @@ class ExpertGroups:
         chunks = balanced_chunks(self.nonempty, parts)
         firsts = [0] + [chunk[0][0] for chunk in chunks[1:]] + [len(self.counts)]
         return tuple(
-            ExpertShare(first, stop, self.offsets[first : stop + 1])
+            ExpertShare(first, stop, self.offsets[first : stop + 1], self.token.device)
             for first, stop in itertools.pairwise(firsts)
         )
 
@@ -404,11 +407,11 @@ def workers_pay_off(
 
 
 def fused_pays_off(rows: int, active_experts: int, in_features: int, hidden: int, dtype: torch.dtype) -> bool:
-    """Whether each expert's whole forward and backward should run as one task (`fused.py`):
-    measured, it takes the coarse shape (8 experts of 512 rows, 512 x 2048) from 1.22x to 1.15x of
-    the dense chain, but slows fine and very fine experts (192 and 128 rows) by 10-35 %: an
-    expert task then runs some twenty small ops whose dispatch, on two threads at once, queues on
-    the interpreter lock, while the unfused path runs them once over all experts."""
+    """Whether each expert's whole forward and backward should run as one task (`fused.py`).
+    Measured side by side: 4 % faster at 8 experts of 512 rows (512 x 2048) and 5 % at the demo
+    model's 16 experts of ~1024 rows, but 3 % slower at 64 experts of 192 rows and ~35 % at 128
+    of 128: an expert task runs some twenty small ops, whose dispatch, on two threads at once,
+    queues on the interpreter lock, while the unfused path runs them once over all experts."""
     return _expert_seconds(rows, active_experts, in_features, hidden, dtype) >= MIN_FUSED_EXPERT_SECONDS
 
 
@@ -457,7 +460,7 @@ def grouped_experts(
     parallel = parallel_workers and (resolved == "loop" or len(shares) > 1)
     fused = None
     if parallel and resolved == "loop" and fused_pays_off(*estimate):
-        fused = FusedExperts(token, expert, groups.nonempty, activation, weight_on == "output")
+        fused = FusedExperts(token, groups.nonempty, activation, weight_on == "output")
     plan = ExpertPlan(
         groups,
         activation,
