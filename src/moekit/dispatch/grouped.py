@@ -408,9 +408,9 @@ def workers_pay_off(
 
 def fused_pays_off(rows: int, active_experts: int, in_features: int, hidden: int, dtype: torch.dtype) -> bool:
     """Whether each expert's whole forward and backward should run as one task (`fused.py`).
-    Measured side by side: 4 % faster at 8 experts of 512 rows (512 x 2048) and 5 % at the demo
-    model's 16 experts of ~1024 rows, but 3 % slower at 64 experts of 192 rows and ~35 % at 128
-    of 128: an expert task runs some twenty small ops, whose dispatch, on two threads at once,
+    Measured side by side: 4 % faster at 8 experts of 512 rows (512 x 2048) and 5-8 % at the demo
+    model's 16 experts of ~1024 rows, level at 64 experts of 192 rows and 7 % slower at 128 of
+    128: an expert task runs some twenty small ops, whose dispatch, on two threads at once,
     queues on the interpreter lock, while the unfused path runs them once over all experts."""
     return _expert_seconds(rows, active_experts, in_features, hidden, dtype) >= MIN_FUSED_EXPERT_SECONDS
 
