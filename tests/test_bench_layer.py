@@ -29,7 +29,10 @@ def test_report_shape(tmp_path):
     )
     path = tmp_path / "layer.json"
     path.write_text(json.dumps(report))
-    results = json.loads(path.read_text())["results"]
+    saved = json.loads(path.read_text())
+    results = saved["results"]
+    round_trip = saved["settings"]["thread_round_trip_us"]
+    assert 0 < round_trip["before"] < 1e6 and 0 < round_trip["after"] < 1e6
     assert {r["impl"] for r in results} == {"moekit", "dense", "dense_torch"}
     for r in results:
         assert r["shape"] == "very_fine" and r["tokens"] == 8 and r["mode"] in ("fwd", "fwd_bwd")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.bench.machine import thread_round_trip_us
 from moekit.bench.peers import PEER_PACKAGES, PEERS, Contender, dense_contenders, moekit_contender
 from moekit.io import write_json_atomic
 from moekit.layer import MoE, MoEConfig
@@ -120,6 +121,7 @@ def run_layer_benchmark(
 ) -> dict:
     notes: list[str] = []
     results = []
+    round_trip_before = thread_round_trip_us()
     for shape_name in shapes:
         shape = SHAPES[shape_name]
         contenders = contenders_for(shape, peers, notes, backend)
@@ -151,7 +153,11 @@ def run_layer_benchmark(
         results=results,
         notes=sorted(set(notes)),
         settings=dict(
-            repeats=repeats, warmup=warmup, threads=torch.get_num_threads(), torch=torch.__version__
+            repeats=repeats,
+            warmup=warmup,
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            thread_round_trip_us=dict(before=round_trip_before, after=thread_round_trip_us()),
         ),
     )
 
@@ -204,6 +210,11 @@ def main(args) -> int:
     print(format_table(report))
     for note in report["notes"]:
         print(f"note: {note}")
+    round_trip = report["settings"]["thread_round_trip_us"]
+    print(
+        f"thread wake-up round trip: {round_trip['before']:.0f} us before, {round_trip['after']:.0f} us "
+        "after (higher means the OS is slower to wake threads, which slows moekit's expert workers)"
+    )
     if args.json:
         write_json_atomic(Path(args.json), report)
         print(f"wrote {args.json}")
