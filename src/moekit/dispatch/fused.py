@@ -16,6 +16,7 @@ contribute exactly nothing to the weight gradients, and the padded outputs are d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,7 @@ class FusedExperts:
 
     token: Tensor  # [A] expert-sorted token ids
     nonempty: tuple[tuple[int, int, int], ...]  # (expert, start, end)
+    empty_experts: tuple[int, ...]
     activation: Activation
     on_output: bool  # routing weight applied to the expert's output (else to its input)
 
@@ -117,8 +119,8 @@ class FusedExperts:
         grad_out = grad_out.contiguous()
         grad_xs = grad_out.new_empty(len(self.token), w_in.shape[2])
         grad_scale = grad_out.new_empty(len(self.token))
-        grad_w_in = _zero_for_empty(w_in, self.nonempty) if needs[2] else None
-        grad_w_out = _zero_for_empty(w_out, self.nonempty) if needs[3] else None
+        grad_w_in = packed_grad(w_in.shape, w_in, self.empty_experts) if needs[2] else None
+        grad_w_out = packed_grad(w_out.shape, w_out, self.empty_experts) if needs[3] else None
         grad_b_in = grad_out.new_zeros(num_experts, w_in.shape[1]) if needs[4] else None
         grad_b_out = grad_out.new_zeros(num_experts, w_out.shape[1]) if needs[5] else None
 
@@ -155,10 +157,10 @@ class FusedExperts:
         return grad_x, grad_scale, grad_w_in, grad_w_out, grad_b_in, grad_b_out
 
 
-def _zero_for_empty(like: Tensor, nonempty: tuple[tuple[int, int, int], ...]) -> Tensor:
-    """A packed gradient whose experts without rows are exactly zero (the rest is written)."""
-    out = torch.empty_like(like)
-    used = torch.zeros(like.shape[0], dtype=torch.bool)
-    used[[e for e, _, _ in nonempty]] = True
-    out[~used] = 0
-    return out
+def packed_grad(shape: torch.Size, like: Tensor, empty_experts: Sequence[int]) -> Tensor:
+    """The packed [E, ...] weight gradient that expert tasks copy their slices into; experts that
+    received no rows get exactly zero."""
+    packed = like.new_empty(shape)
+    for e in empty_experts:
+        packed[e].zero_()
+    return packed

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.dispatch.fused import FusedExperts
+from moekit.dispatch.fused import FusedExperts, packed_grad
 from moekit.dispatch.workers import (
     balanced_chunks,
     for_each_expert,
@@ -227,15 +227,6 @@ def _expert_products(rows: Tensor, plan: ExpertPlan, product, width: int) -> Ten
     return out
 
 
-def _packed_grad(shape: torch.Size, like: Tensor, groups: ExpertGroups) -> Tensor:
-    """The packed [E, ...] weight gradient that expert tasks copy their slices into; experts that
-    received no rows get exactly zero."""
-    packed = like.new_empty(shape)
-    for e in groups.empty_experts:
-        packed[e].zero_()
-    return packed
-
-
 def _weight_grad(grad_rows: Tensor, in_rows: Tensor, plan: ExpertPlan, shape: torch.Size) -> Tensor:
     """Packed gradient [E, n_out, n_in]: slice e = grad_rows[e]^T @ in_rows[e]; empty experts 0."""
     groups = plan.groups
@@ -246,7 +237,7 @@ def _weight_grad(grad_rows: Tensor, in_rows: Tensor, plan: ExpertPlan, shape: to
     if plan.backend == "grouped_mm" and plan.single_threaded:
         # decode: one C++ loop beats ~E Python-dispatched GEMMs and zero fills
         return F.grouped_mm(grad_rows.t(), in_rows, offs=groups.grouped_mm_offsets)
-    packed = _packed_grad(shape, grad_rows, groups)
+    packed = packed_grad(shape, grad_rows, groups.empty_experts)
 
     def run(e: int, s: int, t: int) -> None:
         packed[e].copy_(weight_grad(grad_rows[s:t], in_rows[s:t]))
@@ -278,7 +269,9 @@ def _backward_pair(
     if not plan.parallel:
         grad_weight = _weight_grad(grad_rows, in_rows, plan, weight.shape) if weight_grad_needed else None
         return grad_weight, _rows_times_weight_t(grad_rows, weight, plan)
-    grad_weight = _packed_grad(weight.shape, grad_rows, plan.groups) if weight_grad_needed else None
+    grad_weight = (
+        packed_grad(weight.shape, grad_rows, plan.groups.empty_experts) if weight_grad_needed else None
+    )
 
     def both(e: int, s: int, t: int) -> list[Tensor]:
         if grad_weight is not None:
@@ -315,7 +308,7 @@ class GroupedExperts(torch.autograd.Function):
             ctx.save_for_backward(x, weight, w_in, w_out, b_out)
             return out
         groups, act = plan.groups, plan.activation
-        scale = weight.to(x.dtype).unsqueeze(1)
+        scale = _scale(weight, x)
         xs = x.index_select(0, groups.token)
         xs_in = xs * scale if plan.weight_on == "input" else xs
         h = _rows_times_weight(xs_in, w_in, plan)
@@ -344,7 +337,7 @@ class GroupedExperts(torch.autograd.Function):
         xs, weight, w_in, w_out, b_out, h, a, a_in = ctx.saved_tensors
         groups, act = plan.groups, plan.activation
         num_experts = w_in.shape[0]
-        scale = weight.to(xs.dtype).unsqueeze(1)
+        scale = _scale(weight, xs)
         on_output = plan.weight_on == "output"
 
         grad_ys = grad_out.contiguous().index_select(0, groups.token)
@@ -460,7 +453,9 @@ def grouped_experts(
     parallel = parallel_workers and (resolved == "loop" or len(shares) > 1)
     fused = None
     if parallel and resolved == "loop" and fused_pays_off(*estimate):
-        fused = FusedExperts(token, groups.nonempty, activation, weight_on == "output")
+        fused = FusedExperts(
+            token, groups.nonempty, tuple(groups.empty_experts), activation, weight_on == "output"
+        )
     plan = ExpertPlan(
         groups,
         activation,

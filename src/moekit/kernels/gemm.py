@@ -121,18 +121,6 @@ def linear_parts(x: Tensor, weight: Tensor) -> list[Tensor]:
     return parts
 
 
-def padded_stop(start: int, stop: int, buffer_rows: int, dtype: torch.dtype) -> int:
-    """Where `linear_rows`'s products over rows[start:stop] of a `buffer_rows`-row buffer end:
-    past `stop` when oneDNN computes the tail rounded up to ROW_BUCKET rows and the buffer has
-    them (the extra rows' output is dropped), else at `stop`."""
-    count = stop - start
-    if count < ONEDNN_MIN_ROWS or not onednn_is_faster(dtype):
-        return stop
-    tail = count % CHUNK_ROWS
-    end = stop - tail + -(-tail // ROW_BUCKET) * ROW_BUCKET
-    return end if tail and end - (stop - tail) >= ONEDNN_MIN_ROWS and end <= buffer_rows else stop
-
-
 def padded_rows(rows: int, dtype: torch.dtype) -> int:
     """How many rows to give a product of `rows` rows (the extra ones zero) so that `linear_parts`
     and `weight_grad` compute it all on oneDNN in bucketed shapes: `rows` rounded up to ROW_BUCKET
@@ -140,6 +128,15 @@ def padded_rows(rows: int, dtype: torch.dtype) -> int:
     if rows < ONEDNN_MIN_ROWS or not onednn_is_faster(dtype):
         return rows
     return -(-rows // ROW_BUCKET) * ROW_BUCKET
+
+
+def padded_stop(start: int, stop: int, buffer_rows: int, dtype: torch.dtype) -> int:
+    """Where `linear_rows`'s products over rows[start:stop] of a `buffer_rows`-row buffer end:
+    past `stop` (at start + `padded_rows`) when oneDNN computes the tail rounded up and the buffer
+    has those rows (the extra rows' output is dropped), else at `stop`."""
+    end = start + padded_rows(stop - start, dtype)
+    tail = (stop - start) % CHUNK_ROWS
+    return end if tail and end - (stop - tail) >= ONEDNN_MIN_ROWS and end <= buffer_rows else stop
 
 
 def linear_rows(rows: Tensor, start: int, stop: int, weight: Tensor) -> list[Tensor]:
