@@ -221,40 +221,58 @@ def torch_threads(count: int):
         torch.set_num_threads(before)
 
 
+def sorted_topk_assignments(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token, expert) for each token's top-k experts, sorted by expert as dispatch expects."""
+    expert = torch.topk(logits, k).indices.reshape(-1)
+    expert, order = expert.sort(stable=True)
+    return torch.arange(logits.shape[0]).repeat_interleave(k)[order], expert
+
+
+def swiglu_inputs(
+    gen, num_tokens, num_assignments, num_experts, hidden, ff, weight_scale, dtype=torch.float64
+):
+    """(x, routing weights, w_in, w_out) for packed SwiGLU experts."""
+    return (
+        torch.randn(num_tokens, hidden, dtype=dtype, generator=gen),
+        torch.rand(num_assignments, dtype=dtype, generator=gen),
+        torch.randn(num_experts, 2 * ff, hidden, dtype=dtype, generator=gen) * weight_scale,
+        torch.randn(num_experts, hidden, ff, dtype=dtype, generator=gen) * weight_scale,
+    )
+
+
+def swiglu_output_and_grads(inputs, token, expert, upstream, dtype, **options):
+    """The grouped SwiGLU experts' output on `inputs` cast to `dtype`, and the gradients of x, the
+    routing weights, w_in and w_out for the upstream gradient `upstream`."""
+    x, weight, w_in, w_out = (t.detach().to(dtype).requires_grad_() for t in inputs)
+    act = make_activation("swiglu")
+    y = grouped_experts(x, token, expert, weight, w_in, w_out, None, None, act, **options)
+    return (y, *torch.autograd.grad((y * upstream.to(dtype)).sum(), (x, weight, w_in, w_out)))
+
+
 @pytest.mark.parametrize("path", ["workers", "fused"])
 def test_parallel_expert_workers_match_the_serial_loop(path):
     """The worker paths (experts on single-threaded workers; with `fused`, each expert's whole
     forward and backward as one task) compute the same thing as the serial loop."""
     gen = torch.Generator().manual_seed(3)
     num_tokens, num_experts, k, hidden, ff = 300, 6, 2, 8, 5
-    act = make_activation("swiglu")
-    expert = torch.topk(torch.randn(num_tokens, num_experts, generator=gen), k).indices.reshape(-1)
-    expert, order = expert.sort(stable=True)
-    token = torch.arange(num_tokens).repeat_interleave(k)[order]
-    weight = torch.rand(len(token), dtype=torch.float64, generator=gen).requires_grad_()
-    x = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen).requires_grad_()
-    w_in = torch.randn(num_experts, 2 * ff, hidden, dtype=torch.float64, generator=gen).requires_grad_()
-    w_out = torch.randn(num_experts, hidden, ff, dtype=torch.float64, generator=gen).requires_grad_()
+    token, expert = sorted_topk_assignments(torch.randn(num_tokens, num_experts, generator=gen), k)
+    inputs = swiglu_inputs(gen, num_tokens, len(token), num_experts, hidden, ff, weight_scale=1.0)
     upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
     results = []
     with torch_threads(2):
         for run_path in ("serial", path):
             with expert_path(run_path) as parallel:
-                y = grouped_experts(
-                    x,
-                    token,
-                    expert,
-                    weight,
-                    w_in,
-                    w_out,
-                    None,
-                    None,
-                    act,
-                    backend="loop",
-                    parallel_workers=parallel,
+                results.append(
+                    swiglu_output_and_grads(
+                        inputs,
+                        token,
+                        expert,
+                        upstream,
+                        torch.float64,
+                        backend="loop",
+                        parallel_workers=parallel,
+                    )
                 )
-                grads = torch.autograd.grad((y * upstream).sum(), (x, weight, w_in, w_out))
-            results.append((y, *grads))
     for serial, parallel in zip(*results, strict=True):
         torch.testing.assert_close(parallel, serial, rtol=1e-12, atol=1e-12)
 
@@ -267,42 +285,20 @@ def test_float32_kernel_path_matches_float64(path):
     per-assignment reference above)."""
     gen = torch.Generator().manual_seed(4)
     num_tokens, num_experts, k, hidden, ff = 1500, 6, 2, 32, 24
-    act = make_activation("swiglu")
     logits = torch.randn(num_tokens, num_experts, generator=gen)
     logits[:, 0] += 4.0  # expert 0 is in almost every token's top-2
     logits[:, 5] = -float("inf")  # expert 5 receives nothing
-    expert = torch.topk(logits, k).indices.reshape(-1)
-    expert, order = expert.sort(stable=True)
-    token = torch.arange(num_tokens).repeat_interleave(k)[order]
+    token, expert = sorted_topk_assignments(logits, k)
     counts = torch.bincount(expert, minlength=num_experts)
     assert counts[0] > CHUNK_ROWS and counts[5] == 0
-    inputs = (
-        torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen),
-        torch.rand(len(token), dtype=torch.float64, generator=gen),
-        torch.randn(num_experts, 2 * ff, hidden, dtype=torch.float64, generator=gen) * 0.2,
-        torch.randn(num_experts, hidden, ff, dtype=torch.float64, generator=gen) * 0.2,
-    )
+    inputs = swiglu_inputs(gen, num_tokens, len(token), num_experts, hidden, ff, weight_scale=0.2)
     upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
     results = {}
-    with torch_threads(2):
+    with torch_threads(2), expert_path(path) as parallel:
         for dtype in (torch.float64, torch.float32):
-            x, weight, w_in, w_out = (t.to(dtype).requires_grad_() for t in inputs)
-            with expert_path(path) as parallel:
-                y = grouped_experts(
-                    x,
-                    token,
-                    expert,
-                    weight,
-                    w_in,
-                    w_out,
-                    None,
-                    None,
-                    act,
-                    backend="loop",
-                    parallel_workers=parallel,
-                )
-                grads = torch.autograd.grad((y * upstream.to(dtype)).sum(), (x, weight, w_in, w_out))
-            results[dtype] = (y, *grads)
+            results[dtype] = swiglu_output_and_grads(
+                inputs, token, expert, upstream, dtype, backend="loop", parallel_workers=parallel
+            )
     for fast, exact in zip(results[torch.float32], results[torch.float64], strict=True):
         torch.testing.assert_close(fast.double(), exact, rtol=1e-4, atol=1e-4)
     for grad in results[torch.float32][3:]:
@@ -344,16 +340,8 @@ def test_grouped_mm_shares_on_workers_match_float64(monkeypatch, weight_on):
     without rows (some at the share boundaries) get an exactly-zero weight gradient."""
     gen = torch.Generator().manual_seed(5)
     num_tokens, num_experts, k, hidden, ff = 5, 16, 2, 16, 8
-    act = make_activation("swiglu")
-    expert = torch.topk(torch.randn(num_tokens, num_experts, generator=gen), k).indices.reshape(-1)
-    expert, order = expert.sort(stable=True)
-    token = torch.arange(num_tokens).repeat_interleave(k)[order]
-    inputs = (
-        torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen),
-        torch.rand(len(token), dtype=torch.float64, generator=gen),
-        torch.randn(num_experts, 2 * ff, hidden, dtype=torch.float64, generator=gen) * 0.3,
-        torch.randn(num_experts, hidden, ff, dtype=torch.float64, generator=gen) * 0.3,
-    )
+    token, expert = sorted_topk_assignments(torch.randn(num_tokens, num_experts, generator=gen), k)
+    inputs = swiglu_inputs(gen, num_tokens, len(token), num_experts, hidden, ff, weight_scale=0.3)
     upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
     shares_run = []
     real_run_shares = grouped_module.run_shares
@@ -365,23 +353,16 @@ def test_grouped_mm_shares_on_workers_match_float64(monkeypatch, weight_on):
     results = {}
     with torch_threads(2):
         for dtype, backend in ((torch.float64, "loop"), (torch.float32, "grouped_mm")):
-            x, weight, w_in, w_out = (t.to(dtype).requires_grad_() for t in inputs)
-            y = grouped_experts(
-                x,
+            results[dtype] = swiglu_output_and_grads(
+                inputs,
                 token,
                 expert,
-                weight,
-                w_in,
-                w_out,
-                None,
-                None,
-                act,
-                weight_on,
-                backend,
+                upstream,
+                dtype,
+                weight_on=weight_on,
+                backend=backend,
                 parallel_workers=True,
             )
-            grads = torch.autograd.grad((y * upstream.to(dtype)).sum(), (x, weight, w_in, w_out))
-            results[dtype] = (y, *grads)
     assert shares_run and all(count == 2 for count in shares_run)  # forward and backward, 2 workers
     for fast, exact in zip(results[torch.float32], results[torch.float64], strict=True):
         torch.testing.assert_close(fast.double(), exact, rtol=1e-5, atol=1e-5)
@@ -417,34 +398,15 @@ def test_worker_paths_are_bitwise_deterministic(path):
     combined in a fixed order: repeated fp32 runs agree bit for bit (training runs repeat)."""
     gen = torch.Generator().manual_seed(6)
     num_tokens, num_experts, k, hidden, ff = 700, 12, 4, 32, 24  # k > 2: sum order shows
-    act = make_activation("swiglu")
-    expert = torch.topk(torch.randn(num_tokens, num_experts, generator=gen), k).indices.reshape(-1)
-    expert, order = expert.sort(stable=True)
-    token = torch.arange(num_tokens).repeat_interleave(k)[order]
-    inputs = (
-        torch.randn(num_tokens, hidden, generator=gen),
-        torch.rand(len(token), generator=gen),
-        torch.randn(num_experts, 2 * ff, hidden, generator=gen) * 0.2,
-        torch.randn(num_experts, hidden, ff, generator=gen) * 0.2,
-    )
+    token, expert = sorted_topk_assignments(torch.randn(num_tokens, num_experts, generator=gen), k)
+    inputs = swiglu_inputs(gen, num_tokens, len(token), num_experts, hidden, ff, 0.2, torch.float32)
     upstream = torch.randn(num_tokens, hidden, generator=gen)
-    runs = []
     with torch_threads(2), expert_path(path) as parallel:
-        for _ in range(3):
-            x, weight, w_in, w_out = (t.clone().requires_grad_() for t in inputs)
-            y = grouped_experts(
-                x,
-                token,
-                expert,
-                weight,
-                w_in,
-                w_out,
-                None,
-                None,
-                act,
-                backend="loop",
-                parallel_workers=parallel,
+        runs = [
+            swiglu_output_and_grads(
+                inputs, token, expert, upstream, torch.float32, backend="loop", parallel_workers=parallel
             )
-            runs.append((y, *torch.autograd.grad((y * upstream).sum(), (x, weight, w_in, w_out))))
+            for _ in range(3)
+        ]
     for again in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], again, strict=True))
