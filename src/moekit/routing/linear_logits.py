@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.routing.token_choice import router_dtype
+from moekit.routing.token_choice import router_logits
 
 
 class LinearLogits(nn.Module):
@@ -20,6 +19,4 @@ class LinearLogits(nn.Module):
         nn.init.normal_(self.weight, std=hidden_size**-0.5)
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = router_dtype(x.dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), self.weight.to(dtype), bias)
+        return router_logits(x, self.weight, self.bias)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.kernels.linear import fast_linear
 from moekit.routing.capacity import apply_capacity, expert_capacity
 from moekit.routing.record import Assignments, Routing
 from moekit.routing.spec import RouterSpec
@@ -73,6 +73,14 @@ def router_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def router_logits(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x W^T (+ b) in the router dtype, on the fast dense kernel: the router's products are as
+    large as a dense layer's (2048 tokens x 512 x 64 experts: 0.29 ms on oneDNN against 0.65 ms
+    through F.linear's MKL here, and as much again for each of its two backward products)."""
+    dtype = router_dtype(x.dtype)
+    return fast_linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
 class TokenChoiceRouter(nn.Module):
     """A linear router whose arithmetic runs in fp32 (or float64) whatever the model dtype.
 
@@ -111,9 +119,7 @@ class TokenChoiceRouter(nn.Module):
         return self
 
     def logits(self, x: Tensor) -> Tensor:
-        dtype = router_dtype(x.dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), self.weight.to(dtype), bias)
+        return router_logits(x, self.weight, self.bias)
 
     def forward(
         self,
