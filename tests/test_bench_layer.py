@@ -1,7 +1,10 @@
 """The layer benchmark's harness: every contender computes the same layer, and the JSON has the
 documented shape."""
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import torch
 
@@ -39,3 +42,36 @@ def test_report_shape(tmp_path):
         assert r["median_s"] > 0
         if r["impl"] == "dense":
             assert r["ratio_vs_dense"] == 1.0
+
+
+def _load_benchmark_script(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_expert_products_benchmark_times_the_layers_products():
+    """`benchmarks/expert_products.py` times the layer's own expert GEMMs: every expert's rows
+    times its weights, and the weight gradients of exactly its rows."""
+    script = _load_benchmark_script("expert_products")
+    case = script.ProductsCase.build("very_fine", tokens=64)
+    out = case.run_products()
+    w_in, w_out = case.layer.experts.w_in.detach(), case.layer.experts.w_out.detach()
+    rows = case.rows
+    seen = 0
+    for e, start, stop in case.plan.groups.nonempty:
+        span = slice(start, stop)
+        close = dict(rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out["h"][span], rows["x"][span] @ w_in[e].T, **close)
+        torch.testing.assert_close(out["y"][span], rows["a"][span] @ w_out[e].T, **close)
+        torch.testing.assert_close(out["grad_a"][span], rows["grad_y"][span] @ w_out[e], **close)
+        torch.testing.assert_close(out["grad_x"][span], rows["grad_h"][span] @ w_in[e], **close)
+        torch.testing.assert_close(out["grad_w_out"][e], rows["grad_y"][span].T @ rows["a"][span], **close)
+        torch.testing.assert_close(out["grad_w_in"][e], rows["grad_h"][span].T @ rows["x"][span], **close)
+        seen += stop - start
+    assert seen == 64 * case.shape.top_k
+    timings = script.time_shape("very_fine", tokens=64, repeats=1, warmup=0)
+    assert set(timings) == {"dense", "moekit", "products"} and min(timings.values()) > 0

@@ -421,21 +421,19 @@ def shares_pay_off(
     return seconds / threads >= MIN_SHARE_SECONDS
 
 
-def grouped_experts(
+def plan_experts(
     x: Tensor,
     token: Tensor,
     expert: Tensor,
-    weight: Tensor,
     w_in: Tensor,
     w_out: Tensor,
-    b_in: Tensor | None,
-    b_out: Tensor | None,
     activation: Activation,
     weight_on: str = "output",
     backend: str = "auto",
     parallel_workers: bool | None = None,
-) -> Tensor:
-    """Run the kept assignments (expert-sorted `token`, `expert`, `weight`) through packed experts."""
+) -> ExpertPlan:
+    """How the kept assignments (expert-sorted `token`, `expert`) will be computed: backend,
+    workers, shares, whole-expert tasks, from their sizes and this machine's kernel."""
     num_experts, in_features, hidden = w_in.shape
     groups = ExpertGroups.build(token, expert, num_experts)
     active = len(groups.nonempty)
@@ -456,7 +454,7 @@ def grouped_experts(
         fused = FusedExperts(
             token, groups.nonempty, tuple(groups.empty_experts), activation, weight_on == "output"
         )
-    plan = ExpertPlan(
+    return ExpertPlan(
         groups,
         activation,
         weight_on,
@@ -466,4 +464,22 @@ def grouped_experts(
         shares=shares if parallel else (),
         fused=fused,
     )
+
+
+def grouped_experts(
+    x: Tensor,
+    token: Tensor,
+    expert: Tensor,
+    weight: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Tensor | None,
+    b_out: Tensor | None,
+    activation: Activation,
+    weight_on: str = "output",
+    backend: str = "auto",
+    parallel_workers: bool | None = None,
+) -> Tensor:
+    """Run the kept assignments (expert-sorted `token`, `expert`, `weight`) through packed experts."""
+    plan = plan_experts(x, token, expert, w_in, w_out, activation, weight_on, backend, parallel_workers)
     return GroupedExperts.apply(x, weight, w_in, w_out, b_in, b_out, plan)

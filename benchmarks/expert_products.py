@@ -1,0 +1,153 @@
+"""The floor the expert GEMMs set: how much of the MoE layer's time is its expert products alone.
+
+    .venv/bin/python benchmarks/expert_products.py --repeats 9 --json runs/bench/expert_products.json
+
+For each shape of `moekit bench layer` (T tokens, forward+backward), side by side in one process,
+interleaved round by round: `dense`, the dense-equivalent chain on the same GEMM kernel; `moekit`,
+the whole layer; and `products`, only the layer's six expert products per expert (two forward, two
+input gradients, two weight gradients) for the routing the layer makes, through the same kernel,
+workers and buffers as the layer, with no routing, gather, activation or combine. `products /
+dense` is the ratio the layer would reach if everything but its GEMMs were free; `moekit -
+products` is what the rest costs. (Where the layer runs whole-expert tasks, as at the coarse
+shape, `products` times the same products in the paired path's order.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from moekit.runtime import keep_freed_memory, tune_cpu_runtime
+
+tune_cpu_runtime()  # before torch is imported: OpenMP reads its spin count at start-up
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from moekit.bench.layer import SHAPES, Shape, build_layer  # noqa: E402
+from moekit.bench.machine import thread_round_trip_us  # noqa: E402
+from moekit.bench.peers import dense_contenders  # noqa: E402
+from moekit.dispatch.grouped import (  # noqa: E402
+    ExpertPlan,
+    _backward_pair,
+    _rows_times_weight,
+    plan_experts,
+)
+from moekit.io import write_json_atomic  # noqa: E402
+from moekit.layer import MoE  # noqa: E402
+
+
+def expert_products_step(plan: ExpertPlan, w_in, w_out, rows: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The layer's expert GEMMs for one forward and backward, in the order the layer runs them."""
+    h = _rows_times_weight(rows["x"], w_in, plan)
+    y = _rows_times_weight(rows["a"], w_out, plan)
+    grad_w_out, grad_a = _backward_pair(rows["grad_y"], rows["a"], w_out, plan, True)
+    grad_w_in, grad_x = _backward_pair(rows["grad_h"], rows["x"], w_in, plan, True)
+    return {
+        "h": h,
+        "y": y,
+        "grad_w_out": grad_w_out,
+        "grad_a": grad_a,
+        "grad_w_in": grad_w_in,
+        "grad_x": grad_x,
+    }
+
+
+@dataclass(frozen=True)
+class ProductsCase:
+    """One shape's layer, input and upstream gradient, and the layer's expert products set up for
+    the routing the layer makes of that input (random rows of the right sizes)."""
+
+    shape: Shape
+    layer: MoE
+    x: Tensor
+    upstream: Tensor
+    plan: ExpertPlan
+    rows: dict[str, Tensor]
+
+    @staticmethod
+    def build(name: str, tokens: int) -> ProductsCase:
+        shape = SHAPES[name]
+        layer = build_layer(shape)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(tokens, shape.hidden, generator=gen)
+        upstream = torch.randn(tokens, shape.hidden, generator=gen)
+        with torch.no_grad():
+            kept = layer.router(x, None).kept
+        w_in, w_out = layer.experts.w_in, layer.experts.w_out
+        plan = plan_experts(x, kept.token, kept.expert, w_in, w_out, layer.experts.activation)
+        rows = {
+            "x": torch.randn(len(kept), shape.hidden, generator=gen),
+            "a": torch.randn(len(kept), shape.ff, generator=gen),
+            "grad_y": torch.randn(len(kept), shape.hidden, generator=gen),
+            "grad_h": torch.randn(len(kept), w_in.shape[1], generator=gen),
+        }
+        return ProductsCase(shape, layer, x, upstream, replace(plan, fused=None), rows)
+
+    def run_products(self) -> dict[str, Tensor]:
+        with torch.no_grad():
+            return expert_products_step(
+                self.plan, self.layer.experts.w_in, self.layer.experts.w_out, self.rows
+            )
+
+
+def time_shape(name: str, tokens: int, repeats: int, warmup: int) -> dict[str, float]:
+    case = ProductsCase.build(name, tokens)
+    shape, layer, x, upstream = case.shape, case.layer, case.x, case.upstream
+    dense = dense_contenders(shape.hidden, shape.ff, shape.top_k)[0].module
+
+    def run_module(module) -> None:
+        for p in module.parameters():
+            p.grad = None
+        module(x.detach().requires_grad_()).backward(upstream)
+
+    contenders = {
+        "dense": lambda: run_module(dense),
+        "moekit": lambda: run_module(layer),
+        "products": case.run_products,
+    }
+    names = list(contenders)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for round_index in range(warmup + repeats):
+        shift = round_index % len(names)
+        for n in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            contenders[n]()
+            if round_index >= warmup:
+                times[n].append(time.perf_counter() - start)
+    return {n: statistics.median(ts) for n, ts in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None, help="write the results as JSON")
+    args = parser.parse_args()
+    keep_freed_memory()
+    before = thread_round_trip_us()
+    results = []
+    print(f"fwd+bwd at T={args.tokens}, median of {args.repeats} rounds; ratios against dense")
+    print(f"{'shape':>10} {'dense':>10} {'moekit':>18} {'products':>18} {'rest':>10}")
+    for name in args.shapes:
+        medians = time_shape(name, args.tokens, args.repeats, args.warmup)
+        dense, moekit, products = medians["dense"], medians["moekit"], medians["products"]
+        print(
+            f"{name:>10} {dense * 1e3:7.2f} ms {moekit * 1e3:7.2f} ms ({moekit / dense:.2f}x)"
+            f" {products * 1e3:7.2f} ms ({products / dense:.2f}x) {(moekit - products) * 1e3:7.2f} ms"
+        )
+        results.append({"shape": name, "tokens": args.tokens, **{f"{k}_s": v for k, v in medians.items()}})
+    after = thread_round_trip_us()
+    print(f"thread wake-up round trip: {before:.0f} us before, {after:.0f} us after")
+    if args.json is not None:
+        settings = {"repeats": args.repeats, "thread_round_trip_us": [before, after]}
+        write_json_atomic(args.json, {"settings": settings, "results": results})
+
+
+if __name__ == "__main__":
+    main()
