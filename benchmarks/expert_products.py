@@ -145,7 +145,7 @@ def main() -> None:
     after = thread_round_trip_us()
     print(f"thread wake-up round trip: {before:.0f} us before, {after:.0f} us after")
     if args.json is not None:
-        settings = {"repeats": args.repeats, "thread_round_trip_us": [before, after]}
+        settings = {"repeats": args.repeats, "thread_round_trip_us": {"before": before, "after": after}}
         write_json_atomic(args.json, {"settings": settings, "results": results})
 
 

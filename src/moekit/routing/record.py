@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from moekit.routing.keysort import RADIX_KEY_LIMIT, stable_sort
+
 
 @dataclass(frozen=True)
 class Assignments:
@@ -54,10 +56,11 @@ class Assignments:
         expert = topk_index.reshape(-1)
         kept = num_tokens * k
         if token_mask is not None:
-            sentinel = torch.iinfo(expert.dtype).max
+            # past every expert id; RADIX_KEY_LIMIT where that is enough, for the fast sort
+            sentinel = max(RADIX_KEY_LIMIT, int(expert.max()) + 1) if len(expert) else RADIX_KEY_LIMIT
             expert = expert.masked_fill(~token_mask.repeat_interleave(k), sentinel)
             kept = int(token_mask.sum()) * k
-        expert, order = torch.sort(expert, stable=True)
+        expert, order = stable_sort(expert)
         order = order[:kept]
         return Assignments(
             token=torch.div(order, k, rounding_mode="floor"),

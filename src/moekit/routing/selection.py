@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from moekit.routing.capacity import apply_capacity, expert_capacity
+from moekit.routing.keysort import stable_sort
 from moekit.routing.record import Assignments
 from moekit.routing.spec import RouterSpec
 
@@ -41,8 +42,8 @@ def assignments_from_mask(
     chosen = selected & token_mask.unsqueeze(-1)
     rank = preference_rank(preference.detach(), chosen)
     token, expert = torch.nonzero(chosen, as_tuple=True)
-    order = torch.argsort(expert, stable=True)
-    token, expert = token[order], expert[order]
+    expert, order = stable_sort(expert)
+    token = token[order]
     return Assignments(token, expert, weights[token, expert], rank[token, expert])
 
 
