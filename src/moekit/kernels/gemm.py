@@ -23,6 +23,11 @@ KERNELS = ("auto", "mkl", "onednn")
 PROBE_SHAPE = (256, 512, 512)  # rows, in, out: an expert-sized GEMM
 # Below this many rows MKL is as fast or faster (measured: 1-4 rows of 512 x 512, decode).
 ONEDNN_MIN_ROWS = 8
+# A oneDNN call costs ~10 us more than an MKL one, which a fixed-shape product earns back only
+# above about this many multiply-adds (measured, 2 threads: a router's 8 x 256 x 128 product 15 us
+# on oneDNN against 8 on MKL, level at 64 x 256 x 128, 30 against 42 at 128 x 256 x 128; a decode
+# step's 8 x 256 x 2048 already 52 against 93).
+ONEDNN_MIN_MACS = 2**22
 # oneDNN compiles a kernel for every new shape (~0.6 ms and ~170 page faults for 512 x 512), and
 # an expert's row count changes every step, over the whole range early in training. Expert products
 # are therefore cut into chunks of CHUNK_ROWS rows plus one tail of a multiple of ROW_BUCKET rows:
@@ -103,10 +108,15 @@ def row_chunks(rows: int, dtype: torch.dtype) -> tuple[list[tuple[int, int]], in
     return chunks, start
 
 
+def dense_onednn_pays_off(rows: int, inner: int, outer: int, dtype: torch.dtype) -> bool:
+    """Whether a fixed-shape product of rows x inner x outer should go to oneDNN rather than MKL."""
+    return rows >= ONEDNN_MIN_ROWS and rows * inner * outer >= ONEDNN_MIN_MACS and onednn_is_faster(dtype)
+
+
 def linear(x: Tensor, weight: Tensor) -> Tensor:
     """x @ weight.T for 2-D x [M, K] and weight [N, K] (any strides), in one product: for the
     fixed-shape products of dense layers (`linear_parts` for row counts that vary)."""
-    if x.shape[0] >= ONEDNN_MIN_ROWS and onednn_is_faster(x.dtype):
+    if dense_onednn_pays_off(x.shape[0], x.shape[1], weight.shape[0], x.dtype):
         return _onednn_linear(x, weight)
     return torch.mm(x, weight.t())
 
@@ -173,6 +183,6 @@ def weight_grad(grad_rows: Tensor, in_rows: Tensor) -> Tensor:
 
 def dense_weight_grad(grad_rows: Tensor, in_rows: Tensor) -> Tensor:
     """grad_rows.T @ in_rows for a fixed-shape dense layer, in one product; contiguous."""
-    if grad_rows.shape[0] >= ONEDNN_MIN_ROWS and onednn_is_faster(grad_rows.dtype):
+    if dense_onednn_pays_off(grad_rows.shape[0], grad_rows.shape[1], in_rows.shape[1], grad_rows.dtype):
         return _onednn_weight_grad(grad_rows, in_rows).contiguous()
     return torch.mm(grad_rows.t(), in_rows)

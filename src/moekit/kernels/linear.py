@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moekit.kernels.gemm import dense_weight_grad, linear, onednn_is_faster
+from moekit.kernels.gemm import dense_onednn_pays_off, dense_weight_grad, linear
 
 
 class _Linear(torch.autograd.Function):
@@ -32,8 +32,10 @@ class _Linear(torch.autograd.Function):
 
 
 def fast_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear` on the faster kernel where there is one (fp32/bf16), else `F.linear` itself."""
-    if not onednn_is_faster(x.dtype):
+    """`F.linear` on the faster kernel where there is one (fp32/bf16) and the product is large
+    enough for it, else `F.linear` itself (which also saves this function's autograd overhead)."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if not dense_onednn_pays_off(rows, x.shape[-1], weight.shape[0], x.dtype):
         return nn.functional.linear(x, weight, bias)
     return _Linear.apply(x, weight, bias)
 
