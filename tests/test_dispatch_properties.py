@@ -1,5 +1,6 @@
 """Property tests for routing and dispatch invariants: empty experts, one hot expert, drops, masks."""
 
+import os
 import threading
 from contextlib import contextmanager
 from unittest.mock import patch
@@ -11,7 +12,8 @@ from hypothesis import strategies as st
 
 import moekit.dispatch.grouped as grouped_module
 from moekit.dispatch.grouped import ExpertGroups, grouped_experts, grouped_mm_available
-from moekit.dispatch.workers import for_each_expert
+from moekit.dispatch.loops import backward_pairs_into, expert_loops, products_into
+from moekit.dispatch.workers import for_each_expert, for_each_run
 from moekit.experts.activations import make_activation
 from moekit.kernels.gemm import CHUNK_ROWS
 from moekit.routing.capacity import apply_capacity, expert_capacity, priority_key
@@ -19,16 +21,21 @@ from moekit.routing.record import Assignments
 from moekit.routing.spec import RouterSpec
 from moekit.routing.token_choice import TokenChoiceRouter
 
-EXPERT_PATHS = ("serial", "workers", "fused")
+EXPERT_PATHS = ("serial", "workers", "workers_python", "fused")
 
 
 @contextmanager
 def expert_path(path: str):
-    """The loop backend's paths: `serial`, `workers` (each product a task per expert) and `fused`
-    (each expert's whole forward and backward one task, forced on whatever the expert size).
-    Yields the `parallel_workers` flag for `grouped_experts`."""
+    """The loop backend's paths: `serial`, `workers` (runs of experts on the workers, the loops
+    over them compiled), `workers_python` (the same loops run as Python, as where TorchScript is
+    missing) and `fused` (each expert's whole forward and backward one task, forced on whatever
+    the expert size). Yields the `parallel_workers` flag for `grouped_experts`."""
     min_seconds = 0.0 if path == "fused" else float("inf")
-    with patch.object(grouped_module, "MIN_FUSED_EXPERT_SECONDS", min_seconds):
+    loops = "python" if path == "workers_python" else "compiled"
+    with (
+        patch.object(grouped_module, "MIN_FUSED_EXPERT_SECONDS", min_seconds),
+        patch.dict(os.environ, {"MOEKIT_LOOPS": loops}),
+    ):
         yield path != "serial"
 
 
@@ -249,7 +256,7 @@ def swiglu_output_and_grads(inputs, token, expert, upstream, dtype, **options):
     return (y, *torch.autograd.grad((y * upstream.to(dtype)).sum(), (x, weight, w_in, w_out)))
 
 
-@pytest.mark.parametrize("path", ["workers", "fused"])
+@pytest.mark.parametrize("path", ["workers", "workers_python", "fused"])
 def test_parallel_expert_workers_match_the_serial_loop(path):
     """The worker paths (experts on single-threaded workers; with `fused`, each expert's whole
     forward and backward as one task) compute the same thing as the serial loop."""
@@ -372,14 +379,20 @@ def test_grouped_mm_shares_on_workers_match_float64(monkeypatch, weight_on):
         assert torch.count_nonzero(grad[unused]) == 0
 
 
-@given(st.lists(st.integers(0, 50), min_size=0, max_size=20))
-def test_workers_take_every_expert_exactly_once(sizes):
-    """The dynamic hand-out of experts to the calling thread and its helper: every expert slice
-    is run exactly once, whatever the sizes (empty, one, many, all equal)."""
+def _consecutive_slices(sizes: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, start, end) for experts of these row counts, laid out one after the other."""
     items = []
     for e, size in enumerate(sizes):
         start = items[-1][2] if items else 0
         items.append((e, start, start + size))
+    return items
+
+
+@given(st.lists(st.integers(0, 50), min_size=0, max_size=20))
+def test_workers_take_every_expert_exactly_once(sizes):
+    """The dynamic hand-out of experts to the calling thread and its helper: every expert slice
+    is run exactly once, whatever the sizes (empty, one, many, all equal)."""
+    items = _consecutive_slices(sizes)
     seen = []
     lock = threading.Lock()
 
@@ -392,7 +405,34 @@ def test_workers_take_every_expert_exactly_once(sizes):
     assert sorted(seen) == items
 
 
-@pytest.mark.parametrize("path", ["workers", "fused"])
+@given(st.lists(st.integers(0, 50), min_size=0, max_size=20), st.booleans())
+def test_runs_of_experts_cover_every_expert_exactly_once(sizes, parallel):
+    """The runs handed to the compiled loops: consecutive experts, every one in exactly one run."""
+    items = _consecutive_slices(sizes)
+    runs = []
+    lock = threading.Lock()
+
+    def record(run):
+        with lock:
+            runs.append(list(run))
+
+    with torch_threads(2):
+        for_each_run(items, record, parallel=parallel)
+    assert sorted(item for run in runs for item in run) == items
+    for run in runs:
+        assert [e for e, _, _ in run] == list(range(run[0][0], run[0][0] + len(run)))
+    assert parallel or len(runs) == (1 if items else 0)
+
+
+def test_expert_loops_are_compiled_where_torchscript_is():
+    """The fast path the tests above check is the one that runs: TorchScript compiles the loops
+    (this torch has it), and `MOEKIT_LOOPS=python` selects the Python loops."""
+    assert all(isinstance(loop, torch.jit.ScriptFunction) for loop in expert_loops())
+    with patch.dict(os.environ, {"MOEKIT_LOOPS": "python"}):
+        assert expert_loops() == (products_into, backward_pairs_into)
+
+
+@pytest.mark.parametrize("path", ["workers", "workers_python", "fused"])
 def test_worker_paths_are_bitwise_deterministic(path):
     """Experts go to whichever thread is free, but each is computed by one thread in one way and
     combined in a fixed order: repeated fp32 runs agree bit for bit (training runs repeat)."""

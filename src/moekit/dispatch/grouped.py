@@ -8,10 +8,11 @@ smaller of the two activations so that the combine is a single `index_add_`.
 
 Backends, chosen per call:
 - `loop`: one GEMM per non-empty expert over expert-sorted rows, written into its slice of the
-  output (`moekit.kernels.gemm`: oneDNN or MKL, whichever is faster here); any dtype. Where the
-  experts are small, whole experts go to single-threaded workers (`dispatch/workers.py`), and each
-  expert's two backward GEMMs run in one task; where they are large, each expert's whole forward
-  and backward is one task (`dispatch/fused.py`).
+  output (`moekit.kernels.gemm`: oneDNN or MKL, whichever is faster here); any dtype. The loops
+  over the experts are compiled (`dispatch/loops.py`), each expert's two backward GEMMs run
+  together; where the experts are small, runs of experts go to single-threaded workers
+  (`dispatch/workers.py`); where they are large, each expert's whole forward and backward is one
+  task (`dispatch/fused.py`).
 - `grouped_mm`: `torch.nn.functional.grouped_mm` (fp32/bf16/fp16, 16-byte-aligned strides), one
   C++ loop over the experts; `auto` takes it for decode-sized inputs (a few rows per expert),
   weight gradients included: unthreaded, or, where the experts' weights take long enough to read,
@@ -21,6 +22,7 @@ Backends, chosen per call:
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
@@ -30,15 +32,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.dispatch.fused import FusedExperts, packed_grad
+from moekit.dispatch.loops import expert_loops
 from moekit.dispatch.workers import (
+    Slice,
     balanced_chunks,
     for_each_expert,
+    for_each_run,
     run_shares,
     single_threaded,
     workers_enabled,
 )
 from moekit.experts.activations import Activation
-from moekit.kernels.gemm import linear_rows, onednn_is_faster, weight_grad
+from moekit.kernels.gemm import onednn_is_faster, row_cuts, weight_grad
 
 BACKENDS = ("auto", "loop", "grouped_mm")
 # With MKL, expert GEMMs of more FLOPs than this are threaded well by MKL itself: keep them whole.
@@ -183,7 +188,21 @@ def _rows_times(rows: Tensor, right: Tensor, plan: ExpertPlan) -> Tensor:
         return out
     if plan.backend == "grouped_mm":
         return F.grouped_mm(rows, right, offs=plan.groups.grouped_mm_offsets)
-    return _expert_products(rows, plan, lambda e, s, t: linear_rows(rows, s, t, right[e].t()), right.shape[2])
+    out = rows.new_empty(rows.shape[0], right.shape[2])
+    weights = right.transpose(1, 2)  # weights[e] = right[e].T, the operand `linear_rows` takes
+    products_into, _ = expert_loops()
+    cuts = row_cuts(rows.dtype)
+
+    def run_products(run: Sequence[Slice]) -> None:
+        products_into(rows, weights, out, *_columns(run), cuts)
+
+    for_each_run(plan.groups.nonempty, run_products, plan.parallel)
+    return out
+
+
+def _columns(run: Sequence[Slice]) -> tuple[list[int], list[int], list[int]]:
+    """Expert slices (e, start, end) as the three lists the compiled loops take."""
+    return [e for e, _, _ in run], [s for _, s, _ in run], [t for _, _, t in run]
 
 
 def _share_product(rows: Tensor, right: Tensor, share: ExpertShare) -> Tensor:
@@ -212,21 +231,6 @@ def _share_weight_grad(grad_rows: Tensor, in_rows: Tensor, share: ExpertShare, p
         packed[empty_from : share.stop].zero_()
 
 
-def _expert_products(rows: Tensor, plan: ExpertPlan, product, width: int) -> Tensor:
-    """Run `product(e, start, end) -> [row blocks]` for every expert (on the workers when the plan
-    says so); each task copies its blocks into one output while they are still in cache, rather
-    than the main thread concatenating them all afterwards."""
-    out = rows.new_empty(rows.shape[0], width)
-
-    def run(e: int, s: int, t: int) -> None:
-        for block in product(e, s, t):
-            out[s : s + block.shape[0]].copy_(block)
-            s += block.shape[0]
-
-    for_each_expert(plan.groups.nonempty, run, plan.parallel)
-    return out
-
-
 def _weight_grad(grad_rows: Tensor, in_rows: Tensor, plan: ExpertPlan, shape: torch.Size) -> Tensor:
     """Packed gradient [E, n_out, n_in]: slice e = grad_rows[e]^T @ in_rows[e]; empty experts 0."""
     groups = plan.groups
@@ -252,8 +256,9 @@ def _backward_pair(
     """The two products of one projection's backward: its packed weight gradient (slice e =
     grad_rows[e]^T @ in_rows[e]) and the gradient of its input rows (grad_rows[e] @ weight[e]).
 
-    On the workers each expert (or share of experts) does both in one task, reading its gradient
-    rows once while they are in cache; otherwise they are two passes over the experts.
+    In the loop backend each expert does both at once, reading its gradient rows once while they
+    are in cache (`loops.backward_pairs_into`); with grouped_mm they are two passes, or both in one
+    task per share of the experts.
     """
     if plan.shares:
         grad_weight = grad_rows.new_empty(weight.shape) if weight_grad_needed else None
@@ -266,19 +271,22 @@ def _backward_pair(
 
         run_shares(plan.shares, share_pair)
         return grad_weight, grad_in
-    if not plan.parallel:
+    if plan.backend == "grouped_mm":
         grad_weight = _weight_grad(grad_rows, in_rows, plan, weight.shape) if weight_grad_needed else None
         return grad_weight, _rows_times_weight_t(grad_rows, weight, plan)
     grad_weight = (
         packed_grad(weight.shape, grad_rows, plan.groups.empty_experts) if weight_grad_needed else None
     )
+    grad_in = grad_rows.new_empty(grad_rows.shape[0], weight.shape[2])
+    weights = weight.transpose(1, 2)  # grad_in rows = grad_rows @ weight[e]
+    _, backward_pairs_into = expert_loops()
+    cuts = row_cuts(grad_rows.dtype)
 
-    def both(e: int, s: int, t: int) -> list[Tensor]:
-        if grad_weight is not None:
-            grad_weight[e].copy_(weight_grad(grad_rows[s:t], in_rows[s:t]))
-        return linear_rows(grad_rows, s, t, weight[e].t())
+    def run_pairs(run: Sequence[Slice]) -> None:
+        backward_pairs_into(grad_rows, in_rows, weights, grad_weight, grad_in, *_columns(run), cuts)
 
-    return grad_weight, _expert_products(grad_rows, plan, both, weight.shape[2])
+    for_each_run(plan.groups.nonempty, run_pairs, plan.parallel)
+    return grad_weight, grad_in
 
 
 def _scale(weight: Tensor, x: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
+Slice = tuple[int, int, int]  # (expert, start row, end row)
 
 
 def _torch_openmp() -> ctypes.CDLL | None:
@@ -96,23 +97,51 @@ def for_each_expert(
     the routing's expert sizes (a fixed split of 8 experts of ~500 rows left one core a third of
     the rows short) and whatever else runs on a core; each expert is still computed by one
     thread in one way, so the result does not depend on which thread took it."""
-    threads = torch.get_num_threads()
-    if not parallel or len(items) < 2 or threads < 2 or worker_pool(threads - 1) is None:
+    if not _helpers_for(len(items), parallel):
         for item in items:
             fn(*item)
         return
-    queue = iter(sorted(items, key=lambda item: item[2] - item[1], reverse=True))
+    _take_largest_first(items, lambda item: item[2] - item[1], lambda item: fn(*item))
+
+
+def for_each_run(items: Sequence[Slice], fn: Callable[[Sequence[Slice]], None], parallel: bool) -> None:
+    """Call fn(run) on consecutive runs of the items that together cover them: all of them in one
+    run unless `parallel`; else about RUNS_PER_THREAD runs of equal rows per thread, taken like
+    `for_each_expert`'s experts, largest first. For loops that cost one call per run rather than
+    per expert (`moekit.dispatch.loops`); each expert is still computed by one thread in one way."""
+    if not items:
+        return
+    if not _helpers_for(len(items), parallel):
+        fn(items)
+        return
+    runs = balanced_chunks(items, min(len(items), RUNS_PER_THREAD * torch.get_num_threads()))
+    _take_largest_first(runs, lambda run: sum(t - s for _, s, t in run), fn)
+
+
+# Runs per thread for `for_each_run`: enough for the last ones to even out the threads' shares.
+RUNS_PER_THREAD = 4
+
+
+def _helpers_for(tasks: int, parallel: bool) -> bool:
+    threads = torch.get_num_threads()
+    return parallel and tasks >= 2 and threads >= 2 and worker_pool(threads - 1) is not None
+
+
+def _take_largest_first(tasks: Sequence[T], size: Callable[[T], int], fn: Callable[[T], None]) -> None:
+    """fn(task) for every task on the calling thread and the helpers, each thread taking the
+    largest task left when it finishes its last."""
+    queue = iter(sorted(tasks, key=size, reverse=True))
     lock = threading.Lock()
 
     def take_until_done(_: int) -> None:
         while True:
             with lock:
-                item = next(queue, None)
-            if item is None:
+                task = next(queue, None)
+            if task is None:
                 return
-            fn(*item)
+            fn(task)
 
-    run_shares(range(min(threads, len(items))), take_until_done)
+    run_shares(range(min(torch.get_num_threads(), len(tasks))), take_until_done)
 
 
 def run_shares(shares: Sequence[T], fn: Callable[[T], None]) -> None:

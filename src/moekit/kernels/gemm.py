@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 from functools import cache
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -38,9 +39,27 @@ CHUNK_ROWS = 1024
 ROW_BUCKET = 16
 
 
+class RowCuts(NamedTuple):
+    """How products of a varying row count are cut into kernel calls: whether oneDNN computes
+    them, in chunks of `chunk_rows` and a tail rounded to `bucket` rows, from `min_rows` rows.
+    (An argument rather than the module constants so that TorchScript, which cannot read module
+    globals, can compile the `*_for` functions into the expert loops of `moekit.dispatch.loops`.)"""
+
+    onednn: bool
+    chunk_rows: int = CHUNK_ROWS
+    bucket: int = ROW_BUCKET
+    min_rows: int = ONEDNN_MIN_ROWS
+
+
+@cache
+def row_cuts(dtype: torch.dtype) -> RowCuts:
+    return RowCuts(onednn_is_faster(dtype))
+
+
 def _onednn_linear(x: Tensor, weight: Tensor) -> Tensor:
     """x @ weight.T with oneDNN (x [M, K], weight [N, K], any strides)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    no_scalars: list[number | None] = []  # noqa: F821 (TorchScript's name for the op's Scalar)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", no_scalars, "")
 
 
 def _onednn_weight_grad(grad_rows: Tensor, in_rows: Tensor) -> Tensor:
@@ -95,14 +114,23 @@ def onednn_is_faster(dtype: torch.dtype) -> bool:
 
 def row_chunks(rows: int, dtype: torch.dtype) -> tuple[list[tuple[int, int]], int]:
     """([(start, stop)] row ranges for oneDNN, first row left to MKL) for a product of `rows` rows."""
-    if rows < ONEDNN_MIN_ROWS or not onednn_is_faster(dtype):
-        return [], 0
-    chunks, start = [], 0
-    while rows - start >= CHUNK_ROWS:
-        chunks.append((start, start + CHUNK_ROWS))
-        start += CHUNK_ROWS
-    tail = (rows - start) - (rows - start) % ROW_BUCKET
-    if tail >= ONEDNN_MIN_ROWS:
+    return row_chunks_for(rows, row_cuts(dtype))
+
+
+# The `*_for` functions below take the cuts (`RowCuts`) instead of looking up the kernel for the
+# dtype, so that TorchScript can compile them; the functions without the suffix look it up.
+
+
+def row_chunks_for(rows: int, cuts: RowCuts) -> tuple[list[tuple[int, int]], int]:
+    chunks: list[tuple[int, int]] = []
+    if rows < cuts.min_rows or not cuts.onednn:
+        return chunks, 0
+    start = 0
+    while rows - start >= cuts.chunk_rows:
+        chunks.append((start, start + cuts.chunk_rows))
+        start += cuts.chunk_rows
+    tail = (rows - start) - (rows - start) % cuts.bucket
+    if tail >= cuts.min_rows:
         chunks.append((start, start + tail))
         start += tail
     return chunks, start
@@ -124,7 +152,11 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
 def linear_parts(x: Tensor, weight: Tensor) -> list[Tensor]:
     """x @ weight.T for an x whose row count varies call to call, as consecutive row blocks
     (oneDNN chunks, then MKL's remainder): concatenate them, or the blocks of many calls, once."""
-    chunks, rest = row_chunks(x.shape[0], x.dtype)
+    return linear_parts_for(x, weight, row_cuts(x.dtype))
+
+
+def linear_parts_for(x: Tensor, weight: Tensor, cuts: RowCuts) -> list[Tensor]:
+    chunks, rest = row_chunks_for(x.shape[0], cuts)
     parts = [_onednn_linear(x[start:stop], weight) for start, stop in chunks]
     if rest < x.shape[0]:
         parts.append(torch.mm(x[rest:], weight.t()))
@@ -135,29 +167,44 @@ def padded_rows(rows: int, dtype: torch.dtype) -> int:
     """How many rows to give a product of `rows` rows (the extra ones zero) so that `linear_parts`
     and `weight_grad` compute it all on oneDNN in bucketed shapes: `rows` rounded up to ROW_BUCKET
     where oneDNN is used, else `rows`."""
-    if rows < ONEDNN_MIN_ROWS or not onednn_is_faster(dtype):
+    return padded_rows_for(rows, row_cuts(dtype))
+
+
+def padded_rows_for(rows: int, cuts: RowCuts) -> int:
+    if rows < cuts.min_rows or not cuts.onednn:
         return rows
-    return -(-rows // ROW_BUCKET) * ROW_BUCKET
+    return -(-rows // cuts.bucket) * cuts.bucket
 
 
 def padded_stop(start: int, stop: int, buffer_rows: int, dtype: torch.dtype) -> int:
     """Where `linear_rows`'s products over rows[start:stop] of a `buffer_rows`-row buffer end:
     past `stop` (at start + `padded_rows`) when oneDNN computes the tail rounded up and the buffer
     has those rows (the extra rows' output is dropped), else at `stop`."""
-    end = start + padded_rows(stop - start, dtype)
-    tail = (stop - start) % CHUNK_ROWS
-    return end if tail and end - (stop - tail) >= ONEDNN_MIN_ROWS and end <= buffer_rows else stop
+    return padded_stop_for(start, stop, buffer_rows, row_cuts(dtype))
+
+
+def padded_stop_for(start: int, stop: int, buffer_rows: int, cuts: RowCuts) -> int:
+    end = start + padded_rows_for(stop - start, cuts)
+    tail = (stop - start) % cuts.chunk_rows
+    if tail != 0 and end - (stop - tail) >= cuts.min_rows and end <= buffer_rows:
+        return end
+    return stop
 
 
 def linear_rows(rows: Tensor, start: int, stop: int, weight: Tensor) -> list[Tensor]:
     """rows[start:stop] @ weight.T as consecutive row blocks, for a slice of a larger buffer:
     oneDNN products of bucketed shapes reading up to `padded_stop` so that most slices take a
     single product."""
-    end = padded_stop(start, stop, rows.shape[0], rows.dtype)
+    return linear_rows_for(rows, start, stop, weight, row_cuts(rows.dtype))
+
+
+def linear_rows_for(rows: Tensor, start: int, stop: int, weight: Tensor, cuts: RowCuts) -> list[Tensor]:
+    end = padded_stop_for(start, stop, rows.shape[0], cuts)
     if end == stop:
-        return linear_parts(rows[start:stop], weight)
-    tail_start = stop - (stop - start) % CHUNK_ROWS
-    parts = [_onednn_linear(rows[s : s + CHUNK_ROWS], weight) for s in range(start, tail_start, CHUNK_ROWS)]
+        return linear_parts_for(rows[start:stop], weight, cuts)
+    step = cuts.chunk_rows
+    tail_start = stop - (stop - start) % step
+    parts = [_onednn_linear(rows[s : s + step], weight) for s in range(start, tail_start, step)]
     parts.append(_onednn_linear(rows[tail_start:end], weight)[: stop - tail_start])
     return parts
 
@@ -169,8 +216,12 @@ def weight_grad(grad_rows: Tensor, in_rows: Tensor) -> Tensor:
     rows) the transposed orientation `dense_weight_grad` may pick is no faster, and copying its
     result transposed cost more (measured 128 x 256 x 128: 87 us against 81; 192 x 512 x 256: 354
     against 311)."""
-    chunks, rest = row_chunks(grad_rows.shape[0], grad_rows.dtype)
-    if not chunks:
+    return weight_grad_for(grad_rows, in_rows, row_cuts(grad_rows.dtype))
+
+
+def weight_grad_for(grad_rows: Tensor, in_rows: Tensor, cuts: RowCuts) -> Tensor:
+    chunks, rest = row_chunks_for(grad_rows.shape[0], cuts)
+    if len(chunks) == 0:
         return torch.mm(grad_rows.t(), in_rows)
     first, stop = chunks[0]
     out = _onednn_linear(grad_rows[first:stop].t(), in_rows[first:stop].t())
