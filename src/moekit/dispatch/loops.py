@@ -4,10 +4,10 @@ Each expert's products take a handful of torch calls (slices, one or two GEMMs, 
 layer's buffers). Called from Python, every call lets go of the interpreter lock and takes it back,
 and with two worker threads doing so at once they queue on it, the more so when the OS is slow to
 wake a waiting thread. The same loops compiled with TorchScript make those calls from C++, where
-nothing holds the lock: measured side by side on the layer's fwd+bwd, 7.8 % faster at 128 experts
-of 256 x 128 and 4 % at 64 of 512 x 256 (BENCHMARKS.md). TorchScript is deprecated in recent
-torch; where it is missing or cannot compile these loops, they run as the Python they are written
-in, with the same results.
+nothing holds the lock: measured side by side on the layer's fwd+bwd, 6 % faster at 128 experts
+of 256 x 128 and 1 % at 64 of 512 x 256, 12 % and 2 % while the OS is slow to wake threads
+(BENCHMARKS.md). TorchScript is deprecated in recent torch; where it is missing or cannot compile
+these loops, they run as the Python they are written in, with the same results to the bit.
 """
 
 from __future__ import annotations
