@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable
 from functools import cache
 
+import torch
 from torch import Tensor
 
 from moekit.kernels.gemm import RowCuts, linear_rows_for, weight_grad_for
@@ -62,9 +63,6 @@ def backward_pairs_into(
             start += block.shape[0]
 
 
-LOOPS = ("compiled", "python")
-
-
 def expert_loops() -> tuple[Callable[..., None], Callable[..., None]]:
     """(products_into, backward_pairs_into) as this process runs them: compiled unless
     `MOEKIT_LOOPS=python` (or TorchScript cannot compile them)."""
@@ -75,8 +73,6 @@ def expert_loops() -> tuple[Callable[..., None], Callable[..., None]]:
 def _loops(compiled: bool) -> tuple[Callable[..., None], Callable[..., None]]:
     if compiled:
         try:
-            import torch
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return torch.jit.script(products_into), torch.jit.script(backward_pairs_into)

@@ -104,6 +104,10 @@ def for_each_expert(
     _take_largest_first(items, lambda item: item[2] - item[1], lambda item: fn(*item))
 
 
+# Runs per thread for `for_each_run`: enough for the last ones to even out the threads' shares.
+RUNS_PER_THREAD = 4
+
+
 def for_each_run(items: Sequence[Slice], fn: Callable[[Sequence[Slice]], None], parallel: bool) -> None:
     """Call fn(run) on consecutive runs of the items that together cover them: all of them in one
     run unless `parallel`; else about RUNS_PER_THREAD runs of equal rows per thread, taken like
@@ -116,10 +120,6 @@ def for_each_run(items: Sequence[Slice], fn: Callable[[Sequence[Slice]], None], 
         return
     runs = balanced_chunks(items, min(len(items), RUNS_PER_THREAD * torch.get_num_threads()))
     _take_largest_first(runs, lambda run: sum(t - s for _, s, t in run), fn)
-
-
-# Runs per thread for `for_each_run`: enough for the last ones to even out the threads' shares.
-RUNS_PER_THREAD = 4
 
 
 def _helpers_for(tasks: int, parallel: bool) -> bool:
