@@ -15,9 +15,9 @@ shape, `products` times the same products in the paired path's order.)
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from moekit.runtime import keep_freed_memory, tune_cpu_runtime
@@ -27,9 +27,10 @@ tune_cpu_runtime()  # before torch is imported: OpenMP reads its spin count at s
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from moekit.bench.layer import SHAPES, Shape, build_layer  # noqa: E402
+from moekit.bench.layer import SHAPES, Shape, build_layer, timed_step  # noqa: E402
 from moekit.bench.machine import thread_round_trip_us  # noqa: E402
-from moekit.bench.peers import dense_contenders  # noqa: E402
+from moekit.bench.peers import dense_contenders, moekit_contender  # noqa: E402
+from moekit.bench.timing import interleaved_medians  # noqa: E402
 from moekit.dispatch.grouped import (  # noqa: E402
     ExpertPlan,
     _backward_pair,
@@ -96,29 +97,20 @@ class ProductsCase:
 
 def time_shape(name: str, tokens: int, repeats: int, warmup: int) -> dict[str, float]:
     case = ProductsCase.build(name, tokens)
-    shape, layer, x, upstream = case.shape, case.layer, case.x, case.upstream
-    dense = dense_contenders(shape.hidden, shape.ff, shape.top_k)[0].module
+    shape, x, upstream = case.shape, case.x, case.upstream
+    dense = dense_contenders(shape.hidden, shape.ff, shape.top_k)[0]
 
-    def run_module(module) -> None:
-        for p in module.parameters():
-            p.grad = None
-        module(x.detach().requires_grad_()).backward(upstream)
+    def timed_products() -> float:
+        start = time.perf_counter()
+        case.run_products()
+        return time.perf_counter() - start
 
-    contenders = {
-        "dense": lambda: run_module(dense),
-        "moekit": lambda: run_module(layer),
-        "products": case.run_products,
+    steps = {
+        "dense": partial(timed_step, dense, x, upstream, "fwd_bwd"),
+        "moekit": partial(timed_step, moekit_contender(case.layer), x, upstream, "fwd_bwd"),
+        "products": timed_products,
     }
-    names = list(contenders)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for round_index in range(warmup + repeats):
-        shift = round_index % len(names)
-        for n in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            contenders[n]()
-            if round_index >= warmup:
-                times[n].append(time.perf_counter() - start)
-    return {n: statistics.median(ts) for n, ts in times.items()}
+    return interleaved_medians(steps, repeats, warmup)
 
 
 def main() -> None:

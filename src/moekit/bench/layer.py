@@ -9,15 +9,16 @@ warm-up. Backward is driven by a fixed random upstream gradient.
 from __future__ import annotations
 
 import importlib.util
-import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from moekit.bench.machine import thread_round_trip_us
 from moekit.bench.peers import PEER_PACKAGES, PEERS, Contender, dense_contenders, moekit_contender
+from moekit.bench.timing import interleaved_medians
 from moekit.io import write_json_atomic
 from moekit.layer import MoE, MoEConfig
 from moekit.routing.spec import preset
@@ -72,7 +73,8 @@ def contenders_for(
     return out
 
 
-def _step(contender: Contender, x: torch.Tensor, upstream: torch.Tensor, mode: str) -> float:
+def timed_step(contender: Contender, x: torch.Tensor, upstream: torch.Tensor, mode: str) -> float:
+    """Seconds for one forward (under no_grad) or forward and backward of a contender."""
     for p in contender.module.parameters():
         p.grad = None
     xin = x.detach().requires_grad_(mode == "fwd_bwd")
@@ -98,15 +100,8 @@ def time_shape(
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, shape.hidden, generator=gen)
     upstream = torch.randn(tokens, shape.hidden, generator=gen)
-    times: dict[str, list[float]] = {c.impl: [] for c in contenders}
-    for round_index in range(warmup + repeats):
-        # rotate the order every round, so that no contender always runs right after the same one
-        shift = round_index % len(contenders)
-        for c in contenders[shift:] + contenders[:shift]:
-            elapsed = _step(c, x, upstream, mode)
-            if round_index >= warmup:
-                times[c.impl].append(elapsed)
-    return {impl: statistics.median(ts) for impl, ts in times.items()}
+    steps = {c.impl: partial(timed_step, c, x, upstream, mode) for c in contenders}
+    return interleaved_medians(steps, repeats, warmup)
 
 
 def run_layer_benchmark(

@@ -189,20 +189,22 @@ def _rows_times(rows: Tensor, right: Tensor, plan: ExpertPlan) -> Tensor:
     if plan.backend == "grouped_mm":
         return F.grouped_mm(rows, right, offs=plan.groups.grouped_mm_offsets)
     out = rows.new_empty(rows.shape[0], right.shape[2])
-    weights = right.transpose(1, 2)  # weights[e] = right[e].T, the operand `linear_rows` takes
     products_into, _ = expert_loops()
-    cuts = row_cuts(rows.dtype)
-
-    def run_products(run: Sequence[Slice]) -> None:
-        products_into(rows, weights, out, *_columns(run), cuts)
-
-    for_each_run(plan.groups.nonempty, run_products, plan.parallel)
+    # right.transpose(1, 2)[e] = right[e].T, the operand `linear_rows` takes
+    _run_expert_loop(plan, products_into, (rows, right.transpose(1, 2), out))
     return out
 
 
-def _columns(run: Sequence[Slice]) -> tuple[list[int], list[int], list[int]]:
-    """Expert slices (e, start, end) as the three lists the compiled loops take."""
-    return [e for e, _, _ in run], [s for _, s, _ in run], [t for _, _, t in run]
+def _run_expert_loop(plan: ExpertPlan, loop, tensors: tuple[Tensor | None, ...]) -> None:
+    """loop(*tensors, experts, starts, stops, cuts) over runs of the plan's experts (on the workers
+    when the plan says so), the form `moekit.dispatch.loops` takes them in."""
+    cuts = row_cuts(tensors[0].dtype)
+
+    def run(slices: Sequence[Slice]) -> None:
+        experts, starts, stops = map(list, zip(*slices, strict=True))
+        loop(*tensors, experts, starts, stops, cuts)
+
+    for_each_run(plan.groups.nonempty, run, plan.parallel)
 
 
 def _share_product(rows: Tensor, right: Tensor, share: ExpertShare) -> Tensor:
@@ -232,12 +234,9 @@ def _share_weight_grad(grad_rows: Tensor, in_rows: Tensor, share: ExpertShare, p
 
 
 def _weight_grad(grad_rows: Tensor, in_rows: Tensor, plan: ExpertPlan, shape: torch.Size) -> Tensor:
-    """Packed gradient [E, n_out, n_in]: slice e = grad_rows[e]^T @ in_rows[e]; empty experts 0."""
+    """Packed gradient [E, n_out, n_in]: slice e = grad_rows[e]^T @ in_rows[e]; empty experts 0.
+    For the grouped_mm backend without shares (the loop backend's go with its input gradients)."""
     groups = plan.groups
-    if plan.shares:
-        packed = grad_rows.new_empty(shape)
-        run_shares(plan.shares, lambda share: _share_weight_grad(grad_rows, in_rows, share, packed))
-        return packed
     if plan.backend == "grouped_mm" and plan.single_threaded:
         # decode: one C++ loop beats ~E Python-dispatched GEMMs and zero fills
         return F.grouped_mm(grad_rows.t(), in_rows, offs=groups.grouped_mm_offsets)
@@ -278,14 +277,9 @@ def _backward_pair(
         packed_grad(weight.shape, grad_rows, plan.groups.empty_experts) if weight_grad_needed else None
     )
     grad_in = grad_rows.new_empty(grad_rows.shape[0], weight.shape[2])
-    weights = weight.transpose(1, 2)  # grad_in rows = grad_rows @ weight[e]
     _, backward_pairs_into = expert_loops()
-    cuts = row_cuts(grad_rows.dtype)
-
-    def run_pairs(run: Sequence[Slice]) -> None:
-        backward_pairs_into(grad_rows, in_rows, weights, grad_weight, grad_in, *_columns(run), cuts)
-
-    for_each_run(plan.groups.nonempty, run_pairs, plan.parallel)
+    weights = weight.transpose(1, 2)  # weights[e] = weight[e].T: grad_in rows = grad_rows @ weight[e]
+    _run_expert_loop(plan, backward_pairs_into, (grad_rows, in_rows, weights, grad_weight, grad_in))
     return grad_weight, grad_in
 
 

@@ -34,10 +34,7 @@ def products_into(
 ) -> None:
     """out[s:t] = rows[s:t] @ weights[e].T for each listed expert e and its rows [s, t)."""
     for i in range(len(experts)):
-        start = starts[i]
-        for block in linear_rows_for(rows, starts[i], stops[i], weights[experts[i]], cuts):
-            out[start : start + block.shape[0]].copy_(block)
-            start += block.shape[0]
+        _linear_rows_into(rows, starts[i], stops[i], weights[experts[i]], out, cuts)
 
 
 def backward_pairs_into(
@@ -58,9 +55,16 @@ def backward_pairs_into(
         expert, start, stop = experts[i], starts[i], stops[i]
         if grad_weight is not None:
             grad_weight[expert].copy_(weight_grad_for(grad_rows[start:stop], in_rows[start:stop], cuts))
-        for block in linear_rows_for(grad_rows, start, stop, weights[expert], cuts):
-            grad_in[start : start + block.shape[0]].copy_(block)
-            start += block.shape[0]
+        _linear_rows_into(grad_rows, start, stop, weights[expert], grad_in, cuts)
+
+
+def _linear_rows_into(
+    rows: Tensor, start: int, stop: int, weight: Tensor, out: Tensor, cuts: RowCuts
+) -> None:
+    """out[start:stop] = rows[start:stop] @ weight.T, each block copied in while it is in cache."""
+    for block in linear_rows_for(rows, start, stop, weight, cuts):
+        out[start : start + block.shape[0]].copy_(block)
+        start += block.shape[0]
 
 
 def expert_loops() -> tuple[Callable[..., None], Callable[..., None]]:
