@@ -12,16 +12,25 @@ from hypothesis import strategies as st
 
 import moekit.dispatch.grouped as grouped_module
 from moekit.dispatch.grouped import ExpertGroups, grouped_experts, grouped_mm_available
-from moekit.dispatch.loops import backward_pairs_into, expert_loops, products_into
+from moekit.dispatch.loops import (
+    backward_pairs_into,
+    expert_loops,
+    native_backward_pairs_into,
+    native_products_into,
+    products_into,
+)
 from moekit.dispatch.workers import for_each_expert, for_each_run
 from moekit.experts.activations import make_activation
 from moekit.kernels.gemm import CHUNK_ROWS
+from moekit.kernels.native import native_available
 from moekit.routing.capacity import apply_capacity, expert_capacity, priority_key
 from moekit.routing.record import Assignments
 from moekit.routing.spec import RouterSpec
 from moekit.routing.token_choice import TokenChoiceRouter
 
 EXPERT_PATHS = ("serial", "workers", "workers_python", "fused")
+# fp32 on the worker paths runs moekit's own kernel where it is built; these run the library kernels
+LIBRARY_KERNEL_PATHS = ("workers_library", "fused_library")
 
 
 @contextmanager
@@ -29,12 +38,14 @@ def expert_path(path: str):
     """The loop backend's paths: `serial`, `workers` (runs of experts on the workers, the loops
     over them compiled), `workers_python` (the same loops run as Python, as where TorchScript is
     missing) and `fused` (each expert's whole forward and backward one task, forced on whatever
-    the expert size). Yields the `parallel_workers` flag for `grouped_experts`."""
-    min_seconds = 0.0 if path == "fused" else float("inf")
+    the expert size); `*_library`: the same with moekit's own kernel turned off. Yields the
+    `parallel_workers` flag for `grouped_experts`."""
+    min_seconds = 0.0 if path.startswith("fused") else float("inf")
     loops = "python" if path == "workers_python" else "compiled"
+    native = "0" if path.endswith("_library") else "1"
     with (
         patch.object(grouped_module, "MIN_FUSED_EXPERT_SECONDS", min_seconds),
-        patch.dict(os.environ, {"MOEKIT_LOOPS": loops}),
+        patch.dict(os.environ, {"MOEKIT_LOOPS": loops, "MOEKIT_NATIVE": native}),
     ):
         yield path != "serial"
 
@@ -284,7 +295,7 @@ def test_parallel_expert_workers_match_the_serial_loop(path):
         torch.testing.assert_close(parallel, serial, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("path", EXPERT_PATHS)
+@pytest.mark.parametrize("path", EXPERT_PATHS + LIBRARY_KERNEL_PATHS)
 def test_float32_kernel_path_matches_float64(path):
     """fp32 experts big enough for the GEMM kernel's chunked, row-bucketed products (one expert
     past CHUNK_ROWS rows, ragged tails, one expert empty), on the serial loop and on the workers:
@@ -428,11 +439,14 @@ def test_expert_loops_are_compiled_where_torchscript_is():
     """The fast path the tests above check is the one that runs: TorchScript compiles the loops
     (this torch has it), and `MOEKIT_LOOPS=python` selects the Python loops."""
     assert all(isinstance(loop, torch.jit.ScriptFunction) for loop in expert_loops())
+    assert all(isinstance(loop, torch.jit.ScriptFunction) for loop in expert_loops(native=True))
     with patch.dict(os.environ, {"MOEKIT_LOOPS": "python"}):
         assert expert_loops() == (products_into, backward_pairs_into)
+        if native_available():
+            assert expert_loops(native=True) == (native_products_into, native_backward_pairs_into)
 
 
-@pytest.mark.parametrize("path", ["workers", "workers_python", "fused"])
+@pytest.mark.parametrize("path", ["workers", "workers_python", "fused", *LIBRARY_KERNEL_PATHS])
 def test_worker_paths_are_bitwise_deterministic(path):
     """Experts go to whichever thread is free, but each is computed by one thread in one way and
     combined in a fixed order: repeated fp32 runs agree bit for bit (training runs repeat)."""

@@ -44,6 +44,7 @@ from moekit.dispatch.workers import (
 )
 from moekit.experts.activations import Activation
 from moekit.kernels.gemm import onednn_is_faster, row_cuts, weight_grad
+from moekit.kernels.native import native_fits
 
 BACKENDS = ("auto", "loop", "grouped_mm")
 # With MKL, expert GEMMs of more FLOPs than this are threaded well by MKL itself: keep them whole.
@@ -164,6 +165,8 @@ class ExpertPlan:
     shares: tuple[ExpertShare, ...] = ()
     # loop on the workers: each expert's whole forward and backward as one task
     fused: FusedExperts | None = None
+    # loop on the workers: products on moekit's own single-threaded kernel (`kernels.native`)
+    native: bool = False
 
 
 def _rows_times_weight(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tensor:
@@ -189,7 +192,7 @@ def _rows_times(rows: Tensor, right: Tensor, plan: ExpertPlan) -> Tensor:
     if plan.backend == "grouped_mm":
         return F.grouped_mm(rows, right, offs=plan.groups.grouped_mm_offsets)
     out = rows.new_empty(rows.shape[0], right.shape[2])
-    products_into, _ = expert_loops()
+    products_into, _ = expert_loops(plan.native)
     # right.transpose(1, 2)[e] = right[e].T, the operand `linear_rows` takes
     _run_expert_loop(plan, products_into, (rows, right.transpose(1, 2), out))
     return out
@@ -277,7 +280,7 @@ def _backward_pair(
         packed_grad(weight.shape, grad_rows, plan.groups.empty_experts) if weight_grad_needed else None
     )
     grad_in = grad_rows.new_empty(grad_rows.shape[0], weight.shape[2])
-    _, backward_pairs_into = expert_loops()
+    _, backward_pairs_into = expert_loops(plan.native)
     weights = weight.transpose(1, 2)  # weights[e] = weight[e].T: grad_in rows = grad_rows @ weight[e]
     _run_expert_loop(plan, backward_pairs_into, (grad_rows, in_rows, weights, grad_weight, grad_in))
     return grad_weight, grad_in
@@ -451,10 +454,11 @@ def plan_experts(
         )
     shares = groups.shares(threads) if resolved == "grouped_mm" and parallel_workers else ()
     parallel = parallel_workers and (resolved == "loop" or len(shares) > 1)
+    native = parallel and resolved == "loop" and native_fits(x, w_in, w_out)
     fused = None
     if parallel and resolved == "loop" and fused_pays_off(*estimate):
         fused = FusedExperts(
-            token, groups.nonempty, tuple(groups.empty_experts), activation, weight_on == "output"
+            token, groups.nonempty, tuple(groups.empty_experts), activation, weight_on == "output", native
         )
     return ExpertPlan(
         groups,
@@ -465,6 +469,7 @@ def plan_experts(
         single_threaded=decode and not parallel,
         shares=shares if parallel else (),
         fused=fused,
+        native=native,
     )
 
 

@@ -8,6 +8,11 @@ nothing holds the lock: measured side by side on the layer's fwd+bwd, 6 % faster
 of 256 x 128 and 1 % at 64 of 512 x 256, 12 % and 2 % while the OS is slow to wake threads
 (BENCHMARKS.md). TorchScript is deprecated in recent torch; where it is missing or cannot compile
 these loops, they run as the Python they are written in, with the same results to the bit.
+
+Where moekit's own kernel runs (`moekit.kernels.native`), the loops call it instead: it writes each
+product straight into the layer's buffer and each weight gradient into its slice of the packed
+gradient, so the loops have no copies and no row cutting. It is single-threaded, so these loops
+are for the workers, one core each.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from torch import Tensor
 
 from moekit.kernels.gemm import RowCuts, linear_rows_for, weight_grad_for
+from moekit.kernels.native import native_available
 
 
 def products_into(
@@ -67,19 +73,57 @@ def _linear_rows_into(
         start += block.shape[0]
 
 
-def expert_loops() -> tuple[Callable[..., None], Callable[..., None]]:
-    """(products_into, backward_pairs_into) as this process runs them: compiled unless
+def native_products_into(
+    rows: Tensor,
+    weights: Tensor,
+    out: Tensor,
+    experts: list[int],
+    starts: list[int],
+    stops: list[int],
+    cuts: RowCuts,
+) -> None:
+    """`products_into` on the native kernel (`cuts` unused: it takes any row count)."""
+    for i in range(len(experts)):
+        start, stop = starts[i], stops[i]
+        torch.ops.moekit.mm_into(rows[start:stop], weights[experts[i]].t(), out[start:stop])
+
+
+def native_backward_pairs_into(
+    grad_rows: Tensor,
+    in_rows: Tensor,
+    weights: Tensor,
+    grad_weight: Tensor | None,
+    grad_in: Tensor,
+    experts: list[int],
+    starts: list[int],
+    stops: list[int],
+    cuts: RowCuts,
+) -> None:
+    """`backward_pairs_into` on the native kernel (`cuts` unused)."""
+    for i in range(len(experts)):
+        expert, start, stop = experts[i], starts[i], stops[i]
+        if grad_weight is not None:
+            torch.ops.moekit.mm_into(grad_rows[start:stop].t(), in_rows[start:stop], grad_weight[expert])
+        torch.ops.moekit.mm_into(grad_rows[start:stop], weights[expert].t(), grad_in[start:stop])
+
+
+def expert_loops(native: bool = False) -> tuple[Callable[..., None], Callable[..., None]]:
+    """(products_into, backward_pairs_into) as this process runs them: on the native kernel when
+    asked for (single-threaded callers: the workers) and it runs here, fp32 only; compiled unless
     `MOEKIT_LOOPS=python` (or TorchScript cannot compile them)."""
-    return _loops(os.environ.get("MOEKIT_LOOPS", "compiled").lower() != "python")
+    compiled = os.environ.get("MOEKIT_LOOPS", "compiled").lower() != "python"
+    return _loops(compiled, native and native_available())
 
 
 @cache
-def _loops(compiled: bool) -> tuple[Callable[..., None], Callable[..., None]]:
+def _loops(compiled: bool, native: bool) -> tuple[Callable[..., None], Callable[..., None]]:
+    native_loops = (native_products_into, native_backward_pairs_into)
+    loops = native_loops if native else (products_into, backward_pairs_into)
     if compiled:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                return torch.jit.script(products_into), torch.jit.script(backward_pairs_into)
+                return torch.jit.script(loops[0]), torch.jit.script(loops[1])
         except Exception:  # TorchScript removed, or unable to compile: the Python loops are exact
             pass
-    return products_into, backward_pairs_into
+    return loops

@@ -1,0 +1,185 @@
+// Small single-threaded fp32 GEMMs for expert products, written straight into the caller's buffer.
+//
+// Why: an MoE layer runs hundreds of small products per step (128 rows x 256 x 256 per expert at
+// 128 experts). oneDNN, the fastest library kernel torch ships for them on AVX-512 CPUs, costs
+// ~10 us per call, repacks the weight on every call and returns a new tensor that the caller must
+// copy into its buffer. The products here read both operands in place (only x @ W^T packs a
+// weight panel, with 16 x 16 register transposes), write into any row-major view, and run on the
+// calling thread: the layer's workers give each core its own experts (moekit.dispatch.workers).
+//
+// One operation, registered with torch's dispatcher so that TorchScript code can call it:
+//   moekit::mm_into(a, b, out): out = a @ b, all 2-D fp32 CPU tensors; a any strides; out with
+//   unit column stride; b with unit stride along either dimension (b = W^T packs panels of W).
+// Blocking: the output is computed in panels of 64 columns, each as tiles of 6 rows x 64 columns
+// held in 24 AVX-512 registers, over blocks of KC of the inner dimension.
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+namespace {
+
+constexpr int kRowsPerTile = 6;
+constexpr int kPanel = 64;  // output columns per panel: 4 vectors of 16
+constexpr int kInnerBlock = 256;
+
+// C[0:MR, 0:16*NV] (+)= A[0:MR, 0:K] @ B[0:K, 0:16*NV]; the last vector masked by `tail`.
+template <int MR, int NV>
+inline void tile(int64_t K, const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb,
+                 float* C, int64_t ldc, __mmask16 tail, bool accumulate) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j)
+      acc[i][j] = accumulate ? _mm512_maskz_loadu_ps(j < NV - 1 ? 0xFFFF : tail, C + i * ldc + 16 * j)
+                             : _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[NV];
+    const float* row = B + k * ldb;
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) b[j] = _mm512_maskz_loadu_ps(j < NV - 1 ? 0xFFFF : tail, row + 16 * j);
+    const float* a = A + k * sak;
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i * sai]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(av, b[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) _mm512_mask_storeu_ps(C + i * ldc + 16 * j, j < NV - 1 ? 0xFFFF : tail, acc[i][j]);
+}
+
+template <int NV>
+void panel_rows(int64_t M, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B,
+                int64_t ldb, float* C, int64_t ldc, __mmask16 tail, bool accumulate) {
+  int64_t i = 0;
+  for (; i + kRowsPerTile <= M; i += kRowsPerTile)
+    tile<kRowsPerTile, NV>(K, A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, tail, accumulate);
+  const float* a = A + i * sai;
+  float* c = C + i * ldc;
+  switch (M - i) {
+    case 5: tile<5, NV>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate); break;
+    case 4: tile<4, NV>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate); break;
+    case 3: tile<3, NV>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate); break;
+    case 2: tile<2, NV>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate); break;
+    case 1: tile<1, NV>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate); break;
+    default: break;
+  }
+}
+
+// C[:, 0:width] (+)= A @ B[:, 0:width] for a panel of width <= kPanel columns.
+void panel(int64_t M, int64_t width, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B,
+           int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  const int64_t rest = width % 16;
+  const __mmask16 tail = rest ? static_cast<__mmask16>((1u << rest) - 1) : static_cast<__mmask16>(0xFFFF);
+  switch ((width + 15) / 16) {
+    case 4: panel_rows<4>(M, K, A, sai, sak, B, ldb, C, ldc, tail, accumulate); break;
+    case 3: panel_rows<3>(M, K, A, sai, sak, B, ldb, C, ldc, tail, accumulate); break;
+    case 2: panel_rows<2>(M, K, A, sai, sak, B, ldb, C, ldc, tail, accumulate); break;
+    case 1: panel_rows<1>(M, K, A, sai, sak, B, ldb, C, ldc, tail, accumulate); break;
+    default: break;
+  }
+}
+
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+
+// packed[k][j] = W[j][k] for j < width (zero up to kPanel), k < depth; W rows of stride ldw.
+void pack_transposed(const float* W, int64_t ldw, int64_t width, int64_t depth, float* packed) {
+  for (int64_t block = 0; block < kPanel; block += 16) {
+    for (int64_t k = 0; k < depth; k += 16) {
+      const int64_t cols = std::min<int64_t>(16, depth - k);
+      const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
+      __m512 r[16];
+      for (int64_t j = 0; j < 16; ++j)
+        r[j] = block + j < width ? _mm512_maskz_loadu_ps(mask, W + (block + j) * ldw + k) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int64_t j = 0; j < cols; ++j) _mm512_storeu_ps(packed + (k + j) * kPanel + block, r[j]);
+    }
+  }
+}
+
+void mm_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2, "moekit::mm_into: a, b and out must be 2-D");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "moekit::mm_into: a, b and out must be float32");
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && out.device().is_cpu(),
+              "moekit::mm_into: a, b and out must be on the CPU");
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  TORCH_CHECK(b.size(0) == K && out.size(0) == M && out.size(1) == N, "moekit::mm_into: shapes ", a.sizes(),
+              " @ ", b.sizes(), " -> ", out.sizes(), " do not match");
+  TORCH_CHECK(out.stride(1) == 1 || N <= 1, "moekit::mm_into: out must have unit column stride");
+  TORCH_CHECK(b.stride(1) == 1 || b.stride(0) == 1 || N <= 1 || K <= 1,
+              "moekit::mm_into: b must have unit stride along one dimension");
+  if (M == 0 || N == 0) return;
+  float* C = out.data_ptr<float>();
+  if (K == 0) {
+    for (int64_t i = 0; i < M; ++i) std::fill(C + i * out.stride(0), C + i * out.stride(0) + N, 0.0f);
+    return;
+  }
+  const float* A = a.data_ptr<float>();
+  const float* B = b.data_ptr<float>();
+  const int64_t sai = a.stride(0), sak = a.stride(1), ldc = out.stride(0);
+  if (b.stride(1) == 1 || N == 1) {
+    const int64_t ldb = b.stride(0);
+    for (int64_t n = 0; n < N; n += kPanel)
+      for (int64_t k = 0; k < K; k += kInnerBlock)
+        panel(M, std::min<int64_t>(kPanel, N - n), std::min<int64_t>(kInnerBlock, K - k), A + k * sak, sai, sak,
+              B + k * ldb + n, ldb, C + n, ldc, k > 0);
+    return;
+  }
+  // b = W^T with W [N, K] row-major (stride ldw): pack W's panels transposed.
+  const int64_t ldw = b.stride(1);
+  thread_local std::vector<float> packed;
+  packed.resize(kInnerBlock * kPanel);
+  for (int64_t n = 0; n < N; n += kPanel) {
+    const int64_t width = std::min<int64_t>(kPanel, N - n);
+    for (int64_t k = 0; k < K; k += kInnerBlock) {
+      const int64_t depth = std::min<int64_t>(kInnerBlock, K - k);
+      pack_transposed(B + n * ldw + k, ldw, width, depth, packed.data());
+      panel(M, width, depth, A + k * sak, sai, sak, packed.data(), kPanel, C + n, ldc, k > 0);
+    }
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(moekit, m) {
+  m.def("mm_into(Tensor a, Tensor b, Tensor(c!) out) -> ()");
+  m.impl("mm_into", c10::DispatchKey::CPU, TORCH_FN(mm_into));
+}
+
+#endif  // __AVX512F__

@@ -1,0 +1,99 @@
+"""moekit's own small-GEMM kernel for expert products (`csrc/expert_gemm.cpp`), built on first use.
+
+Why a kernel of our own: an expert's products are small (128 rows x 256 x 256 at 128 experts)
+and there are hundreds per step. oneDNN, the fastest library kernel torch ships for them, costs
+~10 us per call, repacks the weight on every call and returns a new tensor the caller must copy
+into its buffer; its weight gradients over so few rows run well below the core's peak. The kernel
+here reads the operands in place, writes into the caller's buffer and runs single-threaded, the
+form the layer's workers want (measured, one core: 236-265 GFLOP/s against oneDNN's 141-248 on
+expert shapes, BENCHMARKS.md).
+
+It is compiled for AVX-512 with the machine's C++ compiler through torch's extension builder
+(a few seconds, once; torch caches the build). Where the CPU lacks AVX-512, the build fails, or
+its results disagree with `torch.mm` on a probe, products stay on `moekit.kernels.gemm`.
+`MOEKIT_NATIVE=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sysconfig
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).parent / "csrc" / "expert_gemm.cpp"
+EXTENSION_NAME = "moekit_expert_gemm"
+COMPILE_FLAGS = ["-O3", "-mavx512f"]
+# (rows, inner, outer) probed against torch.mm: row and column tails, a transposed weight, one row
+PROBE_SHAPES = ((13, 40, 70), (6, 64, 64), (1, 17, 3), (70, 300, 129))
+
+
+def mm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
+    """out = a @ b on the native kernel (fp32 CPU, 2-D; `out` with unit column stride; `b` with unit
+    stride along either dimension). Only where `native_available()`."""
+    torch.ops.moekit.mm_into(a, b, out)
+
+
+def native_fits(x: Tensor, *weights: Tensor) -> bool:
+    """Whether products of activations like `x` with packed [E, n_out, n_in] `weights` can run on
+    the native kernel here: fp32 on the CPU, each weight with unit stride along one of its last
+    two dimensions, and the kernel available."""
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return False
+    if not all(w.dtype == torch.float32 and 1 in (w.stride(-1), w.stride(-2)) for w in weights):
+        return False
+    return native_available()
+
+
+def native_available() -> bool:
+    """Whether the native kernel runs in this process: not turned off (`MOEKIT_NATIVE=0`, read at
+    every call), built (or found built) once, and checked."""
+    return os.environ.get("MOEKIT_NATIVE", "1") != "0" and _built_and_checked()
+
+
+@cache
+def _built_and_checked() -> bool:
+    return cpu_has_avx512() and _build_and_load() and _probe_matches_torch()
+
+
+def cpu_has_avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _build_and_load() -> bool:
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:  # torch's builder runs `ninja` from PATH; pip put ours here
+        scripts = sysconfig.get_path("scripts")
+        os.environ["PATH"] = os.pathsep.join((scripts, os.environ.get("PATH", "")))
+    try:
+        cpp_extension.load(
+            EXTENSION_NAME, [str(SOURCE)], extra_cflags=COMPILE_FLAGS, is_python_module=False, verbose=False
+        )
+    except Exception as error:  # no compiler, no ninja, a failed build: gemm.py's kernels remain
+        warnings.warn(
+            f"moekit: could not build the native expert kernel ({type(error).__name__}: {error}); "
+            "expert products use torch's kernels instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return hasattr(torch.ops.moekit, "mm_into")
+
+
+def _probe_matches_torch() -> bool:
+    gen = torch.Generator().manual_seed(0)
+    for rows, inner, outer in PROBE_SHAPES:
+        a = torch.randn(rows, inner, generator=gen)
+        weight = torch.randn(outer, inner, generator=gen)
+        for b in (weight.t(), weight.t().contiguous()):
+            out = torch.full((rows, outer), float("nan"))
+            mm_into(a, b, out)
+            if not torch.allclose(out, a @ b, rtol=1e-4, atol=1e-4):
+                return False
+    return True

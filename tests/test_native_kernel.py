@@ -1,0 +1,99 @@
+"""moekit's own expert GEMM (`moekit.kernels.native`) against float64, on every operand layout the
+expert loops use and on ragged shapes, and its use by the layer's worker paths."""
+
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moekit.dispatch.grouped import plan_experts
+from moekit.experts.activations import make_activation
+from moekit.kernels.native import cpu_has_avx512, mm_into, native_available, native_fits
+
+needs_native = pytest.mark.skipif(
+    not native_available(),
+    reason="the native kernel needs an AVX-512 CPU and a C++ compiler; without them the library "
+    "kernels run, and the dispatch tests cover those",
+)
+
+# How each layout the expert loops use is formed from a [rows, inner] input, a weight [outer, inner]
+# and gradient rows [rows, outer] (a, b): forward x @ W^T, input gradient g @ W, weight gradient g^T @ x.
+LAYOUTS = ("forward", "input_grad", "weight_grad")
+
+
+def _operands(layout: str, rows: int, inner: int, outer: int, gen: torch.Generator):
+    x = torch.randn(rows, inner, generator=gen)
+    weight = torch.randn(outer, inner, generator=gen)
+    grad = torch.randn(rows, outer, generator=gen)
+    if layout == "forward":
+        return x, weight.t()
+    if layout == "input_grad":
+        return grad, weight
+    return grad.t(), x
+
+
+def test_a_cpu_with_avx512_and_a_compiler_runs_the_native_kernel():
+    """Where it can be built, it is (a failed build would silently cost the layer its speed)."""
+    if cpu_has_avx512() and shutil.which("c++"):
+        assert native_available()
+
+
+@needs_native
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(LAYOUTS),
+    st.integers(0, 20),
+    st.integers(0, 300),
+    st.integers(0, 140),
+    st.integers(0, 3),
+    st.integers(0, 2**16),
+)
+def test_products_match_float64_and_touch_only_their_output(layout, rows, inner, outer, pad, seed):
+    """Every row and column tail (tiles of 6 rows x 64 columns, inner blocks of 256, packed weight
+    panels of 16 x 16), including empty operands, into a view of a larger buffer whose other
+    entries stay as they were."""
+    gen = torch.Generator().manual_seed(seed)
+    a, b = _operands(layout, rows, inner, outer, gen)
+    buffer = torch.full((a.shape[0] + 2 * pad, b.shape[1] + pad), float("nan"))
+    out = buffer[pad : pad + a.shape[0], : b.shape[1]]
+    mm_into(a, b, out)
+    expected = a.double() @ b.double()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4 * max(1.0, inner**0.5))
+    untouched = torch.ones_like(buffer, dtype=torch.bool)
+    untouched[pad : pad + a.shape[0], : b.shape[1]] = False
+    assert torch.isnan(buffer[untouched]).all()
+
+
+@needs_native
+def test_bad_operands_get_a_clear_error():
+    a, b = torch.randn(4, 8), torch.randn(8, 5)
+    with pytest.raises(RuntimeError, match="float32"):
+        mm_into(a.double(), b.double(), torch.empty(4, 5, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="do not match"):
+        mm_into(a, b, torch.empty(5, 5))
+    with pytest.raises(RuntimeError, match="unit column stride"):
+        mm_into(a, b, torch.empty(5, 4).t())
+    with pytest.raises(RuntimeError, match="unit stride along one dimension"):
+        mm_into(a, torch.randn(16, 10)[::2, ::2], torch.empty(4, 5))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_worker_plans_take_the_native_kernel_for_float32_only(dtype):
+    gen = torch.Generator().manual_seed(0)
+    num_experts, hidden, ff = 4, 16, 8
+    act = make_activation("swiglu")
+    x = torch.randn(64, hidden, generator=gen, dtype=dtype)
+    token = torch.arange(64).repeat_interleave(2)
+    expert = torch.arange(128) % num_experts
+    order = torch.argsort(expert, stable=True)
+    w_in = torch.randn(num_experts, act.in_features(ff), hidden, dtype=dtype)
+    w_out = torch.randn(num_experts, hidden, ff, dtype=dtype)
+    for parallel in (True, False):
+        plan = plan_experts(
+            x, token[order], expert[order], w_in, w_out, act, backend="loop", parallel_workers=parallel
+        )
+        assert plan.native == (parallel and dtype == torch.float32)
+    assert not native_fits(x.float(), torch.randn(num_experts, 16, 16)[:, ::2, ::2])
