@@ -45,6 +45,7 @@ def expert_path(path: str):
     native = "0" if path.endswith("_library") else "1"
     with (
         patch.object(grouped_module, "MIN_FUSED_EXPERT_SECONDS", min_seconds),
+        patch.object(grouped_module, "MIN_FUSED_EXPERT_SECONDS_NATIVE", min_seconds),
         patch.dict(os.environ, {"MOEKIT_LOOPS": loops, "MOEKIT_NATIVE": native}),
     ):
         yield path != "serial"

@@ -1,5 +1,6 @@
-"""moekit's own expert GEMM (`moekit.kernels.native`) against float64, on every operand layout the
-expert loops use and on ragged shapes, and its use by the layer's worker paths."""
+"""moekit's own expert kernels (`moekit.kernels.native`) against float64: the GEMM on every operand
+layout the expert loops use and on ragged shapes, its use by the layer's worker paths, and SwiGLU
+with its derivative."""
 
 import shutil
 
@@ -9,8 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moekit.dispatch.grouped import plan_experts
-from moekit.experts.activations import make_activation
-from moekit.kernels.native import cpu_has_avx512, mm_into, native_available, native_fits
+from moekit.experts.activations import make_activation, swiglu_with_grad
+from moekit.kernels.native import (
+    MIN_SPLIT_ELEMENTS,
+    cpu_has_avx512,
+    mm_into,
+    native_available,
+    native_fits,
+    swiglu_fits,
+)
 
 needs_native = pytest.mark.skipif(
     not native_available(),
@@ -97,3 +105,44 @@ def test_worker_plans_take_the_native_kernel_for_float32_only(dtype):
         )
         assert plan.native == (parallel and dtype == torch.float32)
     assert not native_fits(x.float(), torch.randn(num_experts, 16, 16)[:, ::2, ::2])
+
+
+def _swiglu_float64(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 20), st.integers(1, 70), st.sampled_from([1.0, 30.0]), st.integers(0, 2**16))
+def test_swiglu_and_its_derivative_match_float64(rows, ff, scale, seed):
+    """Column tails of 16, and gates far into both saturated ends of the sigmoid (scale 30)."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, 2 * ff, generator=gen) * scale
+    grad = torch.randn(rows, ff, generator=gen)
+    act = make_activation("swiglu")
+    assert swiglu_fits(h)
+    exact = h.double().requires_grad_()
+    expected = _swiglu_float64(exact)
+    (expected_grad,) = torch.autograd.grad(expected, exact, grad.double()) if rows else (exact * 0,)
+    torch.testing.assert_close(act.forward(h).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(act.backward(h, grad).double(), expected_grad, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_swiglu_split_over_the_workers_and_under_autograd_matches_float64():
+    """Inputs large enough to be split over torch's threads, and `swiglu_with_grad`, which dense
+    layers differentiate through, against autograd in float64."""
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(3001, 2 * 40, generator=gen)
+    assert h.numel() >= MIN_SPLIT_ELEMENTS
+    grad = torch.randn(3001, 40, generator=gen)
+    leaf = h.clone().requires_grad_()
+    assert not swiglu_fits(leaf)  # autograd would not see the native op: it must not run there
+    out = swiglu_with_grad(leaf)
+    (got,) = torch.autograd.grad(out, leaf, grad)
+    exact = h.double().requires_grad_()
+    expected = _swiglu_float64(exact)
+    (expected_grad,) = torch.autograd.grad(expected, exact, grad.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), expected_grad, rtol=1e-4, atol=1e-4)

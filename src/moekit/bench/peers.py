@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.experts.activations import swiglu_with_grad
 from moekit.kernels.linear import fast_linear
 from moekit.layer import MoE
 
@@ -29,9 +30,10 @@ class DenseEquivalent(nn.Module):
     """One SwiGLU GEMM chain with the active FLOPs of top-k experts: d -> 2*k*ff -> d.
 
     What an MoE layer would cost if routing, permutation and combine were free: the practical limit.
-    By default its GEMMs run on the same kernel as moekit's experts (`moekit.kernels.gemm`), so the
-    ratio to it measures routing and dispatch, not a choice of BLAS; `stock=True` uses torch's own
-    `F.linear`, as a user's dense layer runs.
+    By default its GEMMs run on the fastest kernel moekit has for products of its size
+    (`moekit.kernels.gemm`: oneDNN here) and its SwiGLU on the experts' own activation kernel, so
+    the ratio to it measures routing and dispatch, not a choice of kernels; `stock=True` uses
+    torch's own `F.linear` and `F.silu`, as a user's dense layer runs.
     """
 
     def __init__(self, hidden: int, active_ff: int, stock: bool = False):
@@ -39,10 +41,14 @@ class DenseEquivalent(nn.Module):
         self.w_in = nn.Parameter(torch.randn(2 * active_ff, hidden) * hidden**-0.5)
         self.w_out = nn.Parameter(torch.randn(hidden, active_ff) * active_ff**-0.5)
         self.linear = F.linear if stock else fast_linear
+        self.stock = stock
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.linear(x, self.w_in).chunk(2, dim=-1)
-        return self.linear(F.silu(gate) * up, self.w_out)
+        h = self.linear(x, self.w_in)
+        if self.stock:
+            gate, up = h.chunk(2, dim=-1)
+            return self.linear(F.silu(gate) * up, self.w_out)
+        return self.linear(swiglu_with_grad(h), self.w_out)
 
 
 def moekit_contender(layer: MoE) -> Contender:

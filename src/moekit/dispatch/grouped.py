@@ -53,8 +53,10 @@ SMALL_EXPERT_FLOPS = 256e6
 MIN_EXPERT_SECONDS = 50e-6
 # With fewer rows than this per active expert (decode), `auto` picks grouped_mm.
 DECODE_ROWS_PER_EXPERT = 4
-# An expert's first product should take at least this long to run its whole expert as one task.
+# An expert's first product should take at least this long to run its whole expert as one task;
+# less on moekit's own kernel, whose faster products leave the unfused passes a larger share.
 MIN_FUSED_EXPERT_SECONDS = 1e-3
+MIN_FUSED_EXPERT_SECONDS_NATIVE = 0.2e-3
 # A grouped_mm share on a worker should take at least this long to pay for the hand-off.
 MIN_SHARE_SECONDS = 100e-6
 # Rough single-core rates used for that estimate (this machine class: AVX2/AVX-512, ~2 cores).
@@ -404,13 +406,18 @@ def workers_pay_off(
     return _expert_seconds(rows, active_experts, in_features, hidden, dtype) >= MIN_EXPERT_SECONDS
 
 
-def fused_pays_off(rows: int, active_experts: int, in_features: int, hidden: int, dtype: torch.dtype) -> bool:
+def fused_pays_off(
+    rows: int, active_experts: int, in_features: int, hidden: int, dtype: torch.dtype, native: bool
+) -> bool:
     """Whether each expert's whole forward and backward should run as one task (`fused.py`).
-    Measured side by side: 4 % faster at 8 experts of 512 rows (512 x 2048) and 5-8 % at the demo
-    model's 16 experts of ~1024 rows, level at 64 experts of 192 rows and 7 % slower at 128 of
-    128: an expert task runs some twenty small ops, whose dispatch, on two threads at once,
-    queues on the interpreter lock, while the unfused path runs them once over all experts."""
-    return _expert_seconds(rows, active_experts, in_features, hidden, dtype) >= MIN_FUSED_EXPERT_SECONDS
+    Measured side by side on the library kernels: 4 % faster at 8 experts of 512 rows (512 x
+    2048) and 5-8 % at the demo model's 16 experts of ~1024 rows, level at 64 experts of 192 rows
+    and 7 % slower at 128 of 128: an expert task runs some twenty small ops, whose dispatch, on
+    two threads at once, queues on the interpreter lock, while the unfused path runs them once
+    over all experts. On moekit's own kernel: 4-5 % faster at 64 experts of 192 rows (512 x 512),
+    still ~13 % slower at 128 of 128 (256 x 256)."""
+    threshold = MIN_FUSED_EXPERT_SECONDS_NATIVE if native else MIN_FUSED_EXPERT_SECONDS
+    return _expert_seconds(rows, active_experts, in_features, hidden, dtype) >= threshold
 
 
 def shares_pay_off(
@@ -456,7 +463,7 @@ def plan_experts(
     parallel = parallel_workers and (resolved == "loop" or len(shares) > 1)
     native = parallel and resolved == "loop" and native_fits(x, w_in, w_out)
     fused = None
-    if parallel and resolved == "loop" and fused_pays_off(*estimate):
+    if parallel and resolved == "loop" and fused_pays_off(*estimate, native):
         fused = FusedExperts(
             token, groups.nonempty, tuple(groups.empty_experts), activation, weight_on == "output", native
         )

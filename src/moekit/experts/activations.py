@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from moekit.errors import require_choice
+from moekit.kernels.native import swiglu, swiglu_backward, swiglu_fits
 
 
 class Activation(ABC):
@@ -45,10 +46,14 @@ class SwiGLU(Activation):
     gated = True
 
     def forward(self, h: Tensor) -> Tensor:
+        if swiglu_fits(h):
+            return swiglu(h)
         gate, up = self.split(h)
         return torch.nn.functional.silu(gate) * up
 
     def backward(self, h: Tensor, grad: Tensor) -> Tensor:
+        if swiglu_fits(h):
+            return swiglu_backward(h, grad)
         gate, up = self.split(h)
         ff = gate.shape[-1]
         out = torch.empty_like(h)
@@ -56,6 +61,24 @@ class SwiGLU(Activation):
         torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=out[..., :ff])
         torch.mul(grad, torch.nn.functional.silu(gate), out=out[..., ff:])
         return out
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor) -> Tensor:
+        ctx.save_for_backward(h)
+        return SwiGLU().forward(h)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (h,) = ctx.saved_tensors
+        return SwiGLU().backward(h, grad)
+
+
+def swiglu_with_grad(h: Tensor) -> Tensor:
+    """SwiGLU of h = [gate | up] for code that differentiates through it with autograd (a dense
+    SwiGLU layer), on the same kernels as the experts' activation."""
+    return _SwiGLUFunction.apply(h)
 
 
 @dataclass

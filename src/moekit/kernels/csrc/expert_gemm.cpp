@@ -175,11 +175,107 @@ void mm_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
   }
 }
 
+// exp(x) for x in float range (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial in r,
+// scaled by 2^n); relative error ~1e-7. Saturates below -88 and above 88 like expf's range.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 1 / (1 + exp(-x)): a 14-bit reciprocal estimate refined by one Newton step (~1e-7 relative).
+inline __m512 sigmoid_ps(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 d = _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x)));
+  const __m512 y = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(2.0f)));
+}
+
+void check_swiglu(const at::Tensor& h, const at::Tensor& out, int64_t out_cols, const char* op) {
+  TORCH_CHECK(h.dim() == 2 && out.dim() == 2, op, ": h and out must be 2-D");
+  TORCH_CHECK(h.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, op, ": h and out must be float32");
+  TORCH_CHECK(h.device().is_cpu() && out.device().is_cpu(), op, ": h and out must be on the CPU");
+  TORCH_CHECK(h.size(1) % 2 == 0, op, ": h must have an even number of columns (gate, then up)");
+  TORCH_CHECK(out.size(0) == h.size(0) && out.size(1) == out_cols, op, ": out has shape ", out.sizes(),
+              ", expected [", h.size(0), ", ", out_cols, "]");
+  TORCH_CHECK(h.stride(1) == 1 && out.stride(1) == 1, op, ": h and out must have unit column stride");
+}
+
+// out = silu(gate) * up for h = [gate | up] (Shazeer 2020, "GLU Variants Improve Transformer").
+void swiglu_into(const at::Tensor& h, const at::Tensor& out) {
+  const int64_t ff = h.size(1) / 2;
+  check_swiglu(h, out, ff, "moekit::swiglu_into");
+  const float* H = h.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const int64_t ldh = h.stride(0), ldo = out.stride(0);
+  {
+    for (int64_t r = 0; r < h.size(0); ++r) {
+      const float* gate = H + r * ldh;
+      const float* up = gate + ff;
+      float* o = O + r * ldo;
+      for (int64_t j = 0; j < ff; j += 16) {
+        const __mmask16 m = ff - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (ff - j)) - 1);
+        const __m512 g = _mm512_maskz_loadu_ps(m, gate + j);
+        const __m512 u = _mm512_maskz_loadu_ps(m, up + j);
+        _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid_ps(g)), u));
+      }
+    }
+  }
+}
+
+// The gradient of swiglu with respect to h = [gate | up], given the gradient of its output:
+// d gate = grad * up * s * (1 + gate * (1 - s)), d up = grad * gate * s, s = sigmoid(gate).
+void swiglu_backward_into(const at::Tensor& h, const at::Tensor& grad, const at::Tensor& out) {
+  const int64_t ff = h.size(1) / 2;
+  check_swiglu(h, out, 2 * ff, "moekit::swiglu_backward_into");
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == h.size(0) && grad.size(1) == ff && grad.stride(1) == 1 &&
+                  grad.scalar_type() == at::kFloat && grad.device().is_cpu(),
+              "moekit::swiglu_backward_into: grad must be float32 [", h.size(0), ", ", ff,
+              "] with unit column stride, got ", grad.sizes());
+  const float* H = h.data_ptr<float>();
+  const float* G = grad.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const int64_t ldh = h.stride(0), ldg = grad.stride(0), ldo = out.stride(0);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  {
+    for (int64_t r = 0; r < h.size(0); ++r) {
+      const float* gate = H + r * ldh;
+      const float* up = gate + ff;
+      const float* gr = G + r * ldg;
+      float* o = O + r * ldo;
+      for (int64_t j = 0; j < ff; j += 16) {
+        const __mmask16 m = ff - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (ff - j)) - 1);
+        const __m512 g = _mm512_maskz_loadu_ps(m, gate + j);
+        const __m512 u = _mm512_maskz_loadu_ps(m, up + j);
+        const __m512 d = _mm512_maskz_loadu_ps(m, gr + j);
+        const __m512 s = sigmoid_ps(g);
+        const __m512 silu_grad = _mm512_mul_ps(s, _mm512_fmadd_ps(g, _mm512_sub_ps(one, s), one));
+        _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(_mm512_mul_ps(d, u), silu_grad));
+        _mm512_mask_storeu_ps(o + ff + j, m, _mm512_mul_ps(d, _mm512_mul_ps(g, s)));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moekit, m) {
   m.def("mm_into(Tensor a, Tensor b, Tensor(c!) out) -> ()");
   m.impl("mm_into", c10::DispatchKey::CPU, TORCH_FN(mm_into));
+  m.def("swiglu_into(Tensor h, Tensor(c!) out) -> ()");
+  m.impl("swiglu_into", c10::DispatchKey::CPU, TORCH_FN(swiglu_into));
+  m.def("swiglu_backward_into(Tensor h, Tensor grad, Tensor(c!) out) -> ()");
+  m.impl("swiglu_backward_into", c10::DispatchKey::CPU, TORCH_FN(swiglu_backward_into));
 }
 
 #endif  // __AVX512F__
