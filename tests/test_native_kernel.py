@@ -56,17 +56,24 @@ def test_a_cpu_with_avx512_and_a_compiler_runs_the_native_kernel():
     st.integers(0, 300),
     st.integers(0, 140),
     st.integers(0, 3),
+    st.sampled_from(["none", "dense", "transposed", "strided"]),
     st.integers(0, 2**16),
 )
-def test_products_match_float64_and_touch_only_their_output(layout, rows, inner, outer, pad, seed):
+def test_products_match_float64_and_touch_only_their_output(layout, rows, inner, outer, pad, prefetch, seed):
     """Every row and column tail (tiles of 6 rows x 64 columns, inner blocks of 256, packed weight
     panels of 16 x 16), including empty operands, into a view of a larger buffer whose other
-    entries stay as they were."""
+    entries stay as they were; with or without memory to prefetch (a strided view is skipped)."""
     gen = torch.Generator().manual_seed(seed)
     a, b = _operands(layout, rows, inner, outer, gen)
+    upcoming = {
+        "none": None,
+        "dense": torch.randn(37, 50),
+        "transposed": torch.randn(50, 37).t(),
+        "strided": torch.randn(40, 40)[::3, ::2],
+    }[prefetch]
     buffer = torch.full((a.shape[0] + 2 * pad, b.shape[1] + pad), float("nan"))
     out = buffer[pad : pad + a.shape[0], : b.shape[1]]
-    mm_into(a, b, out)
+    mm_into(a, b, out, upcoming)
     expected = a.double() @ b.double()
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4 * max(1.0, inner**0.5))
     untouched = torch.ones_like(buffer, dtype=torch.bool)

@@ -82,10 +82,14 @@ def native_products_into(
     stops: list[int],
     cuts: RowCuts,
 ) -> None:
-    """`products_into` on the native kernel (`cuts` unused: it takes any row count)."""
+    """`products_into` on the native kernel (`cuts` unused: it takes any row count), each product
+    pulling the next expert's weights into cache as it runs."""
     for i in range(len(experts)):
         start, stop = starts[i], stops[i]
-        torch.ops.moekit.mm_into(rows[start:stop], weights[experts[i]].t(), out[start:stop])
+        upcoming: Tensor | None = None
+        if i + 1 < len(experts):
+            upcoming = weights[experts[i + 1]]
+        torch.ops.moekit.mm_into(rows[start:stop], weights[experts[i]].t(), out[start:stop], upcoming)
 
 
 def native_backward_pairs_into(
@@ -99,12 +103,19 @@ def native_backward_pairs_into(
     stops: list[int],
     cuts: RowCuts,
 ) -> None:
-    """`backward_pairs_into` on the native kernel (`cuts` unused)."""
+    """`backward_pairs_into` on the native kernel (`cuts` unused). The weight gradient's product
+    pulls the expert's weights into cache for the input gradient's; without it, the input
+    gradient's product pulls the next expert's."""
     for i in range(len(experts)):
         expert, start, stop = experts[i], starts[i], stops[i]
+        upcoming: Tensor | None = None
         if grad_weight is not None:
-            torch.ops.moekit.mm_into(grad_rows[start:stop].t(), in_rows[start:stop], grad_weight[expert])
-        torch.ops.moekit.mm_into(grad_rows[start:stop], weights[expert].t(), grad_in[start:stop])
+            torch.ops.moekit.mm_into(
+                grad_rows[start:stop].t(), in_rows[start:stop], grad_weight[expert], weights[expert]
+            )
+        elif i + 1 < len(experts):
+            upcoming = weights[experts[i + 1]]
+        torch.ops.moekit.mm_into(grad_rows[start:stop], weights[expert].t(), grad_in[start:stop], upcoming)
 
 
 def expert_loops(native: bool = False) -> tuple[Callable[..., None], Callable[..., None]]:

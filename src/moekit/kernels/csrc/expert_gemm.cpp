@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -31,9 +32,22 @@ constexpr int kPanel = 64;  // output columns per panel: 4 vectors of 16
 constexpr int kInnerBlock = 256;
 
 // C[0:MR, 0:16*NV] (+)= A[0:MR, 0:K] @ B[0:K, 0:16*NV]; the last vector masked by `tail`.
+// Lines of memory to pull into L2 while a product runs (the next expert's weights): one per step
+// of the inner loop, so that the loads overlap the arithmetic instead of stalling the next product.
+struct Prefetch {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  inline void step() {
+    if (next < end) {
+      _mm_prefetch(next, _MM_HINT_T1);
+      next += 64;
+    }
+  }
+};
+
 template <int MR, int NV>
 inline void tile(int64_t K, const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb,
-                 float* C, int64_t ldc, __mmask16 tail, bool accumulate) {
+                 float* C, int64_t ldc, __mmask16 tail, bool accumulate, Prefetch& prefetch) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
@@ -42,6 +56,7 @@ inline void tile(int64_t K, const float* A, int64_t sai, int64_t sak, const floa
       acc[i][j] = accumulate ? _mm512_maskz_loadu_ps(j < NV - 1 ? 0xFFFF : tail, C + i * ldc + 16 * j)
                              : _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
+    prefetch.step();
     __m512 b[NV];
     const float* row = B + k * ldb;
 #pragma GCC unroll 4
@@ -62,32 +77,32 @@ inline void tile(int64_t K, const float* A, int64_t sai, int64_t sak, const floa
 
 template <int NV>
 void panel_rows(int64_t M, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B,
-                int64_t ldb, float* C, int64_t ldc, __mmask16 tail, bool accumulate) {
+                int64_t ldb, float* C, int64_t ldc, __mmask16 tail, bool accumulate, Prefetch& prefetch) {
   int64_t i = 0;
   for (; i + kRowsPerTile <= M; i += kRowsPerTile)
-    tile<kRowsPerTile, NV>(K, A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, tail, accumulate);
+    tile<kRowsPerTile, NV>(K, A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, tail, accumulate, prefetch);
   const float* a = A + i * sai;
   float* c = C + i * ldc;
   switch (M - i) {
-    case 5: tile<5, NV>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate); break;
-    case 4: tile<4, NV>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate); break;
-    case 3: tile<3, NV>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate); break;
-    case 2: tile<2, NV>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate); break;
-    case 1: tile<1, NV>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate); break;
+    case 5: tile<5, NV>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, prefetch); break;
+    case 4: tile<4, NV>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, prefetch); break;
+    case 3: tile<3, NV>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, prefetch); break;
+    case 2: tile<2, NV>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, prefetch); break;
+    case 1: tile<1, NV>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, prefetch); break;
     default: break;
   }
 }
 
 // C[:, 0:width] (+)= A @ B[:, 0:width] for a panel of width <= kPanel columns.
 void panel(int64_t M, int64_t width, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B,
-           int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+           int64_t ldb, float* C, int64_t ldc, bool accumulate, Prefetch& prefetch) {
   const int64_t rest = width % 16;
   const __mmask16 tail = rest ? static_cast<__mmask16>((1u << rest) - 1) : static_cast<__mmask16>(0xFFFF);
   switch ((width + 15) / 16) {
-    case 4: panel_rows<4>(M, K, A, sai, sak, B, ldb, C, ldc, tail, accumulate); break;
-    case 3: panel_rows<3>(M, K, A, sai, sak, B, ldb, C, ldc, tail, accumulate); break;
-    case 2: panel_rows<2>(M, K, A, sai, sak, B, ldb, C, ldc, tail, accumulate); break;
-    case 1: panel_rows<1>(M, K, A, sai, sak, B, ldb, C, ldc, tail, accumulate); break;
+    case 4: panel_rows<4>(M, K, A, sai, sak, B, ldb, C, ldc, tail, accumulate, prefetch); break;
+    case 3: panel_rows<3>(M, K, A, sai, sak, B, ldb, C, ldc, tail, accumulate, prefetch); break;
+    case 2: panel_rows<2>(M, K, A, sai, sak, B, ldb, C, ldc, tail, accumulate, prefetch); break;
+    case 1: panel_rows<1>(M, K, A, sai, sak, B, ldb, C, ldc, tail, accumulate, prefetch); break;
     default: break;
   }
 }
@@ -132,7 +147,8 @@ void pack_transposed(const float* W, int64_t ldw, int64_t width, int64_t depth, 
   }
 }
 
-void mm_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
+void mm_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
+             const std::optional<at::Tensor>& prefetch_next) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2, "moekit::mm_into: a, b and out must be 2-D");
   TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
               "moekit::mm_into: a, b and out must be float32");
@@ -150,6 +166,13 @@ void mm_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
     for (int64_t i = 0; i < M; ++i) std::fill(C + i * out.stride(0), C + i * out.stride(0) + N, 0.0f);
     return;
   }
+  Prefetch prefetch;
+  if (prefetch_next.has_value() && prefetch_next->is_non_overlapping_and_dense()) {
+    int64_t span = 1;  // elements from the lowest address to the highest, the tensor being dense
+    for (int64_t d = 0; d < prefetch_next->dim(); ++d) span += (prefetch_next->size(d) - 1) * prefetch_next->stride(d);
+    prefetch.next = static_cast<const char*>(prefetch_next->data_ptr());
+    prefetch.end = prefetch.next + (prefetch_next->numel() ? span : 0) * prefetch_next->element_size();
+  }
   const float* A = a.data_ptr<float>();
   const float* B = b.data_ptr<float>();
   const int64_t sai = a.stride(0), sak = a.stride(1), ldc = out.stride(0);
@@ -158,7 +181,7 @@ void mm_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
     for (int64_t n = 0; n < N; n += kPanel)
       for (int64_t k = 0; k < K; k += kInnerBlock)
         panel(M, std::min<int64_t>(kPanel, N - n), std::min<int64_t>(kInnerBlock, K - k), A + k * sak, sai, sak,
-              B + k * ldb + n, ldb, C + n, ldc, k > 0);
+              B + k * ldb + n, ldb, C + n, ldc, k > 0, prefetch);
     return;
   }
   // b = W^T with W [N, K] row-major (stride ldw): pack W's panels transposed.
@@ -170,7 +193,7 @@ void mm_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
     for (int64_t k = 0; k < K; k += kInnerBlock) {
       const int64_t depth = std::min<int64_t>(kInnerBlock, K - k);
       pack_transposed(B + n * ldw + k, ldw, width, depth, packed.data());
-      panel(M, width, depth, A + k * sak, sai, sak, packed.data(), kPanel, C + n, ldc, k > 0);
+      panel(M, width, depth, A + k * sak, sai, sak, packed.data(), kPanel, C + n, ldc, k > 0, prefetch);
     }
   }
 }
@@ -270,7 +293,7 @@ void swiglu_backward_into(const at::Tensor& h, const at::Tensor& grad, const at:
 }  // namespace
 
 TORCH_LIBRARY(moekit, m) {
-  m.def("mm_into(Tensor a, Tensor b, Tensor(c!) out) -> ()");
+  m.def("mm_into(Tensor a, Tensor b, Tensor(c!) out, Tensor? prefetch_next=None) -> ()");
   m.impl("mm_into", c10::DispatchKey::CPU, TORCH_FN(mm_into));
   m.def("swiglu_into(Tensor h, Tensor(c!) out) -> ()");
   m.impl("swiglu_into", c10::DispatchKey::CPU, TORCH_FN(swiglu_into));
