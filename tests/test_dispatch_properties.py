@@ -18,6 +18,9 @@ from moekit.dispatch.loops import (
     native_backward_pairs_into,
     native_products_into,
     products_into,
+    swiglu_expert_loops,
+    swiglu_experts_backward_into,
+    swiglu_experts_forward_into,
 )
 from moekit.dispatch.workers import for_each_expert, for_each_run
 from moekit.experts.activations import make_activation
@@ -445,6 +448,9 @@ def test_expert_loops_are_compiled_where_torchscript_is():
         assert expert_loops() == (products_into, backward_pairs_into)
         if native_available():
             assert expert_loops(native=True) == (native_products_into, native_backward_pairs_into)
+            assert swiglu_expert_loops() == (swiglu_experts_forward_into, swiglu_experts_backward_into)
+    if native_available():
+        assert all(isinstance(loop, torch.jit.ScriptFunction) for loop in swiglu_expert_loops())
 
 
 @pytest.mark.parametrize("path", ["workers", "workers_python", "fused", *LIBRARY_KERNEL_PATHS])
@@ -465,3 +471,48 @@ def test_worker_paths_are_bitwise_deterministic(path):
         ]
     for again in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], again, strict=True))
+
+
+@pytest.mark.parametrize("act_name", ["swiglu", "gelu"])
+@pytest.mark.parametrize("weight_on", ["output", "input"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("path", ["workers", "workers_python", "fused"])
+def test_float32_worker_paths_match_float64_for_every_expert_kind(act_name, weight_on, bias, path):
+    """fp32 on the worker paths takes moekit's own kernels where they run: SwiGLU experts without
+    biases as whole experts in one loop (`swiglu_loops`), the others on the native products, in
+    whole-expert tasks or not. Output and every gradient against float64, one expert empty."""
+    gen = torch.Generator().manual_seed(8)
+    num_tokens, num_experts, k, hidden, ff = 400, 6, 2, 24, 20
+    act = make_activation(act_name)
+    logits = torch.randn(num_tokens, num_experts, generator=gen)
+    logits[:, 3] = -float("inf")  # expert 3 receives nothing
+    token, expert = sorted_topk_assignments(logits, k)
+    exact = [
+        torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen),
+        torch.rand(len(token), dtype=torch.float64, generator=gen),
+        torch.randn(num_experts, act.in_features(ff), hidden, dtype=torch.float64, generator=gen) * 0.2,
+        torch.randn(num_experts, hidden, ff, dtype=torch.float64, generator=gen) * 0.2,
+    ]
+    if bias:
+        exact.append(torch.randn(num_experts, act.in_features(ff), dtype=torch.float64, generator=gen))
+        exact.append(torch.randn(num_experts, hidden, dtype=torch.float64, generator=gen))
+    upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
+    results = {}
+    with torch_threads(2), expert_path(path) as parallel:
+        for dtype in (torch.float64, torch.float32):
+            leaves = [t.to(dtype).requires_grad_() for t in exact]
+            x, weight, w_in, w_out, *biases = leaves
+            b_in, b_out = biases if bias else (None, None)
+            plan = grouped_module.plan_experts(
+                x, token, expert, w_in, w_out, act, weight_on, backend="loop", parallel_workers=parallel
+            )
+            if dtype == torch.float32 and native_available():
+                assert plan.native and plan.swiglu_loops == (act_name == "swiglu")
+            y = grouped_experts(
+                x, token, expert, weight, w_in, w_out, b_in, b_out, act, weight_on, "loop", parallel
+            )
+            results[dtype] = (y, *torch.autograd.grad((y * upstream.to(dtype)).sum(), leaves))
+    for fast, want in zip(results[torch.float32], results[torch.float64], strict=True):
+        torch.testing.assert_close(fast.double(), want, rtol=1e-4, atol=1e-4)
+    for grad in results[torch.float32][3:5]:
+        assert torch.count_nonzero(grad[3]) == 0

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.dispatch.fused import FusedExperts, packed_grad
-from moekit.dispatch.loops import expert_loops
+from moekit.dispatch.loops import expert_loops, swiglu_expert_loops
 from moekit.dispatch.workers import (
     Slice,
     balanced_chunks,
@@ -169,6 +169,9 @@ class ExpertPlan:
     fused: FusedExperts | None = None
     # loop on the workers: products on moekit's own single-threaded kernel (`kernels.native`)
     native: bool = False
+    # native SwiGLU experts: each expert's whole forward and backward in one compiled loop
+    # (`loops.swiglu_experts_forward_into`), used when the experts have no biases
+    swiglu_loops: bool = False
 
 
 def _rows_times_weight(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tensor:
@@ -203,11 +206,15 @@ def _rows_times(rows: Tensor, right: Tensor, plan: ExpertPlan) -> Tensor:
 def _run_expert_loop(plan: ExpertPlan, loop, tensors: tuple[Tensor | None, ...]) -> None:
     """loop(*tensors, experts, starts, stops, cuts) over runs of the plan's experts (on the workers
     when the plan says so), the form `moekit.dispatch.loops` takes them in."""
-    cuts = row_cuts(tensors[0].dtype)
+    _run_over_experts(plan, loop, (*tensors,), (row_cuts(tensors[0].dtype),))
+
+
+def _run_over_experts(plan: ExpertPlan, loop, leading: tuple, trailing: tuple = ()) -> None:
+    """loop(*leading, experts, starts, stops, *trailing) over runs of the plan's experts."""
 
     def run(slices: Sequence[Slice]) -> None:
         experts, starts, stops = map(list, zip(*slices, strict=True))
-        loop(*tensors, experts, starts, stops, cuts)
+        loop(*leading, experts, starts, stops, *trailing)
 
     for_each_run(plan.groups.nonempty, run, plan.parallel)
 
@@ -310,6 +317,9 @@ class GroupedExperts(torch.autograd.Function):
     def _forward(ctx, x, weight, w_in, w_out, b_in, b_out, plan: ExpertPlan):
         ctx.plan = plan
         ctx.has_bias = (b_in is not None, b_out is not None)
+        ctx.swiglu_loops = plan.swiglu_loops and b_in is None and b_out is None
+        if ctx.swiglu_loops:
+            return GroupedExperts._swiglu_forward(ctx, x, weight, w_in, w_out, plan)
         if plan.fused is not None:
             out, ctx.fused_rows = plan.fused.forward(x, _scale(weight, x), w_in, w_out, b_in, b_out)
             ctx.save_for_backward(x, weight, w_in, w_out, b_out)
@@ -332,8 +342,51 @@ class GroupedExperts(torch.autograd.Function):
         return out
 
     @staticmethod
+    def _swiglu_forward(ctx, x, weight, w_in, w_out, plan: ExpertPlan):
+        """`swiglu_loops`: whole experts in compiled loops, the intermediates kept for backward."""
+        rows, token = len(plan.groups.token), plan.groups.token
+        ff = w_out.shape[2]
+        on_output = plan.weight_on == "output"
+        xs = x.new_empty(rows, x.shape[1])
+        h = x.new_empty(rows, 2 * ff)
+        a = x.new_empty(rows, ff)
+        a_in = x.new_empty(rows, ff) if on_output else a
+        ys = x.new_empty(rows, w_out.shape[1])
+        forward_into, _ = swiglu_expert_loops()
+        tensors = (x, token, _scale(weight, x), w_in, w_out, xs, h, a, a_in, ys, on_output)
+        _run_over_experts(plan, forward_into, tensors)
+        ctx.save_for_backward(weight, w_in, w_out, xs, h, a, a_in)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+    @staticmethod
+    def _swiglu_backward(ctx, grad_out):
+        plan: ExpertPlan = ctx.plan
+        weight, w_in, w_out, xs, h, a, a_in = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        groups, rows = plan.groups, len(plan.groups.token)
+        grad_out = grad_out.contiguous()
+        grad_w_in = packed_grad(w_in.shape, w_in, groups.empty_experts) if needs[2] else None
+        grad_w_out = packed_grad(w_out.shape, w_out, groups.empty_experts) if needs[3] else None
+        grad_scale = grad_out.new_empty(rows)
+        grad_xs = grad_out.new_empty(rows, xs.shape[1])
+        grad_a = grad_out.new_empty(rows, a.shape[1])
+        grad_h = grad_out.new_empty(rows, h.shape[1])
+        _, backward_into = swiglu_expert_loops()
+        scale = _scale(weight, xs)
+        tensors = (grad_out, groups.token, scale, w_in, w_out, xs, h, a, a_in, grad_w_in, grad_w_out)
+        work = (grad_scale, grad_xs, grad_a, grad_h, plan.weight_on == "output")
+        _run_over_experts(plan, backward_into, (*tensors, *work))
+        grad_x = None
+        if needs[0]:
+            grad_x = grad_xs.new_zeros(grad_out.shape[0], xs.shape[1]).index_add_(0, groups.token, grad_xs)
+        grad_weight = grad_scale.to(weight.dtype) if needs[1] else None
+        return grad_x, grad_weight, grad_w_in, grad_w_out, None, None, None
+
+    @staticmethod
     def _backward(ctx, grad_out):
         plan: ExpertPlan = ctx.plan
+        if ctx.swiglu_loops:
+            return GroupedExperts._swiglu_backward(ctx, grad_out)
         if plan.fused is not None:
             x, weight, w_in, w_out, b_out = ctx.saved_tensors
             grads = plan.fused.backward(
@@ -462,8 +515,9 @@ def plan_experts(
     shares = groups.shares(threads) if resolved == "grouped_mm" and parallel_workers else ()
     parallel = parallel_workers and (resolved == "loop" or len(shares) > 1)
     native = parallel and resolved == "loop" and native_fits(x, w_in, w_out)
+    swiglu_loops = native and activation.name == "swiglu"
     fused = None
-    if parallel and resolved == "loop" and fused_pays_off(*estimate, native):
+    if parallel and resolved == "loop" and not swiglu_loops and fused_pays_off(*estimate, native):
         fused = FusedExperts(
             token, groups.nonempty, tuple(groups.empty_experts), activation, weight_on == "output", native
         )
@@ -477,6 +531,7 @@ def plan_experts(
         shares=shares if parallel else (),
         fused=fused,
         native=native,
+        swiglu_loops=swiglu_loops,
     )
 
 

@@ -129,7 +129,13 @@ def expert_loops(native: bool = False) -> tuple[Callable[..., None], Callable[..
 @cache
 def _loops(compiled: bool, native: bool) -> tuple[Callable[..., None], Callable[..., None]]:
     native_loops = (native_products_into, native_backward_pairs_into)
-    loops = native_loops if native else (products_into, backward_pairs_into)
+    return _compiled_if(compiled, native_loops if native else (products_into, backward_pairs_into))
+
+
+def _compiled_if(
+    compiled: bool, loops: tuple[Callable[..., None], Callable[..., None]]
+) -> tuple[Callable[..., None], Callable[..., None]]:
+    """The loops compiled with TorchScript if asked and it can, else as they are."""
     if compiled:
         try:
             with warnings.catch_warnings():
@@ -138,3 +144,102 @@ def _loops(compiled: bool, native: bool) -> tuple[Callable[..., None], Callable[
         except Exception:  # TorchScript removed, or unable to compile: the Python loops are exact
             pass
     return loops
+
+
+# Whole experts on the native kernels: for SwiGLU experts without biases, each expert's gather,
+# products, activation and routing weight (forward), and its whole backward, in one compiled loop
+# per run of experts, every intermediate written once into the layer's full-size buffers while it
+# is in cache. The Python whole-expert tasks (`dispatch/fused.py`) do the same for any expert, but
+# run some twenty Python-dispatched ops per expert, which queue on the interpreter lock when the
+# experts are small.
+
+
+def swiglu_experts_forward_into(
+    x: Tensor,
+    token: Tensor,
+    scale: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    xs: Tensor,
+    h: Tensor,
+    a: Tensor,
+    a_in: Tensor,
+    ys: Tensor,
+    on_output: bool,
+    experts: list[int],
+    starts: list[int],
+    stops: list[int],
+) -> None:
+    """For each listed expert e and its rows [s, t): xs = x[token], h = (xs or xs * scale) @
+    w_in[e].T, a = swiglu(h), a_in = a * scale (routing weight on the output; else a_in is a),
+    ys = a_in @ w_out[e].T."""
+    for i in range(len(experts)):
+        expert, start, stop = experts[i], starts[i], stops[i]
+        torch.index_select(x, 0, token[start:stop], out=xs[start:stop])
+        x_in = xs[start:stop] if on_output else xs[start:stop] * scale[start:stop]
+        torch.ops.moekit.mm_into(x_in, w_in[expert].t(), h[start:stop], w_out[expert])
+        torch.ops.moekit.swiglu_into(h[start:stop], a[start:stop])
+        if on_output:
+            torch.mul(a[start:stop], scale[start:stop], out=a_in[start:stop])
+        upcoming: Tensor | None = None
+        if i + 1 < len(experts):
+            upcoming = w_in[experts[i + 1]]
+        torch.ops.moekit.mm_into(a_in[start:stop], w_out[expert].t(), ys[start:stop], upcoming)
+
+
+def swiglu_experts_backward_into(
+    grad_out: Tensor,
+    token: Tensor,
+    scale: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    xs: Tensor,
+    h: Tensor,
+    a: Tensor,
+    a_in: Tensor,
+    grad_w_in: Tensor | None,
+    grad_w_out: Tensor | None,
+    grad_scale: Tensor,
+    grad_xs: Tensor,
+    grad_a: Tensor,
+    grad_h: Tensor,
+    on_output: bool,
+    experts: list[int],
+    starts: list[int],
+    stops: list[int],
+) -> None:
+    """The backward of `swiglu_experts_forward_into` for each listed expert: its packed weight
+    gradients, the gradient of its routing weights (grad_scale [A]) and of its gathered rows
+    (grad_xs, combined by the caller); grad_a [A, ff] and grad_h [A, 2 ff] are work space."""
+    for i in range(len(experts)):
+        expert, start, stop = experts[i], starts[i], stops[i]
+        grad_y = grad_out.index_select(0, token[start:stop])
+        if grad_w_out is not None:
+            torch.ops.moekit.mm_into(grad_y.t(), a_in[start:stop], grad_w_out[expert], w_out[expert])
+        torch.ops.moekit.mm_into(grad_y, w_out[expert], grad_a[start:stop], w_in[expert])
+        if on_output:
+            grad_scale[start:stop] = torch.linalg.vecdot(grad_a[start:stop], a[start:stop])
+            grad_a[start:stop].mul_(scale[start:stop])
+        torch.ops.moekit.swiglu_backward_into(h[start:stop], grad_a[start:stop], grad_h[start:stop])
+        x_in = xs[start:stop] if on_output else xs[start:stop] * scale[start:stop]
+        if grad_w_in is not None:
+            torch.ops.moekit.mm_into(grad_h[start:stop].t(), x_in, grad_w_in[expert])
+        upcoming: Tensor | None = None
+        if i + 1 < len(experts):
+            upcoming = w_out[experts[i + 1]]
+        torch.ops.moekit.mm_into(grad_h[start:stop], w_in[expert], grad_xs[start:stop], upcoming)
+        if not on_output:
+            grad_scale[start:stop] = torch.linalg.vecdot(grad_xs[start:stop], xs[start:stop])
+            grad_xs[start:stop].mul_(scale[start:stop])
+
+
+def swiglu_expert_loops() -> tuple[Callable[..., None], Callable[..., None]]:
+    """(forward, backward) whole-expert loops for SwiGLU experts on the native kernels (only where
+    `native_available()`), compiled unless `MOEKIT_LOOPS=python`."""
+    compiled = os.environ.get("MOEKIT_LOOPS", "compiled").lower() != "python"
+    return _swiglu_loops(compiled)
+
+
+@cache
+def _swiglu_loops(compiled: bool) -> tuple[Callable[..., None], Callable[..., None]]:
+    return _compiled_if(compiled, (swiglu_experts_forward_into, swiglu_experts_backward_into))
