@@ -439,6 +439,23 @@ def test_runs_of_experts_cover_every_expert_exactly_once(sizes, parallel):
     assert parallel or len(runs) == (1 if items else 0)
 
 
+@pytest.mark.skipif(not native_available(), reason="the native kernel needs an AVX-512 CPU and a compiler")
+def test_decode_takes_the_native_kernel_on_the_workers_where_it_runs():
+    """`auto` at decode: the native loops on the workers where they run (fp32, two threads, the
+    workers enabled), grouped_mm with the workers off, the library kernels for float64."""
+    gen = torch.Generator().manual_seed(9)
+    token, expert = sorted_topk_assignments(torch.randn(3, 6, generator=gen), 2)
+    act = make_activation("swiglu")
+    x, _, w_in, w_out = swiglu_inputs(gen, 3, len(token), 6, 16, 8, 1.0, torch.float32)
+    with torch_threads(2), patch.object(grouped_module, "workers_enabled", lambda: True):
+        plan = grouped_module.plan_experts(x, token, expert, w_in, w_out, act)
+        assert plan.backend == "loop" and plan.parallel and plan.native and plan.swiglu_loops
+        serial = grouped_module.plan_experts(x, token, expert, w_in, w_out, act, parallel_workers=False)
+        assert serial.backend == "grouped_mm" and not serial.native
+        exact = grouped_module.plan_experts(x.double(), token, expert, w_in.double(), w_out.double(), act)
+        assert not exact.native  # float64: grouped_mm does not take it either, the library loop does
+
+
 def test_expert_loops_are_compiled_where_torchscript_is():
     """The fast path the tests above check is the one that runs: TorchScript compiles the loops
     (this torch has it), and `MOEKIT_LOOPS=python` selects the Python loops."""
@@ -477,12 +494,16 @@ def test_worker_paths_are_bitwise_deterministic(path):
 @pytest.mark.parametrize("weight_on", ["output", "input"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("path", ["workers", "workers_python", "fused"])
-def test_float32_worker_paths_match_float64_for_every_expert_kind(act_name, weight_on, bias, path):
+@pytest.mark.parametrize("num_tokens", [400, 3])
+def test_float32_worker_paths_match_float64_for_every_expert_kind(
+    act_name, weight_on, bias, path, num_tokens
+):
     """fp32 on the worker paths takes moekit's own kernels where they run: SwiGLU experts without
     biases as whole experts in one loop (`swiglu_loops`), the others on the native products, in
-    whole-expert tasks or not. Output and every gradient against float64, one expert empty."""
+    whole-expert tasks or not; 3 tokens is decode (one or two rows per expert: the kernel's dot
+    products). Output and every gradient against float64, one expert empty."""
     gen = torch.Generator().manual_seed(8)
-    num_tokens, num_experts, k, hidden, ff = 400, 6, 2, 24, 20
+    num_experts, k, hidden, ff = 6, 2, 24, 20
     act = make_activation(act_name)
     logits = torch.randn(num_tokens, num_experts, generator=gen)
     logits[:, 3] = -float("inf")  # expert 3 receives nothing

@@ -8,15 +8,18 @@ smaller of the two activations so that the combine is a single `index_add_`.
 
 Backends, chosen per call:
 - `loop`: one GEMM per non-empty expert over expert-sorted rows, written into its slice of the
-  output (`moekit.kernels.gemm`: oneDNN or MKL, whichever is faster here); any dtype. The loops
-  over the experts are compiled (`dispatch/loops.py`), each expert's two backward GEMMs run
-  together; where the experts are small, runs of experts go to single-threaded workers
-  (`dispatch/workers.py`); where they are large, each expert's whole forward and backward is one
-  task (`dispatch/fused.py`).
+  output; any dtype. The loops over the experts are compiled (`dispatch/loops.py`), each expert's
+  two backward GEMMs run together, and runs of experts go to single-threaded workers
+  (`dispatch/workers.py`) where that pays. On the workers, fp32 products run on moekit's own
+  kernel (`moekit.kernels.native`, AVX-512) where it is built, and SwiGLU experts without biases
+  run whole (gather, products, activation, routing weight) in one compiled loop per run of
+  experts; elsewhere the products go to `moekit.kernels.gemm` (oneDNN or MKL, whichever is faster
+  here), and large experts run their whole forward and backward as one task (`dispatch/fused.py`).
 - `grouped_mm`: `torch.nn.functional.grouped_mm` (fp32/bf16/fp16, 16-byte-aligned strides), one
-  C++ loop over the experts; `auto` takes it for decode-sized inputs (a few rows per expert),
-  weight gradients included: unthreaded, or, where the experts' weights take long enough to read,
-  one call per worker over a share of the experts (each core reading its own share).
+  C++ loop over the experts; `auto` takes it for decode-sized inputs (a few rows per expert)
+  where moekit's own kernel does not run on the workers, weight gradients included: unthreaded,
+  or, where the experts' weights take long enough to read, one call per worker over a share of
+  the experts (each core reading its own share).
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ BACKENDS = ("auto", "loop", "grouped_mm")
 SMALL_EXPERT_FLOPS = 256e6
 # Below this estimated time per expert GEMM, handing experts to workers costs more than it saves.
 MIN_EXPERT_SECONDS = 50e-6
-# With fewer rows than this per active expert (decode), `auto` picks grouped_mm.
+# With fewer rows than this per active expert (decode), `auto` picks the native loops on the
+# workers where they run, else grouped_mm.
 DECODE_ROWS_PER_EXPERT = 4
 # An expert's first product should take at least this long to run its whole expert as one task;
 # less on moekit's own kernel, whose faster products leave the unfused passes a larger share.
@@ -503,14 +507,28 @@ def plan_experts(
     groups = ExpertGroups.build(token, expert, num_experts)
     active = len(groups.nonempty)
     decode = len(token) < DECODE_ROWS_PER_EXPERT * max(1, active)
-    if backend == "auto" and decode:
-        backend = "grouped_mm"  # a few rows per expert: one C++ loop beats a Python one
-    resolved = choose_backend(backend, x.dtype, hidden, in_features, w_out.shape[2])
     threads = torch.get_num_threads()
+    # A few rows per expert: moekit's own kernel on the workers where it runs (it reads each
+    # weight once, in place, pulling the next expert's into cache), else one C++ loop (grouped_mm)
+    native_decode = (
+        backend == "auto"
+        and decode
+        and parallel_workers is not False
+        and threads > 1
+        and active > 1
+        and workers_enabled()
+        and native_fits(x, w_in, w_out)
+    )
+    if backend == "auto" and decode and not native_decode:
+        backend = "grouped_mm"
+    resolved = choose_backend(backend, x.dtype, hidden, in_features, w_out.shape[2])
     estimate = (len(token), active, in_features, hidden, x.dtype)
     if parallel_workers is None:
         parallel_workers = workers_enabled() and (
-            shares_pay_off(*estimate, threads) if resolved == "grouped_mm" else workers_pay_off(*estimate)
+            native_decode
+            or (
+                shares_pay_off(*estimate, threads) if resolved == "grouped_mm" else workers_pay_off(*estimate)
+            )
         )
     shares = groups.shares(threads) if resolved == "grouped_mm" and parallel_workers else ()
     parallel = parallel_workers and (resolved == "loop" or len(shares) > 1)

@@ -1,4 +1,5 @@
-// Small single-threaded fp32 GEMMs for expert products, written straight into the caller's buffer.
+// moekit's expert kernels: small single-threaded fp32 GEMMs written straight into the caller's
+// buffer, and SwiGLU with its derivative in one pass each.
 //
 // Why: an MoE layer runs hundreds of small products per step (128 rows x 256 x 256 per expert at
 // 128 experts). oneDNN, the fastest library kernel torch ships for them on AVX-512 CPUs, costs
@@ -7,11 +8,15 @@
 // weight panel, with 16 x 16 register transposes), write into any row-major view, and run on the
 // calling thread: the layer's workers give each core its own experts (moekit.dispatch.workers).
 //
-// One operation, registered with torch's dispatcher so that TorchScript code can call it:
-//   moekit::mm_into(a, b, out): out = a @ b, all 2-D fp32 CPU tensors; a any strides; out with
-//   unit column stride; b with unit stride along either dimension (b = W^T packs panels of W).
-// Blocking: the output is computed in panels of 64 columns, each as tiles of 6 rows x 64 columns
-// held in 24 AVX-512 registers, over blocks of KC of the inner dimension.
+// Registered with torch's dispatcher, so that TorchScript code can call them:
+//   moekit::mm_into(a, b, out, prefetch_next=None): out = a @ b, all 2-D fp32 CPU tensors; a any
+//     strides; out with unit column stride; b with unit stride along either dimension (b = W^T
+//     packs panels of W); the memory of prefetch_next is pulled into cache while it runs.
+//     Blocking: the output is computed in panels of 64 columns, each as tiles of 6 rows x 64
+//     columns held in 24 AVX-512 registers, over blocks of 256 of the inner dimension.
+//   moekit::swiglu_into(h, out), moekit::swiglu_backward_into(h, grad, out): SwiGLU of
+//     h = [gate | up] and its gradient with respect to h.
+// The Python side (moekit/kernels/native.py) checks the CPU, builds this file and probes it.
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -31,7 +36,6 @@ constexpr int kRowsPerTile = 6;
 constexpr int kPanel = 64;  // output columns per panel: 4 vectors of 16
 constexpr int kInnerBlock = 256;
 
-// C[0:MR, 0:16*NV] (+)= A[0:MR, 0:K] @ B[0:K, 0:16*NV]; the last vector masked by `tail`.
 // Lines of memory to pull into L2 while a product runs (the next expert's weights): one per step
 // of the inner loop, so that the loads overlap the arithmetic instead of stalling the next product.
 struct Prefetch {
@@ -45,6 +49,7 @@ struct Prefetch {
   }
 };
 
+// C[0:MR, 0:16*NV] (+)= A[0:MR, 0:K] @ B[0:K, 0:16*NV]; the last vector masked by `tail`.
 template <int MR, int NV>
 inline void tile(int64_t K, const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb,
                  float* C, int64_t ldc, __mmask16 tail, bool accumulate, Prefetch& prefetch) {
@@ -147,6 +152,35 @@ void pack_transposed(const float* W, int64_t ldw, int64_t width, int64_t depth, 
   }
 }
 
+// C[0:M, 0:N] = A[0:M, 0:K] @ W[0:N, 0:K]^T for a few rows (M <= kDotRows), A and W rows unit-stride:
+// dot products along K, each weight row read once, in place. For decode, where packing a weight
+// panel for one or two rows costs more than the product.
+constexpr int64_t kDotRows = 4;
+
+template <int MR>
+void dot_rows(int64_t N, int64_t K, const float* A, int64_t lda, const float* W, int64_t ldw, float* C,
+              int64_t ldc, Prefetch& prefetch) {
+  for (int64_t n = 0; n < N; n += 4) {
+    const int64_t width = std::min<int64_t>(4, N - n);
+    __m512 acc[MR][4];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      prefetch.step();
+      const __mmask16 m = K - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+      __m512 w[4];
+      for (int j = 0; j < 4; ++j)
+        w[j] = j < width ? _mm512_maskz_loadu_ps(m, W + (n + j) * ldw + k) : _mm512_setzero_ps();
+      for (int i = 0; i < MR; ++i) {
+        const __m512 a = _mm512_maskz_loadu_ps(m, A + i * lda + k);
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(a, w[j], acc[i][j]);
+      }
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < width; ++j) C[i * ldc + n + j] = _mm512_reduce_add_ps(acc[i][j]);
+  }
+}
+
 void mm_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
              const std::optional<at::Tensor>& prefetch_next) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2, "moekit::mm_into: a, b and out must be 2-D");
@@ -184,8 +218,18 @@ void mm_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
               B + k * ldb + n, ldb, C + n, ldc, k > 0, prefetch);
     return;
   }
-  // b = W^T with W [N, K] row-major (stride ldw): pack W's panels transposed.
+  // b = W^T with W [N, K] row-major (stride ldw): dot products for a few rows, else W's panels
+  // packed transposed.
   const int64_t ldw = b.stride(1);
+  if (M <= kDotRows && (sak == 1 || K == 1)) {
+    switch (M) {
+      case 1: dot_rows<1>(N, K, A, sai, B, ldw, C, ldc, prefetch); break;
+      case 2: dot_rows<2>(N, K, A, sai, B, ldw, C, ldc, prefetch); break;
+      case 3: dot_rows<3>(N, K, A, sai, B, ldw, C, ldc, prefetch); break;
+      default: dot_rows<4>(N, K, A, sai, B, ldw, C, ldc, prefetch); break;
+    }
+    return;
+  }
   thread_local std::vector<float> packed;
   packed.resize(kInnerBlock * kPanel);
   for (int64_t n = 0; n < N; n += kPanel) {
