@@ -3,13 +3,14 @@
     .venv/bin/python benchmarks/expert_products.py --repeats 9 --json runs/bench/expert_products.json
 
 For each shape of `moekit bench layer` (T tokens, forward+backward), side by side in one process,
-interleaved round by round: `dense`, the dense-equivalent chain on the same GEMM kernel; `moekit`,
+interleaved round by round: `dense`, the dense-equivalent chain of the layer benchmark; `moekit`,
 the whole layer; and `products`, only the layer's six expert products per expert (two forward, two
 input gradients, two weight gradients) for the routing the layer makes, through the same kernel,
 workers and buffers as the layer, with no routing, gather, activation or combine. `products /
 dense` is the ratio the layer would reach if everything but its GEMMs were free; `moekit -
-products` is what the rest costs. (Where the layer runs whole-expert tasks, as at the coarse
-shape, `products` times the same products in the paired path's order.)
+products` is what the rest costs. (Where the layer runs whole experts in one loop or task, as
+SwiGLU experts on moekit's own kernels do, `products` times the same products in the paired
+path's order.)
 """
 
 from __future__ import annotations
