@@ -2,8 +2,9 @@
 
 Each product of a projection's forward (x @ W^T), input gradient (g @ W) and weight gradient
 (g^T @ x), for the per-expert row counts of the layer benchmark's shapes, timed side by side in
-one process: `native` writes into a preallocated output, `onednn` returns a new tensor (as it
-must). Reports GFLOP/s, hot caches (the same operands every round), median of the rounds.
+one process, interleaved call by call: `native` writes into a preallocated output, `onednn`
+returns a new tensor (as it must). Reports GFLOP/s, hot caches (the same operands every round),
+median of the rounds.
 
     .venv/bin/python benchmarks/native_kernel.py --repeats 200
 """
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 
+from moekit.bench.timing import interleaved_medians
 from moekit.kernels.native import mm_into, native_available
 
 # (name, rows per expert, inner, outer) of the first and second projections at T=2048
@@ -32,15 +35,13 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    for _ in range(max(3, repeats // 10)):
-        fn()
-    times = []
-    for _ in range(repeats):
+def _timed(fn) -> Callable[[], float]:
+    def step() -> float:
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        return time.perf_counter() - start
+
+    return step
 
 
 def main() -> None:
@@ -71,10 +72,12 @@ def _layout_rates(rows: int, inner: int, outer: int, repeats: int, gen: torch.Ge
         "weight grad": (lambda: mm_into(grad.t(), x, grad_w), lambda: _onednn(grad.t(), x.t())),
     }
     flops = 2 * rows * inner * outer
-    return {
-        layout: tuple(flops / _median_seconds(fn, repeats) / 1e9 for fn in pair)
-        for layout, pair in cases.items()
-    }
+    rates = {}
+    for layout, (native, onednn) in cases.items():
+        steps = {"native": _timed(native), "onednn": _timed(onednn)}
+        medians = interleaved_medians(steps, repeats, warmup=max(3, repeats // 10))
+        rates[layout] = (flops / medians["native"] / 1e9, flops / medians["onednn"] / 1e9)
+    return rates
 
 
 if __name__ == "__main__":

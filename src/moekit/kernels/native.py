@@ -5,7 +5,7 @@ and there are hundreds per step. oneDNN, the fastest library kernel torch ships 
 ~10 us per call, repacks the weight on every call and returns a new tensor the caller must copy
 into its buffer; its weight gradients over so few rows run well below the core's peak. The kernel
 here reads the operands in place, writes into the caller's buffer and runs single-threaded, the
-form the layer's workers want (measured, one core: 239-266 GFLOP/s against oneDNN's 142-257 on
+form the layer's workers want (measured, one core: 234-264 GFLOP/s against oneDNN's 142-257 on
 the layer benchmark's expert shapes, `benchmarks/native_kernel.py`).
 
 It is compiled for AVX-512 with the machine's C++ compiler through torch's extension builder
