@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from moekit.bench.timing import interleaved_medians
+from moekit.kernels.gemm import _onednn_linear
 from moekit.kernels.native import mm_into, native_available
 
 # (name, rows per expert, inner, outer) of the first and second projections at T=2048
@@ -29,10 +30,6 @@ SHAPES = (
     ("very fine w_in", 128, 256, 256),
     ("very fine w_out", 128, 128, 256),
 )
-
-
-def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
 def _timed(fn) -> Callable[[], float]:
@@ -67,9 +64,9 @@ def _layout_rates(rows: int, inner: int, outer: int, repeats: int, gen: torch.Ge
     grad = torch.randn(rows, outer, generator=gen)
     out, grad_in, grad_w = torch.empty(rows, outer), torch.empty(rows, inner), torch.empty(outer, inner)
     cases = {
-        "forward": (lambda: mm_into(x, weight.t(), out), lambda: _onednn(x, weight)),
-        "input grad": (lambda: mm_into(grad, weight, grad_in), lambda: _onednn(grad, weight.t())),
-        "weight grad": (lambda: mm_into(grad.t(), x, grad_w), lambda: _onednn(grad.t(), x.t())),
+        "forward": (lambda: mm_into(x, weight.t(), out), lambda: _onednn_linear(x, weight)),
+        "input grad": (lambda: mm_into(grad, weight, grad_in), lambda: _onednn_linear(grad, weight.t())),
+        "weight grad": (lambda: mm_into(grad.t(), x, grad_w), lambda: _onednn_linear(grad.t(), x.t())),
     }
     flops = 2 * rows * inner * outer
     rates = {}

@@ -508,6 +508,7 @@ def plan_experts(
     active = len(groups.nonempty)
     decode = len(token) < DECODE_ROWS_PER_EXPERT * max(1, active)
     threads = torch.get_num_threads()
+    kernel_fits = native_fits(x, w_in, w_out)
     # A few rows per expert: moekit's own kernel on the workers where it runs (it reads each
     # weight once, in place, pulling the next expert's into cache), else one C++ loop (grouped_mm)
     native_decode = (
@@ -517,7 +518,7 @@ def plan_experts(
         and threads > 1
         and active > 1
         and workers_enabled()
-        and native_fits(x, w_in, w_out)
+        and kernel_fits
     )
     if backend == "auto" and decode and not native_decode:
         backend = "grouped_mm"
@@ -532,7 +533,7 @@ def plan_experts(
         )
     shares = groups.shares(threads) if resolved == "grouped_mm" and parallel_workers else ()
     parallel = parallel_workers and (resolved == "loop" or len(shares) > 1)
-    native = parallel and resolved == "loop" and native_fits(x, w_in, w_out)
+    native = parallel and resolved == "loop" and kernel_fits
     swiglu_loops = native and activation.name == "swiglu"
     fused = None
     if parallel and resolved == "loop" and not swiglu_loops and fused_pays_off(*estimate, native):
