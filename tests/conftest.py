@@ -1,14 +1,28 @@
 import os
+import tempfile
+from pathlib import Path
 
-import pytest
-import torch
-from hypothesis import settings
+from moekit.runtime import tune_cpu_runtime
+
+# As the `moekit` command does before torch starts: without it the expert workers stay off.
+tune_cpu_runtime()
+# Kernel choices measured once per machine (moekit.kernels.store) go to a test cache, shared by
+# the test processes (and subprocesses) of a run, not the user's.
+os.environ.setdefault("MOEKIT_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"moekit-test-kernels-{os.getuid()}"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 settings.register_profile("moekit", deadline=None, max_examples=40, derandomize=True)
 settings.load_profile("moekit")
+
+# Threads of tests marked `production_threads`: two, like `moekit train` on this 2-core machine, so
+# that the expert workers, whole-expert tasks and the native kernel run as they do for users.
+PRODUCTION_THREADS = 2
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -17,6 +31,19 @@ def _one_intra_op_thread():
     OpenMP thread per worker only adds hand-offs. Tests of threaded paths set threads themselves."""
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _production_threads(request):
+    """Tests marked `production_threads` (models, trainer, resume, demo) run on the threads, workers
+    and kernels the CLI uses."""
+    if request.node.get_closest_marker("production_threads") is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(PRODUCTION_THREADS)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -2,8 +2,12 @@
 
 import json
 
+import pytest
+
 from moekit.demo import DEMO_MODEL, DemoSettings, run_configs, run_demo
 from moekit.train.config import RunConfig
+
+pytestmark = pytest.mark.production_threads
 
 
 def test_dense_and_moe_have_equal_active_ffn_parameters(tmp_path):

@@ -1,5 +1,6 @@
 """The GEMM kernel choice and the linear layer built on it agree with torch's own products."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -17,6 +18,8 @@ from moekit.kernels.gemm import (
     weight_grad,
 )
 from moekit.kernels.linear import Linear, fast_linear
+
+pytestmark = pytest.mark.portable
 
 
 def test_linear_matches_mm_for_every_layout():

@@ -8,6 +8,8 @@ from moekit.dispatch.grouped import grouped_mm_available
 from moekit.dispatch.reference import reference_moe
 from moekit.routing.spec import PRESET_NAMES
 
+pytestmark = pytest.mark.portable
+
 HIDDEN, FF = 16, 12
 
 

@@ -8,6 +8,8 @@ from moekit.layer import MoEConfig
 from moekit.models.lm import LanguageModel, LMConfig, count_parameters
 from moekit.routing.spec import preset
 
+pytestmark = [pytest.mark.production_threads, pytest.mark.portable]
+
 
 def tiny(moe: bool = True, **overrides) -> LanguageModel:
     moe_config = (

@@ -12,6 +12,8 @@ from moekit.train.checkpoint import load_checkpoint, resolve_checkpoint
 from moekit.train.config import RunConfig
 from moekit.train.trainer import Trainer
 
+pytestmark = [pytest.mark.production_threads, pytest.mark.portable]
+
 
 @pytest.fixture(scope="module")
 def sample_data():

@@ -141,8 +141,13 @@ def _compiled_if(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return torch.jit.script(loops[0]), torch.jit.script(loops[1])
-        except Exception:  # TorchScript removed, or unable to compile: the Python loops are exact
-            pass
+        except Exception as error:  # TorchScript removed, or unable to compile: the Python loops are exact
+            warnings.warn(
+                f"moekit: TorchScript could not compile the expert loops ({type(error).__name__}: {error}); "
+                "running them as Python loops (same results, slower)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return loops
 
 

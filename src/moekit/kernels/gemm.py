@@ -4,8 +4,11 @@ torch's `mm` calls MKL. On some CPUs MKL does not use the wide vector units it c
 AMD EPYC (AVX-512) of the development machine its fp32 GEMMs reach ~110 GFLOP/s per core, while
 oneDNN's (the library behind `torch.ops.mkldnn._linear_pointwise`, which torch's own compiler
 uses for CPU linear layers) reach ~250 on the same shapes (BENCHMARKS.md). Which one is faster
-depends on the machine, so the first product of each dtype times both on a representative shape
-and keeps the winner for the life of the process; `MOEKIT_GEMM=mkl|onednn` forces a choice.
+depends on the machine, so both are timed on a representative shape once per machine and dtype,
+and the winner is stored (`moekit.kernels.store`): the two round differently, and a choice made by
+timing in every process would let the machine's load change a run's losses. `MOEKIT_GEMM=mkl|onednn`
+forces a choice, `MOEKIT_GEMM=float32=onednn,bfloat16=mkl` one per dtype (how a resumed run
+re-applies the kernels recorded in its checkpoint, `moekit.kernels.record`).
 The oneDNN op is private to torch: every result is checked against `torch.mm` in the probe, and
 any failure falls back to `torch.mm`.
 """
@@ -80,20 +83,50 @@ def _median_seconds(fn, repeats: int = 7) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def requested_kernel(dtype: torch.dtype) -> str:
+    """What `MOEKIT_GEMM` asks for `dtype`: "auto", "mkl" or "onednn" (unknown values: "auto")."""
+    setting = os.environ.get("MOEKIT_GEMM", "auto").strip().lower()
+    dtype_name = str(dtype).removeprefix("torch.")
+    if "=" in setting:
+        per_dtype = dict(part.split("=", 1) for part in setting.split(",") if "=" in part)
+        setting = per_dtype.get(dtype_name, "auto").strip()
+    return setting if setting in KERNELS else "auto"
+
+
+def gemm_kernel(dtype: torch.dtype) -> str:
+    """"onednn" or "mkl": the kernel products of `dtype` take in this process."""
+    return "onednn" if onednn_is_faster(dtype) else "mkl"
+
+
 @cache
 def onednn_is_faster(dtype: torch.dtype) -> bool:
-    """Whether products of `dtype` go through oneDNN in this process (probed once per dtype)."""
-    choice = os.environ.get("MOEKIT_GEMM", "auto").lower()
-    if choice not in KERNELS:
-        choice = "auto"
+    """Whether products of `dtype` go through oneDNN in this process: as `MOEKIT_GEMM` asks, else
+    as measured once on this machine and stored; never where oneDNN fails the probe."""
+    choice = requested_kernel(dtype)
     if choice == "mkl" or dtype not in (torch.float32, torch.bfloat16):
         return False
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+    if not _onednn_matches_mm(dtype):
         return False
+    if choice == "onednn":
+        return True
+    from moekit.kernels.store import stored_choice
+
+    name = f"gemm-{str(dtype).removeprefix('torch.')}"
+    return stored_choice(name, ("mkl", "onednn"), lambda: _measure_faster(dtype)) == "onednn"
+
+
+def _probe_operands(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     rows, k, n = PROBE_SHAPE
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, k, generator=gen).to(dtype)
     w = torch.randn(n, k, generator=gen).to(dtype)
+    return x, w
+
+
+def _onednn_matches_mm(dtype: torch.dtype) -> bool:
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    x, w = _probe_operands(dtype)
     try:
         ours = _onednn_linear(x, w)
         checks = (_onednn_linear(x, w.t().contiguous().t()), _onednn_linear(x.t().contiguous().t(), w))
@@ -105,11 +138,23 @@ def onednn_is_faster(dtype: torch.dtype) -> bool:
         close = torch.allclose(result.float(), expected, rtol=tolerance, atol=tolerance)
         if result.shape != expected.shape or not close:
             return False
-    if choice == "onednn":
-        return True
-    onednn = _median_seconds(lambda: _onednn_linear(x, w))
-    mkl = _median_seconds(lambda: torch.mm(x, w.t()))
-    return onednn < 0.9 * mkl
+    return True
+
+
+# Rounds of the one-off measurement: the median over rounds in which both kernels run back to
+# back, so that load on the machine slows both alike.
+MEASURE_ROUNDS = 15
+
+
+def _measure_faster(dtype: torch.dtype) -> str:
+    """"onednn" if it is at least 10 % faster than MKL on the probe shape, else "mkl"."""
+    x, w = _probe_operands(dtype)
+    ratios = []
+    for _ in range(MEASURE_ROUNDS):
+        onednn = _median_seconds(lambda: _onednn_linear(x, w), repeats=3)
+        mkl = _median_seconds(lambda: torch.mm(x, w.t()), repeats=3)
+        ratios.append(onednn / mkl)
+    return "onednn" if sorted(ratios)[len(ratios) // 2] < 0.9 else "mkl"
 
 
 def row_chunks(rows: int, dtype: torch.dtype) -> tuple[list[tuple[int, int]], int]:

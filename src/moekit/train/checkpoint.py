@@ -5,14 +5,17 @@ A checkpoint is a directory:
   a tied output head is stored once, as the embedding.
 - `optimizer.safetensors`: every optimizer state tensor, named `<parameter name>/<state key>`,
   and the RNG state of torch's CPU generator.
-- `state.json`: the run config, the step, the optimizer's scalar settings, the data position and
-  anything else the trainer needs to continue.
+- `state.json`: the run config, the step, the optimizer's scalar settings, the data position,
+  the kernels the run computes with (`moekit.kernels.record`), anything else the trainer needs to
+  continue, and the SHA-256 of the two tensor files, checked on load (a damaged or edited file is
+  refused rather than trained on).
 It is written into a temporary directory that is renamed into place, so a crash leaves either the
-old checkpoint or the new one, never half of one.
+old checkpoint or the new one, never half of one; the next write removes what a crash left behind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -30,6 +33,33 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 LATEST_FILE = "latest"
+CHECKSUMS_KEY = "sha256"
+STEP_PREFIX = "step-"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remove_stale_writes(parent: Path) -> None:
+    """Remove what an interrupted `write_checkpoint` left in `parent`: temporary directories
+    (`.<name>.<random>`), and a `.<name>.old` whose new version is in place; a `.<name>.old`
+    whose new version never arrived is renamed back, since it is the last good copy."""
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        if not (entry.name.startswith(".") and entry.is_dir()):
+            continue
+        if entry.name.endswith(".old"):
+            original = parent / entry.name[1 : -len(".old")]
+            if not original.exists():
+                os.replace(entry, original)
+                continue
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -85,11 +115,13 @@ def write_checkpoint(
     `<parent>/latest` at it."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_writes(directory.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         save_tensors_atomic(tmp / MODEL_FILE, tensors)
         save_tensors_atomic(tmp / OPTIMIZER_FILE, extra)
-        write_json_atomic(tmp / STATE_FILE, state)
+        checksums = {name: file_sha256(tmp / name) for name in (MODEL_FILE, OPTIMIZER_FILE)}
+        write_json_atomic(tmp / STATE_FILE, {**state, CHECKSUMS_KEY: checksums})
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -123,7 +155,8 @@ def save_checkpoint(
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint directory, or a run directory whose `latest` (or `checkpoints/latest`) names one."""
+    """A checkpoint directory, or a run directory whose `latest` (or `checkpoints/latest`) names
+    one; if that one is gone, the newest complete `step-*` checkpoint beside it."""
     path = Path(path)
     for base in (path, path / "checkpoints"):
         if (base / STATE_FILE).is_file():
@@ -133,11 +166,33 @@ def resolve_checkpoint(path: Path) -> Path:
             candidate = base / latest.read_text().strip()
             if (candidate / STATE_FILE).is_file():
                 return candidate
+        if base.is_dir():
+            steps = sorted(
+                d for d in base.iterdir() if d.name.startswith(STEP_PREFIX) and (d / STATE_FILE).is_file()
+            )
+            if steps:
+                return steps[-1]
     raise MoekitError(f"{path}: no checkpoint found (expected {STATE_FILE} or a '{LATEST_FILE}' file)")
 
 
 def read_checkpoint_state(path: Path) -> dict[str, Any]:
     return read_json(resolve_checkpoint(path) / STATE_FILE, "checkpoint state")
+
+
+def verify_checksums(directory: Path, state: dict[str, Any]) -> None:
+    """Refuse tensor files whose SHA-256 differs from the one state.json recorded when they were
+    written (checkpoints written before checksums were recorded are not checked)."""
+    recorded = state.get(CHECKSUMS_KEY) if isinstance(state, dict) else None
+    if not isinstance(recorded, dict):
+        return
+    for name, expected in recorded.items():
+        file = directory / name
+        if not file.is_file():
+            raise MoekitError(f"{file}: checkpoint file missing")
+        if file_sha256(file) != expected:
+            raise MoekitError(
+                f"{file}: SHA-256 differs from the one recorded in {STATE_FILE} (the file was changed or damaged)"
+            )
 
 
 # Maps (parameter name, tensor as saved, file) to the tensor this process keeps, e.g. its block of
@@ -155,6 +210,7 @@ def load_checkpoint(
     """Load model (and optimizer, RNG) from a checkpoint; returns its state.json contents."""
     directory = resolve_checkpoint(path)
     state = read_json(directory / STATE_FILE, "checkpoint state")
+    verify_checksums(directory, state)
     model_file = directory / MODEL_FILE
     tensors = load_tensors(model_file, "checkpoint model")
     if localize is not None:

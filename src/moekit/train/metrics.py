@@ -10,6 +10,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from moekit.io import write_text_atomic
+
 
 class MetricsLog:
     """Appends records to a JSONL file; each line is written and flushed whole."""
@@ -25,6 +27,22 @@ class MetricsLog:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+    def keep_through(self, step: int) -> None:
+        """Drop the records of steps after `step` (rewritten atomically; a torn last line from a
+        killed writer is dropped too)."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line + "\n")
+        write_text_atomic(self.path, "".join(kept))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

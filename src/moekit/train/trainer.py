@@ -11,6 +11,7 @@ run with grad_accum x W accumulation steps. Only rank 0 writes metrics, progress
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from moekit.distributed.expert_parallel import make_expert_parallel
 from moekit.distributed.grad_sync import clip_grad_norm, global_grad_norm, sync_gradients
 from moekit.distributed.mesh import ParallelMesh, build_mesh
 from moekit.errors import ConfigError, MoekitError
+from moekit.kernels.record import apply_kernel_record, kernel_record
 from moekit.models.lm import LanguageModel, count_parameters
 from moekit.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from moekit.train.config import RunConfig
@@ -117,6 +119,8 @@ class Trainer:
         mesh: ParallelMesh | None = None,
     ):
         self.config = config
+        self.dtype = dtype
+        self.resumed_from: Path | None = None
         self.mesh = mesh if mesh is not None else build_mesh(config.parallel.ep)
         if self.mesh.ep != config.parallel.ep:
             raise ConfigError("parallel.ep", f"got {config.parallel.ep}, but the mesh has ep={self.mesh.ep}")
@@ -163,6 +167,7 @@ class Trainer:
             "data_state": self.batches.state_dict(),
             "domains": list(self.data.domains),
             "parameters": self.parameters.to_dict(),
+            "kernels": kernel_record(self.dtype),
         }
 
     def save(self) -> Path:
@@ -180,6 +185,7 @@ class Trainer:
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint saved at any expert-parallel size."""
         directory = resolve_checkpoint(path)
+        self._check_same_model(directory)
         if self.mesh.distributed:
             state = distributed_checkpoint.load_checkpoint(directory, self.model, self.optimizer)
         else:
@@ -187,7 +193,26 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.batches.load_state_dict(state["data_state"])
+        if isinstance(state.get("kernels"), dict):
+            changed = apply_kernel_record(state["kernels"], self.dtype)
+            if changed:
+                self.log(f"kernels as recorded in the checkpoint: {', '.join(changed)}")
+        self.resumed_from = directory
         self.log(f"resumed from {directory} at step {self.step}")
+
+    def _check_same_model(self, directory: Path) -> None:
+        """Refuse a checkpoint of another model config (before any tensor is loaded)."""
+        from moekit.train.checkpoint import STATE_FILE
+        from moekit.io import read_json
+
+        state = read_json(directory / STATE_FILE, "checkpoint state")
+        saved = state.get("config", {}).get("model") if isinstance(state, dict) else None
+        ours = json.loads(json.dumps(self.model_config.to_dict()))
+        if saved is None or saved == ours:
+            return
+        differing = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+        detail = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r}, config {ours.get(k)!r}" for k in differing[:3])
+        raise MoekitError(f"{directory}: checkpoint of another model config ({detail})")
 
     # -- the loop ----------------------------------------------------------------------------
     def train_step(self) -> StepReport:
@@ -237,6 +262,17 @@ class Trainer:
             warn_if_unbalanced(self.model, cfg.balance)
             self.out_dir.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(self.out_dir / "metrics.jsonl") if main else _NoMetrics()
+        # Records past this step came from an attempt that was interrupted after its checkpoint:
+        # they are dropped, so that every step is logged once, by the attempt that continued.
+        metrics.keep_through(self.step)
+        metrics.write(
+            {
+                "step": self.step,
+                "event": "resume" if self.resumed_from is not None else "start",
+                **({"checkpoint": str(self.resumed_from)} if self.resumed_from is not None else {}),
+                "kernels": kernel_record(self.dtype),
+            }
+        )
         end = cfg.train.steps if max_steps is None else min(cfg.train.steps, self.step + max_steps)
         counts = self.parameters
         self.log(f"{cfg.name}: {counts.total / 1e6:.2f}M parameters, {counts.active / 1e6:.2f}M active")
@@ -321,4 +357,7 @@ class _NoMetrics:
     """The metrics log of ranks other than 0."""
 
     def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def keep_through(self, step: int) -> None:
         pass

@@ -1,0 +1,97 @@
+"""Kernel choices measured once per machine and kept on disk, so every process makes the same one.
+
+Timing two kernels in each process lets the winner change with the machine's load, and the two
+round differently: the same config and seed then trains to different losses in different
+processes. A choice is therefore measured once, under a file lock (so that concurrent first runs
+agree), and stored as JSON in `$MOEKIT_CACHE_DIR` (default `$XDG_CACHE_HOME/moekit/kernels`, else
+`~/.cache/moekit/kernels`), keyed by the CPU model, its vector capability and torch's version.
+Delete the file to measure again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+CACHE_ENV = "MOEKIT_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where kernel choices are stored: $MOEKIT_CACHE_DIR, else $XDG_CACHE_HOME/moekit/kernels."""
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "moekit" / "kernels"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key() -> dict[str, str]:
+    """What a stored choice is valid for: the same CPU model and capability, the same torch."""
+    return {
+        "cpu": cpu_model(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+    }
+
+
+def choice_path(name: str) -> Path:
+    key = json.dumps(machine_key(), sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir() / f"{name}-{digest}.json"
+
+
+def _read_choice(path: Path, allowed: tuple[str, ...]) -> str | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("machine") != machine_key():
+        return None
+    choice = data.get("choice")
+    return choice if choice in allowed else None
+
+
+def stored_choice(name: str, allowed: tuple[str, ...], measure: Callable[[], str]) -> str:
+    """The stored choice `name` for this machine, measuring it (once, under a lock) if absent.
+    Where the cache directory cannot be written, the choice is measured in this process only."""
+    path = choice_path(name)
+    found = _read_choice(path, allowed)
+    if found is not None:
+        return found
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "a")  # noqa: SIM115 (held across the measurement)
+    except OSError:
+        return measure()
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = _read_choice(path, allowed)  # another process may have measured while we waited
+        if found is not None:
+            return found
+        choice = measure()
+        data = {"machine": machine_key(), "choice": choice}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+        return choice
