@@ -57,8 +57,15 @@ def _bench_hf(args: argparse.Namespace) -> int:
     return hf.main(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit status 2), like moekit's other errors."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moekit",
         description="moekit: Mixture-of-Experts layers, training, analysis and interop on PyTorch.",
     )
@@ -130,10 +137,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        from moekit.preflight import check_command
+
+        check_command(args)
         return int(handler(args) or 0)
     except MoekitError as exc:
-        print(f"moekit: error: {exc}", file=sys.stderr)
+        print(f"moekit: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+
+
+def one_line(message: str) -> str:
+    """The message with control characters (newlines from a user's input) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from copy import deepcopy
 from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
@@ -88,6 +89,8 @@ def _coerce(value: Any, hint: Any, field: str) -> Any:
     if hint is float or text in ("float", "float | None"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(field, f"got {value!r}, expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(field, f"got {value!r}, expected a finite number")
         return float(value)
     if hint is int or text in ("int", "int | None"):
         if isinstance(value, bool) or not isinstance(value, int):

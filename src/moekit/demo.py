@@ -98,16 +98,19 @@ def run_configs(settings: DemoSettings) -> dict[str, dict[str, Any]]:
 def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
     from moekit.data.lmdata import prepare_data
     from moekit.demo_report import analyse_and_report
+    from moekit.preflight import require_module, require_writable_dir
     from moekit.train.config import RunConfig
     from moekit.train.trainer import Trainer, evaluate
 
+    require_module("matplotlib", "the demo's HTML report")  # before the training, not after it
+    require_writable_dir(settings.out_dir, "output directory")
+    configs = {name: RunConfig.from_dict(raw) for name, raw in run_configs(settings).items()}
     started = time.perf_counter()
     data = prepare_data(settings.source, log=log)
     log(f"corpus ready in {time.perf_counter() - started:.1f} s: domains {', '.join(data.domains)}")
     results: dict[str, Any] = {}
     trainers = {}
-    for name, raw in run_configs(settings).items():
-        config = RunConfig.from_dict(raw)
+    for name, config in configs.items():
         trainer = Trainer(config, data=data, log=log)
         result = trainer.run()
         val = evaluate(
@@ -126,8 +129,6 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
         }
         trainers[name] = trainer
         log(f"{name}: mean validation loss {val['mean']:.4f}, {result.tokens_per_s:,.0f} tokens/s")
-    analysis = analyse_and_report(settings, data, trainers, results, log=log)
-    results["moe"]["domain_nmi"] = analysis["domain_nmi"]
     metrics = {
         **results,
         "comparison": {
@@ -137,6 +138,11 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.__dict__.items()},
         "elapsed_s": time.perf_counter() - started,
     }
+    # The training's results are on disk before the report, which could still fail.
+    write_json_atomic(settings.out_dir / "metrics.json", metrics)
+    analysis = analyse_and_report(settings, data, trainers, results, log=log)
+    results["moe"]["domain_nmi"] = analysis["domain_nmi"]
+    metrics["elapsed_s"] = time.perf_counter() - started
     write_json_atomic(settings.out_dir / "metrics.json", metrics)
     log(f"wrote {settings.out_dir / 'metrics.json'} and {settings.out_dir / 'report.html'}")
     return metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,6 +36,8 @@ def require_int(field: str, value: Any, minimum: int | None = None) -> None:
 def require_number(field: str, value: Any, minimum: float | None = None, strict: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(field, f"got {value!r}, expected a number")
+    if not math.isfinite(value):
+        raise ConfigError(field, f"got {value!r}, expected a finite number")
     if minimum is not None and (value <= minimum if strict else value < minimum):
         relation = ">" if strict else ">="
         raise ConfigError(field, f"got {value}, expected a number {relation} {minimum}")

@@ -50,6 +50,7 @@ class MoEConfig:
             raise ConfigError("moe.router", f"expected a RouterSpec, got {type(self.router).__name__}")
         require_choice("moe.activation", self.activation, ACTIVATION_NAMES)
         require_number("moe.swiglu_limit", self.swiglu_limit, minimum=0.0, strict=True)
+        require_number("moe.swiglu_alpha", self.swiglu_alpha, minimum=0.0, strict=True)
         require_int("moe.num_shared_experts", self.num_shared_experts, minimum=0)
         if self.shared_ff_size is not None:
             require_int("moe.shared_ff_size", self.shared_ff_size, minimum=1)

@@ -35,7 +35,10 @@ def train_main(args: argparse.Namespace) -> int:
     from moekit.train.config import RunConfig
     from moekit.train.trainer import Trainer
 
+    from moekit.preflight import require_writable_dir
+
     config = RunConfig.load(args.config, args.overrides)
+    require_writable_dir(Path(config.out_dir), "out_dir")
     joined = init_from_environment()
     try:
         trainer = Trainer(config)
