@@ -8,7 +8,9 @@ from moekit.runtime import tune_cpu_runtime
 tune_cpu_runtime()
 # Kernel choices measured once per machine (moekit.kernels.store) go to a test cache, shared by
 # the test processes (and subprocesses) of a run, not the user's.
-os.environ.setdefault("MOEKIT_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"moekit-test-kernels-{os.getuid()}"))
+os.environ.setdefault(
+    "MOEKIT_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"moekit-test-kernels-{os.getuid()}")
+)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -78,10 +78,14 @@ values = st.one_of(
     st.dictionaries(st.text(max_size=3), st.integers(-3, 3), max_size=2),
 )
 override_text = st.one_of(
-    values.map(lambda v: yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()),
+    values.map(
+        lambda v: yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+    ),
     st.text(max_size=8),  # raw text, parsed as YAML where it is YAML
 )
-fields = st.one_of(st.sampled_from(FIELDS), st.sampled_from(FIELDS).map(lambda f: f + ".extra"), st.text(max_size=8))
+fields = st.one_of(
+    st.sampled_from(FIELDS), st.sampled_from(FIELDS).map(lambda f: f + ".extra"), st.text(max_size=8)
+)
 
 
 def one_error_line(argv: list[str]) -> tuple[int, str]:
@@ -108,10 +112,14 @@ def check_override(config_path: Path, field: str, text: str) -> None:
         # the error names the field that was set, or the one its value conflicts with
         section = field.split(".")[0]
         assert exc.field.split(".")[0] in (section, "--set") or exc.field in str(exc), (override, exc)
-        assert_rejected_in_one_line(*one_error_line(["train", "--config", str(config_path), "--set", override]))
+        assert_rejected_in_one_line(
+            *one_error_line(["train", "--config", str(config_path), "--set", override])
+        )
         return
     except MoekitError:
-        assert_rejected_in_one_line(*one_error_line(["train", "--config", str(config_path), "--set", override]))
+        assert_rejected_in_one_line(
+            *one_error_line(["train", "--config", str(config_path), "--set", override])
+        )
         return
     # accepted: a usable config, every number finite, and it is written to checkpoints as JSON
     config.model_config(256)
@@ -141,7 +149,11 @@ def test_every_field_with_wrong_values_is_rejected_by_name_long(config_file, fie
 
 def test_every_numeric_field_rejects_strings_nan_and_infinity(config_file):
     """Not left to chance: each number of the schema given a string, NaN and infinity."""
-    numeric = [f for f in FIELDS if isinstance(_get(full_config(), f), (int, float)) and not isinstance(_get(full_config(), f), bool)]
+    numeric = [
+        f
+        for f in FIELDS
+        if isinstance(_get(full_config(), f), (int, float)) and not isinstance(_get(full_config(), f), bool)
+    ]
     assert len(numeric) > 30
     for field in numeric:
         for text in ("fast", ".nan", ".inf", "[1, 2]"):
@@ -215,9 +227,7 @@ def test_unwritable_output_paths_fail_before_any_work(tmp_path, trained_run):
     assert_rejected_in_one_line(status, err)
     assert "out_dir" in err and "a-file" in err
     assert_rejected_in_one_line(*one_error_line(["demo", "--out", str(blocker / "demo")]))
-    assert_rejected_in_one_line(
-        *one_error_line(["analyze", str(trained_run / "out"), "--out", str(blocker)])
-    )
+    assert_rejected_in_one_line(*one_error_line(["analyze", str(trained_run / "out"), "--out", str(blocker)]))
     assert blocker.read_text() == "not a directory"
 
 
@@ -226,7 +236,9 @@ def test_missing_optional_dependency_fails_before_training(tmp_path, monkeypatch
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a),
     )
     status, err = one_error_line(["demo", "--out", str(tmp_path / "demo"), "--steps", "1"])
     assert_rejected_in_one_line(status, err)

@@ -63,7 +63,11 @@ def test_gemm_kernel_follows_the_store_not_a_new_timing(fresh_kernel_cache, monk
     monkeypatch.setattr(gemm, "_measure_faster", lambda dtype: "mkl")
     assert gemm.gemm_kernel(torch.float32) == "onednn"
     # MOEKIT_GEMM overrides the store, for all dtypes or per dtype
-    for setting, expected in (("mkl", "mkl"), ("float32=mkl,bfloat16=onednn", "mkl"), ("bfloat16=mkl", "onednn")):
+    for setting, expected in (
+        ("mkl", "mkl"),
+        ("float32=mkl,bfloat16=onednn", "mkl"),
+        ("bfloat16=mkl", "onednn"),
+    ):
         monkeypatch.setenv("MOEKIT_GEMM", setting)
         gemm.onednn_is_faster.cache_clear()
         assert gemm.gemm_kernel(torch.float32) == expected, setting
@@ -77,7 +81,13 @@ def test_record_is_reapplied_on_resume(fresh_kernel_cache, monkeypatch):
     threads = torch.get_num_threads()
     record = kernel_record(torch.float32)
     assert record["gemm"] == {"float32": "mkl"} and record["threads"] == threads
-    started_with = {**record, "gemm": {"float32": "onednn"}, "threads": threads + 1, "loops": "python", "workers": None}
+    started_with = {
+        **record,
+        "gemm": {"float32": "onednn"},
+        "threads": threads + 1,
+        "loops": "python",
+        "workers": None,
+    }
     try:
         changed = apply_kernel_record(started_with, torch.float32)
         assert gemm.gemm_kernel(torch.float32) == "onednn"

@@ -64,7 +64,15 @@ sys.exit(main(sys.argv[1:]))
 
 
 def train_command(config: Path, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "moekit", "train", "--config", str(config), *(["--resume"] if resume else [])]
+    return [
+        sys.executable,
+        "-m",
+        "moekit",
+        "train",
+        "--config",
+        str(config),
+        *(["--resume"] if resume else []),
+    ]
 
 
 def write_config(path: Path, out_dir: Path) -> Path:
@@ -72,24 +80,28 @@ def write_config(path: Path, out_dir: Path) -> Path:
     return path
 
 
-def logged_steps(out_dir: Path) -> int:
-    """The last step in metrics.jsonl (0 if none): how far a running attempt has got."""
+def progress(out_dir: Path) -> tuple[int, int]:
+    """(start and resume events in metrics.jsonl, the last step logged after the last of them)."""
     path = out_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    steps = [0]
-    for line in path.read_text().splitlines():
-        try:
-            steps.append(json.loads(line).get("step", 0))
-        except json.JSONDecodeError:
-            pass
-    return max(steps)
+    events, step = 0, 0
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line being written
+            if "event" in record:
+                events, step = events + 1, record["step"]
+            else:
+                step = max(step, record["step"])
+    return events, step
 
 
 def kill_after_step(process: subprocess.Popen, out_dir: Path, step: int, delay: float) -> None:
-    """SIGKILL `process` `delay` seconds after metrics.jsonl reaches `step`."""
+    """SIGKILL `process` `delay` seconds after this attempt (its start or resume event) has logged `step`."""
     deadline = time.monotonic() + 120
-    while logged_steps(out_dir) < step:
+    events = progress(out_dir)[0] + 1
+    while progress(out_dir) < (events, step):
         assert process.poll() is None, f"the run ended before step {step}: {process.stderr.read()}"
         assert time.monotonic() < deadline, "the run made no progress"
         time.sleep(0.005)
@@ -117,10 +129,16 @@ def assert_last_checkpoint_loads(out_dir: Path, model) -> int:
     return state["step"]
 
 
-def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize(
+    "seed,later_kills",
+    [(19, 0), pytest.param(7, 1, marks=pytest.mark.slow), pytest.param(3, 2, marks=pytest.mark.slow)],
+)
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, seed, later_kills):
+    """Kills: one at a random step of the first attempt, one inside a checkpoint write, and
+    `later_kills` more at random moments of resumed attempts."""
     from moekit.models.lm import LanguageModel, LMConfig
 
-    rng = random.Random(19)
+    rng = random.Random(seed)
     env = {**os.environ, "MOEKIT_CACHE_DIR": str(tmp_path / "kernel-cache")}  # measured afresh here
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
     straight_config = write_config(tmp_path / "straight.yaml", straight_dir)
@@ -128,12 +146,28 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
     # The uninterrupted run and the first attempt start together: both measure the GEMM kernel
     # choice for this (empty) cache, under load from each other; they must still agree.
-    straight = subprocess.Popen(train_command(straight_config, False), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    attempt = subprocess.Popen(train_command(killed_config, False), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    straight = subprocess.Popen(
+        train_command(straight_config, False),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    attempt = subprocess.Popen(
+        train_command(killed_config, False),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     kill_after_step(attempt, killed_dir, step=rng.randint(3, 4), delay=rng.uniform(0, 0.05))
     _, err = straight.communicate(timeout=300)
     assert straight.returncode == 0, err
-    model = LanguageModel(LMConfig.from_dict(json.loads((resolve_checkpoint(straight_dir) / "state.json").read_text())["config"]["model"]))
+    model = LanguageModel(
+        LMConfig.from_dict(
+            json.loads((resolve_checkpoint(straight_dir) / "state.json").read_text())["config"]["model"]
+        )
+    )
     steps_seen = [assert_last_checkpoint_loads(killed_dir, model)]
 
     # Second attempt: resumes, then dies inside the write of the step-6 checkpoint.
@@ -150,13 +184,28 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     steps_seen.append(assert_last_checkpoint_loads(killed_dir, model))
     assert steps_seen[-1] == 2 * CHECKPOINT_EVERY  # the last good checkpoint, not the half-written one
 
-    # Third attempt: resumes and is killed at a random moment after its first step.
-    attempt = subprocess.Popen(train_command(killed_config, True), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    kill_after_step(attempt, killed_dir, step=2 * CHECKPOINT_EVERY + 1 + rng.randint(0, 2), delay=rng.uniform(0, 0.05))
-    steps_seen.append(assert_last_checkpoint_loads(killed_dir, model))
+    # Further attempts: each resumes and is killed at a random moment after its first step.
+    for _ in range(later_kills):
+        resumed_at = steps_seen[-1]
+        attempt = subprocess.Popen(
+            train_command(killed_config, True),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        kill_after_step(
+            attempt,
+            killed_dir,
+            step=min(STEPS - 1, resumed_at + rng.randint(1, 2)),
+            delay=rng.uniform(0, 0.05),
+        )
+        steps_seen.append(assert_last_checkpoint_loads(killed_dir, model))
 
     # Last attempt: resumes and finishes.
-    final = subprocess.run(train_command(killed_config, True), env=env, capture_output=True, text=True, timeout=300)
+    final = subprocess.run(
+        train_command(killed_config, True), env=env, capture_output=True, text=True, timeout=300
+    )
     assert final.returncode == 0, final.stderr
     assert steps_seen == sorted(steps_seen) and steps_seen[0] >= CHECKPOINT_EVERY
 

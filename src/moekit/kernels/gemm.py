@@ -94,7 +94,7 @@ def requested_kernel(dtype: torch.dtype) -> str:
 
 
 def gemm_kernel(dtype: torch.dtype) -> str:
-    """"onednn" or "mkl": the kernel products of `dtype` take in this process."""
+    """ "onednn" or "mkl": the kernel products of `dtype` take in this process."""
     return "onednn" if onednn_is_faster(dtype) else "mkl"
 
 
@@ -147,7 +147,7 @@ MEASURE_ROUNDS = 15
 
 
 def _measure_faster(dtype: torch.dtype) -> str:
-    """"onednn" if it is at least 10 % faster than MKL on the probe shape, else "mkl"."""
+    """ "onednn" if it is at least 10 % faster than MKL on the probe shape, else "mkl"."""
     x, w = _probe_operands(dtype)
     ratios = []
     for _ in range(MEASURE_ROUNDS):

@@ -98,6 +98,7 @@ def loramoe_localized_balance_loss(
     delta: float,
     sample_index: Tensor | None = None,
     num_groups: int = 2,
+    toward_matching: bool = False,
 ) -> Tensor:
     """LoRAMoE (#36) localised balancing constraint, as in the released `peft/tuners/lora.py`:
 
@@ -111,6 +112,9 @@ def loramoe_localized_balance_loss(
     token is its own sample). Balanced within a group, the constraint lets each group specialise.
     Taken alone, CV^2(Q * I) is zero exactly when Q is proportional to 1 / I (the matching group at
     (1 - delta) / (1 + delta) of the other's importance); the formula is implemented as published.
+    That is the opposite of the paper's stated intent (the matching group should take more of a
+    sample's weight): `toward_matching=True` uses CV^2(Q / I) instead, zero when Q is proportional
+    to I (the matching group at (1 + delta) / (1 - delta) of the other's importance).
     """
     num_experts = routing.num_compute_experts
     if num_experts % num_groups:
@@ -139,7 +143,7 @@ def loramoe_localized_balance_loss(
     expert_group = torch.arange(num_experts, device=types.device) // (num_experts // num_groups)
     matches = expert_group.unsqueeze(0) == sample_type.unsqueeze(1)
     coefficient = torch.where(matches, 1.0 + delta, 1.0 - delta).to(importance.dtype)
-    weighted = importance * coefficient
+    weighted = importance / coefficient if toward_matching else importance * coefficient
     return weighted.var(unbiased=False) / weighted.mean().square().clamp_min(torch.finfo(weighted.dtype).tiny)
 
 

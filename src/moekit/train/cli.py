@@ -32,10 +32,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def train_main(args: argparse.Namespace) -> int:
     """Train; under torchrun (WORLD_SIZE > 1) every process runs this and they train as one run."""
     from moekit.distributed.mesh import init_from_environment
+    from moekit.preflight import require_writable_dir
     from moekit.train.config import RunConfig
     from moekit.train.trainer import Trainer
-
-    from moekit.preflight import require_writable_dir
 
     config = RunConfig.load(args.config, args.overrides)
     require_writable_dir(Path(config.out_dir), "out_dir")

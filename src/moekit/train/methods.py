@@ -3,7 +3,10 @@
 - THOR (#33): two forward passes with independently sampled experts, both cross-entropies, plus
   alpha times the symmetric KL between the two output distributions.
 - LoRAMoE (#36): the localised balancing constraint over two sample types; here a sample is a
-  document and its type is whether its domain is one of `loramoe_knowledge_domains`.
+  document and its type is whether its domain is one of `loramoe_knowledge_domains`. The released
+  formula, CV^2(Q * I), pulls a sample's weight away from its matching group of experts, against
+  the paper's intent; `loramoe_form: intended` (the default) uses CV^2(Q / I), which pulls it
+  toward them, `published` the formula as released (tests/test_train_methods.py shows both).
 - Dense-to-sparse gates (EvoMoE, #51) anneal their temperature: every router with a
   `set_step(step, total_steps)` method is told the step before each optimizer step.
 
@@ -23,8 +26,10 @@ from torch import nn
 from moekit.balance.stats import sequence_index
 from moekit.balance.step import ForwardOutput
 from moekit.data.batch import IGNORE_INDEX, Batch
-from moekit.errors import ConfigError, require_number
+from moekit.errors import ConfigError, require_choice, require_number
 from moekit.routing.objectives_research import loramoe_localized_balance_loss, thor_consistency_loss
+
+LORAMOE_FORMS = ("intended", "published")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class MethodConfig:
     loramoe_weight: float = 0.0
     loramoe_delta: float = 0.1
     loramoe_knowledge_domains: tuple[str, ...] = ("english", "multilingual")
+    loramoe_form: str = "intended"
 
     def __post_init__(self) -> None:
         require_number("methods.thor_alpha", self.thor_alpha, minimum=0.0)
@@ -43,6 +49,12 @@ class MethodConfig:
         if self.loramoe_delta >= 1:
             raise ConfigError(
                 "methods.loramoe_delta", f"got {self.loramoe_delta}, expected a number in [0, 1)"
+            )
+        require_choice("methods.loramoe_form", self.loramoe_form, LORAMOE_FORMS)
+        domains = self.loramoe_knowledge_domains
+        if not isinstance(domains, (list, tuple)) or not all(isinstance(d, str) for d in domains):
+            raise ConfigError(
+                "methods.loramoe_knowledge_domains", f"got {domains!r}, expected a list of domain names"
             )
         object.__setattr__(self, "loramoe_knowledge_domains", tuple(self.loramoe_knowledge_domains))
 
@@ -89,7 +101,14 @@ def make_forward(
             types = (~torch.isin(batch.domains, torch.tensor(knowledge))).long().reshape(-1)
             samples, _ = sequence_index(batch.token_mask, batch.doc_ids)
             constraint = sum(
-                loramoe_localized_balance_loss(r, types, methods.loramoe_delta, samples) for r in out.routings
+                loramoe_localized_balance_loss(
+                    r,
+                    types,
+                    methods.loramoe_delta,
+                    samples,
+                    toward_matching=methods.loramoe_form == "intended",
+                )
+                for r in out.routings
             )
             loss = loss + methods.loramoe_weight * constraint * targets.sum()
         return ForwardOutput(loss_sum=loss, routings=out.routings)

@@ -28,7 +28,6 @@ class MetricsLog:
             handle.flush()
             os.fsync(handle.fileno())
 
-
     def keep_through(self, step: int) -> None:
         """Drop the records of steps after `step` (rewritten atomically; a torn last line from a
         killed writer is dropped too)."""

@@ -202,8 +202,8 @@ class Trainer:
 
     def _check_same_model(self, directory: Path) -> None:
         """Refuse a checkpoint of another model config (before any tensor is loaded)."""
-        from moekit.train.checkpoint import STATE_FILE
         from moekit.io import read_json
+        from moekit.train.checkpoint import STATE_FILE
 
         state = read_json(directory / STATE_FILE, "checkpoint state")
         saved = state.get("config", {}).get("model") if isinstance(state, dict) else None
@@ -211,7 +211,9 @@ class Trainer:
         if saved is None or saved == ours:
             return
         differing = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
-        detail = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r}, config {ours.get(k)!r}" for k in differing[:3])
+        detail = ", ".join(
+            f"model.{k}: checkpoint {saved.get(k)!r}, config {ours.get(k)!r}" for k in differing[:3]
+        )
         raise MoekitError(f"{directory}: checkpoint of another model config ({detail})")
 
     # -- the loop ----------------------------------------------------------------------------
