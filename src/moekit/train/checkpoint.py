@@ -191,7 +191,8 @@ def verify_checksums(directory: Path, state: dict[str, Any]) -> None:
             raise MoekitError(f"{file}: checkpoint file missing")
         if file_sha256(file) != expected:
             raise MoekitError(
-                f"{file}: SHA-256 differs from the one recorded in {STATE_FILE} (the file was changed or damaged)"
+                f"{file}: SHA-256 differs from the one recorded in {STATE_FILE} "
+                "(the file was changed or damaged)"
             )
 
 
