@@ -66,7 +66,7 @@ def leaf_paths(node, prefix=()) -> list[str]:
     return [".".join(prefix)]
 
 
-FIELDS = leaf_paths(full_config())
+FIELDS = [*leaf_paths(full_config()), "model.init_from"]
 
 values = st.one_of(
     st.text(max_size=6),

@@ -15,8 +15,9 @@ before_threads = torch.get_num_threads()
 import moekit, moekit.layer, moekit.models.lm, moekit.train.trainer, moekit.train.cli, moekit.demo
 import moekit.dispatch.grouped, moekit.kernels.gemm, moekit.kernels.native, moekit.kernels.record
 import moekit.interop.hf, moekit.interop.patch, moekit.analysis.cli, moekit.preflight, moekit.cli
+changed = [k for k in set(os.environ) | set(before_env) if os.environ.get(k) != before_env.get(k)]
 print(json.dumps({
-    "env_changed": sorted(k for k in set(os.environ) | set(before_env) if os.environ.get(k) != before_env.get(k)),
+    "env_changed": sorted(changed),
     "threads": [torch.get_num_threads(), before_threads],
     "python_threads": threading.active_count(),
     "native_loaded": hasattr(torch.ops, "moekit") and hasattr(torch.ops.moekit, "mm_into"),

@@ -161,3 +161,90 @@ def test_eval_command_reports_the_checkpoints_losses(tmp_path, sample_data):
     assert report["loss"].keys() == expected.keys() == {*sample_data.domains, "mean"}
     for domain, loss in expected.items():
         assert report["loss"][domain] == pytest.approx(loss, rel=1e-6), domain
+
+
+# -- LoRAMoE and SMoRA on a pretrained dense base (model.init_from) ----------------------------
+
+
+def dense_then_adapted(tmp_path, data, experts_kind: str, options: dict, steps: int = 2):
+    """A dense run trained for two steps, and a run of `experts_kind` experts starting from it."""
+    base = {
+        "vocab_size": "auto",
+        "hidden_size": 32,
+        "num_layers": 2,
+        "num_heads": 2,
+        "ff_size": 64,
+        "max_seq_len": 32,
+    }
+    common = {
+        "data": {"source": "sample", "seq_len": 32},
+        "train": {"steps": steps, "micro_batch_size": 4, "warmup_steps": 1},
+        "loop": {"log_every": 1, "eval_batches": 1, "progress": False},
+    }
+    dense = Trainer(
+        RunConfig.from_dict({"name": "dense", "out_dir": str(tmp_path / "dense"), "model": base, **common}),
+        data=data,
+        log=lambda _: None,
+    )
+    dense.run()
+    moe = {
+        "ff_size": 64,
+        "router": {"num_experts": 4, "top_k": 4, "renorm": "none"},
+        "experts_kind": experts_kind,
+        "experts_options": options,
+    }
+    adapted = RunConfig.from_dict(
+        {
+            "name": "adapted",
+            "out_dir": str(tmp_path / "adapted"),
+            "model": {**base, "moe": moe, "init_from": str(tmp_path / "dense")},
+            **common,
+            "balance": {"objectives": [{"kind": "load_balance", "scope": "global", "coefficient": 0.01}]},
+        }
+    )
+    return dense, Trainer(adapted, data=data, log=lambda _: None)
+
+
+@pytest.mark.parametrize("experts_kind,options", [("lora", {"rank": 2}), ("smora", {})])
+def test_adapter_experts_start_from_the_pretrained_dense_model(tmp_path, sample_data, experts_kind, options):
+    dense, adapted = dense_then_adapted(tmp_path, sample_data, experts_kind, options)
+    batch = next(adapted.batches)
+    dense.model.eval()
+    adapted.model.eval()
+    with torch.no_grad():
+        expected = run_model(dense.model, batch).logits
+        got = run_model(adapted.model, batch).logits
+    # B = 0: the adapted model starts as the pretrained dense model, not a random one
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    adapted.model.train()
+    adapted.run()
+    for index, block in enumerate(adapted.model.blocks):
+        dense_ffn = dense.model.blocks[index].ffn
+        experts = block.ffn.experts
+        assert torch.equal(experts.base_in, dense_ffn.proj_in.weight)  # frozen: still the pretrained FFN
+        assert torch.equal(experts.base_out, dense_ffn.proj_out.weight)
+        assert torch.count_nonzero(experts.lora_in_b) > 0  # the adapters trained
+
+
+def test_init_from_a_checkpoint_of_another_shape_names_the_tensor(tmp_path, sample_data):
+    dense, _ = dense_then_adapted(tmp_path, sample_data, "lora", {"rank": 2}, steps=1)
+    config = RunConfig.from_dict(
+        {
+            "name": "wide",
+            "out_dir": str(tmp_path / "wide"),
+            "model": {
+                "vocab_size": "auto",
+                "hidden_size": 64,
+                "num_layers": 2,
+                "num_heads": 2,
+                "ff_size": 64,
+                "max_seq_len": 32,
+                "init_from": str(tmp_path / "dense"),
+            },
+            "data": {"source": "sample", "seq_len": 32},
+        }
+    )
+    from moekit.errors import MoekitError
+
+    with pytest.raises(MoekitError, match=r"model\.init_from .*: blocks\.0\.\S+ has shape \(32, 32\)"):
+        Trainer(config, data=sample_data, log=lambda _: None)

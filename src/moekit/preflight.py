@@ -61,6 +61,8 @@ def check_command(args: argparse.Namespace) -> None:
     command = getattr(args, "command", None)
     if command == "train":
         require_input(args.config, "config file")
+        if getattr(args, "resume", None) not in (None, "latest"):
+            require_input(Path(args.resume), "--resume checkpoint")
     elif command == "eval":
         require_input(args.checkpoint, "checkpoint")
     elif command == "demo":

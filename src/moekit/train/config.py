@@ -113,10 +113,15 @@ class RunConfig:
 
     def model_config(self, vocab_size: int) -> LMConfig:
         """The model section with `vocab_size: auto` (or absent) resolved from the tokenizer."""
-        values = dict(self.model)
+        values = {k: v for k, v in self.model.items() if k != "init_from"}
         if values.get("vocab_size", "auto") == "auto":
             values["vocab_size"] = vocab_size
         return LMConfig.from_dict(values)
+
+    @property
+    def init_from(self) -> str | None:
+        """`model.init_from`: a pretrained moekit checkpoint (or run directory) to start from."""
+        return self.model.get("init_from")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -163,6 +168,9 @@ class RunConfig:
             parallel=dataclass_from_dict(ParallelConfig, data.get("parallel"), "parallel"),
             methods=dataclass_from_dict(MethodConfig, data.get("methods"), "methods"),
         )
+        init_from = model.get("init_from")
+        if init_from is not None and (not isinstance(init_from, str) or not init_from):
+            raise ConfigError("model.init_from", f"got {init_from!r}, expected a checkpoint path")
         # validates the model section now; 'auto' is resolved later
         model_config = config.model_config(vocab_size=256)
         ep = config.parallel.ep

@@ -143,6 +143,12 @@ class Trainer:
                 f"model.max_seq_len={self.model_config.max_seq_len} is shorter than data.seq_len={d.seq_len}"
             )
         self.model = LanguageModel(self.model_config).to(dtype)
+        if config.init_from is not None:
+            from moekit.train.init_from import init_from_checkpoint
+
+            loaded = init_from_checkpoint(self.model, Path(config.init_from))
+            bases = f", base FFN of {len(loaded['bases'])} MoE layers" if loaded["bases"] else ""
+            log(f"initialised from {config.init_from}: {len(loaded['copied'])} tensors{bases}")
         self.parameters = count_parameters(self.model)
         make_expert_parallel(self.model, self.mesh)  # after counting: only this rank's experts remain
         self.forward = make_forward(self.model, config.methods, self.data.domains)
