@@ -244,6 +244,35 @@ def test_missing_optional_dependency_fails_before_training(tmp_path, monkeypatch
     assert_rejected_in_one_line(status, err)
     assert "matplotlib" in err and "moekit[report]" in err
     assert not (tmp_path / "demo").exists() or not any((tmp_path / "demo").iterdir())
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "transformers" else real_find_spec(name, *a),
+    )
+    for argv in (
+        ["convert", "from-hf", str(tmp_path), str(tmp_path / "out")],
+        ["bench", "hf", "--json", str(tmp_path / "bench.json")],
+    ):
+        status, err = one_error_line(argv)
+        assert_rejected_in_one_line(status, err)
+        assert "transformers" in err and "moekit[hf]" in err
+
+
+def test_demo_writes_its_metrics_before_the_report(tmp_path, monkeypatch):
+    """A report that fails after the training leaves the training's results on disk."""
+    import moekit.demo_report
+    from moekit.demo import DemoSettings, run_demo
+
+    def failing_report(*args, **kwargs):
+        raise MoekitError("simulated report failure")
+
+    monkeypatch.setattr(moekit.demo_report, "analyse_and_report", failing_report)
+    settings = DemoSettings(out_dir=tmp_path, source="sample", steps=1, eval_batches=1, progress=False)
+    with pytest.raises(MoekitError, match="simulated"):
+        run_demo(settings, log=lambda _: None)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"dense", "moe", "comparison"} <= set(metrics)
+    assert all(math.isfinite(metrics[name]["val_loss"]["mean"]) for name in ("dense", "moe"))
 
 
 def damaged_copy(run: Path, tmp_path: Path, damage) -> Path:
@@ -315,4 +344,3 @@ def test_edited_weights_pass_nothing_silently(tmp_path, trained_run):
     status, err = one_error_line(["eval", str(copy)])
     assert_rejected_in_one_line(status, err)
     assert "SHA-256" in err and MODEL_FILE in err
-    assert math.isfinite(len(err))
