@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,13 @@ class Trainer:
             loaded = init_from_checkpoint(self.model, Path(config.init_from))
             bases = f", base FFN of {len(loaded['bases'])} MoE layers" if loaded["bases"] else ""
             log(f"initialised from {config.init_from}: {len(loaded['copied'])} tensors{bases}")
+        elif _has_frozen_random_base(self.model):
+            warnings.warn(
+                "adapter experts (LoRAMoE/SMoRA) on a frozen base FFN that is random: set model.init_from "
+                "to a pretrained dense moekit checkpoint, or experts_options.freeze_base: false",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.parameters = count_parameters(self.model)
         make_expert_parallel(self.model, self.mesh)  # after counting: only this rank's experts remain
         self.forward = make_forward(self.model, config.methods, self.data.domains)
@@ -355,6 +363,15 @@ class Trainer:
             cfg.loop.eval_batches or None,
             cfg.data.layout,
         )
+
+
+def _has_frozen_random_base(model: torch.nn.Module) -> bool:
+    """Whether some MoE layer's experts keep a frozen base FFN (which only a checkpoint can fill)."""
+    for module in model.modules():
+        base = getattr(module, "base_in", None)
+        if callable(getattr(module, "load_base", None)) and base is not None and not base.requires_grad:
+            return True
+    return False
 
 
 def _silent(message: str) -> None:
