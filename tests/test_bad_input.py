@@ -164,7 +164,7 @@ def test_every_numeric_field_rejects_strings_nan_and_infinity(config_file):
 
 def _get(node, field):
     for part in field.split("."):
-        node = node[part]
+        node = node.get(part) if isinstance(node, dict) else None
     return node
 
 
