@@ -24,10 +24,10 @@ from torch._dynamo.utils import counters  # noqa: E402
 from transformers.generation.configuration_utils import CompileConfig  # noqa: E402
 
 from moekit import MoE, MoEConfig, preset  # noqa: E402
-from moekit.dispatch.reference import reference_token_choices  # noqa: E402
+from moekit.dispatch.reference import reference_moe, reference_token_choices  # noqa: E402
 from moekit.interop.patch import PatchedMoE, patch  # noqa: E402
 from moekit.interop.tiny import TINY_CONFIGS, tiny_model  # noqa: E402
-from moekit.routing.spec import RouterSpec  # noqa: E402
+from moekit.routing.spec import PRESET_NAMES, RouterSpec  # noqa: E402
 from moekit.routing.token_choice import choose_topk  # noqa: E402
 
 PATCHABLE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "granitemoe"]
@@ -160,6 +160,44 @@ def test_moekit_layer_compiles_fullgraph_with_the_same_values_and_gradients():
     torch.testing.assert_close(x.grad, grad_x, atol=ATOL, rtol=1e-4)
     for name, p in layer.named_parameters():
         torch.testing.assert_close(p.grad, grads[name], atol=ATOL, rtol=1e-4, msg=name)
+
+
+def _preset_layer(name: str) -> MoE:
+    """A float64 layer in the family's own shape: activation, biases, shared experts, groups."""
+    extra = dict(num_groups=4, topk_groups=2) if name == "deepseek_v3" else {}
+    spec = preset(name, 8, 1 if name == "llama4" else 2, **extra)
+    kwargs = dict(activation="swiglu")
+    if name == "gpt_oss":
+        kwargs = dict(activation="clamped_swiglu", expert_bias=True, swiglu_limit=1.0)
+    if name in ("qwen2_moe", "deepseek_v3", "llama4"):
+        kwargs.update(num_shared_experts=1, shared_gate=name == "qwen2_moe")
+    layer = MoE(MoEConfig(hidden_size=16, ff_size=12, router=spec, **kwargs)).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+    return layer.eval()
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+@pytest.mark.parametrize("mask", [False, True])
+def test_compile_path_equals_the_float64_reference(name, mask, monkeypatch):
+    """The code the compiler traces (every `is_compiling()` branch taken, run eagerly here in
+    float64) against the reference: outputs and every gradient, biases and input weighting too."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    layer = _preset_layer(name)
+    gen = torch.Generator().manual_seed(len(name))
+    x = torch.randn(3, 7, 16, generator=gen, dtype=torch.float64)
+    token_mask = torch.rand(3, 7, generator=gen) > 0.3 if mask else None
+    x_ref, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = reference_moe(layer, x_ref, token_mask)
+    upstream = torch.randn(ref.output.shape, generator=gen, dtype=torch.float64)
+    (ref.output * upstream).sum().backward()
+    y = layer(x_fast, token_mask)
+    (y * upstream).sum().backward()
+    torch.testing.assert_close(y, ref.output.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x_fast.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+    for pname, p in layer.named_parameters():
+        torch.testing.assert_close(p.grad, ref.params[pname].grad, rtol=1e-10, atol=1e-10, msg=pname)
 
 
 # --- configs transformers accepts ----------------------------------------------------------------
