@@ -10,6 +10,8 @@ token did not pick the expert): E/k times the grouped path's products, but with 
 no data-dependent control flow. That is the trade HF's own compiled `batched_mm` path also makes
 on the CPU, where the compile-time `grouped_mm` kernel takes bf16 only. It suits what compiled
 MoE inference on a CPU is used for: decoding with a static KV cache, a few tokens per step.
+With fewer assignments than experts (decoding), each assignment instead gathers its own expert's
+weights and runs as one batched product, so that only the chosen experts' weights are read.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def compiled_experts(
     """y[t] = sum over assignments (t, e, w) of w * expert_e(x[t]) (or expert_e(w * x[t])), for
     packed `w_in` [E, in, d], `w_out` [E, d, ff]; the same sum as `grouped_experts`."""
     num_experts = w_in.shape[0]
+    if token.shape[0] < num_experts:
+        return _gathered_experts(x, token, expert, weight, w_in, w_out, b_in, b_out, activation, weight_on)
     dense = dense_routing_weights(token, expert, weight, x.shape[0], num_experts).to(x.dtype)  # [T, E]
     scale = dense.t().unsqueeze(-1)  # [E, T, 1]
     inputs = x.unsqueeze(0) * scale if weight_on == "input" else x.unsqueeze(0).expand(num_experts, -1, -1)
@@ -66,3 +70,35 @@ def compiled_experts(
     ones = torch.ones_like(weight, dtype=x.dtype)
     picked = dense_routing_weights(token, expert, ones, x.shape[0], num_experts) > 0
     return torch.where(picked.t().unsqueeze(-1), y, torch.zeros_like(y)).sum(0)
+
+
+def _gathered_experts(
+    x: Tensor,
+    token: Tensor,
+    expert: Tensor,
+    weight: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    b_in: Tensor | None,
+    b_out: Tensor | None,
+    activation: Activation,
+    weight_on: str,
+) -> Tensor:
+    """`compiled_experts` for a few assignments: one row per assignment against its expert's
+    gathered weights ([A, in, d] and [A, d, ff], batched products); null experts contribute 0."""
+    num_experts = w_in.shape[0]
+    real = expert < num_experts
+    chosen = expert.clamp(max=num_experts - 1)
+    scale = torch.where(real, weight, torch.zeros_like(weight)).to(x.dtype).unsqueeze(1)  # [A, 1]
+    rows = x.index_select(0, token)
+    if weight_on == "input":
+        rows = rows * scale
+    h = torch.bmm(w_in.index_select(0, chosen), rows.unsqueeze(-1)).squeeze(-1)  # [A, in]
+    if b_in is not None:
+        h = h + b_in.index_select(0, chosen)
+    a = activation.forward(h)
+    y = torch.bmm(w_out.index_select(0, chosen), a.unsqueeze(-1)).squeeze(-1)  # [A, d]
+    if b_out is not None:
+        y = y + b_out.index_select(0, chosen)
+    y = y * scale if weight_on == "output" else torch.where(real.unsqueeze(1), y, torch.zeros_like(y))
+    return torch.zeros_like(x).index_add(0, token, y)
