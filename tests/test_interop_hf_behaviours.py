@@ -27,6 +27,7 @@ from moekit import MoE, MoEConfig, preset  # noqa: E402
 from moekit.dispatch.reference import reference_moe, reference_token_choices  # noqa: E402
 from moekit.interop.patch import PatchedMoE, patch  # noqa: E402
 from moekit.interop.tiny import TINY_CONFIGS, tiny_model  # noqa: E402
+from moekit.models.lm import LanguageModel, LMConfig  # noqa: E402
 from moekit.routing.spec import PRESET_NAMES, RouterSpec  # noqa: E402
 from moekit.routing.token_choice import choose_topk  # noqa: E402
 
@@ -159,6 +160,30 @@ def test_moekit_layer_compiles_fullgraph_with_the_same_values_and_gradients():
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
     torch.testing.assert_close(x.grad, grad_x, atol=ATOL, rtol=1e-4)
     for name, p in layer.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], atol=ATOL, rtol=1e-4, msg=name)
+
+
+def test_moekit_language_model_compiles_fullgraph_with_the_same_logits_and_gradients():
+    torch.manual_seed(0)
+    moe = MoEConfig(hidden_size=32, ff_size=16, router=preset("qwen3_moe", 8, 2), num_shared_experts=1)
+    config = LMConfig(
+        vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, ff_size=64, max_seq_len=16, moe=moe
+    )
+    model = LanguageModel(config)
+    ids = torch.randint(0, 64, (2, 12))
+    expected = model(ids)
+    expected.logits.square().mean().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    torch._dynamo.reset()
+    counters.clear()
+    got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids)
+    got.logits.square().mean().backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(got.logits, expected.logits, atol=ATOL, rtol=0)
+    for a, b in zip(got.routings, expected.routings, strict=True):  # the records come out too
+        assert torch.equal(a.kept.expert, b.kept.expert) and torch.equal(a.kept.token, b.kept.token)
+    for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[name], atol=ATOL, rtol=1e-4, msg=name)
 
 

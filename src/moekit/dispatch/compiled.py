@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from moekit.experts.activations import Activation
 
@@ -50,7 +51,8 @@ def compiled_experts(
     """y[t] = sum over assignments (t, e, w) of w * expert_e(x[t]) (or expert_e(w * x[t])), for
     packed `w_in` [E, in, d], `w_out` [E, d, ff]; the same sum as `grouped_experts`."""
     num_experts = w_in.shape[0]
-    if token.shape[0] < num_experts:
+    # a data-dependent number of assignments (a token mask) takes the dense form, which needs no guard
+    if guard_or_false(token.shape[0] < num_experts):
         return _gathered_experts(x, token, expert, weight, w_in, w_out, b_in, b_out, activation, weight_on)
     dense = dense_routing_weights(token, expert, weight, x.shape[0], num_experts).to(x.dtype)  # [T, E]
     scale = dense.t().unsqueeze(-1)  # [E, T, 1]

@@ -142,12 +142,13 @@ class TokenChoiceRouter(nn.Module):
         `previous` (the preceding MoE layer's routing) is not used by this router."""
         spec = self.spec
         num_tokens = x.shape[0]
+        every_token = token_mask is None  # then every shape is static (what torch.compile wants)
         if token_mask is None:
             token_mask = torch.ones(num_tokens, dtype=torch.bool, device=x.device)
         logits = self.logits(x)
         selection_bias = None if self.selection_bias is None else self.selection_bias.to(logits.dtype)
         scores, index, weights = choose_topk(logits, spec, selection_bias)
-        chosen = Assignments.from_dense(index, weights, token_mask)
+        chosen = Assignments.from_dense(index, weights, None if every_token else token_mask)
         if spec.capacity_factor is None:
             kept, dropped = chosen, Assignments.empty(x.device)
         else:
