@@ -25,6 +25,7 @@ from transformers.generation.configuration_utils import CompileConfig  # noqa: E
 
 from moekit import MoE, MoEConfig, preset  # noqa: E402
 from moekit.dispatch.reference import reference_moe, reference_token_choices  # noqa: E402
+from moekit.errors import ConfigError  # noqa: E402
 from moekit.interop.patch import PatchedMoE, patch  # noqa: E402
 from moekit.interop.tiny import TINY_CONFIGS, tiny_model  # noqa: E402
 from moekit.models.lm import LanguageModel, LMConfig  # noqa: E402
@@ -354,3 +355,10 @@ def test_deep_copy_of_a_patched_model_keeps_its_own_padding_hook(family):
         assert torch.equal(routing.token_mask, real)
         assert bool(real[routing.kept.token].all())
         assert block.moe.router.weight is block.gate.weight  # bound to the copy's own parameters
+
+
+def test_a_refused_moe_setting_is_named():
+    """What patch cannot run is refused naming the setting (here the experts' activation)."""
+    model = tiny_model("qwen3_moe", hidden_act="gelu")
+    with pytest.raises(ConfigError, match="patch: qwen3_moe config hidden_act: got 'gelu'"):
+        patch(model)
