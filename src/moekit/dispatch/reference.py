@@ -53,7 +53,9 @@ def reference_token_choices(
                 group_scores.append(members[0] + members[1] if spec.group_score == "top2_sum" else members[0])
             best_groups = sorted(range(spec.num_groups), key=lambda g: -group_scores[g])[: spec.topk_groups]
             allowed = {e for g in best_groups for e in range(g * size, (g + 1) * size)}
-        chosen = sorted(allowed, key=lambda e: -selection[e])[: spec.top_k]
+        # the kept groups' experts first; if they are fewer than top_k, then the best of the rest
+        others = sorted(set(range(num_experts)) - allowed, key=lambda e: -selection[e])
+        chosen = (sorted(allowed, key=lambda e: -selection[e]) + others)[: spec.top_k]
         weights = torch.stack([scores[e] for e in chosen])
     else:
         bias = [0.0] * num_experts if selection_bias is None else selection_bias.tolist()

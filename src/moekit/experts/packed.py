@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.dispatch.compiled import compiled_experts
 from moekit.dispatch.grouped import grouped_experts
 from moekit.experts.activations import Activation
 from moekit.kernels.linear import Linear
@@ -41,6 +42,20 @@ class PackedExperts(nn.Module):
         self, x: Tensor, routing: Routing, weight_on: str = "output", backend: str = "auto"
     ) -> Tensor:
         """Sum over the routing's kept compute assignments of weight * expert(x[token])."""
+        if torch.compiler.is_compiling():  # static shapes, traceable whole (null experts left out there)
+            kept = routing.kept
+            return compiled_experts(
+                x,
+                kept.token,
+                kept.expert,
+                kept.weight,
+                self.w_in,
+                self.w_out,
+                self.b_in,
+                self.b_out,
+                self.activation,
+                weight_on,
+            )
         a = routing.compute_assignments
         return grouped_experts(
             x,

@@ -92,6 +92,9 @@ class FamilySpec:
     write_config: Callable[[FamilyConfig], dict[str, Any]]  # FamilyConfig -> HF config fields
     patch: PatchNames | None = None
     patch_note: str = ""
+    # HF config object -> the MoE block's `MoEConfig` alone: what `patch` reads, so that settings
+    # it does not replace (attention, RoPE) never block it
+    read_moe: Callable[[Any], MoEConfig] | None = None
 
 
 # --- shared pieces of the config mappings -------------------------------------------------------
@@ -243,16 +246,20 @@ def _one_layout(names: MoENames) -> dict[str, MoENames]:
 # --- per family: config fields both ways, then the table of parameter names --------------------
 
 
-def _read_mixtral(cfg: Any) -> dict[str, Any]:
+def _moe_mixtral(cfg: Any) -> MoEConfig:
     _require_silu(cfg.hidden_act, "hidden_act")
     spec = _router(
         "mixtral", cfg.num_local_experts, cfg.num_experts_per_tok, jitter_eps=cfg.router_jitter_noise
     )
+    return MoEConfig(cfg.hidden_size, cfg.intermediate_size, spec)
+
+
+def _read_mixtral(cfg: Any) -> dict[str, Any]:
     return dict(
+        moe=_moe_mixtral(cfg),
         **_common(cfg),
         attention=_gqa(cfg),
         rope=_read_rope(cfg, _head_dim(cfg)),
-        moe=MoEConfig(cfg.hidden_size, cfg.intermediate_size, spec),
         moe_layers=(True,) * cfg.num_hidden_layers,
         windows=(cfg.sliding_window,) * cfg.num_hidden_layers,
     )
@@ -290,13 +297,14 @@ MIXTRAL = FamilySpec(
     _read_mixtral,
     _write_mixtral,
     PatchNames("MixtralSparseMoeBlock", "gate"),
+    read_moe=_moe_mixtral,
 )
 
 
-def _read_qwen2_moe(cfg: Any) -> dict[str, Any]:
+def _moe_qwen2_moe(cfg: Any) -> MoEConfig:
     _require_silu(cfg.hidden_act, "hidden_act")
     spec = _router("qwen2_moe", cfg.num_experts, cfg.num_experts_per_tok, renorm=_renorm(cfg.norm_topk_prob))
-    moe = MoEConfig(
+    return MoEConfig(
         cfg.hidden_size,
         cfg.moe_intermediate_size,
         spec,
@@ -304,6 +312,10 @@ def _read_qwen2_moe(cfg: Any) -> dict[str, Any]:
         shared_ff_size=cfg.shared_expert_intermediate_size,
         shared_gate=True,
     )
+
+
+def _read_qwen2_moe(cfg: Any) -> dict[str, Any]:
+    moe = _moe_qwen2_moe(cfg)
     return dict(
         **_common(cfg),
         attention=_gqa(cfg, head_dim=cfg.hidden_size // cfg.num_attention_heads, qkv_bias=cfg.qkv_bias),
@@ -344,18 +356,24 @@ QWEN2_MOE = FamilySpec(
     _read_qwen2_moe,
     _write_qwen2_moe,
     PatchNames("Qwen2MoeSparseMoeBlock", "gate", shared="shared_expert", shared_gate="shared_expert_gate"),
+    read_moe=_moe_qwen2_moe,
 )
 
 
-def _read_qwen3_moe(cfg: Any) -> dict[str, Any]:
+def _moe_qwen3_moe(cfg: Any) -> MoEConfig:
     _require_silu(cfg.hidden_act, "hidden_act")
     spec = _router("qwen3_moe", cfg.num_experts, cfg.num_experts_per_tok, renorm=_renorm(cfg.norm_topk_prob))
+    return MoEConfig(cfg.hidden_size, cfg.moe_intermediate_size, spec)
+
+
+def _read_qwen3_moe(cfg: Any) -> dict[str, Any]:
+    moe = _moe_qwen3_moe(cfg)
     bias = cfg.attention_bias
     return dict(
         **_common(cfg),
         attention=_gqa(cfg, qkv_bias=bias, out_bias=bias, qk_norm="per_head", norm_eps=cfg.rms_norm_eps),
         rope=_read_rope(cfg, _head_dim(cfg)),
-        moe=MoEConfig(cfg.hidden_size, cfg.moe_intermediate_size, spec),
+        moe=moe,
         moe_layers=_sparse_layers(cfg, cfg.num_experts),
         windows=(cfg.sliding_window,) * cfg.num_hidden_layers,
         dense_ff_size=cfg.intermediate_size,
@@ -388,12 +406,18 @@ QWEN3_MOE = FamilySpec(
     _read_qwen3_moe,
     _write_qwen3_moe,
     PatchNames("Qwen3MoeSparseMoeBlock", "gate"),
+    read_moe=_moe_qwen3_moe,
 )
 
 
-def _read_olmoe(cfg: Any) -> dict[str, Any]:
+def _moe_olmoe(cfg: Any) -> MoEConfig:
     _require_silu(cfg.hidden_act, "hidden_act")
     spec = _router("olmoe", cfg.num_experts, cfg.num_experts_per_tok, renorm=_renorm(cfg.norm_topk_prob))
+    return MoEConfig(cfg.hidden_size, cfg.intermediate_size, spec)
+
+
+def _read_olmoe(cfg: Any) -> dict[str, Any]:
+    moe = _moe_olmoe(cfg)
     bias = cfg.attention_bias
     attention = _gqa(
         cfg,
@@ -408,7 +432,7 @@ def _read_olmoe(cfg: Any) -> dict[str, Any]:
         **_common(cfg),
         attention=attention,
         rope=_read_rope(cfg, cfg.hidden_size // cfg.num_attention_heads),
-        moe=MoEConfig(cfg.hidden_size, cfg.intermediate_size, spec),
+        moe=moe,
         moe_layers=(True,) * cfg.num_hidden_layers,
         windows=(None,) * cfg.num_hidden_layers,
     )
@@ -438,6 +462,7 @@ OLMOE = FamilySpec(
     _read_olmoe,
     _write_olmoe,
     PatchNames("OlmoeSparseMoeBlock", "gate"),
+    read_moe=_moe_olmoe,
 )
 
 
@@ -452,7 +477,7 @@ def _mla_scaling(cfg: Any) -> float:
     return scale
 
 
-def _read_deepseek_v3(cfg: Any) -> dict[str, Any]:
+def _moe_deepseek_v3(cfg: Any) -> MoEConfig:
     _require_silu(cfg.hidden_act, "hidden_act")
     if not cfg.n_shared_experts:
         raise ConfigError(
@@ -467,13 +492,17 @@ def _read_deepseek_v3(cfg: Any) -> dict[str, Any]:
         renorm=_renorm(cfg.norm_topk_prob),
         scaling=float(cfg.routed_scaling_factor),
     )
-    moe = MoEConfig(
+    return MoEConfig(
         cfg.hidden_size,
         cfg.moe_intermediate_size,
         spec,
         num_shared_experts=cfg.n_shared_experts,
         shared_ff_size=cfg.moe_intermediate_size,
     )
+
+
+def _read_deepseek_v3(cfg: Any) -> dict[str, Any]:
+    moe = _moe_deepseek_v3(cfg)
     attention = AttentionConfig(
         num_heads=cfg.num_attention_heads,
         num_kv_heads=cfg.num_key_value_heads,
@@ -547,6 +576,7 @@ DEEPSEEK_V3 = FamilySpec(
     _read_deepseek_v3,
     _write_deepseek_v3,
     PatchNames("DeepseekV3MoE", "gate", shared="shared_experts"),
+    read_moe=_moe_deepseek_v3,
 )
 
 
@@ -619,9 +649,14 @@ GPT_OSS = FamilySpec(
 )
 
 
-def _read_granitemoe(cfg: Any) -> dict[str, Any]:
+def _moe_granitemoe(cfg: Any) -> MoEConfig:
     _require_silu(cfg.hidden_act, "hidden_act")
     spec = _router("granitemoe", cfg.num_local_experts, cfg.num_experts_per_tok)
+    return MoEConfig(cfg.hidden_size, cfg.intermediate_size, spec)
+
+
+def _read_granitemoe(cfg: Any) -> dict[str, Any]:
+    moe = _moe_granitemoe(cfg)
     bias = cfg.attention_bias
     attention = _gqa(
         cfg,
@@ -634,7 +669,7 @@ def _read_granitemoe(cfg: Any) -> dict[str, Any]:
         **_common(cfg),
         attention=attention,
         rope=_read_rope(cfg, cfg.hidden_size // cfg.num_attention_heads),
-        moe=MoEConfig(cfg.hidden_size, cfg.intermediate_size, spec),
+        moe=moe,
         moe_layers=(True,) * cfg.num_hidden_layers,
         windows=(None,) * cfg.num_hidden_layers,
         embedding_multiplier=float(cfg.embedding_multiplier),
@@ -678,6 +713,7 @@ GRANITEMOE = FamilySpec(
     _read_granitemoe,
     _write_granitemoe,
     PatchNames("GraniteMoeMoE", "router"),
+    read_moe=_moe_granitemoe,
 )
 
 

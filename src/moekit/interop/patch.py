@@ -12,17 +12,25 @@ are unchanged, including `output_router_logits` (the router module's forward hoo
 router logits). Every token is routed as transformers routes it (a left-padded position predicts
 the first real token, so its output counts); the records mark padding (attention_mask == 0 in the
 model call) as not real and keep only real tokens' assignments, so no statistic counts padding.
+
+Under `torch.compile` (`fullgraph=True` included, with HF `generate`'s static KV cache) the blocks
+take moekit's compile path (`moekit.dispatch.compiled`): the router-logit hooks are called directly
+and the records' padding filter runs when they are read, outside the graph. A deep copy of a
+patched model keeps its own padding hook and records. HF's `set_experts_implementation` does not
+reach patched blocks (moekit's dispatch replaces every HF experts implementation): changing it
+warns, and `unpatch()` gives transformers' implementations back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from moekit.errors import MoekitError
+from moekit.errors import ConfigError, MoekitError
 from moekit.interop.families import FAMILIES, PatchNames, family_spec
 from moekit.layer import MoE, MoEConfig
 from moekit.routing.record import Routing
@@ -42,6 +50,12 @@ class _ForwardState:
         if padding.shape[0] != batch or padding.shape[1] < seq:
             return None
         return padding[:, padding.shape[1] - seq :].reshape(-1)
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the base model: remember its 2-D `attention_mask`. A bound method,
+        so that `copy.deepcopy` of the model gives the copy's hook the copy's state."""
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self.padding = mask.to(torch.bool) if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
 
 def _real_tokens_only(routing: Routing, real: Tensor) -> Routing:
@@ -66,7 +80,12 @@ def _router_outputs(routing: Routing, top_k: int) -> tuple[Tensor, Tensor, Tenso
 
 def _announce(module: nn.Module, inputs: Tensor, output: tuple[Tensor, ...]) -> None:
     """Call `module` with a forward that returns `output`, so that the hooks on it (transformers'
-    router-logit recorder among them) see what the moekit router computed."""
+    router-logit recorder among them) see what the moekit router computed. Under compile, where
+    swapping a module's forward breaks the graph, its forward hooks are called directly."""
+    if torch.compiler.is_compiling():
+        for hook in module._forward_hooks.values():
+            hook(module, (inputs,), output)
+        return
     previous = module.__dict__.get("forward")  # e.g. accelerate's hook, which must survive
     module.forward = lambda *args, **kwargs: output
     try:
@@ -92,12 +111,15 @@ class PatchedMoE(nn.Module):
             self.add_module(name, child)
         self.names = names
         self.original_class = type(block).__name__
-        self.last_routing: Routing | None = None
+        # (the record over every token, the real-token mask or None) from the last forward
+        self._last: tuple[Routing, Tensor | None] | None = None
+        self._experts_implementation = self._hf_experts_implementation()
         # Held outside the module tree: its parameters are the block's, registered above already.
         with torch.device("meta"):
             self._layer = (MoE(config),)
         self._state = state
         self._bind()
+        self.moe.train(block.training)
 
     @property
     def moe(self) -> MoE:
@@ -114,23 +136,51 @@ class PatchedMoE(nn.Module):
         moe.experts.w_in = experts.gate_up_proj
         moe.experts.w_out = experts.down_proj
 
+    @property
+    def last_routing(self) -> Routing | None:
+        """The routing record of the last forward, padding left out (see `patch`)."""
+        if self._last is None:
+            return None
+        routing, real = self._last
+        return routing if real is None else _real_tokens_only(routing, real)
+
+    def train(self, mode: bool = True) -> PatchedMoE:
+        super().train(mode)
+        self.moe.train(mode)  # held outside the module tree, so `train()` would not reach it
+        return self
+
+    def _hf_experts_implementation(self) -> str | None:
+        config = getattr(getattr(self, self.names.experts), "config", None)
+        return getattr(config, "_experts_implementation", None)
+
+    def _warn_if_experts_implementation_changed(self) -> None:
+        current = self._hf_experts_implementation()
+        if current != self._experts_implementation:
+            self._experts_implementation = current
+            warnings.warn(
+                f"moekit.patch: experts_implementation={current!r} does not apply to patched "
+                f"{self.original_class} blocks: moekit's dispatch (backend={self.moe.config.backend!r}) "
+                "runs them; call unpatch() on the patch handle for transformers' implementations",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def forward(self, hidden_states: Tensor) -> Tensor:
-        self._bind()
+        if not torch.compiler.is_compiling():  # under compile the tensors stay bound from eager use
+            self._bind()
+            self._warn_if_experts_implementation_changed()
         moe = self.moe
-        moe.training = self.training
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
         y, routing = moe.forward_with_routing(flat)
         _announce(getattr(self, self.names.router), flat, _router_outputs(routing, moe.config.router.top_k))
         real = self._state.token_mask(shape[:-1])
-        if real is not None:
-            routing = _real_tokens_only(routing, real)
         if self.names.shared is not None:
             shared = getattr(self, self.names.shared)(flat)
             if self.names.shared_gate is not None:
                 shared = torch.sigmoid(getattr(self, self.names.shared_gate)(flat)) * shared
             y = y + shared
-        self.last_routing = routing
+        self._last = (routing, real)
         return y.reshape(shape)
 
     def extra_repr(self) -> str:
@@ -187,14 +237,6 @@ class PatchHandle:
         self.unpatch()
 
 
-def _capture_padding(state: _ForwardState):
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        state.padding = mask.to(torch.bool) if isinstance(mask, Tensor) and mask.dim() == 2 else None
-
-    return hook
-
-
 def patchable_families() -> list[str]:
     return [name for name, spec in FAMILIES.items() if spec.patch is not None]
 
@@ -218,7 +260,10 @@ def patch(model: nn.Module, *, backend: str = "auto", record_padding: bool = Fal
         )
     if any(isinstance(m, PatchedMoE) for m in model.modules()):
         raise MoekitError("patch: this model is already patched (call unpatch() on its handle first)")
-    moe_config = spec.read_config(config)["moe"]
+    try:  # the MoE block's settings only: attention and RoPE settings are not patch's business
+        moe_config = spec.read_moe(config)
+    except ConfigError as exc:
+        raise ConfigError(f"patch: {spec.name} config {exc.field}", str(exc).split(": ", 1)[-1]) from None
     moe_config = dataclasses.replace(moe_config, num_shared_experts=0, shared_gate=False, backend=backend)
     state = _ForwardState()
     replaced = []
@@ -235,7 +280,7 @@ def patch(model: nn.Module, *, backend: str = "auto", record_padding: bool = Fal
     hooks = []
     if not record_padding:
         target = getattr(model, "base_model", model)
-        hooks.append(target.register_forward_pre_hook(_capture_padding(state), with_kwargs=True))
+        hooks.append(target.register_forward_pre_hook(state.capture, with_kwargs=True))
     return PatchHandle(model, replaced, hooks)
 
 

@@ -33,7 +33,11 @@ class _Linear(torch.autograd.Function):
 
 def fast_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear` on the faster kernel where there is one (fp32/bf16) and the product is large
-    enough for it, else `F.linear` itself (which also saves this function's autograd overhead)."""
+    enough for it, else `F.linear` itself (which also saves this function's autograd overhead).
+    Under `torch.compile`, `F.linear`: the compiler picks its own kernel, and the size check would
+    read symbolic shapes."""
+    if torch.compiler.is_compiling():
+        return nn.functional.linear(x, weight, bias)
     rows = x.numel() // max(1, x.shape[-1])
     if not dense_onednn_pays_off(rows, x.shape[-1], weight.shape[0], x.dtype):
         return nn.functional.linear(x, weight, bias)

@@ -50,7 +50,10 @@ def mm_into(a: Tensor, b: Tensor, out: Tensor, prefetch_next: Tensor | None = No
 def swiglu_fits(h: Tensor) -> bool:
     """Whether SwiGLU of `h` [rows, 2 ff] can run on the native kernel: fp32 CPU rows with unit
     column stride, outside autograd (the kernel has no derivative of its own: the grouped
-    path's backward calls `swiglu_backward`), and the kernel available."""
+    path's backward calls `swiglu_backward`), the kernel available, and not under `torch.compile`
+    (which cannot trace into the extension and fuses SwiGLU itself)."""
+    if torch.compiler.is_compiling():
+        return False
     fits = h.dim() == 2 and h.dtype == torch.float32 and h.device.type == "cpu" and h.stride(-1) == 1
     return fits and not (h.requires_grad and torch.is_grad_enabled()) and native_available()
 
@@ -91,7 +94,9 @@ def _over_row_shares(rows: int, elements: int, fn) -> None:
 def native_fits(x: Tensor, *weights: Tensor) -> bool:
     """Whether products of activations like `x` with packed [E, n_out, n_in] `weights` can run on
     the native kernel here: fp32 on the CPU, each weight with unit stride along one of its last
-    two dimensions, and the kernel available."""
+    two dimensions, and the kernel available (never under `torch.compile`)."""
+    if torch.compiler.is_compiling():
+        return False
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return False
     if not all(w.dtype == torch.float32 and 1 in (w.stride(-1), w.stride(-2)) for w in weights):

@@ -4,7 +4,8 @@ Every router groups its assignments by expert with a stable sort, once per layer
 CPU, numpy sorts 16-bit integer keys with a radix sort: measured on the development machine,
 44 us for 16,384 keys of 128 experts against 520 us for `torch.sort(stable=True)`, which is a
 quarter of the router's forward at 2048 tokens. A stable sort's result is unique, so both give
-the same order; torch's sort is kept for other devices and for keys that do not fit 16 bits.
+the same order; torch's sort is kept for other devices, for keys that do not fit 16 bits, and
+under `torch.compile` (numpy and the host read-back of the keys' range would break the graph).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ RADIX_KEY_LIMIT = 2**15 - 1
 def stable_sort(keys: Tensor) -> tuple[Tensor, Tensor]:
     """(sorted keys, order) of a 1-D tensor of non-negative integer keys, equal keys kept in their
     original order: `torch.sort(keys, stable=True)`, faster on the CPU."""
-    if keys.device.type != "cpu" or keys.numel() == 0 or keys.dim() != 1:
+    if torch.compiler.is_compiling() or keys.device.type != "cpu" or keys.numel() == 0 or keys.dim() != 1:
         return torch.sort(keys, stable=True)
     if int(keys.min()) < 0 or int(keys.max()) > RADIX_KEY_LIMIT:
         return torch.sort(keys, stable=True)

@@ -15,6 +15,9 @@ from torch import Tensor
 
 from moekit.routing.keysort import RADIX_KEY_LIMIT, stable_sort
 
+# The padding sentinel under torch.compile: past any expert id without reading the ids on the host.
+COMPILED_SENTINEL = 2**62
+
 
 @dataclass(frozen=True)
 class Assignments:
@@ -50,14 +53,21 @@ class Assignments:
         """Group [T, k] top-k choices by expert; tokens where `token_mask` is false get none.
 
         One stable sort does the grouping: masked tokens' choices get a sentinel expert id past
-        the last expert, so they sort to the end and are cut off.
+        the last expert, so they sort to the end and are cut off. Without a mask every shape is
+        static, as `torch.compile` with `fullgraph=True` needs; with one, the number of real tokens
+        is read on the host (a graph break under compile).
         """
         num_tokens, k = topk_index.shape
         expert = topk_index.reshape(-1)
         kept = num_tokens * k
         if token_mask is not None:
             # past every expert id; RADIX_KEY_LIMIT where that is enough, for the fast sort
-            sentinel = max(RADIX_KEY_LIMIT, int(expert.max()) + 1) if len(expert) else RADIX_KEY_LIMIT
+            if torch.compiler.is_compiling():
+                sentinel = COMPILED_SENTINEL
+            elif len(expert):
+                sentinel = max(RADIX_KEY_LIMIT, int(expert.max()) + 1)
+            else:
+                sentinel = RADIX_KEY_LIMIT
             expert = expert.masked_fill(~token_mask.repeat_interleave(k), sentinel)
             kept = int(token_mask.sum()) * k
         expert, order = stable_sort(expert)

@@ -20,11 +20,16 @@ def score(logits: Tensor, score_fn: str) -> Tensor:
     return logits
 
 
-def group_limited(selection: Tensor, num_groups: int, topk_groups: int, group_score: str) -> Tensor:
+def group_limited(
+    selection: Tensor, num_groups: int, topk_groups: int, group_score: str, top_k: int = 1
+) -> Tensor:
     """DeepSeek-V2/V3 group-limited routing: keep the `topk_groups` best groups, mask the rest.
 
     A group's score is the sum of its two best selection scores (DeepSeek-V3) or its best one
-    (DeepSeek-V2 "group_limited_greedy"). Experts outside the kept groups get -inf.
+    (DeepSeek-V2 "group_limited_greedy"). Experts outside the kept groups get -inf; where the kept
+    groups hold fewer than `top_k` experts (transformers accepts that), they are instead moved
+    below every kept expert in their own order, so the top-k takes all kept experts first and then
+    the best of the rest, as transformers' -inf mask does (its ties among -inf aside).
     """
     tokens, experts = selection.shape
     grouped = selection.view(tokens, num_groups, experts // num_groups)
@@ -35,6 +40,9 @@ def group_limited(selection: Tensor, num_groups: int, topk_groups: int, group_sc
     kept_groups = group_scores.topk(topk_groups, dim=-1).indices
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)
     expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(tokens, experts)
+    if top_k > topk_groups * (experts // num_groups):
+        span = selection.amax(-1, keepdim=True) - selection.amin(-1, keepdim=True) + 1
+        return torch.where(expert_mask, selection, selection - span)
     return selection.masked_fill(~expert_mask, float("-inf"))
 
 
@@ -55,7 +63,9 @@ def choose_topk(
     if spec.score_timing == "before_topk":
         selection = scores if selection_bias is None else scores + selection_bias
         if spec.num_groups > 1:
-            selection = group_limited(selection, spec.num_groups, spec.topk_groups, spec.group_score)
+            selection = group_limited(
+                selection, spec.num_groups, spec.topk_groups, spec.group_score, spec.top_k
+            )
         index = selection.topk(spec.top_k, dim=-1).indices
         weights = scores.gather(1, index)
     else:
@@ -132,12 +142,13 @@ class TokenChoiceRouter(nn.Module):
         `previous` (the preceding MoE layer's routing) is not used by this router."""
         spec = self.spec
         num_tokens = x.shape[0]
+        every_token = token_mask is None  # then every shape is static (what torch.compile wants)
         if token_mask is None:
             token_mask = torch.ones(num_tokens, dtype=torch.bool, device=x.device)
         logits = self.logits(x)
         selection_bias = None if self.selection_bias is None else self.selection_bias.to(logits.dtype)
         scores, index, weights = choose_topk(logits, spec, selection_bias)
-        chosen = Assignments.from_dense(index, weights, token_mask)
+        chosen = Assignments.from_dense(index, weights, None if every_token else token_mask)
         if spec.capacity_factor is None:
             kept, dropped = chosen, Assignments.empty(x.device)
         else:
