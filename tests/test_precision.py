@@ -276,3 +276,21 @@ def test_cuda_expert_plan_matches_cpu(dtype):
     gpu = GroupedExperts.apply(moved[0], moved[3], moved[4], moved[5], None, None, plan)
     tolerance = 1e-4 if dtype == torch.float32 else BF16_RELATIVE_TOLERANCE
     assert relative_error(gpu.cpu(), cpu) < tolerance
+
+
+def test_eval_cli_device_and_dtype(tmp_path, sample_data, capsys):
+    import json
+
+    from moekit.cli import main as cli_main
+
+    Trainer(tiny_config(tmp_path, steps=1, device="cpu"), data=sample_data, log=lambda _: None).run()
+    losses = {}
+    for dtype in ("fp32", "bf16"):
+        args = [str(tmp_path), "--batches", "1", "--device", "cpu", "--dtype", dtype]
+        assert cli_main(["eval", *args]) == 0
+        losses[dtype] = json.loads(capsys.readouterr().out)["loss"]["mean"]
+    assert abs(losses["fp32"] - losses["bf16"]) < LOSS_GAP_TOLERANCE
+    if not CUDA:
+        assert cli_main(["eval", str(tmp_path), "--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--device" in err[0] and "no CUDA device" in err[0]

@@ -99,6 +99,16 @@ def no_autocast(tensor: torch.Tensor) -> AbstractContextManager:
     return torch.autocast(tensor.device.type, enabled=False)
 
 
+def add_device_arguments(parser) -> None:
+    """`--device` and `--dtype` for the commands that run a model (eval, analyze)."""
+    parser.add_argument(
+        "--device", default="auto", choices=DEVICES, help="where to run (auto: a GPU if present)"
+    )
+    parser.add_argument(
+        "--dtype", default="fp32", choices=DTYPES, help="fp32, or bf16 (autocast; the router stays fp32)"
+    )
+
+
 def cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A CPU tensor with the same values (the tensor itself when it is on the CPU already):
     checkpoints are written from these, so they load on any device."""
