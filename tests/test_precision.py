@@ -294,3 +294,17 @@ def test_eval_cli_device_and_dtype(tmp_path, sample_data, capsys):
         assert cli_main(["eval", str(tmp_path), "--device", "cuda"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--device" in err[0] and "no CUDA device" in err[0]
+
+
+def test_kernel_probe_is_not_recast_by_autocast():
+    """The oneDNN probe may first run inside a bf16 forward: autocast must not recast its fp32
+    reference product (it once raised 'Float did not match BFloat16')."""
+    from moekit.kernels import gemm
+
+    gemm.onednn_is_faster.cache_clear()
+    try:
+        with autocast(CPU, torch.bfloat16):
+            for dtype in (torch.float32, torch.bfloat16):
+                assert isinstance(gemm.onednn_is_faster(dtype), bool)
+    finally:
+        gemm.onednn_is_faster.cache_clear()

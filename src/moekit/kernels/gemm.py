@@ -82,7 +82,13 @@ def _median_seconds(fn, repeats: int = 7) -> float:
 
 @cache
 def onednn_is_faster(dtype: torch.dtype) -> bool:
-    """Whether products of `dtype` go through oneDNN in this process (probed once per dtype)."""
+    """Whether products of `dtype` go through oneDNN in this process (probed once per dtype; the
+    first call may come under bf16 autocast, which must not recast the probe's reference product)."""
+    with torch.autocast("cpu", enabled=False):
+        return _probe_onednn(dtype)
+
+
+def _probe_onednn(dtype: torch.dtype) -> bool:
     choice = os.environ.get("MOEKIT_GEMM", "auto").lower()
     if choice not in KERNELS:
         choice = "auto"
