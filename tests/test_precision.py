@@ -308,3 +308,14 @@ def test_kernel_probe_is_not_recast_by_autocast():
                 assert isinstance(gemm.onednn_is_faster(dtype), bool)
     finally:
         gemm.onednn_is_faster.cache_clear()
+
+
+@pytest.mark.skipif(CUDA, reason="checks the message shown where there is no GPU")
+def test_gpu_smoke_without_gpu_exits_2_with_one_line():
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_smoke.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0]
