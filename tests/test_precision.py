@@ -319,3 +319,34 @@ def test_gpu_smoke_without_gpu_exits_2_with_one_line():
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "no CUDA device" in lines[0]
+
+
+def test_bf16_autocast_on_every_hf_family(tmp_path, monkeypatch):
+    """Every family `from_hf` loads runs under bf16 autocast: its MoE layers' routing stays fp32
+    and the logits stay within bf16 tolerance of fp32's."""
+    pytest.importorskip("transformers", reason="the HF families need the `hf` extra (transformers)")
+    from moekit.interop.hf import from_hf
+    from moekit.interop.tiny import TINY_CONFIGS, tiny_model
+
+    routings = []
+    original = MoE.forward_with_routing
+
+    def recording(self, *args, **kwargs):
+        y, routing = original(self, *args, **kwargs)
+        routings.append(routing)
+        return y, routing
+
+    monkeypatch.setattr(MoE, "forward_with_routing", recording)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    for family in TINY_CONFIGS:
+        folder = tmp_path / family
+        tiny_model(family, seed=1).save_pretrained(folder)
+        model = from_hf(folder).eval()
+        with torch.no_grad():
+            fp32 = model(input_ids=ids).logits
+            routings.clear()
+            with autocast(CPU, torch.bfloat16):
+                bf16 = model(input_ids=ids).logits
+        assert routings, family
+        assert all(r.logits.dtype == torch.float32 for r in routings), family
+        assert relative_error(bf16, fp32) < 3 * BF16_RELATIVE_TOLERANCE, family
