@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moekit.device import no_autocast
 from moekit.dispatch.grouped import BACKENDS
 from moekit.errors import ConfigError, require_choice, require_int, require_number
 from moekit.experts.activations import ACTIVATION_NAMES, make_activation
@@ -152,7 +153,8 @@ class MoE(nn.Module):
                         f"token_ids: expected shape {tuple(shape[:-1])}, got {tuple(token_ids.shape)}"
                     )
                 extra["token_ids"] = None if token_ids is None else token_ids.reshape(-1)
-            routing = self.router(router_in, mask, previous=previous, **extra)
+            with no_autocast(router_in):  # under bf16 autocast the routing stays in fp32
+                routing = self.router(router_in, mask, previous=previous, **extra)
             y = self.routed(flat, routing)
         if self.shared is not None:
             y = y + self.shared(flat)

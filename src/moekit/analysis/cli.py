@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="L,L,...",
         help="window lengths for SRP/SCH local routing consistency (default 4,16,64)",
     )
+    from moekit.device import add_device_arguments
+
+    add_device_arguments(parser)
 
 
 def _positive(name: str, value: int) -> int:
@@ -190,15 +193,42 @@ def record_models(args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, A
         scores=args.scores, expert_activations=not args.no_super_experts, domain_names=data.domain_names
     )
     meta = {"source": str(args.checkpoint), "model_kind": loaded.kind, "data": data.description}
+    forward = placed_forward(args, loaded.model)
+    options["forward"] = forward
     trace = record_routing(loaded.model, data.batches, meta=meta, **options)
     trace.save(out / "trace")
     if args.compare is None:
         return trace, None
     other = LoadedModel(args.compare)
     other_meta = {**meta, "source": str(args.compare), "model_kind": other.kind}
+    options["forward"] = placed_forward(args, other.model)
     other_trace = record_routing(other.model, data.batches, meta=other_meta, **options)
     other_trace.save(out / "trace-compare")
     return trace, routing_drift(trace, other_trace)
+
+
+def placed_forward(args: argparse.Namespace, model: Any) -> Any:
+    """Move `model` to `--device` and return the recorder's forward that runs each batch there, in
+    `--dtype` (the routing is recorded from the device's tensors either way)."""
+    import torch
+
+    from moekit.analysis.recorder import default_forward
+    from moekit.device import autocast, resolve_device, resolve_dtype, warn_if_slow_bf16
+
+    device = resolve_device(getattr(args, "device", "cpu"), "--device")
+    dtype = resolve_dtype(getattr(args, "dtype", "fp32"), "--dtype")
+    warn_if_slow_bf16(dtype, device)
+    model.to(device)
+
+    def forward(model: Any, batch: Any) -> Any:
+        if isinstance(batch, dict):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        elif hasattr(batch, "to"):
+            batch = batch.to(device)
+        with autocast(device, dtype):
+            return default_forward(model, batch)
+
+    return forward
 
 
 def main(args: argparse.Namespace) -> int:

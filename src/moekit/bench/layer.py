@@ -3,7 +3,9 @@
 All implementations of one shape share weights and inputs and are timed in the same process,
 interleaved round by round (in a rotating order, since what ran just before affects the caches),
 so that machine noise hits them alike; each figure is the median of `repeats` rounds after
-warm-up. Backward is driven by a fixed random upstream gradient.
+warm-up. Backward is driven by a fixed random upstream gradient. `--dtype bf16` runs every
+implementation's forward under bf16 autocast (moekit's router stays fp32), timed in the same rounds
+as fp32; each row's ratio is against the dense chain of its own dtype.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from moekit.bench.machine import thread_round_trip_us
 from moekit.bench.peers import PEER_PACKAGES, PEERS, Contender, dense_contenders, moekit_contender
 from moekit.bench.timing import interleaved_medians
+from moekit.device import DTYPES, autocast, resolve_dtype, warn_if_slow_bf16
 from moekit.io import write_json_atomic
 from moekit.layer import MoE, MoEConfig
 from moekit.routing.spec import preset
@@ -73,18 +76,23 @@ def contenders_for(
     return out
 
 
-def timed_step(contender: Contender, x: torch.Tensor, upstream: torch.Tensor, mode: str) -> float:
-    """Seconds for one forward (under no_grad) or forward and backward of a contender."""
+def timed_step(
+    contender: Contender, x: torch.Tensor, upstream: torch.Tensor, mode: str, dtype: str = "fp32"
+) -> float:
+    """Seconds for one forward (under no_grad) or forward and backward of a contender; the
+    forward in `dtype` (bf16: autocast), the backward outside autocast as in training."""
     for p in contender.module.parameters():
         p.grad = None
     xin = x.detach().requires_grad_(mode == "fwd_bwd")
+    precision = autocast(x.device, resolve_dtype(dtype))
     start = time.perf_counter()
     if mode == "fwd":
-        with torch.no_grad():
+        with torch.no_grad(), precision:
             contender.run(xin)
     else:
-        y = contender.run(xin)
-        y.backward(upstream)
+        with precision:
+            y = contender.run(xin)
+        y.backward(upstream.to(y.dtype))
     return time.perf_counter() - start
 
 
@@ -96,12 +104,28 @@ def time_shape(
     repeats: int,
     warmup: int,
     seed: int = 0,
+    dtypes: tuple[str, ...] = ("fp32",),
 ) -> dict[str, float]:
+    """Medians by implementation, named `impl` in fp32 and `impl bf16` in bf16."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, shape.hidden, generator=gen)
     upstream = torch.randn(tokens, shape.hidden, generator=gen)
-    steps = {c.impl: partial(timed_step, c, x, upstream, mode) for c in contenders}
+    steps = {
+        impl_name(c.impl, dtype): partial(timed_step, c, x, upstream, mode, dtype)
+        for dtype in dtypes
+        for c in contenders
+    }
     return interleaved_medians(steps, repeats, warmup)
+
+
+def impl_name(impl: str, dtype: str) -> str:
+    return impl if dtype == "fp32" else f"{impl} {dtype}"
+
+
+def _dense_of(impl: str, medians: dict[str, float]) -> float:
+    """The dense chain's median in the same dtype as `impl`."""
+    dtype = next((d for d in DTYPES if impl.endswith(f" {d}")), "fp32")
+    return medians[impl_name("dense", dtype)]
 
 
 def run_layer_benchmark(
@@ -113,8 +137,11 @@ def run_layer_benchmark(
     warmup: int = 2,
     backend: str = "auto",
     progress=print,
+    dtypes: tuple[str, ...] = ("fp32",),
 ) -> dict:
     notes: list[str] = []
+    for dtype in dtypes:
+        warn_if_slow_bf16(resolve_dtype(dtype), torch.device("cpu"))
     results = []
     round_trip_before = thread_round_trip_us()
     for shape_name in shapes:
@@ -122,9 +149,9 @@ def run_layer_benchmark(
         contenders = contenders_for(shape, peers, notes, backend)
         for tokens in token_counts:
             for mode in modes:
-                medians = time_shape(shape, tokens, mode, contenders, repeats, warmup)
-                dense = medians["dense"]
+                medians = time_shape(shape, tokens, mode, contenders, repeats, warmup, dtypes=dtypes)
                 for impl, median in medians.items():
+                    dense = _dense_of(impl, medians)
                     results.append(
                         dict(
                             shape=shape_name,
@@ -200,6 +227,7 @@ def main(args) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         backend=args.backend,
+        dtypes=tuple(dict.fromkeys(args.dtype)),
     )
     print()
     print(format_table(report))
@@ -225,3 +253,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--backend", default="auto", choices=["auto", "loop", "grouped_mm"])
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        default=["fp32"],
+        choices=list(DTYPES),
+        help="precisions to time side by side (bf16: autocast, as `train.dtype: bf16`)",
+    )

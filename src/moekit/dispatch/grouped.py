@@ -20,6 +20,11 @@ Backends, chosen per call:
   where moekit's own kernel does not run on the workers, weight gradients included: unthreaded,
   or, where the experts' weights take long enough to read, one call per worker over a share of
   the experts (each core reading its own share).
+
+Off the CPU (CUDA) the plan is chosen by the tensors' device alone (`device_plan`): grouped_mm where
+it runs, else the loop on plain `torch.mm`; never the CPU machinery (workers, native kernel, oneDNN
+row cuts). Under autocast (bf16 mixed precision) the experts run in the autocast dtype with fp32
+routing weights, their gradients flowing back to the fp32 weights.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moekit.device import autocast_dtype, no_autocast
 from moekit.dispatch.fused import FusedExperts, packed_grad
 from moekit.dispatch.loops import expert_loops, swiglu_expert_loops
 from moekit.dispatch.workers import (
@@ -46,7 +52,7 @@ from moekit.dispatch.workers import (
     workers_enabled,
 )
 from moekit.experts.activations import Activation
-from moekit.kernels.gemm import onednn_is_faster, row_cuts, weight_grad
+from moekit.kernels.gemm import RowCuts, onednn_is_faster, row_cuts, weight_grad
 from moekit.kernels.native import native_fits
 
 BACKENDS = ("auto", "loop", "grouped_mm")
@@ -210,7 +216,9 @@ def _rows_times(rows: Tensor, right: Tensor, plan: ExpertPlan) -> Tensor:
 def _run_expert_loop(plan: ExpertPlan, loop, tensors: tuple[Tensor | None, ...]) -> None:
     """loop(*tensors, experts, starts, stops, cuts) over runs of the plan's experts (on the workers
     when the plan says so), the form `moekit.dispatch.loops` takes them in."""
-    _run_over_experts(plan, loop, (*tensors,), (row_cuts(tensors[0].dtype),))
+    rows = tensors[0]
+    cuts = row_cuts(rows.dtype) if rows.device.type == "cpu" else RowCuts(onednn=False)
+    _run_over_experts(plan, loop, (*tensors,), (cuts,))
 
 
 def _run_over_experts(plan: ExpertPlan, loop, leading: tuple, trailing: tuple = ()) -> None:
@@ -253,8 +261,8 @@ def _weight_grad(grad_rows: Tensor, in_rows: Tensor, plan: ExpertPlan, shape: to
     """Packed gradient [E, n_out, n_in]: slice e = grad_rows[e]^T @ in_rows[e]; empty experts 0.
     For the grouped_mm backend without shares (the loop backend's go with its input gradients)."""
     groups = plan.groups
-    if plan.backend == "grouped_mm" and plan.single_threaded:
-        # decode: one C++ loop beats ~E Python-dispatched GEMMs and zero fills
+    if plan.backend == "grouped_mm" and (plan.single_threaded or grad_rows.device.type != "cpu"):
+        # decode, or a GPU: one kernel beats ~E Python-dispatched GEMMs and zero fills
         return F.grouped_mm(grad_rows.t(), in_rows, offs=groups.grouped_mm_offsets)
     packed = packed_grad(shape, grad_rows, groups.empty_experts)
 
@@ -503,6 +511,8 @@ def plan_experts(
 ) -> ExpertPlan:
     """How the kept assignments (expert-sorted `token`, `expert`) will be computed: backend,
     workers, shares, whole-expert tasks, from their sizes and this machine's kernel."""
+    if x.device.type != "cpu":
+        return device_plan(x, token, expert, w_in, w_out, activation, weight_on, backend)
     num_experts, in_features, hidden = w_in.shape
     groups = ExpertGroups.build(token, expert, num_experts)
     active = len(groups.nonempty)
@@ -554,6 +564,25 @@ def plan_experts(
     )
 
 
+def device_plan(
+    x: Tensor,
+    token: Tensor,
+    expert: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    activation: Activation,
+    weight_on: str = "output",
+    backend: str = "auto",
+) -> ExpertPlan:
+    """The plan off the CPU: grouped_mm (`auto` included) where its dtype and strides allow, else
+    the per-expert loop; no workers, native kernel or whole-expert tasks, which are CPU machinery."""
+    num_experts, in_features, hidden = w_in.shape
+    groups = ExpertGroups.build(token, expert, num_experts)
+    requested = "loop" if backend == "loop" else "grouped_mm"
+    resolved = choose_backend(requested, x.dtype, hidden, in_features, w_out.shape[2])
+    return ExpertPlan(groups, activation, weight_on, resolved)
+
+
 def grouped_experts(
     x: Tensor,
     token: Tensor,
@@ -568,6 +597,13 @@ def grouped_experts(
     backend: str = "auto",
     parallel_workers: bool | None = None,
 ) -> Tensor:
-    """Run the kept assignments (expert-sorted `token`, `expert`, `weight`) through packed experts."""
+    """Run the kept assignments (expert-sorted `token`, `expert`, `weight`) through packed experts.
+    Under autocast, in its dtype: the fp32 weights are cast as autocast casts a linear layer's."""
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        x, w_in, w_out = x.to(dtype), w_in.to(dtype), w_out.to(dtype)
+        b_in = None if b_in is None else b_in.to(dtype)
+        b_out = None if b_out is None else b_out.to(dtype)
     plan = plan_experts(x, token, expert, w_in, w_out, activation, weight_on, backend, parallel_workers)
-    return GroupedExperts.apply(x, weight, w_in, w_out, b_in, b_out, plan)
+    with no_autocast(x) if dtype is not None else nullcontext():
+        return GroupedExperts.apply(x, weight, w_in, w_out, b_in, b_out, plan)

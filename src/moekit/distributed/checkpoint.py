@@ -21,7 +21,7 @@ from moekit.distributed.expert_parallel import ExpertParallelExperts, gather_exp
 from moekit.distributed.mesh import ParallelMesh
 from moekit.errors import MoekitError
 from moekit.train.checkpoint import load_checkpoint as load_single_process_checkpoint
-from moekit.train.checkpoint import model_tensors, optimizer_tensors, write_checkpoint
+from moekit.train.checkpoint import model_tensors, optimizer_tensors, rng_tensors, write_checkpoint
 
 
 def _is_expert_block(tensor: Tensor, module: ExpertParallelExperts) -> bool:
@@ -66,7 +66,7 @@ def save_checkpoint(
     `<parent>/latest` at it. Collective: every rank calls it; rank 0 writes; all return together."""
     directory = Path(directory)
     tensors = full_model_tensors(model, mesh)
-    extra: dict[str, Tensor] = {"rng/torch": torch.get_rng_state()}
+    extra: dict[str, Tensor] = rng_tensors()
     full_state = dict(state)
     if optimizer is not None:
         optimizer_state, scalars = full_optimizer_tensors(model, optimizer, mesh)

@@ -101,7 +101,13 @@ def gemm_kernel(dtype: torch.dtype) -> str:
 @cache
 def onednn_is_faster(dtype: torch.dtype) -> bool:
     """Whether products of `dtype` go through oneDNN in this process: as `MOEKIT_GEMM` asks, else
-    as measured once on this machine and stored; never where oneDNN fails the probe."""
+    as measured once on this machine and stored; never where oneDNN fails the probe. The first
+    call may come under bf16 autocast, which must not recast the probe's reference product."""
+    with torch.autocast("cpu", enabled=False):
+        return _probe_onednn(dtype)
+
+
+def _probe_onednn(dtype: torch.dtype) -> bool:
     choice = requested_kernel(dtype)
     if choice == "mkl" or dtype not in (torch.float32, torch.bfloat16):
         return False

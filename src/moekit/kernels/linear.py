@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from moekit.device import autocast_dtype
 from moekit.kernels.gemm import dense_onednn_pays_off, dense_weight_grad, linear
 
 
@@ -35,11 +36,16 @@ def fast_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     """`F.linear` on the faster kernel where there is one (fp32/bf16) and the product is large
     enough for it, else `F.linear` itself (which also saves this function's autograd overhead).
     Under `torch.compile`, `F.linear`: the compiler picks its own kernel, and the size check would
-    read symbolic shapes."""
+    read symbolic shapes. Under autocast the operands are cast as autocast casts F.linear's; off
+    the CPU it is F.linear."""
     if torch.compiler.is_compiling():
         return nn.functional.linear(x, weight, bias)
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     rows = x.numel() // max(1, x.shape[-1])
-    if not dense_onednn_pays_off(rows, x.shape[-1], weight.shape[0], x.dtype):
+    if x.device.type != "cpu" or not dense_onednn_pays_off(rows, x.shape[-1], weight.shape[0], x.dtype):
         return nn.functional.linear(x, weight, bias)
     return _Linear.apply(x, weight, bias)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from moekit.device import no_autocast
 from moekit.kernels.linear import fast_linear
 from moekit.routing.capacity import apply_capacity, expert_capacity
 from moekit.routing.record import Assignments, Routing
@@ -88,7 +89,8 @@ def router_logits(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     large as a dense layer's (2048 tokens x 512 x 64 experts on the development machine: 0.29 ms
     on oneDNN against 0.65 ms through F.linear's MKL, and about as much for each backward product)."""
     dtype = router_dtype(x.dtype)
-    return fast_linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    with no_autocast(x):  # a bf16 run's router stays fp32
+        return fast_linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
 class TokenChoiceRouter(nn.Module):

@@ -9,6 +9,8 @@ A checkpoint is a directory:
   the kernels the run computes with (`moekit.kernels.record`), anything else the trainer needs to
   continue, and the SHA-256 of the two tensor files, checked on load (a damaged or edited file is
   refused rather than trained on).
+Tensors are written from CPU copies and loaded onto the model's own device, so a checkpoint
+trained on a GPU loads on a CPU and the other way round.
 It is written into a temporary directory that is renamed into place, so a crash leaves either the
 old checkpoint or the new one, never half of one; the next write removes what a crash left behind.
 """
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moekit.device import cpu_copy
 from moekit.errors import MoekitError
 from moekit.io import load_tensors, read_json, save_tensors_atomic, write_json_atomic, write_text_atomic
 
@@ -114,6 +117,8 @@ def write_checkpoint(
     """Write the three files into a temporary directory, rename it into place, then point
     `<parent>/latest` at it."""
     directory = Path(directory)
+    tensors = {name: cpu_copy(tensor) for name, tensor in tensors.items()}
+    extra = {name: cpu_copy(tensor) for name, tensor in extra.items()}
     directory.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_writes(directory.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -144,7 +149,7 @@ def save_checkpoint(
     state: dict[str, Any],
 ) -> Path:
     """Write a checkpoint directory atomically and point `<parent>/latest` at it."""
-    extra = {"rng/torch": torch.get_rng_state()}
+    extra = rng_tensors()
     full_state = dict(state)
     if optimizer is not None:
         names = {id(p): n for n, p in model.named_parameters()}
@@ -152,6 +157,21 @@ def save_checkpoint(
         extra.update(tensors)
         full_state["optimizer_groups"] = scalars
     return write_checkpoint(directory, model_tensors(model), extra, full_state)
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """The generators' states to checkpoint: the CPU's, and the GPU's when one is in use."""
+    extra = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        extra["rng/cuda"] = torch.cuda.get_rng_state()
+    return extra
+
+
+def restore_rng_tensors(extra: dict[str, torch.Tensor]) -> None:
+    if "rng/torch" in extra:
+        torch.set_rng_state(extra["rng/torch"])
+    if "rng/cuda" in extra and torch.cuda.is_available():
+        torch.cuda.set_rng_state(extra["rng/cuda"])
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -219,8 +239,8 @@ def load_checkpoint(
     load_model_tensors(model, tensors, str(model_file))
     optimizer_file = directory / OPTIMIZER_FILE
     extra = load_tensors(optimizer_file, "checkpoint optimizer")
-    if restore_rng and "rng/torch" in extra:
-        torch.set_rng_state(extra["rng/torch"])
+    if restore_rng:
+        restore_rng_tensors(extra)
     if optimizer is None:
         return state
     groups = state.get("optimizer_groups")
@@ -238,5 +258,7 @@ def load_checkpoint(
             raise MoekitError(f"{optimizer_file}: state for unknown parameter {name}")
         if localize is not None and tensor.dim() > 0:
             tensor = localize(name, tensor, str(optimizer_file))
-        optimizer.state[params[name]][state_key] = tensor.clone()
+        # Adam's step counter stays a CPU scalar, as torch keeps it; moments go to the parameter's device
+        device = params[name].device if tensor.dim() > 0 else tensor.device
+        optimizer.state[params[name]][state_key] = tensor.to(device, copy=True)
     return state

@@ -66,10 +66,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="validation", choices=["validation", "test"])
     parser.add_argument("--batches", type=int, default=0, help="batches per domain (0: all)")
     parser.add_argument("--data", default=None, help="corpus source (default: the one the run trained on)")
+    from moekit.device import add_device_arguments
+
+    add_device_arguments(parser)
 
 
 def eval_main(args: argparse.Namespace) -> int:
     from moekit.data.lmdata import prepare_data
+    from moekit.device import resolve_device, resolve_dtype, warn_if_slow_bf16
     from moekit.models.lm import LanguageModel, LMConfig
     from moekit.train.checkpoint import load_checkpoint, read_checkpoint_state
     from moekit.train.trainer import evaluate
@@ -83,6 +87,9 @@ def eval_main(args: argparse.Namespace) -> int:
         raise MoekitError(f"{args.checkpoint}: checkpoint state has no {exc} entry") from None
     model = LanguageModel(model_config)
     load_checkpoint(args.checkpoint, model, restore_rng=False)
+    device, dtype = resolve_device(args.device, "--device"), resolve_dtype(args.dtype, "--dtype")
+    warn_if_slow_bf16(dtype, device)
+    model.to(device)
     data = prepare_data(
         args.data or data_config["source"],
         tokenizer=data_config["tokenizer"],
@@ -98,6 +105,7 @@ def eval_main(args: argparse.Namespace) -> int:
         split=args.split,
         max_batches=args.batches or None,
         layout=data_config["layout"],
+        dtype=dtype,
     )
     print(json.dumps({"step": state.get("step"), "split": args.split, "loss": losses}, indent=2))
     return 0

@@ -8,6 +8,7 @@ from typing import Any
 
 from moekit.balance.config import BalanceConfig
 from moekit.config_tree import apply_overrides, dataclass_from_dict, load_yaml
+from moekit.device import DEVICES, DTYPES
 from moekit.errors import ConfigError, require_choice, require_int, require_number
 from moekit.models.lm import LMConfig
 from moekit.train.methods import MethodConfig
@@ -39,7 +40,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW with a warm-up + cosine schedule. A step is one optimizer update over
-    `grad_accum` micro-batches of `micro_batch_size` rows each."""
+    `grad_accum` micro-batches of `micro_batch_size` rows each. `device` and `dtype` say where and
+    in which precision it computes (`moekit.device`): bf16 is autocast over fp32 master weights."""
 
     steps: int = 200
     micro_batch_size: int = 16
@@ -52,8 +54,12 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     clip_grad_norm: float = 1.0
+    device: str = "auto"
+    dtype: str = "fp32"
 
     def __post_init__(self) -> None:
+        require_choice("train.device", self.device, DEVICES)
+        require_choice("train.dtype", self.dtype, DTYPES)
         for name in ("steps", "micro_batch_size", "grad_accum"):
             require_int(f"train.{name}", getattr(self, name), minimum=1)
         require_int("train.warmup_steps", self.warmup_steps, minimum=0)

@@ -7,12 +7,17 @@ the same model and data stream, keeps its block of experts (`parallel.ep`), take
 rank, rank + W, ... of the step's grad_accum x W, and the gradients are summed over the ranks that
 share each parameter before global clipping and the optimizer step. The result is the single-process
 run with grad_accum x W accumulation steps. Only rank 0 writes metrics, progress and checkpoints.
+
+`train.device` places the model and every batch (on CUDA each torchrun rank takes its local GPU and
+the process groups use NCCL); `train.dtype: bf16` runs each forward pass under autocast over the
+fp32 weights (`moekit.device`). The rest of the loop is the same on every device.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -27,6 +32,7 @@ from moekit.balance.guard import warn_if_unbalanced
 from moekit.balance.step import StepReport, accumulate_gradients
 from moekit.data.batch import Batch
 from moekit.data.lmdata import LanguageModelData, prepare_data
+from moekit.device import autocast, resolve_device, resolve_dtype, warn_if_slow_bf16
 from moekit.distributed import checkpoint as distributed_checkpoint
 from moekit.distributed.expert_parallel import make_expert_parallel
 from moekit.distributed.grad_sync import clip_grad_norm, global_grad_norm, sync_gradients
@@ -69,8 +75,11 @@ def evaluate(
     split: str = "validation",
     max_batches: int | None = None,
     layout: str = "packed",
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
-    """Mean next-token loss (nats per token) per domain, and their unweighted mean as `mean`."""
+    """Mean next-token loss (nats per token) per domain, and their unweighted mean as `mean`;
+    on the model's device, the products in `dtype` (bf16: autocast)."""
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     losses: dict[str, float] = {}
@@ -82,7 +91,8 @@ def evaluate(
             ):
                 if max_batches is not None and index >= max_batches:
                     break
-                out = lm_forward(model, batch)
+                with autocast(device, dtype):
+                    out = lm_forward(model, batch.to(device))
                 total += float(out.loss_sum)
                 count += batch.num_targets
             if count:
@@ -143,6 +153,10 @@ class Trainer:
             raise MoekitError(
                 f"model.max_seq_len={self.model_config.max_seq_len} is shorter than data.seq_len={d.seq_len}"
             )
+        t = config.train
+        self.device = resolve_device(t.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        self.compute_dtype = resolve_dtype(t.dtype)
+        warn_if_slow_bf16(self.compute_dtype, self.device)
         self.model = LanguageModel(self.model_config).to(dtype)
         if config.init_from is not None:
             from moekit.train.init_from import init_from_checkpoint
@@ -159,8 +173,8 @@ class Trainer:
             )
         self.parameters = count_parameters(self.model)
         make_expert_parallel(self.model, self.mesh)  # after counting: only this rank's experts remain
+        self.model.to(self.device)
         self.forward = make_forward(self.model, config.methods, self.data.domains)
-        t = config.train
         self.optimizer = make_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
         self.batches = self.data.train_batches(
             t.micro_batch_size,
@@ -238,11 +252,11 @@ class Trainer:
         mesh = self.mesh
         # Every rank draws the whole global batch and keeps its share, so the data stream (and its
         # checkpointed position) is the same on every rank and in a single process.
-        drawn = [MicroBatch(next(self.batches)) for _ in range(t.grad_accum * mesh.world_size)]
-        micro = drawn[mesh.rank :: mesh.world_size]
+        drawn = [next(self.batches) for _ in range(t.grad_accum * mesh.world_size)]
+        micro = [MicroBatch(batch.to(self.device)) for batch in drawn[mesh.rank :: mesh.world_size]]
         announce_step(self.model, self.step, t.steps)
         report = accumulate_gradients(
-            lambda mb: self.forward(mb.batch),
+            self._forward,
             micro,
             self.config.balance,
             self.step,
@@ -269,6 +283,11 @@ class Trainer:
         self.tokens_seen += report.totals.num_tokens
         self.last_grad_norm = float(grad_norm)
         return report
+
+    def _forward(self, micro: MicroBatch):
+        """One micro-batch's forward pass in the run's precision (backward runs outside autocast)."""
+        with autocast(self.device, self.compute_dtype):
+            return self.forward(micro.batch)
 
     def run(self, max_steps: int | None = None) -> TrainResult:
         """Train until `train.steps` (or `max_steps` more steps), evaluating and checkpointing on the way."""
@@ -362,6 +381,7 @@ class Trainer:
             split or cfg.loop.eval_split,
             cfg.loop.eval_batches or None,
             cfg.data.layout,
+            self.compute_dtype,
         )
 
 
