@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from moekit.dispatch.workers import single_threaded
 from moekit.errors import ConfigError, MoekitError, require_int, require_number
 from moekit.routing.override import Overrides, RoutingOverride, override_routing
 
@@ -116,6 +118,38 @@ def _check_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
     return attention_mask
 
 
+def largest_weight(model: nn.Module) -> int:
+    """Elements of the largest weight matrix a decoding step reads whole (an expert's matrix
+    counts as one: a token reads its chosen experts' only)."""
+    from moekit.layer import MoE
+
+    expert_params = {id(p) for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters()}
+    largest = 0
+    for p in model.parameters():
+        if p.dim() < 2 or p is getattr(getattr(model, "embed", None), "weight", None) and not _tied(model):
+            continue
+        largest = max(largest, p[0].numel() if id(p) in expert_params else p.numel())
+    return largest
+
+
+def _tied(model: nn.Module) -> bool:
+    head = getattr(model, "head", None)
+    return head is not None and head.weight is model.embed.weight
+
+
+def threads_pay_off(rows: int, largest_elements: int, element_size: int) -> bool:
+    """Whether a forward over `rows` tokens has an op large enough to pay OpenMP's hand-off between
+    threads: its largest product, estimated on one core (the dispatch planner's rates), takes at
+    least as long as a worker share must. Decoding a small model is a chain of tiny ops, each of
+    which a second thread only delays (and, on a loaded machine, waits for)."""
+    from moekit.dispatch.grouped import CORE_BYTES_PER_S, CORE_FLOPS_PER_S, MIN_SHARE_SECONDS
+
+    seconds = max(
+        largest_elements * element_size / CORE_BYTES_PER_S, 2 * rows * largest_elements / CORE_FLOPS_PER_S
+    )
+    return seconds >= MIN_SHARE_SECONDS
+
+
 def _forward(model: nn.Module, kind: str, ids: Tensor, real: Tensor, positions: Tensor, cache: Any) -> Tensor:
     """Logits [B, V] of the step's last position."""
     if kind == "family":
@@ -162,8 +196,12 @@ def stream(
         positions = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         step_ids, step_real, step_positions = input_ids.long(), real, positions
+        largest = largest_weight(model)
+        element_size = next(model.parameters()).element_size()
         for _ in range(config.max_new_tokens):
-            logits = _forward(model, kind, step_ids, step_real, step_positions, cache)
+            threaded = threads_pay_off(step_ids.numel(), largest, element_size)
+            with nullcontext() if threaded else single_threaded():
+                logits = _forward(model, kind, step_ids, step_real, step_positions, cache)
             if config.do_sample:
                 filtered = filter_logits(logits, config.temperature, config.top_k, config.top_p)
                 token = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)
