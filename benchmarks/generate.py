@@ -98,7 +98,7 @@ def run(kind: str, batches: list[int], new_tokens: int, prompt: int, repeats: in
         ids = torch.randint(3, vocab, (batch, prompt), generator=torch.Generator().manual_seed(batch))
         mask = torch.ones_like(ids)
 
-        def moekit_step(n: int):
+        def moekit_step(n: int, ids=ids, mask=mask):
             def step() -> float:
                 start = time.perf_counter()
                 generate(ours, ids, mask, max_new_tokens=n)
@@ -106,7 +106,7 @@ def run(kind: str, batches: list[int], new_tokens: int, prompt: int, repeats: in
 
             return step
 
-        def hf_step(implementation: str, n: int):
+        def hf_step(implementation: str, n: int, ids=ids, mask=mask):
             def step() -> float:
                 hf.set_experts_implementation(implementation)
                 start = time.perf_counter()
