@@ -25,12 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from moekit.runtime import keep_freed_memory, tune_cpu_runtime
 
-from moekit.bench.timing import interleaved_medians
-from moekit.inference.generate import generate
-from moekit.interop.hf import from_hf
-from moekit.interop.tiny import randomize_, tiny_config
+tune_cpu_runtime()  # as `moekit generate` does, before torch is imported (both sides run under it)
+
+import torch  # noqa: E402
+
+from moekit.bench.timing import interleaved_medians  # noqa: E402
+from moekit.inference.generate import generate  # noqa: E402
+from moekit.interop.hf import from_hf  # noqa: E402
+from moekit.interop.tiny import randomize_, tiny_config  # noqa: E402
 
 LARGE = dict(
     vocab_size=16384,
@@ -154,6 +158,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    keep_freed_memory()
     results = run(args.model, args.batch, args.new_tokens, args.prompt, args.repeats)
     results["cpu"] = platform.processor() or "unknown"
     results["threads"] = torch.get_num_threads()
