@@ -22,6 +22,12 @@ _EXPORTS = {
     "from_hf": "moekit.interop.hf",
     "to_hf": "moekit.interop.hf",
     "patch": "moekit.interop.patch",
+    "generate": "moekit.inference.generate",
+    "stream": "moekit.inference.generate",
+    "RoutingOverride": "moekit.routing.override",
+    "Overrides": "moekit.routing.override",
+    "RoutingCapture": "moekit.routing.override",
+    "override_routing": "moekit.routing.override",
 }
 
 __all__ = [
@@ -35,12 +41,20 @@ __all__ = [
     "from_hf",
     "to_hf",
     "patch",
+    "generate",
+    "stream",
+    "RoutingOverride",
+    "Overrides",
+    "RoutingCapture",
+    "override_routing",
 ]
 
 if TYPE_CHECKING:
+    from moekit.inference.generate import generate, stream
     from moekit.interop.hf import from_hf, to_hf
     from moekit.interop.patch import patch
     from moekit.layer import MoE, MoEConfig
+    from moekit.routing.override import Overrides, RoutingCapture, RoutingOverride, override_routing
     from moekit.routing.record import Assignments, Routing
     from moekit.routing.spec import PRESET_NAMES, RouterSpec, preset
 

@@ -64,6 +64,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from moekit.inference import cli as inference_cli
+
+    return inference_cli.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="moekit",
@@ -124,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_hf_arguments(hf)
     hf.set_defaults(handler=_bench_hf)
     bench.set_defaults(handler=lambda args: (bench.print_help(), 0)[1])
+
+    from moekit.inference.cli import add_arguments as add_generate_arguments
+
+    generate = sub.add_parser("generate", help="generate text with a moekit or HF MoE checkpoint")
+    add_generate_arguments(generate)
+    generate.set_defaults(handler=_generate)
     return parser
 
 

@@ -15,6 +15,7 @@ from moekit.experts.activations import ACTIVATION_NAMES, make_activation
 from moekit.experts.factory import EXPERT_KINDS, build_experts, check_experts_config
 from moekit.experts.packed import SharedExperts
 from moekit.routing.factory import ROUTER_KINDS, build_router, check_router_config
+from moekit.routing.override import LayerOverride, RoutingOverride, apply_override, check_overridable
 from moekit.routing.record import Routing
 from moekit.routing.spec import RouterSpec, router_spec_from_dict
 
@@ -106,6 +107,8 @@ class MoE(nn.Module):
             if config.num_shared_experts
             else None
         )
+        # set by `moekit.routing.override.override_routing` while its block runs
+        self.routing_override: LayerOverride | None = None
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None, token_ids: Tensor | None = None) -> Tensor:
         return self.forward_with_routing(x, token_mask, token_ids=token_ids)[0]
@@ -116,12 +119,14 @@ class MoE(nn.Module):
         token_mask: Tensor | None = None,
         previous: Routing | None = None,
         token_ids: Tensor | None = None,
+        override: RoutingOverride | None = None,
     ) -> tuple[Tensor, Routing]:
         """`previous` is the routing of the model's preceding MoE layer, for routers that carry
         state from layer to layer (e.g. a recurrent router); others ignore it. `token_ids` (the
         shape of `x` without its last dimension) reach routers that route on token identity (hash
         routing). A router with `route_iteratively` (chain-of-experts) interleaves its routing with
-        the experts' compute."""
+        the experts' compute. `override` (or the one `override_routing` attached) changes the
+        router's decision before dispatch (`moekit.routing.override`)."""
         shape = x.shape
         if shape[-1] != self.config.hidden_size:
             raise ValueError(
@@ -144,6 +149,8 @@ class MoE(nn.Module):
                 flat = router_in
         iterate = getattr(self.router, "route_iteratively", None)
         if iterate is not None:
+            if override is not None and not override.is_empty:
+                check_overridable(self, -1)  # a chain router routes intermediate states: refused
             y, routing = iterate(flat, mask, previous, self.routed)
         else:
             extra = {}
@@ -155,9 +162,18 @@ class MoE(nn.Module):
                 extra["token_ids"] = None if token_ids is None else token_ids.reshape(-1)
             with no_autocast(router_in):  # under bf16 autocast the routing stays in fp32
                 routing = self.router(router_in, mask, previous=previous, **extra)
+                attached = self.routing_override
+                if override is None and attached is not None:
+                    override = attached.override
+                if override is not None and not override.is_empty:
+                    check_overridable(self, -1 if attached is None else attached.index)
+                    routing = apply_override(self, routing, override, shape[:-1])
             y = self.routed(flat, routing)
         if self.shared is not None:
             y = y + self.shared(flat)
+        attached = self.routing_override
+        if attached is not None and attached.capture is not None:
+            attached.capture.add(attached.index, routing)
         return y.reshape(shape), routing
 
     def routed(self, x: Tensor, routing: Routing) -> Tensor:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moekit.addressing import require_moe_layers
 from moekit.analysis.metrics import token_entropy, topk_margin
 from moekit.analysis.super_experts import expert_output_max
 from moekit.analysis.trace import LayerTrace, RoutingTrace, concat_layers, routing_slots
@@ -42,13 +43,7 @@ Forward = Callable[[nn.Module, Any], Any]
 
 def find_moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     """Every moekit MoE layer of `model` with its module name, in module order (= depth order)."""
-    layers = [(name or "moe", module) for name, module in model.named_modules() if isinstance(module, MoE)]
-    if not layers:
-        raise MoekitError(
-            f"{type(model).__name__}: no moekit MoE layers found; routing analysis needs a model whose "
-            "MoE FFNs are moekit.MoE (a moekit model, or an HF model loaded with moekit.from_hf)"
-        )
-    return layers
+    return [(name, layer) for _, name, layer in require_moe_layers(model, "routing analysis")]
 
 
 def captures_activations(moe: MoE) -> bool:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moekit import addressing
 from moekit.dispatch.grouped import grouped_experts
 from moekit.distributed.dispatch import exchange_counts, exchange_rows
 from moekit.distributed.mesh import ParallelMesh, check_ep_size
@@ -110,7 +111,7 @@ class ExpertParallelExperts(nn.Module):
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+    return [(name, layer) for _, name, layer in addressing.moe_layers(model)]
 
 
 def make_expert_parallel(model: nn.Module, mesh: ParallelMesh) -> list[str]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.errors import ConfigError, require_choice, require_int
+from moekit.inference.kv_cache import LayerCache
 from moekit.interop.rope import apply_rope
 
 ATTENTION_KINDS = ("gqa", "mla")
@@ -196,9 +197,12 @@ def l2_norm(x: Tensor, eps: float) -> Tensor:
     return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
-def nope_temperature(seq_len: int, scale: float, floor: float, device: torch.device) -> Tensor:
-    """Per-position query scale of Llama 4's layers without RoPE ([S, 1], fp32)."""
-    positions = torch.arange(seq_len, device=device).float()
+def nope_temperature(
+    seq_len: int, scale: float, floor: float, device: torch.device, start: int = 0
+) -> Tensor:
+    """Per-position query scale of Llama 4's layers without RoPE ([S, 1], fp32), for the slots
+    start..start+S-1."""
+    positions = torch.arange(start, start + seq_len, device=device).float()
     return (torch.log1p(torch.floor((positions + 1.0) / floor)) * scale + 1.0).unsqueeze(-1)
 
 
@@ -227,7 +231,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(kv * d, config.norm_eps)
         self.sinks = nn.Parameter(torch.zeros(h)) if config.sinks else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: LayerCache | None = None
+    ) -> Tensor:
+        """`cache`: this layer's `LayerCache` in incremental decoding (`mask` then spans its keys)."""
         cfg = self.config
         b, s, _ = x.shape
         if cfg.fused_qkv:
@@ -249,8 +256,13 @@ class Attention(nn.Module):
             if cfg.qk_norm == "l2":
                 q, k = l2_norm(q, cfg.norm_eps), l2_norm(k, cfg.norm_eps)
         elif cfg.nope_temperature_scale is not None:
-            scale = nope_temperature(s, cfg.nope_temperature_scale, cfg.nope_temperature_floor, x.device)
+            start = 0 if cache is None else cache.length
+            scale = nope_temperature(
+                s, cfg.nope_temperature_scale, cfg.nope_temperature_floor, x.device, start
+            )
             q = (q * scale).to(q.dtype)
+        if cache is not None:
+            k, v = cache.update(k, v)
         out = attend(q, k, v, mask, cfg.softmax_scale, cfg.implementation, self.sinks)
         return self.o_proj(out.reshape(b, s, -1))
 
@@ -260,7 +272,8 @@ class Attention(nn.Module):
 
 
 class LatentAttention(nn.Module):
-    """DeepSeek-V2/V3 multi-head latent attention as transformers implements it (no cache)."""
+    """DeepSeek-V2/V3 multi-head latent attention as transformers implements it (the cache holds
+    the expanded keys and values, as transformers' does)."""
 
     def __init__(self, hidden: int, config: AttentionConfig, rope_layout: str):
         super().__init__()
@@ -282,7 +295,9 @@ class LatentAttention(nn.Module):
         )
         self.o_proj = nn.Linear(h * config.v_head_dim, hidden, bias=config.out_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: LayerCache | None = None
+    ) -> Tensor:
         cfg = self.config
         b, s, _ = x.shape
         q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
@@ -299,6 +314,8 @@ class LatentAttention(nn.Module):
         kv = self.kv_b_proj(kv_latent).view(b, s, -1, cfg.qk_nope_head_dim + cfg.v_head_dim).transpose(1, 2)
         k_nope, value = torch.split(kv, [cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
         key = torch.cat((k_nope, k_rot.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
+        if cache is not None:
+            key, value = cache.update(key, value)
         out = attend(query, key, value, mask, cfg.softmax_scale, cfg.implementation)
         return self.o_proj(out.reshape(b, s, -1))
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.errors import ConfigError, require_choice, require_int, require_number
+from moekit.inference.kv_cache import KVCache, LayerCache, step_mask
 from moekit.interop.attention import AttentionConfig, MaskInputs, RMSNorm, build_attention, build_mask
 from moekit.interop.rope import RopeConfig, rope_tables
 from moekit.layer import MoE, MoEConfig
@@ -162,8 +163,9 @@ class DecoderLayer(nn.Module):
         mask: Tensor | None,
         token_mask: Tensor | None,
         previous: Routing | None,
+        cache: LayerCache | None = None,
     ) -> tuple[Tensor, Routing | None]:
-        x = x + self._scaled(self.attn(self.attn_norm(x), cos, sin, mask))
+        x = x + self._scaled(self.attn(self.attn_norm(x), cos, sin, mask, cache))
         h = self.ffn_norm(x)
         routing = None
         if self.is_moe:
@@ -204,9 +206,25 @@ class FamilyModel(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [layer.ffn for layer in self.layers if layer.is_moe]
 
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for this model (sliding-window layers keep only their window)."""
+        return KVCache([layer.window for layer in self.layers])
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the model was configured for (its position embeddings)."""
+        return self.config.rope.max_position_embeddings
+
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> FamilyOutput:
+        """With a `cache` (incremental decoding, `new_cache()`), `input_ids` are the step's new
+        tokens, `attention_mask` their padding and `position_ids` their positions (default: the
+        slots that follow the cached ones)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected shape [batch, seq], got {tuple(input_ids.shape)}")
         b, s = input_ids.shape
@@ -220,9 +238,12 @@ class FamilyModel(nn.Module):
                 )
             padding = attention_mask.to(torch.bool)
         documents = None
+        start = 0
+        if cache is not None:
+            start = cache.begin(torch.ones_like(input_ids, dtype=torch.bool) if padding is None else padding)
         if position_ids is None:
-            position_ids = torch.arange(s, device=device).unsqueeze(0)
-        elif attention_mask is None and self.config.isolate_documents:
+            position_ids = torch.arange(start, start + s, device=device).unsqueeze(0)
+        elif attention_mask is None and cache is None and self.config.isolate_documents:
             documents = packed_documents(position_ids.expand(b, s))
         x = self.embed(input_ids)
         if self.config.embedding_multiplier != 1.0:
@@ -232,12 +253,16 @@ class FamilyModel(nn.Module):
         materialise = self.config.attention.implementation == "eager"
         masks: dict[tuple[int | None, int | None], Tensor | None] = {}
         routings: list[Routing] = []
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             span = (layer.window, layer.chunk)
             if span not in masks:
-                masks[span] = build_mask(inputs, layer.window, layer.chunk, materialise)
+                if cache is None:
+                    masks[span] = build_mask(inputs, layer.window, layer.chunk, materialise)
+                else:
+                    masks[span] = step_mask(cache, start, layer.window, layer.chunk, materialise)
             previous = routings[-1] if routings else None
-            x, routing = layer(x, cos, sin, masks[span], padding, previous)
+            layer_cache = None if cache is None else cache.layers[index]
+            x, routing = layer(x, cos, sin, masks[span], padding, previous, layer_cache)
             if routing is not None:
                 routings.append(routing)
         logits = self.head(self.norm(x))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.errors import ConfigError, require_int, require_number
+from moekit.inference.kv_cache import KVCache, LayerCache, step_mask
 from moekit.kernels.linear import Linear
 from moekit.layer import MoE, MoEConfig
 from moekit.routing.record import Routing
@@ -163,16 +164,20 @@ class Attention(nn.Module):
         self.v_proj = Linear(d, kv * hd, bias=False)
         self.o_proj = Linear(h * hd, d, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: LayerCache | None = None
+    ) -> Tensor:
         b, s, _ = x.shape
         cfg = self.config
         q = self.q_proj(x).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)
         groups = cfg.num_heads // cfg.kv_heads
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=groups > 1)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
@@ -214,8 +219,9 @@ class Block(nn.Module):
         token_mask: Tensor | None,
         previous: Routing | None = None,
         token_ids: Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> tuple[Tensor, Routing | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         h = self.ffn_norm(x)
         if self.is_moe:
             y, routing = self.ffn.forward_with_routing(h, token_mask, previous=previous, token_ids=token_ids)
@@ -262,28 +268,48 @@ class LanguageModel(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if b.is_moe]
 
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for incremental decoding."""
+        return KVCache([None] * self.config.num_layers)
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_seq_len
+
     def forward(
         self,
         input_ids: Tensor,
         positions: Tensor | None = None,
         doc_ids: Tensor | None = None,
         token_mask: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> LMOutput:
         """`input_ids` [B, S]; `positions` within each document (default 0..S-1); `doc_ids` make
-        attention block-diagonal for packed rows; `token_mask` keeps padding out of routing."""
+        attention block-diagonal for packed rows; `token_mask` keeps padding out of routing (and,
+        with a `cache` from `new_cache()`, out of attention: incremental decoding of left-padded rows)."""
         b, s = input_ids.shape
-        if s > self.config.max_seq_len:
+        start = 0 if cache is None else len(cache)
+        if start + s > self.config.max_seq_len:
             raise ValueError(
-                f"input_ids: sequence length {s} exceeds model.max_seq_len={self.config.max_seq_len}"
+                f"input_ids: sequence length {start + s} exceeds model.max_seq_len={self.config.max_seq_len}"
             )
         if positions is None:
-            positions = torch.arange(s, device=input_ids.device).expand(b, s)
+            positions = torch.arange(start, start + s, device=input_ids.device).expand(b, s)
         x = self.embed(input_ids)
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        mask = attention_mask(doc_ids, s, input_ids.device)
+        if cache is None:
+            mask = attention_mask(doc_ids, s, input_ids.device)
+        else:
+            if doc_ids is not None:
+                raise ValueError("doc_ids: packed rows are not supported with a KV cache")
+            real = torch.ones_like(input_ids, dtype=torch.bool) if token_mask is None else token_mask.bool()
+            start = cache.begin(real)
+            mask = step_mask(cache, start, None, None, materialise=False)
         routings = []
-        for block in self.blocks:
-            x, routing = block(x, cos, sin, mask, token_mask, routings[-1] if routings else None, input_ids)
+        for index, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache.layers[index]
+            previous = routings[-1] if routings else None
+            x, routing = block(x, cos, sin, mask, token_mask, previous, input_ids, layer_cache)
             if routing is not None:
                 routings.append(routing)
         return LMOutput(self.head(self.norm(x)), routings)

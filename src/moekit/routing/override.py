@@ -1,0 +1,304 @@
+"""Routing overrides: change what an MoE layer's router decides, from outside the model.
+
+One mechanism serves the inference-time methods of the seed papers (Rewiring and multilingual
+steering optimise an additive logit bias, C3PO re-mixes the chosen experts' weights, DES and
+dynamic pruning change k, SCMoE compares a model with its own weaker routing) and works in training
+and in generation, on any model whose MoE FFNs are moekit `MoE` layers:
+
+    with override_routing(model, {3: RoutingOverride(logit_bias=bias, mask=[0, 5])}):
+        logits = model(ids).logits
+
+or `moekit.generate(..., overrides=...)`. The override is applied inside the layer's routing (after
+the router's logits, before dispatch), so the `Routing` record every consumer sees (objectives,
+the recorder, captures) is the overridden one. An empty override leaves the router's record
+untouched: outputs are bit-identical to running without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from moekit.errors import ConfigError, MoekitError
+from moekit.routing.record import Routing
+from moekit.routing.selection import assignments_from_mask, renormalise_selected, split_by_capacity
+from moekit.routing.token_choice import group_limited, score
+from moekit.routing.top_p import top_p_selection
+
+if TYPE_CHECKING:
+    from moekit.layer import MoE
+
+# router kinds whose decision is a function of the logits that an override can redo
+OVERRIDABLE_KINDS = ("token_choice", "top_p")
+
+
+def _expert_set(field_name: str, value: Any, num_experts: int) -> Tensor | None:
+    """Expert ids (a sequence of ints, or a bool [E] tensor) as a bool [E] mask."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor) and value.dtype == torch.bool:
+        if value.shape != (num_experts,):
+            raise ConfigError(
+                field_name, f"expected a bool mask of shape ({num_experts},), got {tuple(value.shape)}"
+            )
+        return value
+    ids = value.tolist() if isinstance(value, Tensor) else list(value)
+    out = torch.zeros(num_experts, dtype=torch.bool)
+    for expert in ids:
+        if isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < num_experts:
+            raise ConfigError(field_name, f"got expert {expert!r}, expected ids in [0, {num_experts})")
+        out[expert] = True
+    return out
+
+
+@dataclass
+class RoutingOverride:
+    """What to change in one layer's routing (every field optional).
+
+    - `logit_bias`: added to the router logits, [E] or [T, E] (T = the layer's flattened tokens);
+      may require grad: the gradient of the loss reaches it (Rewiring #28, steering #50).
+    - `force` / `mask`: experts always chosen / never chosen (ids or a bool [E] mask).
+    - `top_k`: a different number of experts per token; 0 skips the routed experts (only shared
+      experts and the residual remain). `top_p`: choose the smallest set, most probable first,
+      whose softmax mass reaches p (capped by `top_k` when both are given).
+    - `weights`: replacement routing weights, [E] or [T, E]; the chosen experts take these weights
+      instead of the router's (C3PO #29 re-mixes the chosen experts).
+    - `where`: bool, broadcastable to the layer input's leading shape ([B, S] or [S]); tokens
+      outside keep the router's own routing. None = every token.
+    """
+
+    logit_bias: Tensor | None = None
+    force: Sequence[int] | Tensor | None = None
+    mask: Sequence[int] | Tensor | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    weights: Tensor | None = None
+    where: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.top_k is not None and (
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0
+        ):
+            raise ConfigError("override.top_k", f"got {self.top_k!r}, expected an integer >= 0")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+            raise ConfigError("override.top_p", f"got {self.top_p!r}, expected a number in (0, 1]")
+        for name in ("logit_bias", "weights", "where"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Tensor):
+                raise ConfigError(f"override.{name}", f"expected a tensor, got {type(value).__name__}")
+
+    @property
+    def is_empty(self) -> bool:
+        return all(
+            getattr(self, name) is None
+            for name in ("logit_bias", "force", "mask", "top_k", "top_p", "weights", "where")
+        )
+
+
+class RoutingCapture:
+    """Records the (detached) `Routing` of every MoE layer call while attached: `routings[i]` is
+    the list of layer i's records in call order (one per forward, or per decoding step)."""
+
+    def __init__(self) -> None:
+        self.routings: dict[int, list[Routing]] = {}
+
+    def add(self, index: int, routing: Routing) -> None:
+        self.routings.setdefault(index, []).append(routing.detach())
+
+    def clear(self) -> None:
+        self.routings.clear()
+
+
+@dataclass
+class Overrides:
+    """Per-layer overrides keyed by MoE-layer index (negative from the end) or module name,
+    `default` for every other layer, and an optional capture of every layer's routing."""
+
+    layers: Mapping[int | str, RoutingOverride] = field(default_factory=dict)
+    default: RoutingOverride | None = None
+    capture: RoutingCapture | None = None
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """What one layer applies: its override (or None) and the capture to report to."""
+
+    index: int
+    override: RoutingOverride | None
+    capture: RoutingCapture | None
+
+
+def as_overrides(
+    value: Overrides | Mapping[int | str, RoutingOverride] | RoutingOverride | None,
+) -> Overrides:
+    """Accept an `Overrides`, a {layer: RoutingOverride} mapping, or one override for every layer."""
+    if value is None:
+        return Overrides()
+    if isinstance(value, Overrides):
+        return value
+    if isinstance(value, RoutingOverride):
+        return Overrides(default=value)
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(item, RoutingOverride):
+                raise MoekitError(
+                    f"overrides[{key!r}]: expected a RoutingOverride, got {type(item).__name__}"
+                )
+        return Overrides(layers=dict(value))
+    raise MoekitError(
+        f"overrides: expected Overrides, a mapping or a RoutingOverride, got {type(value).__name__}"
+    )
+
+
+@contextmanager
+def override_routing(
+    model: nn.Module, overrides: Overrides | Mapping[int | str, RoutingOverride] | RoutingOverride | None
+) -> Iterator[Overrides]:
+    """Apply `overrides` to the MoE layers of `model` inside the block (restored on exit, also on
+    error); nested blocks replace the outer one for the layers they name."""
+    from moekit.addressing import require_moe_layers, resolve_layer
+
+    overrides = as_overrides(overrides)
+    layers = require_moe_layers(model, "a routing override")
+    per_index = {resolve_layer(layers, key): item for key, item in overrides.layers.items()}
+    previous = []
+    try:
+        for index, _, layer in layers:
+            override = per_index.get(index, overrides.default)
+            if override is not None:
+                check_overridable(layer, index)
+            previous.append((layer, layer.routing_override))
+            layer.routing_override = LayerOverride(index, override, overrides.capture)
+        yield overrides
+    finally:
+        for layer, old in reversed(previous):
+            layer.routing_override = old
+
+
+def check_overridable(layer: MoE, index: int) -> None:
+    kind = layer.config.router_kind
+    if kind not in OVERRIDABLE_KINDS:
+        raise MoekitError(
+            f"MoE layer {index}: routing overrides support routers of kind {', '.join(OVERRIDABLE_KINDS)}; "
+            f"this layer's router_kind is {kind!r}"
+        )
+
+
+def _per_token(name: str, value: Tensor, num_tokens: int, num_experts: int, like: Tensor) -> Tensor:
+    if value.shape not in ((num_experts,), (num_tokens, num_experts)):
+        raise ConfigError(
+            f"override.{name}",
+            f"expected shape ({num_experts},) or ({num_tokens}, {num_experts}), got {tuple(value.shape)}",
+        )
+    return value.to(device=like.device, dtype=like.dtype)
+
+
+def apply_override(
+    layer: MoE, routing: Routing, override: RoutingOverride, leading_shape: torch.Size
+) -> Routing:
+    """The routing `layer`'s router would produce under `override`, from its own record.
+
+    Re-selects from the biased logits with the router's own rule (score function, score timing,
+    selection bias, group limits, renormalisation, scaling, capacity), then merges back the router's
+    routing for tokens outside `where`."""
+    if override.is_empty:
+        return routing
+    spec = layer.config.router
+    num_tokens, num_experts = routing.logits.shape
+    logits = routing.logits
+    if override.logit_bias is not None:
+        logits = logits + _per_token("logit_bias", override.logit_bias, num_tokens, num_experts, logits)
+    forced = _expert_set("override.force", override.force, num_experts)
+    masked = _expert_set("override.mask", override.mask, num_experts)
+    if forced is not None and masked is not None and bool((forced & masked).any()):
+        raise ConfigError("override.force", "an expert cannot be both forced and masked")
+    top_p_router = layer.config.router_kind == "top_p"
+    k = override.top_k if override.top_k is not None else spec.top_k
+    k = min(k, num_experts)
+    allowed = num_experts - (0 if masked is None else int(masked.sum()))
+    if k > allowed and override.top_p is None and not top_p_router:
+        raise ConfigError(
+            "override.mask",
+            f"masks {num_experts - allowed} of {num_experts} experts, leaving fewer than k={k}",
+        )
+    if forced is not None and int(forced.sum()) > k:
+        raise ConfigError("override.force", f"forces {int(forced.sum())} experts, more than k={k}")
+    scores = torch.softmax(logits, dim=-1) if top_p_router else score(logits, spec.score_fn)
+    preference = scores if spec.score_timing == "before_topk" else logits
+    selection_bias = getattr(layer.router, "selection_bias", None)
+    if selection_bias is not None:
+        preference = preference + selection_bias.to(preference.dtype)
+    preference = preference.detach()
+    if masked is not None:
+        preference = preference.masked_fill(masked.to(preference.device), float("-inf"))
+    if forced is not None:
+        preference = preference.masked_fill(forced.to(preference.device), float("inf"))
+    if spec.num_groups > 1:
+        preference = group_limited(preference, spec.num_groups, spec.topk_groups, spec.group_score)
+    p = override.top_p if override.top_p is not None else (layer.router.options.p if top_p_router else None)
+    if k == 0:
+        selected = torch.zeros_like(logits, dtype=torch.bool)
+    elif p is not None:
+        probs = torch.softmax(logits, dim=-1).detach()
+        if masked is not None:
+            probs = probs.masked_fill(masked.to(probs.device), 0.0)
+        if forced is not None:  # forced experts first, then the threshold rule over the rest
+            probs = probs.masked_fill(forced.to(probs.device), 2.0)
+        selected = top_p_selection(probs, p, k)
+        if masked is not None:
+            selected &= ~masked.to(selected.device)
+    else:
+        index = preference.topk(k, dim=-1).indices
+        selected = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, index, True)
+    if override.weights is not None:
+        dense = _per_token("weights", override.weights, num_tokens, num_experts, scores)
+        weights = torch.where(selected, dense.expand_as(scores), torch.zeros_like(scores))
+    elif spec.score_timing == "after_topk" and not top_p_router:
+        chosen_logits = logits.masked_fill(~selected, float("-inf"))
+        if spec.score_fn == "softmax":
+            weights = torch.softmax(chosen_logits, dim=-1).nan_to_num(0.0)
+        else:
+            weights = torch.where(selected, score(logits, spec.score_fn), torch.zeros_like(logits))
+        weights = renormalise_selected(weights, selected, spec)
+    else:
+        weights = renormalise_selected(
+            torch.where(selected, scores, torch.zeros_like(scores)), selected, spec
+        )
+    if override.where is not None:
+        where = override.where.to(torch.bool).to(logits.device)
+        try:
+            where = where.expand(leading_shape).reshape(-1)
+        except RuntimeError:
+            raise ConfigError(
+                "override.where",
+                f"expected a bool tensor broadcastable to {tuple(leading_shape)}, got {tuple(where.shape)}",
+            ) from None
+        original_selected, original_weights = dense_routing(routing)
+        selected = torch.where(where[:, None], selected, original_selected)
+        weights = torch.where(where[:, None], weights, original_weights.to(weights.dtype))
+        logits = torch.where(where[:, None], logits, routing.logits)
+        scores = torch.where(where[:, None], scores, routing.scores)
+    chosen = assignments_from_mask(
+        selected, weights, preference.nan_to_num(0.0, posinf=1e30, neginf=-1e30), routing.token_mask
+    )
+    kept, dropped = split_by_capacity(chosen, spec, num_tokens, routing.num_compute_experts)
+    return replace(routing, logits=logits, scores=scores, kept=kept, dropped=dropped)
+
+
+def dense_routing(routing: Routing) -> tuple[Tensor, Tensor]:
+    """(selected bool [T, E], weights [T, E]) of a record's kept and dropped assignments (dropped
+    ones selected with their weight, as the router chose them)."""
+    shape = routing.logits.shape
+    selected = torch.zeros(shape, dtype=torch.bool, device=routing.logits.device)
+    weights = torch.zeros(shape, dtype=routing.kept.weight.dtype, device=routing.logits.device)
+    for part in (routing.kept, routing.dropped):
+        selected = selected.index_put(
+            (part.token, part.expert), torch.ones_like(part.token, dtype=torch.bool)
+        )
+        weights = weights.index_put((part.token, part.expert), part.weight)
+    return selected, weights
