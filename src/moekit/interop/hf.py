@@ -33,6 +33,7 @@ FAMILY_CONFIG = "moekit_family.json"
 FAMILY_WEIGHTS = "model.safetensors"
 FAMILY_FORMAT = "moekit-family"
 FAMILY_VERSION = 1
+_ALIGNMENT = 64  # bytes: what torch's CPU allocator gives every new tensor
 # config.json entries that describe the file rather than the model; transformers fills them in
 _FILE_FIELDS = (
     "architectures",
@@ -138,6 +139,10 @@ def _build(config: FamilyConfig, state: dict[str, Tensor], source: str) -> Famil
                 f"{source}: {name} has shape {tuple(tensor.shape)}, "
                 f"the config implies {tuple(expected[name].shape)}"
             )
+    # Views into the file's buffer land at any 8-byte offset, and the CPU kernels' results depend
+    # on their operands' alignment: own, 64-byte-aligned storage makes a model compute the same
+    # bits however its file was laid out (and offloaded experts equal in-memory ones).
+    state = {k: v if v.data_ptr() % _ALIGNMENT == 0 else v.clone() for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     return model.eval()
@@ -168,7 +173,9 @@ def from_hf(
     if backend is not None:
         config = dataclasses.replace(config, moe=dataclasses.replace(config.moe, backend=backend))
     state = _cast(hf_to_moekit(spec, config, config.hf_layout, tensors, source), dtype)
-    return _build(config, state, source)
+    model = _build(config, state, source)
+    model.checkpoint_path = str(path)  # where offloading reads the experts back from
+    return model
 
 
 def hf_config_for(config: FamilyConfig) -> Any:
@@ -320,7 +327,9 @@ def load_family(path: str | os.PathLike) -> FamilyModel:
         raise MoekitError(f"{path / FAMILY_CONFIG}: {exc}") from None
     family_spec(config.family, str(path / FAMILY_CONFIG))
     state = load_tensors(path / FAMILY_WEIGHTS, "moekit family weights")
-    return _build(config, state, str(path / FAMILY_WEIGHTS))
+    model = _build(config, state, str(path / FAMILY_WEIGHTS))
+    model.checkpoint_path = str(path)  # where offloading reads the experts back from
+    return model
 
 
 def load_any(path: str | os.PathLike) -> FamilyModel:

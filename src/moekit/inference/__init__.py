@@ -1,0 +1,1 @@
+"""Running MoE models: generation, routing overrides at inference, experts streamed from disk."""
