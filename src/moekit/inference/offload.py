@@ -472,7 +472,7 @@ class OffloadHandle:
         slots = [min(n, share // b) for n, b in zip(self.num_experts, self.expert_bytes, strict=True)]
         for i, (name, _) in enumerate(self.layers):
             if slots[i] < self.top_k[i]:
-                need = sum(k * b for k, b in zip(self.top_k, self.expert_bytes, strict=True))
+                need = len(self.layers) * max(k * b for k, b in zip(self.top_k, self.expert_bytes, strict=True))
                 raise MoekitError(
                     f"offload.budget_bytes: {self.config.budget_bytes!r} ({format_bytes(self.budget)}) holds "
                     f"{slots[i]} experts of {format_bytes(self.expert_bytes[i])} in {name}, but one token needs "
@@ -666,10 +666,10 @@ class OffloadHandle:
             "tokens": self.tokens,
             "requests": requests,
             "hits": hits,
-            "hit_rate": hits / requests if requests else float("nan"),
+            "hit_rate": hits / requests if requests else None,
             "bytes_read": self.reader.bytes_read,
             "bytes_read_per_token": self.reader.bytes_read / tokens,
-            "belady_hit_rate": belady_hits / requests if requests else float("nan"),
+            "belady_hit_rate": belady_hits / requests if requests else None,
             "belady_bytes_read_per_token": belady_bytes / tokens,
             "prefetch_issued": self.prefetch_issued,
             "prefetch_hits": sum(s.prefetch_hits for s in self.stats),
