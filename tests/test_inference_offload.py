@@ -75,8 +75,7 @@ def _min_budget(model):
 def test_every_expert_read_from_disk_equals_the_loaded_one(folder, family, layout):
     model = from_hf(folder(family, layout))
     with attach(model, OffloadConfig(budget_bytes="100%", prefetch=False)) as handle:
-        for i, (_, moe) in enumerate(handle.layers):
-            original = handle._originals[i]
+        for i, original in enumerate(handle._originals):
             for e in range(original.num_experts):
                 disk = handle._read(i, e)
                 for name, tensor in disk.items():
@@ -176,7 +175,9 @@ def test_auto_gives_slots_where_the_simulator_finds_hits_and_picks_the_better_po
     with attach(model, OffloadConfig(budget_bytes="50%", policy="auto", prefetch=False)) as handle:
         # layer 0 alternates two experts (consistent routing), layer 1 picks any of the eight
         handle.stats[0].trace = [0, 1] * 40
-        handle.stats[1].trace = torch.randint(0, 8, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+        handle.stats[1].trace = torch.randint(
+            0, 8, (200,), generator=torch.Generator().manual_seed(0)
+        ).tolist()
         handle._auto_plan()
         slots = [c.slots for c in handle.caches]
         assert slots[0] == handle.top_k[0] == 2 and slots[1] == 6

@@ -101,7 +101,8 @@ def parse_budget(text: str | int) -> int | float:
     unit = match.group(2).lower() if match else None
     if match is None or (unit != "%" and unit not in _UNITS):
         raise ConfigError(
-            "offload.budget_bytes", f"got {text!r}, expected a size like 2GB, 512MiB, 4096 or a percentage like 25%"
+            "offload.budget_bytes",
+            f"got {text!r}, expected a size like 2GB, 512MiB, 4096 or a percentage like 25%",
         )
     value = float(match.group(1))
     if unit == "%":
@@ -166,7 +167,9 @@ def _read_safetensors_header(path: Path) -> dict[str, _TensorLocation]:
             continue
         dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
         if dtype is None:
-            raise MoekitError(f"{path}: tensor {name} has dtype {info.get('dtype')!r}, which offloading cannot read")
+            raise MoekitError(
+                f"{path}: tensor {name} has dtype {info.get('dtype')!r}, which offloading cannot read"
+            )
         begin, end = info["data_offsets"]
         out[name] = _TensorLocation(path, dtype, tuple(info["shape"]), start + begin, end - begin)
     return out
@@ -273,9 +276,7 @@ def _hf_layout(model: nn.Module, layer_index: int) -> _ExpertLayout:
             gate, up, down = (prefix + n.format(e=e) for n in raw)
             return [(gate, 0, ff), (up, 0, ff), (down, 0, fc.hidden_size)]
 
-        return _ExpertLayout(
-            per_expert_reads, lambda p: {"w_in": torch.cat([p[0], p[1]], 0), "w_out": p[2]}
-        )
+        return _ExpertLayout(per_expert_reads, lambda p: {"w_in": torch.cat([p[0], p[1]], 0), "w_out": p[2]})
     if fmt == "transposed":
         gate_up, down = (prefix + n for n in raw)
         return _ExpertLayout(
@@ -320,11 +321,17 @@ def _open_source(model: nn.Module, source: Path, layers: list[tuple[str, MoE]]):
     """The reader and each layer's expert layout for `source`, whatever kind of folder it is."""
     if not source.exists():
         raise MoekitError(f"offload source {source}: no such file or directory")
-    if source.is_dir() and (source / "config.json").is_file() and not (source / "moekit_family.json").is_file():
+    if (
+        source.is_dir()
+        and (source / "config.json").is_file()
+        and not (source / "moekit_family.json").is_file()
+    ):
         from moekit.interop.model import FamilyModel
 
         if not isinstance(model, FamilyModel):
-            raise MoekitError(f"offload source {source}: an HF folder, but the model is not one moekit.from_hf loads")
+            raise MoekitError(
+                f"offload source {source}: an HF folder, but the model is not one moekit.from_hf loads"
+            )
         reader = _SafetensorsReader(_safetensors_files(source))
         index = {id(layer.ffn): i for i, layer in enumerate(model.layers) if layer.is_moe}
         return reader, [_hf_layout(model, index[id(moe)]) for _, moe in layers]
@@ -420,7 +427,8 @@ class OffloadHandle:
             self.reader.close()
             raise
         self.expert_bytes = [
-            sum(getattr(moe.experts, p)[0].nbytes for p in self.dtypes[i]) for i, (_, moe) in enumerate(self.layers)
+            sum(getattr(moe.experts, p)[0].nbytes for p in self.dtypes[i])
+            for i, (_, moe) in enumerate(self.layers)
         ]
         self.num_experts = [moe.experts.num_experts for _, moe in self.layers]
         self.top_k = [moe.config.router.top_k for _, moe in self.layers]
@@ -438,7 +446,9 @@ class OffloadHandle:
         self.prefetch_issued = 0
         self.prefetch_wasted = 0
         self.peak_resident = 0
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="moekit-prefetch") if config.prefetch else None
+        self._executor = (
+            ThreadPoolExecutor(1, thread_name_prefix="moekit-prefetch") if config.prefetch else None
+        )
         self._originals: list[PackedExperts] = []
         for i, (_, moe) in enumerate(self.layers):
             self._originals.append(moe.experts)
@@ -455,10 +465,11 @@ class OffloadHandle:
                 disk = self._read(i, e)
                 for p, tensor in disk.items():
                     mine = getattr(moe.experts, p)
-                    if mine is None or tuple(tensor.shape) != tuple(mine.shape[1:]):
+                    theirs = None if mine is None else tuple(mine.shape[1:])
+                    if tuple(tensor.shape) != theirs:
                         raise MoekitError(
-                            f"offload source {self.source}: {name} expert {e} {p} has shape {tuple(tensor.shape)}, "
-                            f"the model's is {None if mine is None else tuple(mine.shape[1:])}"
+                            f"offload source {self.source}: {name} expert {e} {p} has shape "
+                            f"{tuple(tensor.shape)}, the model's is {theirs}"
                         )
                     if not mine.is_meta and not torch.equal(tensor, mine[e].detach()):
                         raise MoekitError(
@@ -472,11 +483,13 @@ class OffloadHandle:
         slots = [min(n, share // b) for n, b in zip(self.num_experts, self.expert_bytes, strict=True)]
         for i, (name, _) in enumerate(self.layers):
             if slots[i] < self.top_k[i]:
-                need = len(self.layers) * max(k * b for k, b in zip(self.top_k, self.expert_bytes, strict=True))
+                need = len(self.layers) * max(
+                    k * b for k, b in zip(self.top_k, self.expert_bytes, strict=True)
+                )
                 raise MoekitError(
                     f"offload.budget_bytes: {self.config.budget_bytes!r} ({format_bytes(self.budget)}) holds "
-                    f"{slots[i]} experts of {format_bytes(self.expert_bytes[i])} in {name}, but one token needs "
-                    f"{self.top_k[i]} there; give at least {format_bytes(need)} "
+                    f"{slots[i]} experts of {format_bytes(self.expert_bytes[i])} in {name}, but one token "
+                    f"needs {self.top_k[i]} there; give at least {format_bytes(need)} "
                     f"({100 * need / self.total_expert_bytes:.1f}% of the experts)"
                 )
         return slots
@@ -605,9 +618,7 @@ class OffloadHandle:
         for cache, s in zip(self.caches, slots, strict=True):
             cache.policy, cache.slots = policy, s
             cache.trim(set())
-        self.plans.append(
-            {"tokens": self.tokens, "policy": policy, "slots": slots, "simulated_hits": hits}
-        )
+        self.plans.append({"tokens": self.tokens, "policy": policy, "slots": slots, "simulated_hits": hits})
 
     @staticmethod
     def _hit_curve(trace: list[int], num_experts: int, policy: str) -> list[int]:
@@ -640,7 +651,9 @@ class OffloadHandle:
         peak resident expert bytes and the process's peak resident memory; JSON-able."""
         layers = []
         requests = hits = belady_hits = belady_bytes = 0
-        for (name, _), cache, stats, size in zip(self.layers, self.caches, self.stats, self.expert_bytes, strict=True):
+        for index, ((name, _), cache, stats) in enumerate(
+            zip(self.layers, self.caches, self.stats, strict=True)
+        ):
             optimum = simulate_cache(stats.trace, cache.slots, "belady")
             layers.append(
                 {
@@ -655,7 +668,7 @@ class OffloadHandle:
             requests += stats.requests
             hits += stats.hits
             belady_hits += optimum
-            belady_bytes += (stats.requests - optimum) * self._disk_bytes(len(layers) - 1)
+            belady_bytes += (stats.requests - optimum) * self._disk_bytes(index)
         tokens = max(1, self.tokens)
         return {
             "policy": self.config.policy,
@@ -682,8 +695,11 @@ class OffloadHandle:
 
     def _disk_bytes(self, layer: int) -> int:
         """Bytes one expert of `layer` takes on disk (its dtype there may differ from memory)."""
-        return sum(self.reader.location(name).dtype.itemsize * (stop - start) * math.prod(
-            self.reader.location(name).shape[1:]) for name, start, stop in self.layouts[layer].reads(0))  # fmt: skip
+        total = 0
+        for name, start, stop in self.layouts[layer].reads(0):
+            location = self.reader.location(name)
+            total += location.dtype.itemsize * (stop - start) * math.prod(location.shape[1:])
+        return total
 
     def detach(self) -> None:
         """Put the model's own experts back and stop the prefetch thread (idempotent)."""
@@ -724,10 +740,14 @@ class OffloadedExperts(nn.Module):
     def handle(self) -> OffloadHandle:
         return self._handle[0]
 
-    def compute(self, x: Tensor, routing: Routing, weight_on: str = "output", backend: str = "auto") -> Tensor:
+    def compute(
+        self, x: Tensor, routing: Routing, weight_on: str = "output", backend: str = "auto"
+    ) -> Tensor:
         handle = self.handle
         a = routing.compute_assignments
-        handle.count_tokens(self.layer, int(routing.token_mask.sum()) if routing.token_mask.numel() else x.shape[0])
+        handle.count_tokens(
+            self.layer, int(routing.token_mask.sum()) if routing.token_mask.numel() else x.shape[0]
+        )
         experts = torch.unique(a.expert).tolist()
         tensors = handle.fetch(self.layer, experts)
         handle.prefetch(self.layer, x)
