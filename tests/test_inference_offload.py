@@ -140,6 +140,7 @@ def test_demand_cache_hits_equal_the_simulator_and_never_beat_belady(folder, pol
         assert layer["hits"] == simulate_cache(stats.trace, layer["slots"], policy)
         assert layer["hits"] <= layer["belady_hits"]
     assert 0 < report["hit_rate"] < 1
+    assert 0 < report["peak_resident_expert_bytes"] <= report["budget_bytes"]  # decode never overflows
     assert report["bytes_read_per_token"] >= report["belady_bytes_read_per_token"]
     json.dumps(report, allow_nan=False)
 
@@ -247,3 +248,21 @@ def test_parse_budget_refuses_junk_naming_the_field(text):
 def test_config_checks_policy():
     with pytest.raises(ConfigError, match="offload.policy"):
         OffloadConfig(budget_bytes="1GB", policy="fifo")
+
+
+@pytest.mark.parametrize(
+    "family, layout", [("qwen2_moe", "per_expert"), ("gpt_oss", "packed"), ("dbrx", "packed")]
+)
+def test_a_model_loaded_without_its_experts_runs_offloaded_bit_identically(tmp_path, folder, family, layout):
+    path = folder(family, layout)
+    ids, mask = _batch()
+    in_memory = from_hf(path)
+    family_path = save_family(in_memory, tmp_path / "family")
+    with torch.no_grad():
+        reference = in_memory(ids, attention_mask=mask).logits
+        for model in (from_hf(path, experts_on_disk=True), load_family(family_path, experts_on_disk=True)):
+            assert all(moe.experts.w_in.is_meta for moe in model.moe_layers)
+            assert not any(p.is_meta for n, p in model.named_parameters() if ".experts." not in n)
+            with attach(model, OffloadConfig(budget_bytes="50%", policy="lfu")) as handle:
+                assert torch.equal(model(ids, attention_mask=mask).logits, reference)
+            assert 0 < handle.report()["peak_resident_expert_bytes"] < handle.total_expert_bytes

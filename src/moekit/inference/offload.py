@@ -72,7 +72,7 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -165,7 +165,7 @@ def _read_safetensors_header(path: Path) -> dict[str, _TensorLocation]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
         if dtype is None:
             raise MoekitError(
                 f"{path}: tensor {name} has dtype {info.get('dtype')!r}, which offloading cannot read"

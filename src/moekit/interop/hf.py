@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from moekit.errors import ConfigError, MoekitError
-from moekit.interop.convert import detect_layout, hf_to_moekit, moekit_to_hf
+from moekit.interop.convert import detect_layout, hf_to_moekit, moekit_to_hf, rules_for
 from moekit.interop.families import FAMILIES, family_config_from_hf, family_spec
 from moekit.interop.model import HF_LAYOUTS, FamilyConfig, FamilyModel
 from moekit.io import load_tensors, read_json, write_json_atomic
@@ -108,6 +108,57 @@ def read_hf_tensors(path: Path) -> dict[str, Tensor]:
     raise MoekitError(f"{path}: no {HF_WEIGHTS} or {HF_INDEX}")
 
 
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of an HF folder (one file, or the shards its index names)."""
+    if (path / HF_WEIGHTS).is_file():
+        return [path / HF_WEIGHTS]
+    if (path / HF_INDEX).is_file():
+        index = read_json(path / HF_INDEX, "HF weight index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise MoekitError(f"{path / HF_INDEX}: expected a 'weight_map' object")
+        return [path / shard for shard in sorted(set(weight_map.values()))]
+    read_hf_tensors(path)  # raises the error that names what is there instead
+    return []
+
+
+def _meta_tensors(files: list[Path]) -> dict[str, Tensor]:
+    """Every tensor of `files` as a meta tensor of its shape and dtype (only headers read)."""
+    from safetensors import SafetensorError, safe_open
+
+    from moekit.inference.offload import SAFETENSORS_DTYPES
+
+    out = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    piece = handle.get_slice(name)
+                    dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
+                    if dtype is None:
+                        raise MoekitError(f"{file}: tensor {name} has dtype {piece.get_dtype()}")
+                    out[name] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+        except (SafetensorError, OSError) as exc:
+            raise MoekitError(f"{file}: not a readable safetensors file ({exc})") from None
+    return out
+
+
+def _read_named(files: list[Path], names: list[str]) -> dict[str, Tensor]:
+    """The tensors `names` (and no others) from `files`."""
+    from safetensors import SafetensorError, safe_open
+
+    wanted, out = set(names), {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    if name in wanted:
+                        out[name] = handle.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise MoekitError(f"{file}: not a readable safetensors file ({exc})") from None
+    return out
+
+
 def _cast(state: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
     """Floating tensors to `dtype`; the selection bias stays fp32 (as the router keeps it)."""
     if dtype is None:
@@ -154,19 +205,30 @@ def from_hf(
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
     backend: str | None = None,
+    experts_on_disk: bool = False,
 ) -> FamilyModel:
     """Load an HF MoE checkpoint folder as a moekit `FamilyModel` (eval mode).
 
     `dtype` casts the weights (default: as stored); `attn_implementation` ("sdpa" or "eager")
     overrides the family's default kernel; `backend` picks moekit's expert dispatch backend.
+    `experts_on_disk`: leave the routed experts unread (meta tensors), for a model larger than
+    memory that runs with `moekit.inference.offload.attach`.
     """
     path = Path(path)
     hf_config, raw = read_hf_config(path)
-    tensors = read_hf_tensors(path)
+    tensors = _meta_tensors(_weight_files(path)) if experts_on_disk else read_hf_tensors(path)
     source = str(path)
     config = family_config_from_hf(hf_config, "per_expert", str(path / HF_CONFIG), raw)
     spec = FAMILIES[config.family]
     config = dataclasses.replace(config, hf_layout=detect_layout(spec, config, tensors, source))
+    if experts_on_disk:
+        experts = {
+            k
+            for rule in rules_for(spec, config, config.hf_layout)
+            if ".experts." in rule.ours
+            for k in rule.theirs
+        }
+        tensors.update(_read_named(_weight_files(path), [k for k in tensors if k not in experts]))
     if attn_implementation is not None:
         attention = dataclasses.replace(config.attention, implementation=attn_implementation)
         config = dataclasses.replace(config, attention=attention)
@@ -308,8 +370,8 @@ def save_family(model: FamilyModel, path: str | os.PathLike, *, overwrite: bool 
     return _write_dir(Path(path), fill, overwrite)
 
 
-def load_family(path: str | os.PathLike) -> FamilyModel:
-    """A family model from `save_family`'s folder (eval mode)."""
+def load_family(path: str | os.PathLike, *, experts_on_disk: bool = False) -> FamilyModel:
+    """A family model from `save_family`'s folder (eval mode); `experts_on_disk` as in `from_hf`."""
     path = Path(path)
     if path.is_dir() and not (path / FAMILY_CONFIG).is_file() and (path / HF_CONFIG).is_file():
         raise MoekitError(f"{path}: this is an HF folder, not a moekit family checkpoint; use moekit.from_hf")
@@ -326,7 +388,11 @@ def load_family(path: str | os.PathLike) -> FamilyModel:
     except ConfigError as exc:
         raise MoekitError(f"{path / FAMILY_CONFIG}: {exc}") from None
     family_spec(config.family, str(path / FAMILY_CONFIG))
-    state = load_tensors(path / FAMILY_WEIGHTS, "moekit family weights")
+    if experts_on_disk:
+        state = _meta_tensors([path / FAMILY_WEIGHTS])
+        state.update(_read_named([path / FAMILY_WEIGHTS], [k for k in state if ".experts." not in k]))
+    else:
+        state = load_tensors(path / FAMILY_WEIGHTS, "moekit family weights")
     model = _build(config, state, str(path / FAMILY_WEIGHTS))
     model.checkpoint_path = str(path)  # where offloading reads the experts back from
     return model
