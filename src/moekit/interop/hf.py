@@ -132,7 +132,7 @@ def _meta_tensors(files: list[Path]) -> dict[str, Tensor]:
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as handle:
-                for name in handle.keys():
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                     piece = handle.get_slice(name)
                     dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
                     if dtype is None:
@@ -151,7 +151,7 @@ def _read_named(files: list[Path], names: list[str]) -> dict[str, Tensor]:
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as handle:
-                for name in handle.keys():
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                     if name in wanted:
                         out[name] = handle.get_tensor(name)
         except (SafetensorError, OSError) as exc:
