@@ -97,6 +97,7 @@ def load_moekit_model(path: Path) -> tuple[Any, dict[str, Any], Path]:
         )
     model = LanguageModel(LMConfig.from_dict(config["model"]))
     load_checkpoint(directory, model, restore_rng=False)
+    model.checkpoint_path = str(directory)  # where offloading reads the experts back from
     data_config = config.get("data") if isinstance(config.get("data"), dict) else {}
     return model, data_config, directory
 

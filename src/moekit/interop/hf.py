@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from moekit.errors import ConfigError, MoekitError
-from moekit.interop.convert import detect_layout, hf_to_moekit, moekit_to_hf
+from moekit.interop.convert import detect_layout, hf_to_moekit, moekit_to_hf, rules_for
 from moekit.interop.families import FAMILIES, family_config_from_hf, family_spec
 from moekit.interop.model import HF_LAYOUTS, FamilyConfig, FamilyModel
 from moekit.io import load_tensors, read_json, write_json_atomic
@@ -33,6 +33,7 @@ FAMILY_CONFIG = "moekit_family.json"
 FAMILY_WEIGHTS = "model.safetensors"
 FAMILY_FORMAT = "moekit-family"
 FAMILY_VERSION = 1
+_ALIGNMENT = 64  # bytes: what torch's CPU allocator gives every new tensor
 # config.json entries that describe the file rather than the model; transformers fills them in
 _FILE_FIELDS = (
     "architectures",
@@ -107,6 +108,57 @@ def read_hf_tensors(path: Path) -> dict[str, Tensor]:
     raise MoekitError(f"{path}: no {HF_WEIGHTS} or {HF_INDEX}")
 
 
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of an HF folder (one file, or the shards its index names)."""
+    if (path / HF_WEIGHTS).is_file():
+        return [path / HF_WEIGHTS]
+    if (path / HF_INDEX).is_file():
+        index = read_json(path / HF_INDEX, "HF weight index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise MoekitError(f"{path / HF_INDEX}: expected a 'weight_map' object")
+        return [path / shard for shard in sorted(set(weight_map.values()))]
+    read_hf_tensors(path)  # raises the error that names what is there instead
+    return []
+
+
+def _meta_tensors(files: list[Path]) -> dict[str, Tensor]:
+    """Every tensor of `files` as a meta tensor of its shape and dtype (only headers read)."""
+    from safetensors import SafetensorError, safe_open
+
+    from moekit.inference.offload import SAFETENSORS_DTYPES
+
+    out = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    piece = handle.get_slice(name)
+                    dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
+                    if dtype is None:
+                        raise MoekitError(f"{file}: tensor {name} has dtype {piece.get_dtype()}")
+                    out[name] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+        except (SafetensorError, OSError) as exc:
+            raise MoekitError(f"{file}: not a readable safetensors file ({exc})") from None
+    return out
+
+
+def _read_named(files: list[Path], names: list[str]) -> dict[str, Tensor]:
+    """The tensors `names` (and no others) from `files`."""
+    from safetensors import SafetensorError, safe_open
+
+    wanted, out = set(names), {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    if name in wanted:
+                        out[name] = handle.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise MoekitError(f"{file}: not a readable safetensors file ({exc})") from None
+    return out
+
+
 def _cast(state: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
     """Floating tensors to `dtype`; the selection bias stays fp32 (as the router keeps it)."""
     if dtype is None:
@@ -138,6 +190,10 @@ def _build(config: FamilyConfig, state: dict[str, Tensor], source: str) -> Famil
                 f"{source}: {name} has shape {tuple(tensor.shape)}, "
                 f"the config implies {tuple(expected[name].shape)}"
             )
+    # Views into the file's buffer land at any 8-byte offset, and the CPU kernels' results depend
+    # on their operands' alignment: own, 64-byte-aligned storage makes a model compute the same
+    # bits however its file was laid out (and offloaded experts equal in-memory ones).
+    state = {k: v if v.data_ptr() % _ALIGNMENT == 0 else v.clone() for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     return model.eval()
@@ -149,26 +205,39 @@ def from_hf(
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
     backend: str | None = None,
+    experts_on_disk: bool = False,
 ) -> FamilyModel:
     """Load an HF MoE checkpoint folder as a moekit `FamilyModel` (eval mode).
 
     `dtype` casts the weights (default: as stored); `attn_implementation` ("sdpa" or "eager")
     overrides the family's default kernel; `backend` picks moekit's expert dispatch backend.
+    `experts_on_disk`: leave the routed experts unread (meta tensors), for a model larger than
+    memory that runs with `moekit.inference.offload.attach`.
     """
     path = Path(path)
     hf_config, raw = read_hf_config(path)
-    tensors = read_hf_tensors(path)
+    tensors = _meta_tensors(_weight_files(path)) if experts_on_disk else read_hf_tensors(path)
     source = str(path)
     config = family_config_from_hf(hf_config, "per_expert", str(path / HF_CONFIG), raw)
     spec = FAMILIES[config.family]
     config = dataclasses.replace(config, hf_layout=detect_layout(spec, config, tensors, source))
+    if experts_on_disk:
+        experts = {
+            k
+            for rule in rules_for(spec, config, config.hf_layout)
+            if ".experts." in rule.ours
+            for k in rule.theirs
+        }
+        tensors.update(_read_named(_weight_files(path), [k for k in tensors if k not in experts]))
     if attn_implementation is not None:
         attention = dataclasses.replace(config.attention, implementation=attn_implementation)
         config = dataclasses.replace(config, attention=attention)
     if backend is not None:
         config = dataclasses.replace(config, moe=dataclasses.replace(config.moe, backend=backend))
     state = _cast(hf_to_moekit(spec, config, config.hf_layout, tensors, source), dtype)
-    return _build(config, state, source)
+    model = _build(config, state, source)
+    model.checkpoint_path = str(path)  # where offloading reads the experts back from
+    return model
 
 
 def hf_config_for(config: FamilyConfig) -> Any:
@@ -301,8 +370,8 @@ def save_family(model: FamilyModel, path: str | os.PathLike, *, overwrite: bool 
     return _write_dir(Path(path), fill, overwrite)
 
 
-def load_family(path: str | os.PathLike) -> FamilyModel:
-    """A family model from `save_family`'s folder (eval mode)."""
+def load_family(path: str | os.PathLike, *, experts_on_disk: bool = False) -> FamilyModel:
+    """A family model from `save_family`'s folder (eval mode); `experts_on_disk` as in `from_hf`."""
     path = Path(path)
     if path.is_dir() and not (path / FAMILY_CONFIG).is_file() and (path / HF_CONFIG).is_file():
         raise MoekitError(f"{path}: this is an HF folder, not a moekit family checkpoint; use moekit.from_hf")
@@ -319,8 +388,14 @@ def load_family(path: str | os.PathLike) -> FamilyModel:
     except ConfigError as exc:
         raise MoekitError(f"{path / FAMILY_CONFIG}: {exc}") from None
     family_spec(config.family, str(path / FAMILY_CONFIG))
-    state = load_tensors(path / FAMILY_WEIGHTS, "moekit family weights")
-    return _build(config, state, str(path / FAMILY_WEIGHTS))
+    if experts_on_disk:
+        state = _meta_tensors([path / FAMILY_WEIGHTS])
+        state.update(_read_named([path / FAMILY_WEIGHTS], [k for k in state if ".experts." not in k]))
+    else:
+        state = load_tensors(path / FAMILY_WEIGHTS, "moekit family weights")
+    model = _build(config, state, str(path / FAMILY_WEIGHTS))
+    model.checkpoint_path = str(path)  # where offloading reads the experts back from
+    return model
 
 
 def load_any(path: str | os.PathLike) -> FamilyModel:
