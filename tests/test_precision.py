@@ -350,3 +350,17 @@ def test_bf16_autocast_on_every_hf_family(tmp_path, monkeypatch):
         assert routings, family
         assert all(r.logits.dtype == torch.float32 for r in routings), family
         assert relative_error(bf16, fp32) < 3 * BF16_RELATIVE_TOLERANCE, family
+
+
+def test_ranks_take_their_local_gpu_and_nccl(monkeypatch):
+    """With GPUs present (simulated: only torch's answers are replaced), `auto` places torchrun's
+    local rank r on GPU r mod count, and the process groups use NCCL for CUDA tensors."""
+    from moekit.distributed.mesh import default_backend
+
+    assert default_backend() == ("cpu:gloo,cuda:nccl" if CUDA else "gloo")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto", local_rank=3) == torch.device("cuda", 1)
+    assert resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
+    assert resolve_device("cpu", local_rank=1) == CPU
+    assert default_backend() == "cpu:gloo,cuda:nccl"
