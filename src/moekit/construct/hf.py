@@ -239,13 +239,16 @@ def _calibrate(
     layers = _layers(dense)
     captured: dict[str, list[Tensor]] = {}
     hooks = []
+
+    def keep(key: str):
+        def hook(_module, args):
+            captured.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]))
+
+        return hook
+
     for i, layer in enumerate(layers):
-        hooks.append(
-            layer.mlp.register_forward_pre_hook(
-                lambda _m, a, i=i: captured.setdefault(f"in{i}", []).append(a[0].reshape(-1, a[0].shape[-1]))
-            )
-        )
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(lambda _m, a, i=i: captured.setdefault(f"act{i}", []).append(a[0].reshape(-1, a[0].shape[-1]))))  # fmt: skip
+        hooks.append(layer.mlp.register_forward_pre_hook(keep(f"in{i}")))
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(keep(f"act{i}")))
 
     def tokens(text: str) -> Tensor:
         ids = encode(text) if encode is not None else [b % vocab for b in text.encode()]
