@@ -57,6 +57,12 @@ def _bench_hf(args: argparse.Namespace) -> int:
     return hf.main(args)
 
 
+def _upcycle(args: argparse.Namespace) -> int:
+    from moekit.construct import cli as construct_cli
+
+    return construct_cli.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moekit",
@@ -117,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_hf_arguments(hf)
     hf.set_defaults(handler=_bench_hf)
     bench.set_defaults(handler=lambda args: (bench.print_help(), 0)[1])
+
+    from moekit.construct.cli import add_arguments as add_upcycle_arguments
+
+    upcycle = sub.add_parser(
+        "upcycle",
+        help="a dense HF model or moekit run -> an MoE (copy, Drop-Upcycling, split), with a receipt",
+    )
+    add_upcycle_arguments(upcycle)
+    upcycle.set_defaults(handler=_upcycle)
     return parser
 
 

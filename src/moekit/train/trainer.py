@@ -33,6 +33,7 @@ from moekit.errors import ConfigError, MoekitError
 from moekit.models.lm import LanguageModel, count_parameters
 from moekit.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from moekit.train.config import RunConfig
+from moekit.train.init_from import load_initial_weights
 from moekit.train.methods import announce_step, lm_forward, make_forward
 from moekit.train.metrics import MetricsLog, Progress
 from moekit.train.optim import make_optimizer, set_learning_rate, warmup_cosine
@@ -139,6 +140,16 @@ class Trainer:
                 f"model.max_seq_len={self.model_config.max_seq_len} is shorter than data.seq_len={d.seq_len}"
             )
         self.model = LanguageModel(self.model_config).to(dtype)
+        init_from = config.model.get("init_from")
+        if init_from is not None:  # the starting weights (an upcycled MoE, an HF checkpoint ...)
+            if self.model_config.vocab_size < self.data.tokenizer.vocab_size:
+                raise ConfigError(
+                    "model.init_from",
+                    f"{init_from}: vocabulary of {self.model_config.vocab_size} tokens, the data's "
+                    f"tokenizer has {self.data.tokenizer.vocab_size}",
+                )
+            load_initial_weights(self.model, init_from)
+            log(f"initialised from {init_from}")
         self.parameters = count_parameters(self.model)
         make_expert_parallel(self.model, self.mesh)  # after counting: only this rank's experts remain
         self.forward = make_forward(self.model, config.methods, self.data.domains)
