@@ -94,7 +94,7 @@ def test_drop_noise_and_hidden_router_move_the_model_as_intended(tmp_path):
     inputs = {}
     hooks = [moe.model.layers[0].mlp.register_forward_pre_hook(lambda _m, a: inputs.setdefault("x", a[0]))]
     chosen = []
-    for e, group in enumerate(prompts):
+    for group in prompts:
         inputs.clear()
         ids = torch.tensor([[b % 128 for b in group[0].encode()]])
         with torch.no_grad():
@@ -168,7 +168,8 @@ def _dense_run(tmp_path, seed=0):
 
 def test_moekit_runs_upcycle_with_receipts_and_train_on(tmp_path, capsys):
     run, dense = _dense_run(tmp_path)
-    assert moekit_main(["upcycle", str(run), "--experts", "4", "--top-k", "2", "--out", str(tmp_path / "copy"), "--corpus", "sample"]) == 0  # fmt: skip
+    args = ["upcycle", str(run), "--experts", "4", "--top-k", "2", "--corpus", "sample"]
+    assert moekit_main([*args, "--out", str(tmp_path / "copy")]) == 0
     out = capsys.readouterr().out
     assert "exact: ok" in out and "receipt:" in out
     split = upcycle(
