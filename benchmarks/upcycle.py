@@ -201,7 +201,16 @@ def main() -> None:
 
 def table(report: dict[str, Any]) -> str:
     seeds = report["seeds"]
-    rows = ["dense_continued", "dense_continued_2x", "copy", "drop", "split", "scratch", "scratch_full"]
+    rows = [
+        "dense_pretrain",
+        "dense_continued",
+        "dense_continued_2x",
+        "copy",
+        "drop",
+        "split",
+        "scratch",
+        "scratch_full",
+    ]
     base = statistics.fmean(seeds[k]["dense_continued"]["flops_per_token"] for k in seeds)
     lines = [
         "| run | steps after dense | FLOPs/token vs dense | val loss (mean [min, max] over seeds) | "
@@ -220,9 +229,49 @@ def table(report: dict[str, Any]) -> str:
         receipt = seeds[next(iter(seeds))][row].get("receipt", {})
         step0 = " / ".join(f"{c['max_abs_logit_diff']:.2g}" for c in receipt.values())
         steps = seeds[next(iter(seeds))][row]["curve"][-1][0]
+        steps = f"(pre-training: {steps})" if row == "dense_pretrain" else steps
         spread = f"{statistics.fmean(finals):.3f} [{min(finals):.3f}, {max(finals):.3f}]"
         lines.append(f"| {row} | {steps} | {ratio:.2f} | {spread} | {match_text} | {step0} |")
     return "\n".join(lines)
+
+
+def report_from_work(work: Path) -> dict[str, Any]:
+    """The report rebuilt from a work folder's runs (the seeds whose runs all finished)."""
+    from moekit.construct.lm import load_run_model
+
+    seeds: dict[str, Any] = {}
+    for seed_dir in sorted(work.glob("seed*")):
+        runs = [
+            "dense",
+            "dense_continued",
+            "dense_continued_2x",
+            "copy",
+            "drop",
+            "split",
+            "scratch",
+            "scratch_full",
+        ]
+        if not all((seed_dir / r / "checkpoints" / "latest").is_file() for r in runs):
+            continue
+        results: dict[str, Any] = {}
+        for run in runs:
+            model, _ = load_run_model(seed_dir / run)
+            counts = count_parameters(model)
+            points = curve(seed_dir / run)
+            head = model.config.vocab_size * model.config.hidden_size
+            results["dense_pretrain" if run == "dense" else run] = {
+                "curve": points,
+                "final": points[-1][1],
+                "flops_per_token": 6.0 * (counts.active - counts.embedding + head),
+            }
+            receipt = seed_dir / f"upcycled_{run}" / "upcycle_receipt.json"
+            if receipt.is_file():
+                results[run]["receipt"] = read_json(receipt, "receipt")["checks"]
+                results[run]["dense_steps_to_match"] = steps_to_reach(
+                    curve(seed_dir / "dense_continued_2x"), points[-1][1]
+                )
+        seeds[seed_dir.name.removeprefix("seed")] = results
+    return {"seeds": seeds}
 
 
 if __name__ == "__main__":
@@ -230,5 +279,7 @@ if __name__ == "__main__":
 
     if len(sys.argv) > 1 and sys.argv[1] == "--table":
         print(table(read_json(Path(sys.argv[2]), "benchmark report")))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--table-from-work":
+        print(table(report_from_work(Path(sys.argv[2]))))
     else:
         main()
