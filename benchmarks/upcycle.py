@@ -50,6 +50,9 @@ class Settings:
     top_k: int = 2
     split_top_k: int = 4  # split experts are ff/8 wide: top-4 touches half the dense FFN
     lr: float = 3e-3
+    continue_lr: float | None = None  # peak lr of the continuations (default: lr, a full re-warm-up)
+    dense_from: str | None = None  # reuse this dense checkpoint instead of pre-training one
+    scratch: bool = True
     eval_every: int = 25
     eval_batches: int = 4  # per domain; the dense 2x curve is evaluated every eval_every steps
     source: str = "builtin"
@@ -58,13 +61,14 @@ class Settings:
 def run_config(
     s: Settings, name: str, out: Path, steps: int, seed: int, model: dict, moe: bool, eval_every: int = 0
 ) -> RunConfig:
+    lr = s.continue_lr if s.continue_lr is not None and "init_from" in model else s.lr
     return RunConfig.from_dict(
         {
             "name": name,
             "out_dir": str(out / name),
             "model": model,
             "data": {"source": s.source, "tokenizer": "byte", "seq_len": s.seq_len},
-            "train": {"steps": steps, "micro_batch_size": s.micro_batch_size, "lr": s.lr, "warmup_steps": 10},
+            "train": {"steps": steps, "micro_batch_size": s.micro_batch_size, "lr": lr, "warmup_steps": 10},
             "loop": {
                 "seed": seed,
                 "log_every": 0,
@@ -161,10 +165,11 @@ def one_seed(s: Settings, seed: int, out: Path, data: LanguageModelData) -> dict
             "router": {"preset": "mixtral", "num_experts": s.num_experts, "top_k": s.top_k},
         },
     }
-    results["scratch"] = train(run_config(s, "scratch", root, s.steps, seed, moe_model, True), data)
-    results["scratch_full"] = train(
-        run_config(s, "scratch_full", root, s.pretrain + s.steps, seed, moe_model, True), data
-    )
+    if s.scratch:
+        results["scratch"] = train(run_config(s, "scratch", root, s.steps, seed, moe_model, True), data)
+        results["scratch_full"] = train(
+            run_config(s, "scratch_full", root, s.pretrain + s.steps, seed, moe_model, True), data
+        )
     dense_2x = results["dense_continued_2x"]["curve"]
     for name in recipes:
         results[name]["dense_steps_to_match"] = steps_to_reach(dense_2x, results[name]["final"])
@@ -180,11 +185,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=Settings.steps)
     parser.add_argument("--source", default=Settings.source)
     parser.add_argument("--micro-batch-size", type=int, default=Settings.micro_batch_size)
+    parser.add_argument("--continue-lr", type=float, help="peak lr of the continuations (default: --lr's)")
+    parser.add_argument("--dense-from", help="a dense checkpoint to continue from (skips pre-training)")
+    parser.add_argument("--no-scratch", action="store_true", help="skip the MoE-from-scratch runs")
     parser.add_argument("--work", type=Path, default=Path("runs/bench/upcycle"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench/upcycle.json"))
     args = parser.parse_args()
     s = Settings(
-        pretrain=args.pretrain, steps=args.steps, source=args.source, micro_batch_size=args.micro_batch_size
+        pretrain=args.pretrain,
+        steps=args.steps,
+        source=args.source,
+        micro_batch_size=args.micro_batch_size,
+        continue_lr=args.continue_lr,
+        dense_from=args.dense_from,
+        scratch=not args.no_scratch,
     )
     if args.work.exists() and any(args.work.iterdir()):
         raise SystemExit(
@@ -217,7 +231,7 @@ def table(report: dict[str, Any]) -> str:
         "dense steps to match (of 2x) | step-0 max dlogit (top-k / all on) |",
         "|---|---|---|---|---|---|",
     ]
-    for row in rows:
+    for row in [r for r in rows if all(r in seeds[k] for k in seeds)]:
         finals = [seeds[k][row]["final"] for k in seeds]
         ratio = statistics.fmean(seeds[k][row]["flops_per_token"] for k in seeds) / base
         match = [seeds[k][row].get("dense_steps_to_match") for k in seeds]
@@ -251,7 +265,8 @@ def report_from_work(work: Path) -> dict[str, Any]:
             "scratch",
             "scratch_full",
         ]
-        if not all((seed_dir / r / "checkpoints" / "latest").is_file() for r in runs):
+        runs = [r for r in runs if (seed_dir / r / "checkpoints" / "latest").is_file()]
+        if "copy" not in runs:
             continue
         results: dict[str, Any] = {}
         for run in runs:
