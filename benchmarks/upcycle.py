@@ -134,10 +134,11 @@ def one_seed(s: Settings, seed: int, out: Path, data: LanguageModelData) -> dict
     }
     results: dict[str, Any] = {}
     root = out / f"seed{seed}"
-    results["dense_pretrain"] = train(
-        run_config(s, "dense", root, s.pretrain, seed, dense_model, False), data
-    )
-    dense_ckpt = str(root / "dense")
+    if s.dense_from is None:
+        results["dense_pretrain"] = train(
+            run_config(s, "dense", root, s.pretrain, seed, dense_model, False), data
+        )
+    dense_ckpt = s.dense_from or str(root / "dense")
     results["dense_continued"] = train(
         run_config(s, "dense_continued", root, s.steps, seed, {"init_from": dense_ckpt}, False), data
     )
