@@ -36,14 +36,6 @@ TOKENIZER_FILES = (
     "merges.txt",
     "generation_config.json",
 )
-_FILE_FIELDS = (
-    "architectures",
-    "transformers_version",
-    "model_type",
-    "dtype",
-    "torch_dtype",
-    "_name_or_path",
-)
 
 
 @dataclass(frozen=True)
@@ -201,6 +193,8 @@ def moe_config(dense_config: Any, target: Target, recipe: UpcycleRecipe) -> Any:
     transformers = _transformers()
     cls = getattr(transformers, target.config_class)
     known = set(cls().to_dict()) | {"head_dim"}
+    from moekit.interop.hf import _FILE_FIELDS
+
     values = {k: v for k, v in dense_config.to_dict().items() if k in known and k not in _FILE_FIELDS}
     ff = dense_config.intermediate_size
     values.update(target.extra)
@@ -385,10 +379,11 @@ def upcycle_hf(
         }
         write_receipt(tmp, receipt)
         _require_passed(receipt, dst)
-        fill.receipt = receipt  # type: ignore[attr-defined]
+        written.append(receipt)
 
+    written: list[dict[str, Any]] = []
     _write_dir(dst, fill, overwrite)
-    return fill.receipt  # type: ignore[attr-defined]
+    return written[0]
 
 
 def _require_passed(receipt: dict[str, Any], dst: Path) -> None:
