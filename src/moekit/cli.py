@@ -70,6 +70,12 @@ def _generate(args: argparse.Namespace) -> int:
     return inference_cli.main(args)
 
 
+def _upcycle(args: argparse.Namespace) -> int:
+    from moekit.construct import cli as construct_cli
+
+    return construct_cli.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="moekit",
@@ -136,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate = sub.add_parser("generate", help="generate text with a moekit or HF MoE checkpoint")
     add_generate_arguments(generate)
     generate.set_defaults(handler=_generate)
+
+    from moekit.construct.cli import add_arguments as add_upcycle_arguments
+
+    upcycle = sub.add_parser(
+        "upcycle",
+        help="a dense HF model or moekit run -> an MoE (copy, Drop-Upcycling, split), with a receipt",
+    )
+    add_upcycle_arguments(upcycle)
+    upcycle.set_defaults(handler=_upcycle)
     return parser
 
 

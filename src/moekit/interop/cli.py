@@ -3,7 +3,9 @@
     moekit convert from-hf SRC DST      HF folder -> moekit family checkpoint
     moekit convert to-hf SRC DST        moekit family checkpoint (or HF folder) -> HF folder
 
-`to-hf` also accepts an HF folder, which re-writes it in the other expert layout (`--layout`).
+`to-hf` also accepts an HF folder, which re-writes it in the other expert layout (`--layout`), and
+a `moekit train` run or checkpoint, exported to the HF family that computes moekit's LM (Llama,
+Mixtral or Qwen2-MoE, see `interop.lm_hf`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def main(args: argparse.Namespace) -> int:
     if args.convert_direction == "from-hf":
         model = from_hf(args.src, dtype=dtype)
         out = save_family(model, args.dst, overwrite=args.overwrite)
+    elif _is_run(args.src):
+        return _export_run(args, dtype)
     else:
         model = load_any(args.src)
         out = to_hf(model, args.dst, layout=args.layout, dtype=dtype, overwrite=args.overwrite)
@@ -49,6 +53,37 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"{args.src} -> {out}: {config.family}, {config.num_layers} layers "
         f"({sum(config.moe_layers)} MoE, {moe.router.num_experts} experts top-{moe.router.top_k}), "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters"
+    )
+    return 0
+
+
+def _is_run(src: str) -> bool:
+    from pathlib import Path
+
+    from moekit.train.checkpoint import LATEST_FILE, STATE_FILE
+
+    path = Path(src)
+    return any(
+        (base / name).is_file() for base in (path, path / "checkpoints") for name in (STATE_FILE, LATEST_FILE)
+    )
+
+
+def _export_run(args: argparse.Namespace, dtype) -> int:
+    """A moekit run (its latest checkpoint) -> the HF family of its LM."""
+    from moekit.construct.lm import load_run_model
+    from moekit.errors import MoekitError
+    from moekit.interop.lm_hf import hf_family_of, lm_to_hf
+
+    if args.layout == "packed":
+        raise MoekitError("--layout: runs are written with save_pretrained's default layout; omit --layout")
+    model, state = load_run_model(args.src)
+    if dtype is not None:
+        model = model.to(dtype)
+    family = hf_family_of(model.config)
+    out = lm_to_hf(model, args.dst, overwrite=args.overwrite)
+    print(
+        f"{args.src} (step {state.get('step')}) -> {out}: {family}, {model.config.num_layers} layers, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters"
     )
     return 0

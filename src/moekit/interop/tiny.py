@@ -178,3 +178,29 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> nn.Module:
     transformers = _transformers()
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
     return randomize_(model, seed).eval()
+
+
+# Dense families `moekit upcycle` reads (HF dense in, HF MoE out); intermediate sizes divide by 2,
+# 4 and 8 so that every split recipe has a test.
+TINY_DENSE_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", dict(_COMMON, intermediate_size=32, head_dim=8)),
+    "mistral": ("MistralConfig", dict(_COMMON, intermediate_size=32, sliding_window=6)),
+    "qwen2": ("Qwen2Config", dict(_COMMON, intermediate_size=32)),
+    "qwen3": ("Qwen3Config", dict(_COMMON, intermediate_size=32, head_dim=16, attention_bias=True)),
+    "olmo2": ("Olmo2Config", dict(_COMMON, intermediate_size=32, pad_token_id=1, eos_token_id=2)),
+}
+
+
+def tiny_dense_config(family: str, **overrides: Any) -> Any:
+    """The transformers config of a tiny dense `family` model (`overrides` replace fields)."""
+    if family not in TINY_DENSE_CONFIGS:
+        raise MoekitError(f"no tiny dense config for {family!r}; families: {', '.join(TINY_DENSE_CONFIGS)}")
+    class_name, values = TINY_DENSE_CONFIGS[family]
+    return getattr(_transformers(), class_name)(**{**values, **overrides})
+
+
+def tiny_dense_model(family: str, seed: int = 0, **overrides: Any) -> nn.Module:
+    """A tiny randomized transformers dense causal LM of `family`, in eval mode."""
+    transformers = _transformers()
+    model = transformers.AutoModelForCausalLM.from_config(tiny_dense_config(family, **overrides))
+    return randomize_(model, seed).eval()

@@ -118,8 +118,13 @@ class RunConfig:
     methods: MethodConfig = field(default_factory=MethodConfig)
 
     def model_config(self, vocab_size: int) -> LMConfig:
-        """The model section with `vocab_size: auto` (or absent) resolved from the tokenizer."""
-        values = {k: v for k, v in self.model.items() if k != "init_from"}
+        """The model section with `vocab_size: auto` (or absent) resolved from the tokenizer; with
+        `init_from`, the starting checkpoint's model config under the section's own keys."""
+        values = dict(self.model)
+        if "init_from" in values:
+            from moekit.train.init_from import init_model_config
+
+            values = {**init_model_config(values.pop("init_from")), **values}
         if values.get("vocab_size", "auto") == "auto":
             values["vocab_size"] = vocab_size
         return LMConfig.from_dict(values)

@@ -42,6 +42,7 @@ from moekit.kernels.record import apply_kernel_record, kernel_record
 from moekit.models.lm import LanguageModel, count_parameters
 from moekit.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from moekit.train.config import RunConfig
+from moekit.train.init_from import load_initial_weights
 from moekit.train.methods import announce_step, lm_forward, make_forward
 from moekit.train.metrics import MetricsLog, Progress
 from moekit.train.optim import make_optimizer, set_learning_rate, warmup_cosine
@@ -158,10 +159,14 @@ class Trainer:
         self.compute_dtype = resolve_dtype(t.dtype)
         warn_if_slow_bf16(self.compute_dtype, self.device)
         self.model = LanguageModel(self.model_config).to(dtype)
-        if config.init_from is not None:
-            from moekit.train.init_from import init_from_checkpoint
-
-            loaded = init_from_checkpoint(self.model, Path(config.init_from))
+        if config.init_from is not None:  # the starting weights (an upcycled MoE, an HF checkpoint ...)
+            if self.model_config.vocab_size < self.data.tokenizer.vocab_size:
+                raise ConfigError(
+                    "model.init_from",
+                    f"{config.init_from}: vocabulary of {self.model_config.vocab_size} tokens, the data's "
+                    f"tokenizer has {self.data.tokenizer.vocab_size}",
+                )
+            loaded = load_initial_weights(self.model, config.init_from)
             bases = f", base FFN of {len(loaded['bases'])} MoE layers" if loaded["bases"] else ""
             log(f"initialised from {config.init_from}: {len(loaded['copied'])} tensors{bases}")
         elif _has_frozen_random_base(self.model):
