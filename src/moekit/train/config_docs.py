@@ -101,6 +101,11 @@ MEANINGS: dict[str, str] = {
     "methods.loramoe_weight": "LoRAMoE's localized balancing constraint weight (0: off).",
     "methods.loramoe_delta": "LoRAMoE's delta: the importance gap between the two expert types.",
     "methods.loramoe_knowledge_domains": "Domains whose tokens count as world-knowledge for LoRAMoE.",
+    "methods.loramoe_form": "`intended` (CV^2(Q / I), which pulls each sample towards its matching "
+    "expert group, as the paper intends) or `published` (the released CV^2(Q * I), which pushes it away).",
+    "model.init_from": "Start step 0 from these weights: a moekit checkpoint or run directory (an "
+    "upcycled one included) or an HF Llama / Mixtral / Qwen2-MoE folder. The model section's other keys "
+    "replace the checkpoint's; LoRAMoE / SMoRA experts take its dense FFN as their frozen base.",
     "balance.objectives": "Auxiliary objectives added to the LM loss, each at most once per "
     "(kind, scope): a list of {kind, scope, coefficient}.",
     "balance.bias_update_rate": "Gamma of DeepSeek-V3's aux-loss-free balancing for routers with a "
@@ -320,7 +325,14 @@ def all_sections() -> list[tuple[str, str, list[Key]]]:
     ]
     sections = [
         ("Top level", "", top),
-        ("model", describe(LMConfig), section_keys("model", LMConfig)),
+        (
+            "model",
+            describe(LMConfig),
+            [
+                Key("model.init_from", "str", "null", "", MEANINGS["model.init_from"]),
+                *section_keys("model", LMConfig),
+            ],
+        ),
         (
             "model.moe",
             describe(MoEConfig).split(" `ff_size`")[0],

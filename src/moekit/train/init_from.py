@@ -67,7 +67,7 @@ def load_initial_weights(model: nn.Module, path: str) -> dict[str, list[str]]:
         tensors = {k: v.to(model.embed.weight.dtype) for k, v in source.state_dict().items()}
         if source.config.tie_embeddings:
             tensors.pop("head.weight", None)
-        load_model_tensors(model, tensors, str(folder))
+        load_model_tensors(model, tensors, f"{FIELD} {folder}")
         return {"copied": sorted(tensors), "bases": []}
     from moekit.io import load_tensors, read_json
     from moekit.train.checkpoint import MODEL_FILE, STATE_FILE, resolve_checkpoint, verify_checksums
@@ -78,7 +78,7 @@ def load_initial_weights(model: nn.Module, path: str) -> dict[str, list[str]]:
     tensors = {k: v.to(model.embed.weight.dtype) for k, v in tensors.items()}
     if any(_adapter_experts(block) is not None for block in getattr(model, "blocks", ())):
         return _load_with_bases(model, tensors, directory / MODEL_FILE)
-    load_model_tensors(model, tensors, str(directory))
+    load_model_tensors(model, tensors, f"{FIELD} {directory}")
     return {"copied": sorted(tensors), "bases": []}
 
 
