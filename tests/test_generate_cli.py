@@ -147,3 +147,22 @@ def test_hf_folders_without_tokenizer_or_moe_are_refused(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(dense), "--prompt", "the"]) == 2
     assert "llama" in error_line(capsys)
+
+
+def test_generate_with_offloaded_experts_gives_the_in_memory_tokens(tmp_path):
+    pytest.importorskip("transformers")
+    from moekit.interop.tiny import tiny_model
+
+    hf = tmp_path / "qwen3"
+    tiny_model("qwen3_moe").save_pretrained(hf)
+    save_word_tokenizer(hf)
+    argv = ["generate", str(hf), "--prompt", "the a x def", "--max-new-tokens", "6", "--quiet"]
+    assert main([*argv, "--json", str(tmp_path / "mem.json")]) == 0
+    offloaded = [*argv, "--json", str(tmp_path / "off.json"), "--offload-budget", "50%"]
+    assert main([*offloaded, "--offload-policy", "lru"]) == 0
+    in_memory = json.loads((tmp_path / "mem.json").read_text())
+    streamed = json.loads((tmp_path / "off.json").read_text())
+    assert streamed["output_ids"] == in_memory["output_ids"]
+    report = streamed["offload"]
+    assert "offload" not in in_memory and 0.0 <= report["hit_rate"] <= 1.0
+    assert report["bytes_read_per_token"] > 0

@@ -24,6 +24,7 @@ _EXPORTS = {
     "patch": "moekit.interop.patch",
     "generate": "moekit.inference.generate",
     "stream": "moekit.inference.generate",
+    "OffloadConfig": "moekit.inference.offload",
     "RoutingOverride": "moekit.routing.override",
     "Overrides": "moekit.routing.override",
     "RoutingCapture": "moekit.routing.override",
@@ -43,6 +44,7 @@ __all__ = [
     "patch",
     "generate",
     "stream",
+    "OffloadConfig",
     "RoutingOverride",
     "Overrides",
     "RoutingCapture",
@@ -51,6 +53,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from moekit.inference.generate import generate, stream
+    from moekit.inference.offload import OffloadConfig
     from moekit.interop.hf import from_hf, to_hf
     from moekit.interop.patch import patch
     from moekit.layer import MoE, MoEConfig

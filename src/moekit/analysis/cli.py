@@ -123,11 +123,12 @@ def _from_hf_function(path: Path) -> Any:
     )
 
 
-def load_hf_model(path: Path) -> Any:
-    """An HF checkpoint as a moekit-family model whose MoE FFNs are moekit MoE layers."""
+def load_hf_model(path: Path, experts_on_disk: bool = False) -> Any:
+    """An HF checkpoint as a moekit-family model whose MoE FFNs are moekit MoE layers (with
+    `experts_on_disk`, the routed experts left unread for offloading to stream)."""
     from torch import nn
 
-    loaded = _from_hf_function(path)(path)
+    loaded = _from_hf_function(path)(path, experts_on_disk=experts_on_disk)
     if isinstance(loaded, (tuple, list)) and loaded and isinstance(loaded[0], nn.Module):
         loaded = loaded[0]
     model = loaded if isinstance(loaded, nn.Module) else getattr(loaded, "model", None)
@@ -141,12 +142,12 @@ def load_hf_model(path: Path) -> Any:
 class LoadedModel:
     """A model ready to record, with what is needed to tokenise data for it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, experts_on_disk: bool = False) -> None:
         from moekit.analysis.data import HFTokenizer, checkpoint_tokenizer
 
         self.path = path
         if is_hf_directory(path):
-            self.model = load_hf_model(path)
+            self.model = load_hf_model(path, experts_on_disk)
             self.tokenizer = HFTokenizer(path)
             self.data_config: dict[str, Any] = {}
             self.layout = "padded"  # no document-aware attention: one document piece per row

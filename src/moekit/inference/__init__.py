@@ -1,4 +1,5 @@
-"""Running MoE models: KV-cached generation (`generate`, `stream`), its cache, and the CLI.
+"""Running MoE models: KV-cached generation (`generate`, `stream`), its cache, experts streamed
+from disk (`OffloadConfig`, `attach`), and the CLI.
 
 Imported on use: `moekit.interop` and `moekit.models` import the cache from here, so this package
 must not import them back at import time.
@@ -14,6 +15,8 @@ _EXPORTS = {
     "GenerationConfig": "moekit.inference.generate",
     "KVCache": "moekit.inference.kv_cache",
     "LayerCache": "moekit.inference.kv_cache",
+    "OffloadConfig": "moekit.inference.offload",
+    "attach": "moekit.inference.offload",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -59,14 +59,15 @@ def _offload_config(args: argparse.Namespace) -> Any:
     if args.offload_budget is None:
         return None
     try:
-        from moekit.inference.offload import OffloadConfig, parse_budget
+        from moekit.inference.offload import OffloadConfig
     except ImportError as exc:
         raise MoekitError(
             f"--offload-budget: expert offloading is not available in this install ({exc})"
         ) from None
-    return OffloadConfig(
-        budget_bytes=parse_budget(args.offload_budget), policy=args.offload_policy, source=args.source
-    )
+    try:
+        return OffloadConfig(budget_bytes=args.offload_budget, policy=args.offload_policy, source=args.source)
+    except MoekitError as exc:
+        raise MoekitError(f"--offload-budget {args.offload_budget!r}: {exc}") from None
 
 
 def _hf_eos(directory: Path) -> Any:
@@ -76,8 +77,9 @@ def _hf_eos(directory: Path) -> Any:
     return config.get("eos_token_id") if isinstance(config, dict) else None
 
 
-def load_for_generation(source: Path) -> tuple[Any, Any, Any]:
-    """(model, tokenizer, eos ids) of a moekit checkpoint or an HF folder, tokenizer checked first."""
+def load_for_generation(source: Path, experts_on_disk: bool = False) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, eos ids) of a moekit checkpoint or an HF folder, tokenizer checked first;
+    `experts_on_disk`: an HF folder's routed experts stay unread (offloading streams them)."""
     from moekit.analysis.cli import LoadedModel, is_hf_directory
 
     if not source.exists():
@@ -86,7 +88,7 @@ def load_for_generation(source: Path) -> tuple[Any, Any, Any]:
         if not (source / "tokenizer.json").is_file():
             raise MoekitError(f"{source}: no tokenizer.json; generating text needs the model's tokenizer")
         eos = _hf_eos(source)
-    loaded = LoadedModel(source)
+    loaded = LoadedModel(source, experts_on_disk)
     if not is_hf_directory(source):
         eos = loaded.tokenizer.eos_id
     from moekit.addressing import require_moe_layers
@@ -128,7 +130,7 @@ def main(args: argparse.Namespace) -> int:
         raise MoekitError(f"--json: the folder {args.json.parent} does not exist")
     if not args.prompt:
         raise MoekitError("--prompt: empty; expected some text to continue")
-    model, tokenizer, eos = load_for_generation(args.source)
+    model, tokenizer, eos = load_for_generation(args.source, experts_on_disk=offload is not None)
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise MoekitError("--prompt: the tokenizer turns it into no tokens; expected at least one")
