@@ -128,7 +128,8 @@ def load_hf_model(path: Path, experts_on_disk: bool = False) -> Any:
     `experts_on_disk`, the routed experts left unread for offloading to stream)."""
     from torch import nn
 
-    loaded = _from_hf_function(path)(path, experts_on_disk=experts_on_disk)
+    from_hf = _from_hf_function(path)
+    loaded = from_hf(path, experts_on_disk=True) if experts_on_disk else from_hf(path)
     if isinstance(loaded, (tuple, list)) and loaded and isinstance(loaded[0], nn.Module):
         loaded = loaded[0]
     model = loaded if isinstance(loaded, nn.Module) else getattr(loaded, "model", None)
