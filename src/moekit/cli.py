@@ -57,6 +57,12 @@ def _bench_hf(args: argparse.Namespace) -> int:
     return hf.main(args)
 
 
+def _compress(args: argparse.Namespace) -> int:
+    from moekit.compress import cli as compress_cli
+
+    return compress_cli.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moekit",
@@ -117,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_hf_arguments(hf)
     hf.set_defaults(handler=_bench_hf)
     bench.set_defaults(handler=lambda args: (bench.print_help(), 0)[1])
+    from moekit.compress.cli import add_arguments as add_compress_arguments
+
+    compress = sub.add_parser("compress", help="prune, merge or quantize an MoE's experts from a recipe")
+    add_compress_arguments(compress)
+    compress.set_defaults(handler=_compress)
     return parser
 
 
