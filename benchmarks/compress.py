@@ -71,21 +71,43 @@ def main() -> None:
             **extra,
         }
         results.setdefault("original", {"loss": quality["loss_before"], "agreement": 1.0, "seconds": 0.0})
-        print(f"{label:32s} loss {quality['loss_after']['all']:.4f}  agreement {results[label]['agreement']:.3f}  {seconds:.2f}s", flush=True)
+        print(
+            f"{label:32s} loss {quality['loss_after']['all']:.4f}  "
+            f"agreement {results[label]['agreement']:.3f}  {seconds:.2f}s",
+            flush=True,
+        )
 
     with torch.no_grad():
         started = time.perf_counter()
         calibration = calibrate(model, cal_batches, hessians=not args.skip_quant)
         calib_seconds = time.perf_counter() - started
-        print(f"calibration: {calibration.num_tokens} tokens, {calib_seconds:.1f}s; never routed {calibration.never_routed()}")
+        print(
+            f"calibration: {calibration.num_tokens} tokens, {calib_seconds:.1f}s; "
+            f"never routed {calibration.never_routed()}"
+        )
         for keep in (num * 3 // 4, num // 2, num // 4):
             for method in ("frequency", "gate_weight", "ean", "reap", "stun"):
                 t = time.perf_counter()
                 result = prune(model, calibration, method, keep)
-                record(f"prune {method} {keep}/{num}", result.model, [keep_map(k, num) for k in result.keep], time.perf_counter() - t, experts=keep)
+                record(
+                    f"prune {method} {keep}/{num}",
+                    result.model,
+                    [keep_map(k, num) for k in result.keep],
+                    time.perf_counter() - t,
+                    experts=keep,
+                )
             gen = torch.Generator().manual_seed(0)
-            keeps = [top_experts(torch.rand(num, generator=gen, dtype=torch.float64), keep) for _ in calibration.layers]
-            record(f"prune random {keep}/{num}", select_rows(model, keeps), [keep_map(k, num) for k in keeps], 0.0, experts=keep)
+            keeps = [
+                top_experts(torch.rand(num, generator=gen, dtype=torch.float64), keep)
+                for _ in calibration.layers
+            ]
+            record(
+                f"prune random {keep}/{num}",
+                select_rows(model, keeps),
+                [keep_map(k, num) for k in keeps],
+                0.0,
+                experts=keep,
+            )
             for align in (True, False):
                 t = time.perf_counter()
                 merged = merge(model, calibration, keep, align=align)
@@ -94,41 +116,84 @@ def main() -> None:
         # PreMoe-style task-conditioned masks: REAP on one domain's calibration tokens
         domain_rows = {}
         for d, name in enumerate(names):
-            only = [b for b in cal_batches if int((b.domains == d).sum()) > 0 and int((b.domains == d).sum()) == int((b.domains >= 0).sum())]
+            only = [
+                b
+                for b in cal_batches
+                if int((b.domains == d).sum()) > 0
+                and int((b.domains == d).sum()) == int((b.domains >= 0).sum())
+            ]
             if not only:
                 continue
             masks = prune(model, calibrate(model, only), "reap", num // 2)
             quality = compare(model, masks.model, held_out, names, [keep_map(k, num) for k in masks.keep])
             domain_rows[name] = quality["loss_after"]
-            print(f"premoe mask {name:14s} " + " ".join(f"{k}={v:.3f}" for k, v in quality["loss_after"].items()), flush=True)
+            print(
+                f"premoe mask {name:14s} "
+                + " ".join(f"{k}={v:.3f}" for k, v in quality["loss_after"].items()),
+                flush=True,
+            )
         results["premoe_masks"] = domain_rows
         if not args.skip_quant:
             for algorithm, hessian in (("rtn", "routed"), ("gptq", "routed"), ("gptq", "affinity")):
                 for bits in (2, 3, 4):
                     t = time.perf_counter()
-                    recipe = QuantizeRecipe(algorithm=algorithm, hessian=hessian, bits=bits, group_size=32, protect_super_experts=False)
+                    recipe = QuantizeRecipe(
+                        algorithm=algorithm,
+                        hessian=hessian,
+                        bits=bits,
+                        group_size=32,
+                        protect_super_experts=False,
+                    )
                     q = quantize_model(model, calibration, recipe)
-                    record(f"quant {algorithm} {hessian} {bits}b", q.model, [torch.arange(num)] * len(calibration.layers), time.perf_counter() - t, bits=bits, packed_bytes=q.bytes_after)
+                    record(
+                        f"quant {algorithm} {hessian} {bits}b",
+                        q.model,
+                        [torch.arange(num)] * len(calibration.layers),
+                        time.perf_counter() - t,
+                        bits=bits,
+                        packed_bytes=q.bytes_after,
+                    )
             for mean_bits in (2.5, 3.0):
                 t = time.perf_counter()
-                recipe = QuantizeRecipe(algorithm="gptq", hessian="affinity", bits=None, mean_bits=mean_bits, choices=(2, 3, 4, 8), group_size=32, protect_super_experts=False)
+                recipe = QuantizeRecipe(
+                    algorithm="gptq",
+                    hessian="affinity",
+                    bits=None,
+                    mean_bits=mean_bits,
+                    choices=(2, 3, 4, 8),
+                    group_size=32,
+                    protect_super_experts=False,
+                )
                 q = quantize_model(model, calibration, recipe)
                 flat = [b for row in q.bits for b in row]
-                record(f"quant milp gptq {mean_bits}b", q.model, [torch.arange(num)] * len(calibration.layers), time.perf_counter() - t, bits=float(np.mean(flat)), histogram={b: flat.count(b) for b in sorted(set(flat))}, packed_bytes=q.bytes_after)
+                record(
+                    f"quant milp gptq {mean_bits}b",
+                    q.model,
+                    [torch.arange(num)] * len(calibration.layers),
+                    time.perf_counter() - t,
+                    bits=float(np.mean(flat)),
+                    histogram={b: flat.count(b) for b in sorted(set(flat))},
+                    packed_bytes=q.bytes_after,
+                )
                 # the control: the same bit widths, shuffled across experts (equal size)
                 rng = np.random.default_rng(0)
-                shuffled = list(rng.permutation(flat))
+                shuffled = [int(b) for b in rng.permutation(flat)]
                 fixed = [shuffled[i * num : (i + 1) * num] for i in range(len(calibration.layers))]
-                from moekit.compress import quantize_model as qm
-
-                original_choose = qm.choose_bits
-                qm.choose_bits = lambda *a, **k: fixed  # noqa: E731  (benchmark-only override)
-                try:
-                    q2 = quantize_model(model, calibration, recipe)
-                finally:
-                    qm.choose_bits = original_choose
-                record(f"quant shuffled-bits gptq {mean_bits}b", q2.model, [torch.arange(num)] * len(calibration.layers), 0.0, bits=float(np.mean(flat)), packed_bytes=q2.bytes_after)
-    results["meta"] = {"calibration_tokens": calibration.num_tokens, "calibration_seconds": calib_seconds, "domains": list(names), "eval_batches": n_eval}
+                q2 = quantize_model(model, calibration, recipe, bits=fixed)
+                record(
+                    f"quant shuffled-bits gptq {mean_bits}b",
+                    q2.model,
+                    [torch.arange(num)] * len(calibration.layers),
+                    0.0,
+                    bits=float(np.mean(flat)),
+                    packed_bytes=q2.bytes_after,
+                )
+    results["meta"] = {
+        "calibration_tokens": calibration.num_tokens,
+        "calibration_seconds": calib_seconds,
+        "domains": list(names),
+        "eval_batches": n_eval,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, json.loads(json.dumps(results, default=float)))
     print(f"wrote {args.out}")

@@ -33,7 +33,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "compress"
 def tiny_lm(seed=0, experts=8):
     torch.manual_seed(seed)
     moe = MoEConfig(hidden_size=32, ff_size=16, router=preset("qwen3_moe", experts, 2))
-    config = LMConfig(vocab_size=259, hidden_size=32, num_layers=2, num_heads=4, ff_size=64, max_seq_len=64, moe=moe)
+    config = LMConfig(
+        vocab_size=259, hidden_size=32, num_layers=2, num_heads=4, ff_size=64, max_seq_len=64, moe=moe
+    )
     return LanguageModel(config).eval()
 
 
@@ -122,7 +124,10 @@ def test_gate_weight_follows_the_router():
     win that expert's tokens: gate_weight now keeps it."""
     model, batches = tiny_lm(), random_batches()
     calibration = calibrate(model, batches)
-    loser, best = int(torch.argmin(calibration.layers[0].gate_sum)), int(torch.argmax(calibration.layers[0].gate_sum))
+    loser, best = (
+        int(torch.argmin(calibration.layers[0].gate_sum)),
+        int(torch.argmax(calibration.layers[0].gate_sum)),
+    )
     assert loser not in prune(model, calibration, "gate_weight", 2).keep[0].tolist()
     with torch.no_grad():
         router = find_moe_layers(model)[0][1].router
@@ -180,7 +185,12 @@ def test_neuron_alignment_recovers_a_permutation_and_keeps_outputs():
     with torch.no_grad():
         experts_copy.w_in[3], experts_copy.w_out[3] = shuffled["experts.w_in"], shuffled["experts.w_out"]
     torch.testing.assert_close(expert_pass(experts_copy, 3, x)[1], ref)  # a permutation changes nothing
-    found = neuron_permutation(tensors["experts.w_in"][3], tensors["experts.w_out"][3], shuffled["experts.w_in"], shuffled["experts.w_out"])
+    found = neuron_permutation(
+        tensors["experts.w_in"][3],
+        tensors["experts.w_out"][3],
+        shuffled["experts.w_in"],
+        shuffled["experts.w_out"],
+    )
     realigned = permute_neurons({k: v.unsqueeze(0) for k, v in shuffled.items()}, 0, found, 16)
     assert torch.equal(realigned["experts.w_in"], tensors["experts.w_in"][3])
 
@@ -208,7 +218,13 @@ def test_merging_identical_experts_is_lossless_and_singletons_are_identity():
 # -- quantization --------------------------------------------------------------------------------------
 
 
-@given(st.integers(1, 6), st.integers(1, 40), st.sampled_from([2, 3, 4, 8]), st.sampled_from([4, 8, 32]), st.integers(0, 99))
+@given(
+    st.integers(1, 6),
+    st.integers(1, 40),
+    st.sampled_from([2, 3, 4, 8]),
+    st.sampled_from([4, 8, 32]),
+    st.integers(0, 99),
+)
 def test_rtn_error_is_at_most_half_a_step(rows, cols, bits, group, seed):
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     q = rtn(w, bits, group)
@@ -228,7 +244,9 @@ def test_packing_round_trips(n, bits, seed):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_gptq_beats_rtn_on_correlated_inputs(bits):
     g = torch.Generator().manual_seed(bits)
-    x = torch.randn(512, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 64, generator=g, dtype=torch.float64)
+    x = torch.randn(512, 8, generator=g, dtype=torch.float64) @ torch.randn(
+        8, 64, generator=g, dtype=torch.float64
+    )
     x += 0.1 * torch.randn(512, 64, generator=g, dtype=torch.float64)
     w = torch.randn(48, 64, generator=g, dtype=torch.float64)
     h = x.T @ x
@@ -260,7 +278,9 @@ def brute_force(cost, choices, sizes, mean_bits, forced):
 def test_bit_allocation_is_the_integer_optimum(seed, mean_bits):
     rng = np.random.default_rng(seed)
     choices = [2, 3, 4, 8]
-    cost = np.sort(rng.random((5, 4)) * rng.random((5, 1)) * 10, axis=1)[:, ::-1].copy()  # more bits, less error
+    cost = np.sort(rng.random((5, 4)) * rng.random((5, 1)) * 10, axis=1)[
+        :, ::-1
+    ].copy()  # more bits, less error
     sizes = rng.integers(1, 4, 5).astype(float)
     forced = np.zeros(5, dtype=bool)
     forced[seed % 5] = mean_bits >= 3.0
@@ -280,7 +300,11 @@ def test_quantized_model_is_bounded_and_packs_what_it_runs():
 
     model, batches = tiny_lm(), random_batches()
     calibration = calibrate(model, batches, hessians=True)
-    result = quantize_model(model, calibration, QuantizeRecipe(algorithm="rtn", bits=8, group_size=16, protect_super_experts=False))
+    result = quantize_model(
+        model,
+        calibration,
+        QuantizeRecipe(algorithm="rtn", bits=8, group_size=16, protect_super_experts=False),
+    )
     diff = (logits(result.model, batches[0]) - logits(model, batches[0])).abs().max()
     assert 0 < float(diff) < 0.05
     assert result.bytes_after < result.bytes_before / 3
@@ -292,7 +316,9 @@ def test_quantized_model_is_bounded_and_packs_what_it_runs():
         result.packed[f"{key}.zeros"].float(), 8, 16,
     )  # fmt: skip
     torch.testing.assert_close(q.dequantize().float(), moe.experts.w_out[5].detach(), atol=1e-3, rtol=0)
-    mixed = quantize_model(model, calibration, QuantizeRecipe(bits=None, mean_bits=3.0, choices=(2, 4), group_size=16))
+    mixed = quantize_model(
+        model, calibration, QuantizeRecipe(bits=None, mean_bits=3.0, choices=(2, 4), group_size=16)
+    )
     flat = [b for row in mixed.bits for b in row]
     assert set(flat) <= {2, 4} and np.mean(flat) <= 3.0 and len(set(flat)) == 2
 
@@ -307,7 +333,17 @@ def family_checkpoint(family, directory):
     return directory
 
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "granitemoe", "llama4_text", "dbrx"]
+FAMILIES = [
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v3",
+    "gpt_oss",
+    "granitemoe",
+    "llama4_text",
+    "dbrx",
+]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -319,7 +355,10 @@ def test_pruned_and_merged_hf_folders_reload_in_transformers(family, tmp_path):
     batches = random_batches(n=2)
     calibration = calibrate(model, batches)
     num = calibration.layers[0].num_experts
-    for name, compressed in (("prune", prune(model, calibration, "reap", num // 2).model), ("merge", merge(model, calibration, num // 2).model)):
+    for name, compressed in (
+        ("prune", prune(model, calibration, "reap", num // 2).model),
+        ("merge", merge(model, calibration, num // 2).model),
+    ):
         out = to_hf(compressed, tmp_path / name)
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
         assert find_moe_layers(from_hf(out))[0][1].experts.num_experts == num // 2
@@ -334,7 +373,10 @@ def test_pruned_and_merged_hf_folders_reload_in_transformers(family, tmp_path):
 
 def save_lm_run(root):
     model = tiny_lm()
-    state = {"config": {"model": model.config.to_dict(), "data": {"source": "sample", "tokenizer": "byte"}}, "step": 0}
+    state = {
+        "config": {"model": model.config.to_dict(), "data": {"source": "sample", "tokenizer": "byte"}},
+        "step": 0,
+    }
     save_checkpoint(root / "checkpoints" / "step-0", model, None, state)
     return model
 
@@ -361,7 +403,18 @@ def test_example_recipes_on_a_moekit_lm(recipe, tmp_path, capsys):
 
     save_lm_run(tmp_path / "run")
     out = tmp_path / "out"
-    assert run(tmp_path / "run", "--recipe", small_recipe(tmp_path / recipe, CONFIGS / recipe), "--calib", "sample", "--out", out) == 0
+    assert (
+        run(
+            tmp_path / "run",
+            "--recipe",
+            small_recipe(tmp_path / recipe, CONFIGS / recipe),
+            "--calib",
+            "sample",
+            "--out",
+            out,
+        )
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out
     report = json.loads((out / "compress_report.json").read_text())
     assert report["bytes_after"] < report["bytes_before"]

@@ -76,7 +76,9 @@ class Calibration:
 
     def coverage(self, min_tokens: int) -> dict[str, Any]:
         below = [
-            (i, int(e)) for i, s in enumerate(self.layers) for e in torch.nonzero(s.count < min_tokens).flatten()
+            (i, int(e))
+            for i, s in enumerate(self.layers)
+            for e in torch.nonzero(s.count < min_tokens).flatten()
         ]
         return {
             "tokens": self.num_tokens,
@@ -138,7 +140,9 @@ class CalibrationRecorder(RoutingRecorder):
         _, moe = self.layers[index]
         self._accumulate(self.stats[index], moe.experts, x[real].double(), routing, real)
 
-    def _accumulate(self, stats: ExpertStats, experts: PackedExperts, x: Tensor, routing: Routing, real: Tensor) -> None:
+    def _accumulate(
+        self, stats: ExpertStats, experts: PackedExperts, x: Tensor, routing: Routing, real: Tensor
+    ) -> None:
         slots, weights, dropped = routing_slots(routing)  # [T, k] expert ids (-1 = none), weights
         slots = slots.masked_fill(dropped, -1)[real.cpu()]
         weights = weights[real.cpu()].double()

@@ -27,7 +27,9 @@ def domain_losses(logits: Tensor, batch: Any, num_domains: int) -> tuple[Tensor,
     valid = batch.targets.flatten() != IGNORE_INDEX
     domains = batch.domains.flatten().clamp_min(0)
     sums = torch.zeros(num_domains, dtype=torch.float64).index_add_(0, domains[valid], loss[valid])
-    counts = torch.zeros(num_domains, dtype=torch.float64).index_add_(0, domains[valid], torch.ones_like(loss[valid]))
+    counts = torch.zeros(num_domains, dtype=torch.float64).index_add_(
+        0, domains[valid], torch.ones_like(loss[valid])
+    )
     return sums, counts
 
 

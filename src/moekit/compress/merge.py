@@ -31,7 +31,9 @@ def cluster_outputs(features: Tensor, clusters: int, num_groups: int = 1) -> Ten
 
     num = features.shape[0]
     if clusters % num_groups:
-        raise ConfigError("merge.keep", f"{clusters} experts do not split evenly into {num_groups} router groups")
+        raise ConfigError(
+            "merge.keep", f"{clusters} experts do not split evenly into {num_groups} router groups"
+        )
     labels = np.zeros(num, dtype=np.int64)
     size, per = num // num_groups, clusters // num_groups
     x = features.double().cpu().numpy()
@@ -63,7 +65,9 @@ def _split_to_count(x: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray
     return labels
 
 
-def neuron_permutation(anchor_in: Tensor, anchor_out: Tensor, member_in: Tensor, member_out: Tensor) -> Tensor:
+def neuron_permutation(
+    anchor_in: Tensor, anchor_out: Tensor, member_in: Tensor, member_out: Tensor
+) -> Tensor:
     """perm [I] so that the member's neuron perm[i] best matches the anchor's neuron i (Hungarian
     assignment on the dot product of each neuron's [gate row | up row | down column])."""
     from scipy.optimize import linear_sum_assignment
@@ -92,7 +96,9 @@ def permute_neurons(tensors: dict[str, Tensor], e: int, perm: Tensor, ff: int) -
     return out
 
 
-def merge_layer(tensors: dict[str, Tensor], labels: Tensor, weights: Tensor, ff: int, align: bool) -> dict[str, Tensor]:
+def merge_layer(
+    tensors: dict[str, Tensor], labels: Tensor, weights: Tensor, ff: int, align: bool
+) -> dict[str, Tensor]:
     """Merge one layer: cluster c becomes the `weights`-weighted average of its members."""
     clusters = int(labels.max()) + 1
     merged: dict[str, list[Tensor]] = {k: [] for k in tensors}

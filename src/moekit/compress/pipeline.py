@@ -52,7 +52,9 @@ def check_model(model: nn.Module, recipe: Recipe) -> None:
         try:
             with_num_experts(model.config, count)
         except ValueError as exc:
-            raise MoekitError(f"{recipe.method}.keep: {count} experts per layer do not fit the router ({exc})") from None
+            raise MoekitError(
+                f"{recipe.method}.keep: {count} experts per layer do not fit the router ({exc})"
+            ) from None
     needs_scipy = (
         recipe.method == "merge"
         or (recipe.method == "prune" and recipe.prune.score == "stun")
@@ -62,10 +64,14 @@ def check_model(model: nn.Module, recipe: Recipe) -> None:
         try:
             import scipy  # noqa: F401
         except ImportError:
-            raise MoekitError(f"{recipe.method}: this method needs scipy: pip install 'moekit[compress]'") from None
+            raise MoekitError(
+                f"{recipe.method}: this method needs scipy: pip install 'moekit[compress]'"
+            ) from None
 
 
-def apply(model: nn.Module, calibration: Calibration, recipe: Recipe) -> tuple[nn.Module, list[Tensor], dict[str, Any]]:
+def apply(
+    model: nn.Module, calibration: Calibration, recipe: Recipe
+) -> tuple[nn.Module, list[Tensor], dict[str, Any]]:
     """The compressed model, per layer the map original expert -> compressed expert (-1 removed),
     and what was done (for the report)."""
     from moekit.compress.quantize_model import super_expert_mask
@@ -87,7 +93,10 @@ def apply(model: nn.Module, calibration: Calibration, recipe: Recipe) -> tuple[n
         from moekit.compress.merge import merge
 
         result = merge(model, calibration, recipe.merge.keep, recipe.merge.align)
-        groups = [[torch.nonzero(lab == c).flatten().tolist() for c in range(int(lab.max()) + 1)] for lab in result.labels]
+        groups = [
+            [torch.nonzero(lab == c).flatten().tolist() for c in range(int(lab.max()) + 1)]
+            for lab in result.labels
+        ]
         return result.model, result.labels, {"merged": groups}
     from moekit.compress.quantize_model import quantize_model
 
@@ -122,15 +131,26 @@ def _write(loaded: Any, model: nn.Module, staging: Path, packed: dict[str, Tenso
         to_hf(model, staging, overwrite=True)
         tokenizer = Path(loaded.path) / "tokenizer.json"
     else:
-        from moekit.train.checkpoint import model_tensors, read_checkpoint_state, resolve_checkpoint, write_checkpoint
+        from moekit.train.checkpoint import (
+            model_tensors,
+            read_checkpoint_state,
+            resolve_checkpoint,
+            write_checkpoint,
+        )
 
         source = resolve_checkpoint(Path(loaded.path))
         state = read_checkpoint_state(source)
         config = dict(state.get("config", {}))
         config["model"] = model.config.to_dict()
-        write_checkpoint(staging / "compressed", model_tensors(model), {}, {"config": config, "step": state.get("step", 0)})
+        write_checkpoint(
+            staging / "compressed", model_tensors(model), {}, {"config": config, "step": state.get("step", 0)}
+        )
         tokenizer = next(
-            (d / "tokenizer.json" for d in (source, source.parent, source.parent.parent) if (d / "tokenizer.json").is_file()),
+            (
+                d / "tokenizer.json"
+                for d in (source, source.parent, source.parent.parent)
+                if (d / "tokenizer.json").is_file()
+            ),
             Path("/nonexistent"),
         )
     if tokenizer.is_file():
@@ -141,7 +161,9 @@ def _write(loaded: Any, model: nn.Module, staging: Path, packed: dict[str, Tenso
         save_tensors_atomic(staging / PACKED_FILE, packed)
 
 
-def compress(src: str | os.PathLike, recipe: Recipe, calib: str, out: str | os.PathLike, *, overwrite: bool = False) -> dict[str, Any]:
+def compress(
+    src: str | os.PathLike, recipe: Recipe, calib: str, out: str | os.PathLike, *, overwrite: bool = False
+) -> dict[str, Any]:
     """Compress the model at `src` by `recipe` on calibration data `calib` ('corpus', 'sample',
     'builtin', a folder or file of text) and write it to `out`; returns the report."""
     from moekit.analysis.data import analysis_batches
@@ -168,7 +190,10 @@ def compress(src: str | os.PathLike, recipe: Recipe, calib: str, out: str | os.P
     torch.manual_seed(0)
     with torch.no_grad():
         calibration = calibrate(
-            model, data.batches[: cal.batches], hessians=recipe.method == "quantize", min_tokens=cal.min_tokens
+            model,
+            data.batches[: cal.batches],
+            hessians=recipe.method == "quantize",
+            min_tokens=cal.min_tokens,
         )
         calibrated = time.perf_counter()
         compressed, maps, details = apply(model, calibration, recipe)
@@ -179,8 +204,15 @@ def compress(src: str | os.PathLike, recipe: Recipe, calib: str, out: str | os.P
         "source": str(src),
         "family": getattr(model.config, "family", "moekit"),
         "recipe": recipe.to_dict(),
-        "calibration": {"data": data.description, **calibration.coverage(cal.min_tokens), "batches": calibration.meta["batches"]},
-        "experts_per_layer": {"before": calibration.layers[0].num_experts, "after": compressed.moe_layers[0].experts.num_experts},
+        "calibration": {
+            "data": data.description,
+            **calibration.coverage(cal.min_tokens),
+            "batches": calibration.meta["batches"],
+        },
+        "experts_per_layer": {
+            "before": calibration.layers[0].num_experts,
+            "after": compressed.moe_layers[0].experts.num_experts,
+        },
         "bytes_before": model_bytes(model),
         "bytes_after": model_bytes(compressed)
         if packed is None

@@ -34,7 +34,9 @@ def top_experts(score: Tensor, keep: int, num_groups: int = 1, protect: Tensor |
     the pruned router's groups stay equal; `protect` (bool [E]) experts are kept first."""
     num = score.numel()
     if keep % num_groups:
-        raise ConfigError("prune.keep", f"{keep} experts do not split evenly into the router's {num_groups} groups")
+        raise ConfigError(
+            "prune.keep", f"{keep} experts do not split evenly into the router's {num_groups} groups"
+        )
     ranked = score.double().clone()
     if protect is not None:
         ranked[protect] = float("inf")

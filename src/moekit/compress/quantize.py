@@ -70,7 +70,9 @@ def rtn(w: Tensor, bits: int, group_size: int) -> Quantized:
     for start in range(0, cols, group_size):
         part = w[:, start : start + group_size]
         scale, zero = group_params(part, bits)
-        codes[:, start : start + group_size] = quantize_column(part, scale[:, None], zero[:, None], bits).to(torch.uint8)
+        codes[:, start : start + group_size] = quantize_column(part, scale[:, None], zero[:, None], bits).to(
+            torch.uint8
+        )
         scales.append(scale)
         zeros.append(zero)
     return Quantized(codes, torch.stack(scales, 1).float(), torch.stack(zeros, 1).float(), bits, group_size)
@@ -93,7 +95,9 @@ def gptq(w: Tensor, hessian: Tensor, bits: int, group_size: int, damp: float = 0
     try:
         upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except RuntimeError:
-        raise MoekitError("gptq: the calibration Hessian is not positive definite even after damping") from None
+        raise MoekitError(
+            "gptq: the calibration Hessian is not positive definite even after damping"
+        ) from None
     codes = torch.empty(rows, cols, dtype=torch.uint8)
     scales, zeros = [], []
     for i in range(cols):
@@ -115,7 +119,13 @@ def output_error(w: Tensor, q: Tensor, hessian: Tensor) -> float:
     return float(torch.einsum("ri,ij,rj->", delta, hessian.double(), delta))
 
 
-def allocate_bits(cost: np.ndarray, choices: list[int], sizes: np.ndarray, mean_bits: float, forced: np.ndarray | None = None) -> np.ndarray:
+def allocate_bits(
+    cost: np.ndarray,
+    choices: list[int],
+    sizes: np.ndarray,
+    mean_bits: float,
+    forced: np.ndarray | None = None,
+) -> np.ndarray:
     """MC-MoE's pre-loading mixed-precision allocation (Huang et al. 2025, "Mixture Compressor for
     MoE LLMs Gains More", §3.2, Eq. 6) as an integer program: choose one bit width per expert,
     minimising sum_e cost[e, b] subject to sum_e bits_e * sizes_e <= mean_bits * sum_e sizes_e.
@@ -128,17 +138,26 @@ def allocate_bits(cost: np.ndarray, choices: list[int], sizes: np.ndarray, mean_
     n, b = cost.shape
     choices_arr = np.asarray(choices, dtype=float)
     if mean_bits < choices_arr.min():
-        raise ConfigError("quantize.mean_bits", f"got {mean_bits}, below the smallest choice {choices_arr.min():g}")
+        raise ConfigError(
+            "quantize.mean_bits", f"got {mean_bits}, below the smallest choice {choices_arr.min():g}"
+        )
     one_each = np.kron(np.eye(n), np.ones(b))
     budget = (sizes[:, None] * choices_arr[None, :]).reshape(1, -1)
-    constraints = [LinearConstraint(one_each, 1, 1), LinearConstraint(budget, -np.inf, mean_bits * sizes.sum())]
+    constraints = [
+        LinearConstraint(one_each, 1, 1),
+        LinearConstraint(budget, -np.inf, mean_bits * sizes.sum()),
+    ]
     lower = np.zeros(n * b)
     if forced is not None:
         lower.reshape(n, b)[forced, int(np.argmax(choices_arr))] = 1
     scale = max(float(np.abs(cost).max()), 1e-300)
-    result = milp(cost.reshape(-1) / scale, constraints=constraints, integrality=np.ones(n * b), bounds=Bounds(lower, 1))
+    result = milp(
+        cost.reshape(-1) / scale, constraints=constraints, integrality=np.ones(n * b), bounds=Bounds(lower, 1)
+    )
     if result.x is None:
-        raise ConfigError("quantize.mean_bits", f"no allocation fits mean {mean_bits} bits ({result.message})")
+        raise ConfigError(
+            "quantize.mean_bits", f"no allocation fits mean {mean_bits} bits ({result.message})"
+        )
     pick = np.round(result.x).reshape(n, b).argmax(1)
     return choices_arr[pick].astype(int)
 
@@ -153,4 +172,6 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
 def unpack_codes(packed: Tensor, bits: int, shape: tuple[int, ...]) -> Tensor:
     n = int(np.prod(shape))
     planes = np.unpackbits(packed.numpy(), count=n * bits).reshape(n, bits).astype(np.uint8)
-    return torch.from_numpy((planes << np.arange(bits, dtype=np.uint8)).sum(1).astype(np.uint8)).reshape(shape)
+    return torch.from_numpy((planes << np.arange(bits, dtype=np.uint8)).sum(1).astype(np.uint8)).reshape(
+        shape
+    )

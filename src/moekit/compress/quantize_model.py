@@ -27,13 +27,17 @@ from moekit.errors import MoekitError
 
 def _hessians(stats: ExpertStats, e: int, kind: str) -> tuple[Tensor, Tensor]:
     if stats.hessian_in is None:
-        raise MoekitError("quantize: the calibration was recorded without Hessians (calibrate(hessians=True))")
+        raise MoekitError(
+            "quantize: the calibration was recorded without Hessians (calibrate(hessians=True))"
+        )
     if kind == "affinity":
         return stats.hessian_in_affinity[e], stats.hessian_mid_affinity[e]
     return stats.hessian_in[e], stats.hessian_mid[e]
 
 
-def quantize_expert(w_in: Tensor, w_out: Tensor, h_in: Tensor, h_mid: Tensor, bits: int, recipe: QuantizeRecipe) -> tuple[Quantized, Quantized]:
+def quantize_expert(
+    w_in: Tensor, w_out: Tensor, h_in: Tensor, h_mid: Tensor, bits: int, recipe: QuantizeRecipe
+) -> tuple[Quantized, Quantized]:
     if recipe.algorithm == "rtn":
         return rtn(w_in, bits, recipe.group_size), rtn(w_out, bits, recipe.group_size)
     return gptq(w_in, h_in, bits, recipe.group_size), gptq(w_out, h_mid, bits, recipe.group_size)
@@ -58,7 +62,9 @@ class QuantizeResult:
     protected: list[list[int]] = field(default_factory=list)
 
 
-def choose_bits(model: nn.Module, calibration: Calibration, recipe: QuantizeRecipe, protect: list[Tensor]) -> list[list[int]]:
+def choose_bits(
+    model: nn.Module, calibration: Calibration, recipe: QuantizeRecipe, protect: list[Tensor]
+) -> list[list[int]]:
     """Uniform `recipe.bits`, or the MC-MoE integer program over every expert of every layer at
     `recipe.mean_bits`, its cost the affinity-weighted output error of each choice."""
     layers = find_moe_layers(model)
@@ -73,11 +79,20 @@ def choose_bits(model: nn.Module, calibration: Calibration, recipe: QuantizeReci
             row = []
             for bits in recipe.choices:
                 q_in, q_out = quantize_expert(w_in, w_out, *_hessians(stats, e, recipe.hessian), bits, recipe)
-                row.append(output_error(w_in, q_in.dequantize(), h_in) + output_error(w_out, q_out.dequantize(), h_mid))
+                row.append(
+                    output_error(w_in, q_in.dequantize(), h_in)
+                    + output_error(w_out, q_out.dequantize(), h_mid)
+                )
             costs.append(row)
             sizes.append(w_in.numel() + w_out.numel())
             forced.append(bool(guard[e]))
-    chosen = allocate_bits(np.array(costs), list(recipe.choices), np.array(sizes, dtype=float), recipe.mean_bits, np.array(forced))
+    chosen = allocate_bits(
+        np.array(costs),
+        list(recipe.choices),
+        np.array(sizes, dtype=float),
+        recipe.mean_bits,
+        np.array(forced),
+    )
     per_layer, start = [], 0
     for _, moe in layers:
         n = moe.experts.num_experts
@@ -86,15 +101,23 @@ def choose_bits(model: nn.Module, calibration: Calibration, recipe: QuantizeReci
     return per_layer
 
 
-def quantize_model(model: nn.Module, calibration: Calibration, recipe: QuantizeRecipe) -> QuantizeResult:
+def quantize_model(
+    model: nn.Module, calibration: Calibration, recipe: QuantizeRecipe, bits: list[list[int]] | None = None
+) -> QuantizeResult:
+    """Quantize every routed expert by `recipe`; `bits` (per layer, per expert) overrides the
+    recipe's choice (used to compare an allocation with a control of the same size)."""
     layers = find_moe_layers(model)
     protect = super_expert_mask(calibration) if recipe.protect_super_experts else [
         torch.zeros(s.num_experts, dtype=torch.bool) for s in calibration.layers
     ]  # fmt: skip
-    bits = choose_bits(model, calibration, recipe, protect)
-    if recipe.mean_bits is None:
-        widest = max(recipe.choices + ((recipe.bits,) if recipe.bits else ()))
-        bits = [[widest if guard[e] else b for e, b in enumerate(row)] for row, guard in zip(bits, protect)]
+    if bits is None:
+        bits = choose_bits(model, calibration, recipe, protect)
+        if recipe.mean_bits is None:
+            widest = max(recipe.choices + ((recipe.bits,) if recipe.bits else ()))
+            bits = [
+                [widest if guard[e] else b for e, b in enumerate(row)]
+                for row, guard in zip(bits, protect, strict=True)
+            ]
     new_layers, packed = [], {}
     before = after = 0
     for (name, moe), stats, layer_bits in zip(layers, calibration.layers, bits, strict=True):

@@ -1,12 +1,12 @@
 """Compression recipes: YAML files validated field by field before any work starts.
 
-    method: prune                 # prune | merge | quantize
-    prune: {score: reap, keep: 0.5, protect_super_experts: true}
-    merge: {keep: 0.5, align: true}
-    quantize: {algorithm: gptq, hessian: affinity, group_size: 32, bits: 4}
-                                  # or mean_bits: 2.5, choices: [2, 3, 4, 8] (MC-MoE allocation)
-    calibration: {batches: 8, batch_size: 8, seq_len: 128, min_tokens: 0}
-    evaluation: {batches: 4}
+method: prune                 # prune | merge | quantize
+prune: {score: reap, keep: 0.5, protect_super_experts: true}
+merge: {keep: 0.5, align: true}
+quantize: {algorithm: gptq, hessian: affinity, group_size: 32, bits: 4}
+                              # or mean_bits: 2.5, choices: [2, 3, 4, 8] (MC-MoE allocation)
+calibration: {batches: 8, batch_size: 8, seq_len: 128, min_tokens: 0}
+evaluation: {batches: 4}
 """
 
 from __future__ import annotations

@@ -70,7 +70,9 @@ def rebuild(model: nn.Module, layers: list[dict[str, Tensor]], num_experts: int)
             raise MoekitError(f"{name}: surgery got {sorted(tensors)}, expected {sorted(expected)}")
         for key, tensor in tensors.items():
             if tensor.shape[0] != num_experts or tensor.shape[1:] != expected[key].shape[1:]:
-                raise MoekitError(f"{name}.{key}: shape {tuple(tensor.shape)} does not fit {num_experts} experts")
+                raise MoekitError(
+                    f"{name}.{key}: shape {tuple(tensor.shape)} does not fit {num_experts} experts"
+                )
             state[f"{name}.{key}"] = tensor.to(expected[key].dtype).contiguous()
     try:
         config = with_num_experts(model.config, num_experts)
