@@ -24,7 +24,7 @@ import torch
 from moekit.analysis.cli import LoadedModel
 from moekit.analysis.data import analysis_batches
 from moekit.compress.calibrate import calibrate
-from moekit.compress.evaluate import compare
+from moekit.compress.evaluate import compare, reference
 from moekit.compress.merge import merge
 from moekit.compress.prune import prune, top_experts
 from moekit.compress.quantize_model import quantize_model
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/compress.json"))
     parser.add_argument("--calib-batches", type=int, default=10)
-    parser.add_argument("--eval-batches", type=int, default=10)
+    parser.add_argument("--eval-batches", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--skip-quant", action="store_true")
@@ -62,8 +62,10 @@ def main() -> None:
     num = model.moe_layers[0].experts.num_experts
     results: dict[str, dict] = {}
 
+    ref = reference(model, held_out, names)
+
     def record(label, compressed, maps, seconds, **extra):
-        quality = compare(model, compressed, held_out, names, maps)
+        quality = compare(ref, compressed, held_out, names, maps)
         results[label] = {
             "loss": quality["loss_after"],
             "agreement": float(np.mean(quality["router_topk_agreement"])),
@@ -125,7 +127,7 @@ def main() -> None:
             if not only:
                 continue
             masks = prune(model, calibrate(model, only), "reap", num // 2)
-            quality = compare(model, masks.model, held_out, names, [keep_map(k, num) for k in masks.keep])
+            quality = compare(ref, masks.model, held_out, names, [keep_map(k, num) for k in masks.keep])
             domain_rows[name] = quality["loss_after"]
             print(
                 f"premoe mask {name:14s} "

@@ -480,3 +480,10 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path, capsys):
     out.mkdir()
     assert run(tmp_path / "run", "--recipe", recipe, "--calib", "sample", "--out", out) == 2
     assert "already exists" in capsys.readouterr().err
+    dense = LanguageModel(
+        LMConfig(vocab_size=259, hidden_size=32, num_layers=1, num_heads=4, ff_size=64, max_seq_len=64)
+    )
+    state = {"config": {"model": dense.config.to_dict(), "data": {"tokenizer": "byte"}}, "step": 0}
+    save_checkpoint(tmp_path / "dense" / "checkpoints" / "step-0", dense, None, state)
+    assert run(tmp_path / "dense", "--recipe", recipe, "--calib", "sample", "--out", tmp_path / "d") == 2
+    assert "no moekit MoE layers" in capsys.readouterr().err and not (tmp_path / "d").exists()

@@ -4,6 +4,7 @@ original model on held-out batches."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,45 +46,66 @@ def topk_overlap(original: Tensor, compressed: Tensor, expert_map: Tensor, real:
     return float(share[real].sum()), int(real.sum())
 
 
+@dataclass
+class Reference:
+    """The original model's per-batch loss sums and chosen experts, computed once and compared
+    with any number of compressed models."""
+
+    sums: list[Tensor]
+    counts: list[Tensor]
+    slots: list[list[Tensor]]
+    domain_names: tuple[str, ...]
+
+
+@torch.no_grad()
+def reference(original: nn.Module, batches: Sequence[Any], domain_names: Sequence[str]) -> Reference:
+    d = max(len(domain_names), 1)
+    original.eval()
+    sums, counts, slots = [], [], []
+    for batch in batches:
+        logits, chosen = _forward(original, batch)
+        s, c = domain_losses(logits, batch, d)
+        sums.append(s)
+        counts.append(c)
+        slots.append(chosen)
+    return Reference(sums, counts, slots, tuple(domain_names))
+
+
 @torch.no_grad()
 def compare(
-    original: nn.Module,
+    original: nn.Module | Reference,
     compressed: nn.Module,
     batches: Sequence[Any],
     domain_names: Sequence[str],
     expert_maps: list[Tensor],
 ) -> dict[str, Any]:
-    """Losses of both models per domain and the router agreement per layer on `batches`."""
+    """Losses of both models per domain and the router agreement per layer on `batches`
+    (`original` may be a precomputed `Reference` on the same batches)."""
+    ref = original if isinstance(original, Reference) else reference(original, batches, domain_names)
     d = max(len(domain_names), 1)
-    sums = {"before": torch.zeros(d, dtype=torch.float64), "after": torch.zeros(d, dtype=torch.float64)}
-    counts = torch.zeros(d, dtype=torch.float64)
+    after = torch.zeros(d, dtype=torch.float64)
     agree = [0.0] * len(expert_maps)
     tokens = 0
-    for model in (original, compressed):
-        model.eval()
-    for batch in batches:
-        logits_a, slots_a = _forward(original, batch)
+    compressed.eval()
+    for index, batch in enumerate(batches):
         logits_b, slots_b = _forward(compressed, batch)
-        s, c = domain_losses(logits_a, batch, d)
-        sums["before"] += s
-        counts += c
-        sums["after"] += domain_losses(logits_b, batch, d)[0]
+        after += domain_losses(logits_b, batch, d)[0]
         real = batch.token_mask.flatten()
-        for i, (a, b) in enumerate(zip(slots_a, slots_b, strict=True)):
-            shared, n = topk_overlap(a, b, expert_maps[i], real)
-            agree[i] += shared
+        for i, (a, b) in enumerate(zip(ref.slots[index], slots_b, strict=True)):
+            agree[i] += topk_overlap(a, b, expert_maps[i], real)[0]
         tokens += int(real.sum())
+    before, counts = sum(ref.sums), sum(ref.counts)
     names = list(domain_names) or ["all"]
 
-    def losses(key: str) -> dict[str, float]:
-        per = (sums[key] / counts.clamp_min(1)).tolist()
+    def losses(sums: Tensor) -> dict[str, float]:
+        per = (sums / counts.clamp_min(1)).tolist()
         out = {name: per[i] for i, name in enumerate(names) if counts[i] > 0}
-        out["all"] = float(sums[key].sum() / counts.sum().clamp_min(1))
+        out["all"] = float(sums.sum() / counts.sum().clamp_min(1))
         return out
 
     return {
-        "loss_before": losses("before"),
-        "loss_after": losses("after"),
+        "loss_before": losses(before),
+        "loss_after": losses(after),
         "router_topk_agreement": [a / max(tokens, 1) for a in agree],
         "eval_tokens": tokens,
     }
