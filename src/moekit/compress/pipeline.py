@@ -120,7 +120,9 @@ def load_source(src: Path) -> Any:
     return LoadedModel(Path(src))
 
 
-def _write(loaded: Any, model: nn.Module, staging: Path, packed: dict[str, Tensor] | None) -> None:
+def _write(
+    loaded: Any, model: nn.Module, staging: Path, packed: dict[str, Tensor] | None, dtype: torch.dtype
+) -> None:
     """The compressed model into `staging`: an HF folder for a `from_hf` family, a moekit
     checkpoint for moekit's own LM (it has no HF architecture)."""
     from moekit.interop.model import FamilyModel
@@ -128,7 +130,7 @@ def _write(loaded: Any, model: nn.Module, staging: Path, packed: dict[str, Tenso
     if isinstance(model, FamilyModel):
         from moekit.interop.hf import to_hf
 
-        to_hf(model, staging, overwrite=True)
+        to_hf(model, staging, overwrite=True, dtype=dtype)
         tokenizer = Path(loaded.path) / "tokenizer.json"
     else:
         from moekit.train.checkpoint import (
@@ -173,7 +175,9 @@ def compress(
         raise MoekitError(f"{out}: already exists (pass --overwrite to replace it)")
     started = time.perf_counter()
     loaded = load_source(Path(src))
-    model = loaded.model.float().eval()
+    source_dtype = next(loaded.model.parameters()).dtype
+    scale = torch.finfo(source_dtype).bits / 32  # bytes are reported in the source dtype
+    model = loaded.model.float().eval()  # calibration and compression arithmetic in fp32 and up
     check_model(model, recipe)
     cal, ev = recipe.calibration, recipe.evaluation
     seq_len = cal.seq_len if loaded.max_seq_len is None else min(cal.seq_len, loaded.max_seq_len)
@@ -213,10 +217,11 @@ def compress(
             "before": calibration.layers[0].num_experts,
             "after": compressed.moe_layers[0].experts.num_experts,
         },
-        "bytes_before": model_bytes(model),
-        "bytes_after": model_bytes(compressed)
+        "bytes_before": int(model_bytes(model) * scale),
+        "bytes_after": int(model_bytes(compressed) * scale)
         if packed is None
-        else model_bytes(model) - details["expert_bytes_before"] + details["expert_bytes_packed"],
+        else int((model_bytes(model) - details["expert_bytes_before"]) * scale)
+        + details["expert_bytes_packed"],
         **quality,
         **details,
         "seconds": {"calibrate": calibrated - started, "compress": compressed_at - calibrated},
@@ -225,7 +230,7 @@ def compress(
     staging_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         staging = staging_root / "out"
-        _write(loaded, compressed, staging, packed)
+        _write(loaded, compressed, staging, packed, source_dtype)
         write_json_atomic(staging / REPORT_FILE, report)
         if out.exists():
             shutil.rmtree(out)
