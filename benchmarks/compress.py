@@ -3,7 +3,8 @@ trained on the built-in corpus (`configs/tiny-moe.yaml`: 4 MoE layers of 16 rout
 one shared expert).
 
     .venv/bin/moekit train --config configs/tiny-moe.yaml --set out_dir=runs/compress-bench
-    .venv/bin/python benchmarks/compress.py runs/compress-bench --out runs/bench/compress.json
+    .venv/bin/python benchmarks/compress.py runs/compress-bench --out runs/bench/compress.json \
+        --calib-batches 5 --eval-batches 5 --batch-size 4 --keep 8 4
 
 One calibration pass (the run corpus's validation split, balanced across the five domains) feeds
 every method; every compressed model is scored on the same held-out validation batches: per-domain
@@ -47,6 +48,9 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--keep", type=int, nargs="+", default=None, help="experts kept (default E/2)")
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3], help="uniform bit widths")
+    parser.add_argument("--mean-bits", type=float, nargs="+", default=[2.5], help="allocated means")
     parser.add_argument("--skip-quant", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -87,7 +91,7 @@ def main() -> None:
             f"calibration: {calibration.num_tokens} tokens, {calib_seconds:.1f}s; "
             f"never routed {calibration.never_routed()}"
         )
-        for keep in (num * 3 // 4, num // 2, num // 4):
+        for keep in args.keep or [num // 2]:
             for method in ("frequency", "gate_weight", "ean", "reap", "stun"):
                 t = time.perf_counter()
                 result = prune(model, calibration, method, keep)
@@ -137,7 +141,7 @@ def main() -> None:
         results["premoe_masks"] = domain_rows
         if not args.skip_quant:
             for algorithm, hessian in (("rtn", "routed"), ("gptq", "routed"), ("gptq", "affinity")):
-                for bits in (2, 3, 4):
+                for bits in args.bits:
                     t = time.perf_counter()
                     recipe = QuantizeRecipe(
                         algorithm=algorithm,
@@ -155,7 +159,7 @@ def main() -> None:
                         bits=bits,
                         packed_bytes=q.bytes_after,
                     )
-            for mean_bits in (2.5, 3.0):
+            for mean_bits in args.mean_bits:
                 t = time.perf_counter()
                 recipe = QuantizeRecipe(
                     algorithm="gptq",
