@@ -76,6 +76,12 @@ def _upcycle(args: argparse.Namespace) -> int:
     return construct_cli.main(args)
 
 
+def _compress(args: argparse.Namespace) -> int:
+    from moekit.compress import cli as compress_cli
+
+    return compress_cli.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="moekit",
@@ -151,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_upcycle_arguments(upcycle)
     upcycle.set_defaults(handler=_upcycle)
+
+    from moekit.compress.cli import add_arguments as add_compress_arguments
+
+    compress = sub.add_parser("compress", help="prune, merge or quantize an MoE's experts from a recipe")
+    add_compress_arguments(compress)
+    compress.set_defaults(handler=_compress)
     return parser
 
 

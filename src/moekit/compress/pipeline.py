@@ -1,0 +1,240 @@
+"""`compress(src, recipe, calib, out)`: load, check, calibrate, compress, evaluate, write.
+
+Everything that can be wrong with the inputs (the recipe, the model, the target count, the output
+folder, scipy) is checked before the calibration pass; the output folder is assembled in a
+temporary sibling and renamed into place, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moekit.analysis.recorder import find_moe_layers
+from moekit.compress.calibrate import Calibration, calibrate, packed_experts
+from moekit.compress.evaluate import compare
+from moekit.compress.prune import resolve_keep
+from moekit.compress.recipe import Recipe
+from moekit.compress.surgery import with_num_experts
+from moekit.errors import MoekitError
+from moekit.io import write_json_atomic
+
+REPORT_FILE = "compress_report.json"
+PACKED_FILE = "experts.quant.safetensors"
+
+
+def model_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def check_model(model: nn.Module, recipe: Recipe) -> None:
+    """Refuse what cannot be compressed before any work: no MoE layers, non-packed experts, a
+    target below top-k, a method needing scipy without it."""
+    layers = find_moe_layers(model)
+    for name, moe in layers:
+        packed_experts(name, moe)
+    spec = layers[0][1].config.router
+    if recipe.method in ("prune", "merge"):
+        section = getattr(recipe, recipe.method)
+        count = resolve_keep(section.keep, spec.num_experts, spec.top_k, f"{recipe.method}.keep")
+        try:
+            with_num_experts(model.config, count)
+        except ValueError as exc:
+            raise MoekitError(
+                f"{recipe.method}.keep: {count} experts per layer do not fit the router ({exc})"
+            ) from None
+    needs_scipy = (
+        recipe.method == "merge"
+        or (recipe.method == "prune" and recipe.prune.score == "stun")
+        or (recipe.method == "quantize" and recipe.quantize.mean_bits is not None)
+    )
+    if needs_scipy:
+        try:
+            import scipy  # noqa: F401
+        except ImportError:
+            raise MoekitError(
+                f"{recipe.method}: this method needs scipy: pip install 'moekit[compress]'"
+            ) from None
+
+
+def apply(
+    model: nn.Module, calibration: Calibration, recipe: Recipe
+) -> tuple[nn.Module, list[Tensor], dict[str, Any]]:
+    """The compressed model, per layer the map original expert -> compressed expert (-1 removed),
+    and what was done (for the report)."""
+    from moekit.compress.quantize_model import super_expert_mask
+
+    num = calibration.layers[0].num_experts
+    if recipe.method == "prune":
+        from moekit.compress.prune import prune
+
+        protect = super_expert_mask(calibration) if recipe.prune.protect_super_experts else None
+        result = prune(model, calibration, recipe.prune.score, recipe.prune.keep, protect)
+        maps = []
+        for keep in result.keep:
+            m = torch.full((num,), -1, dtype=torch.long)
+            m[keep] = torch.arange(keep.numel())
+            maps.append(m)
+        removed = [sorted(set(range(num)) - set(k.tolist())) for k in result.keep]
+        return result.model, maps, {"removed": removed, "scores": [s.tolist() for s in result.scores]}
+    if recipe.method == "merge":
+        from moekit.compress.merge import merge
+
+        result = merge(model, calibration, recipe.merge.keep, recipe.merge.align)
+        groups = [
+            [torch.nonzero(lab == c).flatten().tolist() for c in range(int(lab.max()) + 1)]
+            for lab in result.labels
+        ]
+        return result.model, result.labels, {"merged": groups}
+    from moekit.compress.quantize_model import quantize_model
+
+    result = quantize_model(model, calibration, recipe.quantize)
+    maps = [torch.arange(num) for _ in calibration.layers]
+    flat = [b for row in result.bits for b in row]
+    details = {
+        "bits": result.bits,
+        "mean_bits": sum(flat) / len(flat),
+        "protected_super_experts": result.protected,
+        "expert_bytes_before": result.bytes_before,
+        "expert_bytes_packed": result.bytes_after,
+        "packed": result.packed,
+    }
+    return result.model, maps, details
+
+
+def load_source(src: Path) -> Any:
+    from moekit.analysis.cli import LoadedModel
+
+    return LoadedModel(Path(src))
+
+
+def _write(
+    loaded: Any, model: nn.Module, staging: Path, packed: dict[str, Tensor] | None, dtype: torch.dtype
+) -> None:
+    """The compressed model into `staging`: an HF folder for a `from_hf` family, a moekit
+    checkpoint for moekit's own LM (it has no HF architecture)."""
+    from moekit.interop.model import FamilyModel
+
+    if isinstance(model, FamilyModel):
+        from moekit.interop.hf import to_hf
+
+        to_hf(model, staging, overwrite=True, dtype=dtype)
+        tokenizer = Path(loaded.path) / "tokenizer.json"
+    else:
+        from moekit.train.checkpoint import (
+            model_tensors,
+            read_checkpoint_state,
+            resolve_checkpoint,
+            write_checkpoint,
+        )
+
+        source = resolve_checkpoint(Path(loaded.path))
+        state = read_checkpoint_state(source)
+        config = dict(state.get("config", {}))
+        config["model"] = model.config.to_dict()
+        write_checkpoint(
+            staging / "compressed", model_tensors(model), {}, {"config": config, "step": state.get("step", 0)}
+        )
+        tokenizer = next(
+            (
+                d / "tokenizer.json"
+                for d in (source, source.parent, source.parent.parent)
+                if (d / "tokenizer.json").is_file()
+            ),
+            Path("/nonexistent"),
+        )
+    if tokenizer.is_file():
+        shutil.copyfile(tokenizer, staging / "tokenizer.json")
+    if packed:
+        from moekit.io import save_tensors_atomic
+
+        save_tensors_atomic(staging / PACKED_FILE, packed)
+
+
+def compress(
+    src: str | os.PathLike, recipe: Recipe, calib: str, out: str | os.PathLike, *, overwrite: bool = False
+) -> dict[str, Any]:
+    """Compress the model at `src` by `recipe` on calibration data `calib` ('corpus', 'sample',
+    'builtin', a folder or file of text) and write it to `out`; returns the report."""
+    from moekit.analysis.data import analysis_batches
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise MoekitError(f"{out}: already exists (pass --overwrite to replace it)")
+    started = time.perf_counter()
+    loaded = load_source(Path(src))
+    source_dtype = next(loaded.model.parameters()).dtype
+    scale = torch.finfo(source_dtype).bits / 32  # bytes are reported in the source dtype
+    model = loaded.model.float().eval()  # calibration and compression arithmetic in fp32 and up
+    check_model(model, recipe)
+    cal, ev = recipe.calibration, recipe.evaluation
+    seq_len = cal.seq_len if loaded.max_seq_len is None else min(cal.seq_len, loaded.max_seq_len)
+    data = analysis_batches(
+        calib, loaded.tokenizer, batch_size=cal.batch_size, seq_len=seq_len,
+        num_batches=cal.batches + ev.batches, layout=loaded.layout, data_config=loaded.data_config,
+    )  # fmt: skip
+    if len(data.batches) < cal.batches + ev.batches:
+        raise MoekitError(
+            f"{calib}: only {len(data.batches)} batches of data, the recipe needs "
+            f"calibration.batches + evaluation.batches = {cal.batches + ev.batches}"
+        )
+    held_out = data.batches[cal.batches :]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        calibration = calibrate(
+            model,
+            data.batches[: cal.batches],
+            hessians=recipe.method == "quantize",
+            min_tokens=cal.min_tokens,
+        )
+        calibrated = time.perf_counter()
+        compressed, maps, details = apply(model, calibration, recipe)
+        compressed_at = time.perf_counter()
+        quality = compare(model, compressed, held_out, data.domain_names, maps)
+    packed = details.pop("packed", None)
+    report = {
+        "source": str(src),
+        "family": getattr(model.config, "family", "moekit"),
+        "recipe": recipe.to_dict(),
+        "calibration": {
+            "data": data.description,
+            **calibration.coverage(cal.min_tokens),
+            "batches": calibration.meta["batches"],
+        },
+        "experts_per_layer": {
+            "before": calibration.layers[0].num_experts,
+            "after": compressed.moe_layers[0].experts.num_experts,
+        },
+        "bytes_before": int(model_bytes(model) * scale),
+        "bytes_after": int(model_bytes(compressed) * scale)
+        if packed is None
+        else int((model_bytes(model) - details["expert_bytes_before"]) * scale)
+        + details["expert_bytes_packed"],
+        **quality,
+        **details,
+        "seconds": {"calibrate": calibrated - started, "compress": compressed_at - calibrated},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        staging = staging_root / "out"
+        _write(loaded, compressed, staging, packed, source_dtype)
+        write_json_atomic(staging / REPORT_FILE, report)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)
+    return report

@@ -1,0 +1,177 @@
+"""Compression recipes: YAML files validated field by field before any work starts.
+
+method: prune                 # prune | merge | quantize
+prune: {score: reap, keep: 0.5, protect_super_experts: true}
+merge: {keep: 0.5, align: true}
+quantize: {algorithm: gptq, hessian: affinity, group_size: 32, bits: 4}
+                              # or mean_bits: 2.5, choices: [2, 3, 4, 8] (MC-MoE allocation)
+calibration: {batches: 8, batch_size: 8, seq_len: 128, min_tokens: 0}
+evaluation: {batches: 4}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from moekit.compress.scores import SCORES
+from moekit.errors import ConfigError, MoekitError, require_choice, require_int, require_number
+
+METHODS = ("prune", "merge", "quantize")
+ALGORITHMS = ("rtn", "gptq")
+HESSIANS = ("routed", "affinity")
+
+
+def _keep(field_name: str, value: Any) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(field_name, f"got {value!r}, expected an expert count or a fraction in (0, 1)")
+    if isinstance(value, float) and not 0 < value < 1:
+        raise ConfigError(field_name, f"got {value}, expected a fraction in (0, 1) or an integer count")
+    if isinstance(value, int) and value < 1:
+        raise ConfigError(field_name, f"got {value}, expected a positive count")
+    return value
+
+
+@dataclass(frozen=True)
+class PruneRecipe:
+    score: str = "reap"
+    keep: float | int = 0.5
+    protect_super_experts: bool = False
+
+    def __post_init__(self) -> None:
+        require_choice("prune.score", self.score, SCORES)
+        _keep("prune.keep", self.keep)
+
+
+@dataclass(frozen=True)
+class MergeRecipe:
+    keep: float | int = 0.5
+    align: bool = True
+
+    def __post_init__(self) -> None:
+        _keep("merge.keep", self.keep)
+
+
+@dataclass(frozen=True)
+class QuantizeRecipe:
+    algorithm: str = "gptq"
+    hessian: str = "affinity"
+    group_size: int = 32
+    bits: int | None = 4
+    mean_bits: float | None = None
+    choices: tuple[int, ...] = (2, 3, 4, 8)
+    protect_super_experts: bool = True
+
+    def __post_init__(self) -> None:
+        require_choice("quantize.algorithm", self.algorithm, ALGORITHMS)
+        require_choice("quantize.hessian", self.hessian, HESSIANS)
+        require_int("quantize.group_size", self.group_size, minimum=1)
+        if (self.bits is None) == (self.mean_bits is None):
+            raise ConfigError("quantize.bits", "give exactly one of bits (uniform) or mean_bits (allocated)")
+        if self.bits is not None:
+            require_choice("quantize.bits", self.bits, (2, 3, 4, 8))
+        if self.mean_bits is not None:
+            require_number("quantize.mean_bits", self.mean_bits, minimum=0.0, strict=True)
+            for bits in self.choices:
+                require_choice("quantize.choices", bits, (2, 3, 4, 8))
+            if self.mean_bits < min(self.choices):
+                raise ConfigError("quantize.mean_bits", f"got {self.mean_bits}, below the smallest choice")
+
+
+@dataclass(frozen=True)
+class CalibrationRecipe:
+    batches: int = 8
+    batch_size: int = 8
+    seq_len: int = 128
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batches", "batch_size", "seq_len"):
+            require_int(f"calibration.{name}", getattr(self, name), minimum=1)
+        require_int("calibration.min_tokens", self.min_tokens, minimum=0)
+
+
+@dataclass(frozen=True)
+class EvaluationRecipe:
+    batches: int = 4
+
+    def __post_init__(self) -> None:
+        require_int("evaluation.batches", self.batches, minimum=1)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: str
+    prune: PruneRecipe = field(default_factory=PruneRecipe)
+    merge: MergeRecipe = field(default_factory=MergeRecipe)
+    quantize: QuantizeRecipe = field(default_factory=QuantizeRecipe)
+    calibration: CalibrationRecipe = field(default_factory=CalibrationRecipe)
+    evaluation: EvaluationRecipe = field(default_factory=EvaluationRecipe)
+
+    def __post_init__(self) -> None:
+        require_choice("method", self.method, METHODS)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        data = asdict(self)
+        return {k: v for k, v in data.items() if k not in METHODS or k == self.method}
+
+
+_SECTIONS = {
+    "prune": PruneRecipe,
+    "merge": MergeRecipe,
+    "quantize": QuantizeRecipe,
+    "calibration": CalibrationRecipe,
+    "evaluation": EvaluationRecipe,
+}
+
+
+def _section(name: str, value: Any) -> Any:
+    cls = _SECTIONS[name]
+    if not isinstance(value, dict):
+        raise ConfigError(name, f"expected a mapping, got {type(value).__name__}")
+    known = {f.name for f in fields(cls)}
+    for key in value:
+        if key not in known:
+            raise ConfigError(f"{name}.{key}", f"unknown field; expected one of {', '.join(sorted(known))}")
+    values = dict(value)
+    if "choices" in values:
+        if not isinstance(values["choices"], list) or not values["choices"]:
+            raise ConfigError(f"{name}.choices", "expected a non-empty list of bit widths")
+        values["choices"] = tuple(values["choices"])
+    if name == "quantize" and "mean_bits" in values and "bits" not in values:
+        values["bits"] = None
+    return cls(**values)
+
+
+def recipe_from_dict(data: Any) -> Recipe:
+    if not isinstance(data, dict):
+        raise ConfigError("recipe", f"expected a mapping, got {type(data).__name__}")
+    known = {"method", *_SECTIONS}
+    for key in data:
+        if key not in known:
+            raise ConfigError(str(key), f"unknown field; expected one of {', '.join(sorted(known))}")
+    if "method" not in data:
+        raise ConfigError("method", f"missing; expected one of {', '.join(METHODS)}")
+    require_choice("method", data["method"], METHODS)
+    sections = {name: _section(name, data[name]) for name in _SECTIONS if name in data}
+    return Recipe(method=data["method"], **sections)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """The recipe in a YAML file; errors name the file and the field."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise MoekitError(f"{path}: recipe file not found") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise MoekitError(f"{path}: cannot read the recipe as YAML ({str(exc).splitlines()[0]})") from None
+    try:
+        return recipe_from_dict(data)
+    except ConfigError as exc:
+        raise MoekitError(f"{path}: {exc}") from None
