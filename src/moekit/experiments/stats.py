@@ -6,6 +6,7 @@ Thin wrappers over scipy so that every experiment states its intervals the same 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -50,13 +51,15 @@ def _finite_vector(name: str, values: Any, minimum: int) -> np.ndarray:
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (ties get average ranks)."""
-    from scipy.stats import spearmanr
+    """Spearman's rank correlation (ties get average ranks); NaN when either side is constant."""
+    from scipy.stats import ConstantInputWarning, spearmanr
 
     a, b = _finite_vector("x", x, 3), _finite_vector("y", y, 3)
     if len(a) != len(b):
         raise MoekitError(f"spearman: x has {len(a)} values, y has {len(b)}")
-    return float(spearmanr(a, b).statistic)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantInputWarning)
+        return float(spearmanr(a, b).statistic)
 
 
 def bootstrap(
