@@ -16,7 +16,7 @@ import numpy as np
 
 from moekit.experiments.proxy import PILE_CC, REGRESSORS, SCALES, align_domains, fit_regressor, published_runs
 from moekit.experiments.runner import Check, ExperimentSettings, Outcome
-from moekit.experiments.stats import mean_estimate, spearman, spearman_estimate, verdict_at_least
+from moekit.experiments.stats import Estimate, mean_estimate, spearman, spearman_estimate, verdict_at_least
 
 REQUIRES = ("sklearn", "scipy", "matplotlib")
 PAPER_HELDOUT_RHO = 0.9892  # RegMix notebook, LightGBM, Pile-CC target, 256 held-out 1M runs
@@ -118,9 +118,7 @@ def run(settings: ExperimentSettings, log: Callable[[str], None] = print) -> Out
     )
 
 
-def _estimate(record: dict[str, float]) -> Any:
-    from moekit.experiments.stats import Estimate
-
+def _estimate(record: dict[str, float]) -> Estimate:
     return Estimate(**record)
 
 

@@ -13,7 +13,7 @@ along its wall clock at the time the quickest arm took for the whole run.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -119,7 +119,7 @@ def run(settings: ExperimentSettings, log: Callable[[str], None] = print) -> Out
 
     scale = QUICK if settings.quick else FULL
     if settings.source != "builtin" and not settings.quick:
-        scale = Scale(settings.source, *[getattr(FULL, f) for f in list(Scale.__dataclass_fields__)[1:]])
+        scale = replace(FULL, source=settings.source)
     seeds = settings.seeds or scale.seeds
     if seeds < 2:
         raise ConfigError("--seeds", f"got {seeds}, moe-vs-dense needs at least 2 seeds for an interval")
