@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moekit-installed
-EXTRAS := bench,hf,report,dev,compress
+EXTRAS := bench,hf,report,dev,compress,experiments
 PYTEST_WORKERS ?= 2
 
 .PHONY: install test lint demo bench clean

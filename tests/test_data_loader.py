@@ -122,7 +122,7 @@ def test_one_training_epoch_covers_every_document_once_with_correct_targets(
     corpus_texts, layout, rows, seq, seed
 ):
     data = LanguageModelData(split_corpus(in_memory_corpus(corpus_texts), (1.0, 0.0, 0.0)), ByteTokenizer())
-    stream = data.train_batches(rows, seq, layout=layout, seed=seed)
+    stream = data.train_batches(rows, seq, layout=layout, seed=seed, stream="sequential")
     batches = []
     while stream.state_dict()["walks"]["all"][0] == 0:
         batches.append(next(stream))
@@ -163,10 +163,15 @@ def batches_equal(a: Batch, b: Batch) -> bool:
     st.booleans(),
     st.integers(0, 12),
     st.integers(0, 2),
+    st.sampled_from(["mixed", "sequential"]),
 )
-def test_resuming_from_a_saved_state_gives_the_same_batches(layout, single_domain, stop_at, seed):
+def test_resuming_from_a_saved_state_gives_the_same_batches(
+    layout, single_domain, stop_at, seed, stream_kind
+):
     def stream():
-        return SAMPLE_DATA.train_batches(4, 96, layout=layout, seed=seed, single_domain=single_domain)
+        return SAMPLE_DATA.train_batches(
+            4, 96, layout=layout, seed=seed, single_domain=single_domain, stream=stream_kind
+        )
 
     uninterrupted = stream()
     expected = [next(uninterrupted) for _ in range(stop_at + 6)]
@@ -181,10 +186,12 @@ def test_resuming_from_a_saved_state_gives_the_same_batches(layout, single_domai
 
 
 def test_a_state_from_another_stream_or_a_damaged_state_is_refused():
-    state = SAMPLE_DATA.train_batches(4, 64, seed=0).state_dict()
+    state = SAMPLE_DATA.train_batches(4, 64, seed=0, stream="sequential").state_dict()
     with pytest.raises(MoekitError, match="another corpus, split, tokenizer or loader"):
-        SAMPLE_DATA.train_batches(4, 64, seed=1).load_state_dict(state)
-    stream = SAMPLE_DATA.train_batches(4, 64, seed=0)
+        SAMPLE_DATA.train_batches(4, 64, seed=1, stream="sequential").load_state_dict(state)
+    with pytest.raises(MoekitError, match="another corpus, split, tokenizer or loader"):
+        SAMPLE_DATA.train_batches(4, 64, seed=0, stream="mixed").load_state_dict(state)
+    stream = SAMPLE_DATA.train_batches(4, 64, seed=0, stream="sequential")
     for damaged in (
         {**state, "walks": {"all": [0, 10**9, 0]}},
         {**state, "walks": {"all": [0, 0]}},
@@ -201,7 +208,7 @@ def test_different_seeds_give_different_orders_and_epochs_reshuffle():
     a = next(SAMPLE_DATA.train_batches(2, 128, seed=0))
     b = next(SAMPLE_DATA.train_batches(2, 128, seed=1))
     assert not torch.equal(a.input_ids, b.input_ids)
-    walk = SAMPLE_DATA.train_batches(2, 128, seed=0).walks["all"]
+    walk = SAMPLE_DATA.train_batches(2, 128, seed=0, stream="sequential").walks["all"]
     assert not np.array_equal(walk.order(0), walk.order(1))
     assert sorted(walk.order(0).tolist()) == sorted(walk.order(1).tolist())
 
@@ -226,7 +233,7 @@ def test_leave_one_domain_out_never_trains_on_the_held_out_domain():
         stream = data.train_batches(4, 256, single_domain=single)
         for _ in range(40):
             assert label not in next(stream).domains.unique().tolist()
-        assert "code" not in stream.state_dict()["walks"]
+        assert not any(name.split("/")[0] == "code" for name in stream.state_dict()["walks"])
     evaluated = list(data.eval_batches("code", "test", batch_size=4, seq_len=256))
     assert evaluated and all((b.domains[b.token_mask] == label).all() for b in evaluated)
 
@@ -285,3 +292,56 @@ def test_prepare_data_on_the_sample_is_ready_to_train():
     assert set(counts) == set(data.domains) and all(c > 50_000 for c in counts.values())
     batch = next(data.train_batches(8, 128))
     assert batch.num_targets >= 8 * 128 - 8 * 128 // 2
+
+
+def lane_streams(batches: list[Batch], lanes: int) -> list[list[Batch]]:
+    """Row r of every batch comes from lane r % lanes: each lane's rows, in the order drawn."""
+    per_lane: list[list[Batch]] = [[] for _ in range(lanes)]
+    for batch in batches:
+        for row in range(batch.shape[0]):
+            one = Batch(*(getattr(batch, f)[row : row + 1] for f in Batch.__dataclass_fields__))
+            per_lane[row % lanes].append(one)
+    return per_lane
+
+
+@given(
+    st.fixed_dictionaries({"code": texts, "english": texts, "multilingual": texts}),
+    st.sampled_from(["packed", "padded"]),
+    st.integers(1, 6),
+    st.integers(1, 48),
+    st.integers(0, 3),
+)
+@example({"code": ["x" * 200], "english": ["é" * 50, "a"], "multilingual": ["한국어"]}, "packed", 6, 7, 0)
+def test_mixed_stream_deals_every_document_to_exactly_one_lane_and_keeps_targets_correct(
+    corpus_texts, layout, rows, seq, seed
+):
+    data = LanguageModelData(split_corpus(in_memory_corpus(corpus_texts), (1.0, 0.0, 0.0)), ByteTokenizer())
+    stream = data.train_batches(rows, seq, layout=layout, seed=seed, stream="mixed")
+    lanes = len(stream.walks)
+    assert lanes == min(rows, len(data.splits.documents("train")))
+    batches = []
+    while any(state[0] == 0 for state in stream.state_dict()["walks"].values()):
+        batches.append(next(stream))
+        check_batch(batches[-1], data.tokenizer, layout)
+    found = []
+    for lane, lane_rows in zip(stream.walks.values(), lane_streams(batches, lanes), strict=True):
+        tokens, targets, domains = flatten(lane_rows)
+        check_stream_targets(tokens, targets, data.tokenizer)
+        found += documents_in_stream(tokens, domains, data.tokenizer)[: len(lane.members)]
+    expected = [(d.text, data.domains.index(d.domain)) for d in data.splits.documents("train")]
+    assert sorted(found) == sorted(expected)
+
+
+def test_mixed_batches_hold_many_domains_where_sequential_ones_hold_few():
+    def mean_domains(stream_kind: str) -> float:
+        stream = SAMPLE_DATA.train_batches(16, 256, seed=0, stream=stream_kind)
+        batches = [next(stream) for _ in range(30)]
+        return float(np.mean([len(b.domains[b.token_mask].unique()) for b in batches]))
+
+    mixed, sequential = mean_domains("mixed"), mean_domains("sequential")
+    assert mixed >= 3.5 and mixed > sequential + 1, (mixed, sequential)
+
+
+def test_bad_stream_names_the_field():
+    with pytest.raises(ConfigError, match="stream"):
+        SAMPLE_DATA.train_batches(4, 64, stream="shuffled")

@@ -34,5 +34,10 @@ def test_demo_writes_report_and_metrics(tmp_path):
         assert metrics[name]["tokens_per_s"] > 0
     nmi = metrics["moe"]["domain_nmi"]
     assert len(nmi) == DEMO_MODEL["num_layers"] and all(0.0 <= v <= 1.0 for v in nmi)  # one per MoE layer
+    timed = metrics["equal_time"]
+    assert timed["seconds"] > 0 and all(isinstance(timed[name], float) for name in ("dense", "moe"))
+    assert metrics["comparison"]["moe_beats_dense_at_equal_time"] == (timed["moe"] < timed["dense"])
     html = (tmp_path / "report.html").read_text()
+    shown = "shows it" if metrics["comparison"]["moe_beats_dense"] else "does not show it"
+    assert f"This run {shown}" in html and "At equal training time" in html
     assert "Dense vs MoE" in html and "data:image/png;base64" in html and "<script src" not in html

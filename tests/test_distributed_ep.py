@@ -186,7 +186,7 @@ def run_step(model, micro: list[Batch], mesh=None) -> StepResult:
 
 def sample_batches(count: int = 4) -> list[Batch]:
     data = prepare_data("sample", log=lambda _: None)
-    stream = data.train_batches(2, 8, seed=3)
+    stream = data.train_batches(2, 8, seed=3, stream="sequential")  # the edge cases below rely on these rows
     return [next(stream) for _ in range(count)]
 
 

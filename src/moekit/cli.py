@@ -82,6 +82,12 @@ def _compress(args: argparse.Namespace) -> int:
     return compress_cli.main(args)
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from moekit.experiments import runner
+
+    return runner.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="moekit",
@@ -124,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a dense model and an MoE on the built-in corpus and report")
     add_demo_arguments(demo)
     demo.set_defaults(handler=_demo)
+
+    from moekit.experiments.runner import add_arguments as add_experiment_arguments
+
+    experiment = sub.add_parser(
+        "experiment", help="reproduce a seed paper's claim in miniature: results.json with a verdict"
+    )
+    add_experiment_arguments(experiment)
+    experiment.set_defaults(handler=_experiment)
 
     bench = sub.add_parser("bench", help="speed benchmarks (results feed BENCHMARKS.md)")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")

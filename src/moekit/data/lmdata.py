@@ -56,7 +56,7 @@ class LanguageModelData:
             "holdout": self.splits.holdout,
             "tokenizer": self.tokenizer.fingerprint,
             "config": [config.batch_size, config.seq_len, config.layout, config.seed],
-            "sampling": [config.single_domain, config.domain_sampling],
+            "sampling": [config.single_domain, config.domain_sampling, config.stream],
         }
         return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
@@ -69,9 +69,10 @@ class LanguageModelData:
         seed: int = 0,
         single_domain: bool = False,
         domain_sampling: str = "proportional",
+        stream: str = "mixed",
     ) -> TrainBatches:
         """The endless training stream over the training domains (the held-out one excluded)."""
-        config = LoaderConfig(batch_size, seq_len, layout, seed, single_domain, domain_sampling)
+        config = LoaderConfig(batch_size, seq_len, layout, seed, single_domain, domain_sampling, stream)
         labels = {self.domains.index(d): d for d in self.splits.training_domains}
         return TrainBatches(
             self.segments("train"),

@@ -28,6 +28,7 @@ from moekit.errors import ConfigError, MoekitError, require_choice, require_int
 
 LAYOUTS = ("packed", "padded")
 DOMAIN_SAMPLING = ("proportional", "uniform")
+STREAMS = ("mixed", "sequential")
 STATE_FORMAT = "moekit-train-batches"
 STATE_VERSION = 1
 
@@ -40,6 +41,7 @@ class LoaderConfig:
     seed: int = 0
     single_domain: bool = False
     domain_sampling: str = "proportional"  # how single-domain batches pick their domain
+    stream: str = "mixed"  # rows from independent lanes (mixed) or consecutive rows of one walk
 
     def __post_init__(self) -> None:
         require_int("batch_size", self.batch_size, minimum=1)
@@ -47,6 +49,7 @@ class LoaderConfig:
         require_int("seed", self.seed)
         require_choice("layout", self.layout, LAYOUTS)
         require_choice("domain_sampling", self.domain_sampling, DOMAIN_SAMPLING)
+        require_choice("stream", self.stream, STREAMS)
 
 
 @dataclass(frozen=True)
@@ -191,8 +194,8 @@ class TrainBatches(Iterator[Batch]):
         key = f"train/{config.seed}"
         if config.single_domain:
             present = [label for label in domains if len(segments.members(label))]
-            self.walks = {
-                domains[label]: Walk(segments, segments.members(label), f"{key}/{domains[label]}")
+            self.groups = {
+                domains[label]: self._lanes(segments.members(label), f"{key}/{domains[label]}")
                 for label in present
             }
             tokens = np.array([segments.token_count(label) for label in present], dtype=np.float64)
@@ -200,23 +203,41 @@ class TrainBatches(Iterator[Batch]):
             self._cumulative = np.cumsum(weights / weights.sum()) if present else np.zeros(0)
         else:
             members = [segments.members(label) for label in domains]
-            self.walks = {
-                "all": Walk(segments, np.sort(np.concatenate(members)) if members else members, key)
-            }
-        if not self.walks:
+            everything = np.sort(np.concatenate(members)) if members else np.zeros(0, dtype=np.int64)
+            if len(everything) == 0:
+                raise ConfigError("data", "no documents to draw batches from")
+            self.groups = {"all": self._lanes(everything, key)}
+        if not self.groups:
             raise ConfigError("data", "no training documents in the training domains")
+        self.walks = {
+            (name if len(lanes) == 1 and config.stream == "sequential" else f"{name}/{i}"): walk
+            for name, lanes in self.groups.items()
+            for i, walk in enumerate(lanes)
+        }
 
-    def _walk_for_batch(self, number: int) -> Walk:
+    def _lanes(self, members: np.ndarray, key: str) -> list[Walk]:
+        """One walk (sequential), or the documents dealt into one lane per row (mixed): sorted by a
+        seeded hash, lane i takes every L-th, so lanes differ in size by at most one document."""
+        if self.config.stream == "sequential":
+            return [Walk(self.segments, members, key)]
+        ids = self.segments.ids
+        keys = np.array([_unit_hash(f"{key}/lanes/{ids[m]}") for m in members], dtype=np.uint64)
+        dealt = members[np.argsort(keys, kind="stable")]
+        count = min(self.config.batch_size, len(members))
+        return [Walk(self.segments, np.sort(dealt[i::count]), f"{key}/lane{i}") for i in range(count)]
+
+    def _group_for_batch(self, number: int) -> list[Walk]:
         if not self.config.single_domain:
-            return self.walks["all"]
+            return self.groups["all"]
         u = _unit_hash(f"domain/{self.config.seed}/{number}") / 2.0**64
-        choice = min(int(np.searchsorted(self._cumulative, u, side="right")), len(self.walks) - 1)
-        return list(self.walks.values())[choice]
+        choice = min(int(np.searchsorted(self._cumulative, u, side="right")), len(self.groups) - 1)
+        return list(self.groups.values())[choice]
 
     def __next__(self) -> Batch:
-        walk = self._walk_for_batch(self.batches)
+        lanes = self._group_for_batch(self.batches)
         rows = [
-            next_row(walk, self.config.seq_len, self.config.layout) for _ in range(self.config.batch_size)
+            next_row(lanes[row % len(lanes)], self.config.seq_len, self.config.layout)
+            for row in range(self.config.batch_size)
         ]
         self.batches += 1
         return assemble_batch(rows, self.segments, self.config.seq_len, self.pad_id)

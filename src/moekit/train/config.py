@@ -15,6 +15,7 @@ from moekit.train.methods import MethodConfig
 
 TOKENIZERS = ("byte", "bpe")
 LAYOUTS = ("packed", "padded")
+STREAMS = ("mixed", "sequential")
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,12 @@ class DataConfig:
     holdout: str | None = None
     single_domain_batches: bool = False
     cache_dir: str | None = None
+    stream: str = "mixed"  # mixed: each row from its own lane; sequential: consecutive rows of one walk
 
     def __post_init__(self) -> None:
         require_choice("data.tokenizer", self.tokenizer, TOKENIZERS)
         require_choice("data.layout", self.layout, LAYOUTS)
+        require_choice("data.stream", self.stream, STREAMS)
         require_int("data.seq_len", self.seq_len, minimum=2)
         require_int("data.bpe_vocab_size", self.bpe_vocab_size, minimum=260)
 

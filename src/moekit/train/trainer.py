@@ -187,6 +187,7 @@ class Trainer:
             layout=d.layout,
             seed=config.loop.seed,
             single_domain=d.single_domain_batches,
+            stream=d.stream,
         )
         self.step = 0
         self.tokens_seen = 0
