@@ -8,6 +8,7 @@ from typing import Any
 
 from moekit.balance.config import BalanceConfig
 from moekit.config_tree import apply_overrides, dataclass_from_dict, load_yaml
+from moekit.data.loader import STREAMS
 from moekit.device import DEVICES, DTYPES
 from moekit.errors import ConfigError, require_choice, require_int, require_number
 from moekit.models.lm import LMConfig
@@ -15,7 +16,6 @@ from moekit.train.methods import MethodConfig
 
 TOKENIZERS = ("byte", "bpe")
 LAYOUTS = ("packed", "padded")
-STREAMS = ("mixed", "sequential")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 
 from moekit.balance.config import OBJECTIVE_KINDS, SCOPES, ObjectiveSpec
 from moekit.balance.schedule import SCHEDULE_KINDS, Schedule
+from moekit.data.loader import STREAMS
 from moekit.device import DEVICES, DTYPES
 from moekit.dispatch.grouped import BACKENDS
 from moekit.experts.activations import ACTIVATION_NAMES
@@ -39,6 +40,7 @@ DOCS_PATH = Path("docs/config.md")
 ALLOWED: dict[str, tuple[Any, ...]] = {
     "data.tokenizer": TOKENIZERS,
     "data.layout": LAYOUTS,
+    "data.stream": STREAMS,
     "train.device": DEVICES,
     "train.dtype": DTYPES,
     "loop.eval_split": ("validation", "test"),
@@ -63,6 +65,9 @@ ALLOWED: dict[str, tuple[Any, ...]] = {
 MEANINGS: dict[str, str] = {
     "name": "The run's name: progress bars, logs and the default output directory.",
     "out_dir": "Where metrics.jsonl and checkpoints/ go (default runs/<name>).",
+    "data.stream": "How training rows are drawn: `mixed` (each batch row walks its own shuffled lane of "
+    "documents, so a batch mixes domains and the loss does not swing by domain) or `sequential` "
+    "(consecutive rows of one walk, the order before `mixed`; older checkpoints resume with it).",
     "data.source": "`builtin` (the built-in multi-domain corpus), `sample` (the small packaged sample) "
     "or a corpus directory.",
     "data.tokenizer": "`byte` (256 ids + specials) or `bpe` trained on the corpus.",
