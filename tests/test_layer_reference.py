@@ -1,9 +1,9 @@
 """The fast MoE layer against the float64 reference: outputs and every gradient, every preset."""
 
+from unittest.mock import patch
+
 import pytest
 import torch
-
-from unittest.mock import patch
 
 import moekit.dispatch.grouped as grouped_module
 from moekit import MoE, MoEConfig, preset

@@ -17,9 +17,13 @@ Backends, chosen per call:
   here), and large experts run their whole forward and backward as one task (`dispatch/fused.py`).
 - `grouped_mm`: `torch.nn.functional.grouped_mm` (fp32/bf16/fp16, 16-byte-aligned strides), one
   C++ loop over the experts; `auto` takes it for decode-sized inputs (a few rows per expert)
-  where moekit's own kernel does not run on the workers, weight gradients included: unthreaded,
-  or, where the experts' weights take long enough to read, one call per worker over a share of
-  the experts (each core reading its own share).
+  where moekit's own kernel does not run, weight gradients included: unthreaded, or, where the
+  experts' weights take long enough to read and split reads were measured faster than one
+  thread's (`dispatch/bandwidth.py`), one call per worker over a share of the experts.
+
+Decode (a few rows per expert) reads each chosen expert's weights once and is bound by memory
+bandwidth: `auto` runs it on moekit's own kernel where that runs (fp32), on the calling thread
+unless split reads were measured faster here, in which case on the workers.
 
 Off the CPU (CUDA) the plan is chosen by the tensors' device alone (`device_plan`): grouped_mm where
 it runs, else the loop on plain `torch.mm`; never the CPU machinery (workers, native kernel, oneDNN
