@@ -440,16 +440,23 @@ def test_runs_of_experts_cover_every_expert_exactly_once(sizes, parallel):
 
 
 @pytest.mark.skipif(not native_available(), reason="the native kernel needs an AVX-512 CPU and a compiler")
-def test_decode_takes_the_native_kernel_on_the_workers_where_it_runs():
-    """`auto` at decode: the native loops on the workers where they run (fp32, two threads, the
-    workers enabled), grouped_mm with the workers off, the library kernels for float64."""
+@pytest.mark.parametrize("split_reads_faster", [True, False])
+def test_decode_takes_the_native_kernel_where_it_runs(split_reads_faster):
+    """`auto` at decode: the native loops where they run (fp32), on the workers where split
+    memory reads were measured faster than one thread's, else on the calling thread; grouped_mm
+    with the workers off, the library kernels for float64."""
     gen = torch.Generator().manual_seed(9)
     token, expert = sorted_topk_assignments(torch.randn(3, 6, generator=gen), 2)
     act = make_activation("swiglu")
     x, _, w_in, w_out = swiglu_inputs(gen, 3, len(token), 6, 16, 8, 1.0, torch.float32)
-    with torch_threads(2), patch.object(grouped_module, "workers_enabled", lambda: True):
+    with (
+        torch_threads(2),
+        patch.object(grouped_module, "workers_enabled", lambda: True),
+        patch.object(grouped_module, "parallel_reads_pay_off", lambda threads: split_reads_faster),
+    ):
         plan = grouped_module.plan_experts(x, token, expert, w_in, w_out, act)
-        assert plan.backend == "loop" and plan.parallel and plan.native and plan.swiglu_loops
+        assert plan.backend == "loop" and plan.native and plan.swiglu_loops
+        assert plan.parallel == split_reads_faster and plan.single_threaded != split_reads_faster
         serial = grouped_module.plan_experts(x, token, expert, w_in, w_out, act, parallel_workers=False)
         assert serial.backend == "grouped_mm" and not serial.native
         exact = grouped_module.plan_experts(x.double(), token, expert, w_in.double(), w_out.double(), act)

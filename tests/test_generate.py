@@ -247,3 +247,27 @@ def test_kv_cache_counts_slots_and_bytes():
         layer.update(k, k)
     assert len(cache) == 5 and cache.layers[1].keys.shape[2] == 2 and cache.layers[0].keys.shape[2] == 5
     assert cache.nbytes == (5 + 2) * 2 * 2 * 4 * 4
+
+
+@pytest.mark.parametrize("split_reads_faster", [False, True])
+def test_decode_steps_thread_only_where_their_reads_or_arithmetic_gain(monkeypatch, split_reads_faster):
+    """A step's threads: none for tiny products (the hand-off costs more); all for products whose
+    arithmetic outweighs their weight reads (prefill); for read-bound products (decode), all only
+    where split reads were measured faster than one thread's."""
+    from moekit.dispatch import bandwidth
+    from moekit.inference.generate import threads_pay_off
+
+    monkeypatch.setattr(bandwidth, "parallel_reads_pay_off", lambda threads: split_reads_faster)
+    head = 16384 * 1024  # a 64 MB output head
+    assert not threads_pay_off(1, 1000, 4)
+    assert threads_pay_off(1, head, 4) == split_reads_faster
+    assert threads_pay_off(8, head, 4) == split_reads_faster
+    assert threads_pay_off(4096, head, 4)
+
+
+def test_split_read_measurement_decides_by_the_required_gain():
+    from moekit.dispatch.bandwidth import REQUIRED_GAIN, parallel_reads_pay_off, split_reads_pay_off
+
+    assert split_reads_pay_off(1.0, 1.0 / REQUIRED_GAIN)
+    assert not split_reads_pay_off(1.0, 0.9)
+    assert parallel_reads_pay_off(1) is False  # one thread: nothing to split

@@ -1,11 +1,15 @@
 """The fast MoE layer against the float64 reference: outputs and every gradient, every preset."""
 
+from unittest.mock import patch
+
 import pytest
 import torch
 
+import moekit.dispatch.grouped as grouped_module
 from moekit import MoE, MoEConfig, preset
 from moekit.dispatch.grouped import grouped_mm_available
 from moekit.dispatch.reference import reference_moe
+from moekit.kernels.native import native_available
 from moekit.routing.spec import PRESET_NAMES
 
 pytestmark = pytest.mark.portable
@@ -132,3 +136,45 @@ def test_decode_sized_inputs_close_to_reference(backend):
             used = set(torch.topk(layer.router.logits(x.float()), 2).indices.flatten().tolist())
             unused = [e for e in range(16) if e not in used]
             assert torch.count_nonzero(p.grad[unused]) == 0  # experts with no tokens: exactly zero
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+@pytest.mark.parametrize("split_reads_faster", [False, True])
+def test_decode_path_close_to_reference(name, split_reads_faster):
+    """Decode-sized steps (one token per row, some rows masked) on `auto`: the native loops on the
+    calling thread, or on the workers where split reads measured faster, every preset; output and
+    every gradient against the float64 reference."""
+    layer = preset_layer(name)
+    x = torch.randn(3, 1, HIDDEN, dtype=torch.float64)
+    token_mask = torch.tensor([[True], [False], [True]])
+    x_ref = x.clone().requires_grad_()
+    ref = reference_moe(layer, x_ref, token_mask)
+    upstream = torch.randn_like(ref.output)
+    (ref.output * upstream).sum().backward()
+    plans = []
+    plan_experts = grouped_module.plan_experts
+
+    def recording_plan(*args, **kwargs):
+        plans.append(plan_experts(*args, **kwargs))
+        return plans[-1]
+
+    x_fast = x.float().requires_grad_()
+    with (
+        patch.object(grouped_module, "parallel_reads_pay_off", lambda threads: split_reads_faster),
+        patch.object(grouped_module, "plan_experts", recording_plan),
+    ):
+        y = layer(x_fast, token_mask)
+    (y * upstream.float()).sum().backward()
+    torch.testing.assert_close(y.double(), ref.output.detach(), rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(x_fast.grad.double(), x_ref.grad, rtol=2e-4, atol=2e-4)
+    for param_name, p in layer.named_parameters():
+        torch.testing.assert_close(
+            p.grad.double(), ref.params[param_name].grad, rtol=2e-4, atol=2e-4, msg=param_name
+        )
+    assert plans and all(plan.groups.token.numel() <= 4 for plan in plans)
+    if native_available():
+        assert all(plan.native and plan.backend == "loop" for plan in plans)
+        if torch.get_num_threads() == 1 or not grouped_module.workers_enabled():
+            assert not any(plan.parallel for plan in plans)
+        elif not split_reads_faster:
+            assert not any(plan.parallel for plan in plans) and all(plan.single_threaded for plan in plans)

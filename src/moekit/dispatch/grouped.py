@@ -17,9 +17,13 @@ Backends, chosen per call:
   here), and large experts run their whole forward and backward as one task (`dispatch/fused.py`).
 - `grouped_mm`: `torch.nn.functional.grouped_mm` (fp32/bf16/fp16, 16-byte-aligned strides), one
   C++ loop over the experts; `auto` takes it for decode-sized inputs (a few rows per expert)
-  where moekit's own kernel does not run on the workers, weight gradients included: unthreaded,
-  or, where the experts' weights take long enough to read, one call per worker over a share of
-  the experts (each core reading its own share).
+  where moekit's own kernel does not run, weight gradients included: unthreaded, or, where the
+  experts' weights take long enough to read and split reads were measured faster than one
+  thread's (`dispatch/bandwidth.py`), one call per worker over a share of the experts.
+
+Decode (a few rows per expert) reads each chosen expert's weights once and is bound by memory
+bandwidth: `auto` runs it on moekit's own kernel where that runs (fp32), on the calling thread
+unless split reads were measured faster here, in which case on the workers.
 
 Off the CPU (CUDA) the plan is chosen by the tensors' device alone (`device_plan`): grouped_mm where
 it runs, else the loop on plain `torch.mm`; never the CPU machinery (workers, native kernel, oneDNN
@@ -40,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.device import autocast_dtype, no_autocast
+from moekit.dispatch.bandwidth import parallel_reads_pay_off
 from moekit.dispatch.fused import FusedExperts, packed_grad
 from moekit.dispatch.loops import expert_loops, swiglu_expert_loops
 from moekit.dispatch.workers import (
@@ -519,31 +524,28 @@ def plan_experts(
     decode = len(token) < DECODE_ROWS_PER_EXPERT * max(1, active)
     threads = torch.get_num_threads()
     kernel_fits = native_fits(x, w_in, w_out)
-    # A few rows per expert: moekit's own kernel on the workers where it runs (it reads each
-    # weight once, in place, pulling the next expert's into cache), else one C++ loop (grouped_mm)
-    native_decode = (
-        backend == "auto"
-        and decode
-        and parallel_workers is not False
-        and threads > 1
-        and active > 1
-        and workers_enabled()
-        and kernel_fits
-    )
+    # A few rows per expert: moekit's own kernel where it runs (it reads each weight once, in
+    # place, pulling the next expert's into cache), else one C++ loop (grouped_mm). Decode is
+    # bound by memory reads: on the workers only where split reads measured faster here
+    # (`bandwidth.parallel_reads_pay_off`), else on the calling thread.
+    native_decode = backend == "auto" and decode and parallel_workers is not False and kernel_fits
     if backend == "auto" and decode and not native_decode:
         backend = "grouped_mm"
     resolved = choose_backend(backend, x.dtype, hidden, in_features, w_out.shape[2])
     estimate = (len(token), active, in_features, hidden, x.dtype)
     if parallel_workers is None:
         parallel_workers = workers_enabled() and (
-            native_decode
-            or (
-                shares_pay_off(*estimate, threads) if resolved == "grouped_mm" else workers_pay_off(*estimate)
+            (active > 1 and threads > 1 and parallel_reads_pay_off(threads))
+            if native_decode
+            else (
+                (shares_pay_off(*estimate, threads) and (not decode or parallel_reads_pay_off(threads)))
+                if resolved == "grouped_mm"
+                else workers_pay_off(*estimate)
             )
         )
     shares = groups.shares(threads) if resolved == "grouped_mm" and parallel_workers else ()
     parallel = parallel_workers and (resolved == "loop" or len(shares) > 1)
-    native = parallel and resolved == "loop" and kernel_fits
+    native = (parallel or native_decode) and resolved == "loop" and kernel_fits
     swiglu_loops = native and activation.name == "swiglu"
     fused = None
     if parallel and resolved == "loop" and not swiglu_loops and fused_pays_off(*estimate, native):

@@ -138,16 +138,22 @@ def _tied(model: nn.Module) -> bool:
 
 
 def threads_pay_off(rows: int, largest_elements: int, element_size: int) -> bool:
-    """Whether a forward over `rows` tokens has an op large enough to pay OpenMP's hand-off between
-    threads: its largest product, estimated on one core (the dispatch planner's rates), takes at
-    least as long as a worker share must. Decoding a small model is a chain of tiny ops, each of
-    which a second thread only delays (and, on a loaded machine, waits for)."""
+    """Whether a forward over `rows` tokens should run on all threads rather than one.
+
+    Its largest product, estimated on one core (the dispatch planner's rates), must take at least
+    as long as a worker share must, to pay OpenMP's hand-off between threads: decoding a small
+    model is a chain of tiny ops, each of which a second thread only delays (and, on a loaded
+    machine, waits for). A product of a few rows is bound by its weight reads, not its arithmetic
+    (decode); more threads speed those up only where split reads were measured faster than one
+    thread's here (`dispatch.bandwidth`): one core saturates the memory of many machines."""
+    from moekit.dispatch.bandwidth import parallel_reads_pay_off
     from moekit.dispatch.grouped import CORE_BYTES_PER_S, CORE_FLOPS_PER_S, MIN_SHARE_SECONDS
 
-    seconds = max(
-        largest_elements * element_size / CORE_BYTES_PER_S, 2 * rows * largest_elements / CORE_FLOPS_PER_S
-    )
-    return seconds >= MIN_SHARE_SECONDS
+    read_seconds = largest_elements * element_size / CORE_BYTES_PER_S
+    compute_seconds = 2 * rows * largest_elements / CORE_FLOPS_PER_S
+    if max(read_seconds, compute_seconds) < MIN_SHARE_SECONDS:
+        return False
+    return compute_seconds >= read_seconds or parallel_reads_pay_off(torch.get_num_threads())
 
 
 def _forward(model: nn.Module, kind: str, ids: Tensor, real: Tensor, positions: Tensor, cache: Any) -> Tensor:
