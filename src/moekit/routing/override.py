@@ -68,6 +68,9 @@ class RoutingOverride:
       whose softmax mass reaches p (capped by `top_k` when both are given).
     - `weights`: replacement routing weights, [E] or [T, E]; the chosen experts take these weights
       instead of the router's (C3PO #29 re-mixes the chosen experts).
+    - `min_weight_ratio`: drop every chosen expert except each token's first whose weight is
+      below this fraction of the first's (MC-MoE #38's online dynamic pruning; the kept weights
+      are not renormalised, so the dropped expert's share is simply skipped). 0 drops nothing.
     - `where`: bool, broadcastable to the layer input's leading shape ([B, S] or [S]); tokens
       outside keep the router's own routing. None = every token.
     """
@@ -79,6 +82,7 @@ class RoutingOverride:
     top_p: float | None = None
     weights: Tensor | None = None
     where: Tensor | None = None
+    min_weight_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.top_k is not None and (
@@ -87,6 +91,12 @@ class RoutingOverride:
             raise ConfigError("override.top_k", f"got {self.top_k!r}, expected an integer >= 0")
         if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
             raise ConfigError("override.top_p", f"got {self.top_p!r}, expected a number in (0, 1]")
+        if self.min_weight_ratio is not None and not (
+            isinstance(self.min_weight_ratio, (int, float)) and 0.0 <= self.min_weight_ratio <= 1.0
+        ):
+            raise ConfigError(
+                "override.min_weight_ratio", f"got {self.min_weight_ratio!r}, expected a number in [0, 1]"
+            )
         for name in ("logit_bias", "weights", "where"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Tensor):
@@ -96,7 +106,16 @@ class RoutingOverride:
     def is_empty(self) -> bool:
         return all(
             getattr(self, name) is None
-            for name in ("logit_bias", "force", "mask", "top_k", "top_p", "weights", "where")
+            for name in (
+                "logit_bias",
+                "force",
+                "mask",
+                "top_k",
+                "top_p",
+                "weights",
+                "where",
+                "min_weight_ratio",
+            )
         )
 
 
@@ -269,6 +288,12 @@ def apply_override(
         weights = renormalise_selected(
             torch.where(selected, scores, torch.zeros_like(scores)), selected, spec
         )
+    if override.min_weight_ratio is not None:
+        first = weights.detach().masked_fill(~selected, float("-inf")).max(dim=-1, keepdim=True)
+        is_first = torch.zeros_like(selected).scatter_(1, first.indices, True) & selected
+        below = weights.detach() < override.min_weight_ratio * first.values.clamp_min(0.0)
+        selected = selected & (is_first | ~below)
+        weights = torch.where(selected, weights, torch.zeros_like(weights))
     if override.where is not None:
         where = override.where.to(torch.bool).to(logits.device)
         try:
