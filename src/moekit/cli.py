@@ -70,6 +70,12 @@ def _generate(args: argparse.Namespace) -> int:
     return inference_cli.main(args)
 
 
+def _eval_tasks(args: argparse.Namespace) -> int:
+    from moekit.inference.methods import cli as methods_cli
+
+    return methods_cli.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="moekit",
@@ -136,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate = sub.add_parser("generate", help="generate text with a moekit or HF MoE checkpoint")
     add_generate_arguments(generate)
     generate.set_defaults(handler=_generate)
+
+    from moekit.inference.methods.cli import add_arguments as add_eval_tasks_arguments
+
+    eval_tasks = sub.add_parser("eval-tasks", help="test-time routing methods on exact-answer math tasks")
+    add_eval_tasks_arguments(eval_tasks)
+    eval_tasks.set_defaults(handler=_eval_tasks)
     return parser
 
 
