@@ -5,6 +5,7 @@ setting (SCMoE β = 0, ODP threshold 0)."""
 import pytest
 import torch
 
+from moekit.addressing import moe_layers
 from moekit.errors import ConfigError
 from moekit.inference.generate import generate
 from moekit.inference.methods import (
@@ -107,11 +108,11 @@ def test_scmoe_contrast_moves_tokens_within_the_plausible_set():
             assert logits[chosen] >= logits.max() + torch.log(torch.tensor(alpha)) - 1e-4
 
 
-@pytest.mark.parametrize("name", ["moekit", *FAMILIES[:3]])
+@pytest.mark.parametrize("name", ["moekit", *FAMILIES])
 def test_rewire_lowers_the_prompt_loss(models, name):
     model = models(name)
     ids, mask = prompt(model, length=12)
-    result = rewire(model, ids, mask, steps=4, lr=0.5)
+    result = rewire(model, ids, mask, steps=4, lr=0.05)
     assert result.loss_after < result.loss_before
     assert result.cost.forward_passes == 5 and result.cost.backward_passes == 4
     real = mask.bool()
@@ -162,8 +163,8 @@ def test_odp_threshold_zero_is_identical_and_positive_prunes(models, name):
     pruned, pruned_count = run(odp_overrides(0.9))
     assert pruned_count < plain_count
     assert not torch.equal(pruned, plain)
-    one, one_count = run(odp_overrides(1.0))  # every token keeps exactly its first expert
-    assert one_count <= pruned_count
+    _, one_count = run(odp_overrides(1.0))  # every real token keeps exactly its first expert
+    assert one_count == int(real.sum()) * len(moe_layers(model)) <= pruned_count
 
 
 def test_bad_parameters_name_the_field(models):

@@ -43,14 +43,17 @@ def rewire(
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     *,
-    layers: Sequence[int | str] = (-2, -1),
+    layers: Sequence[int | str] | None = None,
     steps: int = 5,
     lr: float = 0.1,
 ) -> RewireResult:
-    """Optimise router-logit biases of `layers` on the prompt's next-token loss."""
+    """Optimise router-logit biases of `layers` (default: the last two MoE layers, or the only
+    one) on the prompt's next-token loss."""
     require_int("steps", steps, minimum=0)
     require_number("lr", lr, minimum=0.0, strict=True)
     model_layers = require_moe_layers(model, "rewiring")
+    if layers is None:
+        layers = [index for index, _, _ in model_layers[-2:]]
     indices = sorted({resolve_layer(model_layers, key) for key in layers})
     real = _check_inputs(model, input_ids, attention_mask, 0)
     ids = input_ids.long()
