@@ -92,6 +92,7 @@ def test_odp_spends_fewer_assignments_than_plain_decoding(tmp_path):
         (["--max-new-tokens", "500"], "--max-new-tokens"),
         (["--alpha", "3", "--method", "scmoe"], "--alpha"),
         (["--json", "/nonexistent-folder/x.json"], "--json"),
+        (["--weak-rank", "9", "--method", "scmoe"], "--weak-rank"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, extra, field):

@@ -19,7 +19,7 @@ from moekit.inference.methods import (
 from moekit.inference.methods.common import full_logits, next_token_loss
 from moekit.layer import MoEConfig
 from moekit.models.lm import LanguageModel, LMConfig
-from moekit.routing.override import Overrides, RoutingCapture, override_routing
+from moekit.routing.override import Overrides, RoutingCapture, RoutingOverride, override_routing
 from moekit.routing.spec import preset
 
 transformers = pytest.importorskip(
@@ -176,3 +176,27 @@ def test_bad_parameters_name_the_field(models):
         scmoe_generate(model, ids, alpha=2.0)
     with pytest.raises(ConfigError, match="layers"):
         steering_overrides(expert_frequencies(model, ids), [7])
+
+
+@pytest.mark.parametrize("name", ["moekit", *FAMILIES])
+def test_rank_override_picks_the_routers_ranked_expert(models, name):
+    model = models(name)
+    ids, mask = prompt(model)
+    real = mask.bool()
+
+    def chosen(override):
+        capture = RoutingCapture()
+        with torch.no_grad(), override_routing(model, Overrides(default=override, capture=capture)):
+            full_logits(model, ids, real)
+        kept = capture.routings[0][0].kept  # layer 0 sees the same input under every override
+        return kept.token.tolist(), kept.expert.tolist(), kept.rank.tolist()
+
+    plain = list(zip(*chosen(RoutingOverride()), strict=True))
+    for rank in (0, 1):
+        token, expert, _ = chosen(RoutingOverride(ranks=[rank]))
+        expected = sorted((t, e) for t, e, r in plain if r == rank)
+        assert sorted(zip(token, expert, strict=True)) == expected and expected
+    greedy = generate(model, ids, mask, max_new_tokens=4)
+    assert torch.equal(
+        scmoe_generate(model, ids, mask, max_new_tokens=4, beta=0.0, weak_ranks=[1]).tokens, greedy
+    )

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta", type=float, default=0.5, help="SCMoE contrast strength")
     parser.add_argument("--alpha", type=float, default=0.1, help="SCMoE plausibility threshold")
     parser.add_argument("--weak-top-k", type=int, default=1, help="SCMoE weak pass: experts per token")
+    parser.add_argument(
+        "--weak-rank", type=int, default=None, help="SCMoE weak pass: only each token's expert of this rank"
+    )
     parser.add_argument("--rewire-steps", type=int, default=5)
     parser.add_argument("--rewire-lr", type=float, default=0.1)
     parser.add_argument("--steer-strength", type=float, default=1.0)
@@ -43,6 +46,7 @@ def main(args: argparse.Namespace) -> int:
         beta=args.beta,
         alpha=args.alpha,
         weak_top_k=args.weak_top_k,
+        weak_ranks=None if args.weak_rank is None else [args.weak_rank],
         rewire_steps=args.rewire_steps,
         rewire_lr=args.rewire_lr,
         steer_strength=args.steer_strength,
@@ -61,7 +65,8 @@ def main(args: argparse.Namespace) -> int:
             model, tokenizer, problems, args.method, settings, args.max_new_tokens, eos_token_id=eos
         )
     except ConfigError as exc:
-        raise MoekitError(f"--{exc.field.replace('_', '-')}: {str(exc).split(': ', 1)[1]}") from None
+        flag = "weak-rank" if exc.field == "override.ranks" else exc.field.replace("_", "-")
+        raise MoekitError(f"--{flag}: {str(exc).split(': ', 1)[1]}") from None
     result = {"source": str(args.source), "set": args.task_set, **result}
     low, high = result["ci95"]
     print(

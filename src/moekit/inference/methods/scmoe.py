@@ -2,15 +2,17 @@
 
 Shi et al. 2024, "Unchosen Experts Can Contribute Too: Unleashing MoE Models' Power by
 Self-Contrast" (SCMoE): each decoding step runs the same model twice, once with its own top-k
-routing (strong) and once with weaker routing (here: fewer experts per token, `weak_top_k`, e.g.
-top-1 of a top-2 model), and picks the argmax of the plausibility-masked contrast. The paper's
-rank-k weak routing (only the r-th ranked expert) is not expressible as a routing override yet.
+routing (strong) and once with weaker routing: fewer experts per token (`weak_top_k`, e.g. top-1
+of a top-2 model) or the paper's rank-k routing (`weak_ranks`, e.g. [2]: only each token's
+third-ranked expert, weights renormalised by the router's rule), and picks the argmax of the
+plausibility-masked contrast.
 Each pass keeps its own KV cache, so the cost is two forward passes per step.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +60,7 @@ def scmoe_generate(
     beta: float = 0.5,
     alpha: float = 0.1,
     weak_top_k: int = 1,
+    weak_ranks: Sequence[int] | None = None,
 ) -> SCMoEResult:
     """Greedy SCMoE decoding of left-padded prompts (defaults α = 0.1, β = 0.5 as in the paper)."""
     require_number("beta", beta, minimum=0.0)
@@ -72,7 +75,12 @@ def scmoe_generate(
     cost = MethodCost()
     capture = RoutingCapture()
     strong_overrides = Overrides(capture=capture)
-    weak_overrides = Overrides(default=RoutingOverride(top_k=weak_top_k), capture=capture)
+    weak = (
+        RoutingOverride(ranks=list(weak_ranks))
+        if weak_ranks is not None
+        else RoutingOverride(top_k=weak_top_k)
+    )
+    weak_overrides = Overrides(default=weak, capture=capture)
     try:
         caches = (model.new_cache(), model.new_cache())
         ids, step_real, positions = input_ids.long(), real, positions_of(real)

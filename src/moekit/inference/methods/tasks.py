@@ -71,6 +71,7 @@ class MethodSettings:
     beta: float = 0.5
     alpha: float = 0.1
     weak_top_k: int = 1
+    weak_ranks: Sequence[int] | None = None  # SCMoE rank-k weak routing instead of weak_top_k
     rewire_steps: int = 5
     rewire_lr: float = 0.1
     steer_strength: float = 1.0
@@ -138,6 +139,7 @@ def evaluate_method(
                 beta=settings.beta,
                 alpha=settings.alpha,
                 weak_top_k=settings.weak_top_k,
+                weak_ranks=settings.weak_ranks,
             )
             out = result.tokens
             cost.forward_passes += result.cost.forward_passes
