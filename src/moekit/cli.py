@@ -88,6 +88,12 @@ def _experiment(args: argparse.Namespace) -> int:
     return runner.main(args)
 
 
+def _eval_tasks(args: argparse.Namespace) -> int:
+    from moekit.inference.methods import cli as methods_cli
+
+    return methods_cli.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="moekit",
@@ -177,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     compress = sub.add_parser("compress", help="prune, merge or quantize an MoE's experts from a recipe")
     add_compress_arguments(compress)
     compress.set_defaults(handler=_compress)
+
+    from moekit.inference.methods.cli import add_arguments as add_eval_tasks_arguments
+
+    eval_tasks = sub.add_parser("eval-tasks", help="test-time routing methods on exact-answer math tasks")
+    add_eval_tasks_arguments(eval_tasks)
+    eval_tasks.set_defaults(handler=_eval_tasks)
     return parser
 
 

@@ -68,6 +68,11 @@ class RoutingOverride:
       whose softmax mass reaches p (capped by `top_k` when both are given).
     - `weights`: replacement routing weights, [E] or [T, E]; the chosen experts take these weights
       instead of the router's (C3PO #29 re-mixes the chosen experts).
+    - `ranks`: choose the experts at these ranks of the router's preference (0 = its first
+      choice) instead of its top k: SCMoE's (#11) rank-k weak routing, e.g. `ranks=[2]`.
+    - `min_weight_ratio`: drop every chosen expert except each token's first whose weight is
+      below this fraction of the first's (MC-MoE #38's online dynamic pruning; the kept weights
+      are not renormalised, so the dropped expert's share is simply skipped). 0 drops nothing.
     - `where`: bool, broadcastable to the layer input's leading shape ([B, S] or [S]); tokens
       outside keep the router's own routing. None = every token.
     """
@@ -79,6 +84,8 @@ class RoutingOverride:
     top_p: float | None = None
     weights: Tensor | None = None
     where: Tensor | None = None
+    min_weight_ratio: float | None = None
+    ranks: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         if self.top_k is not None and (
@@ -87,6 +94,20 @@ class RoutingOverride:
             raise ConfigError("override.top_k", f"got {self.top_k!r}, expected an integer >= 0")
         if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
             raise ConfigError("override.top_p", f"got {self.top_p!r}, expected a number in (0, 1]")
+        if self.min_weight_ratio is not None and not (
+            isinstance(self.min_weight_ratio, (int, float)) and 0.0 <= self.min_weight_ratio <= 1.0
+        ):
+            raise ConfigError(
+                "override.min_weight_ratio", f"got {self.min_weight_ratio!r}, expected a number in [0, 1]"
+            )
+        if self.ranks is not None and (
+            not self.ranks
+            or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in self.ranks)
+            or len(set(self.ranks)) != len(self.ranks)
+        ):
+            raise ConfigError("override.ranks", f"got {self.ranks!r}, expected distinct integers >= 0")
+        if self.ranks is not None and (self.top_k is not None or self.top_p is not None):
+            raise ConfigError("override.ranks", "cannot be combined with top_k or top_p")
         for name in ("logit_bias", "weights", "where"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Tensor):
@@ -96,7 +117,17 @@ class RoutingOverride:
     def is_empty(self) -> bool:
         return all(
             getattr(self, name) is None
-            for name in ("logit_bias", "force", "mask", "top_k", "top_p", "weights", "where")
+            for name in (
+                "logit_bias",
+                "force",
+                "mask",
+                "top_k",
+                "top_p",
+                "weights",
+                "where",
+                "min_weight_ratio",
+                "ranks",
+            )
         )
 
 
@@ -219,6 +250,12 @@ def apply_override(
         raise ConfigError("override.force", "an expert cannot be both forced and masked")
     top_p_router = layer.config.router_kind == "top_p"
     k = override.top_k if override.top_k is not None else spec.top_k
+    if override.ranks is not None:
+        if top_p_router:
+            raise ConfigError("override.ranks", "needs a top-k router; this layer routes by top-p")
+        k = max(override.ranks) + 1
+        if k > num_experts:
+            raise ConfigError("override.ranks", f"got rank {k - 1}, the layer has {num_experts} experts")
     k = min(k, num_experts)
     allowed = num_experts - (0 if masked is None else int(masked.sum()))
     if k > allowed and override.top_p is None and not top_p_router:
@@ -254,6 +291,8 @@ def apply_override(
             selected &= ~masked.to(selected.device)
     else:
         index = preference.topk(k, dim=-1).indices
+        if override.ranks is not None:
+            index = index[:, list(override.ranks)]
         selected = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, index, True)
     if override.weights is not None:
         dense = _per_token("weights", override.weights, num_tokens, num_experts, scores)
@@ -269,6 +308,12 @@ def apply_override(
         weights = renormalise_selected(
             torch.where(selected, scores, torch.zeros_like(scores)), selected, spec
         )
+    if override.min_weight_ratio is not None:
+        first = weights.detach().masked_fill(~selected, float("-inf")).max(dim=-1, keepdim=True)
+        is_first = torch.zeros_like(selected).scatter_(1, first.indices, True) & selected
+        below = weights.detach() < override.min_weight_ratio * first.values.clamp_min(0.0)
+        selected = selected & (is_first | ~below)
+        weights = torch.where(selected, weights, torch.zeros_like(weights))
     if override.where is not None:
         where = override.where.to(torch.bool).to(logits.device)
         try:

@@ -1,0 +1,79 @@
+"""`moekit eval-tasks SRC --method none|scmoe|rewire|steer|odp --limit N --json OUT`: a test-time
+routing method's accuracy on the built-in exact-answer math tasks, with a 95% interval and its
+cost (forward and backward passes, routed assignments, tokens/s)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moekit.errors import ConfigError, MoekitError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from moekit.inference.methods.tasks import METHODS, TASK_SETS
+
+    parser.add_argument("source", type=Path, metavar="SRC", help="moekit checkpoint or run dir, or HF folder")
+    parser.add_argument("--method", default="none", choices=METHODS, help="the test-time method")
+    parser.add_argument("--set", dest="task_set", default="arithmetic", choices=list(TASK_SETS))
+    parser.add_argument("--limit", type=int, default=50, metavar="N", help="number of problems")
+    parser.add_argument("--max-new-tokens", type=int, default=12, metavar="N")
+    parser.add_argument("--beta", type=float, default=0.5, help="SCMoE contrast strength")
+    parser.add_argument("--alpha", type=float, default=0.1, help="SCMoE plausibility threshold")
+    parser.add_argument("--weak-top-k", type=int, default=1, help="SCMoE weak pass: experts per token")
+    parser.add_argument(
+        "--weak-rank", type=int, default=None, help="SCMoE weak pass: only each token's expert of this rank"
+    )
+    parser.add_argument("--rewire-steps", type=int, default=5)
+    parser.add_argument("--rewire-lr", type=float, default=0.1)
+    parser.add_argument("--steer-strength", type=float, default=1.0)
+    parser.add_argument("--odp-threshold", type=float, default=0.5)
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the result as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    from moekit.inference.cli import load_for_generation
+    from moekit.inference.methods.tasks import MethodSettings, evaluate_method, task_problems
+    from moekit.io import write_json_atomic
+
+    if args.limit < 1:
+        raise MoekitError(f"--limit: got {args.limit}, expected a positive number of problems")
+    if args.max_new_tokens < 1:
+        raise MoekitError(f"--max-new-tokens: got {args.max_new_tokens}, expected at least 1")
+    if args.json is not None and not args.json.parent.is_dir():
+        raise MoekitError(f"--json: the folder {args.json.parent} does not exist")
+    settings = MethodSettings(
+        beta=args.beta,
+        alpha=args.alpha,
+        weak_top_k=args.weak_top_k,
+        weak_ranks=None if args.weak_rank is None else [args.weak_rank],
+        rewire_steps=args.rewire_steps,
+        rewire_lr=args.rewire_lr,
+        steer_strength=args.steer_strength,
+        odp_threshold=args.odp_threshold,
+    )
+    model, tokenizer, eos = load_for_generation(args.source)
+    problems = task_problems(args.task_set, args.limit)
+    longest = max(len(tokenizer.encode(p.prompt)) for p in problems) + args.max_new_tokens
+    if longest > model.context_length:
+        raise MoekitError(
+            f"--max-new-tokens: the longest prompt plus {args.max_new_tokens} new tokens needs {longest} "
+            f"positions, more than the model's context of {model.context_length}"
+        )
+    try:
+        result = evaluate_method(
+            model, tokenizer, problems, args.method, settings, args.max_new_tokens, eos_token_id=eos
+        )
+    except ConfigError as exc:
+        flag = "weak-rank" if exc.field == "override.ranks" else exc.field.replace("_", "-")
+        raise MoekitError(f"--{flag}: {str(exc).split(': ', 1)[1]}") from None
+    result = {"source": str(args.source), "set": args.task_set, **result}
+    low, high = result["ci95"]
+    print(
+        f"{args.method}: {result['correct']}/{result['problems']} correct, accuracy {result['accuracy']:.3f} "
+        f"(95% CI {low:.3f}-{high:.3f}); {result['cost']['forward_passes']} forward, "
+        f"{result['cost']['backward_passes']} backward passes"
+    )
+    if args.json is not None:
+        write_json_atomic(args.json, result)
+    return 0

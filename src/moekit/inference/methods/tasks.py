@@ -1,0 +1,182 @@
+"""Exact-answer tasks for the test-time methods: the corpus's math problems, scored by accuracy
+with a confidence interval, and the compute each method spent on them.
+
+Problems come from `moekit.data.mathgen` with a seed the training corpus does not use by default
+(`EVAL_SEED`), so a model trained on the built-in corpus has not seen these exact items.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from moekit.data.mathgen import PROBLEM_KINDS, MathProblem, generate_problem
+from moekit.errors import ConfigError
+from moekit.inference.generate import generate
+from moekit.inference.methods.cost import MethodCost
+from moekit.inference.methods.odp import odp_overrides
+from moekit.inference.methods.rewire import rewire
+from moekit.inference.methods.scmoe import scmoe_generate
+from moekit.inference.methods.steer import expert_frequencies, steering_overrides
+from moekit.routing.override import Overrides, RoutingCapture
+
+EVAL_SEED = 90_001
+TASK_SETS: dict[str, tuple[str, ...]] = {
+    "arithmetic": ("add", "sub", "mul", "div", "remainder", "expression"),
+    "algebra": ("linear", "fraction", "polynomial", "system", "power", "percent", "gcd", "lcm", "modpow"),
+    "all": PROBLEM_KINDS,
+}
+METHODS = ("none", "scmoe", "rewire", "steer", "odp")
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (Wilson 1927; Brown, Cai & DasGupta 2001,
+    eq. 4); 95% by default. Better than the normal interval at small n and extreme p."""
+    if trials == 0:
+        return (0.0, 1.0)
+    p = successes / trials
+    denominator = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact at the ends (no rounding)
+    high = 1.0 if successes == trials else min(1.0, centre + half)
+    return (low, high)
+
+
+def task_problems(task_set: str, limit: int, seed: int = EVAL_SEED) -> list[MathProblem]:
+    """The first `limit` problems of the seed's stream whose kind belongs to `task_set`."""
+    if task_set not in TASK_SETS:
+        raise ConfigError("set", f"got {task_set!r}, expected one of {', '.join(TASK_SETS)}")
+    kinds = set(TASK_SETS[task_set])
+    out: list[MathProblem] = []
+    index = 0
+    while len(out) < limit:
+        problem = generate_problem(seed, index)
+        index += 1
+        if problem.kind in kinds:
+            out.append(problem)
+    return out
+
+
+@dataclass
+class MethodSettings:
+    """Each method's parameters (the papers' defaults where they give one)."""
+
+    beta: float = 0.5
+    alpha: float = 0.1
+    weak_top_k: int = 1
+    weak_ranks: Sequence[int] | None = None  # SCMoE rank-k weak routing instead of weak_top_k
+    rewire_steps: int = 5
+    rewire_lr: float = 0.1
+    steer_strength: float = 1.0
+    steer_top_n: int = 1
+    steer_layers: Sequence[int] | None = None  # None: the middle MoE layer
+    steer_references: int = 16
+    odp_threshold: float = 0.5
+
+
+def _counting(cost: MethodCost) -> tuple[Overrides, Callable[[], None]]:
+    capture = RoutingCapture()
+
+    def flush() -> None:
+        cost.assignments += sum(int(r.kept.token.numel()) for v in capture.routings.values() for r in v)
+        capture.clear()
+
+    return Overrides(capture=capture), flush
+
+
+def _with_capture(overrides: Overrides, plain: Overrides) -> Overrides:
+    return Overrides(overrides.layers, overrides.default, plain.capture)
+
+
+def evaluate_method(
+    model: nn.Module,
+    tokenizer: Any,
+    problems: Sequence[MathProblem],
+    method: str,
+    settings: MethodSettings | None = None,
+    max_new_tokens: int = 12,
+    eos_token_id: Any = None,
+) -> dict[str, Any]:
+    """Accuracy (with a 95% Wilson interval) and cost of `method` on `problems`, greedy decoding."""
+    if method not in METHODS:
+        raise ConfigError("method", f"got {method!r}, expected one of {', '.join(METHODS)}")
+    settings = settings or MethodSettings()
+    cost = MethodCost()
+    plain, flush = _counting(cost)
+    steering = None
+    if method == "steer":
+        references = task_problems("all", settings.steer_references, seed=EVAL_SEED + 1)
+        frequency_sum: dict[int, torch.Tensor] = {}
+        for reference in references:
+            ids = torch.tensor([tokenizer.encode(reference.text)], dtype=torch.long)
+            for index, value in expert_frequencies(model, ids).items():
+                frequency_sum[index] = frequency_sum.get(index, 0) + value
+        cost.forward_passes += len(references)
+        layers = settings.steer_layers
+        if layers is None:
+            layers = [len(frequency_sum) // 2]
+        steering = steering_overrides(
+            frequency_sum, layers, strength=settings.steer_strength, top_n=settings.steer_top_n
+        )
+    correct = 0
+    items = []
+    start = time.perf_counter()
+    generated_tokens = 0
+    for problem in problems:
+        ids = torch.tensor([tokenizer.encode(problem.prompt)], dtype=torch.long)
+        if method == "scmoe":
+            result = scmoe_generate(
+                model,
+                ids,
+                max_new_tokens=max_new_tokens,
+                beta=settings.beta,
+                alpha=settings.alpha,
+                weak_top_k=settings.weak_top_k,
+                weak_ranks=settings.weak_ranks,
+            )
+            out = result.tokens
+            cost.forward_passes += result.cost.forward_passes
+            cost.assignments += result.cost.assignments
+        else:
+            overrides = plain
+            if method == "rewire":
+                adapted = rewire(model, ids, steps=settings.rewire_steps, lr=settings.rewire_lr)
+                cost.forward_passes += adapted.cost.forward_passes
+                cost.backward_passes += adapted.cost.backward_passes
+                overrides = Overrides(layers=adapted.overrides(), capture=plain.capture)
+            elif method == "steer":
+                assert steering is not None
+                overrides = _with_capture(steering, plain)
+            elif method == "odp":
+                overrides = _with_capture(odp_overrides(settings.odp_threshold), plain)
+            out = generate(
+                model, ids, max_new_tokens=max_new_tokens, overrides=overrides, eos_token_id=eos_token_id
+            )
+            cost.forward_passes += max(out.shape[1] - ids.shape[1], 1)
+            flush()
+        new = out[0, ids.shape[1] :].tolist()
+        generated_tokens += len(new)
+        text = tokenizer.decode(new)
+        ok = problem.check(text)
+        correct += ok
+        items.append({"question": problem.question, "answer": problem.answer, "output": text, "correct": ok})
+    seconds = time.perf_counter() - start
+    low, high = wilson_interval(correct, len(problems))
+    return {
+        "method": method,
+        "problems": len(problems),
+        "correct": correct,
+        "accuracy": correct / len(problems) if problems else 0.0,
+        "ci95": [low, high],
+        "cost": cost.as_dict(),
+        "seconds": seconds,
+        "tokens_per_second": generated_tokens / seconds if seconds > 0 else None,
+        "items": items,
+    }
