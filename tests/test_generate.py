@@ -271,3 +271,39 @@ def test_split_read_measurement_decides_by_the_required_gain():
     assert split_reads_pay_off(1.0, 1.0 / REQUIRED_GAIN)
     assert not split_reads_pay_off(1.0, 0.9)
     assert parallel_reads_pay_off(1) is False  # one thread: nothing to split
+
+
+
+def cached_decode_logits(model, ids, tokens):
+    """Logits of the prompt's last position and of each fed-back token, through the cache."""
+    cache = model.new_cache()
+    with torch.no_grad():
+        steps = [model(ids, cache=cache).logits[:, -1]]
+        for i in range(ids.shape[1], tokens.shape[1] - 1):
+            steps.append(model(tokens[:, i : i + 1], cache=cache).logits[:, -1])
+    return torch.stack(steps, 1).float()
+
+
+@pytest.mark.parametrize("family", ["moekit", "qwen3_moe", "deepseek_v3"])
+def test_bf16_generation_tracks_fp32_with_routers_in_fp32(family, tmp_path):
+    """Under bf16 autocast, generation runs its products in bf16 (the cached logits move off
+    fp32's, within bf16's tolerance) while the routers' arithmetic stays fp32."""
+    from moekit.routing.override import Overrides, RoutingCapture
+
+    if family == "moekit":
+        model = tiny_lm().eval()
+    else:
+        tiny_model(family).save_pretrained(tmp_path)
+        model = from_hf(tmp_path).eval()
+    ids = torch.tensor([[5, 9, 2, 7, 3, 11, 4]])
+    tokens = generate(model, ids, max_new_tokens=5)
+    fp32 = cached_decode_logits(model, ids, tokens)
+    capture = RoutingCapture()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_bf16 = generate(model, ids, max_new_tokens=5, overrides=Overrides(capture=capture))
+        bf16 = cached_decode_logits(model, ids, tokens)
+    assert in_bf16.shape == tokens.shape
+    scores = [r.logits for routings in capture.routings.values() for r in routings]
+    assert scores and all(s.dtype == torch.float32 for s in scores)
+    assert not torch.equal(fp32, bf16)
+    assert (fp32 - bf16).abs().max() <= 0.05 * fp32.abs().max() + 1e-3

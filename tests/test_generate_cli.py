@@ -166,3 +166,15 @@ def test_generate_with_offloaded_experts_gives_the_in_memory_tokens(tmp_path):
     report = streamed["offload"]
     assert "offload" not in in_memory and 0.0 <= report["hit_rate"] <= 1.0
     assert report["bytes_read_per_token"] > 0
+
+
+def test_generate_in_bf16_and_refuses_a_missing_gpu(tmp_path, capsys):
+    save_run(tmp_path / "run")
+    out = tmp_path / "bf16.json"
+    argv = ["generate", str(tmp_path / "run"), "--prompt", "def x", "--max-new-tokens", "4", "--quiet"]
+    assert main([*argv, "--dtype", "bf16", "--device", "cpu", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["dtype"] == "bf16" and result["device"] == "cpu" and result["new_tokens"] == 4
+    if not torch.cuda.is_available():
+        assert main([*argv, "--device", "cuda"]) == 2
+        assert "--device" in error_line(capsys)

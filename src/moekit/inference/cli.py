@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--offload-policy", default="auto", choices=OFFLOAD_POLICIES)
     parser.add_argument("--quiet", action="store_true", help="do not print the tokens")
+    from moekit.device import add_device_arguments
+
+    add_device_arguments(parser)
 
 
 def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -120,12 +123,17 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from moekit.addressing import moe_layers
+    from moekit.device import autocast, resolve_device, resolve_dtype, warn_if_slow_bf16
     from moekit.inference.generate import stream
     from moekit.io import write_json_atomic
     from moekit.routing.override import Overrides, RoutingCapture
 
     options = _generation_options(args)
     offload = _offload_config(args)
+    device, dtype = resolve_device(args.device, "--device"), resolve_dtype(args.dtype, "--dtype")
+    if offload is not None and device.type != "cpu":
+        raise MoekitError("--offload-budget: experts stream from disk into CPU memory; use --device cpu")
+    warn_if_slow_bf16(dtype, device)
     if args.json is not None and not args.json.parent.is_dir():
         raise MoekitError(f"--json: the folder {args.json.parent} does not exist")
     if not args.prompt:
@@ -142,28 +150,30 @@ def main(args: argparse.Namespace) -> int:
         )
     capture = RoutingCapture()
     report: dict[str, Any] = {}
-    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    model.to(device)
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     generated: list[int] = []
     printed = ""
     first_time = None
     start = time.perf_counter()
-    for token in stream(
-        model,
-        ids,
-        overrides=Overrides(capture=capture),
-        offload=offload,
-        report=report,
-        eos_token_id=eos,
-        **options,
-    ):
-        if first_time is None:
-            first_time = time.perf_counter()
-        generated.append(int(token[0]))
-        text = tokenizer.decode(generated)
-        if not args.quiet and text.startswith(printed):
-            sys.stdout.write(text[len(printed) :])
-            sys.stdout.flush()
-            printed = text
+    with autocast(device, dtype):  # bf16: the products in bf16, the routers in fp32
+        for token in stream(
+            model,
+            ids,
+            overrides=Overrides(capture=capture),
+            offload=offload,
+            report=report,
+            eos_token_id=eos,
+            **options,
+        ):
+            if first_time is None:
+                first_time = time.perf_counter()
+            generated.append(int(token[0]))
+            text = tokenizer.decode(generated)
+            if not args.quiet and text.startswith(printed):
+                sys.stdout.write(text[len(printed) :])
+                sys.stdout.flush()
+                printed = text
     end = time.perf_counter()
     if not args.quiet:
         sys.stdout.write("\n")
@@ -182,6 +192,8 @@ def main(args: argparse.Namespace) -> int:
         if decode_steps > 0 and decode_seconds > 0
         else None,
         "options": options,
+        "device": str(device),
+        "dtype": args.dtype,
         "routing": routing_of_generated(capture, moe_layers(model), len(generated)),
     }
     if "offload" in report:
