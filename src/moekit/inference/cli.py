@@ -150,7 +150,8 @@ def main(args: argparse.Namespace) -> int:
         )
     capture = RoutingCapture()
     report: dict[str, Any] = {}
-    model.to(device)
+    if offload is None:  # offloaded experts are meta tensors until streamed: the model stays on the CPU
+        model.to(device)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     generated: list[int] = []
     printed = ""
