@@ -55,19 +55,26 @@ def test_task_problems_filter_kinds_and_follow_the_seed_stream():
     assert task_problems("all", 3, seed=4) == [generate_problem(4, i) for i in range(3)]
 
 
-@pytest.mark.parametrize("method", ["none", "scmoe", "rewire", "steer", "odp"])
+@pytest.mark.parametrize("method", ["none", "scmoe", "rewire", "steer", "odp", "des"])
 def test_eval_tasks_runs_each_method_and_reports_cost(tmp_path, capsys, method):
     run = save_run(tmp_path / "run")
     out = tmp_path / "result.json"
     args = [str(run), "--method", method, "--limit", "2", "--max-new-tokens", "3", "--json", str(out)]
-    assert main(["eval-tasks", *args, "--rewire-steps", "2"]) == 0
+    assert main(["eval-tasks", *args, "--rewire-steps", "2", "--samples", "2", "--k-values", "1,3"]) == 0
     result = json.loads(out.read_text())
     assert result["method"] == method and result["problems"] == 2 and len(result["items"]) == 2
     assert result["correct"] == sum(item["correct"] for item in result["items"])
     low, high = result["ci95"]
     assert 0.0 <= low <= result["accuracy"] <= high <= 1.0
     passes = result["cost"]["forward_passes"]
-    expected_at_least = {"none": 2, "odp": 2, "steer": 2 + 16, "scmoe": 2 * 2 * 3, "rewire": 2 * 3 + 2}
+    expected_at_least = {
+        "none": 2,
+        "odp": 2,
+        "steer": 2 + 16,
+        "scmoe": 2 * 2 * 3,
+        "rewire": 2 * 3 + 2,
+        "des": 2 * 2,
+    }
     assert passes >= expected_at_least[method]
     assert (result["cost"]["backward_passes"] > 0) == (method == "rewire")
     assert result["cost"]["assignments"] > 0
@@ -93,6 +100,10 @@ def test_odp_spends_fewer_assignments_than_plain_decoding(tmp_path):
         (["--alpha", "3", "--method", "scmoe"], "--alpha"),
         (["--json", "/nonexistent-folder/x.json"], "--json"),
         (["--weak-rank", "9", "--method", "scmoe"], "--weak-rank"),
+        (["--k-values", "1,x", "--method", "des"], "--k-values"),
+        (["--k-values", "0", "--method", "des"], "--k-values"),
+        (["--samples", "0", "--method", "des"], "--samples"),
+        (["--temperature", "0", "--method", "des"], "--temperature"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, extra, field):
@@ -100,3 +111,19 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, extra, field):
     assert main(["eval-tasks", str(run), "--limit", "1", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("moekit: error: ") and field in err[0]
+
+
+def test_des_items_name_the_k_that_solved_them_and_cost_scales_with_samples(tmp_path):
+    run = save_run(tmp_path / "run")
+    results = {}
+    for samples in (1, 3):
+        out = tmp_path / f"des{samples}.json"
+        args = ["--method", "des", "--samples", str(samples), "--k-values", "1,2,3", "--limit", "2"]
+        assert main(["eval-tasks", str(run), *args, "--max-new-tokens", "3", "--json", str(out)]) == 0
+        results[samples] = json.loads(out.read_text())
+    for result in results.values():
+        for item in result["items"]:
+            assert item["k"] in (1, 2, 3) and set(item["solved_by_k"]) <= {1, 2, 3}
+            assert bool(item["solved_by_k"]) == item["correct"]
+    # every trajectory's forward passes are counted: 3 samples cost 3 times 1 (no EOS stops here)
+    assert results[3]["cost"]["forward_passes"] == 3 * results[1]["cost"]["forward_passes"]

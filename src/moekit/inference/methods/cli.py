@@ -1,4 +1,4 @@
-"""`moekit eval-tasks SRC --method none|scmoe|rewire|steer|odp --limit N --json OUT`: a test-time
+"""`moekit eval-tasks SRC --method none|scmoe|rewire|steer|odp|des --limit N --json OUT`: a test-time
 routing method's accuracy on the built-in exact-answer math tasks, with a 95% interval and its
 cost (forward and backward passes, routed assignments, tokens/s)."""
 
@@ -28,6 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rewire-lr", type=float, default=0.1)
     parser.add_argument("--steer-strength", type=float, default=1.0)
     parser.add_argument("--odp-threshold", type=float, default=0.5)
+    parser.add_argument("--samples", type=int, default=8, metavar="N", help="DES: trajectories per problem")
+    parser.add_argument(
+        "--k-values",
+        default=None,
+        metavar="K,K,...",
+        help="DES: the k-set (one value = best-of-N at fixed k; default: the model's k and its neighbours)",
+    )
+    parser.add_argument("--temperature", type=float, default=1.0, help="DES: sampling temperature")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the result as JSON")
 
 
@@ -42,6 +50,16 @@ def main(args: argparse.Namespace) -> int:
         raise MoekitError(f"--max-new-tokens: got {args.max_new_tokens}, expected at least 1")
     if args.json is not None and not args.json.parent.is_dir():
         raise MoekitError(f"--json: the folder {args.json.parent} does not exist")
+    k_values = None
+    if args.k_values is not None:
+        try:
+            k_values = [int(part) for part in args.k_values.split(",")]
+        except ValueError:
+            raise MoekitError(
+                f"--k-values: got {args.k_values!r}, expected comma-separated integers like 1,2,3"
+            ) from None
+    if args.samples < 1:
+        raise MoekitError(f"--samples: got {args.samples}, expected a positive number of trajectories")
     settings = MethodSettings(
         beta=args.beta,
         alpha=args.alpha,
@@ -51,6 +69,9 @@ def main(args: argparse.Namespace) -> int:
         rewire_lr=args.rewire_lr,
         steer_strength=args.steer_strength,
         odp_threshold=args.odp_threshold,
+        des_samples=args.samples,
+        des_k_values=k_values,
+        des_temperature=args.temperature,
     )
     model, tokenizer, eos = load_for_generation(args.source)
     problems = task_problems(args.task_set, args.limit)

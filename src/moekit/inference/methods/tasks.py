@@ -20,6 +20,7 @@ from moekit.data.mathgen import PROBLEM_KINDS, MathProblem, generate_problem
 from moekit.errors import ConfigError
 from moekit.inference.generate import generate
 from moekit.inference.methods.cost import MethodCost
+from moekit.inference.methods.des import des_search
 from moekit.inference.methods.odp import odp_overrides
 from moekit.inference.methods.rewire import rewire
 from moekit.inference.methods.scmoe import scmoe_generate
@@ -32,7 +33,7 @@ TASK_SETS: dict[str, tuple[str, ...]] = {
     "algebra": ("linear", "fraction", "polynomial", "system", "power", "percent", "gcd", "lcm", "modpow"),
     "all": PROBLEM_KINDS,
 }
-METHODS = ("none", "scmoe", "rewire", "steer", "odp")
+METHODS = ("none", "scmoe", "rewire", "steer", "odp", "des")
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
@@ -79,6 +80,9 @@ class MethodSettings:
     steer_layers: Sequence[int] | None = None  # None: the middle MoE layer
     steer_references: int = 16
     odp_threshold: float = 0.5
+    des_samples: int = 8
+    des_k_values: Sequence[int] | None = None  # None: the model's k and its neighbours
+    des_temperature: float = 1.0
 
 
 def _counting(cost: MethodCost) -> tuple[Overrides, Callable[[], None]]:
@@ -104,7 +108,9 @@ def evaluate_method(
     max_new_tokens: int = 12,
     eos_token_id: Any = None,
 ) -> dict[str, Any]:
-    """Accuracy (with a 95% Wilson interval) and cost of `method` on `problems`, greedy decoding."""
+    """Accuracy (with a 95% Wilson interval) and cost of `method` on `problems`, greedy decoding
+    (DES: best-of-N sampled trajectories, scored by the problem's own answer check, an oracle
+    verifier; its items list which k values solved each problem)."""
     if method not in METHODS:
         raise ConfigError("method", f"got {method!r}, expected one of {', '.join(METHODS)}")
     settings = settings or MethodSettings()
@@ -131,7 +137,26 @@ def evaluate_method(
     generated_tokens = 0
     for problem in problems:
         ids = torch.tensor([tokenizer.encode(problem.prompt)], dtype=torch.long)
-        if method == "scmoe":
+        extra: dict[str, Any] = {}
+        if method == "des":
+            search = des_search(
+                model,
+                ids,
+                lambda new, problem=problem: float(problem.check(tokenizer.decode(new.tolist()))),
+                k_values=settings.des_k_values,
+                samples=settings.des_samples,
+                max_new_tokens=max_new_tokens,
+                temperature=settings.des_temperature,
+                eos_token_id=eos_token_id,
+            )
+            out = search.tokens
+            cost.forward_passes += search.cost.forward_passes
+            cost.assignments += search.cost.assignments
+            extra = {
+                "k": search.trajectories[search.best].k,
+                "solved_by_k": sorted({t.k for t in search.trajectories if t.score > 0}),
+            }
+        elif method == "scmoe":
             result = scmoe_generate(
                 model,
                 ids,
@@ -166,7 +191,9 @@ def evaluate_method(
         text = tokenizer.decode(new)
         ok = problem.check(text)
         correct += ok
-        items.append({"question": problem.question, "answer": problem.answer, "output": text, "correct": ok})
+        items.append(
+            {"question": problem.question, "answer": problem.answer, "output": text, "correct": ok, **extra}
+        )
     seconds = time.perf_counter() - start
     low, high = wilson_interval(correct, len(problems))
     return {
