@@ -273,7 +273,6 @@ def test_split_read_measurement_decides_by_the_required_gain():
     assert parallel_reads_pay_off(1) is False  # one thread: nothing to split
 
 
-
 def cached_decode_logits(model, ids, tokens):
     """Logits of the prompt's last position and of each fed-back token, through the cache."""
     cache = model.new_cache()
