@@ -52,6 +52,13 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3], help="uniform bit widths")
     parser.add_argument("--mean-bits", type=float, nargs="+", default=[2.5], help="allocated means")
     parser.add_argument("--skip-quant", action="store_true")
+    parser.add_argument(
+        "--sub-moe-rank", type=int, nargs="+", default=[0], help="Sub-MoE ranks (0: full rank)"
+    )
+    parser.add_argument(
+        "--merge-only", action="store_true",
+        help="only frequency pruning, HC-SMoE and Sub-MoE (no other scores, masks or quantization)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.manual_seed(0)
     loaded = LoadedModel(args.run)
@@ -92,7 +99,10 @@ def main() -> None:
             f"never routed {calibration.never_routed()}"
         )
         for keep in args.keep or [num // 2]:
-            for method in ("frequency", "gate_weight", "ean", "reap", "stun"):
+            scores = (
+                ("frequency",) if args.merge_only else ("frequency", "gate_weight", "ean", "reap", "stun")
+            )
+            for method in scores:
                 t = time.perf_counter()
                 result = prune(model, calibration, method, keep)
                 record(
@@ -119,6 +129,16 @@ def main() -> None:
                 merged = merge(model, calibration, keep, align=align)
                 label = f"merge hc-smoe{'' if align else ' unaligned'} {keep}/{num}"
                 record(label, merged.model, merged.labels, time.perf_counter() - t, experts=keep)
+            for rank in args.sub_moe_rank:
+                t = time.perf_counter()
+                merged = merge(model, calibration, keep, method="sub_moe", rank=rank or None)
+                label = f"merge sub-moe rank {rank or 'full'} {keep}/{num}"
+                record(label, merged.model, merged.labels, time.perf_counter() - t, experts=keep)
+        if args.merge_only:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(args.out, json.loads(json.dumps(results, default=float)))
+            print(f"wrote {args.out}")
+            return
         # PreMoe-style task-conditioned masks: REAP on one domain's calibration tokens
         domain_rows = {}
         for d, name in enumerate(names):

@@ -8,12 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moekit.analysis.recorder import find_moe_layers
 from moekit.compress.calibrate import calibrate, expert_pass
-from moekit.compress.merge import merge, neuron_permutation, permute_neurons
+from moekit.compress.merge import (
+    merge,
+    neuron_permutation,
+    permute_neurons,
+    subspace_merge,
+    union_decomposition,
+)
 from moekit.compress.prune import prune, top_experts
 from moekit.compress.quantize import allocate_bits, gptq, output_error, pack_codes, rtn, unpack_codes
 from moekit.compress.quantize_model import quantize_model
@@ -215,6 +221,73 @@ def test_merging_identical_experts_is_lossless_and_singletons_are_identity():
     assert not torch.allclose(old.w_in[unaligned.labels[0][1]], moe.experts.w_in[1])
 
 
+def test_sub_moe_at_full_rank_is_exact_for_singletons_and_the_average_for_clusters():
+    model, batches = tiny_lm(), random_batches()
+    calibration = calibrate(model, batches)
+    same = merge(model, calibration, 8, method="sub_moe")
+    torch.testing.assert_close(
+        logits(same.model, batches[0]), logits(model, batches[0]), atol=1e-5, rtol=1e-5
+    )
+    averaged = merge(model, calibration, 4)
+    subspace = merge(model, calibration, 4, method="sub_moe")
+    assert all(torch.equal(a, b) for a, b in zip(averaged.labels, subspace.labels, strict=True))
+    full = logits(subspace.model, batches[0])
+    torch.testing.assert_close(full, logits(averaged.model, batches[0]), atol=1e-5, rtol=1e-5)
+    low = merge(model, calibration, 4, method="sub_moe", rank=4)  # a lower rank moves the logits
+    assert not torch.allclose(logits(low.model, batches[0]), full, atol=1e-3)
+    for a, b in zip(find_moe_layers(low.model), find_moe_layers(subspace.model), strict=True):
+        assert torch.equal(a[1].router.weight, b[1].router.weight)  # router rows: the same average
+        assert int(torch.linalg.matrix_rank(a[1].experts.w_out[0].double(), rtol=1e-5)) == 4
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(2, 4), st.integers(1, 4), st.integers(0, 2**16))
+def test_sub_moe_formula_matches_a_float64_numpy_reference(members, rank, seed):
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.randn(members, 6, 5, generator=g, dtype=torch.float64)
+    freq = torch.rand(members, generator=g, dtype=torch.float64) + 0.1
+    u, s, vt = np.linalg.svd(np.concatenate(list(weights.numpy()), axis=1), full_matrices=False)
+    f = (freq / freq.sum()).numpy()
+    v_merged = sum(f[i] * vt[:rank, i * 5 : (i + 1) * 5] for i in range(members))
+    reference = u[:, :rank] @ np.diag(s[:rank]) @ v_merged
+    np.testing.assert_allclose(subspace_merge(weights, freq, rank).numpy(), reference, atol=1e-10)
+    u_t, s_t, v_t = union_decomposition(weights)  # full rank: every member is rebuilt exactly
+    np.testing.assert_allclose((u_t * s_t) @ v_t.transpose(1, 2), weights.numpy(), atol=1e-10)
+
+
+def test_joint_svd_beats_per_expert_svd_at_the_same_budget_on_shared_structure():
+    """Sub-MoE's argument: experts in a cluster share an output subspace (W_i = B C_i + small
+    noise), so one shared U of rank k plus per-expert V costs k(d_out + m d_in) and keeps what m
+    per-expert rank-r SVDs (m r (d_out + d_in)) cannot afford at that budget."""
+    g = torch.Generator().manual_seed(0)
+    m, d_out, d_in, k = 4, 48, 24, 6
+    basis = torch.randn(d_out, k, generator=g, dtype=torch.float64)
+    weights = torch.stack([basis @ torch.randn(k, d_in, generator=g, dtype=torch.float64) for _ in range(m)])
+    weights += 1e-3 * torch.randn(weights.shape, generator=g, dtype=torch.float64)
+    u, s, v = union_decomposition(weights, k)
+    joint_error = ((u * s) @ v.transpose(1, 2) - weights).norm()
+    budget = k * (d_out + m * d_in)
+    r = budget // (m * (d_out + d_in))  # the largest per-expert rank within the same budget
+    assert 1 <= r < k
+    per_expert = torch.stack([(a[:, :r] * b[:r]) @ c[:r] for a, b, c in map(torch.linalg.svd, weights)])
+    assert joint_error < 0.01 * (per_expert - weights).norm()
+    # and on unstructured experts the shared basis has nothing to exploit
+    noise = torch.randn(m, d_out, d_in, generator=g, dtype=torch.float64)
+    u, s, v = union_decomposition(noise, k)
+    unstructured = ((u * s) @ v.transpose(1, 2) - noise).norm()
+    assert unstructured > 0.5 * noise.norm()
+
+
+def test_sub_moe_rank_errors_name_the_field():
+    model, batches = tiny_lm(), random_batches(n=1)
+    calibration = calibrate(model, batches)
+    for rank in (0, 33, 2.5, True):
+        with pytest.raises(ConfigError, match=r"merge\.rank.*1\.\.32"):
+            merge(model, calibration, 4, method="sub_moe", rank=rank)
+    with pytest.raises(ConfigError, match=r"merge\.rank: only method sub_moe"):
+        merge(model, calibration, 4, rank=4)
+
+
 # -- quantization --------------------------------------------------------------------------------------
 
 
@@ -358,6 +431,7 @@ def test_pruned_and_merged_hf_folders_reload_in_transformers(family, tmp_path):
     for name, compressed in (
         ("prune", prune(model, calibration, "reap", num // 2).model),
         ("merge", merge(model, calibration, num // 2).model),
+        ("sub_moe", merge(model, calibration, num // 2, method="sub_moe", rank=4).model),
     ):
         out = to_hf(compressed, tmp_path / name)
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -466,6 +540,8 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path, capsys):
         "method: quantize\nquantize: {bits: 5}\n": "quantize.bits: got 5",
         "method: prune\nwhatever: 1\n": "whatever: unknown field",
         "method: [\n": "cannot read the recipe as YAML",
+        "method: merge\nmerge: {method: sub_moe, rank: 0}\n": "merge.rank: got 0",
+        "method: merge\nmerge: {method: sub_moe, rank: 500}\n": "merge.rank: got 500",
     }
     for text, message in cases.items():
         recipe = tmp_path / "r.yaml"

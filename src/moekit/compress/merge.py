@@ -7,6 +7,15 @@ match the cluster's most frequent expert (M-SMoE, Li et al. 2024, §3.2 "permuta
 gate, up and down together so that each SwiGLU neuron moves as one. The merged expert is the
 frequency-weighted average (M-SMoE Eq. 5), and its router row the same average of the members'
 rows, so router and experts change consistently.
+
+`method="sub_moe"` (Sub-MoE, Li et al. 2025, "MoE LLM Compression via Subspace Expert Merging")
+keeps the same clusters, alignment and router rows, but merges each expert matrix in the cluster's
+shared subspace: a joint SVD of the members' concatenated weights gives one U for the cluster and
+one V_i per member; the V_i are averaged by frequency and the merged matrix rebuilt from the top
+`rank` directions. At full rank this equals the frequency-weighted average; a lower rank projects
+it onto the cluster's dominant shared output subspace. The stored expert stays dense (the packed
+expert layout has no factored form), so `rank` changes the weights, not the bytes.
+Deviation: the paper clusters by K-means on output cosine similarity; here the HC-SMoE clusters.
 """
 
 from __future__ import annotations
@@ -96,10 +105,37 @@ def permute_neurons(tensors: dict[str, Tensor], e: int, perm: Tensor, ff: int) -
     return out
 
 
+def union_decomposition(weights: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Sub-MoE "Experts Union Decomposition": for members W_i [d_out, d_in] (stacked [m, d_out,
+    d_in]), [W_1 … W_m] = U Σ [V_1ᵀ … V_mᵀ] concatenated along the input dimension. Returns the
+    shared U [d_out, r], Σ [r] and per-member V [m, d_in, r], truncated to `rank` (None: all)."""
+    m, d_out, d_in = weights.shape
+    joint = weights.permute(1, 0, 2).reshape(d_out, m * d_in)
+    u, s, vh = torch.linalg.svd(joint, full_matrices=False)
+    r = s.numel() if rank is None else min(rank, s.numel())
+    return u[:, :r], s[:r], vh[:r].reshape(r, m, d_in).permute(1, 2, 0)
+
+
+def subspace_merge(weights: Tensor, frequencies: Tensor, rank: int | None = None) -> Tensor:
+    """Sub-MoE subspace merging: W = U_r Σ_r (Σ_i f_i V_i,r)ᵀ with f normalised to sum 1
+    (frequency-based merging of the expert-specific V blocks, rebuilt on the shared U)."""
+    u, s, v = union_decomposition(weights, rank)
+    f = frequencies.to(v.dtype) / frequencies.sum()
+    v_merged = (v * f.view(-1, 1, 1)).sum(0)
+    return (u * s) @ v_merged.T
+
+
 def merge_layer(
-    tensors: dict[str, Tensor], labels: Tensor, weights: Tensor, ff: int, align: bool
+    tensors: dict[str, Tensor],
+    labels: Tensor,
+    weights: Tensor,
+    ff: int,
+    align: bool,
+    method: str = "hc_smoe",
+    rank: int | None = None,
 ) -> dict[str, Tensor]:
-    """Merge one layer: cluster c becomes the `weights`-weighted average of its members."""
+    """Merge one layer: cluster c becomes the `weights`-weighted average of its members (weight
+    matrices merged in their shared subspace with `method="sub_moe"`)."""
     clusters = int(labels.max()) + 1
     merged: dict[str, list[Tensor]] = {k: [] for k in tensors}
     for c in range(clusters):
@@ -119,6 +155,9 @@ def merge_layer(
         for key in tensors:
             if key.startswith("experts."):
                 stacked = torch.stack([p[key].double() for p in parts])
+                if method == "sub_moe" and stacked.dim() == 3:
+                    merged[key].append(subspace_merge(stacked, w, rank).to(tensors[key].dtype))
+                    continue
             else:
                 stacked = tensors[key][members].double()
             shape = (-1,) + (1,) * (stacked.dim() - 1)
@@ -132,17 +171,48 @@ class MergeResult:
     labels: list[Tensor]  # per layer, each original expert's merged index
 
 
-def merge(model: nn.Module, calibration: Calibration, keep: float | int, align: bool = True) -> MergeResult:
-    """The model with each layer's experts merged into `keep` (HC-SMoE clusters, see module doc)."""
+MERGE_METHODS = ("hc_smoe", "sub_moe")
+
+
+def check_rank(rank: int | None, hidden: int, ff: int) -> None:
+    """A Sub-MoE rank caps every expert matrix's rank; above the largest matrix side it means nothing."""
+    if rank is None:
+        return
+    largest = max(hidden, 2 * ff)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= largest:
+        raise ConfigError(
+            "merge.rank",
+            f"got {rank!r}, expected an integer in 1..{largest} (the largest expert weight side)",
+        )
+
+
+def merge(
+    model: nn.Module,
+    calibration: Calibration,
+    keep: float | int,
+    align: bool = True,
+    method: str = "hc_smoe",
+    rank: int | None = None,
+) -> MergeResult:
+    """The model with each layer's experts merged into `keep` (HC-SMoE clusters, averaged or
+    Sub-MoE subspace-merged, see module doc)."""
     layers = find_moe_layers(model)
     if len(layers) != len(calibration.layers):
         raise MoekitError("merge: the calibration does not belong to this model (layer count differs)")
+    if method not in MERGE_METHODS:
+        raise ConfigError("merge.method", f"got {method!r}, expected one of {', '.join(MERGE_METHODS)}")
+    if rank is not None and method != "sub_moe":
+        raise ConfigError("merge.rank", "only method sub_moe takes a rank")
     spec = layers[0][1].config.router
     count = resolve_keep(keep, spec.num_experts, spec.top_k, "merge.keep")
+    for name, moe in layers:
+        experts = packed_experts(name, moe)
+        check_rank(rank, experts.hidden_size, experts.ff_size)
     new_layers, all_labels = [], []
     for (name, moe), stats in zip(layers, calibration.layers, strict=True):
         experts = packed_experts(name, moe)
         labels = cluster_outputs(stats.output_mean, count, spec.num_groups)
-        new_layers.append(merge_layer(layer_tensors(name, moe), labels, stats.count, experts.ff_size, align))
+        tensors = layer_tensors(name, moe)
+        new_layers.append(merge_layer(tensors, labels, stats.count, experts.ff_size, align, method, rank))
         all_labels.append(labels)
     return MergeResult(rebuild(model, new_layers, count), all_labels)

@@ -55,6 +55,12 @@ def check_model(model: nn.Module, recipe: Recipe) -> None:
             raise MoekitError(
                 f"{recipe.method}.keep: {count} experts per layer do not fit the router ({exc})"
             ) from None
+    if recipe.method == "merge":
+        from moekit.compress.merge import check_rank
+
+        for name, moe in layers:
+            experts = packed_experts(name, moe)
+            check_rank(recipe.merge.rank, experts.hidden_size, experts.ff_size)
     needs_scipy = (
         recipe.method == "merge"
         or (recipe.method == "prune" and recipe.prune.score == "stun")
@@ -92,7 +98,8 @@ def apply(
     if recipe.method == "merge":
         from moekit.compress.merge import merge
 
-        result = merge(model, calibration, recipe.merge.keep, recipe.merge.align)
+        m = recipe.merge
+        result = merge(model, calibration, m.keep, m.align, m.method, m.rank)
         groups = [
             [torch.nonzero(lab == c).flatten().tolist() for c in range(int(lab.max()) + 1)]
             for lab in result.labels

@@ -2,7 +2,7 @@
 
 method: prune                 # prune | merge | quantize
 prune: {score: reap, keep: 0.5, protect_super_experts: true}
-merge: {keep: 0.5, align: true}
+merge: {keep: 0.5, align: true}  # method: hc_smoe (average) | sub_moe (subspace, rank: r)
 quantize: {algorithm: gptq, hessian: affinity, group_size: 32, bits: 4}
                               # or mean_bits: 2.5, choices: [2, 3, 4, 8] (MC-MoE allocation)
 calibration: {batches: 8, batch_size: 8, seq_len: 128, min_tokens: 0}
@@ -21,6 +21,7 @@ from moekit.errors import ConfigError, MoekitError, require_choice, require_int,
 METHODS = ("prune", "merge", "quantize")
 ALGORITHMS = ("rtn", "gptq")
 HESSIANS = ("routed", "affinity")
+MERGE_METHODS = ("hc_smoe", "sub_moe")
 
 
 def _keep(field_name: str, value: Any) -> float | int:
@@ -48,9 +49,16 @@ class PruneRecipe:
 class MergeRecipe:
     keep: float | int = 0.5
     align: bool = True
+    method: str = "hc_smoe"
+    rank: int | None = None  # sub_moe only: cap on each merged matrix's rank (None: full)
 
     def __post_init__(self) -> None:
         _keep("merge.keep", self.keep)
+        require_choice("merge.method", self.method, MERGE_METHODS)
+        if self.rank is not None:
+            if self.method != "sub_moe":
+                raise ConfigError("merge.rank", "only method sub_moe takes a rank")
+            require_int("merge.rank", self.rank, minimum=1)
 
 
 @dataclass(frozen=True)
