@@ -8,7 +8,8 @@ llama.cpp is not a moekit dependency: its Python binding (`llama_cpp`, from the
 llama.cpp source tree (the `llama-cpp-python` sdist vendors one under `vendor/llama.cpp`); the
 converter runs in a subprocess and needs its own `gguf-py` (beside it), pyyaml and requests.
 
-The checkpoint is `benchmarks/generate.py`'s random Qwen3-MoE (`tiny` or the ~1 GB `large`), saved
+The checkpoint is `benchmarks/generate.py`'s random Qwen3-MoE (`tiny` or the ~1 GB `large`) without
+attention biases (as real Qwen3-MoE; llama.cpp has no output-projection bias), saved
 once with a 64-token byte-level BPE tokenizer (the converter needs one; the prompts are token ids,
 so its contents do not matter; vocab ids it lacks become padding entries). The converter cannot
 recognise that tokenizer's pre-tokenizer, so it is told to write Qwen2's ("qwen2") instead.
@@ -77,6 +78,22 @@ def load_generate_benchmark():
     return module
 
 
+def build(generate_benchmark, kind: str, folder: Path):
+    """`benchmarks/generate.py`'s checkpoint without attention biases, as real Qwen3-MoE has:
+    llama.cpp's Qwen3-MoE graph has no output-projection bias and refuses such a file."""
+    import transformers
+
+    from moekit.interop.hf import from_hf
+    from moekit.interop.tiny import randomize_, tiny_config
+
+    shape = generate_benchmark.LARGE if kind == "large" else {}
+    config = tiny_config("qwen3_moe", **shape, attention_bias=False)
+    hf = transformers.AutoModelForCausalLM.from_config(config)
+    randomize_(hf, seed=0).eval()
+    hf.save_pretrained(folder)
+    return from_hf(folder).eval()
+
+
 def save_tokenizer(folder: Path) -> None:
     """A small byte-level BPE tokenizer (the converter reads one; its contents are irrelevant)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -105,7 +122,7 @@ def run(args, folder: Path) -> dict:
     generate_benchmark = load_generate_benchmark()
     threads = torch.get_num_threads()
     results = {"model": args.model, "threads": threads, "gguf_bytes": {}}
-    _, ours = generate_benchmark.build(args.model, folder)
+    ours = build(generate_benchmark, args.model, folder)
     save_tokenizer(folder)
     engines = {}
     for outtype in args.outtype:
