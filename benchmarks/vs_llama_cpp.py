@@ -150,15 +150,20 @@ def run(args, folder: Path) -> dict:
 
         return step
 
+    def llama_decode(llm, n: int) -> list[int]:
+        llm.reset()
+        llm.eval(prompt)
+        tokens = []
+        for i in range(n):
+            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            if i < n - 1:
+                llm.eval([tokens[-1]])
+        return tokens
+
     def llama_step(llm, n: int):
         def step() -> float:
             start = time.perf_counter()
-            llm.reset()
-            llm.eval(prompt)
-            for i in range(n):
-                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-                if i < n - 1:
-                    llm.eval([token])
+            llama_decode(llm, n)
             return time.perf_counter() - start
 
         return step
@@ -173,6 +178,12 @@ def run(args, folder: Path) -> dict:
     for name in ["moekit"] + [f"llama.cpp {o}" for o in engines]:
         row[name] = (args.new_tokens - 1) / (medians[f"{name}/{args.new_tokens}"] - medians[f"{name}/1"])
     results["tokens_per_s"] = row
+    # Same model on both sides: how many of the greedy tokens llama.cpp picks agree with moekit's.
+    ours_tokens = generate(ours, ids, mask, max_new_tokens=args.new_tokens)[0, args.prompt :].tolist()
+    results["greedy_tokens_agreeing"] = {
+        outtype: sum(a == b for a, b in zip(ours_tokens, llama_decode(llm, args.new_tokens), strict=True))
+        for outtype, llm in engines.items()
+    }
     results["bytes_per_token_fp32"] = generate_benchmark.bytes_per_token(ours)
     results["bandwidth"] = generate_benchmark.memory_bandwidth()
     results["limit_tokens_per_s_fp32"] = results["bandwidth"] / results["bytes_per_token_fp32"]
