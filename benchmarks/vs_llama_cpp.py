@@ -15,7 +15,9 @@ so its contents do not matter; vocab ids it lacks become padding entries). The c
 recognise that tokenizer's pre-tokenizer, so it is told to write Qwen2's ("qwen2") instead.
 Each GGUF (one per `--outtype`) is loaded with n_threads = torch's thread count. Decode
 tokens/s = (N - 1) / (time for N new tokens - time for 1), greedy, the same prompt ids on both
-sides, contenders interleaved round by round, medians reported. (The file is not named
+sides, contenders interleaved round by round, medians reported. Caveat: in one process the two
+engines share one OpenMP runtime and slow each other (see BENCHMARKS.md, section 8, "Beside
+llama.cpp"); for absolute figures time each engine in its own process. (The file is not named
 `llama_cpp.py`: run as a script, it would shadow the package it imports.)
 """
 
