@@ -32,7 +32,7 @@ def _models(n: int, shape=(6, 10), seed: int = 0, dtype=torch.float64, scale: fl
 def _ref_ties(base: np.ndarray, fts: list[np.ndarray], weights, density: float, lam: float) -> np.ndarray:
     taus = [ft.reshape(-1) - base.reshape(-1) for ft in fts]
     d = taus[0].size
-    k = int(density * d)
+    k = max(1, int(density * d))
     trimmed = []
     for tau in taus:
         keep = np.zeros(d, bool)
@@ -251,7 +251,7 @@ def _fused_inputs():
     return base, [{"layers.0.mlp.experts.down_proj": base["layers.0.mlp.experts.down_proj"] + tau}]
 
 
-# TIES keeps int(d * density) entries; PCB keeps those above its int(d * (1 - ratio))-th score
+# TIES keeps max(1, int(d * density)) entries; PCB keeps those above its int(d * (1 - ratio))-th score
 @pytest.mark.parametrize(
     "method,params,per_expert_count,at_once_count",
     [("ties", {"density": 0.2}, 3, 12), ("pcb", {"ratio": 0.2}, 2, 11)],

@@ -31,7 +31,9 @@ def weighted_sum(deltas: Tensor, weights: Tensor) -> Tensor:
 
 
 def trim_to_density(deltas: Tensor, density: float) -> Tensor:
-    """TIES step 1 (Trim, Alg. 1 line 4): keep each row's top-k entries by magnitude, k = int(density*d).
+    """TIES step 1 (Trim, Alg. 1 line 4): keep each row's top-k entries by magnitude,
+    k = max(1, int(density * d)) (at least one entry, as mergekit does, so a small unit is never
+    emptied by a low density).
 
     Ties in magnitude are broken by a stable sort (the first index wins), so the result is
     deterministic. At density 1 the rows come back unchanged.
@@ -39,9 +41,7 @@ def trim_to_density(deltas: Tensor, density: float) -> Tensor:
     if density >= 1.0:
         return deltas
     d = deltas.shape[-1]
-    k = int(density * d)
-    if k <= 0:
-        return torch.zeros_like(deltas)
+    k = max(1, int(density * d))
     order = torch.sort(deltas.abs(), dim=-1, descending=True, stable=True).indices[..., :k]
     mask = torch.zeros_like(deltas, dtype=torch.bool).scatter_(-1, order, True)
     return deltas * mask
