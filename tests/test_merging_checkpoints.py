@@ -203,3 +203,25 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, capsys):
         merge_checkpoints(base, [bad], tmp_path / "new2", "ta")
     assert not (tmp_path / "new2").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def _all_families():
+    from moekit.interop.tiny import TINY_CONFIGS
+
+    return sorted(TINY_CONFIGS)
+
+
+@pytest.mark.parametrize("family", _all_families())
+def test_every_hf_moe_family_merges_into_a_loadable_model_that_moved(tmp_path, family):
+    from transformers import AutoModelForCausalLM
+
+    base, models = _hf_folders(tmp_path, family, dense=False)
+    out = tmp_path / "merged"
+    merge_checkpoints(base, models, out, "dare_ties", drop_rate=0.5, seed=3)
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        logits = merged(ids).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(base).eval()(ids).logits
+    assert bool(torch.isfinite(logits).all())
+    assert float((logits - base_logits).abs().max()) > 1e-4

@@ -363,3 +363,9 @@ def test_bad_state_dicts_name_the_model_and_tensor():
         merge_state_dicts(base, bad, "ta")
     with pytest.raises(ConfigError, match=r"experts: w: 4 experts do not divide"):
         merge_state_dicts(base, fts, "ties", experts={"w": 4})
+
+
+def test_trim_keeps_exactly_k_entries_even_among_equal_magnitudes():
+    rows = torch.tensor([[1.0, -1.0, 1.0, 1.0, -1.0, 1.0, 1.0, 1.0, -1.0, 1.0]]).repeat(2, 1).view(2, 1, 10)
+    assert (m.trim_to_density(rows, 0.3) != 0).sum(-1).flatten().tolist() == [3, 3]
+    assert (m.trim_to_density(rows, 0.01) != 0).sum(-1).flatten().tolist() == [1, 1]  # at least one
