@@ -11,7 +11,9 @@ Papers:
 - DARE: Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models
   as a Free Lunch" (ICML 2024).
 - PCB: Du et al., "Parameter Competition Balancing for Model Merging" (NeurIPS 2024), following
-  the authors' `pcb-merging.py`.
+  the authors' `pcb-merging.py`, with one difference of scope: their script flattens the whole
+  model into one row per task, so its min-max normalisations and its top-`ratio` are over all
+  parameters at once; here they are per unit (tensor or expert), like TIES' density.
 """
 
 from __future__ import annotations
