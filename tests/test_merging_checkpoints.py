@@ -12,7 +12,7 @@ from moekit.errors import MoekitError
 from moekit.merging import merge_state_dicts
 from moekit.merging.checkpoints import merge_checkpoints
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", reason="installed by the `hf` extra that `make test` installs")
 
 
 def _perturbed(model, seed: int, scale: float = 0.05):
