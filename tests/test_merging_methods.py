@@ -306,6 +306,15 @@ def test_every_method_moves_the_model_towards_the_finetuned_ones():
         assert float((delta * mean_tau).sum()) > 0, method  # points along the average update
 
 
+def test_empty_tensors_pass_through():
+    base, fts = _models(2)
+    base["empty"] = torch.zeros(0, 4)
+    for f in fts:
+        f["empty"] = torch.zeros(0, 4)
+    for method in ("ta", "ties", "dare_ties", "pcb"):
+        assert merge_state_dicts(base, fts, method)["empty"].shape == (0, 4)
+
+
 def test_integer_buffers_are_copied_and_must_agree():
     base, fts = _models(2, seed=10)
     base["count"] = torch.arange(3)
