@@ -8,6 +8,7 @@ Problems come from `moekit.data.mathgen` with a seed the training corpus does no
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from torch import nn
 from moekit.data.mathgen import PROBLEM_KINDS, MathProblem, generate_problem
 from moekit.errors import ConfigError
 from moekit.inference.generate import generate
+from moekit.inference.methods.cipher import CipheredProblem
 from moekit.inference.methods.cost import MethodCost
 from moekit.inference.methods.des import des_search
 from moekit.inference.methods.odp import odp_overrides
@@ -50,18 +52,50 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     return (low, high)
 
 
-def task_problems(task_set: str, limit: int, seed: int = EVAL_SEED) -> list[MathProblem]:
-    """The first `limit` problems of the seed's stream whose kind belongs to `task_set`."""
+LEVELS = (1, 2, 3, 4)
+_INTEGER = re.compile(r"\d+")
+
+
+def problem_level(problem: MathProblem | CipheredProblem) -> int:
+    """A problem's difficulty level: the digit count of the longest integer in its question
+    (1: every number is a single digit ... 4: some number has four or more digits). Longer
+    operands mean more carries and more answer digits, so accuracy falls with the level."""
+    digits = [len(match) for match in _INTEGER.findall(problem.question)]
+    return min(max(digits, default=1), LEVELS[-1])
+
+
+def task_problems(
+    task_set: str,
+    limit: int,
+    seed: int = EVAL_SEED,
+    *,
+    level: int | None = None,
+    ciphered: bool = False,
+) -> list[MathProblem] | list[CipheredProblem]:
+    """The first `limit` problems of the seed's stream whose kind belongs to `task_set` (and, if
+    given, whose `problem_level` is `level`); `ciphered` gives the same problems in the cipher
+    language (`moekit.inference.methods.cipher`), parallel item by item."""
     if task_set not in TASK_SETS:
         raise ConfigError("set", f"got {task_set!r}, expected one of {', '.join(TASK_SETS)}")
+    if level is not None and level not in LEVELS:
+        raise ConfigError("level", f"got {level!r}, expected one of {', '.join(map(str, LEVELS))}")
     kinds = set(TASK_SETS[task_set])
     out: list[MathProblem] = []
     index = 0
+    budget = 2000 * limit + 10_000  # the rarest level of a set is about 1 in 600 of its stream
     while len(out) < limit:
+        if index >= budget:
+            raise ConfigError(
+                "level",
+                f"found only {len(out)} problems of level {level} in set {task_set!r} "
+                f"among the first {budget}; ask for fewer or another level",
+            )
         problem = generate_problem(seed, index)
         index += 1
-        if problem.kind in kinds:
+        if problem.kind in kinds and (level is None or problem_level(problem) == level):
             out.append(problem)
+    if ciphered:
+        return [CipheredProblem(problem) for problem in out]
     return out
 
 
