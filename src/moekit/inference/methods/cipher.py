@@ -2,9 +2,10 @@
 
 "Multilingual Routing in Mixture-of-Experts" (#50) compares a model's routing on English and on
 other languages over parallel data. A deterministic substitution of the letters (a seeded
-permutation of a-z, applied alike to A-Z) gives a second language that is parallel by
-construction: every byte but the letters is kept, so numbers, spaces and punctuation stay, and the
-answer of a ciphered problem is the plain problem's answer. `decipher(cipher(t)) == t`.
+permutation of a-z, applied alike to A-Z; a few letters may map to themselves) gives a second
+language that is parallel by construction: every byte but the letters is kept, so numbers,
+spaces and punctuation stay, and the answer of a ciphered problem is the plain problem's answer.
+`decipher(cipher(t)) == t`.
 """
 
 from __future__ import annotations
