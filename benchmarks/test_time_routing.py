@@ -3,7 +3,10 @@ routing").
 
     .venv/bin/python benchmarks/test_time_routing.py corpus --out runs/ttr     # corpus + config
     .venv/bin/moekit train --config runs/ttr/config.yaml                       # a few minutes
+    .venv/bin/python benchmarks/test_time_routing.py measure --run runs/ttr/run --level 1 --limit 60
     .venv/bin/python benchmarks/test_time_routing.py extras --run runs/ttr/run --out runs/ttr
+    .venv/bin/python benchmarks/test_time_routing.py summary runs/ttr/results/*.json \
+        --baseline runs/ttr/results/none.json
 
 The corpus puts most of its bytes on easy arithmetic so that a model trained for minutes on two
 cores answers part of the easiest level: three domains, sized so the proportional sampler sees
@@ -170,17 +173,18 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
     return 0.5 * kl(p, m) + 0.5 * kl(q, m)
 
 
-def extras(run: Path, out: Path, items: int, rewire_docs: int) -> None:
+def extras(run: Path, corpus: Path, out: Path, items: int, windows: int) -> None:
+    from moekit.data.corpus import open_corpus
+    from moekit.data.splits import split_corpus
     from moekit.inference.cli import load_for_generation
-    from moekit.inference.methods.common import full_logits, next_token_loss
+    from moekit.inference.methods.common import full_logits
     from moekit.inference.methods.rewire import rewire
     from moekit.inference.methods.steer import expert_frequencies
     from moekit.inference.methods.tasks import task_problems
     from moekit.routing.override import override_routing
 
     model, tokenizer, _ = load_for_generation(run)
-    plain = task_problems("arithmetic", items, level=2)
-    coded = task_problems("arithmetic", items, level=2, ciphered=True)
+    torch.manual_seed(0)
 
     def frequencies(problems: list[Any]) -> dict[int, torch.Tensor]:
         total: dict[int, torch.Tensor] = {}
@@ -190,47 +194,42 @@ def extras(run: Path, out: Path, items: int, rewire_docs: int) -> None:
                 total[index] = total.get(index, 0) + value
         return total
 
-    plain_freq, coded_freq = frequencies(plain), frequencies(coded)
-    divergence = [js_divergence(plain_freq[i], coded_freq[i]) for i in sorted(plain_freq)]
-    print("JS divergence per MoE layer (plain vs cipher):", " ".join(f"{d:.4f}" for d in divergence))
+    divergence = {}
+    for level in (1, 2):
+        plain = frequencies(task_problems("arithmetic", items, level=level))
+        coded = frequencies(task_problems("arithmetic", items, level=level, ciphered=True))
+        divergence[level] = [js_divergence(plain[i], coded[i]) for i in sorted(plain)]
+        shown = " ".join(f"{d:.4f}" for d in divergence[level])
+        print(f"level {level}: JS divergence per MoE layer, plain vs cipher prompts: {shown}")
 
-    # Rewiring on the least-seen domain: adapt on the first half of a held-out English passage,
-    # score the second half (continuation) with and without the adapted biases.
-    from moekit.data.lmdata import prepare_data
-    from moekit.train.config import RunConfig
-
-    config = RunConfig.from_yaml(run / "config.yaml") if (run / "config.yaml").exists() else None
-    del config
-    english = [d for d in load_sample().documents["english"]][-rewire_docs:]
-    del prepare_data
-    before, after = [], []
+    # Rewiring (#28): adapt the last two MoE layers' router biases on the first half of a held-out
+    # window (5 Adam steps, lr 0.1), score the second half with and without them.
+    splits = split_corpus(open_corpus(corpus))
     context = model.context_length
-    for document in english:
-        ids = tokenizer.encode(document.text)[:context]
-        half = len(ids) // 2
-        prompt = torch.tensor([ids[:half]])
-        whole = torch.tensor([ids])
-        real = torch.ones_like(whole, dtype=torch.bool)
-        adapted = rewire(model, prompt, steps=5, lr=0.1)
-        with torch.no_grad():
-            logits = full_logits(model, whole, real)
-            base = continuation_loss(logits, whole, half)
-            with override_routing(model, adapted.overrides()):
-                tuned = continuation_loss(full_logits(model, whole, real), whole, half)
-        before.append(base)
-        after.append(tuned)
-    del next_token_loss
-    result = {
-        "js_divergence_per_layer": divergence,
-        "rewire": {
-            "documents": len(english),
+    rewiring = {}
+    for domain in ("english", "math"):
+        text = "".join(d.text + "\n" for d in splits.documents("test", domain))
+        ids_all = tokenizer.encode(text)
+        before, after, norms = [], [], []
+        for start in range(0, min(len(ids_all) - context, windows * context), context):
+            window = torch.tensor([ids_all[start : start + context]])
+            half = context // 2
+            adapted = rewire(model, window[:, :half], steps=5, lr=0.1)
+            real = torch.ones_like(window, dtype=torch.bool)
+            with torch.no_grad():
+                before.append(continuation_loss(full_logits(model, window, real), window, half))
+                with override_routing(model, adapted.overrides()):
+                    after.append(continuation_loss(full_logits(model, window, real), window, half))
+            norms.append(max(float(b.norm()) for b in adapted.biases.values()))
+        rewiring[domain] = {
+            "windows": len(before),
             "continuation_loss_base": statistics.fmean(before),
             "continuation_loss_rewired": statistics.fmean(after),
-            "improved": sum(a < b for a, b in zip(after, before, strict=True)),
-        },
-    }
-    print(result["rewire"])
-    write_json_atomic(out / "extras.json", result)
+            "windows_improved": sum(a < b for a, b in zip(after, before, strict=True)),
+            "median_bias_norm": statistics.median(norms),
+        }
+        print(domain, rewiring[domain])
+    write_json_atomic(out / "extras.json", {"js_divergence_per_layer": divergence, "rewire": rewiring})
 
 
 def continuation_loss(logits: torch.Tensor, ids: torch.Tensor, start: int) -> float:
@@ -238,6 +237,65 @@ def continuation_loss(logits: torch.Tensor, ids: torch.Tensor, start: int) -> fl
     targets = ids[0, start:]
     predicted = logits[0, start - 1 : -1].float()
     return float(torch.nn.functional.cross_entropy(predicted, targets)) if len(targets) else math.nan
+
+
+def summary(results: list[Path], baseline: Path | None) -> None:
+    """A markdown row per result file: accuracy, Wilson 95% CI, cost per problem, and paired
+    wins/losses against the baseline file on the same problems."""
+    from moekit.io import read_json
+
+    base_items = {}
+    if baseline is not None:
+        base_items = {item["question"]: item["correct"] for item in read_json(baseline)["items"]}
+    header = "run | correct | accuracy (95% CI) | fwd/problem | bwd/problem | assignments/problem | tok/s"
+    print(f"| {header} | vs base +/- |")
+    print("|---|---|---|---|---|---|---|---|")
+    for path in results:
+        result = read_json(path)
+        n = result["problems"]
+        low, high = result["ci95"]
+        cost = result["cost"]
+        paired = ""
+        if base_items:
+            wins = sum(i["correct"] and not base_items[i["question"]] for i in result["items"])
+            losses = sum(base_items[i["question"]] and not i["correct"] for i in result["items"])
+            paired = f"+{wins} / -{losses}"
+        print(
+            f"| {path.stem} | {result['correct']}/{n} | {result['accuracy']:.3f} ({low:.3f}-{high:.3f}) "
+            f"| {cost['forward_passes'] / n:.1f} | {cost['backward_passes'] / n:.1f} "
+            f"| {cost['assignments'] / n:.0f} | {result['tokens_per_second']:.1f} | {paired} |"
+        )
+
+
+RUNS: dict[str, list[str]] = {
+    "none": ["--method", "none"],
+    "scmoe": ["--method", "scmoe"],  # weak pass: top-1 of the top-2 model; beta 0.5, alpha 0.1
+    "scmoe-rank2": ["--method", "scmoe", "--weak-rank", "2"],  # the paper's rank-k weak routing
+    "des-k123": ["--method", "des", "--samples", "6", "--k-values", "1,2,3"],
+    "des-k2": ["--method", "des", "--samples", "6", "--k-values", "2"],
+    "c3po-ngd": ["--method", "c3po"],
+    "c3po-ngd-random": ["--method", "c3po", "--c3po-neighbour-mode", "random"],
+    "c3po-kernel": ["--method", "c3po", "--c3po-variant", "kernel"],
+    "rewire": ["--method", "rewire"],
+    "odp": ["--method", "odp"],
+    "cipher-none": ["--method", "none", "--cipher"],
+    "cipher-steer-first": ["--method", "steer", "--cipher", "--steer-layers", "0"],
+    "cipher-steer-middle": ["--method", "steer", "--cipher", "--steer-layers", "2,3"],
+    "cipher-steer-last": ["--method", "steer", "--cipher", "--steer-layers", "5"],
+}
+
+
+def measure(run: Path, out: Path, level: int, limit: int, names: list[str]) -> None:
+    """`moekit eval-tasks` for each named run, in one process, each result in out/<name>.json."""
+    from moekit.cli import main as moekit
+
+    out.mkdir(parents=True, exist_ok=True)
+    common = ["--set", "arithmetic", "--level", str(level), "--limit", str(limit), "--max-new-tokens", "6"]
+    for name in names:
+        args = ["eval-tasks", str(run), *common, *RUNS[name], "--json", str(out / f"{name}.json")]
+        print("moekit " + " ".join(args), flush=True)
+        if moekit(args) != 0:
+            raise SystemExit(f"{name}: eval-tasks failed")
 
 
 def main() -> None:
@@ -250,14 +308,28 @@ def main() -> None:
     corpus.add_argument("--steps", type=int, default=600)
     more = sub.add_parser("extras", help="routing divergence per layer, Rewiring continuation loss")
     more.add_argument("--run", type=Path, default=Path("runs/ttr/run"))
+    more.add_argument("--corpus", type=Path, default=Path("runs/ttr/corpus"))
     more.add_argument("--out", type=Path, default=Path("runs/ttr"))
     more.add_argument("--items", type=int, default=64)
-    more.add_argument("--rewire-docs", type=int, default=16)
+    more.add_argument("--windows", type=int, default=16)
+    runs = sub.add_parser("measure", help="eval-tasks for every method (results in OUT/<name>.json)")
+    runs.add_argument("--run", type=Path, default=Path("runs/ttr/run"))
+    runs.add_argument("--out", type=Path, default=Path("runs/ttr/results"))
+    runs.add_argument("--level", type=int, default=1)
+    runs.add_argument("--limit", type=int, default=60)
+    runs.add_argument("--only", nargs="+", default=list(RUNS), choices=list(RUNS))
+    table = sub.add_parser("summary", help="a markdown table of eval-tasks JSON results")
+    table.add_argument("results", type=Path, nargs="+")
+    table.add_argument("--baseline", type=Path, default=None)
     args = parser.parse_args()
     if args.command == "corpus":
         build_corpus(args.out, args.steps)
+    elif args.command == "measure":
+        measure(args.run, args.out, args.level, args.limit, args.only)
+    elif args.command == "extras":
+        extras(args.run, args.corpus, args.out, args.items, args.windows)
     else:
-        extras(args.run, args.out, args.items, args.rewire_docs)
+        summary(args.results, args.baseline)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,8 @@ def main(args: argparse.Namespace) -> int:
         des_temperature=args.temperature,
         steer_layers=steer_layers,
         steer_top_n=args.steer_top_n,
+        steer_reference_set=args.task_set,
+        steer_reference_level=args.level,
         c3po_variant=args.c3po_variant,
         c3po_references=args.c3po_references,
         c3po_reference_set=args.c3po_reference_set or args.task_set,
