@@ -25,6 +25,7 @@ from moekit.io import write_json_atomic
 EXPERIMENTS = {
     "data-mixture": "moekit.experiments.data_mixture",
     "moe-vs-dense": "moekit.experiments.moe_vs_dense",
+    "balance-scope": "moekit.experiments.balance_scope",
 }
 RESULTS_FORMAT = "moekit-experiment"
 
