@@ -26,6 +26,7 @@ EXPERIMENTS = {
     "data-mixture": "moekit.experiments.data_mixture",
     "moe-vs-dense": "moekit.experiments.moe_vs_dense",
     "balance-scope": "moekit.experiments.balance_scope",
+    "dynamic-compute": "moekit.experiments.dynamic_compute",
 }
 RESULTS_FORMAT = "moekit-experiment"
 
