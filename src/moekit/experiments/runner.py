@@ -27,6 +27,7 @@ EXPERIMENTS = {
     "moe-vs-dense": "moekit.experiments.moe_vs_dense",
     "balance-scope": "moekit.experiments.balance_scope",
     "dynamic-compute": "moekit.experiments.dynamic_compute",
+    "token-vs-context": "moekit.experiments.token_vs_context",
 }
 RESULTS_FORMAT = "moekit-experiment"
 

@@ -94,12 +94,17 @@ def arm_config(
     }
 
 
-def train_arm(config: dict[str, Any], data: Any, log: Callable[[str], None]) -> tuple[Any, Any]:
-    """Train one arm to the end: (trainer, its TrainResult)."""
+def build_trainer(config: dict[str, Any], data: Any, log: Callable[[str], None]) -> Any:
+    """The Trainer of one arm, before its first step."""
     from moekit.train.config import RunConfig
     from moekit.train.trainer import Trainer
 
-    trainer = Trainer(RunConfig.from_dict(config), data=data, log=log)
+    return Trainer(RunConfig.from_dict(config), data=data, log=log)
+
+
+def train_arm(config: dict[str, Any], data: Any, log: Callable[[str], None]) -> tuple[Any, Any]:
+    """Train one arm to the end: (trainer, its TrainResult)."""
+    trainer = build_trainer(config, data, log)
     return trainer, trainer.run()
 
 
@@ -110,14 +115,17 @@ def validation_loss(model: Any, data: Any, scale: ArmScale) -> dict[str, float]:
     return evaluate(model, data, scale.seq_len, scale.micro_batch, "validation", scale.eval_batches)
 
 
-def validation_batches(data: Any, scale: ArmScale) -> list[Any]:
-    """`scale.eval_batches` validation batches of every domain, interleaved domain by domain."""
+def validation_batches(
+    data: Any, scale: ArmScale, rows: int | None = None, per_domain: int | None = None
+) -> list[Any]:
+    """Validation batches of every domain (`scale.eval_batches` of `scale.micro_batch` rows each
+    unless given), interleaved domain by domain."""
     streams = [
-        iter(data.eval_batches(d, "validation", batch_size=scale.micro_batch, seq_len=scale.seq_len))
+        iter(data.eval_batches(d, "validation", batch_size=rows or scale.micro_batch, seq_len=scale.seq_len))
         for d in data.domains
     ]
     batches = []
-    for _ in range(scale.eval_batches):
+    for _ in range(per_domain or scale.eval_batches):
         for stream in streams:
             batch = next(stream, None)
             if batch is not None:
