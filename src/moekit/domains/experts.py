@@ -94,7 +94,7 @@ def add_expert(
             "experts.w_in": proj_in[layer],
             "experts.w_out": proj_out[layer],
             "router.weight": router_rows[layer],
-            "router.bias": torch.tensor(float(bias)),
+            "router.bias": torch.tensor(float(bias), dtype=torch.float64),
         }[part]
         if tuple(new.shape) != tuple(tensor.shape[1:]):
             raise ConfigError(
@@ -159,9 +159,11 @@ def _opt_in(model, state, domains, run: Path, domain, bias, public_name):
     data = load_data(data_cfg.get("source", "builtin"), data_cfg.get("tokenizer", "byte"), log=lambda _: None)
     ids = calibration_ids(data, domain, seq_len=min(64, model.config.max_seq_len))
     captured: dict[int, list[Tensor]] = {}
-    hooks = [
-        b.ffn.register_forward_pre_hook(
-            lambda _m, a, i=i: captured.setdefault(i, []).append(a[0].reshape(-1, a[0].shape[-1]).double())
+    hooks = [  # the FFN's input is the output of the block's ffn_norm
+        b.ffn_norm.register_forward_hook(
+            lambda _m, _a, out, i=i: captured.setdefault(i, []).append(
+                out.reshape(-1, out.shape[-1]).double()
+            )
         )
         for i, b in enumerate(model.blocks)
     ]
@@ -182,7 +184,7 @@ def _opt_in(model, state, domains, run: Path, domain, bias, public_name):
     if not model.config.moe.router.router_bias:
         bias = 0.0
     elif bias is None:
-        existing = model.blocks[0].ffn.router.bias
+        existing = model.blocks[0].ffn.router.bias.detach()
         bias = float(existing[-1]) if len(existing) else 0.0
     edited = add_expert(
         model,

@@ -191,12 +191,13 @@ def ffn_input_means(model: LanguageModel, ids_by_domain: Sequence[Sequence[Tenso
     captured: dict[int, list[Tensor]] = {}
 
     def keep(i: int):
-        def hook(_module, args):
-            captured.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1]).double())
+        def hook(_module, _args, out):
+            captured.setdefault(i, []).append(out.reshape(-1, out.shape[-1]).double())
 
         return hook
 
-    hooks = [b.ffn.register_forward_pre_hook(keep(i)) for i, b in enumerate(model.blocks)]
+    # the FFN's input is the output of the block's ffn_norm (dense and MoE blocks alike)
+    hooks = [b.ffn_norm.register_forward_hook(keep(i)) for i, b in enumerate(model.blocks)]
     rows: list[list[Tensor]] = []
     try:
         for batches in ids_by_domain:
