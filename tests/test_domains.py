@@ -306,3 +306,32 @@ def test_tiny_build_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert moekit_main(["mix", str(mixed), str(tmp_path / "x"), "--remove", "poetry"]) == 2
     assert "remove" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.production_threads
+def test_hf_llama_seed_branches_mixes_and_exports_to_mixtral(tmp_path):
+    """HF in (a Llama seed through model.init_from), HF out (the mix as Mixtral, loaded back)."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit.domains.branch import branch
+    from moekit.domains.mix import mix
+    from moekit.interop.lm_hf import lm_to_hf
+    from moekit.interop.tiny import tiny_dense_model
+
+    seed = tmp_path / "llama"
+    tiny_dense_model("llama", vocab_size=259).save_pretrained(seed)
+    train = {"micro_batch_size": 2, "warmup_steps": 1}
+    manifest = branch(seed, tmp_path / "branches", ["code", "math"], seq_len=32, steps=3, parts="ffn",
+                      train=train, eval_batches=1, log=lambda _: None)  # fmt: skip
+    assert set(manifest["runs"]) == {"code", "math"}
+    receipt = mix(tmp_path / "branches", tmp_path / "mixed", MixOptions(router="hidden"), log=lambda _: None)
+    assert all(c["exact_by_construction"] and c["passed"] for c in receipt["checks"].values())
+    from moekit.construct.lm import load_run_model
+
+    moe = load_run_model(tmp_path / "mixed")[0]
+    lm_to_hf(moe, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    assert hf.config.model_type == "mixtral" and hf.config.num_local_experts == 2
+    ids = IDS % 259
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, moe(ids).logits, rtol=0, atol=1e-4)

@@ -101,7 +101,7 @@ def build(
     if out.exists() and any(out.iterdir()):
         raise MoekitError(f"{out}: already exists and is not empty; choose a new out_dir")
     if recipe.merges:
-        _require_merging()
+        _check_merges(recipe)
     if recipe.hf:
         from moekit.preflight import require_module
 
@@ -166,14 +166,25 @@ def build(
     return results
 
 
-def _require_merging():
+def _check_merges(recipe: BuildRecipe) -> None:
+    """moekit.merging is there and takes each merge's method and parameters (tried on one tensor)."""
+    from moekit.errors import ConfigError
+
     try:
-        from moekit.merging import merge_state_dicts  # noqa: F401
+        from moekit.merging import merge_state_dicts
     except ImportError:
         raise MoekitError(
             "baselines.merge: dense merging (moekit.merging) is not available in this version; "
             "remove baselines.merge"
         ) from None
+    probe = {"w": torch.zeros(2, 2)}
+    for i, merge in enumerate(recipe.merges):
+        try:
+            merge_state_dicts(probe, [probe, probe], merge.method, **merge.params)
+        except ConfigError as exc:
+            raise ConfigError(f"baselines.merge[{i}].{exc.field}", str(exc).split(": ", 1)[-1]) from None
+        except TypeError as exc:
+            raise ConfigError(f"baselines.merge[{i}]", str(exc)) from None
 
 
 def _seed(ctx: _Context) -> Path:
@@ -290,10 +301,7 @@ def _merge(ctx: _Context, merge, seed_model, branch_models) -> dict[str, Any]:
 
     base = {k: v.detach().clone() for k, v in seed_model.state_dict().items()}
     finetuned = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in branch_models]
-    try:
-        merged_state = merge_state_dicts(base, finetuned, merge.method, **merge.params)
-    except TypeError as exc:
-        raise MoekitError(f"baselines.merge ({merge.method}): {exc}") from None
+    merged_state = merge_state_dicts(base, finetuned, merge.method, **merge.params)
     merged = LanguageModel(seed_model.config).to(seed_model.embed.weight.dtype).eval()
     merged.load_state_dict(merged_state, strict=False)
     entry: dict[str, Any] = {"kind": "dense merge", "method": merge.method, "params": merge.params}

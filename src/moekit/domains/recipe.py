@@ -11,7 +11,7 @@
       - {name: btx, router: random}
       - {name: flexolmo, router: flexolmo, bias: -0.5}
     post_train: {steps: 30, parts: all}
-    baselines: {hdee: true, merge: [{method: ta}, {method: pcb}]}
+    baselines: {hdee: true, merge: [{method: ta}, {method: pcb, ratio: 0.1}]}
     eval: {batches: 4, batch_size: 4}
     claims: {flexolmo_margin: 0.05}
     hf: true
@@ -33,7 +33,7 @@ from moekit.domains.mix import MixOptions
 from moekit.errors import ConfigError, require_choice, require_int, require_number
 
 POST_PARTS = ("all", "ffn", "router")
-MERGE_METHODS = ("ta", "ties", "dare", "pcb")
+MERGE_METHODS = ("ta", "ties", "dare_ta", "dare_ties", "pcb")  # moekit.merging.METHODS
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -236,7 +236,9 @@ def _baselines(value: Any) -> tuple[bool, tuple[MergeBaseline, ...]]:
         raise ConfigError("baselines.hdee", f"got {hdee!r}, expected true or false")
     merges = value.get("merge") or []
     if not isinstance(merges, list):
-        raise ConfigError("baselines.merge", "expected a list of {method: ta|ties|dare|pcb, ...params}")
+        raise ConfigError(
+            "baselines.merge", "expected a list of {method: ta|ties|dare_ta|dare_ties|pcb, ...params}"
+        )
     out = []
     for i, item in enumerate(merges):
         where = f"baselines.merge[{i}]"
