@@ -335,3 +335,30 @@ def test_hf_llama_seed_branches_mixes_and_exports_to_mixtral(tmp_path):
     ids = IDS % 259
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, moe(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_branch_and_mix_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
+    from moekit.train.checkpoint import save_checkpoint
+
+    moe_seed = tmp_path / "moe-seed"
+    seed, branches = _branches(2)
+    moe, _ = mix_lm(branches, MixOptions())
+    save_checkpoint(
+        moe_seed / "checkpoints" / "step-000000", moe, None, {"config": {"model": moe.config.to_dict()}}
+    )
+    dense_seed = tmp_path / "dense-seed"
+    save_checkpoint(
+        dense_seed / "checkpoints" / "step-000000", seed, None, {"config": {"model": CONFIG.to_dict()}}
+    )
+    cases = [
+        (["branch", str(tmp_path / "nowhere"), str(tmp_path / "o1"), "--domains", "code"], "no such folder"),
+        (["branch", str(dense_seed), str(tmp_path / "o2"), "--domains", "code,poetry"], "poetry"),
+        (["branch", str(moe_seed), str(tmp_path / "o3"), "--domains", "code"], "is an MoE"),
+        (["mix", str(dense_seed), str(tmp_path / "o4")], "branches"),
+        (["mix", str(moe_seed), str(tmp_path / "o5"), "--remove", "code"], "not a mixed model"),
+    ]
+    for argv, needle in cases:
+        assert moekit_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, (argv, err)
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4", "o5"))
