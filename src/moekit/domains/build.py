@@ -80,7 +80,7 @@ class _Context:
             str(init_from),
             self.data_section,
             {**self.recipe.train, "steps": steps},
-            0,
+            self.recipe.run_seed,
             self.recipe.eval.batches,
             balance=self.balance if moe else None,
         )
@@ -122,6 +122,7 @@ def build(
         steps=recipe.branch.steps,
         parts=recipe.branch.parts,
         train=recipe.train,
+        run_seed=recipe.run_seed,
         eval_batches=recipe.eval.batches,
         log=lambda _: None,
     )
@@ -129,6 +130,7 @@ def build(
         "format": "moekit-build-results",
         "version": 1,
         "recipe": recipe.name,
+        "run_seed": recipe.run_seed,
         "domains": list(recipe.domains),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "models": {},
@@ -204,7 +206,12 @@ def _seed(ctx: _Context) -> Path:
                 "model": dict(recipe.seed.model),
                 "data": ctx.data_section,
                 "train": {**recipe.train, "steps": recipe.seed.steps},
-                "loop": {"log_every": 0, "eval_batches": recipe.eval.batches, "progress": False},
+                "loop": {
+                    "seed": recipe.run_seed,
+                    "log_every": 0,
+                    "eval_batches": recipe.eval.batches,
+                    "progress": False,
+                },
             }
         )
     except ConfigError as exc:

@@ -15,6 +15,7 @@
     eval: {batches: 4, batch_size: 4}
     claims: {flexolmo_margin: 0.05}
     hf: true
+    run_seed: 0          # seeds the seed model's init and every run's data order
 
 Every field is checked when the recipe loads, before anything trains; an error names the field.
 """
@@ -143,13 +144,14 @@ class BuildRecipe:
     eval: EvalSection
     claims: ClaimsSection
     hf: bool
+    run_seed: int = 0
 
     @classmethod
     def from_dict(cls, data: Any) -> BuildRecipe:
         if not isinstance(data, dict):
             raise ConfigError("recipe", f"expected a mapping, got {type(data).__name__}")
         known = ("name", "out_dir", "data", "domains", "seed", "train", "branch", "variants", "post_train",
-                 "baselines", "eval", "claims", "hf")  # fmt: skip
+                 "baselines", "eval", "claims", "hf", "run_seed")  # fmt: skip
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(unknown[0], f"unknown field; expected one of {', '.join(known)}")
@@ -176,6 +178,8 @@ class BuildRecipe:
         if not isinstance(hf, bool):
             raise ConfigError("hf", f"got {hf!r}, expected true or false")
         hdee, merges = _baselines(data.get("baselines"))
+        run_seed = data.get("run_seed", 0)
+        require_int("run_seed", run_seed, minimum=0)
         return cls(
             name=name,
             out_dir=str(data.get("out_dir", f"runs/{name}")),
@@ -191,6 +195,7 @@ class BuildRecipe:
             eval=dataclass_from_dict(EvalSection, data.get("eval"), "eval"),
             claims=dataclass_from_dict(ClaimsSection, data.get("claims"), "claims"),
             hf=hf,
+            run_seed=run_seed,
         )
 
     @classmethod
