@@ -217,6 +217,39 @@ def test_unknown_options_and_bad_option_values(tmp_path):
         assert_rejected_in_one_line(*one_error_line(argv))
 
 
+def test_missing_files_and_wrong_types_for_the_commands_that_use_models(tmp_path):
+    """generate, eval-tasks, compress and upcycle name the missing file or the bad option."""
+    missing = tmp_path / "no-such-run"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: prune\n")
+    cases = [
+        (["generate", str(missing), "--prompt", "hi"], "no-such-run"),
+        (["eval-tasks", str(missing)], "no-such-run"),
+        (["eval-tasks", str(tmp_path), "--limit", "x"], "--limit"),
+        (["compress", str(missing), "--recipe", str(recipe), "--out", str(tmp_path / "o")], "no-such-run"),
+        (
+            [
+                "compress",
+                str(tmp_path),
+                "--recipe",
+                str(tmp_path / "none.yaml"),
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "none.yaml",
+        ),
+        (
+            ["upcycle", str(missing), "--out", str(tmp_path / "u"), "--experts", "4", "--top-k", "2"],
+            "no-such-run",
+        ),
+    ]
+    for argv, named in cases:
+        status, err = one_error_line(argv)
+        assert_rejected_in_one_line(status, err)
+        assert named in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
 def test_unwritable_output_paths_fail_before_any_work(tmp_path, trained_run):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

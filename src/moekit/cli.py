@@ -94,6 +94,12 @@ def _eval_tasks(args: argparse.Namespace) -> int:
     return methods_cli.main(args)
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from moekit.merging import cli as merging_cli
+
+    return merging_cli.main(args)
+
+
 def _branch(args: argparse.Namespace) -> int:
     from moekit.domains import cli as domains_cli
 
@@ -207,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     eval_tasks = sub.add_parser("eval-tasks", help="test-time routing methods on exact-answer math tasks")
     add_eval_tasks_arguments(eval_tasks)
     eval_tasks.set_defaults(handler=_eval_tasks)
+
+    from moekit.merging.cli import add_arguments as add_merge_arguments
+
+    merge = sub.add_parser(
+        "merge", help="merge fine-tuned copies of one model: task arithmetic, TIES, DARE, PCB"
+    )
+    add_merge_arguments(merge)
+    merge.set_defaults(handler=_merge)
 
     from moekit.domains import cli as domains_cli
 
