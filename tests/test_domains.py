@@ -235,6 +235,7 @@ RECIPE = {
     "variants": [{"name": "btx", "router": "random"}, {"name": "flex", "router": "flexolmo", "bias": -0.5}],
     "post_train": {"steps": 3},
     "eval": {"batches": 2, "batch_size": 2},
+    "baselines": {"hdee": True, "merge": [{"method": "pcb", "ratio": 0.2}]},
 }
 
 
@@ -248,6 +249,7 @@ RECIPE = {
         ({"train": {"lr": "fast"}}, "train.lr"),
         ({"train": {"steps": 3}}, "train.steps"),
         ({"baselines": {"merge": [{"method": "slerp"}]}}, "baselines.merge[0].method"),
+        ({"baselines": {"merge": [{"method": "ta"}, {"method": "ta"}]}}, "baselines.merge[1].name"),
         ({"colour": "red"}, "colour"),
         ({"seed": {"steps": 3}}, "seed"),
         ({"domains": ["code", "code"]}, "domains"),
@@ -257,6 +259,20 @@ def test_recipe_errors_name_the_field(change, field):
     with pytest.raises(ConfigError) as info:
         BuildRecipe.from_dict({**RECIPE, **change})
     assert info.value.field == field
+
+
+def test_merge_parameters_are_checked_before_any_training(tmp_path, capsys):
+    from moekit.domains.build import build
+
+    for merge, field in (
+        ({"method": "pcb", "ratio": 2}, "ratio"),
+        ({"method": "ties", "ratio": 0.1}, "ratio"),
+    ):
+        recipe = BuildRecipe.from_dict({**RECIPE, "baselines": {"merge": [merge]}})
+        with pytest.raises(ConfigError) as info:
+            build(recipe, out_dir=tmp_path / "out", log=lambda _: None)
+        assert info.value.field == f"baselines.merge[0].{field}"
+        assert not (tmp_path / "out").exists()
 
 
 def test_build_cli_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys):
@@ -284,7 +300,8 @@ def test_tiny_build_end_to_end(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert (out / "report.md").read_text().startswith("# build")
     models = results["models"]
-    assert {"seed", "branch-code", "branch-math", "hdee", "btx", "flex"} <= set(models)
+    assert {"seed", "branch-code", "branch-math", "hdee", "btx", "flex", "merge-pcb"} <= set(models)
+    assert models["merge-pcb"]["step0"] != models["seed"]["step0"] and "post" in models["merge-pcb"]
     # FFN-only branches: attention and embeddings stay the seed's, so every forced expert is exact
     for variant in ("btx", "flex"):
         assert all(c["exact_by_construction"] and c["passed"] for c in results["checks"][variant].values())

@@ -314,7 +314,7 @@ def _merge(ctx: _Context, merge, seed_model, branch_models) -> dict[str, Any]:
     entry: dict[str, Any] = {"kind": "dense merge", "method": merge.method, "params": merge.params}
     entry["step0"] = ctx.model_losses(merged)
     if ctx.recipe.post_train.steps:
-        folder = ctx.out / "merge" / merge.method
+        folder = ctx.out / "merge" / merge.name
         state = {"config": {"model": merged.config.to_dict(), "data": ctx.data_section}, "step": 0}
         save_checkpoint(folder / "checkpoints" / "step-000000", merged, None, state)
         post = ctx.train(
@@ -335,7 +335,7 @@ def claims(results: dict[str, Any], recipe: BuildRecipe) -> dict[str, Any]:
     models = results["models"]
     moe = {n: final_losses(e)["mean"] for n, e in models.items() if e["kind"] == "moe"}
     out: dict[str, Any] = {}
-    pcb = models.get("merge-pcb")
+    pcb = next((e for e in models.values() if e.get("method") == "pcb"), None)
     if pcb is not None and moe:
         best = min(moe, key=moe.get)
         pcb_mean = final_losses(pcb)["mean"]

@@ -32,9 +32,10 @@ from moekit.config_tree import dataclass_from_dict, load_yaml
 from moekit.domains.branch import PARTS
 from moekit.domains.mix import MixOptions
 from moekit.errors import ConfigError, require_choice, require_int, require_number
+from moekit.merging import METHODS as MERGE_METHODS
 
 POST_PARTS = ("all", "ffn", "router")
-MERGE_METHODS = ("ta", "ties", "dare_ta", "dare_ties", "pcb")  # moekit.merging.METHODS
+
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -122,10 +123,7 @@ class Variant:
 class MergeBaseline:
     method: str
     params: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return f"merge-{self.method}"
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -244,7 +242,7 @@ def _baselines(value: Any) -> tuple[bool, tuple[MergeBaseline, ...]]:
         raise ConfigError(
             "baselines.merge", "expected a list of {method: ta|ties|dare_ta|dare_ties|pcb, ...params}"
         )
-    out = []
+    out, names = [], set()
     for i, item in enumerate(merges):
         where = f"baselines.merge[{i}]"
         if not isinstance(item, dict) or "method" not in item:
@@ -252,7 +250,13 @@ def _baselines(value: Any) -> tuple[bool, tuple[MergeBaseline, ...]]:
         params = dict(item)
         method = params.pop("method")
         require_choice(f"{where}.method", method, MERGE_METHODS)
-        out.append(MergeBaseline(method, params))
+        name = params.pop("name", f"merge-{method}")
+        if not isinstance(name, str) or not NAME.match(name) or name in names:
+            raise ConfigError(
+                f"{where}.name", f"got {name!r}, expected a new name (two merges of one method need names)"
+            )
+        names.add(name)
+        out.append(MergeBaseline(method, params, name))
     return hdee, tuple(out)
 
 
