@@ -379,3 +379,13 @@ def test_branch_and_mix_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, (argv, err)
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4", "o5"))
+
+
+def test_shipped_recipes_validate():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "configs" / "domains").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        recipe = BuildRecipe.load(path)
+        assert recipe.variants and len(recipe.domains) >= 2
