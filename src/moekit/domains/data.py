@@ -19,7 +19,7 @@ from moekit.errors import ConfigError
 
 
 class DomainData(LanguageModelData):
-    """`LanguageModelData` whose training stream draws only from `training_domains`."""
+    """`LanguageModelData` whose training stream draws only from `training_domains`, in equal shares."""
 
     def __init__(self, base: LanguageModelData, training_domains: Sequence[str], field: str = "domains"):
         super().__init__(base.splits, base.tokenizer)
@@ -32,6 +32,11 @@ class DomainData(LanguageModelData):
         return hashlib.sha256(f"{own}/{','.join(self.training_domains)}".encode()).hexdigest()
 
     def train_batches(self, batch_size: int, seq_len: int, **options) -> TrainBatches:
+        """With several training domains every batch holds one domain, drawn uniformly: each
+        domain gets an equal share of the budget, whatever its number or length of documents (a
+        mixed stream over the built-in corpus is mostly its many short math documents)."""
+        if len(self.training_domains) > 1:
+            options = {**options, "single_domain": True, "domain_sampling": "uniform"}
         stream = super().train_batches(batch_size, seq_len, **options)
         labels = {self.domains.index(d): d for d in self.training_domains}
         return TrainBatches(
