@@ -100,6 +100,24 @@ def _merge(args: argparse.Namespace) -> int:
     return merging_cli.main(args)
 
 
+def _branch(args: argparse.Namespace) -> int:
+    from moekit.domains import cli as domains_cli
+
+    return domains_cli.branch_main(args)
+
+
+def _mix(args: argparse.Namespace) -> int:
+    from moekit.domains import cli as domains_cli
+
+    return domains_cli.mix_main(args)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from moekit.domains import cli as domains_cli
+
+    return domains_cli.build_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="moekit",
@@ -203,6 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_merge_arguments(merge)
     merge.set_defaults(handler=_merge)
+
+    from moekit.domains import cli as domains_cli
+
+    branch = sub.add_parser("branch", help="copy a dense seed once per domain and train each copy on it")
+    domains_cli.add_branch_arguments(branch)
+    branch.set_defaults(handler=_branch)
+    mix = sub.add_parser(
+        "mix", help="domain branches -> one MoE (BTX, FlexOlmo router); opt a domain's expert out or in"
+    )
+    domains_cli.add_mix_arguments(mix)
+    mix.set_defaults(handler=_mix)
+    build_cmd = sub.add_parser(
+        "build", help="branch, mix, ensemble and merge domain experts from a recipe; per-domain losses"
+    )
+    domains_cli.add_build_arguments(build_cmd)
+    build_cmd.set_defaults(handler=_build)
     return parser
 
 

@@ -1,0 +1,196 @@
+"""Opt-out and opt-in: remove or add one expert (one domain's data) of a mixed model without
+retraining (FlexOlmo §3.4: "opt-out = delete expert j's FFN and router row").
+
+Removing expert j slices j out of every per-expert tensor (expert weights, router row and bias)
+and keeps every other tensor bit-identical; with a softmax router renormalised over its top-k this
+computes exactly what the full model computes with expert j masked from routing. Adding an expert
+appends its FFN, router row and bias as the last expert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moekit.errors import ConfigError, MoekitError
+from moekit.models.lm import LanguageModel
+
+PER_EXPERT = ("experts.w_in", "experts.w_out", "router.weight", "router.bias")
+
+
+def _per_expert(name: str) -> bool:
+    return ".ffn." in name and name.split(".ffn.", 1)[1] in PER_EXPERT
+
+
+def _with_experts(config, num_experts: int, top_k: int | None = None):
+    spec = config.moe.router
+    k = min(spec.top_k if top_k is None else top_k, num_experts)
+    moe = dataclasses.replace(config.moe, router=spec.with_(num_experts=num_experts, top_k=k))
+    return dataclasses.replace(config, moe=moe)
+
+
+def _check_editable(model: LanguageModel) -> None:
+    moe = model.config.moe
+    if moe is None:
+        raise MoekitError("the model is dense; opt-out/opt-in edit an MoE's experts")
+    if moe.router_kind != "token_choice" or moe.experts_kind != "packed" or moe.num_shared_experts:
+        raise MoekitError(
+            "opt-out/opt-in handle token-choice routers over packed experts without shared experts"
+        )
+    extra = [n for n in model.state_dict() if ".ffn." in n and not _per_expert(n)]
+    if extra:
+        raise MoekitError(f"{extra[0]}: a per-layer MoE tensor opt-out does not know how to edit")
+
+
+@torch.no_grad()
+def remove_expert(model: LanguageModel, expert: int) -> LanguageModel:
+    """The model without expert `expert` in every MoE layer (top-k capped at the experts left)."""
+    _check_editable(model)
+    count = model.config.moe.router.num_experts
+    if not 0 <= expert < count:
+        raise ConfigError("expert", f"got {expert}, expected an expert index in [0, {count})")
+    if count == 1:
+        raise ConfigError("expert", "the model has one expert; removing it leaves no FFN")
+    keep = [e for e in range(count) if e != expert]
+    out = LanguageModel(_with_experts(model.config, count - 1)).to(model.embed.weight.dtype).eval()
+    source = model.state_dict()
+    for name, tensor in out.state_dict().items():
+        tensor.copy_(source[name][keep] if _per_expert(name) else source[name])
+    return out
+
+
+@torch.no_grad()
+def add_expert(
+    model: LanguageModel,
+    proj_in: Sequence[Tensor],
+    proj_out: Sequence[Tensor],
+    router_rows: Sequence[Tensor],
+    bias: float = 0.0,
+) -> LanguageModel:
+    """The model with one more expert, last: per layer its dense FFN weights (`proj_in` [2F, H],
+    `proj_out` [H, F], as in a dense moekit block) and router row [H]; `bias` is its router bias
+    (models whose router has one)."""
+    _check_editable(model)
+    layers = len(model.blocks)
+    for what, given in (("proj_in", proj_in), ("proj_out", proj_out), ("router_rows", router_rows)):
+        if len(given) != layers:
+            raise ConfigError(what, f"got {len(given)} tensors, expected one per layer ({layers})")
+    count = model.config.moe.router.num_experts
+    out = LanguageModel(_with_experts(model.config, count + 1)).to(model.embed.weight.dtype).eval()
+    source = model.state_dict()
+    for name, tensor in out.state_dict().items():
+        if not _per_expert(name):
+            tensor.copy_(source[name])
+            continue
+        layer = int(name.split(".")[1])
+        part = name.split(".ffn.", 1)[1]
+        new = {
+            "experts.w_in": proj_in[layer],
+            "experts.w_out": proj_out[layer],
+            "router.weight": router_rows[layer],
+            "router.bias": torch.tensor(float(bias), dtype=torch.float64),
+        }[part]
+        if tuple(new.shape) != tuple(tensor.shape[1:]):
+            raise ConfigError(
+                part, f"layer {layer}: got shape {tuple(new.shape)}, expected {tuple(tensor.shape[1:])}"
+            )
+        tensor.copy_(torch.cat([source[name], new.unsqueeze(0).to(tensor.dtype)]))
+    return out
+
+
+def edit_experts(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    remove: str | None = None,
+    add: str | os.PathLike | None = None,
+    domain: str | None = None,
+    bias: float | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Opt a domain out of (`remove`: its name) or into (`add`: a branch run, named `domain`) the
+    mixed model at `src`, writing the edited model to `dst`. An added expert's router row is the
+    mixed model's mean FFN input on the domain's training text with the public expert forced
+    (the seed's own hidden states when branches trained only FFNs), as FlexOlmo's rows are."""
+    from moekit.domains.mix import PUBLIC, expert_domains_of, mixed_state, save_mixed
+    from moekit.interop.hf import _write_dir
+    from moekit.io import write_json_atomic
+
+    if (remove is None) == (add is None):
+        raise ConfigError("remove/add", "give exactly one: a domain to remove or a branch run to add")
+    model, state, domains = expert_domains_of(src)
+    if remove is not None:
+        if remove not in domains:
+            raise ConfigError("remove", f"got {remove!r}, expected one of the experts: {', '.join(domains)}")
+        edited = remove_expert(model, domains.index(remove))
+        new_domains = [d for d in domains if d != remove]
+        what = {"removed": remove}
+    else:
+        edited, new_domains, what = _opt_in(model, state, domains, Path(add), domain, bias, PUBLIC)
+    receipt = {"format": "moekit-mix-edit", "version": 1, "source": str(Path(src).resolve()), **what,
+               "expert_domains": new_domains}  # fmt: skip
+    new_state = mixed_state(state, edited, new_domains, str(Path(src).resolve()))
+    save_mixed(Path(dst), edited, new_state, receipt, overwrite=overwrite, writer=_write_dir,
+               write_json=write_json_atomic)  # fmt: skip
+    log(f"{src} -> {dst}: experts {', '.join(new_domains)}")
+    return receipt
+
+
+def _opt_in(model, state, domains, run: Path, domain, bias, public_name):
+    from moekit.construct.lm import load_run_model
+    from moekit.domains.data import calibration_ids, load_data
+    from moekit.routing.override import RoutingOverride, override_routing
+
+    if not domain:
+        raise ConfigError("domain", "name the domain of the added expert")
+    if domain in domains:
+        raise ConfigError("domain", f"{domain!r} is already an expert of this model")
+    branch, _ = load_run_model(run)
+    if branch.config.moe is not None or branch.config.hidden_size != model.config.hidden_size:
+        raise MoekitError(f"{run}: expected a dense branch of the mixed model's architecture")
+    data_cfg = state.get("config", {}).get("data", {})
+    data = load_data(data_cfg.get("source", "builtin"), data_cfg.get("tokenizer", "byte"), log=lambda _: None)
+    ids = calibration_ids(data, domain, seq_len=min(64, model.config.max_seq_len))
+    captured: dict[int, list[Tensor]] = {}
+    hooks = [  # the FFN's input is the output of the block's ffn_norm
+        b.ffn_norm.register_forward_hook(
+            lambda _m, _a, out, i=i: captured.setdefault(i, []).append(
+                out.reshape(-1, out.shape[-1]).double()
+            )
+        )
+        for i, b in enumerate(model.blocks)
+    ]
+    anchor = [domains.index(public_name)] if public_name in domains else None
+    try:
+        with (
+            torch.no_grad(),
+            override_routing(model, RoutingOverride(force=anchor, top_k=1) if anchor else None),
+        ):
+            for x in ids:
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = [
+        torch.nn.functional.normalize(torch.cat(captured[i]).mean(0), dim=0) for i in range(len(model.blocks))
+    ]
+    if not model.config.moe.router.router_bias:
+        bias = 0.0
+    elif bias is None:
+        existing = model.blocks[0].ffn.router.bias.detach()
+        bias = float(existing[-1]) if len(existing) else 0.0
+    edited = add_expert(
+        model,
+        [b.ffn.proj_in.weight for b in branch.blocks],
+        [b.ffn.proj_out.weight for b in branch.blocks],
+        rows,
+        bias,
+    )
+    return edited, [*domains, domain], {"added": domain, "from": str(run.resolve()), "bias": bias}
