@@ -119,6 +119,7 @@ def dispatch_choice(layer: MoE, x: torch.Tensor) -> dict:
     of the experts its routing activates (what a decode step must read)."""
     from moekit.dispatch.grouped import plan_experts
     from moekit.kernels.gemm import gemm_kernel
+    from moekit.kernels.native import native_available
 
     experts = layer.experts
     with torch.no_grad():
@@ -130,15 +131,13 @@ def dispatch_choice(layer: MoE, x: torch.Tensor) -> dict:
         )  # fmt: skip
     active = int(torch.unique(kept.expert).numel())
     per_expert = (experts.w_in[0].numel() + experts.w_out[0].numel()) * experts.w_in.element_size()
+    products = plan.products
     return dict(
-        backend=plan.backend,
-        workers=plan.parallel,
-        native=plan.native,
-        whole_expert_tasks=plan.fused is not None,
-        swiglu_loops=plan.swiglu_loops,
-        grouped_mm_shares=len(plan.shares),
-        single_threaded=plan.single_threaded,
+        path=plan.path,
+        threads=getattr(products, "threads", torch.get_num_threads()),
+        portable_products=getattr(products, "backend", None),
         gemm=gemm_kernel(x.dtype),
+        native_kernel=native_available(),
         active_experts=active,
         active_weight_bytes=active * per_expert,
     )

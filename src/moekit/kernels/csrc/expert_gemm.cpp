@@ -1,29 +1,41 @@
 // moekit's expert kernels: small single-threaded fp32 GEMMs written straight into the caller's
-// buffer, and SwiGLU with its derivative in one pass each.
+// buffer, a loop over the experts that hands them to torch's threads, and SwiGLU with its
+// derivative in one pass each.
 //
 // Why: an MoE layer runs hundreds of small products per step (128 rows x 256 x 256 per expert at
-// 128 experts). oneDNN, the fastest library kernel torch ships for them on AVX-512 CPUs, costs
-// ~10 us per call, repacks the weight on every call and returns a new tensor that the caller must
-// copy into its buffer. The products here read both operands in place (only x @ W^T packs a
-// weight panel, with 16 x 16 register transposes), write into any row-major view, and run on the
-// calling thread: the layer's workers give each core its own experts (moekit.dispatch.workers).
+// 128 experts). A multi-threaded library GEMM per expert spends much of each product handing work
+// between threads; here each thread takes whole experts, one at a time, largest first, from a
+// shared counter, and computes them alone, reading both operands in place (only x @ W^T packs a
+// weight panel, with 16 x 16 register transposes) and writing into any row-major view. Threads
+// that take the next expert when they finish the last keep every core busy whatever the experts'
+// sizes and whatever else runs on a core; each expert is computed by one thread in one way, so
+// results do not depend on which thread took it.
 //
-// Registered with torch's dispatcher, so that TorchScript code can call them:
+// Registered with torch's dispatcher:
 //   moekit::mm_into(a, b, out, prefetch_next=None): out = a @ b, all 2-D fp32 CPU tensors; a any
 //     strides; out with unit column stride; b with unit stride along either dimension (b = W^T
 //     packs panels of W); the memory of prefetch_next is pulled into cache while it runs.
 //     Blocking: the output is computed in panels of 64 columns, each as tiles of 6 rows x 64
-//     columns held in 24 AVX-512 registers, over blocks of 256 of the inner dimension.
+//     columns held in 24 of AVX-512's 32 registers, over blocks of 256 of the inner dimension.
+//   moekit::expert_products(rows, weights, out, tasks, threads): out[s:t] = rows[s:t] @ weights[e]^T
+//     for every task (e, s, t), weights packed [E, n_out, n_in].
+//   moekit::expert_backward_pairs(grad_rows, in_rows, weights, grad_weight?, grad_in, tasks, threads):
+//     grad_weight[e] = grad_rows[s:t]^T @ in_rows[s:t] and grad_in[s:t] = grad_rows[s:t] @ weights[e]
+//     for every task, the gradient rows read once while they are in cache.
+//   moekit::combine_rows(rows, order, bounds, out): out[t] = sum of rows[order[bounds[t]:bounds[t+1]]].
 //   moekit::swiglu_into(h, out), moekit::swiglu_backward_into(h, grad, out): SwiGLU of
-//     h = [gate | up] and its gradient with respect to h.
+//     h = [gate | up] and its gradient with respect to h, rows split over torch's threads.
 // The Python side (moekit/kernels/native.py) checks the CPU, builds this file and probes it.
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <numeric>
 #include <optional>
 #include <vector>
 
@@ -181,46 +193,25 @@ void dot_rows(int64_t N, int64_t K, const float* A, int64_t lda, const float* W,
   }
 }
 
-void mm_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
-             const std::optional<at::Tensor>& prefetch_next) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2, "moekit::mm_into: a, b and out must be 2-D");
-  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
-              "moekit::mm_into: a, b and out must be float32");
-  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && out.device().is_cpu(),
-              "moekit::mm_into: a, b and out must be on the CPU");
-  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  TORCH_CHECK(b.size(0) == K && out.size(0) == M && out.size(1) == N, "moekit::mm_into: shapes ", a.sizes(),
-              " @ ", b.sizes(), " -> ", out.sizes(), " do not match");
-  TORCH_CHECK(out.stride(1) == 1 || N <= 1, "moekit::mm_into: out must have unit column stride");
-  TORCH_CHECK(b.stride(1) == 1 || b.stride(0) == 1 || N <= 1 || K <= 1,
-              "moekit::mm_into: b must have unit stride along one dimension");
+// C[0:M, 0:N] = A @ B for A [M, K] (strides sai, sak), B [K, N] (strides sbk, sbn; one of them 1),
+// C rows of stride ldc.
+void product(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B,
+             int64_t sbk, int64_t sbn, float* C, int64_t ldc, Prefetch& prefetch) {
   if (M == 0 || N == 0) return;
-  float* C = out.data_ptr<float>();
   if (K == 0) {
-    for (int64_t i = 0; i < M; ++i) std::fill(C + i * out.stride(0), C + i * out.stride(0) + N, 0.0f);
+    for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
     return;
   }
-  Prefetch prefetch;
-  if (prefetch_next.has_value() && prefetch_next->is_non_overlapping_and_dense()) {
-    int64_t span = 1;  // elements from the lowest address to the highest, the tensor being dense
-    for (int64_t d = 0; d < prefetch_next->dim(); ++d) span += (prefetch_next->size(d) - 1) * prefetch_next->stride(d);
-    prefetch.next = static_cast<const char*>(prefetch_next->data_ptr());
-    prefetch.end = prefetch.next + (prefetch_next->numel() ? span : 0) * prefetch_next->element_size();
-  }
-  const float* A = a.data_ptr<float>();
-  const float* B = b.data_ptr<float>();
-  const int64_t sai = a.stride(0), sak = a.stride(1), ldc = out.stride(0);
-  if (b.stride(1) == 1 || N == 1) {
-    const int64_t ldb = b.stride(0);
+  if (sbn == 1 || N == 1) {
     for (int64_t n = 0; n < N; n += kPanel)
       for (int64_t k = 0; k < K; k += kInnerBlock)
         panel(M, std::min<int64_t>(kPanel, N - n), std::min<int64_t>(kInnerBlock, K - k), A + k * sak, sai, sak,
-              B + k * ldb + n, ldb, C + n, ldc, k > 0, prefetch);
+              B + k * sbk + n, sbk, C + n, ldc, k > 0, prefetch);
     return;
   }
-  // b = W^T with W [N, K] row-major (stride ldw): dot products for a few rows, else W's panels
+  // B = W^T with W [N, K] row-major (stride sbn): dot products for a few rows, else W's panels
   // packed transposed.
-  const int64_t ldw = b.stride(1);
+  const int64_t ldw = sbn;
   if (M <= kDotRows && (sak == 1 || K == 1)) {
     switch (M) {
       case 1: dot_rows<1>(N, K, A, sai, B, ldw, C, ldc, prefetch); break;
@@ -240,6 +231,207 @@ void mm_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
       panel(M, width, depth, A + k * sak, sai, sak, packed.data(), kPanel, C + n, ldc, k > 0, prefetch);
     }
   }
+}
+
+Prefetch prefetch_of(const float* data, int64_t elements) {
+  Prefetch prefetch;
+  prefetch.next = reinterpret_cast<const char*>(data);
+  prefetch.end = prefetch.next + elements * static_cast<int64_t>(sizeof(float));
+  return prefetch;
+}
+
+void check_float_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), op, ": ", name, " must be a float32 CPU tensor");
+}
+
+void mm_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
+             const std::optional<at::Tensor>& prefetch_next) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2, "moekit::mm_into: a, b and out must be 2-D");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "moekit::mm_into: a, b and out must be float32");
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && out.device().is_cpu(),
+              "moekit::mm_into: a, b and out must be on the CPU");
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  TORCH_CHECK(b.size(0) == K && out.size(0) == M && out.size(1) == N, "moekit::mm_into: shapes ", a.sizes(),
+              " @ ", b.sizes(), " -> ", out.sizes(), " do not match");
+  TORCH_CHECK(out.stride(1) == 1 || N <= 1, "moekit::mm_into: out must have unit column stride");
+  TORCH_CHECK(b.stride(1) == 1 || b.stride(0) == 1 || N <= 1 || K <= 1,
+              "moekit::mm_into: b must have unit stride along one dimension");
+  Prefetch prefetch;
+  if (prefetch_next.has_value() && prefetch_next->is_non_overlapping_and_dense()) {
+    int64_t span = 1;  // elements from the lowest address to the highest, the tensor being dense
+    for (int64_t d = 0; d < prefetch_next->dim(); ++d) span += (prefetch_next->size(d) - 1) * prefetch_next->stride(d);
+    prefetch.next = static_cast<const char*>(prefetch_next->data_ptr());
+    prefetch.end = prefetch.next + (prefetch_next->numel() ? span : 0) * prefetch_next->element_size();
+  }
+  const int64_t sbk = b.stride(0), sbn = (b.stride(1) == 1 || N == 1) ? 1 : b.stride(1);
+  product(M, N, K, a.data_ptr<float>(), a.stride(0), a.stride(1), b.data_ptr<float>(), sbk, sbn,
+          out.data_ptr<float>(), out.stride(0), prefetch);
+}
+
+// fn(i) for every task i in [0, count), in the given order, taken one at a time from a shared
+// counter by up to `threads` of torch's threads (the calling thread alone for 1).
+template <typename Fn>
+void take_tasks(int64_t count, int64_t threads, const Fn& fn) {
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, count));
+  if (threads == 1) {
+    for (int64_t i = 0; i < count; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(i);
+  });
+}
+
+struct Task {
+  int64_t expert, start, stop;
+};
+
+// The tasks [n, 3] (expert, start row, stop row) as given, largest first: the last ones taken are
+// the shortest, so the threads finish together.
+std::vector<Task> tasks_of(const at::Tensor& tasks, const char* op) {
+  TORCH_CHECK(tasks.dim() == 2 && tasks.size(1) == 3 && tasks.scalar_type() == at::kLong && tasks.device().is_cpu(),
+              op, ": tasks must be an int64 CPU tensor [n, 3] of (expert, start, stop)");
+  const auto contiguous = tasks.contiguous();
+  const int64_t* t = contiguous.data_ptr<int64_t>();
+  std::vector<Task> out(tasks.size(0));
+  for (int64_t i = 0; i < tasks.size(0); ++i) out[i] = {t[3 * i], t[3 * i + 1], t[3 * i + 2]};
+  std::stable_sort(out.begin(), out.end(),
+                   [](const Task& a, const Task& b) { return a.stop - a.start > b.stop - b.start; });
+  return out;
+}
+
+void check_task(const Task& task, int64_t experts, int64_t rows, const char* op) {
+  TORCH_CHECK(task.expert >= 0 && task.expert < experts && task.start >= 0 && task.start <= task.stop &&
+                  task.stop <= rows,
+              op, ": task (", task.expert, ", ", task.start, ", ", task.stop, ") is out of range");
+}
+
+void check_rows(const at::Tensor& t, int64_t rows, int64_t cols, const char* op, const char* name) {
+  check_float_cpu(t, op, name);
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.stride(1) == 1, op, ": ", name,
+              " must be [", rows, ", ", cols, "] with unit column stride, got ", t.sizes());
+}
+
+void check_packed(const at::Tensor& w, const char* op, const char* name) {
+  check_float_cpu(w, op, name);
+  TORCH_CHECK(w.dim() == 3 && (w.stride(2) == 1 || w.stride(1) == 1), op, ": ", name,
+              " must be [E, n_out, n_in] with unit stride along one of its last two dimensions");
+}
+
+// out[s:t] = rows[s:t] @ weights[e]^T for every task (e, s, t).
+void expert_products(const at::Tensor& rows, const at::Tensor& weights, const at::Tensor& out,
+                     const at::Tensor& tasks, int64_t threads) {
+  const char* op = "moekit::expert_products";
+  check_packed(weights, op, "weights");
+  const int64_t n_out = weights.size(1), n_in = weights.size(2);
+  check_rows(rows, rows.size(0), n_in, op, "rows");
+  check_rows(out, rows.size(0), n_out, op, "out");
+  const auto work = tasks_of(tasks, op);
+  for (const auto& task : work) check_task(task, weights.size(0), rows.size(0), op);
+  const float* X = rows.data_ptr<float>();
+  const float* W = weights.data_ptr<float>();
+  float* Y = out.data_ptr<float>();
+  const int64_t ldx = rows.stride(0), ldy = out.stride(0), swe = weights.stride(0);
+  // b = W[e]^T: [n_in, n_out] with strides (weights.stride(2), weights.stride(1))
+  const int64_t sbk = weights.stride(2), sbn = weights.stride(1);
+  const int64_t span = (n_out - 1) * weights.stride(1) + (n_in - 1) * weights.stride(2) + 1;
+  take_tasks(static_cast<int64_t>(work.size()), threads, [&](int64_t i) {
+    const Task& task = work[i];
+    // pull the expert after this one (in the order the threads take them) into cache meanwhile
+    Prefetch prefetch = i + 1 < static_cast<int64_t>(work.size()) ? prefetch_of(W + work[i + 1].expert * swe, span)
+                                                                   : Prefetch{};
+    product(task.stop - task.start, n_out, n_in, X + task.start * ldx, ldx, 1, W + task.expert * swe, sbk,
+            sbn == 1 ? 1 : sbn, Y + task.start * ldy, ldy, prefetch);
+  });
+}
+
+// grad_weight[e] = grad_rows[s:t]^T @ in_rows[s:t] (if given) and grad_in[s:t] = grad_rows[s:t] @
+// weights[e] for every task (e, s, t); the weight gradient's product pulls the expert's weights into
+// cache for the input gradient's.
+void expert_backward_pairs(const at::Tensor& grad_rows, const at::Tensor& in_rows, const at::Tensor& weights,
+                           const std::optional<at::Tensor>& grad_weight, const at::Tensor& grad_in,
+                           const at::Tensor& tasks, int64_t threads) {
+  const char* op = "moekit::expert_backward_pairs";
+  check_packed(weights, op, "weights");
+  const int64_t rows = grad_rows.size(0), n_out = weights.size(1), n_in = weights.size(2);
+  check_rows(grad_rows, rows, n_out, op, "grad_rows");
+  check_rows(in_rows, rows, n_in, op, "in_rows");
+  check_rows(grad_in, rows, n_in, op, "grad_in");
+  if (grad_weight.has_value()) {
+    check_float_cpu(*grad_weight, op, "grad_weight");
+    TORCH_CHECK(grad_weight->dim() == 3 && grad_weight->sizes() == weights.sizes() && grad_weight->stride(2) == 1,
+                op, ": grad_weight must be shaped like weights with unit column stride");
+  }
+  const auto work = tasks_of(tasks, op);
+  for (const auto& task : work) check_task(task, weights.size(0), rows, op);
+  const float* G = grad_rows.data_ptr<float>();
+  const float* X = in_rows.data_ptr<float>();
+  const float* W = weights.data_ptr<float>();
+  float* GX = grad_in.data_ptr<float>();
+  float* GW = grad_weight.has_value() ? grad_weight->data_ptr<float>() : nullptr;
+  const int64_t ldg = grad_rows.stride(0), ldx = in_rows.stride(0), ldgx = grad_in.stride(0);
+  const int64_t swe = weights.stride(0), sw_out = weights.stride(1), sw_in = weights.stride(2);
+  const int64_t sgwe = GW ? grad_weight->stride(0) : 0, ldgw = GW ? grad_weight->stride(1) : 0;
+  const int64_t span = (n_out - 1) * sw_out + (n_in - 1) * sw_in + 1;
+  take_tasks(static_cast<int64_t>(work.size()), threads, [&](int64_t i) {
+    const Task& task = work[i];
+    const int64_t count = task.stop - task.start;
+    const float* g = G + task.start * ldg;
+    const float* w = W + task.expert * swe;
+    if (GW != nullptr) {
+      Prefetch this_expert = prefetch_of(w, span);
+      // [n_out, count] @ [count, n_in]: A = grad_rows^T (strides 1, ldg)
+      product(n_out, n_in, count, g, 1, ldg, X + task.start * ldx, ldx, 1, GW + task.expert * sgwe, ldgw,
+              this_expert);
+    }
+    Prefetch next = !GW && i + 1 < static_cast<int64_t>(work.size()) ? prefetch_of(W + work[i + 1].expert * swe, span)
+                                                                     : Prefetch{};
+    // [count, n_out] @ W[e] [n_out, n_in]
+    product(count, n_in, n_out, g, ldg, 1, w, sw_out, sw_in == 1 ? 1 : sw_in, GX + task.start * ldgx, ldgx, next);
+  });
+}
+
+// Rows per thread's share of an elementwise pass: at least ~64k elements, below which a hand-off
+// between threads costs more than it saves.
+inline int64_t split_grain(int64_t cols) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, cols)); }
+
+// out[t] = sum of rows[order[i]] for i in [bounds[t], bounds[t+1]), in that order (the combine of
+// the experts' rows into their tokens); tokens split over torch's threads. torch's index_add_ on
+// the CPU scatters with atomics or serially; here each token's sum is one thread's, in a fixed
+// order, so the result is that of a serial index_add_ in the order given.
+void combine_rows(const at::Tensor& rows, const at::Tensor& order, const at::Tensor& bounds, const at::Tensor& out) {
+  const char* op = "moekit::combine_rows";
+  check_float_cpu(rows, op, "rows");
+  check_float_cpu(out, op, "out");
+  const int64_t cols = rows.size(1), tokens = out.size(0);
+  TORCH_CHECK(rows.dim() == 2 && rows.stride(1) == 1 && out.dim() == 2 && out.size(1) == cols && out.stride(1) == 1,
+              op, ": rows [A, d] and out [T, d] must be 2-D with unit column stride");
+  TORCH_CHECK(order.dim() == 1 && order.scalar_type() == at::kLong && order.is_contiguous() && order.size(0) == rows.size(0),
+              op, ": order must be a contiguous int64 [A]");
+  TORCH_CHECK(bounds.dim() == 1 && bounds.scalar_type() == at::kLong && bounds.is_contiguous() && bounds.size(0) == tokens + 1,
+              op, ": bounds must be a contiguous int64 [T + 1]");
+  const float* R = rows.data_ptr<float>();
+  const int64_t* O = order.data_ptr<int64_t>();
+  const int64_t* B = bounds.data_ptr<int64_t>();
+  float* Y = out.data_ptr<float>();
+  const int64_t ldr = rows.stride(0), ldy = out.stride(0), count = rows.size(0);
+  TORCH_CHECK(B[0] == 0 && B[tokens] == count, op, ": bounds must run from 0 to A");
+  for (int64_t i = 0; i < count; ++i) TORCH_CHECK(O[i] >= 0 && O[i] < count, op, ": order holds ", O[i], ", out of range");
+  at::parallel_for(0, tokens, std::max<int64_t>(1, split_grain(cols) / 8), [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      float* y = Y + t * ldy;
+      for (int64_t j = 0; j < cols; j += 16) {
+        const __mmask16 m = cols - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (cols - j)) - 1);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = B[t]; i < B[t + 1]; ++i) {
+          acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, R + O[i] * ldr + j));
+        }
+        _mm512_mask_storeu_ps(y + j, m, acc);
+      }
+    }
+  });
 }
 
 // exp(x) for x in float range (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial in r,
@@ -285,8 +477,8 @@ void swiglu_into(const at::Tensor& h, const at::Tensor& out) {
   const float* H = h.data_ptr<float>();
   float* O = out.data_ptr<float>();
   const int64_t ldh = h.stride(0), ldo = out.stride(0);
-  {
-    for (int64_t r = 0; r < h.size(0); ++r) {
+  at::parallel_for(0, h.size(0), split_grain(h.size(1)), [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
       const float* gate = H + r * ldh;
       const float* up = gate + ff;
       float* o = O + r * ldo;
@@ -297,7 +489,7 @@ void swiglu_into(const at::Tensor& h, const at::Tensor& out) {
         _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid_ps(g)), u));
       }
     }
-  }
+  });
 }
 
 // The gradient of swiglu with respect to h = [gate | up], given the gradient of its output:
@@ -314,8 +506,8 @@ void swiglu_backward_into(const at::Tensor& h, const at::Tensor& grad, const at:
   float* O = out.data_ptr<float>();
   const int64_t ldh = h.stride(0), ldg = grad.stride(0), ldo = out.stride(0);
   const __m512 one = _mm512_set1_ps(1.0f);
-  {
-    for (int64_t r = 0; r < h.size(0); ++r) {
+  at::parallel_for(0, h.size(0), split_grain(h.size(1)), [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
       const float* gate = H + r * ldh;
       const float* up = gate + ff;
       const float* gr = G + r * ldg;
@@ -331,7 +523,7 @@ void swiglu_backward_into(const at::Tensor& h, const at::Tensor& grad, const at:
         _mm512_mask_storeu_ps(o + ff + j, m, _mm512_mul_ps(d, _mm512_mul_ps(g, s)));
       }
     }
-  }
+  });
 }
 
 }  // namespace
@@ -339,6 +531,14 @@ void swiglu_backward_into(const at::Tensor& h, const at::Tensor& grad, const at:
 TORCH_LIBRARY(moekit, m) {
   m.def("mm_into(Tensor a, Tensor b, Tensor(c!) out, Tensor? prefetch_next=None) -> ()");
   m.impl("mm_into", c10::DispatchKey::CPU, TORCH_FN(mm_into));
+  m.def("expert_products(Tensor rows, Tensor weights, Tensor(c!) out, Tensor tasks, int threads) -> ()");
+  m.impl("expert_products", c10::DispatchKey::CPU, TORCH_FN(expert_products));
+  m.def(
+      "expert_backward_pairs(Tensor grad_rows, Tensor in_rows, Tensor weights, Tensor(c!)? grad_weight, "
+      "Tensor(d!) grad_in, Tensor tasks, int threads) -> ()");
+  m.impl("expert_backward_pairs", c10::DispatchKey::CPU, TORCH_FN(expert_backward_pairs));
+  m.def("combine_rows(Tensor rows, Tensor order, Tensor bounds, Tensor(c!) out) -> ()");
+  m.impl("combine_rows", c10::DispatchKey::CPU, TORCH_FN(combine_rows));
   m.def("swiglu_into(Tensor h, Tensor(c!) out) -> ()");
   m.impl("swiglu_into", c10::DispatchKey::CPU, TORCH_FN(swiglu_into));
   m.def("swiglu_backward_into(Tensor h, Tensor grad, Tensor(c!) out) -> ()");
