@@ -252,6 +252,8 @@ def test_every_path_matches_float64_for_every_expert_kind(act_name, weight_on, b
     if native_available():
         assert plan.path == ("native" if num_tokens == 400 else "decode")
         assert plan.products.threads == threads
+        whole = act_name == "swiglu" and weight_on == "output" and not bias  # in one C++ call
+        assert plan.whole_swiglu(*([torch.ones(1)] * 2 if bias else [None, None])) == whole
     else:
         assert plan.path == "portable"
     for fast, exact_value in zip(got, want, strict=True):

@@ -117,8 +117,8 @@ def packed_grad(shape: torch.Size, like: Tensor, empty_experts: list[int]) -> Te
     """A packed [E, ...] weight gradient for products to write their slices into; experts that
     received no rows get exactly zero."""
     packed = like.new_empty(shape)
-    for e in empty_experts:
-        packed[e].zero_()
+    if empty_experts:  # in one call: one per expert cost a thread hand-off each (decode: ~100 experts)
+        packed.index_fill_(0, torch.tensor(empty_experts, device=packed.device), 0)
     return packed
 
 
@@ -146,11 +146,13 @@ class ExpertProducts(Protocol):
 
 @dataclass(frozen=True)
 class NativeProducts:
-    """`native` and `decode`: one C++ call per product over all experts on `threads` threads."""
+    """`native` and `decode`: one C++ call per product over all experts on `threads` threads
+    (the backward on `backward_threads`)."""
 
     groups: ExpertGroups
     name: str  # "native" | "decode"
     threads: int
+    backward_threads: int = 0  # 0: as `threads`
 
     @cached_property
     def tasks(self) -> Tensor:
@@ -171,9 +173,57 @@ class NativeProducts:
         )
         grad_in = grad_rows.new_empty(grad_rows.shape[0], weight.shape[2])
         torch.ops.moekit.expert_backward_pairs(
-            grad_rows, in_rows, weight, grad_weight, grad_in, self.tasks, self.threads
+            grad_rows,
+            in_rows,
+            weight,
+            grad_weight,
+            grad_in,
+            self.tasks,
+            self.backward_threads or self.threads,
         )
         return grad_weight, grad_in
+
+    def swiglu_forward(self, x: Tensor, scale: Tensor, w_in: Tensor, w_out: Tensor) -> tuple[Tensor, ...]:
+        """SwiGLU experts without biases, routing weight on the output, whole in one C++ call:
+        each expert's gather, products, activation and routing weight while its rows are in
+        cache (unfused, these stream full-size tensors through memory between the products).
+        Returns (ys, xs, h, a, a_in): the rows' outputs and what the backward needs."""
+        rows, ff = len(self.groups.token), w_out.shape[2]
+        xs, ys = x.new_empty(rows, x.shape[1]), x.new_empty(rows, x.shape[1])
+        h, a, a_in = x.new_empty(rows, 2 * ff), x.new_empty(rows, ff), x.new_empty(rows, ff)
+        torch.ops.moekit.expert_swiglu_forward(
+            x.contiguous(),
+            self.groups.token,
+            scale,
+            w_in,
+            w_out,
+            xs,
+            h,
+            a,
+            a_in,
+            ys,
+            self.tasks,
+            self.threads,
+        )
+        return ys, xs, h, a, a_in
+
+    def swiglu_backward(
+        self, grad_out: Tensor, scale: Tensor, w_in: Tensor, w_out: Tensor, saved: tuple[Tensor, ...], needs
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """The backward of `swiglu_forward`: (grad_xs, grad_scale, grad_w_in, grad_w_out)."""
+        xs, h, a, a_in = saved
+        empty = self.groups.empty_experts
+        grad_w_in = packed_grad(w_in.shape, w_in, empty) if needs[0] else None
+        grad_w_out = packed_grad(w_out.shape, w_out, empty) if needs[1] else None
+        grad_scale = scale.new_empty(len(scale))
+        grad_ys, grad_xs = torch.empty_like(xs), torch.empty_like(xs)
+        grad_a, grad_h = torch.empty_like(a), torch.empty_like(h)
+        torch.ops.moekit.expert_swiglu_backward(
+            grad_out.contiguous(), self.groups.token.contiguous(), scale, w_in, w_out, xs, h, a, a_in,
+            grad_w_in, grad_w_out, grad_scale, grad_ys, grad_a, grad_h, grad_xs, self.tasks,
+            self.backward_threads or self.threads,
+        )  # fmt: skip
+        return grad_xs, grad_scale, grad_w_in, grad_w_out
 
     def combine(self, rows: Tensor) -> Tensor:
         """One pass, each token's sum on one thread: torch's index_add_ on the CPU was measured
@@ -229,7 +279,10 @@ def choose_products(
     if backend == "auto" and native_fits(x, w_in, w_out):
         active = len(groups.nonempty)
         if len(groups.token) < DECODE_ROWS_PER_EXPERT * max(1, active):
-            return NativeProducts(groups, "decode", decode_threads())
+            # the backward of a decode step (fine-tuning on few tokens) writes every active
+            # expert's whole weight gradient: measured faster on all threads (very fine, T=8:
+            # 161 ms on one thread's forward and backward against 75 on two, loaded machine)
+            return NativeProducts(groups, "decode", decode_threads(), torch.get_num_threads())
         return NativeProducts(groups, "native", torch.get_num_threads())
     _, in_features, hidden = w_in.shape
     return PortableProducts(groups, choose_backend(backend, x.dtype, hidden, in_features, w_out.shape[2]))
@@ -253,6 +306,12 @@ class ExpertPlan:
     def path(self) -> str:
         return self.products.name
 
+    def whole_swiglu(self, b_in: Tensor | None, b_out: Tensor | None) -> bool:
+        """Whether the experts run whole in C++ (`NativeProducts.swiglu_forward`): SwiGLU experts
+        without biases, the routing weight on their output, on the native or decode path."""
+        whole = isinstance(self.products, NativeProducts) and self.activation.name == "swiglu"
+        return whole and self.weight_on == "output" and b_in is None and b_out is None
+
 
 def _scale(weight: Tensor, x: Tensor) -> Tensor:
     """The routing weights as a column [A, 1] in the activations' dtype."""
@@ -267,6 +326,12 @@ class GroupedExperts(torch.autograd.Function):
         ctx.plan = plan
         ctx.has_bias = (b_in is not None, b_out is not None)
         groups, act, products = plan.groups, plan.activation, plan.products
+        ctx.whole_swiglu = plan.whole_swiglu(b_in, b_out)
+        if ctx.whole_swiglu:
+            scale = weight.to(x.dtype).contiguous()
+            ys, *saved = products.swiglu_forward(x, scale, w_in, w_out)
+            ctx.save_for_backward(weight, scale, w_in, w_out, *saved)
+            return products.combine(ys)
         scale = _scale(weight, x)
         xs = x.index_select(0, groups.token)
         xs_in = xs * scale if plan.weight_on == "input" else xs
@@ -286,6 +351,14 @@ class GroupedExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         plan: ExpertPlan = ctx.plan
+        if ctx.whole_swiglu:
+            weight, scale, w_in, w_out, *saved = ctx.saved_tensors
+            needs = ctx.needs_input_grad
+            grad_xs, grad_scale, grad_w_in, grad_w_out = plan.products.swiglu_backward(
+                grad_out, scale, w_in, w_out, saved, (needs[2], needs[3])
+            )
+            grad_weight = grad_scale.to(weight.dtype) if needs[1] else None
+            return plan.products.combine(grad_xs), grad_weight, grad_w_in, grad_w_out, None, None, None
         xs, weight, w_in, w_out, b_out, h, a, a_in = ctx.saved_tensors
         groups, act, products = plan.groups, plan.activation, plan.products
         needs = ctx.needs_input_grad

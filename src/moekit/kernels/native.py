@@ -34,7 +34,20 @@ SOURCE = Path(__file__).parent / "csrc" / "expert_gemm.cpp"
 # moekit version) must be neither reused nor overwritten.
 EXTENSION_NAME = "moekit_expert_gemm_" + hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
 COMPILE_FLAGS = ["-O3", "-mavx512f"]
-OPS = ("mm_into", "expert_products", "expert_backward_pairs", "swiglu_into", "swiglu_backward_into")
+# The kernel's blocking, fixed by the instruction set it is built for (AVX-512: 32 vector registers
+# of 16 floats): tiles of 6 rows x 64 columns (24 accumulators), inner blocks of 256, dot products
+# for up to 4 rows (decode). Recorded with benchmark results; the C++ constants are the source.
+BLOCKING = {"isa": "avx512f", "tile_rows": 6, "panel_columns": 64, "inner_block": 256, "dot_rows": 4}
+OPS = (
+    "mm_into",
+    "expert_products",
+    "expert_backward_pairs",
+    "expert_swiglu_forward",
+    "expert_swiglu_backward",
+    "combine_rows",
+    "swiglu_into",
+    "swiglu_backward_into",
+)
 # (rows, inner, outer) probed against torch.mm: row and column tails, a transposed weight, one row
 PROBE_SHAPES = ((13, 40, 70), (6, 64, 64), (1, 17, 3), (70, 300, 129))
 

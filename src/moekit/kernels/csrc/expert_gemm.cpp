@@ -22,6 +22,8 @@
 //   moekit::expert_backward_pairs(grad_rows, in_rows, weights, grad_weight?, grad_in, tasks, threads):
 //     grad_weight[e] = grad_rows[s:t]^T @ in_rows[s:t] and grad_in[s:t] = grad_rows[s:t] @ weights[e]
 //     for every task, the gradient rows read once while they are in cache.
+//   moekit::expert_swiglu_forward / expert_swiglu_backward: SwiGLU experts (no biases, routing
+//     weight on the output) whole, gather, both products, activation and routing weight per expert.
 //   moekit::combine_rows(rows, order, bounds, out): out[t] = sum of rows[order[bounds[t]:bounds[t+1]]].
 //   moekit::swiglu_into(h, out), moekit::swiglu_backward_into(h, grad, out): SwiGLU of
 //     h = [gate | up] and its gradient with respect to h, rows split over torch's threads.
@@ -460,6 +462,40 @@ inline __m512 sigmoid_ps(__m512 x) {
   return _mm512_mul_ps(y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(2.0f)));
 }
 
+inline __mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1);
+}
+
+// o[0:ff] = silu(gate) * up for one row h = [gate | up] (Shazeer 2020, "GLU Variants Improve
+// Transformer"), times `scale` (the routing weight, 1 where none applies).
+inline void swiglu_row(const float* gate, float* o, int64_t ff, float scale = 1.0f) {
+  const float* up = gate + ff;
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < ff; j += 16) {
+    const __mmask16 m = tail_mask(ff - j);
+    const __m512 g = _mm512_maskz_loadu_ps(m, gate + j);
+    const __m512 u = _mm512_maskz_loadu_ps(m, up + j);
+    _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(g, sigmoid_ps(g)), u), sc));
+  }
+}
+
+// The gradient of one row's swiglu with respect to h = [gate | up], given the gradient gr of its
+// output: d gate = gr * up * s * (1 + gate * (1 - s)), d up = gr * gate * s, s = sigmoid(gate).
+inline void swiglu_backward_row(const float* gate, const float* gr, float* o, int64_t ff) {
+  const float* up = gate + ff;
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t j = 0; j < ff; j += 16) {
+    const __mmask16 m = tail_mask(ff - j);
+    const __m512 g = _mm512_maskz_loadu_ps(m, gate + j);
+    const __m512 u = _mm512_maskz_loadu_ps(m, up + j);
+    const __m512 d = _mm512_maskz_loadu_ps(m, gr + j);
+    const __m512 s = sigmoid_ps(g);
+    const __m512 silu_grad = _mm512_mul_ps(s, _mm512_fmadd_ps(g, _mm512_sub_ps(one, s), one));
+    _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(_mm512_mul_ps(d, u), silu_grad));
+    _mm512_mask_storeu_ps(o + ff + j, m, _mm512_mul_ps(d, _mm512_mul_ps(g, s)));
+  }
+}
+
 void check_swiglu(const at::Tensor& h, const at::Tensor& out, int64_t out_cols, const char* op) {
   TORCH_CHECK(h.dim() == 2 && out.dim() == 2, op, ": h and out must be 2-D");
   TORCH_CHECK(h.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, op, ": h and out must be float32");
@@ -470,7 +506,7 @@ void check_swiglu(const at::Tensor& h, const at::Tensor& out, int64_t out_cols, 
   TORCH_CHECK(h.stride(1) == 1 && out.stride(1) == 1, op, ": h and out must have unit column stride");
 }
 
-// out = silu(gate) * up for h = [gate | up] (Shazeer 2020, "GLU Variants Improve Transformer").
+// out = silu(gate) * up for h = [gate | up].
 void swiglu_into(const at::Tensor& h, const at::Tensor& out) {
   const int64_t ff = h.size(1) / 2;
   check_swiglu(h, out, ff, "moekit::swiglu_into");
@@ -478,22 +514,11 @@ void swiglu_into(const at::Tensor& h, const at::Tensor& out) {
   float* O = out.data_ptr<float>();
   const int64_t ldh = h.stride(0), ldo = out.stride(0);
   at::parallel_for(0, h.size(0), split_grain(h.size(1)), [&](int64_t first, int64_t last) {
-    for (int64_t r = first; r < last; ++r) {
-      const float* gate = H + r * ldh;
-      const float* up = gate + ff;
-      float* o = O + r * ldo;
-      for (int64_t j = 0; j < ff; j += 16) {
-        const __mmask16 m = ff - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (ff - j)) - 1);
-        const __m512 g = _mm512_maskz_loadu_ps(m, gate + j);
-        const __m512 u = _mm512_maskz_loadu_ps(m, up + j);
-        _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid_ps(g)), u));
-      }
-    }
+    for (int64_t r = first; r < last; ++r) swiglu_row(H + r * ldh, O + r * ldo, ff);
   });
 }
 
-// The gradient of swiglu with respect to h = [gate | up], given the gradient of its output:
-// d gate = grad * up * s * (1 + gate * (1 - s)), d up = grad * gate * s, s = sigmoid(gate).
+// The gradient of swiglu with respect to h = [gate | up], given the gradient of its output.
 void swiglu_backward_into(const at::Tensor& h, const at::Tensor& grad, const at::Tensor& out) {
   const int64_t ff = h.size(1) / 2;
   check_swiglu(h, out, 2 * ff, "moekit::swiglu_backward_into");
@@ -505,24 +530,153 @@ void swiglu_backward_into(const at::Tensor& h, const at::Tensor& grad, const at:
   const float* G = grad.data_ptr<float>();
   float* O = out.data_ptr<float>();
   const int64_t ldh = h.stride(0), ldg = grad.stride(0), ldo = out.stride(0);
-  const __m512 one = _mm512_set1_ps(1.0f);
   at::parallel_for(0, h.size(0), split_grain(h.size(1)), [&](int64_t first, int64_t last) {
-    for (int64_t r = first; r < last; ++r) {
-      const float* gate = H + r * ldh;
-      const float* up = gate + ff;
-      const float* gr = G + r * ldg;
-      float* o = O + r * ldo;
-      for (int64_t j = 0; j < ff; j += 16) {
-        const __mmask16 m = ff - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (ff - j)) - 1);
-        const __m512 g = _mm512_maskz_loadu_ps(m, gate + j);
-        const __m512 u = _mm512_maskz_loadu_ps(m, up + j);
-        const __m512 d = _mm512_maskz_loadu_ps(m, gr + j);
-        const __m512 s = sigmoid_ps(g);
-        const __m512 silu_grad = _mm512_mul_ps(s, _mm512_fmadd_ps(g, _mm512_sub_ps(one, s), one));
-        _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(_mm512_mul_ps(d, u), silu_grad));
-        _mm512_mask_storeu_ps(o + ff + j, m, _mm512_mul_ps(d, _mm512_mul_ps(g, s)));
-      }
+    for (int64_t r = first; r < last; ++r) swiglu_backward_row(H + r * ldh, G + r * ldg, O + r * ldo, ff);
+  });
+}
+
+
+// SwiGLU experts whole, the routing weight on their output, every step of an expert done while
+// its rows are in cache: for every task (e, s, t) and row r in [s, t): xs[r] = x[token[r]],
+// h = xs @ w_in[e]^T, a = swiglu(h), a_in = a * scale[r], ys = a_in @ w_out[e]^T. xs, h, a and
+// a_in are kept for the backward.
+void expert_swiglu_forward(const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
+                           const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& xs, const at::Tensor& h,
+                           const at::Tensor& a, const at::Tensor& a_in, const at::Tensor& ys, const at::Tensor& tasks,
+                           int64_t threads) {
+  const char* op = "moekit::expert_swiglu_forward";
+  check_packed(w_in, op, "w_in");
+  check_packed(w_out, op, "w_out");
+  const int64_t d = x.size(1), ff = w_out.size(2), rows = token.size(0), num_tokens = x.size(0);
+  TORCH_CHECK(w_in.size(1) == 2 * ff && w_in.size(2) == d && w_out.size(1) == d && w_in.size(0) == w_out.size(0), op,
+              ": w_in must be [E, 2 ff, d] and w_out [E, d, ff]");
+  check_rows(x, num_tokens, d, op, "x");
+  check_rows(xs, rows, d, op, "xs");
+  check_rows(h, rows, 2 * ff, op, "h");
+  check_rows(a, rows, ff, op, "a");
+  check_rows(a_in, rows, ff, op, "a_in");
+  check_rows(ys, rows, d, op, "ys");
+  TORCH_CHECK(token.dim() == 1 && token.scalar_type() == at::kLong && token.is_contiguous(), op,
+              ": token must be a contiguous int64 [A]");
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == rows && scale.scalar_type() == at::kFloat && scale.is_contiguous(),
+              op, ": scale must be a contiguous float32 [A]");
+  const int64_t* T = token.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(T[r] >= 0 && T[r] < num_tokens, op, ": token ", T[r], " out of range");
+  const auto work = tasks_of(tasks, op);
+  for (const auto& task : work) check_task(task, w_in.size(0), rows, op);
+  const float *X = x.data_ptr<float>(), *S = scale.data_ptr<float>();
+  const float *WI = w_in.data_ptr<float>(), *WO = w_out.data_ptr<float>();
+  float *XS = xs.data_ptr<float>(), *Hp = h.data_ptr<float>(), *A = a.data_ptr<float>();
+  float *AI = a_in.data_ptr<float>(), *Y = ys.data_ptr<float>();
+  const int64_t ldx = x.stride(0), ldxs = xs.stride(0), ldh = h.stride(0), lda = a.stride(0), ldai = a_in.stride(0);
+  const int64_t ldy = ys.stride(0);
+  const int64_t span_in = (2 * ff - 1) * w_in.stride(1) + (d - 1) * w_in.stride(2) + 1;
+  const int64_t span_out = (d - 1) * w_out.stride(1) + (ff - 1) * w_out.stride(2) + 1;
+  take_tasks(static_cast<int64_t>(work.size()), threads, [&](int64_t i) {
+    const Task& task = work[i];
+    const int64_t count = task.stop - task.start, s0 = task.start;
+    for (int64_t r = s0; r < task.stop; ++r) std::copy(X + T[r] * ldx, X + T[r] * ldx + d, XS + r * ldxs);
+    const float* wi = WI + task.expert * w_in.stride(0);
+    const float* wo = WO + task.expert * w_out.stride(0);
+    Prefetch this_out = prefetch_of(wo, span_out);
+    product(count, 2 * ff, d, XS + s0 * ldxs, ldxs, 1, wi, w_in.stride(2), w_in.stride(1), Hp + s0 * ldh, ldh,
+            this_out);
+    for (int64_t r = s0; r < task.stop; ++r) {
+      swiglu_row(Hp + r * ldh, A + r * lda, ff);
+      swiglu_row(Hp + r * ldh, AI + r * ldai, ff, S[r]);
     }
+    Prefetch next = i + 1 < static_cast<int64_t>(work.size())
+                        ? prefetch_of(WI + work[i + 1].expert * w_in.stride(0), span_in)
+                        : Prefetch{};
+    product(count, d, ff, AI + s0 * ldai, ldai, 1, wo, w_out.stride(2), w_out.stride(1), Y + s0 * ldy, ldy, next);
+  });
+}
+
+// The backward of `expert_swiglu_forward` for every task: grad_ys[r] = grad_out[token[r]] (work
+// space), the packed weight gradients (where given), grad_scale[r] = <grad of a_in, a> (the routing
+// weight's gradient), and the gathered rows' gradient grad_xs (combined into tokens by the
+// caller); grad_a [A, ff] and grad_h [A, 2 ff] are work space.
+void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& token, const at::Tensor& scale,
+                            const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& xs,
+                            const at::Tensor& h, const at::Tensor& a, const at::Tensor& a_in,
+                            const std::optional<at::Tensor>& grad_w_in, const std::optional<at::Tensor>& grad_w_out,
+                            const at::Tensor& grad_scale, const at::Tensor& grad_ys, const at::Tensor& grad_a,
+                            const at::Tensor& grad_h, const at::Tensor& grad_xs, const at::Tensor& tasks,
+                            int64_t threads) {
+  const char* op = "moekit::expert_swiglu_backward";
+  check_packed(w_in, op, "w_in");
+  check_packed(w_out, op, "w_out");
+  const int64_t d = grad_out.size(1), ff = w_out.size(2), rows = token.size(0), num_tokens = grad_out.size(0);
+  TORCH_CHECK(w_in.size(1) == 2 * ff && w_in.size(2) == d && w_out.size(1) == d && w_in.size(0) == w_out.size(0), op,
+              ": w_in must be [E, 2 ff, d] and w_out [E, d, ff]");
+  check_rows(grad_out, num_tokens, d, op, "grad_out");
+  for (const auto* t : {&xs, &grad_ys, &grad_xs}) check_rows(*t, rows, d, op, "xs, grad_ys and grad_xs");
+  for (const auto* t : {&h, &grad_h}) check_rows(*t, rows, 2 * ff, op, "h and grad_h");
+  for (const auto* t : {&a, &a_in, &grad_a}) check_rows(*t, rows, ff, op, "a, a_in and grad_a");
+  TORCH_CHECK(token.dim() == 1 && token.scalar_type() == at::kLong && token.is_contiguous(), op,
+              ": token must be a contiguous int64 [A]");
+  for (const auto* t : {&scale, &grad_scale})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == rows && t->scalar_type() == at::kFloat && t->is_contiguous(), op,
+                ": scale and grad_scale must be contiguous float32 [A]");
+  for (const auto* g : {&grad_w_in, &grad_w_out})
+    if (g->has_value())
+      TORCH_CHECK((*g)->scalar_type() == at::kFloat && (*g)->dim() == 3 && (*g)->stride(2) == 1, op,
+                  ": weight gradients must be float32 [E, n_out, n_in] with unit column stride");
+  if (grad_w_in.has_value()) TORCH_CHECK(grad_w_in->sizes() == w_in.sizes(), op, ": grad_w_in must be shaped like w_in");
+  if (grad_w_out.has_value()) TORCH_CHECK(grad_w_out->sizes() == w_out.sizes(), op, ": grad_w_out must be shaped like w_out");
+  const int64_t* T = token.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(T[r] >= 0 && T[r] < num_tokens, op, ": token ", T[r], " out of range");
+  const auto work = tasks_of(tasks, op);
+  for (const auto& task : work) check_task(task, w_in.size(0), rows, op);
+  const float *G = grad_out.data_ptr<float>(), *S = scale.data_ptr<float>();
+  const float *WI = w_in.data_ptr<float>(), *WO = w_out.data_ptr<float>();
+  const float *XS = xs.data_ptr<float>(), *Hp = h.data_ptr<float>(), *A = a.data_ptr<float>(), *AI = a_in.data_ptr<float>();
+  float* GWI = grad_w_in.has_value() ? grad_w_in->data_ptr<float>() : nullptr;
+  float* GWO = grad_w_out.has_value() ? grad_w_out->data_ptr<float>() : nullptr;
+  float *GS = grad_scale.data_ptr<float>(), *GY = grad_ys.data_ptr<float>(), *GA = grad_a.data_ptr<float>();
+  float *GH = grad_h.data_ptr<float>(), *GX = grad_xs.data_ptr<float>();
+  const int64_t ldg = grad_out.stride(0), ldxs = xs.stride(0), ldh = h.stride(0), lda = a.stride(0);
+  const int64_t ldai = a_in.stride(0), ldgy = grad_ys.stride(0), ldga = grad_a.stride(0), ldgh = grad_h.stride(0);
+  const int64_t ldgx = grad_xs.stride(0);
+  const int64_t span_in = (2 * ff - 1) * w_in.stride(1) + (d - 1) * w_in.stride(2) + 1;
+  const int64_t span_out = (d - 1) * w_out.stride(1) + (ff - 1) * w_out.stride(2) + 1;
+  take_tasks(static_cast<int64_t>(work.size()), threads, [&](int64_t i) {
+    const Task& task = work[i];
+    const int64_t count = task.stop - task.start, s0 = task.start;
+    const float* wi = WI + task.expert * w_in.stride(0);
+    const float* wo = WO + task.expert * w_out.stride(0);
+    for (int64_t r = s0; r < task.stop; ++r) std::copy(G + T[r] * ldg, G + T[r] * ldg + d, GY + r * ldgy);
+    Prefetch none;
+    if (GWO != nullptr) {  // [d, count] @ [count, ff]
+      Prefetch this_out = prefetch_of(wo, span_out);
+      product(d, ff, count, GY + s0 * ldgy, 1, ldgy, AI + s0 * ldai, ldai, 1,
+              GWO + task.expert * grad_w_out->stride(0), grad_w_out->stride(1), this_out);
+    }
+    Prefetch this_in = prefetch_of(wi, span_in);  // grad_a = grad_ys @ w_out[e]: [count, d] @ [d, ff]
+    product(count, ff, d, GY + s0 * ldgy, ldgy, 1, wo, w_out.stride(1), w_out.stride(2), GA + s0 * ldga, ldga,
+            this_in);
+    for (int64_t r = s0; r < task.stop; ++r) {
+      float* ga = GA + r * ldga;
+      const float* ar = A + r * lda;
+      __m512 dot = _mm512_setzero_ps();
+      const __m512 sc = _mm512_set1_ps(S[r]);
+      for (int64_t j = 0; j < ff; j += 16) {
+        const __mmask16 m = tail_mask(ff - j);
+        const __m512 g = _mm512_maskz_loadu_ps(m, ga + j);
+        dot = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(m, ar + j), dot);
+        _mm512_mask_storeu_ps(ga + j, m, _mm512_mul_ps(g, sc));
+      }
+      GS[r] = _mm512_reduce_add_ps(dot);
+      swiglu_backward_row(Hp + r * ldh, ga, GH + r * ldgh, ff);
+    }
+    if (GWI != nullptr)  // [2 ff, count] @ [count, d]
+      product(2 * ff, d, count, GH + s0 * ldgh, 1, ldgh, XS + s0 * ldxs, ldxs, 1,
+              GWI + task.expert * grad_w_in->stride(0), grad_w_in->stride(1), none);
+    Prefetch next = i + 1 < static_cast<int64_t>(work.size())
+                        ? prefetch_of(WO + work[i + 1].expert * w_out.stride(0), span_out)
+                        : Prefetch{};
+    // grad_xs = grad_h @ w_in[e]: [count, 2 ff] @ [2 ff, d]
+    product(count, d, 2 * ff, GH + s0 * ldgh, ldgh, 1, wi, w_in.stride(1), w_in.stride(2), GX + s0 * ldgx, ldgx, next);
   });
 }
 
@@ -537,6 +691,15 @@ TORCH_LIBRARY(moekit, m) {
       "expert_backward_pairs(Tensor grad_rows, Tensor in_rows, Tensor weights, Tensor(c!)? grad_weight, "
       "Tensor(d!) grad_in, Tensor tasks, int threads) -> ()");
   m.impl("expert_backward_pairs", c10::DispatchKey::CPU, TORCH_FN(expert_backward_pairs));
+  m.def(
+      "expert_swiglu_forward(Tensor x, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, Tensor(a!) xs, "
+      "Tensor(b!) h, Tensor(c!) a, Tensor(d!) a_in, Tensor(e!) ys, Tensor tasks, int threads) -> ()");
+  m.impl("expert_swiglu_forward", c10::DispatchKey::CPU, TORCH_FN(expert_swiglu_forward));
+  m.def(
+      "expert_swiglu_backward(Tensor grad_out, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, Tensor xs, "
+      "Tensor h, Tensor a, Tensor a_in, Tensor(a!)? grad_w_in, Tensor(b!)? grad_w_out, Tensor(c!) grad_scale, "
+      "Tensor(d!) grad_ys, Tensor(e!) grad_a, Tensor(f!) grad_h, Tensor(g!) grad_xs, Tensor tasks, int threads) -> ()");
+  m.impl("expert_swiglu_backward", c10::DispatchKey::CPU, TORCH_FN(expert_swiglu_backward));
   m.def("combine_rows(Tensor rows, Tensor order, Tensor bounds, Tensor(c!) out) -> ()");
   m.impl("combine_rows", c10::DispatchKey::CPU, TORCH_FN(combine_rows));
   m.def("swiglu_into(Tensor h, Tensor(c!) out) -> ()");
