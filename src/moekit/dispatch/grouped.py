@@ -279,9 +279,8 @@ def choose_products(
     if backend == "auto" and native_fits(x, w_in, w_out):
         active = len(groups.nonempty)
         if len(groups.token) < DECODE_ROWS_PER_EXPERT * max(1, active):
-            # the backward of a decode step (fine-tuning on few tokens) writes every active
-            # expert's whole weight gradient: measured faster on all threads (very fine, T=8:
-            # 161 ms on one thread's forward and backward against 75 on two, loaded machine)
+            # the backward of a decode-sized step (fine-tuning on few tokens) writes every active
+            # expert's whole weight gradient, more work than its forward's reads: all threads
             return NativeProducts(groups, "decode", decode_threads(), torch.get_num_threads())
         return NativeProducts(groups, "native", torch.get_num_threads())
     _, in_features, hidden = w_in.shape
