@@ -7,13 +7,17 @@ written straight into its slice of the packed gradient, and the routing weight i
 smaller of the two activations so that the combine is a single sum per token.
 
 The layer's arithmetic (gather, products, activation, routing weight, combine, and their
-gradients) is written once, in `GroupedExperts`; only the expert products differ between paths.
+gradients) is written once, in `GroupedExperts`; only the expert products (and, for whole SwiGLU
+experts, the expert itself) differ between paths.
 Each path is an `ExpertProducts`, and `choose_products` is the one place that picks it:
 
 - `native` (many tokens): moekit's own AVX-512 fp32 kernel (`moekit.kernels.native`), every
   expert whole on one of torch's threads, the threads taking experts largest first from a shared
   counter inside one C++ call: no hand-off per expert, no interpreter lock, and a thread slowed by
-  other work on its core leaves the remaining experts to the others.
+  other work on its core leaves the remaining experts to the others. SwiGLU experts without
+  biases (routing weight on the output) run whole in that call, gather, products, activation and
+  routing weight while the expert's rows are in cache (`NativeProducts.swiglu_forward`); other
+  experts run their two products there with the activation in between.
 - `decode` (fewer than DECODE_ROWS_PER_EXPERT rows per active expert): the same kernel's dot
   products, which read each chosen expert's weights once; bound by memory bandwidth, so on all
   threads only where split reads were measured faster on this CPU model (`dispatch.bandwidth`).
