@@ -75,3 +75,39 @@ def test_expert_products_benchmark_times_the_layers_products():
     assert seen == 64 * case.shape.top_k
     timings = script.time_shape("very_fine", tokens=64, repeats=1, warmup=0)
     assert set(timings) == {"dense", "moekit", "products"} and min(timings.values()) > 0
+
+
+def test_report_records_cpu_dispatch_and_decode_against_weight_reads():
+    report = run_layer_benchmark(
+        ["very_fine"], [8], ["fwd"], [], repeats=1, warmup=0, progress=lambda _: None
+    )
+    cpu = report["cpu"]
+    assert cpu["model"] and cpu["cores"] >= 1 and cpu["torch_threads"] == torch.get_num_threads()
+    assert set(cpu["flags"]) == {"avx2", "avx512f", "avx512_bf16", "amx"}
+    (choice,) = report["dispatch"]
+    shape = SHAPES["very_fine"]
+    per_expert = 3 * shape.hidden * shape.ff * 4  # SwiGLU: w_in [2 ff, d] and w_out [d, ff], fp32
+    assert 1 <= choice["active_experts"] <= min(shape.num_experts, 8 * shape.top_k)
+    assert choice["active_weight_bytes"] == choice["active_experts"] * per_expert
+    bandwidth = report["settings"]["memory_read_bytes_per_s"]
+    assert 1e8 < bandwidth < 1e13
+    for row in report["results"]:
+        limit = choice["active_weight_bytes"] / bandwidth
+        expected = row["median_s"] / limit
+        assert abs(row["ratio_vs_weight_reads"] - expected) < 1e-9 * expected
+
+
+def test_busy_core_runs_a_background_process_and_stops_it():
+    import os
+
+    from moekit.bench.machine import busy_core
+
+    with busy_core() as pid:
+        os.kill(pid, 0)  # alive while the block runs
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return
+    # a reaped child's pid may be reused by an unrelated process: then it is not our child any more
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert b"getppid" not in f.read()

@@ -6,19 +6,27 @@ so that machine noise hits them alike; each figure is the median of `repeats` ro
 warm-up. Backward is driven by a fixed random upstream gradient. `--dtype bf16` runs every
 implementation's forward under bf16 autocast (moekit's router stays fp32), timed in the same rounds
 as fp32; each row's ratio is against the dense chain of its own dtype.
+
+The JSON records the CPU (model, vector features, cores) and the dispatch each shape took, so that
+figures from different machines are never read as one. Forward rows of at most `DECODE_TOKENS`
+tokens also carry `ratio_vs_weight_reads`: the time against the real limit of a decode step, the
+bytes of the experts it activates over this machine's measured memory bandwidth. `--busy` runs the
+same table while a background process keeps one core busy (a shared or loaded machine).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from moekit.bench.machine import thread_round_trip_us
+from moekit.bench.machine import busy_core, cpu_description, memory_read_bandwidth, thread_round_trip_us
 from moekit.bench.peers import PEER_PACKAGES, PEERS, Contender, dense_contenders, moekit_contender
 from moekit.bench.timing import interleaved_medians
 from moekit.device import DTYPES, autocast, resolve_dtype, warn_if_slow_bf16
@@ -43,6 +51,8 @@ SHAPES = {
 }
 TOKEN_COUNTS = (2048, 8)
 MODES = ("fwd", "fwd_bwd")
+# Forward rows of at most this many tokens are also compared with their weight reads (decode).
+DECODE_TOKENS = 64
 
 
 def build_layer(shape: Shape, backend: str = "auto", seed: int = 0) -> MoE:
@@ -96,6 +106,45 @@ def timed_step(
     return time.perf_counter() - start
 
 
+def shape_input(shape: Shape, tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states and upstream gradient every contender of a shape is timed on."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, shape.hidden, generator=gen)
+    upstream = torch.randn(tokens, shape.hidden, generator=gen)
+    return x, upstream
+
+
+def dispatch_choice(layer: MoE, x: torch.Tensor) -> dict:
+    """How the layer's experts run on `x`: the dispatch path and kernels it takes, and the bytes
+    of the experts its routing activates (what a decode step must read)."""
+    from moekit.dispatch.grouped import plan_experts
+    from moekit.kernels.gemm import gemm_kernel
+    from moekit.kernels.native import BLOCKING, native_available
+
+    experts = layer.experts
+    with torch.no_grad():
+        _, routing = layer.forward_with_routing(x)
+        kept = routing.compute_assignments
+        plan = plan_experts(
+            x, kept.token, kept.expert, experts.w_in, experts.w_out, experts.activation,
+            layer.config.router.weight_on, layer.config.backend,
+        )  # fmt: skip
+    active = int(torch.unique(kept.expert).numel())
+    per_expert = (experts.w_in[0].numel() + experts.w_out[0].numel()) * experts.w_in.element_size()
+    products = plan.products
+    return dict(
+        path=plan.path,
+        threads=getattr(products, "threads", torch.get_num_threads()),
+        portable_products=getattr(products, "backend", None),
+        whole_swiglu_experts=plan.whole_swiglu(experts.b_in, experts.b_out),
+        kernel=BLOCKING if plan.path != "portable" else None,
+        gemm=gemm_kernel(x.dtype),
+        native_kernel=native_available(),
+        active_experts=active,
+        active_weight_bytes=active * per_expert,
+    )
+
+
 def time_shape(
     shape: Shape,
     tokens: int,
@@ -107,9 +156,7 @@ def time_shape(
     dtypes: tuple[str, ...] = ("fp32",),
 ) -> dict[str, float]:
     """Medians by implementation, named `impl` in fp32 and `impl bf16` in bf16."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, shape.hidden, generator=gen)
-    upstream = torch.randn(tokens, shape.hidden, generator=gen)
+    x, upstream = shape_input(shape, tokens, seed)
     steps = {
         impl_name(c.impl, dtype): partial(timed_step, c, x, upstream, mode, dtype)
         for dtype in dtypes
@@ -138,48 +185,63 @@ def run_layer_benchmark(
     backend: str = "auto",
     progress=print,
     dtypes: tuple[str, ...] = ("fp32",),
+    busy: bool = False,
 ) -> dict:
+    """Every shape, token count and mode, contenders side by side (see the module docstring);
+    `busy`: while a background process keeps one core busy."""
     notes: list[str] = []
     for dtype in dtypes:
         warn_if_slow_bf16(resolve_dtype(dtype), torch.device("cpu"))
     results = []
+    dispatch = []
+    bandwidth = memory_read_bandwidth() if any(t <= DECODE_TOKENS for t in token_counts) else None
     round_trip_before = thread_round_trip_us()
-    for shape_name in shapes:
-        shape = SHAPES[shape_name]
-        contenders = contenders_for(shape, peers, notes, backend)
-        for tokens in token_counts:
-            for mode in modes:
-                medians = time_shape(shape, tokens, mode, contenders, repeats, warmup, dtypes=dtypes)
-                for impl, median in medians.items():
-                    dense = _dense_of(impl, medians)
-                    results.append(
-                        dict(
+    with busy_core() if busy else nullcontext():
+        for shape_name in shapes:
+            shape = SHAPES[shape_name]
+            contenders = contenders_for(shape, peers, notes, backend)
+            for tokens in token_counts:
+                choice = dispatch_choice(contenders[0].module, shape_input(shape, tokens)[0])
+                dispatch.append(dict(shape=shape_name, tokens=tokens, **choice))
+                limit = choice["active_weight_bytes"] / bandwidth if bandwidth else None
+                for mode in modes:
+                    medians = time_shape(shape, tokens, mode, contenders, repeats, warmup, dtypes=dtypes)
+                    for impl, median in medians.items():
+                        row = dict(
                             shape=shape_name,
                             tokens=tokens,
                             mode=mode,
                             impl=impl,
                             median_s=median,
-                            ratio_vs_dense=median / dense,
+                            ratio_vs_dense=median / _dense_of(impl, medians),
+                        )
+                        if mode == "fwd" and tokens <= DECODE_TOKENS and limit:
+                            row["ratio_vs_weight_reads"] = median / limit
+                        results.append(row)
+                    progress(
+                        format_rows(
+                            [
+                                r
+                                for r in results
+                                if r["shape"] == shape_name and r["tokens"] == tokens and r["mode"] == mode
+                            ]
                         )
                     )
-                progress(
-                    format_rows(
-                        [
-                            r
-                            for r in results
-                            if r["shape"] == shape_name and r["tokens"] == tokens and r["mode"] == mode
-                        ]
-                    )
-                )
+        round_trip_after = thread_round_trip_us()
     return dict(
         results=results,
         notes=sorted(set(notes)),
+        cpu=cpu_description(),
+        dispatch=dispatch,
         settings=dict(
             repeats=repeats,
             warmup=warmup,
             threads=torch.get_num_threads(),
             torch=torch.__version__,
-            thread_round_trip_us=dict(before=round_trip_before, after=thread_round_trip_us()),
+            busy=busy,
+            memory_read_bytes_per_s=bandwidth,
+            load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            thread_round_trip_us=dict(before=round_trip_before, after=round_trip_after),
         ),
     )
 
@@ -190,6 +252,7 @@ def format_rows(rows: list[dict]) -> str:
         lines.append(
             f"{r['shape']:>10} T={r['tokens']:<5} {r['mode']:<8} {r['impl']:<14} "
             f"{r['median_s'] * 1e3:9.2f} ms   {r['ratio_vs_dense']:6.2f}x dense"
+            + (f"   {r['ratio_vs_weight_reads']:5.2f}x weight reads" if "ratio_vs_weight_reads" in r else "")
         )
     return "\n".join(lines)
 
@@ -228,15 +291,28 @@ def main(args) -> int:
         warmup=args.warmup,
         backend=args.backend,
         dtypes=tuple(dict.fromkeys(args.dtype)),
+        busy=args.busy,
     )
     print()
+    cpu = report["cpu"]
+    features = ", ".join(name for name, present in cpu["flags"].items() if present) or "no avx2/avx512/amx"
+    print(f"CPU: {cpu['model']} ({features}; {cpu['cores']} cores, {cpu['torch_threads']} torch threads)")
+    if report["settings"]["busy"]:
+        print("busy: one core was kept busy by a background process throughout")
     print(format_table(report))
+    for row in report["results"]:
+        if "ratio_vs_weight_reads" in row and row["impl"] == "moekit":
+            print(
+                f"decode {row['shape']} T={row['tokens']}: {row['ratio_vs_weight_reads']:.2f}x the time "
+                "to read its active experts' weights at the measured memory bandwidth "
+                f"({report['settings']['memory_read_bytes_per_s'] / 1e9:.1f} GB/s)"
+            )
     for note in report["notes"]:
         print(f"note: {note}")
     round_trip = report["settings"]["thread_round_trip_us"]
     print(
         f"thread wake-up round trip: {round_trip['before']:.0f} us before, {round_trip['after']:.0f} us "
-        "after (higher means the OS is slower to wake threads, which slows moekit's expert workers)"
+        "after (higher means the OS is slower to wake threads, which slows every multi-threaded step)"
     )
     if args.json:
         write_json_atomic(Path(args.json), report)
@@ -253,6 +329,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--backend", default="auto", choices=["auto", "loop", "grouped_mm"])
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument(
+        "--busy",
+        action="store_true",
+        help="run while a background process keeps one core busy (a loaded machine)",
+    )
     parser.add_argument(
         "--dtype",
         nargs="+",
