@@ -266,3 +266,45 @@ def test_a_model_loaded_without_its_experts_runs_offloaded_bit_identically(tmp_p
             with attach(model, OffloadConfig(budget_bytes="50%", policy="lfu")) as handle:
                 assert torch.equal(model(ids, attention_mask=mask).logits, reference)
             assert 0 < handle.report()["peak_resident_expert_bytes"] < handle.total_expert_bytes
+
+
+@pytest.mark.parametrize("source", ["per_expert", "packed", "family"])
+def test_stored_rows_are_read_straight_into_the_expert_tensors(tmp_path, folder, source):
+    """Where the file's rows are the expert tensors' rows (per-expert and packed HF layouts, moekit's
+    own checkpoints), a read needs no assembling: it still equals the model's experts."""
+    import dataclasses
+
+    model = from_hf(folder("qwen3_moe", "per_expert" if source == "per_expert" else "packed"))
+    config = OffloadConfig(budget_bytes="100%", prefetch=False)
+    if source == "family":
+        save_family(model, tmp_path / "family")
+        config = dataclasses.replace(config, source=tmp_path / "family")
+    with attach(model, config) as handle:
+        for i, original in enumerate(handle._originals):
+
+            def refuse(parts):
+                raise AssertionError("assembled instead of read in place")
+
+            handle.layouts[i] = dataclasses.replace(handle.layouts[i], assemble=refuse)
+            for e in (0, original.num_experts - 1):
+                for name, tensor in handle._read(i, e).items():
+                    assert torch.equal(tensor, getattr(original, name)[e]), (source, i, e, name)
+
+
+def test_decode_steps_reuse_one_stacking_buffer_and_stay_bit_identical(folder):
+    """A decode step (at most top-k experts per layer, no gradients) stacks its experts into a
+    buffer reused from step to step; logits and generated tokens stay those of the in-memory model."""
+    from moekit.inference.generate import generate
+
+    model = from_hf(folder("qwen3_moe", "per_expert"))
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        reference_logits = model(ids[:, :1]).logits
+    reference_tokens = generate(model, ids, max_new_tokens=8)
+    with attach(model, OffloadConfig(budget_bytes=_min_budget(model), policy="lru")) as handle:
+        with torch.inference_mode():
+            assert torch.equal(model(ids[:, :1]).logits, reference_logits)
+        assert handle._staging, "a one-token forward should stack into the reused buffer"
+        buffers = {key: t.data_ptr() for key, t in handle._staging.items()}
+        assert torch.equal(generate(model, ids, max_new_tokens=8), reference_tokens)
+        assert {key: t.data_ptr() for key, t in handle._staging.items()} == buffers

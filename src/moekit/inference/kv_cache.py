@@ -107,9 +107,9 @@ class KVCache:
     def __len__(self) -> int:
         return self.length
 
-    def begin(self, padding: Tensor | tuple[int, int]) -> int:
+    def begin(self, padding: Tensor | tuple[int, int], device: torch.device | None = None) -> int:
         """Start a step over new tokens with `padding` [B, S] (True = real token), or (B, S) for a
-        step of real tokens only; returns its first slot."""
+        step of real tokens only (on `device`); returns its first slot."""
         start = self.length
         if isinstance(padding, Tensor):
             batch, steps = int(padding.shape[0]), int(padding.shape[1])
@@ -117,6 +117,7 @@ class KVCache:
             self._device = padding.device
         else:
             (batch, steps), real = padding, True
+            self._device = device if device is not None else self._device
         self._batch = batch
         self.length += steps
         if self.all_real and real:

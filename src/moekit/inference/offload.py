@@ -194,15 +194,21 @@ class _SafetensorsReader:
             raise MoekitError(f"offload source: no tensor {name!r} in {', '.join(str(f) for f in self._fds)}")
         return self.tensors[name]
 
-    def rows(self, name: str, start: int, stop: int) -> Tensor:
+    def rows(self, name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+        """Rows [start, stop) of tensor `name`, read straight into `out` (a contiguous tensor of
+        that shape and the file's dtype, e.g. part of an expert's buffer) or a new tensor."""
         loc = self.location(name)
         row_elements = math.prod(loc.shape[1:])
         row_bytes = row_elements * loc.dtype.itemsize
         if not 0 <= start <= stop <= loc.shape[0] or row_bytes * loc.shape[0] != loc.nbytes:
             raise MoekitError(f"{loc.file}: cannot read rows {start}:{stop} of {name} {loc.shape}")
+        shape = (stop - start, *loc.shape[1:])
+        if out is None:
+            out = torch.empty(shape, dtype=loc.dtype)
         length = (stop - start) * row_bytes
-        buffer = bytearray(length)
-        view, done = memoryview(buffer), 0
+        if length == 0:
+            return out
+        view, done = memoryview(out.view(torch.uint8).numpy()).cast("B"), 0
         fd = self._fds[loc.file]
         while done < length:  # pread may return fewer bytes than asked
             n = os.preadv(fd, [view[done:]], loc.offset + start * row_bytes + done)
@@ -211,9 +217,7 @@ class _SafetensorsReader:
             done += n
         with self._lock:
             self.bytes_read += length
-        if length == 0:
-            return torch.empty((0, *loc.shape[1:]), dtype=loc.dtype)
-        return torch.frombuffer(buffer, dtype=loc.dtype).view(stop - start, *loc.shape[1:])
+        return out
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -230,13 +234,19 @@ Read = tuple[str, int, int]  # tensor name, first row, stop row
 Assemble = Callable[[list[Tensor]], dict[str, Tensor]]
 
 
+Placement = tuple[Read, str, int]  # a read, the expert tensor it fills, its first row there
+
+
 @dataclass(frozen=True)
 class _ExpertLayout:
     """How one expert of one layer is stored: the row ranges to read, and how they become the
-    expert's moekit tensors (`w_in` [in, d], `w_out` [d, ff], optional `b_in`, `b_out`)."""
+    expert's moekit tensors (`w_in` [in, d], `w_out` [d, ff], optional `b_in`, `b_out`).
+    `direct`, where the stored rows are the moekit tensors' rows as they are (no transpose or
+    interleave), says where each read lands, so that it is read straight into the tensor."""
 
     reads: Callable[[int], list[Read]]
     assemble: Assemble
+    direct: Callable[[int], list[Placement]] | None = None
 
 
 def _native_layout(prefix: str, reader: _SafetensorsReader) -> _ExpertLayout:
@@ -246,7 +256,10 @@ def _native_layout(prefix: str, reader: _SafetensorsReader) -> _ExpertLayout:
     def reads(e: int) -> list[Read]:
         return [(prefix + p, e, e + 1) for p in names]
 
-    return _ExpertLayout(reads, lambda parts: {p: t[0] for p, t in zip(names, parts, strict=True)})
+    def direct(e: int) -> list[Placement]:
+        return [(read, p, 0) for read, p in zip(reads(e), names, strict=True)]
+
+    return _ExpertLayout(reads, lambda parts: {p: t[0] for p, t in zip(names, parts, strict=True)}, direct)
 
 
 def _hf_layout(model: nn.Module, layer_index: int) -> _ExpertLayout:
@@ -269,6 +282,7 @@ def _hf_layout(model: nn.Module, layer_index: int) -> _ExpertLayout:
         return _ExpertLayout(
             lambda e: [(gate_up, e, e + 1), (down, e, e + 1)],
             lambda p: {"w_in": p[0][0], "w_out": p[1][0]},
+            lambda e: [((gate_up, e, e + 1), "w_in", 0), ((down, e, e + 1), "w_out", 0)],
         )
     if fmt == "per_expert":
 
@@ -276,7 +290,15 @@ def _hf_layout(model: nn.Module, layer_index: int) -> _ExpertLayout:
             gate, up, down = (prefix + n.format(e=e) for n in raw)
             return [(gate, 0, ff), (up, 0, ff), (down, 0, fc.hidden_size)]
 
-        return _ExpertLayout(per_expert_reads, lambda p: {"w_in": torch.cat([p[0], p[1]], 0), "w_out": p[2]})
+        def per_expert_direct(e: int) -> list[Placement]:
+            gate, up, down = per_expert_reads(e)
+            return [(gate, "w_in", 0), (up, "w_in", ff), (down, "w_out", 0)]
+
+        return _ExpertLayout(
+            per_expert_reads,
+            lambda p: {"w_in": torch.cat([p[0], p[1]], 0), "w_out": p[2]},
+            per_expert_direct,
+        )
     if fmt == "transposed":
         gate_up, down = (prefix + n for n in raw)
         return _ExpertLayout(
@@ -421,6 +443,10 @@ class OffloadHandle:
             {p: getattr(moe.experts, p).dtype for p in EXPERT_PARAMS if getattr(moe.experts, p) is not None}
             for _, moe in self.layers
         ]
+        self.shapes = [
+            {p: tuple(getattr(moe.experts, p).shape[1:]) for p in dtypes}
+            for dtypes, (_, moe) in zip(self.dtypes, self.layers, strict=True)
+        ]
         try:
             self._check_source()
         except BaseException:
@@ -449,6 +475,7 @@ class OffloadHandle:
         self._executor = (
             ThreadPoolExecutor(1, thread_name_prefix="moekit-prefetch") if config.prefetch else None
         )
+        self._staging: dict[tuple[str, tuple[int, ...], torch.dtype], Tensor] = {}
         self._originals: list[PackedExperts] = []
         for i, (_, moe) in enumerate(self.layers):
             self._originals.append(moe.experts)
@@ -497,8 +524,26 @@ class OffloadHandle:
     # -------------------------------------------------------- reading
 
     def _read(self, layer: int, expert: int) -> dict[str, Tensor]:
-        """One expert's tensors from disk, in the model's dtypes (any thread)."""
+        """One expert's tensors from disk, in the model's dtypes (any thread): read straight into
+        them where the layout allows (one copy, from the file), else assembled and converted."""
         layout = self.layouts[layer]
+        if layout.direct is not None:
+            shapes = self.shapes[layer]
+            out = {p: torch.empty(shapes[p], dtype=dtype) for p, dtype in self.dtypes[layer].items()}
+            targets = []
+            for (name, start, stop), p, row in layout.direct(expert):
+                location = self.reader.location(name)
+                if p not in out or location.dtype != out[p].dtype:
+                    break
+                target = out[p] if out[p].dim() == len(location.shape) else out[p][None]
+                target = target[row : row + stop - start]
+                if tuple(target.shape) != (stop - start, *location.shape[1:]):
+                    break  # not the model's shape: read as stored, for `_check_source` to name it
+                targets.append((name, start, stop, target))
+            else:
+                for name, start, stop, target in targets:
+                    self.reader.rows(name, start, stop, out=target)
+                return out
         parts = [self.reader.rows(*read) for read in layout.reads(expert)]
         tensors = layout.assemble(parts)
         return {p: tensors[p].to(self.dtypes[layer][p]).contiguous() for p in self.dtypes[layer]}
@@ -538,6 +583,20 @@ class OffloadHandle:
                 self._note_peak()
             out.append(tensors)
         return out
+
+    def stack(self, name: str, parts: list[Tensor], layer: int) -> Tensor:
+        """`torch.stack(parts)`, written into a buffer reused from call to call (one per expert
+        tensor shape, shared by the layers) when the call needs at most the layer's top-k experts
+        (decode) and no gradient is recorded: a decode step then allocates no expert memory."""
+        if len(parts) > self.top_k[layer] or torch.is_grad_enabled():
+            return torch.stack(parts)
+        key = (name, tuple(parts[0].shape), parts[0].dtype)
+        buffer = self._staging.get(key)
+        if buffer is None or buffer.shape[0] < len(parts):
+            with torch.inference_mode(False):  # writable in and out of inference mode
+                buffer = parts[0].new_empty((max(self.top_k), *parts[0].shape))
+            self._staging[key] = buffer
+        return torch.stack(parts, out=buffer[: len(parts)])
 
     def finish_call(self, layer: int, experts: list[int]) -> None:
         """After a layer's compute: back within its slots (a prefill may have overflowed them)."""
@@ -714,6 +773,7 @@ class OffloadHandle:
         self.inflight_bytes = 0
         for cache in self.caches:
             cache.entries.clear()
+        self._staging.clear()
         self.reader.close()
 
     def __enter__(self) -> OffloadHandle:
@@ -753,7 +813,7 @@ class OffloadedExperts(nn.Module):
         handle.prefetch(self.layer, x)
         if not experts:
             return torch.zeros_like(x)
-        stacked = {p: torch.stack([t[p] for t in tensors]) for p in tensors[0]}
+        stacked = {p: handle.stack(p, [t[p] for t in tensors], self.layer) for p in tensors[0]}
         local = torch.searchsorted(torch.tensor(experts, device=a.expert.device), a.expert)
         out = grouped_experts(
             x,

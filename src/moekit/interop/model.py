@@ -252,7 +252,7 @@ class FamilyModel(nn.Module):
         documents = None
         start = 0
         if cache is not None:
-            start = cache.begin((b, s) if padding is None else padding)
+            start = cache.begin((b, s) if padding is None else padding, device)
         if position_ids is None:
             position_ids = torch.arange(start, start + s, device=device).unsqueeze(0)
         elif attention_mask is None and cache is None and self.config.isolate_documents:

@@ -302,7 +302,7 @@ class LanguageModel(nn.Module):
         else:
             if doc_ids is not None:
                 raise ValueError("doc_ids: packed rows are not supported with a KV cache")
-            start = cache.begin((b, s) if token_mask is None else token_mask.bool())
+            start = cache.begin((b, s) if token_mask is None else token_mask.bool(), input_ids.device)
             mask = step_mask(cache, start, None, None, materialise=False)
         routings = []
         for index, block in enumerate(self.blocks):
