@@ -157,6 +157,8 @@ def test_packed_lm_equals_the_fake_quantized_lm_with_mixed_bits():
     torch.testing.assert_close(
         logits(packed, batches[0]), logits(result.model, batches[0]), rtol=1e-5, atol=1e-5
     )
+    buffers = {id(t) for moe in packed.moe_layers for t in moe.experts.scratch_buffers()}
+    assert len(buffers) == 1  # one float32 dequantization buffer shared by the layers
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the products in bf16, as `--dtype bf16`
         torch.testing.assert_close(
             logits(packed, batches[0]).float(), logits(result.model, batches[0]).float(), rtol=0.05, atol=0.05

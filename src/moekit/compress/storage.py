@@ -105,6 +105,7 @@ def _build(kind: str, config_data: dict[str, Any], layers: list[dict[str, Any]],
             raise MoekitError(f"{source}: kind {kind!r}, expected 'family' or 'lm'")
     except ConfigError as exc:
         raise MoekitError(f"{source}: {exc}") from None
+    scratch: dict = {}  # one set of dequantization buffers for all layers
     with torch.device("meta"):
         model = cls(config)
         moe_layers = find_moe_layers(model)
@@ -123,6 +124,7 @@ def _build(kind: str, config_data: dict[str, Any], layers: list[dict[str, Any]],
                     entry["bits"],
                     entry["group_size"],
                     bias=getattr(old, "b_in", None) is not None,
+                    scratch=scratch,
                 )
             except (KeyError, TypeError, ValueError) as exc:
                 raise MoekitError(f"{source}: layer {name}: {exc}") from None
@@ -256,7 +258,9 @@ def resident_bytes(model: nn.Module) -> dict[str, int]:
     return {
         "parameters_and_buffers": size(list(model.parameters()) + list(model.buffers())),
         "routed_experts": size([t for e in experts for t in list(e.parameters()) + list(e.buffers())]),
-        "dequantize_buffers": sum(e.scratch_bytes() for e in experts if isinstance(e, QuantizedExperts)),
+        "dequantize_buffers": size(
+            [t for e in experts if isinstance(e, QuantizedExperts) for t in e.scratch_buffers()]
+        ),
     }
 
 

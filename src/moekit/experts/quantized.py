@@ -72,7 +72,10 @@ class QuantizedExperts(nn.Module):
         bits: Sequence[int],
         group_size: int,
         bias: bool = False,
+        scratch: dict | None = None,
     ):
+        """`scratch`: the dict of dequantization buffers, shared by the layers of one model (a
+        call dequantizes one expert at a time, so one buffer per dtype serves every layer)."""
         super().__init__()
         if len(bits) != num_experts or any(b not in BIT_WIDTHS for b in bits):
             raise ValueError(f"bits: expected {num_experts} widths from {BIT_WIDTHS}, got {list(bits)}")
@@ -100,7 +103,7 @@ class QuantizedExperts(nn.Module):
         self.b_out = (
             nn.Parameter(torch.zeros(num_experts, hidden_size), requires_grad=False) if bias else None
         )
-        self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {} if scratch is None else scratch
 
     # -- filling and reading one expert ----------------------------------------------------------
 
@@ -150,13 +153,13 @@ class QuantizedExperts(nn.Module):
     def scratch(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """The reused dequantization buffer for `dtype` on `device` (big enough for either part)."""
         key = (dtype, device)
-        if key not in self._scratch:
-            size = max(r * -(-c // self.group_size) * self.group_size for r, c in self.shapes.values())
+        size = max(r * -(-c // self.group_size) * self.group_size for r, c in self.shapes.values())
+        if key not in self._scratch or self._scratch[key].numel() < size:
             self._scratch[key] = torch.empty(size, dtype=dtype, device=device)
         return self._scratch[key]
 
-    def scratch_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._scratch.values())
+    def scratch_buffers(self) -> list[Tensor]:
+        return list(self._scratch.values())
 
     # -- compute ---------------------------------------------------------------------------------
 
