@@ -99,7 +99,9 @@ def progress(out_dir: Path) -> tuple[int, int]:
 
 def kill_after_step(process: subprocess.Popen, out_dir: Path, step: int, delay: float) -> None:
     """SIGKILL `process` `delay` seconds after this attempt (its start or resume event) has logged `step`."""
-    deadline = time.monotonic() + 120
+    # a guard against a hung run, not a timing check: a loaded machine may need minutes to import
+    # torch and build the native kernel in a fresh process
+    deadline = time.monotonic() + 600
     events = progress(out_dir)[0] + 1
     while progress(out_dir) < (events, step):
         assert process.poll() is None, f"the run ended before step {step}: {process.stderr.read()}"
