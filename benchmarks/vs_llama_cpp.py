@@ -1,7 +1,9 @@
-"""Decode speed of `moekit.generate` against llama.cpp on the same checkpoint, batch 1.
+"""Decode speed of `moekit.generate` against llama.cpp on the same checkpoint, batch 1, each
+engine in its own process.
 
     PYTHONPATH=<dir with llama_cpp> .venv/bin/python benchmarks/vs_llama_cpp.py \\
-        --converter <llama.cpp source tree>/convert_hf_to_gguf.py --model large --outtype f32 bf16
+        --converter <llama.cpp source tree>/convert_hf_to_gguf.py --model large \\
+        --outtype f32 bf16 q8_0 q4_0 --threads 1 2
 
 llama.cpp is not a moekit dependency: its Python binding (`llama_cpp`, from the
 `llama-cpp-python` package) must be importable, and its HF-to-GGUF converter is taken from a
@@ -9,16 +11,21 @@ llama.cpp source tree (the `llama-cpp-python` sdist vendors one under `vendor/ll
 converter runs in a subprocess and needs its own `gguf-py` (beside it), pyyaml and requests.
 
 The checkpoint is `benchmarks/generate.py`'s random Qwen3-MoE (`tiny` or the ~1 GB `large`) without
-attention biases (as real Qwen3-MoE; llama.cpp has no output-projection bias), saved
-once with a 64-token byte-level BPE tokenizer (the converter needs one; the prompts are token ids,
-so its contents do not matter; vocab ids it lacks become padding entries). The converter cannot
+attention biases (as real Qwen3-MoE; llama.cpp has no output-projection bias), saved once with a
+64-token byte-level BPE tokenizer (the converter needs one; the prompts are token ids, so its
+contents do not matter; vocab ids it lacks become padding entries). The converter cannot
 recognise that tokenizer's pre-tokenizer, so it is told to write Qwen2's ("qwen2") instead.
-Each GGUF (one per `--outtype`) is loaded with n_threads = torch's thread count. Decode
-tokens/s = (N - 1) / (time for N new tokens - time for 1), greedy, the same prompt ids on both
-sides, contenders interleaved round by round, medians reported. Caveat: in one process the two
-engines share one OpenMP runtime and slow each other (see BENCHMARKS.md, section 8, "Beside
-llama.cpp"); for absolute figures time each engine in its own process. (The file is not named
-`llama_cpp.py`: run as a script, it would shadow the package it imports.)
+`f32`, `bf16` and `q8_0` GGUFs come from the converter; `q4_0` is quantized from the F32 GGUF by
+llama.cpp's own `llama_model_quantize` (Q4_0: 32-column blocks, which the 384-wide experts divide;
+the K-quants need multiples of 256).
+
+Every contender (an engine, a weight format, a thread count) is a worker process of its own that
+loads its model once and then decodes on request; the parent asks one worker at a time, so two
+engines never share an OpenMP runtime or run at once, and rounds are interleaved with a pause
+before each request (idle OpenMP threads of the previous worker stop spinning). Decode tokens/s =
+(N - 1) / (time from the first new token to the N-th), greedy, the same prompt ids everywhere,
+medians of the rounds. (The file is not named `llama_cpp.py`: run as a script, it would shadow the
+package it imports.)
 """
 
 from __future__ import annotations
@@ -34,16 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from moekit.runtime import keep_freed_memory, tune_cpu_runtime
-
-tune_cpu_runtime()  # as `moekit generate` does, before torch is imported
-
-import torch  # noqa: E402
-
-from moekit.bench.timing import interleaved_medians  # noqa: E402
-from moekit.inference.generate import generate  # noqa: E402
-
 HERE = Path(__file__).resolve().parent
+RESULT = "RESULT "  # prefix of a worker's answer lines (anything else on its stdout is ignored)
+PAUSE_SECONDS = 0.3  # before each request: the previous worker's OpenMP threads go to sleep
 
 # Runs the converter with its tokenizer-recognition step answered "qwen2" (our random tokenizer
 # has no entry in its table of known pre-tokenizers).
@@ -57,6 +57,19 @@ script = sys.argv[2]
 sys.argv = [script] + sys.argv[3:]
 runpy.run_path(script, run_name="__main__")
 """
+
+# Quantizes a GGUF with llama.cpp's own quantizer (argv: input, output, ftype constant name).
+QUANTIZE = """
+import sys
+import llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, sys.argv[3])
+params.nthread = 1
+status = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params)
+sys.exit(1 if status else 0)
+"""
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+QUANTIZED_TYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 
 
 def missing(converter: Path) -> str | None:
@@ -80,20 +93,20 @@ def load_generate_benchmark():
     return module
 
 
-def build(generate_benchmark, kind: str, folder: Path):
-    """`benchmarks/generate.py`'s checkpoint without attention biases, as real Qwen3-MoE has:
-    llama.cpp's Qwen3-MoE graph has no output-projection bias and refuses such a file."""
+def build(kind: str, folder: Path) -> int:
+    """Saves `benchmarks/generate.py`'s checkpoint without attention biases, as real Qwen3-MoE has
+    (llama.cpp's Qwen3-MoE graph has no output-projection bias and refuses such a file); returns
+    its vocabulary size."""
     import transformers
 
-    from moekit.interop.hf import from_hf
     from moekit.interop.tiny import randomize_, tiny_config
 
-    shape = generate_benchmark.LARGE if kind == "large" else {}
+    shape = load_generate_benchmark().LARGE if kind == "large" else {}
     config = tiny_config("qwen3_moe", **shape, attention_bias=False)
     hf = transformers.AutoModelForCausalLM.from_config(config)
     randomize_(hf, seed=0).eval()
     hf.save_pretrained(folder)
-    return from_hf(folder).eval()
+    return config.vocab_size
 
 
 def save_tokenizer(folder: Path) -> None:
@@ -109,108 +122,215 @@ def save_tokenizer(folder: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
 
 
-def convert(converter: Path, folder: Path, outtype: str) -> Path:
+def gguf(converter: Path, folder: Path, outtype: str) -> Path:
+    """The checkpoint as a GGUF of `outtype` (converted, or quantized from the F32 one)."""
     out = folder / f"model-{outtype}.gguf"
-    command = [sys.executable, "-c", CONVERT, str(converter.parent), str(converter)]
-    command += [str(folder), "--outtype", outtype, "--outfile", str(out)]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    if out.exists():
+        return out
+    if outtype in QUANTIZED_TYPES:
+        source = gguf(converter, folder, "f32")
+        command = [sys.executable, "-c", QUANTIZE, str(source), str(out), QUANTIZED_TYPES[outtype]]
+    else:
+        command = [sys.executable, "-c", CONVERT, str(converter.parent), str(converter)]
+        command += [str(folder), "--outtype", outtype, "--outfile", str(out)]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return out
 
 
-def run(args, folder: Path) -> dict:
+# --- workers: one engine, one model, one thread count per process ---------------------------------
+
+
+def moekit_worker(folder: Path, prompt: list[int], threads: int):
+    from moekit.runtime import keep_freed_memory, tune_cpu_runtime
+
+    tune_cpu_runtime()  # as `moekit generate` does, before torch is imported
+    keep_freed_memory()
+    import torch
+
+    torch.set_num_threads(threads)
+    from moekit.inference.generate import stream
+    from moekit.interop.hf import from_hf
+
+    model = from_hf(folder).eval()
+    ids = torch.tensor([prompt])
+    mask = torch.ones_like(ids)
+
+    def decode(n: int) -> tuple[list[int], float]:
+        tokens, first = [], None
+        for token in stream(model, ids, mask, max_new_tokens=n):
+            tokens.append(int(token[0]))
+            first = time.perf_counter() if first is None else first
+        return tokens, time.perf_counter() - first
+
+    info = {"bytes_per_token": load_generate_benchmark().bytes_per_token(model)}
+    return decode, info
+
+
+def llama_worker(path: Path, prompt: list[int], threads: int, new_tokens: int):
     import numpy as np
     from llama_cpp import Llama
 
-    generate_benchmark = load_generate_benchmark()
-    threads = torch.get_num_threads()
-    results = {"model": args.model, "threads": threads, "gguf_bytes": {}}
-    ours = build(generate_benchmark, args.model, folder)
-    save_tokenizer(folder)
-    engines = {}
-    for outtype in args.outtype:
-        path = convert(args.converter, folder, outtype)
-        results["gguf_bytes"][outtype] = path.stat().st_size
-        engines[outtype] = Llama(
-            model_path=str(path),
-            n_ctx=args.prompt + args.new_tokens + 8,
-            n_batch=args.prompt,
-            n_threads=threads,
-            n_threads_batch=threads,
-            logits_all=True,  # fills `scores`, read for greedy picks; decode steps have one row anyway
-            verbose=False,
-        )
-    vocab = ours.config.vocab_size
-    ids = torch.randint(3, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    prompt = ids[0].tolist()
+    llm = Llama(
+        model_path=str(path),
+        n_ctx=len(prompt) + new_tokens + 8,
+        n_batch=len(prompt),
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=True,  # fills `scores`, read for greedy picks; decode steps have one row anyway
+        verbose=False,
+    )
 
-    def moekit_step(n: int):
-        def step() -> float:
-            start = time.perf_counter()
-            generate(ours, ids, mask, max_new_tokens=n)
-            return time.perf_counter() - start
-
-        return step
-
-    def llama_decode(llm, n: int) -> list[int]:
+    def decode(n: int) -> tuple[list[int], float]:
         llm.reset()
         llm.eval(prompt)
-        tokens = []
+        tokens, first = [], None
         for i in range(n):
             tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            first = time.perf_counter() if first is None else first
             if i < n - 1:
                 llm.eval([tokens[-1]])
-        return tokens
+        return tokens, time.perf_counter() - first
 
-    def llama_step(llm, n: int):
-        def step() -> float:
-            start = time.perf_counter()
-            llama_decode(llm, n)
-            return time.perf_counter() - start
+    return decode, {"gguf_bytes": path.stat().st_size}
 
-        return step
 
-    steps = {}
-    for n in (1, args.new_tokens):
-        steps[f"moekit/{n}"] = moekit_step(n)
-        for outtype, llm in engines.items():
-            steps[f"llama.cpp {outtype}/{n}"] = llama_step(llm, n)
-    medians = interleaved_medians(steps, repeats=args.repeats, warmup=1)
-    row = {}
-    for name in ["moekit"] + [f"llama.cpp {o}" for o in engines]:
-        row[name] = (args.new_tokens - 1) / (medians[f"{name}/{args.new_tokens}"] - medians[f"{name}/1"])
-    results["tokens_per_s"] = row
-    # Same model on both sides: how many of the greedy tokens llama.cpp picks agree with moekit's.
-    ours_tokens = generate(ours, ids, mask, max_new_tokens=args.new_tokens)[0, args.prompt :].tolist()
-    results["greedy_tokens_agreeing"] = {
-        outtype: sum(a == b for a, b in zip(ours_tokens, llama_decode(llm, args.new_tokens), strict=True))
-        for outtype, llm in engines.items()
-    }
-    results["bytes_per_token_fp32"] = generate_benchmark.bytes_per_token(ours)
-    results["bandwidth"] = generate_benchmark.memory_bandwidth()
-    results["limit_tokens_per_s_fp32"] = results["bandwidth"] / results["bytes_per_token_fp32"]
+def serve(args) -> None:
+    """Worker loop: after loading, answer each stdin line N with the tokens of a greedy decode of
+    N new tokens and the seconds from the first new token to the last (prefill left out)."""
+    prompt = json.loads(args.prompt_ids)
+    if args.worker == "moekit":
+        decode, info = moekit_worker(args.folder, prompt, args.threads[0])
+    else:
+        decode, info = llama_worker(args.folder, prompt, args.threads[0], args.new_tokens)
+    decode(args.new_tokens)  # warm-up
+    print(RESULT + json.dumps(info), flush=True)
+    for line in sys.stdin:
+        tokens, seconds = decode(int(line))
+        print(RESULT + json.dumps({"seconds": seconds, "tokens": tokens}), flush=True)
+
+
+class Worker:
+    """A contender's process; `ask(n)` runs one decode of n tokens in it."""
+
+    def __init__(self, engine: str, model: Path, threads: int, prompt: list[int], new_tokens: int):
+        command = [sys.executable, __file__, "--worker", engine, "--folder", str(model)]
+        command += ["--threads", str(threads), "--prompt-ids", json.dumps(prompt)]
+        command += ["--new-tokens", str(new_tokens)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(command, env=env, **pipes)
+        self.info = self._answer()
+
+    def _answer(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith(RESULT):
+                return json.loads(line[len(RESULT) :])
+        raise RuntimeError(f"worker {self.process.args[3]} ended (status {self.process.wait()})")
+
+    def ask(self, n: int) -> dict:
+        self.process.stdin.write(f"{n}\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def run(args, folder: Path) -> dict:
+    from moekit.bench.timing import interleaved_medians
+
+    vocab = build(args.model, folder)
+    save_tokenizer(folder)
+    paths = {outtype: gguf(args.converter, folder, outtype) for outtype in args.outtype}
+    import torch
+
+    prompt = torch.randint(3, vocab, (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+    contenders = {}
+    for threads in args.threads:
+        contenders[f"moekit fp32/{threads}"] = ("moekit", folder, threads)
+        for outtype, path in paths.items():
+            contenders[f"llama.cpp {outtype.upper()}/{threads}"] = ("llama", path, threads)
+    workers = {}
+    try:
+        for name, (engine, model, threads) in contenders.items():
+            workers[name] = Worker(engine, model, threads, prompt, args.new_tokens)
+        tokens: dict[str, list[int]] = {}
+
+        def step(name: str):
+            def timed() -> float:
+                time.sleep(PAUSE_SECONDS)
+                answer = workers[name].ask(args.new_tokens)
+                tokens[name] = answer["tokens"]
+                return answer["seconds"]
+
+            return timed
+
+        steps = {name: step(name) for name in contenders}
+        medians = interleaved_medians(steps, repeats=args.repeats, warmup=0)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    rows = []
+    reference = tokens[f"moekit fp32/{args.threads[0]}"]
+    for name in contenders:
+        engine, threads = name.split("/")
+        rows.append(
+            {
+                "engine": engine,
+                "threads": int(threads),
+                "tokens_per_s": (args.new_tokens - 1) / medians[name],
+                "greedy_tokens_agreeing_with_moekit": sum(
+                    a == b for a, b in zip(reference, tokens[name], strict=True)
+                ),
+                **{k: v for k, v in workers[name].info.items() if k == "gguf_bytes"},
+            }
+        )
+    results = {"model": args.model, "new_tokens": args.new_tokens, "rows": rows}
+    results["bytes_per_token_fp32"] = workers[f"moekit fp32/{args.threads[0]}"].info["bytes_per_token"]
     return results
+
+
+def cpu_model() -> str:
+    """The CPU's model name (as `lscpu` prints it), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--converter", type=Path, required=True, help="llama.cpp's convert_hf_to_gguf.py")
+    parser.add_argument("--converter", type=Path, help="llama.cpp's convert_hf_to_gguf.py")
     parser.add_argument("--model", choices=["tiny", "large"], default="tiny")
-    parser.add_argument("--outtype", nargs="+", default=["f32"], choices=["f32", "f16", "bf16", "q8_0"])
+    parser.add_argument("--outtype", nargs="+", default=["f32"], choices=[*CONVERTER_TYPES, *QUANTIZED_TYPES])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--worker", choices=["moekit", "llama"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--prompt-ids", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker is not None:
+        serve(args)
+        return
+    if args.converter is None:
+        print("--converter: required (llama.cpp's convert_hf_to_gguf.py)", file=sys.stderr)
+        raise SystemExit(2)
     problem = missing(args.converter)
     if problem is not None:
         print(problem, file=sys.stderr)
         raise SystemExit(2)
-    keep_freed_memory()
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         results = run(args, Path(tmp))
-    results["cpu"] = platform.processor() or "unknown"
-    results["load"] = os.getloadavg()
+    results["cpu"] = cpu_model()
+    results["load_before_after"] = [load, os.getloadavg()]
     print(json.dumps(results, indent=1))
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=1) + "\n")

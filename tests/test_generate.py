@@ -306,3 +306,70 @@ def test_bf16_generation_tracks_fp32_with_routers_in_fp32(family, tmp_path):
     assert scores and all(s.dtype == torch.float32 for s in scores)
     assert not torch.equal(fp32, bf16)
     assert (fp32 - bf16).abs().max() <= 0.05 * fp32.abs().max() + 1e-3
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    steps=st.lists(st.integers(1, 5), min_size=1, max_size=6),
+    capacity=st.one_of(st.none(), st.integers(1, 12)),
+    window=st.one_of(st.none(), st.integers(2, 6)),
+)
+def test_kv_cache_buffers_hold_what_concatenation_would(steps, capacity, window):
+    """Preallocated (and grown) buffers return exactly the keys of concatenating every step, cut
+    to the window where there is one; a capacity too small or unknown only changes allocation."""
+    layer = KVCache([window], capacity).layers[0]
+    gen = torch.Generator().manual_seed(len(steps))
+    everything_k, everything_v = torch.zeros(2, 3, 0, 4), torch.zeros(2, 3, 0, 5)
+    for s in steps:
+        k, v = torch.randn(2, 3, s, 4, generator=gen), torch.randn(2, 3, s, 5, generator=gen)
+        start = everything_k.shape[2]
+        everything_k, everything_v = torch.cat([everything_k, k], 2), torch.cat([everything_v, v], 2)
+        keys, values = layer.update(k, v)
+        first = layer.first_key_slot(start)
+        assert torch.equal(keys, everything_k[:, :, first:])
+        assert torch.equal(values, everything_v[:, :, first:])
+    kept = everything_k.shape[2] if window is None else min(window - 1, everything_k.shape[2])
+    assert torch.equal(layer.keys, everything_k[:, :, everything_k.shape[2] - kept :])
+    assert layer.length == sum(steps)
+
+
+def test_one_token_step_masks_equal_the_causal_window_and_padding_rule():
+    """The mask of a one-token step (a view of the padding) is the general rule's: causal, inside
+    the window, real keys only; with no padding at all it is skipped (None) unless materialised."""
+    from moekit.inference.kv_cache import step_mask
+
+    plain = KVCache([None])
+    plain.begin(torch.ones(2, 4, dtype=torch.bool))
+    start = plain.begin((2, 1))
+    assert plain.all_real and step_mask(plain, start, None, None, materialise=False) is None
+    assert step_mask(plain, start, None, None, materialise=True).all()
+
+    cache = KVCache([None, 3], capacity=3)  # grown past its capacity below
+    prompt = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    cache.begin(prompt)
+    for _ in range(3):
+        start = cache.begin((2, 1))
+        end = cache.length
+        padding = torch.cat([prompt, torch.ones(2, end - 4, dtype=torch.bool)], 1)
+        for window in (None, 3):
+            first = 0 if window is None else max(0, start - (window - 1))
+            key = torch.arange(first, end)
+            rule = (key <= start) & ((key > start - window) if window else True) & padding[:, first:end]
+            mask = step_mask(cache, start, window, None, materialise=False)
+            assert mask.shape == (2, 1, 1, end - first) and torch.equal(mask[:, 0, 0], rule)
+    assert not cache.all_real
+
+
+def test_generation_leaves_the_model_trainable(pair):
+    """Generation runs in inference mode; what it caches on the model (RoPE's frequencies) stays
+    a normal tensor, so a training step with gradients works after it."""
+    _, model = pair("qwen3_moe")
+    ids, mask = padded_prompts(seed=3)
+    generate(model, ids, mask, max_new_tokens=2)
+    model.train()
+    try:
+        model(ids, attention_mask=mask).logits.sum().backward()
+        assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
+    finally:
+        model.eval()
+        model.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ from moekit.errors import MoekitError
 from moekit.merging import merge_state_dicts
 from moekit.merging.checkpoints import merge_checkpoints
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", reason="installed by the `hf` extra that `make test` installs")
 
 
 def _perturbed(model, seed: int, scale: float = 0.05):
@@ -107,14 +107,14 @@ def test_hf_moe_folders_are_merged_per_expert(tmp_path, family):
         assert kept_once[1:].sum() < kept_per[1:].sum() / 4  # expert 0 took the global budget
 
 
-def _moe_run(tmp_path, name: str, seed: int | None):
+def _moe_run(tmp_path, name: str, seed: int | None, experts: int = 4, tokenizer: str = "byte"):
     from moekit.models.lm import LanguageModel, LMConfig
     from moekit.train.checkpoint import save_checkpoint
 
     config = LMConfig.from_dict(
         {
             "vocab_size": 259, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "ff_size": 48,
-            "max_seq_len": 32, "moe": {"ff_size": 16, "router": {"num_experts": 4, "top_k": 2}},
+            "max_seq_len": 32, "moe": {"ff_size": 16, "router": {"num_experts": experts, "top_k": 2}},
         }
     )  # fmt: skip
     torch.manual_seed(0)
@@ -122,7 +122,7 @@ def _moe_run(tmp_path, name: str, seed: int | None):
     if seed is not None:
         _perturbed(model, seed)
     state = {
-        "config": {"model": config.to_dict(), "data": {"source": "sample", "tokenizer": "byte"}},
+        "config": {"model": config.to_dict(), "data": {"source": "sample", "tokenizer": tokenizer}},
         "step": 3,
     }
     run = tmp_path / name
@@ -147,6 +147,13 @@ def test_moekit_runs_merge_into_a_run_the_trainer_can_load(tmp_path, capsys):
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
     assert state["merged_from"][0] == str(base)
     assert json.loads((out / "merge.json").read_text())["fused_expert_tensors"] > 0
+    other, _ = _moe_run(tmp_path, "other", 1, experts=8)
+    with pytest.raises(MoekitError, match=r"model.moe is .*(merging needs one architecture)"):
+        merge_checkpoints(base, [other], tmp_path / "x", "ta")
+    bpe, _ = _moe_run(tmp_path, "bpe", 1, tokenizer="bpe")
+    with pytest.raises(MoekitError, match=r"data.tokenizer is 'bpe', .* has 'byte'"):
+        merge_checkpoints(base, [bpe], tmp_path / "x", "ta")
+    assert not (tmp_path / "x").exists()
 
 
 def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, capsys):
@@ -203,3 +210,25 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, capsys):
         merge_checkpoints(base, [bad], tmp_path / "new2", "ta")
     assert not (tmp_path / "new2").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def _all_families():
+    from moekit.interop.tiny import TINY_CONFIGS
+
+    return sorted(TINY_CONFIGS)
+
+
+@pytest.mark.parametrize("family", _all_families())
+def test_every_hf_moe_family_merges_into_a_loadable_model_that_moved(tmp_path, family):
+    from transformers import AutoModelForCausalLM
+
+    base, models = _hf_folders(tmp_path, family, dense=False)
+    out = tmp_path / "merged"
+    merge_checkpoints(base, models, out, "dare_ties", drop_rate=0.5, seed=3)
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        logits = merged(ids).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(base).eval()(ids).logits
+    assert bool(torch.isfinite(logits).all())
+    assert float((logits - base_logits).abs().max()) > 1e-4

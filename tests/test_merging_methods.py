@@ -306,6 +306,15 @@ def test_every_method_moves_the_model_towards_the_finetuned_ones():
         assert float((delta * mean_tau).sum()) > 0, method  # points along the average update
 
 
+def test_empty_tensors_pass_through():
+    base, fts = _models(2)
+    base["empty"] = torch.zeros(0, 4)
+    for f in fts:
+        f["empty"] = torch.zeros(0, 4)
+    for method in ("ta", "ties", "dare_ties", "pcb"):
+        assert merge_state_dicts(base, fts, method)["empty"].shape == (0, 4)
+
+
 def test_integer_buffers_are_copied_and_must_agree():
     base, fts = _models(2, seed=10)
     base["count"] = torch.arange(3)
@@ -363,3 +372,9 @@ def test_bad_state_dicts_name_the_model_and_tensor():
         merge_state_dicts(base, bad, "ta")
     with pytest.raises(ConfigError, match=r"experts: w: 4 experts do not divide"):
         merge_state_dicts(base, fts, "ties", experts={"w": 4})
+
+
+def test_trim_keeps_exactly_k_entries_even_among_equal_magnitudes():
+    rows = torch.tensor([[1.0, -1.0, 1.0, 1.0, -1.0, 1.0, 1.0, 1.0, -1.0, 1.0]]).repeat(2, 1).view(2, 1, 10)
+    assert (m.trim_to_density(rows, 0.3) != 0).sum(-1).flatten().tolist() == [3, 3]
+    assert (m.trim_to_density(rows, 0.01) != 0).sum(-1).flatten().tolist() == [1, 1]  # at least one

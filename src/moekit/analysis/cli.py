@@ -147,7 +147,18 @@ class LoadedModel:
         from moekit.analysis.data import HFTokenizer, checkpoint_tokenizer
 
         self.path = path
-        if is_hf_directory(path):
+        from moekit.compress.storage import is_packed_directory
+
+        if is_packed_directory(path):  # moekit's packed quantized experts (moekit compress)
+            if experts_on_disk:
+                raise MoekitError(
+                    f"{path}: packed quantized experts are not streamed from disk (no offloading)"
+                )
+            from moekit.compress.storage import load_for_use
+
+            for key, value in load_for_use(path).items():
+                setattr(self, key, value)
+        elif is_hf_directory(path):
             self.model = load_hf_model(path, experts_on_disk)
             self.tokenizer = HFTokenizer(path)
             self.data_config: dict[str, Any] = {}

@@ -3,7 +3,9 @@
 SRC is a moekit checkpoint (or run directory) or an HF folder of a family `moekit.from_hf` loads.
 DST is an HF folder of the same family (AutoModelForCausalLM loads it) for a `from_hf` model, or a
 moekit checkpoint for moekit's own LM, with `compress_report.json` beside the weights and, for
-quantization, the packed codes in `experts.quant.safetensors`.
+quantization, the packed codes in `experts.quant.safetensors`. A recipe with `quantize.storage:
+packed` writes moekit's packed format instead (`moekit.compress.storage`): only the packed experts,
+which `moekit generate`, `eval` and `analyze` load and run.
 """
 
 from __future__ import annotations

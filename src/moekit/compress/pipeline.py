@@ -117,6 +117,7 @@ def apply(
         "expert_bytes_before": result.bytes_before,
         "expert_bytes_packed": result.bytes_after,
         "packed": result.packed,
+        "quantized_experts": result.experts,
     }
     return result.model, maps, details
 
@@ -125,6 +126,43 @@ def load_source(src: Path) -> Any:
     from moekit.analysis.cli import LoadedModel
 
     return LoadedModel(Path(src))
+
+
+def _special_tokens(loaded: Any) -> dict[str, Any]:
+    """The HF config's eos/bos/pad ids (a packed folder has no HF config.json to read them from)."""
+    from moekit.io import read_json
+
+    config = read_json(Path(loaded.path) / "config.json", "HF config")
+    keys = ("eos_token_id", "bos_token_id", "pad_token_id")
+    return {k: config.get(k) for k in keys} if isinstance(config, dict) else {}
+
+
+def _write_packed(loaded: Any, model: nn.Module, staging: Path, dtype: torch.dtype) -> None:
+    """`model` (packed experts) in moekit's packed format, with what loading it needs to
+    tokenise: the source's tokenizer.json, and its HF special tokens or its run config."""
+    from moekit.compress.storage import save_packed
+    from moekit.interop.model import FamilyModel
+
+    staging.mkdir(parents=True)
+    if isinstance(model, FamilyModel):
+        extra = {"special_tokens": _special_tokens(loaded)}
+        tokenizer = Path(loaded.path) / "tokenizer.json"
+    else:
+        from moekit.train.checkpoint import read_checkpoint_state, resolve_checkpoint
+
+        source = resolve_checkpoint(Path(loaded.path))
+        state = read_checkpoint_state(source)
+        config = dict(state.get("config", {}))
+        config["model"] = model.config.to_dict()
+        extra = {"run_config": config, "step": state.get("step", 0)}
+        tokenizer = next(
+            (d / "tokenizer.json" for d in (source, source.parent, source.parent.parent)
+             if (d / "tokenizer.json").is_file()),
+            Path("/nonexistent"),
+        )  # fmt: skip
+    save_packed(model, staging, dtype, extra)
+    if tokenizer.is_file():
+        shutil.copyfile(tokenizer, staging / "tokenizer.json")
 
 
 def _write(
@@ -209,8 +247,18 @@ def compress(
         calibrated = time.perf_counter()
         compressed, maps, details = apply(model, calibration, recipe)
         compressed_at = time.perf_counter()
+        packed_storage = recipe.method == "quantize" and recipe.quantize.storage == "packed"
+        if packed_storage:  # evaluate what is written: the model holding only the packed experts
+            from moekit.compress.storage import resident_bytes, with_quantized_experts
+
+            compressed = with_quantized_experts(compressed, details["quantized_experts"])
+            details["resident_bytes_float32"] = {
+                "float_model": resident_bytes(model)["parameters_and_buffers"],
+                "packed_model": resident_bytes(compressed)["parameters_and_buffers"],
+            }
         quality = compare(model, compressed, held_out, data.domain_names, maps)
     packed = details.pop("packed", None)
+    details.pop("quantized_experts", None)
     report = {
         "source": str(src),
         "family": getattr(model.config, "family", "moekit"),
@@ -237,7 +285,10 @@ def compress(
     staging_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         staging = staging_root / "out"
-        _write(loaded, compressed, staging, packed, source_dtype)
+        if packed_storage:
+            _write_packed(loaded, compressed, staging, source_dtype)
+        else:
+            _write(loaded, compressed, staging, packed, source_dtype)
         write_json_atomic(staging / REPORT_FILE, report)
         if out.exists():
             shutil.rmtree(out)

@@ -38,12 +38,26 @@ class Quantized:
         return (self.codes.numel() * self.bits + 7) // 8 + self.scales.numel() * 2 + self.zeros.numel()
 
 
+FP16_MAX = 65504.0
+
+
+def fp16_ceil(x: Tensor) -> Tensor:
+    """The smallest float16 value >= each positive `x` (float64 out): scales are stored in fp16,
+    so the quantizer computes with exactly the value it stores, rounded up so the group's range
+    still fits in 2^bits - 1 steps."""
+    half = x.clamp(max=FP16_MAX).half()
+    below = half.double() < x
+    bumped = (half.view(torch.int16) + 1).view(torch.float16)
+    return torch.where(below & (half < FP16_MAX), bumped, half).double()
+
+
 def group_params(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Min-max (scale, zero) per row of `w` [rows, g] (the group), float64 [rows]."""
+    """Min-max (scale, zero) per row of `w` [rows, g] (the group), float64 [rows]; the scale is a
+    float16 value (what packed storage keeps) and the zero point an integer in [0, 2^bits)."""
     top = float(2**bits - 1)
     low = w.min(dim=1).values.clamp(max=0.0)
     high = w.max(dim=1).values.clamp(min=0.0)
-    scale = (high - low) / top
+    scale = fp16_ceil((high - low) / top)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.round(-low / scale).clamp(0, top)
     return scale, zero
@@ -163,15 +177,22 @@ def allocate_bits(
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
-    """Codes (uint8, < 2^bits) as a dense bit stream, uint8 [ceil(n * bits / 8)]."""
+    """Codes (uint8, < 2^bits) as a dense little-endian bit stream, uint8 [ceil(n * bits / 8)]:
+    code i occupies stream bits [i*bits, (i+1)*bits), least significant first, and stream bit t
+    is bit t % 8 of byte t // 8. So 4-bit codes are two per byte (low nibble first), 2-bit four per
+    byte, 8-bit one per byte, and 3-bit eight per three bytes (one 24-bit little-endian word):
+    `moekit.experts.quantized.unpack` reads each with a few shifts."""
     flat = codes.reshape(-1).numpy().astype(np.uint8)
     planes = (flat[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
-    return torch.from_numpy(np.packbits(planes.reshape(-1)))
+    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
 
 
 def unpack_codes(packed: Tensor, bits: int, shape: tuple[int, ...]) -> Tensor:
+    """The reference inverse of `pack_codes` (bit by bit, numpy)."""
     n = int(np.prod(shape))
-    planes = np.unpackbits(packed.numpy(), count=n * bits).reshape(n, bits).astype(np.uint8)
+    planes = (
+        np.unpackbits(packed.numpy(), count=n * bits, bitorder="little").reshape(n, bits).astype(np.uint8)
+    )
     return torch.from_numpy((planes << np.arange(bits, dtype=np.uint8)).sum(1).astype(np.uint8)).reshape(
         shape
     )

@@ -5,7 +5,8 @@ against that of the expert's intermediate activation: from the tokens routed to 
 plain GPTQ) or from every token weighted by its routing probability ("affinity", MoEQuant's
 affinity-guided quantization, Hu et al. 2025, Eq. 8), which also gives experts that calibration
 rarely routes a usable Hessian. The result is the fake-quantized model (dequantized weights, for
-evaluation and HF export) plus the packed codes and scales (`packed_state`) that store it.
+evaluation and HF export) plus the same weights as packed codes and scales (`QuantizedExperts`,
+one per layer) that moekit runs without the float experts (`QuantizeResult.packed_model`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from torch import Tensor, nn
 from moekit.analysis.recorder import find_moe_layers
 from moekit.analysis.super_experts import find_super_experts
 from moekit.compress.calibrate import Calibration, ExpertStats
-from moekit.compress.quantize import Quantized, allocate_bits, gptq, output_error, pack_codes, rtn
+from moekit.compress.quantize import Quantized, allocate_bits, gptq, output_error, rtn
 from moekit.compress.recipe import QuantizeRecipe
+from moekit.compress.storage import expert_tensors
 from moekit.compress.surgery import layer_tensors, rebuild
 from moekit.errors import MoekitError
+from moekit.experts.quantized import QuantizedExperts
 
 
 def _hessians(stats: ExpertStats, e: int, kind: str) -> tuple[Tensor, Tensor]:
@@ -60,6 +63,13 @@ class QuantizeResult:
     bytes_before: int = 0  # routed experts in the source dtype
     bytes_after: int = 0  # packed codes + scales + zero points
     protected: list[list[int]] = field(default_factory=list)
+    experts: list[QuantizedExperts] = field(default_factory=list)  # per layer, the packed form
+
+    def packed_model(self) -> nn.Module:
+        """The quantized model holding only packed experts (dense tensors shared with `model`)."""
+        from moekit.compress.storage import with_quantized_experts
+
+        return with_quantized_experts(self.model, self.experts)
 
 
 def choose_bits(
@@ -118,24 +128,31 @@ def quantize_model(
                 [widest if guard[e] else b for e, b in enumerate(row)]
                 for row, guard in zip(bits, protect, strict=True)
             ]
-    new_layers, packed = [], {}
+    new_layers, packed, quantized = [], {}, []
     before = after = 0
     for (name, moe), stats, layer_bits in zip(layers, calibration.layers, bits, strict=True):
         tensors = layer_tensors(name, moe)
         w_in, w_out = tensors["experts.w_in"].clone(), tensors["experts.w_out"].clone()
+        source = moe.experts
+        held = QuantizedExperts(
+            source.num_experts, source.hidden_size, source.ff_size, source.activation, layer_bits,
+            recipe.group_size, bias="experts.b_in" in tensors,
+        )  # fmt: skip
+        if held.b_in is not None:
+            held.b_in.data.copy_(tensors["experts.b_in"])
+            held.b_out.data.copy_(tensors["experts.b_out"])
         for e, b in enumerate(layer_bits):
             h_in, h_mid = _hessians(stats, e, recipe.hessian) if recipe.algorithm == "gptq" else (None, None)
             q_in, q_out = quantize_expert(w_in[e], w_out[e], h_in, h_mid, b, recipe)
-            for part, q, target in (("w_in", q_in, w_in), ("w_out", q_out, w_out)):
+            for part, q, target in (("in", q_in, w_in), ("out", q_out, w_out)):
                 target[e] = q.dequantize().to(target.dtype)
-                key = f"{name}.experts.{e}.{part}"
-                packed[f"{key}.codes"] = pack_codes(q.codes, b)
-                packed[f"{key}.scales"] = q.scales.half()
-                packed[f"{key}.zeros"] = q.zeros.to(torch.uint8)
+                held.set_expert(e, part, q.codes, q.scales, q.zeros)
                 after += q.packed_bytes()
             before += (w_in[e].numel() + w_out[e].numel()) * tensors["experts.w_in"].element_size()
+        packed.update(expert_tensors(name, held))
+        quantized.append(held)
         new_layers.append({**tensors, "experts.w_in": w_in, "experts.w_out": w_out})
     num = layers[0][1].experts.num_experts
-    result = QuantizeResult(rebuild(model, new_layers, num), bits, packed, before, after)
+    result = QuantizeResult(rebuild(model, new_layers, num), bits, packed, before, after, experts=quantized)
     result.protected = [torch.nonzero(g).flatten().tolist() for g in protect]
     return result

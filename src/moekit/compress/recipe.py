@@ -5,6 +5,7 @@ prune: {score: reap, keep: 0.5, protect_super_experts: true}
 merge: {keep: 0.5, align: true}  # method: hc_smoe (average) | sub_moe (subspace, rank: r)
 quantize: {algorithm: gptq, hessian: affinity, group_size: 32, bits: 4}
                               # or mean_bits: 2.5, choices: [2, 3, 4, 8] (MC-MoE allocation)
+                              # storage: fake (float weights, default) | packed (moekit's packed form)
 calibration: {batches: 8, batch_size: 8, seq_len: 128, min_tokens: 0}
 evaluation: {batches: 4}
 """
@@ -22,6 +23,7 @@ METHODS = ("prune", "merge", "quantize")
 ALGORITHMS = ("rtn", "gptq")
 HESSIANS = ("routed", "affinity")
 MERGE_METHODS = ("hc_smoe", "sub_moe")
+STORAGES = ("fake", "packed")
 
 
 def _keep(field_name: str, value: Any) -> float | int:
@@ -70,9 +72,11 @@ class QuantizeRecipe:
     mean_bits: float | None = None
     choices: tuple[int, ...] = (2, 3, 4, 8)
     protect_super_experts: bool = True
+    storage: str = "fake"  # fake: float weights (HF folder / checkpoint); packed: moekit's packed form
 
     def __post_init__(self) -> None:
         require_choice("quantize.algorithm", self.algorithm, ALGORITHMS)
+        require_choice("quantize.storage", self.storage, STORAGES)
         require_choice("quantize.hessian", self.hessian, HESSIANS)
         require_int("quantize.group_size", self.group_size, minimum=1)
         if (self.bits is None) == (self.mean_bits is None):

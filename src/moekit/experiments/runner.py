@@ -25,6 +25,9 @@ from moekit.io import write_json_atomic
 EXPERIMENTS = {
     "data-mixture": "moekit.experiments.data_mixture",
     "moe-vs-dense": "moekit.experiments.moe_vs_dense",
+    "balance-scope": "moekit.experiments.balance_scope",
+    "dynamic-compute": "moekit.experiments.dynamic_compute",
+    "token-vs-context": "moekit.experiments.token_vs_context",
 }
 RESULTS_FORMAT = "moekit-experiment"
 

@@ -132,3 +132,13 @@ def combine_verdicts(verdicts: Sequence[str]) -> str:
     if any(v == NOT_REPRODUCED for v in verdicts):
         return NOT_REPRODUCED
     return INCONCLUSIVE
+
+
+def verdict_at_most(estimate: Estimate, threshold: float) -> str:
+    """The mirror of `verdict_at_least`: reproduced when the whole interval stays at or below
+    `threshold`, not reproduced when it lies wholly above, inconclusive when it straddles it."""
+    if estimate.high <= threshold:
+        return REPRODUCED
+    if estimate.low > threshold:
+        return NOT_REPRODUCED
+    return INCONCLUSIVE

@@ -94,6 +94,10 @@ def load_for_generation(source: Path, experts_on_disk: bool = False) -> tuple[An
     loaded = LoadedModel(source, experts_on_disk)
     if not is_hf_directory(source):
         eos = loaded.tokenizer.eos_id
+        from moekit.compress.storage import is_packed_directory, packed_eos
+
+        if is_packed_directory(source) and packed_eos(source) is not None:  # a packed HF family
+            eos = packed_eos(source)
     from moekit.addressing import require_moe_layers
 
     require_moe_layers(loaded.model, "moekit generate")

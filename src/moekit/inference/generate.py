@@ -156,16 +156,19 @@ def threads_pay_off(rows: int, largest_elements: int, element_size: int) -> bool
     return compute_seconds >= read_seconds or parallel_reads_pay_off(torch.get_num_threads())
 
 
-def _forward(model: nn.Module, kind: str, ids: Tensor, real: Tensor, positions: Tensor, cache: Any) -> Tensor:
-    """Logits [B, V] of the step's last position."""
+def _forward(
+    model: nn.Module, kind: str, ids: Tensor, real: Tensor | None, positions: Tensor, cache: Any
+) -> Tensor:
+    """Logits [B, V] of the step's last position (`real` None: every new token is real)."""
     if kind == "family":
-        out = model(ids, attention_mask=real.long(), position_ids=positions, cache=cache)
+        mask = None if real is None else real.long()
+        out = model(ids, attention_mask=mask, position_ids=positions, cache=cache)
     else:
         out = model(ids, positions=positions, token_mask=real, cache=cache)
     return out.logits[:, -1].float()
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all (cheaper per op than no_grad)
 def stream(
     model: nn.Module,
     input_ids: Tensor,
@@ -198,29 +201,34 @@ def stream(
         was_training = model.training
         model.eval()
         stack.callback(model.train, was_training)
-        cache = model.new_cache()
+        cache = model.new_cache(capacity=input_ids.shape[1] + config.max_new_tokens)
         positions = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         step_ids, step_real, step_positions = input_ids.long(), real, positions
         largest = largest_weight(model)
         element_size = next(model.parameters()).element_size()
+        threaded_by_rows: dict[int, bool] = {}  # the decision depends on the step's rows only
         for _ in range(config.max_new_tokens):
-            threaded = threads_pay_off(step_ids.numel(), largest, element_size)
-            with nullcontext() if threaded else single_threaded():
+            rows = step_ids.numel()
+            if rows not in threaded_by_rows:
+                threaded_by_rows[rows] = threads_pay_off(rows, largest, element_size)
+            with nullcontext() if threaded_by_rows[rows] else single_threaded():
                 logits = _forward(model, kind, step_ids, step_real, step_positions, cache)
             if config.do_sample:
                 filtered = filter_logits(logits, config.temperature, config.top_k, config.top_p)
                 token = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)
             else:
                 token = logits.argmax(-1)
-            token = torch.where(finished, torch.full_like(token, pad), token)
+            if len(eos):
+                token = torch.where(finished, torch.full_like(token, pad), token)
             yield token
             if len(eos):
                 finished |= torch.isin(token, eos)
                 if bool(finished.all()):
                     break
-            step_ids = token[:, None]
-            step_real = torch.ones_like(step_ids, dtype=torch.bool)
+            # a decode step's token is real in every row (finished rows continue with the pad
+            # token, attended as transformers' generate attends it)
+            step_ids, step_real = token[:, None], None
             step_positions = step_positions[:, -1:] + 1
         if offload is not None and report is not None:
             report["offload"] = handle.report()

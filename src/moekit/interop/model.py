@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from moekit.errors import ConfigError, require_choice, require_int, require_number
 from moekit.inference.kv_cache import KVCache, LayerCache, step_mask
 from moekit.interop.attention import AttentionConfig, MaskInputs, RMSNorm, build_attention, build_mask
-from moekit.interop.rope import RopeConfig, rope_tables
+from moekit.interop.rope import RopeConfig, inverse_frequencies, rope_tables
 from moekit.layer import MoE, MoEConfig
 from moekit.models.lm import DenseFFN
 from moekit.routing.record import Routing
@@ -206,9 +206,21 @@ class FamilyModel(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [layer.ffn for layer in self.layers if layer.is_moe]
 
-    def new_cache(self) -> KVCache:
-        """An empty KV cache for this model (sliding-window layers keep only their window)."""
-        return KVCache([layer.window for layer in self.layers])
+    def _rope_frequencies(self, device: torch.device) -> tuple[Tensor, float]:
+        """RoPE's inverse frequencies (fp32) and scaling, computed once per device rather than
+        at every decoding step (kept off the state dict and out of `model.to(dtype)`)."""
+        cached = self.__dict__.get("_rope_cache")
+        if cached is None or cached[0].device != device:
+            with torch.inference_mode(False):  # a normal tensor, usable later in training too
+                inv_freq, scaling = inverse_frequencies(self.config.rope)
+                cached = (inv_freq.to(device), scaling)
+            self.__dict__["_rope_cache"] = cached
+        return cached
+
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """An empty KV cache for this model (sliding-window layers keep only their window);
+        `capacity`: the positions it will hold, if known (its buffers are then allocated once)."""
+        return KVCache([layer.window for layer in self.layers], capacity)
 
     @property
     def context_length(self) -> int:
@@ -240,7 +252,7 @@ class FamilyModel(nn.Module):
         documents = None
         start = 0
         if cache is not None:
-            start = cache.begin(torch.ones_like(input_ids, dtype=torch.bool) if padding is None else padding)
+            start = cache.begin((b, s) if padding is None else padding)
         if position_ids is None:
             position_ids = torch.arange(start, start + s, device=device).unsqueeze(0)
         elif attention_mask is None and cache is None and self.config.isolate_documents:
@@ -248,7 +260,7 @@ class FamilyModel(nn.Module):
         x = self.embed(input_ids)
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
-        cos, sin = rope_tables(self.config.rope, position_ids, x.dtype)
+        cos, sin = rope_tables(self.config.rope, position_ids, x.dtype, self._rope_frequencies(device))
         inputs = MaskInputs(b, s, padding, documents, device)
         materialise = self.config.attention.implementation == "eager"
         masks: dict[tuple[int | None, int | None], Tensor | None] = {}

@@ -114,9 +114,12 @@ def _yarn(rope: RopeConfig) -> tuple[Tensor, float]:
     return interpolation * (1 - keep) + extrapolation * keep, attention_factor
 
 
-def rope_tables(rope: RopeConfig, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin [B, S, dim] for integer `positions` [B, S] (HF's rotary embedding forward)."""
-    inv_freq, scaling = inverse_frequencies(rope)
+def rope_tables(
+    rope: RopeConfig, positions: Tensor, dtype: torch.dtype, frequencies: tuple[Tensor, float] | None = None
+) -> tuple[Tensor, Tensor]:
+    """cos, sin [B, S, dim] for integer `positions` [B, S] (HF's rotary embedding forward);
+    `frequencies`: `inverse_frequencies(rope)` if already computed."""
+    inv_freq, scaling = inverse_frequencies(rope) if frequencies is None else frequencies
     freqs = positions[..., None].float() * inv_freq.to(positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)

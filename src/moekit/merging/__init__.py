@@ -7,5 +7,6 @@ on disk (the `moekit merge` command). The formulas live in `moekit.merging.metho
 from __future__ import annotations
 
 from moekit.merging.api import METHODS, fused_expert_count, merge_state_dicts, tensor_seed
+from moekit.merging.checkpoints import merge_checkpoints
 
-__all__ = ["METHODS", "fused_expert_count", "merge_state_dicts", "tensor_seed"]
+__all__ = ["METHODS", "fused_expert_count", "merge_checkpoints", "merge_state_dicts", "tensor_seed"]

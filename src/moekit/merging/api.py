@@ -89,6 +89,9 @@ def merge_state_dicts(
     layout = _layout(options["experts"])
     merged: dict[str, Tensor] = {}
     for name, reference in base.items():
+        if reference.numel() == 0:
+            merged[name] = reference.clone()
+            continue
         if not reference.is_floating_point():
             _require_equal(name, reference, models)
             merged[name] = reference.clone()

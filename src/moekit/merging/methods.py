@@ -11,7 +11,9 @@ Papers:
 - DARE: Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous Models
   as a Free Lunch" (ICML 2024).
 - PCB: Du et al., "Parameter Competition Balancing for Model Merging" (NeurIPS 2024), following
-  the authors' `pcb-merging.py`.
+  the authors' `pcb-merging.py`, with one difference of scope: their script flattens the whole
+  model into one row per task, so its min-max normalisations and its top-`ratio` are over all
+  parameters at once; here they are per unit (tensor or expert), like TIES' density.
 """
 
 from __future__ import annotations
@@ -35,15 +37,16 @@ def trim_to_density(deltas: Tensor, density: float) -> Tensor:
     k = max(1, int(density * d)) (at least one entry, as mergekit does, so a small unit is never
     emptied by a low density).
 
-    Ties in magnitude are broken by a stable sort (the first index wins), so the result is
-    deterministic. At density 1 the rows come back unchanged.
+    Which of several entries of equal magnitude at the k-th place is kept is unspecified (as in
+    mergekit), but exactly k are. A partial selection (topk) rather than a full sort: several
+    times faster on large tensors. At density 1 the rows come back unchanged.
     """
     if density >= 1.0:
         return deltas
     d = deltas.shape[-1]
     k = max(1, int(density * d))
-    order = torch.sort(deltas.abs(), dim=-1, descending=True, stable=True).indices[..., :k]
-    mask = torch.zeros_like(deltas, dtype=torch.bool).scatter_(-1, order, True)
+    top = torch.topk(deltas.abs(), k, dim=-1, sorted=False).indices
+    mask = torch.zeros_like(deltas, dtype=torch.bool).scatter_(-1, top, True)
     return deltas * mask
 
 
@@ -103,11 +106,10 @@ def pcb_minmax(x: Tensor) -> Tensor:
 def pcb_clamp(x: Tensor, low_ratio: float, high_ratio: float) -> Tensor:
     """PCB's clamp: each row clamped to its sorted values at index int(d*low) and int(d*(1-high))-1."""
     d = x.shape[-1]
-    ordered = torch.sort(x, dim=-1).values
     low_index = min(int(d * low_ratio), d - 1)
     high_index = max(int(d * (1 - high_ratio) - 1), 0)
-    low = ordered[..., low_index : low_index + 1]
-    high = ordered[..., high_index : high_index + 1]
+    low = torch.kthvalue(x, low_index + 1, dim=-1, keepdim=True).values  # the sorted row's [low_index]
+    high = torch.kthvalue(x, high_index + 1, dim=-1, keepdim=True).values
     return torch.minimum(torch.maximum(x, low), high)
 
 

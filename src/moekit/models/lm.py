@@ -268,9 +268,9 @@ class LanguageModel(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if b.is_moe]
 
-    def new_cache(self) -> KVCache:
-        """An empty KV cache for incremental decoding."""
-        return KVCache([None] * self.config.num_layers)
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """An empty KV cache for incremental decoding (`capacity`: the positions it will hold)."""
+        return KVCache([None] * self.config.num_layers, capacity)
 
     @property
     def context_length(self) -> int:
@@ -302,8 +302,7 @@ class LanguageModel(nn.Module):
         else:
             if doc_ids is not None:
                 raise ValueError("doc_ids: packed rows are not supported with a KV cache")
-            real = torch.ones_like(input_ids, dtype=torch.bool) if token_mask is None else token_mask.bool()
-            start = cache.begin(real)
+            start = cache.begin((b, s) if token_mask is None else token_mask.bool())
             mask = step_mask(cache, start, None, None, materialise=False)
         routings = []
         for index, block in enumerate(self.blocks):

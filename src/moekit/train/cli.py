@@ -72,21 +72,26 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def eval_main(args: argparse.Namespace) -> int:
+    from moekit.compress.storage import is_packed_directory, load_packed, packed_run_state
     from moekit.data.lmdata import prepare_data
     from moekit.device import resolve_device, resolve_dtype, warn_if_slow_bf16
     from moekit.models.lm import LanguageModel, LMConfig
     from moekit.train.checkpoint import load_checkpoint, read_checkpoint_state
     from moekit.train.trainer import evaluate
 
-    state = read_checkpoint_state(args.checkpoint)
+    packed = is_packed_directory(args.checkpoint)  # quantized experts in moekit's packed form
+    state = packed_run_state(args.checkpoint) if packed else read_checkpoint_state(args.checkpoint)
     try:
         config = state["config"]
         model_config = LMConfig.from_dict(config["model"])
         data_config = config["data"]
     except KeyError as exc:
         raise MoekitError(f"{args.checkpoint}: checkpoint state has no {exc} entry") from None
-    model = LanguageModel(model_config)
-    load_checkpoint(args.checkpoint, model, restore_rng=False)
+    if packed:
+        model = load_packed(args.checkpoint)[0]
+    else:
+        model = LanguageModel(model_config)
+        load_checkpoint(args.checkpoint, model, restore_rng=False)
     device, dtype = resolve_device(args.device, "--device"), resolve_dtype(args.dtype, "--dtype")
     warn_if_slow_bf16(dtype, device)
     model.to(device)

@@ -1,6 +1,7 @@
-"""`moekit eval-tasks SRC --method none|scmoe|rewire|steer|odp|des --limit N --json OUT`: a test-time
-routing method's accuracy on the built-in exact-answer math tasks, with a 95% interval and its
-cost (forward and backward passes, routed assignments, tokens/s)."""
+"""`moekit eval-tasks SRC --method none|scmoe|rewire|steer|odp|des|c3po --limit N --json OUT`: a
+test-time routing method's accuracy on the built-in exact-answer math tasks (a difficulty
+`--level`, the `--cipher` language), with a 95% interval and its cost (forward and backward
+passes, routed assignments, tokens/s)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from moekit.errors import ConfigError, MoekitError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from moekit.inference.methods.tasks import METHODS, TASK_SETS
+    from moekit.inference.methods.c3po import KERNELS, NEIGHBOUR_MODES, VARIANTS
+    from moekit.inference.methods.tasks import LEVELS, METHODS, TASK_SETS
 
     parser.add_argument("source", type=Path, metavar="SRC", help="moekit checkpoint or run dir, or HF folder")
     parser.add_argument("--method", default="none", choices=METHODS, help="the test-time method")
@@ -36,6 +38,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="DES: the k-set (one value = best-of-N at fixed k; default: the model's k and its neighbours)",
     )
     parser.add_argument("--temperature", type=float, default=1.0, help="DES: sampling temperature")
+    parser.add_argument(
+        "--level", type=int, default=None, choices=LEVELS, help="difficulty: digits of the longest number"
+    )
+    parser.add_argument("--cipher", action="store_true", help="the problems in the cipher language (#50)")
+    parser.add_argument(
+        "--steer-layers",
+        default=None,
+        metavar="L,L,...",
+        help="steer: MoE-layer indices (default: the middle one)",
+    )
+    parser.add_argument("--steer-top-n", type=int, default=1, help="steer: experts boosted per layer")
+    parser.add_argument(
+        "--c3po-variant", default="ngd", choices=VARIANTS, help="C3PO: NGD or kernel regression"
+    )
+    parser.add_argument(
+        "--c3po-references", type=int, default=64, metavar="N", help="C3PO: reference problems"
+    )
+    parser.add_argument(
+        "--c3po-reference-set", default=None, choices=list(TASK_SETS), help="C3PO: their set (default: --set)"
+    )
+    parser.add_argument(
+        "--c3po-unsolved", action="store_true", help="C3PO: keep references the model does not solve"
+    )
+    parser.add_argument("--c3po-neighbours", type=int, default=3, metavar="K")
+    parser.add_argument("--c3po-neighbour-mode", default="nearest", choices=NEIGHBOUR_MODES)
+    parser.add_argument("--c3po-kernel", default="gaussian", choices=KERNELS)
+    parser.add_argument("--c3po-steps", type=int, default=10, help="C3PO NGD: optimisation steps")
+    parser.add_argument("--c3po-lr", type=float, default=0.1, help="C3PO NGD: Adam learning rate")
+    parser.add_argument("--c3po-layers", type=int, default=None, help="C3PO: critical (last) MoE layers")
+    parser.add_argument(
+        "--c3po-core-experts", type=int, default=None, help="C3PO NGD: free experts per layer"
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the result as JSON")
 
 
@@ -58,6 +92,16 @@ def main(args: argparse.Namespace) -> int:
             raise MoekitError(
                 f"--k-values: got {args.k_values!r}, expected comma-separated integers like 1,2,3"
             ) from None
+    steer_layers = None
+    if args.steer_layers is not None:
+        try:
+            steer_layers = [int(part) for part in args.steer_layers.split(",")]
+        except ValueError:
+            raise MoekitError(
+                f"--steer-layers: got {args.steer_layers!r}, expected comma-separated MoE-layer indices"
+            ) from None
+    if args.c3po_references < 1:
+        raise MoekitError(f"--c3po-references: got {args.c3po_references}, expected a positive number")
     if args.samples < 1:
         raise MoekitError(f"--samples: got {args.samples}, expected a positive number of trajectories")
     settings = MethodSettings(
@@ -72,9 +116,29 @@ def main(args: argparse.Namespace) -> int:
         des_samples=args.samples,
         des_k_values=k_values,
         des_temperature=args.temperature,
+        steer_layers=steer_layers,
+        steer_top_n=args.steer_top_n,
+        steer_reference_set=args.task_set,
+        steer_reference_level=args.level,
+        c3po_variant=args.c3po_variant,
+        c3po_references=args.c3po_references,
+        c3po_reference_set=args.c3po_reference_set or args.task_set,
+        c3po_reference_level=args.level,
+        c3po_reference_ciphered=args.cipher,
+        c3po_solved_only=not args.c3po_unsolved,
+        c3po_neighbours=args.c3po_neighbours,
+        c3po_neighbour_mode=args.c3po_neighbour_mode,
+        c3po_kernel=args.c3po_kernel,
+        c3po_steps=args.c3po_steps,
+        c3po_lr=args.c3po_lr,
+        c3po_layers=args.c3po_layers,
+        c3po_core_experts=args.c3po_core_experts,
     )
     model, tokenizer, eos = load_for_generation(args.source)
-    problems = task_problems(args.task_set, args.limit)
+    try:
+        problems = task_problems(args.task_set, args.limit, level=args.level, ciphered=args.cipher)
+    except ConfigError as exc:
+        raise MoekitError(f"--{exc}") from None
     longest = max(len(tokenizer.encode(p.prompt)) for p in problems) + args.max_new_tokens
     if longest > model.context_length:
         raise MoekitError(
@@ -86,9 +150,14 @@ def main(args: argparse.Namespace) -> int:
             model, tokenizer, problems, args.method, settings, args.max_new_tokens, eos_token_id=eos
         )
     except ConfigError as exc:
-        flag = "weak-rank" if exc.field == "override.ranks" else exc.field.replace("_", "-")
-        raise MoekitError(f"--{flag}: {str(exc).split(': ', 1)[1]}") from None
-    result = {"source": str(args.source), "set": args.task_set, **result}
+        raise MoekitError(f"--{_flag(exc.field, args.method)}: {str(exc).split(': ', 1)[1]}") from None
+    result = {
+        "source": str(args.source),
+        "set": args.task_set,
+        "level": args.level,
+        "ciphered": args.cipher,
+        **result,
+    }
     low, high = result["ci95"]
     print(
         f"{args.method}: {result['correct']}/{result['problems']} correct, accuracy {result['accuracy']:.3f} "
@@ -98,3 +167,14 @@ def main(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_json_atomic(args.json, result)
     return 0
+
+
+def _flag(field: str, method: str) -> str:
+    """The option a method's parameter error is about."""
+    if field == "override.ranks":
+        return "weak-rank"
+    if method == "steer" and field in ("layers", "top_n"):
+        return f"steer-{field.replace('_', '-')}"
+    if method == "c3po" and not field.startswith("c3po"):
+        return f"c3po-{field.replace('_', '-')}"
+    return field.replace("_", "-")

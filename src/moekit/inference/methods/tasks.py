@@ -8,6 +8,7 @@ Problems come from `moekit.data.mathgen` with a seed the training corpus does no
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from torch import nn
 from moekit.data.mathgen import PROBLEM_KINDS, MathProblem, generate_problem
 from moekit.errors import ConfigError
 from moekit.inference.generate import generate
+from moekit.inference.methods.c3po import Reference, c3po, c3po_generate, make_reference
+from moekit.inference.methods.cipher import CipheredProblem
 from moekit.inference.methods.cost import MethodCost
 from moekit.inference.methods.des import des_search
 from moekit.inference.methods.odp import odp_overrides
@@ -33,7 +36,8 @@ TASK_SETS: dict[str, tuple[str, ...]] = {
     "algebra": ("linear", "fraction", "polynomial", "system", "power", "percent", "gcd", "lcm", "modpow"),
     "all": PROBLEM_KINDS,
 }
-METHODS = ("none", "scmoe", "rewire", "steer", "odp", "des")
+METHODS = ("none", "scmoe", "rewire", "steer", "odp", "des", "c3po")
+C3PO_REFERENCE_SEED = EVAL_SEED + 2  # C3PO's reference set: solved items of another stream
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
@@ -50,18 +54,50 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     return (low, high)
 
 
-def task_problems(task_set: str, limit: int, seed: int = EVAL_SEED) -> list[MathProblem]:
-    """The first `limit` problems of the seed's stream whose kind belongs to `task_set`."""
+LEVELS = (1, 2, 3, 4)
+_INTEGER = re.compile(r"\d+")
+
+
+def problem_level(problem: MathProblem | CipheredProblem) -> int:
+    """A problem's difficulty level: the digit count of the longest integer in its question
+    (1: every number is a single digit ... 4: some number has four or more digits). Longer
+    operands mean more carries and more answer digits, so accuracy falls with the level."""
+    digits = [len(match) for match in _INTEGER.findall(problem.question)]
+    return min(max(digits, default=1), LEVELS[-1])
+
+
+def task_problems(
+    task_set: str,
+    limit: int,
+    seed: int = EVAL_SEED,
+    *,
+    level: int | None = None,
+    ciphered: bool = False,
+) -> list[MathProblem] | list[CipheredProblem]:
+    """The first `limit` problems of the seed's stream whose kind belongs to `task_set` (and, if
+    given, whose `problem_level` is `level`); `ciphered` gives the same problems in the cipher
+    language (`moekit.inference.methods.cipher`), parallel item by item."""
     if task_set not in TASK_SETS:
         raise ConfigError("set", f"got {task_set!r}, expected one of {', '.join(TASK_SETS)}")
+    if level is not None and level not in LEVELS:
+        raise ConfigError("level", f"got {level!r}, expected one of {', '.join(map(str, LEVELS))}")
     kinds = set(TASK_SETS[task_set])
     out: list[MathProblem] = []
     index = 0
+    budget = 2000 * limit + 10_000  # the rarest level of a set is about 1 in 600 of its stream
     while len(out) < limit:
+        if index >= budget:
+            raise ConfigError(
+                "level",
+                f"found only {len(out)} problems of level {level} in set {task_set!r} "
+                f"among the first {budget}; ask for fewer or another level",
+            )
         problem = generate_problem(seed, index)
         index += 1
-        if problem.kind in kinds:
+        if problem.kind in kinds and (level is None or problem_level(problem) == level):
             out.append(problem)
+    if ciphered:
+        return [CipheredProblem(problem) for problem in out]
     return out
 
 
@@ -79,10 +115,26 @@ class MethodSettings:
     steer_top_n: int = 1
     steer_layers: Sequence[int] | None = None  # None: the middle MoE layer
     steer_references: int = 16
+    steer_reference_set: str = "all"  # the plain-language problems whose experts are promoted
+    steer_reference_level: int | None = None
     odp_threshold: float = 0.5
     des_samples: int = 8
     des_k_values: Sequence[int] | None = None  # None: the model's k and its neighbours
     des_temperature: float = 1.0
+    c3po_variant: str = "ngd"  # or "kernel" (kernel regression)
+    c3po_references: int = 64  # reference problems tried; the solved ones form the set
+    c3po_reference_set: str = "all"  # their task set (the CLI default: the evaluated set)
+    c3po_reference_level: int | None = None
+    c3po_reference_ciphered: bool = False
+    c3po_solved_only: bool = True  # False: every reference item, solved or not
+    c3po_neighbours: int = 3
+    c3po_neighbour_mode: str = "nearest"  # "random": the ablation
+    c3po_kernel: str = "gaussian"
+    c3po_steps: int = 10
+    c3po_lr: float = 0.1
+    c3po_layers: int | None = None  # None: the last 5/16 of the MoE layers
+    c3po_core_experts: int | None = None  # None: max(2k, 20/64 of the experts)
+    c3po_apply_to_new: bool = False
 
 
 def _counting(cost: MethodCost) -> tuple[Overrides, Callable[[], None]]:
@@ -95,6 +147,46 @@ def _counting(cost: MethodCost) -> tuple[Overrides, Callable[[], None]]:
     return Overrides(capture=capture), flush
 
 
+def c3po_reference_set(
+    model: nn.Module,
+    tokenizer: Any,
+    settings: MethodSettings,
+    max_new_tokens: int,
+    eos_token_id: Any,
+    cost: MethodCost,
+) -> tuple[list[Reference], dict[str, int]]:
+    """C3PO's reference set: the reference problems the model solves by greedy decoding (all of
+    them with `c3po_solved_only=False`), each with its embedding and pathway; and its setup
+    figures (problems tried, kept, forward passes)."""
+    problems = task_problems(
+        settings.c3po_reference_set,
+        settings.c3po_references,
+        seed=C3PO_REFERENCE_SEED,
+        level=settings.c3po_reference_level,
+        ciphered=settings.c3po_reference_ciphered,
+    )
+    passes = 0
+    kept = []
+    for problem in problems:
+        prompt = tokenizer.encode(problem.prompt)
+        if settings.c3po_solved_only:
+            ids = torch.tensor([prompt], dtype=torch.long)
+            out = generate(model, ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+            passes += max(out.shape[1] - ids.shape[1], 1)
+            if not problem.check(tokenizer.decode(out[0, ids.shape[1] :].tolist())):
+                continue
+        kept.append(make_reference(model, prompt, tokenizer.encode(" " + problem.answer)))
+        passes += 1
+    cost.forward_passes += passes
+    if not kept:
+        raise ConfigError(
+            "c3po_references",
+            f"the model solves none of the {len(problems)} reference problems; "
+            "ask for more, or use unsolved ones too",
+        )
+    return kept, {"tried": len(problems), "kept": len(kept), "forward_passes": passes}
+
+
 def _with_capture(overrides: Overrides, plain: Overrides) -> Overrides:
     return Overrides(overrides.layers, overrides.default, plain.capture)
 
@@ -102,7 +194,7 @@ def _with_capture(overrides: Overrides, plain: Overrides) -> Overrides:
 def evaluate_method(
     model: nn.Module,
     tokenizer: Any,
-    problems: Sequence[MathProblem],
+    problems: Sequence[MathProblem] | Sequence[CipheredProblem],
     method: str,
     settings: MethodSettings | None = None,
     max_new_tokens: int = 12,
@@ -110,7 +202,8 @@ def evaluate_method(
 ) -> dict[str, Any]:
     """Accuracy (with a 95% Wilson interval) and cost of `method` on `problems`, greedy decoding
     (DES: best-of-N sampled trajectories, scored by the problem's own answer check, an oracle
-    verifier; its items list which k values solved each problem)."""
+    verifier; its items list which k values solved each problem; C3PO: its reference set is
+    built first, its cost included and its size under "setup")."""
     if method not in METHODS:
         raise ConfigError("method", f"got {method!r}, expected one of {', '.join(METHODS)}")
     settings = settings or MethodSettings()
@@ -118,7 +211,12 @@ def evaluate_method(
     plain, flush = _counting(cost)
     steering = None
     if method == "steer":
-        references = task_problems("all", settings.steer_references, seed=EVAL_SEED + 1)
+        references = task_problems(
+            settings.steer_reference_set,
+            settings.steer_references,
+            seed=EVAL_SEED + 1,
+            level=settings.steer_reference_level,
+        )
         frequency_sum: dict[int, torch.Tensor] = {}
         for reference in references:
             ids = torch.tensor([tokenizer.encode(reference.text)], dtype=torch.long)
@@ -131,6 +229,13 @@ def evaluate_method(
         steering = steering_overrides(
             frequency_sum, layers, strength=settings.steer_strength, top_n=settings.steer_top_n
         )
+    references: list[Reference] = []
+    setup: dict[str, int] | None = None
+    if method == "c3po":
+        references, setup = c3po_reference_set(model, tokenizer, settings, max_new_tokens, eos_token_id, cost)
+    if problems:  # first-use measurements (threading, kernels) stay out of the timed loop
+        warm = torch.tensor([tokenizer.encode(problems[0].prompt)], dtype=torch.long)
+        generate(model, warm, max_new_tokens=1)
     correct = 0
     items = []
     start = time.perf_counter()
@@ -155,6 +260,41 @@ def evaluate_method(
             extra = {
                 "k": search.trajectories[search.best].k,
                 "solved_by_k": sorted({t.k for t in search.trajectories if t.score > 0}),
+            }
+        elif method == "c3po":
+            prompt = ids[0].tolist()
+            remix = c3po(
+                model,
+                prompt,
+                references,
+                variant=settings.c3po_variant,
+                layers=settings.c3po_layers,
+                neighbours=settings.c3po_neighbours,
+                neighbour_mode=settings.c3po_neighbour_mode,
+                kernel=settings.c3po_kernel,
+                steps=settings.c3po_steps,
+                lr=settings.c3po_lr,
+                core_experts=settings.c3po_core_experts,
+                apply_to_new=settings.c3po_apply_to_new,
+                seed=len(items),
+            )
+            cost.forward_passes += remix.cost.forward_passes
+            cost.backward_passes += remix.cost.backward_passes
+            out, spent = c3po_generate(
+                model,
+                prompt,
+                remix.pathway,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_token_id,
+                apply_to_new=settings.c3po_apply_to_new,
+                capture=plain.capture,
+            )
+            cost.forward_passes += spent.forward_passes
+            flush()
+            extra = {
+                "neighbour_loss_before": remix.loss_before,
+                "neighbour_loss_after": remix.loss_after,
+                "alpha": remix.alpha,
             }
         elif method == "scmoe":
             result = scmoe_generate(
@@ -196,7 +336,9 @@ def evaluate_method(
         )
     seconds = time.perf_counter() - start
     low, high = wilson_interval(correct, len(problems))
+    extras: dict[str, Any] = {} if setup is None else {"setup": setup}
     return {
+        **extras,
         "method": method,
         "problems": len(problems),
         "correct": correct,
