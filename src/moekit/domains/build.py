@@ -30,12 +30,10 @@ REPORT_FILE = "report.md"
 
 class _Context:
     def __init__(self, recipe: BuildRecipe, out: Path, log: Callable[[str], None]):
-        from moekit.domains.data import DomainData, load_data
+        from moekit.domains.data import DomainData, check_domains, load_data
 
         self.recipe, self.out, self.log = recipe, out, log
         base = load_data(recipe.data.source, recipe.data.tokenizer, log=lambda _: None)
-        from moekit.domains.data import check_domains
-
         check_domains(recipe.domains, base.domains, "domains")
         self.data = DomainData(base, recipe.domains)
         coefficient = recipe.post_train.balance
@@ -132,7 +130,7 @@ def build(
         "recipe": recipe.name,
         "run_seed": recipe.run_seed,
         "domains": list(recipe.domains),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads()},
         "models": {},
         "opt_out": {},
         "hf": {},
@@ -166,6 +164,17 @@ def build(
     write_json_atomic(out / RESULTS_FILE, results)
     log(f"{out / RESULTS_FILE}, {out / REPORT_FILE}")
     return results
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _check_merges(recipe: BuildRecipe) -> None:

@@ -120,8 +120,6 @@ def edit_experts(
     mixed model's mean FFN input on the domain's training text with the public expert forced
     (the seed's own hidden states when branches trained only FFNs), as FlexOlmo's rows are."""
     from moekit.domains.mix import PUBLIC, expert_domains_of, mixed_state, save_mixed
-    from moekit.interop.hf import _write_dir
-    from moekit.io import write_json_atomic
 
     if (remove is None) == (add is None):
         raise ConfigError("remove/add", "give exactly one: a domain to remove or a branch run to add")
@@ -137,8 +135,7 @@ def edit_experts(
     receipt = {"format": "moekit-mix-edit", "version": 1, "source": str(Path(src).resolve()), **what,
                "expert_domains": new_domains}  # fmt: skip
     new_state = mixed_state(state, edited, new_domains, str(Path(src).resolve()))
-    save_mixed(Path(dst), edited, new_state, receipt, overwrite=overwrite, writer=_write_dir,
-               write_json=write_json_atomic)  # fmt: skip
+    save_mixed(Path(dst), edited, new_state, receipt, overwrite=overwrite)
     log(f"{src} -> {dst}: experts {', '.join(new_domains)}")
     return receipt
 

@@ -288,8 +288,6 @@ def mix(
     from moekit.construct.receipt import held_out_token_batches
     from moekit.domains.branch import read_branches
     from moekit.domains.data import calibration_ids, load_data
-    from moekit.interop.hf import _write_dir
-    from moekit.io import write_json_atomic
 
     options = options or MixOptions()
     out = Path(out_dir)
@@ -327,7 +325,7 @@ def mix(
         "checks": checks,
     }
     state = mixed_state(loaded[0][1], moe, expert_domains, receipt["branches"])
-    save_mixed(out, moe, state, receipt, overwrite=overwrite, writer=_write_dir, write_json=write_json_atomic)
+    save_mixed(out, moe, state, receipt, overwrite=overwrite)
     log(f"mixed {len(expert_domains)} experts ({', '.join(expert_domains)}) -> {out}")
     return receipt
 
@@ -344,14 +342,17 @@ def mixed_state(branch_state: dict[str, Any], moe: LanguageModel, expert_domains
     }
 
 
-def save_mixed(out: Path, moe: LanguageModel, state, receipt, *, overwrite: bool, writer, write_json) -> None:
+def save_mixed(out: Path, moe: LanguageModel, state, receipt, *, overwrite: bool) -> None:
+    """The checkpoint and its receipt, written into a temporary folder renamed into place."""
+    from moekit.interop.hf import _write_dir
+    from moekit.io import write_json_atomic
     from moekit.train.checkpoint import save_checkpoint
 
     def fill(tmp: Path) -> None:
         save_checkpoint(tmp / "checkpoints" / "step-000000", moe, None, state)
-        write_json(tmp / RECEIPT_FILE, receipt)
+        write_json_atomic(tmp / RECEIPT_FILE, receipt)
 
-    writer(out, fill, overwrite)
+    _write_dir(out, fill, overwrite)
 
 
 def expert_domains_of(path: str | os.PathLike) -> tuple[LanguageModel, dict[str, Any], list[str]]:
