@@ -271,11 +271,11 @@ RUNS: dict[str, list[str]] = {
     "none": ["--method", "none"],
     "scmoe": ["--method", "scmoe"],  # weak pass: top-1 of the top-2 model; beta 0.5, alpha 0.1
     "scmoe-rank2": ["--method", "scmoe", "--weak-rank", "2"],  # the paper's rank-k weak routing
-    "des-k123": ["--method", "des", "--samples", "6", "--k-values", "1,2,3"],
-    "des-k2": ["--method", "des", "--samples", "6", "--k-values", "2"],
-    "c3po-ngd": ["--method", "c3po"],
-    "c3po-ngd-random": ["--method", "c3po", "--c3po-neighbour-mode", "random"],
-    "c3po-kernel": ["--method", "c3po", "--c3po-variant", "kernel"],
+    "des-k123": ["--method", "des", "--samples", "3", "--k-values", "1,2,3"],
+    "des-k2": ["--method", "des", "--samples", "3", "--k-values", "2"],
+    "c3po-ngd": ["--method", "c3po", "--c3po-references", "32"],
+    "c3po-ngd-random": ["--method", "c3po", "--c3po-references", "32", "--c3po-neighbour-mode", "random"],
+    "c3po-kernel": ["--method", "c3po", "--c3po-references", "32", "--c3po-variant", "kernel"],
     "rewire": ["--method", "rewire"],
     "odp": ["--method", "odp"],
     "cipher-none": ["--method", "none", "--cipher"],
