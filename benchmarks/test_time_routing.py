@@ -241,12 +241,12 @@ def continuation_loss(logits: torch.Tensor, ids: torch.Tensor, start: int) -> fl
 
 def summary(results: list[Path], baseline: Path | None) -> None:
     """A markdown row per result file: accuracy, Wilson 95% CI, cost per problem, and paired
-    wins/losses against the baseline file on the same problems."""
+    wins/losses against the baseline file (the same problems, in the same order)."""
     from moekit.io import read_json
 
     base_items = {}
     if baseline is not None:
-        base_items = {item["question"]: item["correct"] for item in read_json(baseline)["items"]}
+        base_items = [item["correct"] for item in read_json(baseline)["items"]]
     header = "run | correct | accuracy (95% CI) | fwd/problem | bwd/problem | assignments/problem | tok/s"
     print(f"| {header} | vs base +/- |")
     print("|---|---|---|---|---|---|---|---|")
@@ -257,8 +257,10 @@ def summary(results: list[Path], baseline: Path | None) -> None:
         cost = result["cost"]
         paired = ""
         if base_items:
-            wins = sum(i["correct"] and not base_items[i["question"]] for i in result["items"])
-            losses = sum(base_items[i["question"]] and not i["correct"] for i in result["items"])
+            # item i of every run is the same problem (ciphered or not): paired by position
+            pairs = list(zip((i["correct"] for i in result["items"]), base_items, strict=True))
+            wins = sum(ok and not base for ok, base in pairs)
+            losses = sum(base and not ok for ok, base in pairs)
             paired = f"+{wins} / -{losses}"
         print(
             f"| {path.stem} | {result['correct']}/{n} | {result['accuracy']:.3f} ({low:.3f}-{high:.3f}) "
@@ -271,11 +273,29 @@ RUNS: dict[str, list[str]] = {
     "none": ["--method", "none"],
     "scmoe": ["--method", "scmoe"],  # weak pass: top-1 of the top-2 model; beta 0.5, alpha 0.1
     "scmoe-rank2": ["--method", "scmoe", "--weak-rank", "2"],  # the paper's rank-k weak routing
-    "des-k123": ["--method", "des", "--samples", "6", "--k-values", "1,2,3"],
-    "des-k2": ["--method", "des", "--samples", "6", "--k-values", "2"],
-    "c3po-ngd": ["--method", "c3po"],
-    "c3po-ngd-random": ["--method", "c3po", "--c3po-neighbour-mode", "random"],
-    "c3po-kernel": ["--method", "c3po", "--c3po-variant", "kernel"],
+    "des-k123": ["--method", "des", "--samples", "3", "--k-values", "1,2,3"],
+    "des-k2": ["--method", "des", "--samples", "3", "--k-values", "2"],
+    # references: 32 problems with their exact answers, solved or not (`--c3po-unsolved`): at this
+    # model's accuracy a solved-only set would hold one or two items
+    "c3po-ngd": ["--method", "c3po", "--c3po-references", "32", "--c3po-unsolved"],
+    "c3po-ngd-random": [
+        "--method",
+        "c3po",
+        "--c3po-references",
+        "32",
+        "--c3po-unsolved",
+        "--c3po-neighbour-mode",
+        "random",
+    ],
+    "c3po-kernel": [
+        "--method",
+        "c3po",
+        "--c3po-references",
+        "32",
+        "--c3po-unsolved",
+        "--c3po-variant",
+        "kernel",
+    ],
     "rewire": ["--method", "rewire"],
     "odp": ["--method", "odp"],
     "cipher-none": ["--method", "none", "--cipher"],
