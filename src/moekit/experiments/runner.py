@@ -28,6 +28,7 @@ EXPERIMENTS = {
     "balance-scope": "moekit.experiments.balance_scope",
     "dynamic-compute": "moekit.experiments.dynamic_compute",
     "token-vs-context": "moekit.experiments.token_vs_context",
+    "routing-locality": "moekit.experiments.routing_locality",
 }
 RESULTS_FORMAT = "moekit-experiment"
 
