@@ -5,17 +5,19 @@
 For each shape of `moekit bench layer` (T tokens, forward+backward), side by side in one process,
 interleaved round by round: `dense`, the dense-equivalent chain of the layer benchmark; `moekit`,
 the whole layer; and `products`, only the layer's six expert products per expert (two forward, two
-input gradients, two weight gradients) for the routing the layer makes, through the same path
-(`dispatch.grouped`'s `ExpertProducts`) as the layer, with no routing, gather, activation or
-combine. `products / dense` is the ratio the layer would reach if everything but its GEMMs were
-free; `moekit - products` is what the rest costs.
+input gradients, two weight gradients) for the routing the layer makes, through the same kernel,
+workers and buffers as the layer, with no routing, gather, activation or combine. `products /
+dense` is the ratio the layer would reach if everything but its GEMMs were free; `moekit -
+products` is what the rest costs. (Where the layer runs whole experts in one loop or task, as
+SwiGLU experts on moekit's own kernels do, `products` times the same products in the paired
+path's order.)
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -30,18 +32,22 @@ from moekit.bench.layer import SHAPES, Shape, build_layer, timed_step  # noqa: E
 from moekit.bench.machine import thread_round_trip_us  # noqa: E402
 from moekit.bench.peers import dense_contenders, moekit_contender  # noqa: E402
 from moekit.bench.timing import interleaved_medians  # noqa: E402
-from moekit.dispatch.grouped import ExpertPlan, plan_experts  # noqa: E402
+from moekit.dispatch.grouped import (  # noqa: E402
+    ExpertPlan,
+    _backward_pair,
+    _rows_times_weight,
+    plan_experts,
+)
 from moekit.io import write_json_atomic  # noqa: E402
 from moekit.layer import MoE  # noqa: E402
 
 
 def expert_products_step(plan: ExpertPlan, w_in, w_out, rows: dict[str, Tensor]) -> dict[str, Tensor]:
     """The layer's expert GEMMs for one forward and backward, in the order the layer runs them."""
-    products = plan.products
-    h = products.products(rows["x"], w_in)
-    y = products.products(rows["a"], w_out)
-    grad_w_out, grad_a = products.backward_pair(rows["grad_y"], rows["a"], w_out, True)
-    grad_w_in, grad_x = products.backward_pair(rows["grad_h"], rows["x"], w_in, True)
+    h = _rows_times_weight(rows["x"], w_in, plan)
+    y = _rows_times_weight(rows["a"], w_out, plan)
+    grad_w_out, grad_a = _backward_pair(rows["grad_y"], rows["a"], w_out, plan, True)
+    grad_w_in, grad_x = _backward_pair(rows["grad_h"], rows["x"], w_in, plan, True)
     return {
         "h": h,
         "y": y,
@@ -81,7 +87,7 @@ class ProductsCase:
             "grad_y": torch.randn(len(kept), shape.hidden, generator=gen),
             "grad_h": torch.randn(len(kept), w_in.shape[1], generator=gen),
         }
-        return ProductsCase(shape, layer, x, upstream, plan, rows)
+        return ProductsCase(shape, layer, x, upstream, replace(plan, fused=None), rows)
 
     def run_products(self) -> dict[str, Tensor]:
         with torch.no_grad():

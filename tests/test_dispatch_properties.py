@@ -1,6 +1,7 @@
-"""Property tests for routing and dispatch invariants: empty experts, one hot expert, drops, masks;
-and every expert path (`dispatch.grouped`: native, decode, portable) against float64."""
+"""Property tests for routing and dispatch invariants: empty experts, one hot expert, drops, masks."""
 
+import os
+import threading
 from contextlib import contextmanager
 from unittest.mock import patch
 
@@ -10,21 +11,47 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import moekit.dispatch.grouped as grouped_module
-from moekit.dispatch import bandwidth
-from moekit.dispatch.bandwidth import torch_threads
 from moekit.dispatch.grouped import ExpertGroups, grouped_experts, grouped_mm_available
+from moekit.dispatch.loops import (
+    backward_pairs_into,
+    expert_loops,
+    native_backward_pairs_into,
+    native_products_into,
+    products_into,
+    swiglu_expert_loops,
+    swiglu_experts_backward_into,
+    swiglu_experts_forward_into,
+)
+from moekit.dispatch.workers import for_each_expert, for_each_run
 from moekit.experts.activations import make_activation
+from moekit.kernels.gemm import CHUNK_ROWS
 from moekit.kernels.native import native_available
 from moekit.routing.capacity import apply_capacity, expert_capacity, priority_key
 from moekit.routing.record import Assignments
 from moekit.routing.spec import RouterSpec
 from moekit.routing.token_choice import TokenChoiceRouter
 
-needs_native = pytest.mark.skipif(
-    not native_available(),
-    reason="the native and decode paths need an AVX-512 CPU and a C++ compiler; without them every "
-    "call takes the portable path, which the float64 tests here cover",
-)
+EXPERT_PATHS = ("serial", "workers", "workers_python", "fused")
+# fp32 on the worker paths runs moekit's own kernel where it is built; these run the library kernels
+LIBRARY_KERNEL_PATHS = ("workers_library", "fused_library")
+
+
+@contextmanager
+def expert_path(path: str):
+    """The loop backend's paths: `serial`, `workers` (runs of experts on the workers, the loops
+    over them compiled), `workers_python` (the same loops run as Python, as where TorchScript is
+    missing) and `fused` (each expert's whole forward and backward one task, forced on whatever
+    the expert size); `*_library`: the same with moekit's own kernel turned off. Yields the
+    `parallel_workers` flag for `grouped_experts`."""
+    min_seconds = 0.0 if path.startswith("fused") else float("inf")
+    loops = "python" if path == "workers_python" else "compiled"
+    native = "0" if path.endswith("_library") else "1"
+    with (
+        patch.object(grouped_module, "MIN_FUSED_EXPERT_SECONDS", min_seconds),
+        patch.object(grouped_module, "MIN_FUSED_EXPERT_SECONDS_NATIVE", min_seconds),
+        patch.dict(os.environ, {"MOEKIT_LOOPS": loops, "MOEKIT_NATIVE": native}),
+    ):
+        yield path != "serial"
 
 
 @st.composite
@@ -129,10 +156,11 @@ def assignment_sets(draw):
     st.sampled_from(["swiglu", "gelu", "relu2", "clamped_swiglu"]),
     st.sampled_from(["output", "input"]),
     st.booleans(),
+    st.sampled_from(EXPERT_PATHS),
 )
-def test_every_kept_assignment_is_computed_exactly_once(case, act_name, weight_on, bias):
-    """The layer's arithmetic (gather, routing weight, combine and their gradients), in float64 on
-    the portable path, against a per-assignment loop."""
+def test_every_kept_assignment_is_computed_exactly_once(case, act_name, weight_on, bias, path):
+    """On every path of the loop backend (serial, per-expert workers, whole-expert tasks),
+    whatever the machine would choose."""
     num_tokens, num_experts, pairs, seed = case
     gen = torch.Generator().manual_seed(seed)
     hidden, ff = 5, 3
@@ -157,8 +185,22 @@ def test_every_kept_assignment_is_computed_exactly_once(case, act_name, weight_o
     )
     upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
     leaves = [t for t in (x, weight, w_in, w_out, b_in, b_out) if t is not None]
-    y = grouped_experts(x, token, expert, weight, w_in, w_out, b_in, b_out, act, weight_on, backend="loop")
-    grads = torch.autograd.grad((y * upstream).sum(), leaves, allow_unused=False)
+    with expert_path(path) as parallel_workers:
+        y = grouped_experts(
+            x,
+            token,
+            expert,
+            weight,
+            w_in,
+            w_out,
+            b_in,
+            b_out,
+            act,
+            weight_on,
+            backend="loop",
+            parallel_workers=parallel_workers,
+        )
+        grads = torch.autograd.grad((y * upstream).sum(), leaves, allow_unused=False)
 
     expected = torch.zeros(num_tokens, hidden, dtype=torch.float64)
     for i, (t, e) in enumerate(pairs):
@@ -190,6 +232,17 @@ def test_apply_capacity_on_empty_assignments():
     assert len(kept) == 0 and len(dropped) == 0
 
 
+@contextmanager
+def torch_threads(count: int):
+    """The worker path needs a second thread to hand experts to; the tests run with one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def sorted_topk_assignments(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(token, expert) for each token's top-k experts, sorted by expert as dispatch expects."""
     expert = torch.topk(logits, k).indices.reshape(-1)
@@ -197,18 +250,270 @@ def sorted_topk_assignments(logits: torch.Tensor, k: int) -> tuple[torch.Tensor,
     return torch.arange(logits.shape[0]).repeat_interleave(k)[order], expert
 
 
-@contextmanager
-def split_reads(faster: bool):
-    """Decode's measured choice of threads, as if split reads were (not) faster here."""
-    with patch.object(bandwidth, "parallel_reads_pay_off", lambda threads: faster):
-        yield
+def swiglu_inputs(
+    gen, num_tokens, num_assignments, num_experts, hidden, ff, weight_scale, dtype=torch.float64
+):
+    """(x, routing weights, w_in, w_out) for packed SwiGLU experts."""
+    return (
+        torch.randn(num_tokens, hidden, dtype=dtype, generator=gen),
+        torch.rand(num_assignments, dtype=dtype, generator=gen),
+        torch.randn(num_experts, 2 * ff, hidden, dtype=dtype, generator=gen) * weight_scale,
+        torch.randn(num_experts, hidden, ff, dtype=dtype, generator=gen) * weight_scale,
+    )
 
 
-def expert_case(gen, num_tokens, num_experts, k, hidden, ff, act, bias, empty_expert=None):
-    """(token, expert, float64 leaves [x, weight, w_in, w_out, (b_in, b_out)], upstream)."""
+def swiglu_output_and_grads(inputs, token, expert, upstream, dtype, **options):
+    """The grouped SwiGLU experts' output on `inputs` cast to `dtype`, and the gradients of x, the
+    routing weights, w_in and w_out for the upstream gradient `upstream`."""
+    x, weight, w_in, w_out = (t.detach().to(dtype).requires_grad_() for t in inputs)
+    act = make_activation("swiglu")
+    y = grouped_experts(x, token, expert, weight, w_in, w_out, None, None, act, **options)
+    return (y, *torch.autograd.grad((y * upstream.to(dtype)).sum(), (x, weight, w_in, w_out)))
+
+
+@pytest.mark.parametrize("path", ["workers", "workers_python", "fused"])
+def test_parallel_expert_workers_match_the_serial_loop(path):
+    """The worker paths (experts on single-threaded workers; with `fused`, each expert's whole
+    forward and backward as one task) compute the same thing as the serial loop."""
+    gen = torch.Generator().manual_seed(3)
+    num_tokens, num_experts, k, hidden, ff = 300, 6, 2, 8, 5
+    token, expert = sorted_topk_assignments(torch.randn(num_tokens, num_experts, generator=gen), k)
+    inputs = swiglu_inputs(gen, num_tokens, len(token), num_experts, hidden, ff, weight_scale=1.0)
+    upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
+    results = []
+    with torch_threads(2):
+        for run_path in ("serial", path):
+            with expert_path(run_path) as parallel:
+                results.append(
+                    swiglu_output_and_grads(
+                        inputs,
+                        token,
+                        expert,
+                        upstream,
+                        torch.float64,
+                        backend="loop",
+                        parallel_workers=parallel,
+                    )
+                )
+    for serial, parallel in zip(*results, strict=True):
+        torch.testing.assert_close(parallel, serial, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", EXPERT_PATHS + LIBRARY_KERNEL_PATHS)
+def test_float32_kernel_path_matches_float64(path):
+    """fp32 experts big enough for the GEMM kernel's chunked, row-bucketed products (one expert
+    past CHUNK_ROWS rows, ragged tails, one expert empty), on the serial loop and on the workers:
+    the output and every gradient close to the same computation in float64 (itself held to the
+    per-assignment reference above)."""
+    gen = torch.Generator().manual_seed(4)
+    num_tokens, num_experts, k, hidden, ff = 1500, 6, 2, 32, 24
     logits = torch.randn(num_tokens, num_experts, generator=gen)
-    if empty_expert is not None:
-        logits[:, empty_expert] = -float("inf")
+    logits[:, 0] += 4.0  # expert 0 is in almost every token's top-2
+    logits[:, 5] = -float("inf")  # expert 5 receives nothing
+    token, expert = sorted_topk_assignments(logits, k)
+    counts = torch.bincount(expert, minlength=num_experts)
+    assert counts[0] > CHUNK_ROWS and counts[5] == 0
+    inputs = swiglu_inputs(gen, num_tokens, len(token), num_experts, hidden, ff, weight_scale=0.2)
+    upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
+    results = {}
+    with torch_threads(2), expert_path(path) as parallel:
+        for dtype in (torch.float64, torch.float32):
+            results[dtype] = swiglu_output_and_grads(
+                inputs, token, expert, upstream, dtype, backend="loop", parallel_workers=parallel
+            )
+    for fast, exact in zip(results[torch.float32], results[torch.float64], strict=True):
+        torch.testing.assert_close(fast.double(), exact, rtol=1e-4, atol=1e-4)
+    for grad in results[torch.float32][3:]:
+        assert torch.count_nonzero(grad[5]) == 0
+
+
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=12), st.integers(1, 4))
+def test_expert_shares_partition_experts_and_rows(counts, parts):
+    """Shares (one grouped_mm call per worker) cover every expert and every row exactly once, in
+    order, with grouped_mm offsets that match each expert's rows (empty experts included), and
+    split the rows about evenly."""
+    expert = torch.arange(len(counts)).repeat_interleave(torch.tensor(counts))
+    groups = ExpertGroups.build(torch.arange(len(expert)), expert, len(counts))
+    shares = groups.shares(parts)
+    assert 1 <= len(shares) <= parts
+    assert shares[0].first == 0 and shares[-1].stop == len(counts)
+    assert shares[0].row_start == 0 and shares[-1].row_stop == len(expert)
+    for before, after in zip(shares, shares[1:], strict=False):
+        assert before.stop == after.first and before.row_stop == after.row_start
+    for share in shares:
+        sizes = [counts[e] for e in range(share.first, share.stop)]
+        ends = torch.tensor(sizes).cumsum(0).to(torch.int32)
+        assert torch.equal(share.grouped_mm_offsets, ends)
+        assert share.row_stop - share.row_start == sum(sizes)
+        # balanced: no share holds more than its part of the rows plus one expert's
+        assert share.row_stop - share.row_start <= sum(counts) / parts + max(counts)
+    if parts == 2 and sum(c > 0 for c in counts) >= 2:
+        # each expert goes where its middle row falls: two shares, cut within half an expert of
+        # the middle row
+        assert len(shares) == 2
+        assert abs(shares[1].row_start - sum(counts) / 2) <= max(counts) / 2
+
+
+@pytest.mark.skipif(not grouped_mm_available(), reason="torch.nn.functional.grouped_mm needs torch >= 2.9")
+@pytest.mark.parametrize("weight_on", ["output", "input"])
+def test_grouped_mm_shares_on_workers_match_float64(monkeypatch, weight_on):
+    """Decode-sized inputs on the grouped_mm backend split into one call per worker, each over a
+    share of the experts (fp32): output and every gradient close to the float64 loop, and experts
+    without rows (some at the share boundaries) get an exactly-zero weight gradient."""
+    gen = torch.Generator().manual_seed(5)
+    num_tokens, num_experts, k, hidden, ff = 5, 16, 2, 16, 8
+    token, expert = sorted_topk_assignments(torch.randn(num_tokens, num_experts, generator=gen), k)
+    inputs = swiglu_inputs(gen, num_tokens, len(token), num_experts, hidden, ff, weight_scale=0.3)
+    upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
+    shares_run = []
+    real_run_shares = grouped_module.run_shares
+    monkeypatch.setattr(
+        grouped_module,
+        "run_shares",
+        lambda shares, fn: (shares_run.append(len(shares)), real_run_shares(shares, fn)),
+    )
+    results = {}
+    with torch_threads(2):
+        for dtype, backend in ((torch.float64, "loop"), (torch.float32, "grouped_mm")):
+            results[dtype] = swiglu_output_and_grads(
+                inputs,
+                token,
+                expert,
+                upstream,
+                dtype,
+                weight_on=weight_on,
+                backend=backend,
+                parallel_workers=True,
+            )
+    assert shares_run and all(count == 2 for count in shares_run)  # forward and backward, 2 workers
+    for fast, exact in zip(results[torch.float32], results[torch.float64], strict=True):
+        torch.testing.assert_close(fast.double(), exact, rtol=1e-5, atol=1e-5)
+    unused = sorted(set(range(num_experts)) - set(expert.tolist()))
+    assert unused
+    for grad in results[torch.float32][3:]:
+        assert torch.count_nonzero(grad[unused]) == 0
+
+
+def _consecutive_slices(sizes: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, start, end) for experts of these row counts, laid out one after the other."""
+    items = []
+    for e, size in enumerate(sizes):
+        start = items[-1][2] if items else 0
+        items.append((e, start, start + size))
+    return items
+
+
+@given(st.lists(st.integers(0, 50), min_size=0, max_size=20))
+def test_workers_take_every_expert_exactly_once(sizes):
+    """The dynamic hand-out of experts to the calling thread and its helper: every expert slice
+    is run exactly once, whatever the sizes (empty, one, many, all equal)."""
+    items = _consecutive_slices(sizes)
+    seen = []
+    lock = threading.Lock()
+
+    def record(e, start, stop):
+        with lock:
+            seen.append((e, start, stop))
+
+    with torch_threads(2):
+        for_each_expert(items, record, parallel=True)
+    assert sorted(seen) == items
+
+
+@given(st.lists(st.integers(0, 50), min_size=0, max_size=20), st.booleans())
+def test_runs_of_experts_cover_every_expert_exactly_once(sizes, parallel):
+    """The runs handed to the compiled loops: consecutive experts, every one in exactly one run."""
+    items = _consecutive_slices(sizes)
+    runs = []
+    lock = threading.Lock()
+
+    def record(run):
+        with lock:
+            runs.append(list(run))
+
+    with torch_threads(2):
+        for_each_run(items, record, parallel=parallel)
+    assert sorted(item for run in runs for item in run) == items
+    for run in runs:
+        assert [e for e, _, _ in run] == list(range(run[0][0], run[0][0] + len(run)))
+    assert parallel or len(runs) == (1 if items else 0)
+
+
+@pytest.mark.skipif(not native_available(), reason="the native kernel needs an AVX-512 CPU and a compiler")
+@pytest.mark.parametrize("split_reads_faster", [True, False])
+def test_decode_takes_the_native_kernel_where_it_runs(split_reads_faster):
+    """`auto` at decode: the native loops where they run (fp32), on the workers where split
+    memory reads were measured faster than one thread's, else on the calling thread; grouped_mm
+    with the workers off, the library kernels for float64."""
+    gen = torch.Generator().manual_seed(9)
+    token, expert = sorted_topk_assignments(torch.randn(3, 6, generator=gen), 2)
+    act = make_activation("swiglu")
+    x, _, w_in, w_out = swiglu_inputs(gen, 3, len(token), 6, 16, 8, 1.0, torch.float32)
+    with (
+        torch_threads(2),
+        patch.object(grouped_module, "workers_enabled", lambda: True),
+        patch.object(grouped_module, "parallel_reads_pay_off", lambda threads: split_reads_faster),
+    ):
+        plan = grouped_module.plan_experts(x, token, expert, w_in, w_out, act)
+        assert plan.backend == "loop" and plan.native and plan.swiglu_loops
+        assert plan.parallel == split_reads_faster and plan.single_threaded != split_reads_faster
+        serial = grouped_module.plan_experts(x, token, expert, w_in, w_out, act, parallel_workers=False)
+        assert serial.backend == "grouped_mm" and not serial.native
+        exact = grouped_module.plan_experts(x.double(), token, expert, w_in.double(), w_out.double(), act)
+        assert not exact.native  # float64: grouped_mm does not take it either, the library loop does
+
+
+def test_expert_loops_are_compiled_where_torchscript_is():
+    """The fast path the tests above check is the one that runs: TorchScript compiles the loops
+    (this torch has it), and `MOEKIT_LOOPS=python` selects the Python loops."""
+    assert all(isinstance(loop, torch.jit.ScriptFunction) for loop in expert_loops())
+    assert all(isinstance(loop, torch.jit.ScriptFunction) for loop in expert_loops(native=True))
+    with patch.dict(os.environ, {"MOEKIT_LOOPS": "python"}):
+        assert expert_loops() == (products_into, backward_pairs_into)
+        if native_available():
+            assert expert_loops(native=True) == (native_products_into, native_backward_pairs_into)
+            assert swiglu_expert_loops() == (swiglu_experts_forward_into, swiglu_experts_backward_into)
+    if native_available():
+        assert all(isinstance(loop, torch.jit.ScriptFunction) for loop in swiglu_expert_loops())
+
+
+@pytest.mark.parametrize("path", ["workers", "workers_python", "fused", *LIBRARY_KERNEL_PATHS])
+def test_worker_paths_are_bitwise_deterministic(path):
+    """Experts go to whichever thread is free, but each is computed by one thread in one way and
+    combined in a fixed order: repeated fp32 runs agree bit for bit (training runs repeat)."""
+    gen = torch.Generator().manual_seed(6)
+    num_tokens, num_experts, k, hidden, ff = 700, 12, 4, 32, 24  # k > 2: sum order shows
+    token, expert = sorted_topk_assignments(torch.randn(num_tokens, num_experts, generator=gen), k)
+    inputs = swiglu_inputs(gen, num_tokens, len(token), num_experts, hidden, ff, 0.2, torch.float32)
+    upstream = torch.randn(num_tokens, hidden, generator=gen)
+    with torch_threads(2), expert_path(path) as parallel:
+        runs = [
+            swiglu_output_and_grads(
+                inputs, token, expert, upstream, torch.float32, backend="loop", parallel_workers=parallel
+            )
+            for _ in range(3)
+        ]
+    for again in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], again, strict=True))
+
+
+@pytest.mark.parametrize("act_name", ["swiglu", "gelu"])
+@pytest.mark.parametrize("weight_on", ["output", "input"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("path", ["workers", "workers_python", "fused"])
+@pytest.mark.parametrize("num_tokens", [400, 3])
+def test_float32_worker_paths_match_float64_for_every_expert_kind(
+    act_name, weight_on, bias, path, num_tokens
+):
+    """fp32 on the worker paths takes moekit's own kernels where they run: SwiGLU experts without
+    biases as whole experts in one loop (`swiglu_loops`), the others on the native products, in
+    whole-expert tasks or not; 3 tokens is decode (one or two rows per expert: the kernel's dot
+    products). Output and every gradient against float64, one expert empty."""
+    gen = torch.Generator().manual_seed(8)
+    num_experts, k, hidden, ff = 6, 2, 24, 20
+    act = make_activation(act_name)
+    logits = torch.randn(num_tokens, num_experts, generator=gen)
+    logits[:, 3] = -float("inf")  # expert 3 receives nothing
     token, expert = sorted_topk_assignments(logits, k)
     exact = [
         torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen),
@@ -220,128 +525,22 @@ def expert_case(gen, num_tokens, num_experts, k, hidden, ff, act, bias, empty_ex
         exact.append(torch.randn(num_experts, act.in_features(ff), dtype=torch.float64, generator=gen))
         exact.append(torch.randn(num_experts, hidden, dtype=torch.float64, generator=gen))
     upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
-    return token, expert, exact, upstream
-
-
-def run_experts(token, expert, exact, upstream, act, weight_on, dtype, backend="auto"):
-    """(plan, output, gradients of every leaf) of the grouped experts on `exact` cast to `dtype`."""
-    leaves = [t.to(dtype).requires_grad_() for t in exact]
-    x, weight, w_in, w_out, *biases = leaves
-    b_in, b_out = biases if biases else (None, None)
-    plan = grouped_module.plan_experts(x, token, expert, w_in, w_out, act, weight_on, backend)
-    y = grouped_experts(x, token, expert, weight, w_in, w_out, b_in, b_out, act, weight_on, backend)
-    return plan, (y, *torch.autograd.grad((y * upstream.to(dtype)).sum(), leaves))
-
-
-@pytest.mark.parametrize("act_name", ["swiglu", "gelu"])
-@pytest.mark.parametrize("weight_on", ["output", "input"])
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("num_tokens", [400, 3])
-def test_every_path_matches_float64_for_every_expert_kind(act_name, weight_on, bias, threads, num_tokens):
-    """fp32 on `auto`: 400 tokens take the native path (every expert whole on one of the threads),
-    3 tokens the decode path (one or two rows per expert: the kernel's dot products), on one
-    thread or two; without the native kernel, the portable path. Output and every gradient
-    against float64, and an expert without rows gets an exactly-zero weight gradient."""
-    gen = torch.Generator().manual_seed(8)
-    act = make_activation(act_name)
-    token, expert, exact, upstream = expert_case(gen, num_tokens, 6, 2, 24, 20, act, bias, empty_expert=3)
-    with torch_threads(threads), split_reads(True):
-        _, want = run_experts(token, expert, exact, upstream, act, weight_on, torch.float64)
-        plan, got = run_experts(token, expert, exact, upstream, act, weight_on, torch.float32)
-    if native_available():
-        assert plan.path == ("native" if num_tokens == 400 else "decode")
-        assert plan.products.threads == threads
-        whole = act_name == "swiglu" and weight_on == "output" and not bias  # in one C++ call
-        assert plan.whole_swiglu(*([torch.ones(1)] * 2 if bias else [None, None])) == whole
-    else:
-        assert plan.path == "portable"
-    for fast, exact_value in zip(got, want, strict=True):
-        torch.testing.assert_close(fast.double(), exact_value, rtol=1e-4, atol=1e-4)
-    for grad in got[3:5]:
+    results = {}
+    with torch_threads(2), expert_path(path) as parallel:
+        for dtype in (torch.float64, torch.float32):
+            leaves = [t.to(dtype).requires_grad_() for t in exact]
+            x, weight, w_in, w_out, *biases = leaves
+            b_in, b_out = biases if bias else (None, None)
+            plan = grouped_module.plan_experts(
+                x, token, expert, w_in, w_out, act, weight_on, backend="loop", parallel_workers=parallel
+            )
+            if dtype == torch.float32 and native_available():
+                assert plan.native and plan.swiglu_loops == (act_name == "swiglu")
+            y = grouped_experts(
+                x, token, expert, weight, w_in, w_out, b_in, b_out, act, weight_on, "loop", parallel
+            )
+            results[dtype] = (y, *torch.autograd.grad((y * upstream.to(dtype)).sum(), leaves))
+    for fast, want in zip(results[torch.float32], results[torch.float64], strict=True):
+        torch.testing.assert_close(fast.double(), want, rtol=1e-4, atol=1e-4)
+    for grad in results[torch.float32][3:5]:
         assert torch.count_nonzero(grad[3]) == 0
-
-
-@pytest.mark.parametrize("backend", ["auto", "loop", "grouped_mm"])
-def test_large_experts_match_float64(backend):
-    """Experts of many rows (one past 1024, kernel blocks of 256 and panels of 64 with ragged
-    tails, one empty) on every path `backend` selects, two threads: output and every gradient
-    against float64."""
-    if backend == "grouped_mm" and not grouped_mm_available():
-        pytest.skip("torch.nn.functional.grouped_mm needs torch >= 2.9")
-    gen = torch.Generator().manual_seed(4)
-    num_tokens, num_experts, k, hidden, ff = 1500, 6, 2, 272, 72
-    act = make_activation("swiglu")
-    token, expert, exact, upstream = expert_case(gen, num_tokens, num_experts, k, hidden, ff, act, False, 5)
-    counts = torch.bincount(expert, minlength=num_experts)
-    assert counts.max() > 256 and counts[5] == 0
-    with torch_threads(2):
-        _, want = run_experts(token, expert, exact, upstream, act, "output", torch.float64)
-        plan, got = run_experts(token, expert, exact, upstream, act, "output", torch.float32, backend)
-    assert plan.path == ("native" if backend == "auto" and native_available() else "portable")
-    for fast, exact_value in zip(got, want, strict=True):
-        torch.testing.assert_close(fast.double(), exact_value, rtol=2e-4, atol=2e-4)
-    for grad in got[3:]:
-        assert torch.count_nonzero(grad[5]) == 0
-
-
-@needs_native
-@pytest.mark.parametrize("num_tokens", [700, 3])
-def test_native_paths_are_bitwise_deterministic_whatever_the_threads(num_tokens):
-    """Threads take experts as they come, but each expert is computed by one thread in one way
-    and each token's combine by one thread in a fixed order: runs agree bit for bit, on one
-    thread or two (training runs repeat, and resume on other loads)."""
-    gen = torch.Generator().manual_seed(6)
-    act = make_activation("swiglu")
-    token, expert, exact, upstream = expert_case(gen, num_tokens, 12, 4, 32, 24, act, False)  # k > 2
-    runs = []
-    for threads in (2, 2, 1):
-        with torch_threads(threads), split_reads(True):
-            runs.append(run_experts(token, expert, exact, upstream, act, "output", torch.float32)[1])
-    for again in runs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(runs[0], again, strict=True))
-
-
-@needs_native
-@given(st.lists(st.integers(0, 9), min_size=1, max_size=40), st.integers(1, 5), st.integers(0, 2**16))
-def test_combine_sums_each_tokens_rows_as_a_serial_index_add(tokens, num_tokens, seed):
-    """The native combine (`moekit::combine_rows`): each token's rows summed in assignment order,
-    so bit for bit what a serial index_add_ gives, tokens without rows 0."""
-    token = torch.tensor([t % num_tokens for t in tokens])
-    rows = torch.randn(len(token), 37, generator=torch.Generator().manual_seed(seed))
-    groups = ExpertGroups.build(token, torch.zeros_like(token), 1, num_tokens)
-    native = grouped_module.NativeProducts(groups, "native", 2)
-    with torch_threads(1):
-        expected = torch.zeros(num_tokens, 37).index_add_(0, token, rows)
-    with torch_threads(2):
-        assert torch.equal(native.combine(rows), expected)
-
-
-@needs_native
-@pytest.mark.parametrize("faster", [True, False])
-def test_decode_takes_the_threads_split_reads_were_measured_to_pay_for(faster):
-    """`auto` at decode: the native kernel's dot products, on all threads where split memory reads
-    were measured faster than one thread's on this CPU, else on the calling thread; portable
-    for float64 and where `backend` asks for torch's kernels."""
-    gen = torch.Generator().manual_seed(9)
-    token, expert = sorted_topk_assignments(torch.randn(3, 6, generator=gen), 2)
-    act = make_activation("swiglu")
-    x, w_in, w_out = torch.randn(3, 16), torch.randn(6, 16, 16), torch.randn(6, 16, 8)
-    with torch_threads(2), split_reads(faster):
-        plan = grouped_module.plan_experts(x, token, expert, w_in, w_out, act)
-        assert plan.path == "decode" and plan.products.threads == (2 if faster else 1)
-        torch_kernels = grouped_module.plan_experts(x, token, expert, w_in, w_out, act, backend="loop")
-        assert torch_kernels.path == "portable"
-        exact = grouped_module.plan_experts(x.double(), token, expert, w_in.double(), w_out.double(), act)
-        assert exact.path == "portable"
-
-
-def test_native_kernel_off_takes_the_portable_path(monkeypatch):
-    """`MOEKIT_NATIVE=0` (the one switch, for debugging and the portable test leg) forces the
-    portable path."""
-    monkeypatch.setenv("MOEKIT_NATIVE", "0")
-    token, expert = sorted_topk_assignments(torch.randn(64, 4, generator=torch.Generator().manual_seed(2)), 2)
-    act = make_activation("swiglu")
-    plan = grouped_module.plan_experts(torch.randn(64, 16), token, expert, torch.randn(4, 16, 16),
-                                       torch.randn(4, 16, 8), act)  # fmt: skip
-    assert plan.path == "portable"

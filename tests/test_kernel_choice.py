@@ -1,5 +1,5 @@
-"""Kernel choices fixed per machine (measured once, stored), recorded and re-applied; the fallback
-taken when the native kernel is missing warns and stays exact."""
+"""Kernel choices fixed per machine (measured once, stored), recorded and re-applied; the fallbacks
+taken when the native kernel or TorchScript is missing warn and stay exact."""
 
 import json
 import os
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from moekit import MoE, MoEConfig, preset
-from moekit.dispatch import bandwidth
+from moekit.dispatch import loops
 from moekit.dispatch.reference import reference_moe
+from moekit.dispatch.workers import workers_enabled
 from moekit.kernels import gemm, native, store
 from moekit.kernels.record import apply_kernel_record, kernel_record
 
@@ -22,10 +23,10 @@ def fresh_kernel_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path / "kernels"))
     monkeypatch.delenv("MOEKIT_GEMM", raising=False)
     gemm.onednn_is_faster.cache_clear()
-    bandwidth.parallel_reads_pay_off.cache_clear()
+    gemm.row_cuts.cache_clear()
     yield tmp_path / "kernels"
     gemm.onednn_is_faster.cache_clear()
-    bandwidth.parallel_reads_pay_off.cache_clear()
+    gemm.row_cuts.cache_clear()
 
 
 def test_choice_is_measured_once_and_then_read(fresh_kernel_cache):
@@ -76,18 +77,26 @@ def test_record_is_reapplied_on_resume(fresh_kernel_cache, monkeypatch):
     if not gemm._onednn_matches_mm(torch.float32):
         pytest.skip("oneDNN's linear op is not usable in this torch build: MKL is the only kernel")
     monkeypatch.setattr(gemm, "_measure_faster", lambda dtype: "mkl")
+    monkeypatch.setenv("MOEKIT_LOOPS", "compiled")
     threads = torch.get_num_threads()
     record = kernel_record(torch.float32)
     assert record["gemm"] == {"float32": "mkl"} and record["threads"] == threads
-    # an older record also names the TorchScript loops and expert workers, which no longer exist
-    started_with = {**record, "gemm": {"float32": "onednn"}, "threads": threads + 1, "loops": "python"}
+    started_with = {
+        **record,
+        "gemm": {"float32": "onednn"},
+        "threads": threads + 1,
+        "loops": "python",
+        "workers": None,
+    }
     try:
         changed = apply_kernel_record(started_with, torch.float32)
         assert gemm.gemm_kernel(torch.float32) == "onednn"
-        assert torch.get_num_threads() == threads + 1
-        assert len(changed) == 2
+        assert torch.get_num_threads() == threads + 1 and os.environ["MOEKIT_LOOPS"] == "python"
+        assert len(changed) == 3
         now = kernel_record(torch.float32)
-        assert {k: now[k] for k in ("gemm", "threads")} == {k: started_with[k] for k in ("gemm", "threads")}
+        assert {k: now[k] for k in ("gemm", "threads", "loops")} == {
+            k: started_with[k] for k in ("gemm", "threads", "loops")
+        }
         assert apply_kernel_record(now, torch.float32) == []  # nothing left to change
     finally:
         torch.set_num_threads(threads)
@@ -103,8 +112,8 @@ def test_record_of_another_machine_warns(fresh_kernel_cache):
 
 
 def small_layer() -> MoE:
-    """A small fp32 layer (the paths are checked against float64 over many shapes in
-    test_dispatch_properties.py; here: that the process still computes exactly)."""
+    """A small fp32 layer (the worker paths on the fallbacks are checked against float64 over many
+    shapes in test_dispatch_properties.py; here: that the process still computes exactly)."""
     layer = MoE(MoEConfig(hidden_size=64, ff_size=128, router=preset("qwen3_moe", 16, 2)))
     with torch.no_grad():
         for p in layer.parameters():
@@ -142,6 +151,7 @@ def test_failed_native_build_falls_back_with_a_warning(monkeypatch):
             available = native.native_available()
         if native.cpu_has_avx512():
             assert not available
+        assert workers_enabled()  # the workers still run, on the library kernels
         layer = small_layer()
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # one warning, not one per call
@@ -150,23 +160,35 @@ def test_failed_native_build_falls_back_with_a_warning(monkeypatch):
         native._built_and_checked.cache_clear()
 
 
-def test_split_read_choice_is_measured_once_per_cpu_and_stored(fresh_kernel_cache, monkeypatch):
-    """Decode's threads (`dispatch.bandwidth`): measured once per CPU model and thread count, then
-    read from the store, in this process and the next."""
-    measured = []
-    monkeypatch.setattr(bandwidth, "_measure", lambda threads: measured.append(threads) or "split")
-    assert bandwidth.parallel_reads_pay_off(2) and measured == [2]
-    bandwidth.parallel_reads_pay_off.cache_clear()  # as a new process
-    assert bandwidth.parallel_reads_pay_off(2) and measured == [2]
-    assert [p.name.startswith("split-reads-2-") for p in fresh_kernel_cache.glob("*.json")] == [True]
-    assert not bandwidth.parallel_reads_pay_off(1)  # one thread: nothing to split, nothing measured
-    assert measured == [2]
+@pytest.mark.production_threads
+def test_missing_torchscript_falls_back_with_a_warning(monkeypatch):
+    def no_script(fn):
+        raise RuntimeError("simulated: TorchScript unavailable")
+
+    monkeypatch.setenv("MOEKIT_LOOPS", "compiled")
+    monkeypatch.setattr(torch.jit, "script", no_script)
+    loops._loops.cache_clear()
+    loops._swiglu_loops.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="TorchScript could not compile"):
+            forward, backward = loops.expert_loops(native=False)
+        assert forward is loops.products_into and backward is loops.backward_pairs_into
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            assert_matches_reference(small_layer())
+    finally:
+        loops._loops.cache_clear()
+        loops._swiglu_loops.cache_clear()
 
 
 @pytest.mark.production_threads
 def test_production_marker_runs_the_cli_paths():
     """Tests marked `production_threads` run what `moekit train` runs on this machine."""
+    from moekit.dispatch.workers import openmp_library
+
     assert torch.get_num_threads() == 2
+    if openmp_library() is not None:  # torch built with GNU OpenMP, as the pinned CPU wheel is
+        assert workers_enabled()
     wants_native = os.environ.get("MOEKIT_NATIVE", "1") != "0" and native.cpu_has_avx512()
     if wants_native:
         assert native.native_available()

@@ -1,6 +1,6 @@
 """moekit's own expert kernels (`moekit.kernels.native`) against float64: the GEMM on every operand
-layout the expert products use and on ragged shapes, the loops over the experts on one thread or
-several, their use by the layer's native paths, and SwiGLU with its derivative."""
+layout the expert loops use and on ragged shapes, its use by the layer's worker paths, and SwiGLU
+with its derivative."""
 
 import os
 import shutil
@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moekit.dispatch.bandwidth import torch_threads
 from moekit.dispatch.grouped import plan_experts
 from moekit.experts.activations import make_activation, swiglu_with_grad
 from moekit.kernels.native import (
+    MIN_SPLIT_ELEMENTS,
     cpu_has_avx512,
     mm_into,
     native_available,
@@ -98,7 +98,7 @@ def test_bad_operands_get_a_clear_error():
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_plans_take_the_native_kernel_for_float32_only(dtype):
+def test_worker_plans_take_the_native_kernel_for_float32_only(dtype):
     gen = torch.Generator().manual_seed(0)
     num_experts, hidden, ff = 4, 16, 8
     act = make_activation("swiglu")
@@ -108,74 +108,12 @@ def test_plans_take_the_native_kernel_for_float32_only(dtype):
     order = torch.argsort(expert, stable=True)
     w_in = torch.randn(num_experts, act.in_features(ff), hidden, dtype=dtype)
     w_out = torch.randn(num_experts, hidden, ff, dtype=dtype)
-    plan = plan_experts(x, token[order], expert[order], w_in, w_out, act)
-    assert plan.path == ("native" if dtype == torch.float32 else "portable")
+    for parallel in (True, False):
+        plan = plan_experts(
+            x, token[order], expert[order], w_in, w_out, act, backend="loop", parallel_workers=parallel
+        )
+        assert plan.native == (parallel and dtype == torch.float32)
     assert not native_fits(x.float(), torch.randn(num_experts, 16, 16)[:, ::2, ::2])
-
-
-@st.composite
-def expert_tasks(draw):
-    """Packed weights [E, n_out, n_in] (row-major or transposed in memory), rows, and tasks: some
-    experts' row ranges in any order, some experts and rows left out."""
-    num_experts = draw(st.integers(1, 5))
-    n_out, n_in = draw(st.integers(1, 90)), draw(st.integers(1, 300))
-    counts = draw(st.lists(st.integers(0, 14), min_size=num_experts, max_size=num_experts))
-    included = draw(st.lists(st.booleans(), min_size=num_experts, max_size=num_experts))
-    transposed = draw(st.booleans())
-    threads = draw(st.sampled_from([1, 2]))
-    tasks, start = [], 0
-    for e in draw(st.permutations(range(num_experts))):
-        if included[e]:
-            tasks.append((e, start, start + counts[e]))
-        start += counts[e] + draw(st.integers(0, 2))  # rows between experts: never written
-    return num_experts, n_out, n_in, start, tasks, transposed, threads, draw(st.integers(0, 2**16))
-
-
-@needs_native
-@settings(max_examples=40, deadline=None)
-@given(expert_tasks())
-def test_expert_loops_match_float64_and_write_only_their_rows(case):
-    """`expert_products` and `expert_backward_pairs` (every expert whole on one of the threads):
-    each task's rows against float64, the weight gradients of its experts; rows and experts of no
-    task keep what was there."""
-    num_experts, n_out, n_in, rows, tasks, transposed, threads, seed = case
-    gen = torch.Generator().manual_seed(seed)
-    weights = torch.randn(num_experts, n_out, n_in, generator=gen) * 0.2
-    if transposed:
-        weights = weights.transpose(1, 2).contiguous().transpose(1, 2)
-    x = torch.randn(rows, n_in, generator=gen)
-    grad = torch.randn(rows, n_out, generator=gen)
-    task_tensor = torch.tensor(tasks, dtype=torch.long).reshape(-1, 3)
-    out = torch.full((rows, n_out), float("nan"))
-    grad_in = torch.full((rows, n_in), float("nan"))
-    grad_weight = torch.full((num_experts, n_out, n_in), float("nan"))
-    with torch_threads(threads):
-        torch.ops.moekit.expert_products(x, weights, out, task_tensor, threads)
-        torch.ops.moekit.expert_backward_pairs(grad, x, weights, grad_weight, grad_in, task_tensor, threads)
-    written_rows = torch.zeros(rows, dtype=torch.bool)
-    close = dict(rtol=1e-5, atol=1e-4 * max(1.0, n_in**0.5))
-    for e, start, stop in tasks:
-        w = weights[e].double()
-        span = slice(start, stop)
-        torch.testing.assert_close(out[span].double(), x[span].double() @ w.T, **close)
-        torch.testing.assert_close(grad_in[span].double(), grad[span].double() @ w, **close)
-        torch.testing.assert_close(grad_weight[e].double(), grad[span].double().T @ x[span].double(), **close)
-        written_rows[span] = True
-    assert torch.isnan(out[~written_rows]).all() and torch.isnan(grad_in[~written_rows]).all()
-    untouched = sorted(set(range(num_experts)) - {e for e, _, _ in tasks})
-    assert torch.isnan(grad_weight[untouched]).all()
-
-
-@needs_native
-def test_bad_expert_tasks_get_a_clear_error():
-    weights, x = torch.randn(2, 4, 8), torch.randn(5, 8)
-    out = torch.empty(5, 4)
-    with pytest.raises(RuntimeError, match="out of range"):
-        torch.ops.moekit.expert_products(x, weights, out, torch.tensor([[2, 0, 5]]), 1)
-    with pytest.raises(RuntimeError, match="out of range"):
-        torch.ops.moekit.expert_products(x, weights, out, torch.tensor([[0, 3, 6]]), 1)
-    with pytest.raises(RuntimeError, match="int64 CPU tensor"):
-        torch.ops.moekit.expert_products(x, weights, out, torch.tensor([0, 0, 5]), 1)
 
 
 def _swiglu_float64(h: torch.Tensor) -> torch.Tensor:
@@ -201,18 +139,17 @@ def test_swiglu_and_its_derivative_match_float64(rows, ff, scale, seed):
 
 
 @needs_native
-def test_swiglu_split_over_the_threads_and_under_autograd_matches_float64():
-    """Inputs large enough to be split over torch's threads (more than 2^16 elements), and
-    `swiglu_with_grad`, which dense layers differentiate through, against autograd in float64."""
+def test_swiglu_split_over_the_workers_and_under_autograd_matches_float64():
+    """Inputs large enough to be split over torch's threads, and `swiglu_with_grad`, which dense
+    layers differentiate through, against autograd in float64."""
     gen = torch.Generator().manual_seed(1)
     h = torch.randn(3001, 2 * 40, generator=gen)
-    assert h.numel() >= 1 << 16
+    assert h.numel() >= MIN_SPLIT_ELEMENTS
     grad = torch.randn(3001, 40, generator=gen)
     leaf = h.clone().requires_grad_()
     assert not swiglu_fits(leaf)  # autograd would not see the native op: it must not run there
-    with torch_threads(2):
-        out = swiglu_with_grad(leaf)
-        (got,) = torch.autograd.grad(out, leaf, grad)
+    out = swiglu_with_grad(leaf)
+    (got,) = torch.autograd.grad(out, leaf, grad)
     exact = h.double().requires_grad_()
     expected = _swiglu_float64(exact)
     (expected_grad,) = torch.autograd.grad(expected, exact, grad.double())

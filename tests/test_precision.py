@@ -12,14 +12,7 @@ from moekit import MoE, MoEConfig, preset
 from moekit.balance.config import BalanceConfig
 from moekit.data.lmdata import prepare_data
 from moekit.device import autocast, bf16_speed_note, cpu_flags, resolve_device, resolve_dtype
-from moekit.dispatch.grouped import (
-    ExpertGroups,
-    ExpertPlan,
-    GroupedExperts,
-    PortableProducts,
-    choose_backend,
-    grouped_mm_available,
-)
+from moekit.dispatch.grouped import ExpertPlan, GroupedExperts, device_plan, grouped_mm_available
 from moekit.dispatch.reference import reference_moe
 from moekit.errors import ConfigError
 from moekit.experts.activations import make_activation
@@ -129,24 +122,25 @@ def _expert_reference(x, token, expert, weight, w_in, w_out, activation):
     return out
 
 
-def portable_plan(x, token, expert, w_in, w_out, activation, backend="auto") -> ExpertPlan:
-    groups = ExpertGroups.build(token, expert, w_in.shape[0], x.shape[0])
-    chosen = choose_backend(backend, x.dtype, w_in.shape[2], w_in.shape[1], w_out.shape[2])
-    return ExpertPlan(groups, activation, "output", PortableProducts(groups, chosen))
-
-
 @pytest.mark.parametrize("backend", ["auto", "loop", "grouped_mm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_portable_plan_matches_reference(backend, dtype):
-    """The portable path, the one a GPU gets (grouped_mm or a plain loop), run here on CPU tensors
-    against the float64 reference, forward and weight gradients."""
+def test_device_plan_matches_reference(backend, dtype):
+    """The plan a GPU gets (chosen by device: grouped_mm or a plain loop, no CPU machinery), run
+    here on CPU tensors against the float64 reference, forward and weight gradients."""
     if backend != "loop" and not grouped_mm_available():
         pytest.skip("this torch has no torch.nn.functional.grouped_mm")
     activation = make_activation("swiglu")
     x, token, expert, weight, w_in, w_out = _expert_inputs(dtype)
-    plan = portable_plan(x, token, expert, w_in, w_out, activation, backend)
-    assert plan.path == "portable"
-    assert plan.products.backend == ("loop" if backend == "loop" else "grouped_mm")
+    plan = device_plan(x, token, expert, w_in, w_out, activation, "output", backend)
+    assert isinstance(plan, ExpertPlan)
+    assert (plan.parallel, plan.native, plan.fused, plan.shares, plan.swiglu_loops) == (
+        False,
+        False,
+        None,
+        (),
+        False,
+    )
+    assert plan.backend == ("loop" if backend == "loop" else "grouped_mm")
     w_in.requires_grad_()
     w_out.requires_grad_()
     y = GroupedExperts.apply(x, weight, w_in, w_out, None, None, plan)
@@ -272,13 +266,13 @@ def test_cuda_expert_plan_matches_cpu(dtype):
     activation = make_activation("swiglu")
     x, token, expert, weight, w_in, w_out = _expert_inputs(dtype)
     cpu = GroupedExperts.apply(
-        x, weight, w_in, w_out, None, None, portable_plan(x, token, expert, w_in, w_out, activation)
+        x, weight, w_in, w_out, None, None, device_plan(x, token, expert, w_in, w_out, activation)
     )
     moved = [t.cuda() for t in (x, token, expert, weight, w_in, w_out)]
     from moekit.dispatch.grouped import plan_experts
 
     plan = plan_experts(*moved[:3], *moved[4:], activation)
-    assert plan.path == "portable"
+    assert not plan.parallel and not plan.native
     gpu = GroupedExperts.apply(moved[0], moved[3], moved[4], moved[5], None, None, plan)
     tolerance = 1e-4 if dtype == torch.float32 else BF16_RELATIVE_TOLERANCE
     assert relative_error(gpu.cpu(), cpu) < tolerance

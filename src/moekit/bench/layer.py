@@ -119,7 +119,6 @@ def dispatch_choice(layer: MoE, x: torch.Tensor) -> dict:
     of the experts its routing activates (what a decode step must read)."""
     from moekit.dispatch.grouped import plan_experts
     from moekit.kernels.gemm import gemm_kernel
-    from moekit.kernels.native import BLOCKING, native_available
 
     experts = layer.experts
     with torch.no_grad():
@@ -131,15 +130,15 @@ def dispatch_choice(layer: MoE, x: torch.Tensor) -> dict:
         )  # fmt: skip
     active = int(torch.unique(kept.expert).numel())
     per_expert = (experts.w_in[0].numel() + experts.w_out[0].numel()) * experts.w_in.element_size()
-    products = plan.products
     return dict(
-        path=plan.path,
-        threads=getattr(products, "threads", torch.get_num_threads()),
-        portable_products=getattr(products, "backend", None),
-        whole_swiglu_experts=plan.whole_swiglu(experts.b_in, experts.b_out),
-        kernel=BLOCKING if plan.path != "portable" else None,
+        backend=plan.backend,
+        workers=plan.parallel,
+        native=plan.native,
+        whole_expert_tasks=plan.fused is not None,
+        swiglu_loops=plan.swiglu_loops,
+        grouped_mm_shares=len(plan.shares),
+        single_threaded=plan.single_threaded,
         gemm=gemm_kernel(x.dtype),
-        native_kernel=native_available(),
         active_experts=active,
         active_weight_bytes=active * per_expert,
     )
@@ -312,7 +311,7 @@ def main(args) -> int:
     round_trip = report["settings"]["thread_round_trip_us"]
     print(
         f"thread wake-up round trip: {round_trip['before']:.0f} us before, {round_trip['after']:.0f} us "
-        "after (higher means the OS is slower to wake threads, which slows every multi-threaded step)"
+        "after (higher means the OS is slower to wake threads, which slows moekit's expert workers)"
     )
     if args.json:
         write_json_atomic(Path(args.json), report)

@@ -1,10 +1,10 @@
-"""The machine a benchmark ran on, recorded beside its results: the CPU and its vector features,
-its memory bandwidth, how quickly it wakes a waiting thread; and a background load to run under.
+"""How quickly this machine wakes a waiting thread, recorded beside benchmark results.
 
-Multi-threaded code that hands work between threads many times per step slows down when the OS
-(or a VM's host) is slow to wake a thread. On the development VM the round trip below moved
-between ~47 us and ~70 us over minutes: a run's figure tells which kind of period its timings come
-from.
+moekit's expert workers hand work and the interpreter lock between threads many times per step,
+so they slow down when the OS (or a VM's host) is slow to wake a thread, while large multi-threaded
+GEMMs, on OpenMP threads that spin, do not. On the development VM the round trip below moves
+between ~47 us and ~70 us over minutes, and the worker paths lose 20-35 % in the slow periods
+(BENCHMARKS.md): a run's figure tells which kind of period its timings come from.
 """
 
 from __future__ import annotations

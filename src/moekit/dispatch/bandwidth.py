@@ -1,21 +1,23 @@
-"""Whether read-bound work (decode's expert products) goes faster on all threads than on one.
+"""Whether decode's expert reads go faster split across the worker threads than on one core.
 
 Decoding reads each chosen expert's weights for a row or two: the products are bound by memory
 bandwidth, not arithmetic. Whether a second core adds bandwidth depends on the machine (one core
-saturates the memory of some, not of others). So it is measured once per CPU model, thread count
-and torch version, at first decode, and stored (`moekit.kernels.store`): the same bytes summed on
-one thread and on all of torch's threads, in interleaved rounds, medians.
+saturates the memory of some, not of others) and on what else runs on it (on a shared machine a
+hand-off to a worker waits for that worker to be scheduled: measured on a loaded 2-core EPYC, the
+native loops on the workers took a 1 GB Qwen3-MoE-shaped layer's batch-1 step from 4.0 ms on one
+thread to 11 ms). So it is measured once per process and thread count, at first decode: the same
+bytes read by one thread, and split in halves over the workers, in interleaved rounds, medians.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import cache
 
 import torch
+
+from moekit.dispatch.workers import run_shares, single_threaded
 
 # Bytes read per trial: a decode step's experts in one layer (tens of MB), and more than a
 # last-level cache holds, so the trial reads memory as decode does.
@@ -32,53 +34,24 @@ def split_reads_pay_off(single_seconds: float, split_seconds: float) -> bool:
 
 @cache
 def parallel_reads_pay_off(threads: int) -> bool:
-    """Whether reading memory on `threads` threads beats one thread on this CPU model (measured
-    once, about 0.1-0.3 s, and stored)."""
+    """Whether reading memory split over `threads` workers (`workers.run_shares`) beats one
+    thread, measured here (about 0.1-0.3 s, once per process and thread count)."""
     if threads < 2:
         return False
-    from moekit.kernels.store import stored_choice
-
-    choice = stored_choice(f"split-reads-{threads}", ("one", "split"), lambda: _measure(threads))
-    return choice == "split"
-
-
-def decode_threads() -> int:
-    """Threads for decode's expert products: all of torch's where split reads pay off, else one."""
-    threads = torch.get_num_threads()
-    return threads if parallel_reads_pay_off(threads) else 1
-
-
-def _measure(threads: int) -> str:
     data = torch.ones(TRIAL_BYTES // 4)
+    parts = data.chunk(threads)
     single, split = [], []
-    for _ in range(ROUNDS + 1):  # the first round warms the threads and the pages
+
+    def read(part: torch.Tensor) -> None:
+        part.sum()
+
+    for _ in range(ROUNDS + 1):  # the first round warms the pool and the pages
+        start = time.perf_counter()
         with single_threaded():
-            start = time.perf_counter()
-            data.sum()
-            single.append(time.perf_counter() - start)
-        with torch_threads(threads):
-            start = time.perf_counter()
-            data.sum()
-            split.append(time.perf_counter() - start)
-    faster = split_reads_pay_off(statistics.median(single[1:]), statistics.median(split[1:]))
-    return "split" if faster else "one"
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """torch's ops on `count` threads for the duration."""
-    before = torch.get_num_threads()
-    if count == before:
-        yield
-        return
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def single_threaded():
-    """torch's ops on one thread for the duration: tiny products (decode) run faster unthreaded
-    than with a hand-off between threads."""
-    return torch_threads(1)
+            for part in parts:
+                read(part)
+        single.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        run_shares(parts, read)
+        split.append(time.perf_counter() - start)
+    return split_reads_pay_off(statistics.median(single[1:]), statistics.median(split[1:]))

@@ -1,60 +1,107 @@
-"""Grouped expert compute with its own autograd, on one of three paths.
+"""Grouped expert compute with its own autograd.
 
 Why its own backward: slicing a packed [E, ...] parameter per expert and letting autograd run
 makes every backward step materialise a full-size weight gradient per expert (10-20x slower than
 the dense GEMM of the same FLOPs at 64+ experts). Here each expert's weight gradient is one GEMM
 written straight into its slice of the packed gradient, and the routing weight is folded into the
-smaller of the two activations so that the combine is a single sum per token.
+smaller of the two activations so that the combine is a single `index_add_`.
 
-The layer's arithmetic (gather, products, activation, routing weight, combine, and their
-gradients) is written once, in `GroupedExperts`; only the expert products (and, for whole SwiGLU
-experts, the expert itself) differ between paths.
-Each path is an `ExpertProducts`, and `choose_products` is the one place that picks it:
+Backends, chosen per call:
+- `loop`: one GEMM per non-empty expert over expert-sorted rows, written into its slice of the
+  output; any dtype. The loops over the experts are compiled (`dispatch/loops.py`), each expert's
+  two backward GEMMs run together, and runs of experts go to single-threaded workers
+  (`dispatch/workers.py`) where that pays. On the workers, fp32 products run on moekit's own
+  kernel (`moekit.kernels.native`, AVX-512) where it is built, and SwiGLU experts without biases
+  run whole (gather, products, activation, routing weight) in one compiled loop per run of
+  experts; elsewhere the products go to `moekit.kernels.gemm` (oneDNN or MKL, whichever is faster
+  here), and large experts run their whole forward and backward as one task (`dispatch/fused.py`).
+- `grouped_mm`: `torch.nn.functional.grouped_mm` (fp32/bf16/fp16, 16-byte-aligned strides), one
+  C++ loop over the experts; `auto` takes it for decode-sized inputs (a few rows per expert)
+  where moekit's own kernel does not run, weight gradients included: unthreaded, or, where the
+  experts' weights take long enough to read and split reads were measured faster than one
+  thread's (`dispatch/bandwidth.py`), one call per worker over a share of the experts.
 
-- `native` (many tokens): moekit's own AVX-512 fp32 kernel (`moekit.kernels.native`), every
-  expert whole on one of torch's threads, the threads taking experts largest first from a shared
-  counter inside one C++ call: no hand-off per expert, no interpreter lock, and a thread slowed by
-  other work on its core leaves the remaining experts to the others. SwiGLU experts without
-  biases (routing weight on the output) run whole in that call, gather, products, activation and
-  routing weight while the expert's rows are in cache (`NativeProducts.swiglu_forward`); other
-  experts run their two products there with the activation in between.
-- `decode` (fewer than DECODE_ROWS_PER_EXPERT rows per active expert): the same kernel's dot
-  products, which read each chosen expert's weights once; bound by memory bandwidth, so on all
-  threads only where split reads were measured faster on this CPU model (`dispatch.bandwidth`).
-- `portable` (bf16/fp16 under autocast, float64, CPUs without AVX-512 or a compiler, GPUs,
-  `MOEKIT_NATIVE=0`, or `backend` "grouped_mm"/"loop"): torch's `grouped_mm` where its dtype and
-  16-byte strides allow, else one `torch.mm` per expert.
+Decode (a few rows per expert) reads each chosen expert's weights once and is bound by memory
+bandwidth: `auto` runs it on moekit's own kernel where that runs (fp32), on the calling thread
+unless split reads were measured faster here, in which case on the workers.
 
-Under autocast (bf16 mixed precision) the experts run in the autocast dtype with fp32 routing
-weights, their gradients flowing back to the fp32 weights.
+Off the CPU (CUDA) the plan is chosen by the tensors' device alone (`device_plan`): grouped_mm where
+it runs, else the loop on plain `torch.mm`; never the CPU machinery (workers, native kernel, oneDNN
+row cuts). Under autocast (bf16 mixed precision) the experts run in the autocast dtype with fp32
+routing weights, their gradients flowing back to the fp32 weights.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.device import autocast_dtype, no_autocast
-from moekit.dispatch.bandwidth import decode_threads, single_threaded
+from moekit.dispatch.bandwidth import parallel_reads_pay_off
+from moekit.dispatch.fused import FusedExperts, packed_grad
+from moekit.dispatch.loops import expert_loops, swiglu_expert_loops
+from moekit.dispatch.workers import (
+    Slice,
+    balanced_chunks,
+    for_each_expert,
+    for_each_run,
+    run_shares,
+    single_threaded,
+    workers_enabled,
+)
 from moekit.experts.activations import Activation
+from moekit.kernels.gemm import RowCuts, onednn_is_faster, row_cuts, weight_grad
 from moekit.kernels.native import native_fits
 
 BACKENDS = ("auto", "loop", "grouped_mm")
-PATHS = ("native", "decode", "portable")
-# With fewer rows than this per active expert, a step reads each expert's weights for a row or
-# two: the kernel's dot products, bound by memory bandwidth rather than arithmetic.
+# With MKL, expert GEMMs of more FLOPs than this are threaded well by MKL itself: keep them whole.
+SMALL_EXPERT_FLOPS = 256e6
+# Below this estimated time per expert GEMM, handing experts to workers costs more than it saves.
+MIN_EXPERT_SECONDS = 50e-6
+# With fewer rows than this per active expert (decode), `auto` picks the native loops on the
+# workers where they run, else grouped_mm.
 DECODE_ROWS_PER_EXPERT = 4
-# Rough single-core rates that generation uses to decide whether a step's products are worth a
-# second thread (`moekit.inference.generate.threads_pay_off`); the expert paths do not use them.
-CORE_FLOPS_PER_S = 100e9
-CORE_BYTES_PER_S = 10e9
+# An expert's first product should take at least this long to run its whole expert as one task;
+# less on moekit's own kernel, whose faster products leave the unfused passes a larger share.
+MIN_FUSED_EXPERT_SECONDS = 1e-3
+MIN_FUSED_EXPERT_SECONDS_NATIVE = 0.2e-3
+# A grouped_mm share on a worker should take at least this long to pay for the hand-off.
 MIN_SHARE_SECONDS = 100e-6
+# Rough single-core rates used for that estimate (this machine class: AVX2/AVX-512, ~2 cores).
+CORE_FLOPS_PER_S = 100e9
+CORE_FLOPS_PER_S_ONEDNN = 250e9
+CORE_BYTES_PER_S = 10e9
+
+
+@dataclass(frozen=True)
+class ExpertShare:
+    """Experts [first, stop) and their rows: one worker's part of a grouped_mm backend call."""
+
+    first: int
+    stop: int
+    row_offsets: tuple[int, ...]  # start row of each expert in [first, stop), then the end row
+    device: torch.device
+
+    @property
+    def row_start(self) -> int:
+        return self.row_offsets[0]
+
+    @property
+    def row_stop(self) -> int:
+        return self.row_offsets[-1]
+
+    @cached_property
+    def grouped_mm_offsets(self) -> Tensor:
+        """Each expert's end row relative to row_start, as grouped_mm takes them."""
+        ends = [end - self.row_start for end in self.row_offsets[1:]]
+        return torch.tensor(ends, dtype=torch.int32, device=self.device)
 
 
 @dataclass(frozen=True)
@@ -64,7 +111,6 @@ class ExpertGroups:
     token: Tensor  # [A] int64
     expert: Tensor  # [A] int64
     counts: tuple[int, ...]  # per expert, on the host
-    num_tokens: int = 0  # rows of the layer's input (for the combine)
 
     @cached_property
     def offsets(self) -> tuple[int, ...]:
@@ -87,20 +133,20 @@ class ExpertGroups:
         offsets = self.offsets
         return tuple((e, offsets[e], offsets[e + 1]) for e, c in enumerate(self.counts) if c)
 
-    @cached_property
-    def by_token(self) -> tuple[Tensor, Tensor]:
-        """(order, bounds): the assignments sorted by token, in their own order within a token
-        (order [A]), token t's being order[bounds[t]:bounds[t+1]]; for the combine."""
-        order = torch.argsort(self.token, stable=True)
-        counts = torch.bincount(self.token, minlength=self.num_tokens)
-        bounds = torch.zeros(self.num_tokens + 1, dtype=torch.long)
-        torch.cumsum(counts, 0, out=bounds[1:])
-        return order, bounds
+    def shares(self, parts: int) -> tuple[ExpertShare, ...]:
+        """The experts cut into at most `parts` consecutive ranges of about equal rows, together
+        covering every expert (the empty ones inside the range they fall in)."""
+        chunks = balanced_chunks(self.nonempty, parts)
+        firsts = [0] + [chunk[0][0] for chunk in chunks[1:]] + [len(self.counts)]
+        return tuple(
+            ExpertShare(first, stop, self.offsets[first : stop + 1], self.token.device)
+            for first, stop in itertools.pairwise(firsts)
+        )
 
     @staticmethod
-    def build(token: Tensor, expert: Tensor, num_experts: int, num_tokens: int = 0) -> ExpertGroups:
+    def build(token: Tensor, expert: Tensor, num_experts: int) -> ExpertGroups:
         counts = torch.bincount(expert, minlength=num_experts)[:num_experts]
-        return ExpertGroups(token, expert, tuple(counts.tolist()), num_tokens)
+        return ExpertGroups(token, expert, tuple(counts.tolist()))
 
 
 def grouped_mm_available() -> bool:
@@ -108,187 +154,13 @@ def grouped_mm_available() -> bool:
 
 
 def choose_backend(requested: str, dtype: torch.dtype, hidden: int, in_features: int, ff: int) -> str:
-    """The portable path's products: grouped_mm where it runs (dtype, 16-byte strides) and is not
-    refused (`loop`), else one torch.mm per expert ("loop")."""
-    if requested == "loop":
+    """Resolve the backend: grouped_mm only where it runs (dtype, 16-byte strides), else the loop;
+    `auto` means the loop (`grouped_experts` picks grouped_mm itself for decode-sized inputs)."""
+    if requested != "grouped_mm":
         return "loop"
     aligned = all((n * dtype.itemsize) % 16 == 0 for n in (hidden, in_features, ff))
     usable = grouped_mm_available() and dtype in (torch.float32, torch.bfloat16, torch.float16) and aligned
     return "grouped_mm" if usable else "loop"
-
-
-def packed_grad(shape: torch.Size, like: Tensor, empty_experts: list[int]) -> Tensor:
-    """A packed [E, ...] weight gradient for products to write their slices into; experts that
-    received no rows get exactly zero."""
-    packed = like.new_empty(shape)
-    if empty_experts:  # in one call: one per expert cost a thread hand-off each (decode: ~100 experts)
-        packed.index_fill_(0, torch.tensor(empty_experts, device=packed.device), 0)
-    return packed
-
-
-class ExpertProducts(Protocol):
-    """The products of one path, over the experts' expert-sorted rows (`ExpertGroups`), for a
-    packed `weight` [E, n_out, n_in]."""
-
-    name: str
-
-    def products(self, rows: Tensor, weight: Tensor) -> Tensor:
-        """out[rows of e] = rows[rows of e] @ weight[e].T."""
-        ...
-
-    def backward_pair(
-        self, grad_rows: Tensor, in_rows: Tensor, weight: Tensor, weight_grad_needed: bool
-    ) -> tuple[Tensor | None, Tensor]:
-        """The packed weight gradient (slice e = grad_rows[e]^T @ in_rows[e], zero for experts
-        without rows; None unless needed) and the input rows' gradient (grad_rows[e] @ weight[e])."""
-        ...
-
-    def combine(self, rows: Tensor) -> Tensor:
-        """out [num_tokens, d]: out[t] = the sum of the rows of t's assignments, in their order."""
-        ...
-
-
-@dataclass(frozen=True)
-class NativeProducts:
-    """`native` and `decode`: one C++ call per product over all experts on `threads` threads
-    (the backward on `backward_threads`)."""
-
-    groups: ExpertGroups
-    name: str  # "native" | "decode"
-    threads: int
-    backward_threads: int = 0  # 0: as `threads`
-
-    @cached_property
-    def tasks(self) -> Tensor:
-        return torch.tensor(self.groups.nonempty, dtype=torch.long).reshape(-1, 3)
-
-    def products(self, rows: Tensor, weight: Tensor) -> Tensor:
-        rows = rows.contiguous()
-        out = rows.new_empty(rows.shape[0], weight.shape[1])
-        torch.ops.moekit.expert_products(rows, weight, out, self.tasks, self.threads)
-        return out
-
-    def backward_pair(
-        self, grad_rows: Tensor, in_rows: Tensor, weight: Tensor, weight_grad_needed: bool
-    ) -> tuple[Tensor | None, Tensor]:
-        grad_rows, in_rows = grad_rows.contiguous(), in_rows.contiguous()
-        grad_weight = (
-            packed_grad(weight.shape, weight, self.groups.empty_experts) if weight_grad_needed else None
-        )
-        grad_in = grad_rows.new_empty(grad_rows.shape[0], weight.shape[2])
-        torch.ops.moekit.expert_backward_pairs(
-            grad_rows,
-            in_rows,
-            weight,
-            grad_weight,
-            grad_in,
-            self.tasks,
-            self.backward_threads or self.threads,
-        )
-        return grad_weight, grad_in
-
-    def swiglu_forward(self, x: Tensor, scale: Tensor, w_in: Tensor, w_out: Tensor) -> tuple[Tensor, ...]:
-        """SwiGLU experts without biases, routing weight on the output, whole in one C++ call:
-        each expert's gather, products, activation and routing weight while its rows are in
-        cache (unfused, these stream full-size tensors through memory between the products).
-        Returns (ys, xs, h, a, a_in): the rows' outputs and what the backward needs."""
-        rows, ff = len(self.groups.token), w_out.shape[2]
-        xs, ys = x.new_empty(rows, x.shape[1]), x.new_empty(rows, x.shape[1])
-        h, a, a_in = x.new_empty(rows, 2 * ff), x.new_empty(rows, ff), x.new_empty(rows, ff)
-        torch.ops.moekit.expert_swiglu_forward(
-            x.contiguous(),
-            self.groups.token,
-            scale,
-            w_in,
-            w_out,
-            xs,
-            h,
-            a,
-            a_in,
-            ys,
-            self.tasks,
-            self.threads,
-        )
-        return ys, xs, h, a, a_in
-
-    def swiglu_backward(
-        self, grad_out: Tensor, scale: Tensor, w_in: Tensor, w_out: Tensor, saved: tuple[Tensor, ...], needs
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """The backward of `swiglu_forward`: (grad_xs, grad_scale, grad_w_in, grad_w_out)."""
-        xs, h, a, a_in = saved
-        empty = self.groups.empty_experts
-        grad_w_in = packed_grad(w_in.shape, w_in, empty) if needs[0] else None
-        grad_w_out = packed_grad(w_out.shape, w_out, empty) if needs[1] else None
-        grad_scale = scale.new_empty(len(scale))
-        grad_ys, grad_xs = torch.empty_like(xs), torch.empty_like(xs)
-        grad_a, grad_h = torch.empty_like(a), torch.empty_like(h)
-        torch.ops.moekit.expert_swiglu_backward(
-            grad_out.contiguous(), self.groups.token.contiguous(), scale, w_in, w_out, xs, h, a, a_in,
-            grad_w_in, grad_w_out, grad_scale, grad_ys, grad_a, grad_h, grad_xs, self.tasks,
-            self.backward_threads or self.threads,
-        )  # fmt: skip
-        return grad_xs, grad_scale, grad_w_in, grad_w_out
-
-    def combine(self, rows: Tensor) -> Tensor:
-        """One pass, each token's sum on one thread: torch's index_add_ on the CPU was measured
-        ~10x slower on two threads than on one (2048 tokens x 8 rows of 256: 260 ms, 23 ms)."""
-        out = rows.new_empty(self.groups.num_tokens, rows.shape[1])
-        torch.ops.moekit.combine_rows(rows.contiguous(), *self.groups.by_token, out)
-        return out
-
-
-@dataclass(frozen=True)
-class PortableProducts:
-    """`portable`: torch's grouped_mm (`backend` "grouped_mm"), else one torch.mm per expert."""
-
-    groups: ExpertGroups
-    backend: str  # "grouped_mm" | "loop"
-    name: str = "portable"
-
-    def products(self, rows: Tensor, weight: Tensor) -> Tensor:
-        return self._times(rows, weight.transpose(1, 2))
-
-    def backward_pair(
-        self, grad_rows: Tensor, in_rows: Tensor, weight: Tensor, weight_grad_needed: bool
-    ) -> tuple[Tensor | None, Tensor]:
-        grad_weight = None
-        if weight_grad_needed and self.backend == "grouped_mm":
-            grad_weight = F.grouped_mm(grad_rows.t(), in_rows, offs=self.groups.grouped_mm_offsets)
-        elif weight_grad_needed:
-            grad_weight = packed_grad(weight.shape, grad_rows, self.groups.empty_experts)
-            for e, start, stop in self.groups.nonempty:
-                torch.mm(grad_rows[start:stop].t(), in_rows[start:stop], out=grad_weight[e])
-        return grad_weight, self._times(grad_rows, weight)
-
-    def combine(self, rows: Tensor) -> Tensor:
-        """index_add_, on one thread on the CPU (see `NativeProducts.combine`)."""
-        out = rows.new_zeros(self.groups.num_tokens, rows.shape[1])
-        with single_threaded() if rows.device.type == "cpu" else nullcontext():
-            return out.index_add_(0, self.groups.token, rows)
-
-    def _times(self, rows: Tensor, right: Tensor) -> Tensor:
-        """out[rows of e] = rows[rows of e] @ right[e] for `right` [E, n_in, n_out]."""
-        if self.backend == "grouped_mm":
-            return F.grouped_mm(rows, right, offs=self.groups.grouped_mm_offsets)
-        out = rows.new_empty(rows.shape[0], right.shape[2])
-        for e, start, stop in self.groups.nonempty:
-            torch.mm(rows[start:stop], right[e], out=out[start:stop])
-        return out
-
-
-def choose_products(
-    x: Tensor, groups: ExpertGroups, w_in: Tensor, w_out: Tensor, backend: str = "auto"
-) -> ExpertProducts:
-    """The path for these inputs (see the module docstring)."""
-    if backend == "auto" and native_fits(x, w_in, w_out):
-        active = len(groups.nonempty)
-        if len(groups.token) < DECODE_ROWS_PER_EXPERT * max(1, active):
-            # the backward of a decode-sized step (fine-tuning on few tokens) writes every active
-            # expert's whole weight gradient, more work than its forward's reads: all threads
-            return NativeProducts(groups, "decode", decode_threads(), torch.get_num_threads())
-        return NativeProducts(groups, "native", torch.get_num_threads())
-    _, in_features, hidden = w_in.shape
-    return PortableProducts(groups, choose_backend(backend, x.dtype, hidden, in_features, w_out.shape[2]))
 
 
 def _bias_grad(grad_rows: Tensor, groups: ExpertGroups, num_experts: int) -> Tensor:
@@ -303,17 +175,141 @@ class ExpertPlan:
     groups: ExpertGroups
     activation: Activation
     weight_on: str  # "output" | "input"
-    products: ExpertProducts
+    backend: str  # "loop" | "grouped_mm"
+    parallel: bool = False  # whole experts per single-threaded worker
+    single_threaded: bool = False  # decode-sized GEMMs: unthreaded is faster than MKL's hand-off
+    # grouped_mm on the workers: one call per share of the experts (empty: one call in all)
+    shares: tuple[ExpertShare, ...] = ()
+    # loop on the workers: each expert's whole forward and backward as one task
+    fused: FusedExperts | None = None
+    # loop on the workers: products on moekit's own single-threaded kernel (`kernels.native`)
+    native: bool = False
+    # native SwiGLU experts: each expert's whole forward and backward in one compiled loop
+    # (`loops.swiglu_experts_forward_into`), used when the experts have no biases
+    swiglu_loops: bool = False
 
-    @property
-    def path(self) -> str:
-        return self.products.name
 
-    def whole_swiglu(self, b_in: Tensor | None, b_out: Tensor | None) -> bool:
-        """Whether the experts run whole in C++ (`NativeProducts.swiglu_forward`): SwiGLU experts
-        without biases, the routing weight on their output, on the native or decode path."""
-        whole = isinstance(self.products, NativeProducts) and self.activation.name == "swiglu"
-        return whole and self.weight_on == "output" and b_in is None and b_out is None
+def _rows_times_weight(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tensor:
+    """out[rows of e] = rows[rows of e] @ weight[e].T for packed `weight` [E, n_out, n_in]."""
+    return _rows_times(rows, weight.transpose(1, 2), plan)
+
+
+def _rows_times_weight_t(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tensor:
+    """out[rows of e] = rows[rows of e] @ weight[e] for packed `weight` [E, n_out, n_in]."""
+    return _rows_times(rows, weight, plan)
+
+
+def _rows_times(rows: Tensor, right: Tensor, plan: ExpertPlan) -> Tensor:
+    """out[rows of e] = rows[rows of e] @ right[e] for `right` [E, n_in, n_out] (any strides)."""
+    if plan.shares:
+        out = rows.new_empty(rows.shape[0], right.shape[2])
+
+        def share_product(share: ExpertShare) -> None:
+            out[share.row_start : share.row_stop] = _share_product(rows, right, share)
+
+        run_shares(plan.shares, share_product)
+        return out
+    if plan.backend == "grouped_mm":
+        return F.grouped_mm(rows, right, offs=plan.groups.grouped_mm_offsets)
+    out = rows.new_empty(rows.shape[0], right.shape[2])
+    products_into, _ = expert_loops(plan.native)
+    # right.transpose(1, 2)[e] = right[e].T, the operand `linear_rows` takes
+    _run_expert_loop(plan, products_into, (rows, right.transpose(1, 2), out))
+    return out
+
+
+def _run_expert_loop(plan: ExpertPlan, loop, tensors: tuple[Tensor | None, ...]) -> None:
+    """loop(*tensors, experts, starts, stops, cuts) over runs of the plan's experts (on the workers
+    when the plan says so), the form `moekit.dispatch.loops` takes them in."""
+    rows = tensors[0]
+    cuts = row_cuts(rows.dtype) if rows.device.type == "cpu" else RowCuts(onednn=False)
+    _run_over_experts(plan, loop, (*tensors,), (cuts,))
+
+
+def _run_over_experts(plan: ExpertPlan, loop, leading: tuple, trailing: tuple = ()) -> None:
+    """loop(*leading, experts, starts, stops, *trailing) over runs of the plan's experts."""
+
+    def run(slices: Sequence[Slice]) -> None:
+        experts, starts, stops = map(list, zip(*slices, strict=True))
+        loop(*leading, experts, starts, stops, *trailing)
+
+    for_each_run(plan.groups.nonempty, run, plan.parallel)
+
+
+def _share_product(rows: Tensor, right: Tensor, share: ExpertShare) -> Tensor:
+    """rows @ right[e] for the experts and rows of one share, in one grouped_mm call."""
+    return F.grouped_mm(
+        rows[share.row_start : share.row_stop],
+        right[share.first : share.stop],
+        offs=share.grouped_mm_offsets,
+    )
+
+
+def _share_weight_grad(grad_rows: Tensor, in_rows: Tensor, share: ExpertShare, packed: Tensor) -> None:
+    """packed[e] = grad_rows[e]^T @ in_rows[e] for the experts of one share, zero where e has no
+    rows. Written in place: the packed gradient is the largest tensor of a decode step (50 MB at
+    128 experts of 256 x 128), and a grouped_mm result would have to be copied into it."""
+    bounds = share.row_offsets
+    empty_from = share.first  # experts [empty_from, e) have no rows: zeroed in one call
+    for e, start, stop in zip(range(share.first, share.stop), bounds, bounds[1:], strict=False):
+        if start == stop:
+            continue
+        if empty_from < e:
+            packed[empty_from:e].zero_()
+        torch.mm(grad_rows[start:stop].t(), in_rows[start:stop], out=packed[e])
+        empty_from = e + 1
+    if empty_from < share.stop:
+        packed[empty_from : share.stop].zero_()
+
+
+def _weight_grad(grad_rows: Tensor, in_rows: Tensor, plan: ExpertPlan, shape: torch.Size) -> Tensor:
+    """Packed gradient [E, n_out, n_in]: slice e = grad_rows[e]^T @ in_rows[e]; empty experts 0.
+    For the grouped_mm backend without shares (the loop backend's go with its input gradients)."""
+    groups = plan.groups
+    if plan.backend == "grouped_mm" and (plan.single_threaded or grad_rows.device.type != "cpu"):
+        # decode, or a GPU: one kernel beats ~E Python-dispatched GEMMs and zero fills
+        return F.grouped_mm(grad_rows.t(), in_rows, offs=groups.grouped_mm_offsets)
+    packed = packed_grad(shape, grad_rows, groups.empty_experts)
+
+    def run(e: int, s: int, t: int) -> None:
+        packed[e].copy_(weight_grad(grad_rows[s:t], in_rows[s:t]))
+
+    for_each_expert(groups.nonempty, run, plan.parallel)
+    return packed
+
+
+def _backward_pair(
+    grad_rows: Tensor, in_rows: Tensor, weight: Tensor, plan: ExpertPlan, weight_grad_needed: bool
+) -> tuple[Tensor | None, Tensor]:
+    """The two products of one projection's backward: its packed weight gradient (slice e =
+    grad_rows[e]^T @ in_rows[e]) and the gradient of its input rows (grad_rows[e] @ weight[e]).
+
+    In the loop backend each expert does both at once, reading its gradient rows once while they
+    are in cache (`loops.backward_pairs_into`); with grouped_mm they are two passes, or both in one
+    task per share of the experts.
+    """
+    if plan.shares:
+        grad_weight = grad_rows.new_empty(weight.shape) if weight_grad_needed else None
+        grad_in = grad_rows.new_empty(grad_rows.shape[0], weight.shape[2])
+
+        def share_pair(share: ExpertShare) -> None:
+            if grad_weight is not None:
+                _share_weight_grad(grad_rows, in_rows, share, grad_weight)
+            grad_in[share.row_start : share.row_stop] = _share_product(grad_rows, weight, share)
+
+        run_shares(plan.shares, share_pair)
+        return grad_weight, grad_in
+    if plan.backend == "grouped_mm":
+        grad_weight = _weight_grad(grad_rows, in_rows, plan, weight.shape) if weight_grad_needed else None
+        return grad_weight, _rows_times_weight_t(grad_rows, weight, plan)
+    grad_weight = (
+        packed_grad(weight.shape, grad_rows, plan.groups.empty_experts) if weight_grad_needed else None
+    )
+    grad_in = grad_rows.new_empty(grad_rows.shape[0], weight.shape[2])
+    _, backward_pairs_into = expert_loops(plan.native)
+    weights = weight.transpose(1, 2)  # weights[e] = weight[e].T: grad_in rows = grad_rows @ weight[e]
+    _run_expert_loop(plan, backward_pairs_into, (grad_rows, in_rows, weights, grad_weight, grad_in))
+    return grad_weight, grad_in
 
 
 def _scale(weight: Tensor, x: Tensor) -> Tensor:
@@ -326,51 +322,103 @@ class GroupedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, w_in, w_out, b_in, b_out, plan: ExpertPlan):
+        with single_threaded() if plan.single_threaded else nullcontext():
+            return GroupedExperts._forward(ctx, x, weight, w_in, w_out, b_in, b_out, plan)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with single_threaded() if ctx.plan.single_threaded else nullcontext():
+            return GroupedExperts._backward(ctx, grad_out)
+
+    @staticmethod
+    def _forward(ctx, x, weight, w_in, w_out, b_in, b_out, plan: ExpertPlan):
         ctx.plan = plan
         ctx.has_bias = (b_in is not None, b_out is not None)
-        groups, act, products = plan.groups, plan.activation, plan.products
-        ctx.whole_swiglu = plan.whole_swiglu(b_in, b_out)
-        if ctx.whole_swiglu:
-            scale = weight.to(x.dtype).contiguous()
-            ys, *saved = products.swiglu_forward(x, scale, w_in, w_out)
-            ctx.save_for_backward(weight, scale, w_in, w_out, *saved)
-            return products.combine(ys)
+        ctx.swiglu_loops = plan.swiglu_loops and b_in is None and b_out is None
+        if ctx.swiglu_loops:
+            return GroupedExperts._swiglu_forward(ctx, x, weight, w_in, w_out, plan)
+        if plan.fused is not None:
+            out, ctx.fused_rows = plan.fused.forward(x, _scale(weight, x), w_in, w_out, b_in, b_out)
+            ctx.save_for_backward(x, weight, w_in, w_out, b_out)
+            return out
+        groups, act = plan.groups, plan.activation
         scale = _scale(weight, x)
         xs = x.index_select(0, groups.token)
         xs_in = xs * scale if plan.weight_on == "input" else xs
-        h = products.products(xs_in, w_in)
+        h = _rows_times_weight(xs_in, w_in, plan)
         if b_in is not None:
             h += b_in.index_select(0, groups.expert)
         a = act.forward(h)
         a_in = a * scale if plan.weight_on == "output" else a
-        ys = products.products(a_in, w_out)
+        ys = _rows_times_weight(a_in, w_out, plan)
         if b_out is not None:
             bias_rows = b_out.index_select(0, groups.expert)
             ys += bias_rows * scale if plan.weight_on == "output" else bias_rows
-        out = products.combine(ys)
+        out = torch.zeros_like(x).index_add_(0, groups.token, ys)
         ctx.save_for_backward(xs, weight, w_in, w_out, b_out, h, a, a_in)
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def _swiglu_forward(ctx, x, weight, w_in, w_out, plan: ExpertPlan):
+        """`swiglu_loops`: whole experts in compiled loops, the intermediates kept for backward."""
+        rows, token = len(plan.groups.token), plan.groups.token
+        ff = w_out.shape[2]
+        on_output = plan.weight_on == "output"
+        xs = x.new_empty(rows, x.shape[1])
+        h = x.new_empty(rows, 2 * ff)
+        a = x.new_empty(rows, ff)
+        a_in = x.new_empty(rows, ff) if on_output else a
+        ys = x.new_empty(rows, w_out.shape[1])
+        forward_into, _ = swiglu_expert_loops()
+        tensors = (x, token, _scale(weight, x), w_in, w_out, xs, h, a, a_in, ys, on_output)
+        _run_over_experts(plan, forward_into, tensors)
+        ctx.save_for_backward(weight, w_in, w_out, xs, h, a, a_in)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+    @staticmethod
+    def _swiglu_backward(ctx, grad_out):
         plan: ExpertPlan = ctx.plan
-        if ctx.whole_swiglu:
-            weight, scale, w_in, w_out, *saved = ctx.saved_tensors
-            needs = ctx.needs_input_grad
-            grad_xs, grad_scale, grad_w_in, grad_w_out = plan.products.swiglu_backward(
-                grad_out, scale, w_in, w_out, saved, (needs[2], needs[3])
-            )
-            grad_weight = grad_scale.to(weight.dtype) if needs[1] else None
-            return plan.products.combine(grad_xs), grad_weight, grad_w_in, grad_w_out, None, None, None
-        xs, weight, w_in, w_out, b_out, h, a, a_in = ctx.saved_tensors
-        groups, act, products = plan.groups, plan.activation, plan.products
+        weight, w_in, w_out, xs, h, a, a_in = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        groups, rows = plan.groups, len(plan.groups.token)
+        grad_out = grad_out.contiguous()
+        grad_w_in = packed_grad(w_in.shape, w_in, groups.empty_experts) if needs[2] else None
+        grad_w_out = packed_grad(w_out.shape, w_out, groups.empty_experts) if needs[3] else None
+        grad_scale = grad_out.new_empty(rows)
+        grad_xs = grad_out.new_empty(rows, xs.shape[1])
+        grad_a = grad_out.new_empty(rows, a.shape[1])
+        grad_h = grad_out.new_empty(rows, h.shape[1])
+        _, backward_into = swiglu_expert_loops()
+        scale = _scale(weight, xs)
+        tensors = (grad_out, groups.token, scale, w_in, w_out, xs, h, a, a_in, grad_w_in, grad_w_out)
+        work = (grad_scale, grad_xs, grad_a, grad_h, plan.weight_on == "output")
+        _run_over_experts(plan, backward_into, (*tensors, *work))
+        grad_x = None
+        if needs[0]:
+            grad_x = grad_xs.new_zeros(grad_out.shape[0], xs.shape[1]).index_add_(0, groups.token, grad_xs)
+        grad_weight = grad_scale.to(weight.dtype) if needs[1] else None
+        return grad_x, grad_weight, grad_w_in, grad_w_out, None, None, None
+
+    @staticmethod
+    def _backward(ctx, grad_out):
+        plan: ExpertPlan = ctx.plan
+        if ctx.swiglu_loops:
+            return GroupedExperts._swiglu_backward(ctx, grad_out)
+        if plan.fused is not None:
+            x, weight, w_in, w_out, b_out = ctx.saved_tensors
+            grads = plan.fused.backward(
+                grad_out, x, _scale(weight, x), ctx.fused_rows, w_in, w_out, b_out, ctx.needs_input_grad[:6]
+            )
+            grad_x, grad_weight, *rest = grads
+            return (grad_x, grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None, *rest, None)
+        xs, weight, w_in, w_out, b_out, h, a, a_in = ctx.saved_tensors
+        groups, act = plan.groups, plan.activation
         num_experts = w_in.shape[0]
         scale = _scale(weight, xs)
         on_output = plan.weight_on == "output"
 
         grad_ys = grad_out.contiguous().index_select(0, groups.token)
-        grad_w_out, grad_a_in = products.backward_pair(grad_ys, a_in, w_out, needs[3])
+        grad_w_out, grad_a_in = _backward_pair(grad_ys, a_in, w_out, plan, ctx.needs_input_grad[3])
         grad_weight = None
         if on_output:
             grad_weight = torch.linalg.vecdot(grad_a_in, a)
@@ -380,20 +428,79 @@ class GroupedExperts(torch.autograd.Function):
         else:
             grad_a = grad_a_in
         grad_b_out = None
-        if ctx.has_bias[1] and needs[5]:
+        if ctx.has_bias[1] and ctx.needs_input_grad[5]:
             grad_b_out = _bias_grad(grad_ys * scale if on_output else grad_ys, groups, num_experts)
 
         grad_h = act.backward(h, grad_a)
         xs_in = xs if on_output else xs * scale
-        grad_w_in, grad_xs = products.backward_pair(grad_h, xs_in, w_in, needs[2])
-        grad_b_in = _bias_grad(grad_h, groups, num_experts) if ctx.has_bias[0] and needs[4] else None
+        grad_w_in, grad_xs = _backward_pair(grad_h, xs_in, w_in, plan, ctx.needs_input_grad[2])
+        grad_b_in = (
+            _bias_grad(grad_h, groups, num_experts) if ctx.has_bias[0] and ctx.needs_input_grad[4] else None
+        )
         if not on_output:
             grad_weight = torch.linalg.vecdot(grad_xs, xs)
             grad_xs.mul_(scale)
-        grad_x = products.combine(grad_xs)
+        grad_x = torch.zeros(
+            (grad_out.shape[0], xs.shape[1]), dtype=grad_xs.dtype, device=grad_xs.device
+        ).index_add_(0, groups.token, grad_xs)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_x, grad_weight, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None
+
+
+def _expert_seconds(
+    rows: int, active_experts: int, in_features: int, hidden: int, dtype: torch.dtype
+) -> float:
+    """Rough single-core time of one expert's first GEMM: its FLOPs or its weight reads."""
+    rate = CORE_FLOPS_PER_S_ONEDNN if onednn_is_faster(dtype) else CORE_FLOPS_PER_S
+    flops = 2 * rows / max(1, active_experts) * in_features * hidden
+    return max(flops / rate, in_features * hidden * dtype.itemsize / CORE_BYTES_PER_S)
+
+
+def workers_pay_off(
+    rows: int, active_experts: int, in_features: int, hidden: int, dtype: torch.dtype
+) -> bool:
+    """Whether whole experts on single-threaded workers beat threading each expert GEMM.
+
+    Measured (BENCHMARKS.md): MKL threads large GEMMs well (8 experts x 512 rows x 512 x 2048), so
+    with MKL those stay whole, but it loses much to its synchronisation on small ones (64 x 192 x
+    512 x 512, and decode with 1-2 rows per expert reading 1-4 MB of weights), where workers win;
+    oneDNN gains from workers at every training size. When an expert's GEMM takes only a few
+    microseconds (decode at 128 experts of 256 x 256), the hand-off costs more than it saves.
+    """
+    if active_experts < 2:
+        return False
+    flops = 2 * rows / active_experts * in_features * hidden
+    if not onednn_is_faster(dtype) and flops >= SMALL_EXPERT_FLOPS:
+        return False
+    return _expert_seconds(rows, active_experts, in_features, hidden, dtype) >= MIN_EXPERT_SECONDS
+
+
+def fused_pays_off(
+    rows: int, active_experts: int, in_features: int, hidden: int, dtype: torch.dtype, native: bool
+) -> bool:
+    """Whether each expert's whole forward and backward should run as one task (`fused.py`).
+    Measured side by side on the library kernels: 4 % faster at 8 experts of 512 rows (512 x
+    2048) and 5-8 % at the demo model's 16 experts of ~1024 rows, level at 64 experts of 192 rows
+    and 7 % slower at 128 of 128: an expert task runs some twenty small ops, whose dispatch, on
+    two threads at once, queues on the interpreter lock, while the unfused path runs them once
+    over all experts. On moekit's own kernel: 4-5 % faster at 64 experts of 192 rows (512 x 512),
+    still ~13 % slower at 128 of 128 (256 x 256)."""
+    threshold = MIN_FUSED_EXPERT_SECONDS_NATIVE if native else MIN_FUSED_EXPERT_SECONDS
+    return _expert_seconds(rows, active_experts, in_features, hidden, dtype) >= threshold
+
+
+def shares_pay_off(
+    rows: int, active_experts: int, in_features: int, hidden: int, dtype: torch.dtype, threads: int
+) -> bool:
+    """Whether one grouped_mm call per worker, each over a share of the experts, beats a single
+    unthreaded call. Decode reads every active expert's weights for a row or two, which one core
+    does at its own memory bandwidth (measured: 128 experts of 256 x 256, ~50 of them active, 1.43
+    ms on one thread, 0.67 ms as two shares on two), once a share is long enough to pay the hand-off."""
+    if active_experts < 2 or threads < 2:
+        return False
+    seconds = _expert_seconds(rows, active_experts, in_features, hidden, dtype) * active_experts
+    return seconds / threads >= MIN_SHARE_SECONDS
 
 
 def plan_experts(
@@ -405,10 +512,77 @@ def plan_experts(
     activation: Activation,
     weight_on: str = "output",
     backend: str = "auto",
+    parallel_workers: bool | None = None,
 ) -> ExpertPlan:
-    """How the kept assignments (expert-sorted `token`, `expert`) will be computed."""
-    groups = ExpertGroups.build(token, expert, w_in.shape[0], x.shape[0])
-    return ExpertPlan(groups, activation, weight_on, choose_products(x, groups, w_in, w_out, backend))
+    """How the kept assignments (expert-sorted `token`, `expert`) will be computed: backend,
+    workers, shares, whole-expert tasks, from their sizes and this machine's kernel."""
+    if x.device.type != "cpu":
+        return device_plan(x, token, expert, w_in, w_out, activation, weight_on, backend)
+    num_experts, in_features, hidden = w_in.shape
+    groups = ExpertGroups.build(token, expert, num_experts)
+    active = len(groups.nonempty)
+    decode = len(token) < DECODE_ROWS_PER_EXPERT * max(1, active)
+    threads = torch.get_num_threads()
+    kernel_fits = native_fits(x, w_in, w_out)
+    # A few rows per expert: moekit's own kernel where it runs (it reads each weight once, in
+    # place, pulling the next expert's into cache), else one C++ loop (grouped_mm). Decode is
+    # bound by memory reads: on the workers only where split reads measured faster here
+    # (`bandwidth.parallel_reads_pay_off`), else on the calling thread.
+    native_decode = backend == "auto" and decode and parallel_workers is not False and kernel_fits
+    if backend == "auto" and decode and not native_decode:
+        backend = "grouped_mm"
+    resolved = choose_backend(backend, x.dtype, hidden, in_features, w_out.shape[2])
+    estimate = (len(token), active, in_features, hidden, x.dtype)
+    if parallel_workers is None:
+        parallel_workers = workers_enabled() and (
+            (active > 1 and threads > 1 and parallel_reads_pay_off(threads))
+            if native_decode
+            else (
+                (shares_pay_off(*estimate, threads) and (not decode or parallel_reads_pay_off(threads)))
+                if resolved == "grouped_mm"
+                else workers_pay_off(*estimate)
+            )
+        )
+    shares = groups.shares(threads) if resolved == "grouped_mm" and parallel_workers else ()
+    parallel = parallel_workers and (resolved == "loop" or len(shares) > 1)
+    native = (parallel or native_decode) and resolved == "loop" and kernel_fits
+    swiglu_loops = native and activation.name == "swiglu"
+    fused = None
+    if parallel and resolved == "loop" and not swiglu_loops and fused_pays_off(*estimate, native):
+        fused = FusedExperts(
+            token, groups.nonempty, tuple(groups.empty_experts), activation, weight_on == "output", native
+        )
+    return ExpertPlan(
+        groups,
+        activation,
+        weight_on,
+        resolved,
+        parallel,
+        single_threaded=decode and not parallel,
+        shares=shares if parallel else (),
+        fused=fused,
+        native=native,
+        swiglu_loops=swiglu_loops,
+    )
+
+
+def device_plan(
+    x: Tensor,
+    token: Tensor,
+    expert: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    activation: Activation,
+    weight_on: str = "output",
+    backend: str = "auto",
+) -> ExpertPlan:
+    """The plan off the CPU: grouped_mm (`auto` included) where its dtype and strides allow, else
+    the per-expert loop; no workers, native kernel or whole-expert tasks, which are CPU machinery."""
+    num_experts, in_features, hidden = w_in.shape
+    groups = ExpertGroups.build(token, expert, num_experts)
+    requested = "loop" if backend == "loop" else "grouped_mm"
+    resolved = choose_backend(requested, x.dtype, hidden, in_features, w_out.shape[2])
+    return ExpertPlan(groups, activation, weight_on, resolved)
 
 
 def grouped_experts(
@@ -423,6 +597,7 @@ def grouped_experts(
     activation: Activation,
     weight_on: str = "output",
     backend: str = "auto",
+    parallel_workers: bool | None = None,
 ) -> Tensor:
     """Run the kept assignments (expert-sorted `token`, `expert`, `weight`) through packed experts.
     Under autocast, in its dtype: the fp32 weights are cast as autocast casts a linear layer's."""
@@ -431,6 +606,6 @@ def grouped_experts(
         x, w_in, w_out = x.to(dtype), w_in.to(dtype), w_out.to(dtype)
         b_in = None if b_in is None else b_in.to(dtype)
         b_out = None if b_out is None else b_out.to(dtype)
-    plan = plan_experts(x, token, expert, w_in, w_out, activation, weight_on, backend)
+    plan = plan_experts(x, token, expert, w_in, w_out, activation, weight_on, backend, parallel_workers)
     with no_autocast(x) if dtype is not None else nullcontext():
         return GroupedExperts.apply(x, weight, w_in, w_out, b_in, b_out, plan)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moekit.dispatch.bandwidth import single_threaded
+from moekit.dispatch.workers import single_threaded
 from moekit.errors import ConfigError, MoekitError, require_int, require_number
 from moekit.routing.override import Overrides, RoutingOverride, override_routing
 

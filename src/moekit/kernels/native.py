@@ -1,24 +1,22 @@
-"""moekit's own kernels for the experts (`csrc/expert_gemm.cpp`): small GEMMs, the loop over the
-experts, and SwiGLU, built on first use.
+"""moekit's own kernels for the experts (`csrc/expert_gemm.cpp`): small GEMMs and SwiGLU, built on first use.
 
 Why a kernel of our own: an expert's products are small (128 rows x 256 x 256 at 128 experts)
 and there are hundreds per step. oneDNN, the fastest library kernel torch ships for them, costs
 ~10 us per call, repacks the weight on every call and returns a new tensor the caller must copy
 into its buffer; its weight gradients over so few rows run well below the core's peak. The kernel
-here reads the operands in place, writes into the caller's buffer, and runs each expert on one
-of torch's threads, the threads taking whole experts from a shared counter within one call
-(measured, one core: 234-264 GFLOP/s against oneDNN's 142-257 on the layer benchmark's expert
-shapes, `benchmarks/native_kernel.py`).
+here reads the operands in place, writes into the caller's buffer and runs single-threaded, the
+form the layer's workers want (measured, one core: 234-264 GFLOP/s against oneDNN's 142-257 on
+the layer benchmark's expert shapes, `benchmarks/native_kernel.py`).
 
 It is compiled for AVX-512 with the machine's C++ compiler through torch's extension builder
 (a few seconds, once; torch caches the build). Where the CPU lacks AVX-512, the build fails, or
 its results disagree with `torch.mm` on a probe, products stay on `moekit.kernels.gemm`.
-`MOEKIT_NATIVE=0` turns it off (the experts then take the portable path, `dispatch.grouped`).
+`MOEKIT_NATIVE=0` turns it off.
 """
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import os
 import shutil
 import sysconfig
@@ -29,25 +27,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from moekit.dispatch.workers import run_shares
+
 SOURCE = Path(__file__).parent / "csrc" / "expert_gemm.cpp"
-# Named by the source's hash: torch caches builds by name, and a build of other source (another
-# moekit version) must be neither reused nor overwritten.
-EXTENSION_NAME = "moekit_expert_gemm_" + hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+EXTENSION_NAME = "moekit_expert_gemm"
 COMPILE_FLAGS = ["-O3", "-mavx512f"]
-# The kernel's blocking, fixed by the instruction set it is built for (AVX-512: 32 vector registers
-# of 16 floats): tiles of 6 rows x 64 columns (24 accumulators), inner blocks of 256, dot products
-# for up to 4 rows (decode). Recorded with benchmark results; the C++ constants are the source.
-BLOCKING = {"isa": "avx512f", "tile_rows": 6, "panel_columns": 64, "inner_block": 256, "dot_rows": 4}
-OPS = (
-    "mm_into",
-    "expert_products",
-    "expert_backward_pairs",
-    "expert_swiglu_forward",
-    "expert_swiglu_backward",
-    "combine_rows",
-    "swiglu_into",
-    "swiglu_backward_into",
-)
+# An elementwise op over fewer elements than this runs on the calling thread alone.
+MIN_SPLIT_ELEMENTS = 1 << 16
 # (rows, inner, outer) probed against torch.mm: row and column tails, a transposed weight, one row
 PROBE_SHAPES = ((13, 40, 70), (6, 64, 64), (1, 17, 3), (70, 300, 129))
 
@@ -77,15 +63,32 @@ def swiglu(h: Tensor) -> Tensor:
     over torch's threads. torch's silu and mul read the two halves as strided views, which costs
     them: silu of the [16384, 128] gate half of h took 0.98 ms on two threads, 0.29 ms contiguous."""
     out = h.new_empty(h.shape[0], h.shape[1] // 2)
-    torch.ops.moekit.swiglu_into(h, out)
+    _over_row_shares(h.shape[0], h.numel(), lambda s, t: torch.ops.moekit.swiglu_into(h[s:t], out[s:t]))
     return out
 
 
 def swiglu_backward(h: Tensor, grad: Tensor) -> Tensor:
     """dL/dh of `swiglu` given dL/da, in one pass over h and the gradient (torch's takes four)."""
     out = torch.empty_like(h)
-    torch.ops.moekit.swiglu_backward_into(h, grad if grad.stride(-1) == 1 else grad.contiguous(), out)
+    grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+    _over_row_shares(
+        h.shape[0],
+        h.numel(),
+        lambda s, t: torch.ops.moekit.swiglu_backward_into(h[s:t], grad[s:t], out[s:t]),
+    )
     return out
+
+
+def _over_row_shares(rows: int, elements: int, fn) -> None:
+    """fn(start, stop) over rows split evenly among torch's threads (one share per worker; all on
+    this thread inside a worker, where torch runs one thread, or for small inputs)."""
+    threads = torch.get_num_threads()
+    if threads == 1 or elements < MIN_SPLIT_ELEMENTS:
+        fn(0, rows)
+        return
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    shares = [(start, stop) for start, stop in itertools.pairwise(bounds) if stop > start]
+    run_shares(shares, lambda share: fn(*share))
 
 
 def native_fits(x: Tensor, *weights: Tensor) -> bool:
@@ -134,7 +137,7 @@ def _build_and_load() -> bool:
             stacklevel=3,
         )
         return False
-    return all(hasattr(torch.ops.moekit, op) for op in OPS)
+    return all(hasattr(torch.ops.moekit, op) for op in ("mm_into", "swiglu_into", "swiglu_backward_into"))
 
 
 def _probe_matches_torch() -> bool:

@@ -1,8 +1,7 @@
 """Which kernels and threads a run computes with, recorded in its checkpoints and metrics.
 
 The kernels round differently (MKL against oneDNN, moekit's native kernel against both, one
-thread count against another), so a run's losses are a function of them as well as of its config
-and seed.
+thread against two), so a run's losses are a function of them as well as of its config and seed.
 A checkpoint records them; resuming re-applies them, so that the resumed run continues with the
 kernels it started with even where this process would have chosen others.
 """
@@ -15,6 +14,7 @@ from typing import Any
 
 import torch
 
+from moekit.dispatch.workers import workers_enabled
 from moekit.kernels import gemm
 from moekit.kernels.native import native_available
 from moekit.kernels.store import machine_key
@@ -29,7 +29,9 @@ def kernel_record(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     return {
         "gemm": {dtype_name(dtype): gemm.gemm_kernel(dtype)},
         "native": native_available(),
+        "loops": os.environ.get("MOEKIT_LOOPS", "compiled").lower(),
         "threads": torch.get_num_threads(),
+        "workers": workers_enabled(),
         "machine": machine_key(),
     }
 
@@ -37,7 +39,7 @@ def kernel_record(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
 def apply_kernel_record(record: dict[str, Any], dtype: torch.dtype = torch.float32) -> list[str]:
     """Make this process compute with the kernels of `record` (from `kernel_record`): pins the
     GEMM kernel through `MOEKIT_GEMM`, turns the native kernel off if the run did not use it,
-    restores the thread count. Returns what changed; warns about what cannot be
+    restores the thread count and the loops. Returns what changed; warns about what cannot be
     matched here (another machine, a native kernel that does not run here)."""
     changed: list[str] = []
     name = dtype_name(dtype)
@@ -47,11 +49,16 @@ def apply_kernel_record(record: dict[str, Any], dtype: torch.dtype = torch.float
         settings[name] = wanted
         os.environ["MOEKIT_GEMM"] = ",".join(f"{k}={v}" for k, v in sorted(settings.items()))
         gemm.onednn_is_faster.cache_clear()
+        gemm.row_cuts.cache_clear()
         changed.append(f"gemm {name}={wanted}")
     threads = record.get("threads")
     if isinstance(threads, int) and threads >= 1 and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
         changed.append(f"threads={threads}")
+    loops = record.get("loops")
+    if loops in ("compiled", "python") and loops != os.environ.get("MOEKIT_LOOPS", "compiled").lower():
+        os.environ["MOEKIT_LOOPS"] = loops
+        changed.append(f"loops={loops}")
     native = record.get("native")
     if native is False and native_available():
         os.environ["MOEKIT_NATIVE"] = "0"
@@ -59,6 +66,8 @@ def apply_kernel_record(record: dict[str, Any], dtype: torch.dtype = torch.float
     mismatches = []
     if native is True and not native_available():
         mismatches.append("the native kernel it used does not run here")
+    if record.get("workers") is not None and record["workers"] != workers_enabled():
+        mismatches.append(f"expert workers were {'on' if record['workers'] else 'off'}")
     if record.get("machine") not in (None, machine_key()):
         mismatches.append("it ran on another machine or torch version")
     if mismatches:
