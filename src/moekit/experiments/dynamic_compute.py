@@ -17,7 +17,6 @@ paired by seed and judged on a Student-t interval over seeds.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +28,7 @@ from moekit.experiments.training import (
     ArmScale,
     arm_config,
     moe_model,
+    scale_and_seeds,
     train_arm,
     validation_loss,
     validation_trace,
@@ -113,12 +113,7 @@ def experts_per_token(trace: Any) -> dict[str, Any]:
 def run(settings: ExperimentSettings, log: Callable[[str], None] = print) -> Outcome:
     from moekit.data.lmdata import prepare_data
 
-    scale = QUICK if settings.quick else FULL
-    if settings.source != "builtin" and not settings.quick:
-        scale = replace(FULL, source=settings.source)
-    seeds = settings.seeds or scale.seeds
-    if seeds < 2:
-        raise ConfigError("--seeds", f"got {seeds}, dynamic-compute needs at least 2 seeds for an interval")
+    scale, seeds = scale_and_seeds(settings, QUICK, FULL, "dynamic-compute")
     data = prepare_data(scale.source, log=log)
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     for seed in range(seeds):

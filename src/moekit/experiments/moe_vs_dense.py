@@ -13,14 +13,14 @@ along its wall clock at the time the quickest arm took for the whole run.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from moekit.errors import ConfigError
 from moekit.experiments.runner import Check, ExperimentSettings, Outcome
 from moekit.experiments.stats import Estimate, mean_estimate, verdict_at_least
+from moekit.experiments.training import scale_and_seeds
 
 REQUIRES = ("scipy", "matplotlib")
 CLAIM = (
@@ -117,12 +117,7 @@ def run(settings: ExperimentSettings, log: Callable[[str], None] = print) -> Out
     from moekit.train.metrics import read_metrics
     from moekit.train.trainer import Trainer, evaluate
 
-    scale = QUICK if settings.quick else FULL
-    if settings.source != "builtin" and not settings.quick:
-        scale = replace(FULL, source=settings.source)
-    seeds = settings.seeds or scale.seeds
-    if seeds < 2:
-        raise ConfigError("--seeds", f"got {seeds}, moe-vs-dense needs at least 2 seeds for an interval")
+    scale, seeds = scale_and_seeds(settings, QUICK, FULL, "moe-vs-dense")
     data = prepare_data(scale.source, log=log)
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     for seed in range(seeds):

@@ -14,18 +14,17 @@ layer's request stream. Differences are paired by seed, on Student-t intervals o
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from moekit.errors import ConfigError
 from moekit.experiments.runner import Check, ExperimentSettings, Outcome
 from moekit.experiments.stats import mean_estimate, verdict_at_least
 from moekit.experiments.training import (
     ArmScale,
     arm_config,
     moe_model,
+    scale_and_seeds,
     train_arm,
     validation_loss,
     validation_trace,
@@ -88,12 +87,7 @@ def locality(trace: Any) -> dict[str, list[float]]:
 def run(settings: ExperimentSettings, log: Callable[[str], None] = print) -> Outcome:
     from moekit.data.lmdata import prepare_data
 
-    scale = QUICK if settings.quick else FULL
-    if settings.source != "builtin" and not settings.quick:
-        scale = replace(FULL, source=settings.source)
-    seeds = settings.seeds or scale.seeds
-    if seeds < 2:
-        raise ConfigError("--seeds", f"got {seeds}, routing-locality needs at least 2 seeds for an interval")
+    scale, seeds = scale_and_seeds(settings, QUICK, FULL, "routing-locality")
     data = prepare_data(scale.source, log=log)
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     for seed in range(seeds):

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from moekit.errors import ConfigError
 from moekit.experiments.runner import Check, ExperimentSettings, Outcome
 from moekit.experiments.stats import combine_verdicts, mean_estimate, verdict_at_least, verdict_at_most
 from moekit.experiments.training import (
@@ -35,6 +34,7 @@ from moekit.experiments.training import (
     arm_config,
     build_trainer,
     moe_model,
+    scale_and_seeds,
     validation_batches,
 )
 
@@ -132,12 +132,7 @@ def record(model: Any, batches: list[Any], domains: tuple[str, ...]) -> Any:
 def run(settings: ExperimentSettings, log: Callable[[str], None] = print) -> Outcome:
     from moekit.data.lmdata import prepare_data
 
-    scale = QUICK if settings.quick else FULL
-    if settings.source != "builtin" and not settings.quick:
-        scale = replace(FULL, source=settings.source)
-    seeds = settings.seeds or scale.seeds
-    if seeds < 2:
-        raise ConfigError("--seeds", f"got {seeds}, token-vs-context needs at least 2 seeds for an interval")
+    scale, seeds = scale_and_seeds(settings, QUICK, FULL, "token-vs-context")
     data = prepare_data(scale.source, log=log)
     batches = validation_batches(data, scale)
     rows = validation_batches(data, scale, rows=1, per_domain=scale.eval_batches * scale.micro_batch // 2)

@@ -9,9 +9,10 @@ one experiment differ in exactly the variable under test.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from moekit.errors import ConfigError
 from moekit.experiments.runner import ExperimentSettings
 
 
@@ -138,3 +139,15 @@ def validation_trace(model: Any, data: Any, scale: ArmScale) -> Any:
     from moekit.analysis import record_routing
 
     return record_routing(model, validation_batches(data, scale), domain_names=data.domains)
+
+
+def scale_and_seeds(settings: ExperimentSettings, quick: Any, full: Any, name: str) -> tuple[Any, int]:
+    """The run's scale (quick, or full on the user's corpus) and its seed count: at least 2, since
+    every verdict rests on an interval over seeds."""
+    scale = quick if settings.quick else full
+    if settings.source != "builtin" and not settings.quick:
+        scale = replace(full, source=settings.source)
+    seeds = settings.seeds or scale.seeds
+    if seeds < 2:
+        raise ConfigError("--seeds", f"got {seeds}, {name} needs at least 2 seeds for an interval")
+    return scale, seeds
