@@ -367,18 +367,30 @@ def test_branch_and_mix_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path
     save_checkpoint(
         dense_seed / "checkpoints" / "step-000000", seed, None, {"config": {"model": CONFIG.to_dict()}}
     )
+    existing = tmp_path / "already-here"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
     cases = [
         (["branch", str(tmp_path / "nowhere"), str(tmp_path / "o1"), "--domains", "code"], "no such folder"),
         (["branch", str(dense_seed), str(tmp_path / "o2"), "--domains", "code,poetry"], "poetry"),
         (["branch", str(moe_seed), str(tmp_path / "o3"), "--domains", "code"], "is an MoE"),
         (["mix", str(dense_seed), str(tmp_path / "o4")], "branches"),
         (["mix", str(moe_seed), str(tmp_path / "o5"), "--remove", "code"], "not a mixed model"),
+        (["branch", str(dense_seed), str(tmp_path / "o6"), "--domains", "code", "--steps", "x"], "--steps"),
+        (["branch", str(dense_seed), str(existing), "--domains", "code"], "exists"),
     ]
     for argv, needle in cases:
-        assert moekit_main(argv) == 2, argv
+        try:
+            status = moekit_main(argv)
+        except SystemExit as exc:  # argparse's usage errors
+            status = exc.code
+        assert status == 2, argv
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and needle in err, (argv, err)
-    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4", "o5"))
+        assert err.count("\n") == 1 and needle in err and "Traceback" not in err, (argv, err)
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4", "o5", "o6"))
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"] and (
+        existing / "keep.txt"
+    ).read_text() == "mine"
 
 
 def test_shipped_recipes_validate():
