@@ -232,7 +232,11 @@ RECIPE = {
     },
     "train": {"micro_batch_size": 4, "warmup_steps": 2, "lr": 0.01},
     "branch": {"steps": 12, "parts": "ffn"},
-    "variants": [{"name": "btx", "router": "random"}, {"name": "flex", "router": "flexolmo", "bias": -0.5}],
+    "variants": [
+        {"name": "btx", "router": "random"},
+        {"name": "flex", "router": "flexolmo", "bias": -0.5},
+        {"name": "bam", "router": "random", "attention": "experts"},
+    ],
     "post_train": {"steps": 3},
     "eval": {"batches": 2, "batch_size": 2},
     "baselines": {"hdee": True, "merge": [{"method": "pcb", "ratio": 0.2}]},
@@ -303,7 +307,7 @@ def test_tiny_build_end_to_end(tmp_path, capsys):
     assert {"seed", "branch-code", "branch-math", "hdee", "btx", "flex", "merge-pcb"} <= set(models)
     assert models["merge-pcb"]["step0"] != models["seed"]["step0"] and "post" in models["merge-pcb"]
     # FFN-only branches: attention and embeddings stay the seed's, so every forced expert is exact
-    for variant in ("btx", "flex"):
+    for variant in ("btx", "flex", "bam"):
         assert all(c["exact_by_construction"] and c["passed"] for c in results["checks"][variant].values())
     assert models["flex"]["experts"] == ["public", "code", "math"]
     assert set(results["opt_out"]["flex"]["delta"]) == {"code", "math"}
@@ -311,8 +315,27 @@ def test_tiny_build_end_to_end(tmp_path, capsys):
     assert "post_router_only" in models["flex"]
     assert results["hf"]["btx"]["written"] and results["hf"]["btx"]["max_abs_logit_diff"] < 1e-4
     assert not results["hf"]["flex"]["written"] and "router_bias" in results["hf"]["flex"]["reason"]
+    assert not results["hf"]["bam"]["written"] and "attention experts" in results["hf"]["bam"]["reason"]
     assert {"mix_beats_pcb_merge", "opt_out_diagonal_dominant", "flexolmo_router_without_training"} <= set(
         results["claims"]
+    )
+    bam = results["claims"]["bam_full_attention_experts_le_btx"]
+    assert bam["btx"]["variant"] == "btx" and bam["bam_full"]["variant"] == "bam" and "verdict" in bam
+    assert set(results["opt_out"]["bam"]["delta"]) == {"code", "math"}
+    # BAM on the command line: KV-shared attention experts in parallel blocks (sequential branches:
+    # another function, so the step-0 distance is reported, not held to a tolerance)
+    assert moekit_main(["mix", str(out / "branches"), str(tmp_path / "bam-kv"), "--attention", "shared_kv",
+                        "--attention-top-k", "1", "--parallel"]) == 0  # fmt: skip
+    receipt = json.loads((tmp_path / "bam-kv" / "mix_receipt.json").read_text())
+    assert receipt["output"]["model"]["attention_experts"] == {
+        "num_experts": 2,
+        "top_k": 1,
+        "shared_kv": True,
+    }
+    assert not any(c["exact_by_construction"] for c in receipt["checks"].values())
+    assert (
+        moekit_main(["mix", str(tmp_path / "bam-kv"), str(tmp_path / "bam-kv-no-math"), "--remove", "math"])
+        == 0
     )
     mixed = out / "mix" / "flex"
     assert moekit_main(["mix", str(mixed), str(tmp_path / "no-code"), "--remove", "code"]) == 0

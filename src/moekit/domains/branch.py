@@ -76,7 +76,7 @@ def train_run(config, data, parts: str, log: Callable[[str], None]):
         freeze_all_but_ffn(trainer.model)
     elif parts == "router":
         for name, p in trainer.model.named_parameters():
-            p.requires_grad_(".ffn.router." in name)
+            p.requires_grad_(".ffn.router." in name or ".attn.router." in name)
     return trainer.run()
 
 

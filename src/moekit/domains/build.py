@@ -246,6 +246,8 @@ def _variant(ctx: _Context, variant, results: dict[str, Any]) -> dict[str, Any]:
     }
     model, _, experts = expert_domains_of(mixed)
     entry: dict[str, Any] = {"kind": "moe", "router": variant.options.router, "experts": experts}
+    entry["attention"] = variant.options.attention
+    entry["parallel"] = model.config.parallel_block
     entry["step0"] = ctx.model_losses(model)
     if recipe.post_train.steps:
         post = out / "post" / variant.name
@@ -369,6 +371,7 @@ def claims(results: dict[str, Any], recipe: BuildRecipe) -> dict[str, Any]:
             if all(every)
             else ("partly reproduced" if any(every) else "not reproduced"),
         }
+    out.update(bam_claim(models, recipe))
     flex = [(n, e) for n, e in models.items() if e.get("router") == "flexolmo" and "post_router_only" in e]
     if flex:
         name, entry = flex[0]
@@ -385,6 +388,51 @@ def claims(results: dict[str, Any], recipe: BuildRecipe) -> dict[str, Any]:
             "verdict": "reproduced" if gap <= margin else "not reproduced at this scale",
         }
     return out
+
+
+def bam_claim(models: dict[str, Any], recipe: BuildRecipe) -> dict[str, Any]:
+    """BAM (#31): full attention experts <= KV-shared attention experts <= BTX (attention averaged),
+    per domain and on the mean, after the same post-mix budget. BTX here is a variant with averaged
+    attention and sequential blocks over the same experts (no public expert)."""
+    key = "bam_full_attention_experts_le_btx"
+    moe = {n: e for n, e in models.items() if e["kind"] == "moe" and e.get("router") != "flexolmo"}
+    btx = {
+        n: final_losses(e)
+        for n, e in moe.items()
+        if e.get("attention") == "average" and not e.get("parallel")
+    }
+    full = {n: final_losses(e) for n, e in moe.items() if e.get("attention") == "experts"}
+    kv = {n: final_losses(e) for n, e in moe.items() if e.get("attention") == "shared_kv"}
+    if not btx or not full:
+        return {
+            key: {"verdict": "not measured (needs a BTX variant and a BAM variant with attention: experts)"}
+        }
+    best_btx = min(btx, key=lambda n: btx[n]["mean"])
+    best_full = min(full, key=lambda n: full[n]["mean"])
+    domains = list(recipe.domains)
+    wins = [d for d in domains if full[best_full][d] <= btx[best_btx][d]]
+    below = full[best_full]["mean"] <= btx[best_btx]["mean"]
+    if below and len(wins) == len(domains):
+        verdict = "reproduced"
+    elif below:
+        verdict = "partly reproduced (mean only)"
+    else:
+        verdict = "not reproduced at this scale"
+    claim: dict[str, Any] = {
+        "claim": "an MoE with full attention experts (BAM) has a loss at most BTX's (attention averaged) "
+        "after the same post-mix budget, per domain and on the mean",
+        "btx": {"variant": best_btx, "mean": btx[best_btx]["mean"]},
+        "bam_full": {"variant": best_full, "mean": full[best_full]["mean"]},
+        "domains_where_bam_full_le_btx": wins,
+        "verdict": verdict,
+    }
+    if kv:
+        best_kv = min(kv, key=lambda n: kv[n]["mean"])
+        claim["bam_shared_kv"] = {"variant": best_kv, "mean": kv[best_kv]["mean"]}
+        claim["order_full_le_kv_le_btx"] = bool(
+            full[best_full]["mean"] <= kv[best_kv]["mean"] <= btx[best_btx]["mean"]
+        )
+    return {key: claim}
 
 
 def report(results: dict[str, Any]) -> str:

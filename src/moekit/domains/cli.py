@@ -2,6 +2,7 @@
 
 moekit branch SEED OUT --domains code,english,math [--steps 100] [--parts ffn]
 moekit mix BRANCHES OUT [--router random|hidden|flexolmo] [--top-k 2] [--public]
+           [--attention average|experts|shared_kv] [--attention-top-k 0] [--parallel]   # BAM
 moekit mix MIXED OUT --remove DOMAIN              # opt-out: drop one domain's expert
 moekit mix MIXED OUT --add BRANCH_RUN --domain D  # opt-in: add one
 moekit build RECIPE.yaml [--out DIR]
@@ -35,7 +36,7 @@ def add_branch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_mix_arguments(parser: argparse.ArgumentParser) -> None:
-    from moekit.domains.mix import ROUTERS
+    from moekit.domains.mix import ATTENTION, ROUTERS
 
     parser.add_argument(
         "src", metavar="SRC", help="a branches folder (or, with --remove/--add, a mixed model)"
@@ -48,6 +49,19 @@ def add_mix_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--bias", type=float, default=None, help="FlexOlmo's negative bias b (default -0.5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random router")
+    parser.add_argument(
+        "--attention",
+        default="average",
+        choices=ATTENTION,
+        help="BAM: each branch's attention as an attention expert (experts), or its Q/O over "
+        "averaged K/V (shared_kv); default: averaged attention (BTX)",
+    )
+    parser.add_argument(
+        "--attention-top-k", type=int, default=0, help="attention experts per token; 0 = soft routing (BAM)"
+    )
+    parser.add_argument(
+        "--parallel", action="store_true", help="BAM's parallel block: x + Attn(norm(x)) + FFN(norm(x))"
+    )
     parser.add_argument("--remove", metavar="DOMAIN", help="opt-out: remove this domain's expert from SRC")
     parser.add_argument("--add", metavar="RUN", help="opt-in: add the FFNs of this dense branch run to SRC")
     parser.add_argument("--domain", help="the domain of the expert added with --add")
@@ -86,6 +100,8 @@ def mix_main(args: argparse.Namespace) -> int:
                      bias=args.bias, overwrite=args.overwrite)  # fmt: skip
         return 0
     options = MixOptions(router=args.router, top_k=args.top_k, public=args.public, seed=args.seed,
+                         attention=args.attention, attention_top_k=args.attention_top_k,
+                         parallel=args.parallel,
                          **({"bias": args.bias} if args.bias is not None else {}))  # fmt: skip
     receipt = mix(args.src, args.out, options, overwrite=args.overwrite)
     print(summary(receipt))

@@ -3,14 +3,16 @@ retraining (FlexOlmo §3.4: "opt-out = delete expert j's FFN and router row").
 
 Removing expert j slices j out of every per-expert tensor (expert weights, router row and bias)
 and keeps every other tensor bit-identical; with a softmax router renormalised over its top-k this
-computes exactly what the full model computes with expert j masked from routing. Adding an expert
-appends its FFN, router row and bias as the last expert.
+computes exactly what the full model computes with expert j masked from routing. Attention experts
+(BAM) go with their domain: removing expert j also removes attention expert j and its router row.
+Adding an expert appends its FFN, router row and bias as the last expert.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,29 @@ def _per_expert(name: str) -> bool:
     return ".ffn." in name and name.split(".ffn.", 1)[1] in PER_EXPERT
 
 
+ATTENTION_EXPERT = re.compile(r"^(.*\.attn\.experts\.)(\d+)(\..*)$")
+
+
+def _source_tensor(source: dict[str, Tensor], name: str, keep: list[int]) -> Tensor:
+    """The tensor of the model without the removed expert, from the full model's `source`."""
+    match = ATTENTION_EXPERT.match(name)
+    if match:  # attention expert e of the smaller model is expert keep[e] of the full one
+        return source[f"{match[1]}{keep[int(match[2])]}{match[3]}"]
+    if _per_expert(name) or ".attn.router." in name:
+        return source[name][keep]
+    return source[name]
+
+
 def _with_experts(config, num_experts: int, top_k: int | None = None):
     spec = config.moe.router
     k = min(spec.top_k if top_k is None else top_k, num_experts)
     moe = dataclasses.replace(config.moe, router=spec.with_(num_experts=num_experts, top_k=k))
-    return dataclasses.replace(config, moe=moe)
+    attention = config.attention_experts
+    if attention is not None:
+        attention = dataclasses.replace(
+            attention, num_experts=num_experts, top_k=min(attention.top_k, num_experts)
+        )
+    return dataclasses.replace(config, moe=moe, attention_experts=attention)
 
 
 def _check_editable(model: LanguageModel) -> None:
@@ -46,6 +66,12 @@ def _check_editable(model: LanguageModel) -> None:
     extra = [n for n in model.state_dict() if ".ffn." in n and not _per_expert(n)]
     if extra:
         raise MoekitError(f"{extra[0]}: a per-layer MoE tensor opt-out does not know how to edit")
+    attention = model.config.attention_experts
+    if attention is not None and attention.num_experts != moe.router.num_experts:
+        raise MoekitError(
+            f"model.attention_experts.num_experts is {attention.num_experts}, the MoE has "
+            f"{moe.router.num_experts} experts; opt-out removes one domain's FFN and attention together"
+        )
 
 
 @torch.no_grad()
@@ -61,7 +87,7 @@ def remove_expert(model: LanguageModel, expert: int) -> LanguageModel:
     out = LanguageModel(_with_experts(model.config, count - 1)).to(model.embed.weight.dtype).eval()
     source = model.state_dict()
     for name, tensor in out.state_dict().items():
-        tensor.copy_(source[name][keep] if _per_expert(name) else source[name])
+        tensor.copy_(_source_tensor(source, name, keep))
     return out
 
 
@@ -77,6 +103,11 @@ def add_expert(
     `proj_out` [H, F], as in a dense moekit block) and router row [H]; `bias` is its router bias
     (models whose router has one)."""
     _check_editable(model)
+    if model.config.attention_experts is not None:
+        raise MoekitError(
+            "opt-in adds an FFN expert; this model also has attention experts (BAM): mix the "
+            "branches again with the new domain instead"
+        )
     layers = len(model.blocks)
     for what, given in (("proj_in", proj_in), ("proj_out", proj_out), ("router_rows", router_rows)):
         if len(given) != layers:

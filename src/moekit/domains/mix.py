@@ -12,6 +12,16 @@ tensor the branches all share unchanged is copied, not re-summed, so it stays bi
 - `flexolmo`: domain-embedding rows with FlexOlmo's negative bias on the domain experts
   (`domains.flexolmo`); implies `public`.
 
+BAM (Zhang et al. 2024, #31) options make attention experts too: `attention: experts` turns each
+branch's whole attention (Q, K, V, O) into attention expert e; `attention: shared_kv` gives each
+expert its branch's Q and O over the branches' averaged K and V (one KV cache). The attention
+router is always randomly initialised, as BAM's are, and routes softly by default
+(`attention_top_k: 0`: every attention expert, weighted by its router probability, BAM's choice;
+k > 0: top-k renormalised). `parallel: true` builds BAM's parallel block,
+x + Attn(norm(x)) + FFN(norm'(x)); branches with sequential blocks then compute another function
+than the mix, and the step-0 check reports the distance rather than holding it to a tolerance.
+Models with attention experts or parallel blocks have no HF family.
+
 The receipt (`mix_receipt.json`) holds, for every expert, the step-0 check: the mixed model with
 that expert forced (top-1) on every layer against the model it came from (its branch, or the seed
 for the public expert), on held-out text. Where every non-FFN tensor of the mix equals the
@@ -35,6 +45,7 @@ from moekit.errors import ConfigError, MoekitError, require_choice, require_int,
 from moekit.models.lm import LanguageModel, LMConfig
 
 ROUTERS = ("random", "hidden", "flexolmo")
+ATTENTION = ("average", "experts", "shared_kv")
 RECEIPT_FILE = "mix_receipt.json"
 PUBLIC = "public"
 
@@ -48,9 +59,20 @@ class MixOptions:
     router_std: float = 0.02
     seed: int = 0
     calibration_documents: int = 8
+    attention: str = "average"  # BAM: "experts" (full attention experts) or "shared_kv"
+    attention_top_k: int = 0  # 0: soft routing over every attention expert (BAM)
+    parallel: bool = False  # BAM's parallel attention + FFN block
 
     def __post_init__(self) -> None:
         require_choice("mix.router", self.router, ROUTERS)
+        require_choice("mix.attention", self.attention, ATTENTION)
+        require_int("mix.attention_top_k", self.attention_top_k, minimum=0)
+        if self.attention_top_k and self.attention == "average":
+            raise ConfigError(
+                "mix.attention_top_k", "routes attention experts; set mix.attention to experts or shared_kv"
+            )
+        if not isinstance(self.parallel, bool):
+            raise ConfigError("mix.parallel", f"got {self.parallel!r}, expected true or false")
         require_int("mix.top_k", self.top_k, minimum=1)
         if not isinstance(self.public, bool):
             raise ConfigError("mix.public", f"got {self.public!r}, expected true or false")
@@ -108,7 +130,28 @@ def moe_config(dense: LMConfig, num_experts: int, options: MixOptions) -> LMConf
         router_bias=options.router == "flexolmo",
     )
     moe = MoEConfig(hidden_size=dense.hidden_size, ff_size=dense.ff_size, router=spec)
-    return dataclasses.replace(dense, moe=moe, first_dense_layers=0, moe_every=1)
+    attention = None
+    if options.attention != "average":
+        from moekit.models.attention_experts import AttentionExpertsConfig
+
+        attention = AttentionExpertsConfig(
+            num_experts=num_experts,
+            top_k=min(options.attention_top_k, num_experts),
+            shared_kv=options.attention == "shared_kv",
+        )
+    return dataclasses.replace(
+        dense,
+        moe=moe,
+        first_dense_layers=0,
+        moe_every=1,
+        attention_experts=attention,
+        parallel_block=dense.parallel_block or options.parallel,
+    )
+
+
+def is_expert_tensor(name: str) -> bool:
+    """Tensors of the experts and their routers (FFN and attention), not averaged by `mix`."""
+    return ".ffn." in name or ".attn.experts." in name or ".attn.router." in name
 
 
 @torch.no_grad()
@@ -135,7 +178,7 @@ def mix_lm(
     states = [b.state_dict() for b in branches]
     provenance: dict[str, str] = {}
     for name, tensor in moe.state_dict().items():
-        if ".ffn." in name:
+        if is_expert_tensor(name):
             continue
         tensor.copy_(mean_tensor([s[name] for s in states]))
         provenance[name] = f"mean of {name} over {len(branches)} branches"
@@ -146,6 +189,13 @@ def mix_lm(
             ffn.experts.w_in[e].copy_(source.blocks[i].ffn.proj_in.weight)
             ffn.experts.w_out[e].copy_(source.blocks[i].ffn.proj_out.weight)
         provenance[f"blocks.{i}.ffn.experts.*"] = "expert e = FFN of " + ", ".join(expert_names)
+        if config.attention_experts is not None:
+            provenance.update(
+                _fill_attention_experts(block.attn, [s.blocks[i].attn for s in sources], options, i)
+            )
+            provenance[f"blocks.{i}.attn.experts.*"] = "attention expert e = attention of " + ", ".join(
+                expert_names
+            )
         if router_rows is not None:
             rows = router_rows[i]
             if tuple(rows.shape) != (experts, config.hidden_size):
@@ -173,6 +223,27 @@ def mix_lm(
                 f"FlexOlmo: 0 for public, min({options.bias}, 0) for domains"
             )
     return moe, provenance
+
+
+def _fill_attention_experts(
+    attn, sources: Sequence[torch.nn.Module], options: MixOptions, layer: int
+) -> dict[str, str]:
+    """Attention expert e = the attention of source e (Q and O only when K/V are shared: those
+    are averaged with the rest); the router random, as BAM's."""
+    from moekit.construct.router_init import router_init
+
+    parts = ("q_proj", "o_proj") if attn.spec.shared_kv else ("q_proj", "k_proj", "v_proj", "o_proj")
+    for expert, source in zip(attn.experts, sources, strict=True):
+        for part in parts:
+            getattr(expert, part).weight.copy_(getattr(source, part).weight)
+    seed = options.seed + 2000 + layer
+    weight = attn.router.weight
+    weight.copy_(
+        router_init(
+            "random", weight.shape[0], weight.shape[1], seed=seed, std=options.router_std, dtype=weight.dtype
+        )
+    )
+    return {f"blocks.{layer}.attn.router.weight": f"attention router init 'random', seed {seed}"}
 
 
 @torch.no_grad()
@@ -235,25 +306,35 @@ def router_rows_for(
 
 
 def non_ffn_identical(moe: LanguageModel, source: LanguageModel) -> bool:
-    """Whether every tensor outside the FFNs is bit-identical in the two models."""
+    """Whether the two compute the same function with the source's experts forced: every tensor
+    outside the experts is bit-identical and the blocks are laid out alike (sequential/parallel)."""
+    if moe.config.parallel_block != source.config.parallel_block:
+        return False
     theirs = source.state_dict()
-    return all(torch.equal(t, theirs[n]) for n, t in moe.state_dict().items() if ".ffn." not in n)
+    return all(torch.equal(t, theirs[n]) for n, t in moe.state_dict().items() if not is_expert_tensor(n))
 
 
 @torch.no_grad()
 def forced_expert_checks(
     moe: LanguageModel, sources: Sequence[tuple[str, LanguageModel]], batches: Sequence[Tensor], text: str
 ) -> dict[str, Any]:
-    """Step-0 check per expert: the mix with expert e forced (top-1, weight 1) in every layer vs
-    the model expert e came from. Exact where the non-FFN tensors are identical."""
+    """Step-0 check per expert: the mix with expert e forced (top-1, weight 1) in every layer, FFN
+    and attention experts alike, vs the model expert e came from. Exact where the tensors outside
+    the experts are identical."""
+    from contextlib import nullcontext
+
     from moekit.construct.receipt import check_entry, step_zero
+    from moekit.models.attention_experts import override_attention_routing
     from moekit.routing.override import RoutingOverride, override_routing
 
     checks = {}
+    with_attention = moe.config.attention_experts is not None
     for e, (name, source) in enumerate(sources):
 
         def forced(ids, e=e):
-            with override_routing(moe, RoutingOverride(force=[e], top_k=1)):
+            force = RoutingOverride(force=[e], top_k=1)
+            attention = override_attention_routing(moe, force) if with_attention else nullcontext()
+            with override_routing(moe, force), attention:
                 return moe(ids).logits
 
         result = step_zero(lambda ids, source=source: source(ids).logits, forced, batches)

@@ -37,6 +37,16 @@ def _transformers():
 
 def hf_family_of(config: LMConfig) -> str:
     """The HF family that computes `config`'s model, or a ConfigError naming what has none."""
+    if config.attention_experts is not None:
+        raise ConfigError(
+            "model.attention_experts",
+            "attention experts (BAM) have no HF family: no transformers model routes attention per token",
+        )
+    if config.parallel_block:
+        raise ConfigError(
+            "model.parallel_block",
+            "parallel attention+FFN blocks have no HF family moekit writes (Llama, Mixtral, Qwen2-MoE)",
+        )
     if config.moe is None:
         return "llama"
     moe, spec = config.moe, config.moe.router

@@ -6,7 +6,7 @@ never attend to each other), SwiGLU FFNs. Readable top to bottom, in the spirit 
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from moekit.errors import ConfigError, require_int, require_number
 from moekit.inference.kv_cache import KVCache, LayerCache, step_mask
 from moekit.kernels.linear import Linear
 from moekit.layer import MoE, MoEConfig
+from moekit.models.attention_experts import AttentionExperts, AttentionExpertsConfig
 from moekit.routing.record import Routing
 from moekit.routing.recurrent import tie_recurrent_cells
 
@@ -24,7 +25,9 @@ from moekit.routing.recurrent import tie_recurrent_cells
 @dataclass(frozen=True)
 class LMConfig:
     """The model. `moe` (None for a dense model) configures every MoE layer; which layers are
-    MoE follows the pattern: the first `first_dense_layers` are dense, then every `moe_every`-th."""
+    MoE follows the pattern: the first `first_dense_layers` are dense, then every `moe_every`-th.
+    `attention_experts` makes every layer's attention a routed mixture of attention experts, and
+    `parallel_block` runs attention and FFN side by side on the same input (both BAM, #31)."""
 
     vocab_size: int
     hidden_size: int
@@ -40,6 +43,8 @@ class LMConfig:
     moe: MoEConfig | None = None
     first_dense_layers: int = 0
     moe_every: int = 1
+    attention_experts: AttentionExpertsConfig | None = None
+    parallel_block: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -71,6 +76,15 @@ class LMConfig:
         require_number("model.rope_theta", self.rope_theta, minimum=0.0, strict=True)
         require_number("model.norm_eps", self.norm_eps, minimum=0.0, strict=True)
         require_number("model.init_std", self.init_std, minimum=0.0, strict=True)
+        if self.attention_experts is not None and not isinstance(
+            self.attention_experts, AttentionExpertsConfig
+        ):
+            raise ConfigError(
+                "model.attention_experts",
+                f"expected an AttentionExpertsConfig, got {type(self.attention_experts).__name__}",
+            )
+        if not isinstance(self.parallel_block, bool):
+            raise ConfigError("model.parallel_block", f"got {self.parallel_block!r}, expected true or false")
         if self.moe is not None and self.moe.hidden_size != self.hidden_size:
             raise ConfigError(
                 "model.moe.hidden_size",
@@ -93,6 +107,9 @@ class LMConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["moe"] = None if self.moe is None else self.moe.to_dict()
+        data["attention_experts"] = (
+            None if self.attention_experts is None else self.attention_experts.to_dict()
+        )
         return data
 
     @classmethod
@@ -108,6 +125,11 @@ class LMConfig:
         if moe is not None and not isinstance(moe, MoEConfig):
             moe = MoEConfig.from_dict(
                 {"hidden_size": values.get("hidden_size"), **moe}, f"{field_prefix}.moe"
+            )
+        experts = values.get("attention_experts")
+        if experts is not None and not isinstance(experts, AttentionExpertsConfig):
+            values["attention_experts"] = AttentionExpertsConfig.from_dict(
+                experts, f"{field_prefix}.attention_experts"
             )
         missing = [f.name for f in fields(cls) if f.name not in values and f.default is MISSING]
         if missing:
@@ -199,8 +221,9 @@ class DenseFFN(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: LMConfig, index: int):
         super().__init__()
+        self.parallel = config.parallel_block
         self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.attn = Attention(config)
+        self.attn: nn.Module = AttentionExperts(config) if config.attention_experts else Attention(config)
         self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.ffn: nn.Module = (
             MoE(config.moe) if config.is_moe_layer(index) else DenseFFN(config.hidden_size, config.ff_size)
@@ -220,20 +243,28 @@ class Block(nn.Module):
         previous: Routing | None = None,
         token_ids: Tensor | None = None,
         cache: LayerCache | None = None,
-    ) -> tuple[Tensor, Routing | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
-        h = self.ffn_norm(x)
+    ) -> tuple[Tensor, Routing | None, Routing | None]:
+        """(output, the MoE FFN's routing, the attention experts' routing); None where dense."""
+        a_in = self.attn_norm(x)
+        if isinstance(self.attn, AttentionExperts):
+            a, attn_routing = self.attn.forward_with_routing(a_in, cos, sin, mask, cache, token_mask)
+        else:
+            a, attn_routing = self.attn(a_in, cos, sin, mask, cache), None
+        if not self.parallel:  # sequential: x + attn(norm(x)), then the FFN on that sum
+            x = x + a
+        h = self.ffn_norm(x)  # parallel (BAM, GPT-NeoX): both read the block's input x
         if self.is_moe:
             y, routing = self.ffn.forward_with_routing(h, token_mask, previous=previous, token_ids=token_ids)
         else:
             y, routing = self.ffn(h), None
-        return x + y, routing
+        return (x + a + y if self.parallel else x + y), routing, attn_routing
 
 
 @dataclass
 class LMOutput:
     logits: Tensor  # [B, S, V]
     routings: list[Routing]  # one per MoE layer, in layer order
+    attention_routings: list[Routing] = field(default_factory=list)  # one per attention-experts layer
 
 
 class LanguageModel(nn.Module):
@@ -304,14 +335,16 @@ class LanguageModel(nn.Module):
                 raise ValueError("doc_ids: packed rows are not supported with a KV cache")
             start = cache.begin((b, s) if token_mask is None else token_mask.bool(), input_ids.device)
             mask = step_mask(cache, start, None, None, materialise=False)
-        routings = []
+        routings, attention_routings = [], []
         for index, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[index]
             previous = routings[-1] if routings else None
-            x, routing = block(x, cos, sin, mask, token_mask, previous, input_ids, layer_cache)
+            x, routing, attn_routing = block(x, cos, sin, mask, token_mask, previous, input_ids, layer_cache)
             if routing is not None:
                 routings.append(routing)
-        return LMOutput(self.head(self.norm(x)), routings)
+            if attn_routing is not None:
+                attention_routings.append(attn_routing)
+        return LMOutput(self.head(self.norm(x)), routings, attention_routings)
 
 
 @dataclass(frozen=True)

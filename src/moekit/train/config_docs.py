@@ -27,6 +27,7 @@ from moekit.experts.latent import LatentOptions
 from moekit.experts.lora import LoRAOptions
 from moekit.experts.smora import SMoRAOptions
 from moekit.layer import MoEConfig
+from moekit.models.attention_experts import AttentionExpertsConfig
 from moekit.models.lm import LMConfig
 from moekit.routing import spec as router_spec
 from moekit.routing.factory import ROUTER_KINDS, _router_class
@@ -138,6 +139,11 @@ MEANINGS: dict[str, str] = {
     "model.moe": "The MoE layers' configuration (absent: a dense model).",
     "model.first_dense_layers": "Layers before the first MoE layer that stay dense.",
     "model.moe_every": "After those, every this-many-th layer is MoE.",
+    "model.attention_experts": "Every layer's attention as routed attention experts (BAM; absent: one attention).",
+    "model.parallel_block": "Attention and FFN read the same block input, x + Attn(norm(x)) + FFN(norm'(x)) (BAM).",
+    "model.attention_experts.num_experts": "Attention experts per layer.",
+    "model.attention_experts.top_k": "Attention experts per token; 0 = soft routing over all of them (BAM).",
+    "model.attention_experts.shared_kv": "Experts own Q and O over one shared K/V projection (one KV cache).",
     "model.moe.ff_size": "Each routed expert's intermediate size.",
     "model.moe.router": "The router's selection rule (below); `preset: NAME` starts from an HF family.",
     "model.moe.activation": "The experts' activation.",
@@ -349,6 +355,13 @@ def all_sections() -> list[tuple[str, str, list[Key]]]:
             [preset, *section_keys("model.moe.router", RouterSpec)],
         ),
     ]
+    sections.append(
+        (
+            "model.attention_experts",
+            describe(AttentionExpertsConfig),
+            section_keys("model.attention_experts", AttentionExpertsConfig),
+        )
+    )
     for title, prefix, cls in _option_classes():
         sections.append((f"model.moe ({title})", "", section_keys(prefix, cls)))
     sections += [
