@@ -288,3 +288,19 @@ def test_attention_experts_config_is_checked():
     )
     assert config.attention_experts == AttentionExpertsConfig(2, shared_kv=True)
     assert LMConfig.from_dict(config.to_dict()) == config
+
+
+def test_convert_to_hf_of_a_bam_run_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
+    from moekit.cli import main as moekit_main
+    from moekit.train.checkpoint import save_checkpoint
+
+    _, branches = _branches(2)
+    moe, _ = mix_lm(branches, MixOptions(attention="shared_kv"))
+    run = tmp_path / "bam"
+    save_checkpoint(
+        run / "checkpoints" / "step-000000", moe, None, {"config": {"model": moe.config.to_dict()}}
+    )
+    assert moekit_main(["convert", "to-hf", str(run), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.attention_experts" in err and "no HF family" in err
+    assert not (tmp_path / "hf").exists()
