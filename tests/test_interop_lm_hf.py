@@ -38,6 +38,13 @@ CONFIGS = {
     "qwen2_moe-gated-every-2": LMConfig(
         **BASE, moe_every=2, moe=moe(num_shared_experts=1, shared_ff_size=24, shared_gate=True)
     ),
+    "llama-attention-biases": LMConfig(**BASE, attention_bias="all", attention_head_dim=16),
+    "qwen2": LMConfig(**BASE, attention_bias="qkv"),
+    "qwen3": LMConfig(**BASE, qk_norm=True, attention_head_dim=12, attention_bias="all"),
+    "qwen2_moe-qkv-bias": LMConfig(**BASE, attention_bias="qkv", moe=moe()),
+    "qwen3_moe-first-dense": LMConfig(
+        **BASE, qk_norm=True, attention_head_dim=12, first_dense_layers=1, moe=moe("none")
+    ),
 }
 
 
@@ -73,3 +80,24 @@ def test_configs_without_an_hf_family_name_the_field():
     )
     with pytest.raises(ConfigError, match="model.moe.router.score_fn"):
         hf_family_of(LMConfig(**BASE, moe=sigmoid))
+    with pytest.raises(ConfigError, match="model.attention_head_dim"):
+        hf_family_of(LMConfig(**BASE, attention_bias="qkv", attention_head_dim=16))
+    with pytest.raises(ConfigError, match="model.attention_bias"):
+        hf_family_of(LMConfig(**BASE, attention_bias="all", moe=moe()))
+    with pytest.raises(ConfigError, match="model.moe.num_shared_experts"):
+        hf_family_of(LMConfig(**BASE, qk_norm=True, moe=moe(num_shared_experts=1)))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_hf_qwen_dense_folders_load_into_moekits_lm_exactly(tmp_path, family):
+    from moekit.interop.tiny import tiny_dense_model
+
+    hf = tiny_dense_model(family, seed=3).double()  # Qwen3: head_dim 16 x 4 heads != hidden 32, o bias
+    hf.save_pretrained(tmp_path / family)
+    ours = lm_from_hf(tmp_path / family).double()
+    assert ours.config.qk_norm == (family == "qwen3")
+    assert ours.config.attention_bias == ("qkv" if family == "qwen2" else "all")
+    ids = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(ids).logits
+        assert (ours(ids).logits - want).abs().max() / want.abs().max() < 1e-5  # fp32 RoPE tables in HF

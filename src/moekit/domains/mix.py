@@ -232,10 +232,10 @@ def _fill_attention_experts(
     are averaged with the rest); the router random, as BAM's."""
     from moekit.construct.router_init import router_init
 
-    parts = ("q_proj", "o_proj") if attn.spec.shared_kv else ("q_proj", "k_proj", "v_proj", "o_proj")
     for expert, source in zip(attn.experts, sources, strict=True):
-        for part in parts:
-            getattr(expert, part).weight.copy_(getattr(source, part).weight)
+        theirs = source.state_dict()  # an expert's tensors are named as the dense layer's
+        for name, tensor in expert.state_dict().items():
+            tensor.copy_(theirs[name])
     seed = options.seed + 2000 + layer
     weight = attn.router.weight
     weight.copy_(
@@ -344,7 +344,8 @@ def forced_expert_checks(
 
 
 def load_lm(path: str | os.PathLike) -> LanguageModel:
-    """A moekit LM from a run/checkpoint directory or an HF Llama/Mixtral/Qwen2-MoE folder."""
+    """A moekit LM from a run/checkpoint directory or an HF folder moekit's LM holds (Llama, Qwen2,
+    Qwen3 and their MoEs)."""
     folder = Path(path)
     if (folder / "config.json").is_file():
         from moekit.interop.lm_hf import lm_from_hf

@@ -1,13 +1,16 @@
 """moekit's own language model (`models.lm`) to and from the HF family that computes the same thing.
 
-The LM is a Llama-style decoder (RMSNorm, half-split RoPE, GQA, SwiGLU, no biases), so:
-- dense -> Llama;
+The LM is a Llama-style decoder (RMSNorm, half-split RoPE, GQA, SwiGLU), so:
+- dense -> Llama (q/k/v/o biases: `attention_bias: all`); with Qwen2's q/k/v biases
+  (`attention_bias: qkv`) -> Qwen2; with Qwen3's query/key norms (`qk_norm`) -> Qwen3;
+- MoE with `qk_norm`, no shared expert -> Qwen3-MoE; with q/k/v biases -> Qwen2-MoE (qkv_bias);
 - MoE in every layer, softmax top-k renormalised, no shared expert -> Mixtral;
 - otherwise (dense first layers, `moe_every`, top-k not renormalised, shared experts) ->
   Qwen2-MoE without qkv biases: `mlp_only_layers` holds the dense layers, `norm_topk_prob` the
   renormalisation, and moekit's ungated shared expert becomes Qwen2-MoE's gated one with a zero
   gate (sigmoid 0.5) and a doubled down projection (exact in binary floating point).
-Configs with no HF family (the checks in `hf_family_of` name the field): routers other than
+Configs with no HF family (the checks in `hf_family_of` name the field): attention experts and
+parallel blocks (BAM; no transformers model routes attention per token), routers other than
 softmax token choice (sigmoid, groups, selection bias, after-top-k scoring, capacity, expert
 choice, hash, ...), experts other than packed SwiGLU (latent, LoRA, biases, other activations).
 """
@@ -24,7 +27,7 @@ from torch import Tensor
 from moekit.errors import ConfigError, MoekitError
 from moekit.models.lm import LanguageModel, LMConfig
 
-LM_FAMILIES = ("llama", "mixtral", "qwen2_moe")
+LM_FAMILIES = ("llama", "mixtral", "qwen2_moe", "qwen2", "qwen3", "qwen3_moe")
 
 
 def _transformers():
@@ -48,7 +51,7 @@ def hf_family_of(config: LMConfig) -> str:
             "parallel attention+FFN blocks have no HF family moekit writes (Llama, Mixtral, Qwen2-MoE)",
         )
     if config.moe is None:
-        return "llama"
+        return dense_family_of(config)
     moe, spec = config.moe, config.moe.router
     checks = [
         ("router_kind", moe.router_kind, "token_choice"),
@@ -74,10 +77,40 @@ def hf_family_of(config: LMConfig) -> str:
         raise ConfigError(
             "model.moe.router.renorm", f"got {spec.renorm!r}; HF families renormalise by 'sum' or not"
         )
+    if config.qk_norm:  # Qwen3 attention: Qwen3-MoE (no shared experts)
+        if moe.num_shared_experts:
+            raise ConfigError(
+                "model.moe.num_shared_experts", "Qwen3-MoE (the HF family with query/key norms) has none"
+            )
+        return "qwen3_moe"
+    if config.attention_bias == "all":
+        raise ConfigError(
+            "model.attention_bias",
+            "'all' has an HF MoE family only with qk_norm (Qwen3-MoE); use none or qkv",
+        )
     all_moe = all(config.is_moe_layer(i) for i in range(config.num_layers))
-    if all_moe and spec.renorm == "sum" and moe.num_shared_experts == 0:
+    if config.attention_bias == "none" and all_moe and spec.renorm == "sum" and not moe.num_shared_experts:
         return "mixtral"
+    _require_plain_heads(config, "qwen2_moe")
     return "qwen2_moe"
+
+
+def dense_family_of(config: LMConfig) -> str:
+    """Llama (optionally with q/k/v/o biases), Qwen2 (q/k/v biases) or Qwen3 (query/key norms)."""
+    if config.qk_norm:
+        return "qwen3"
+    if config.attention_bias == "qkv":
+        _require_plain_heads(config, "qwen2")
+        return "qwen2"
+    return "llama"
+
+
+def _require_plain_heads(config: LMConfig, family: str) -> None:
+    if config.attention_head_dim not in (None, config.hidden_size // config.num_heads):
+        raise ConfigError(
+            "model.attention_head_dim",
+            f"got {config.attention_head_dim}; {family} heads are hidden_size / num_heads",
+        )
 
 
 def hf_config_of(config: LMConfig) -> Any:
@@ -100,9 +133,38 @@ def hf_config_of(config: LMConfig) -> Any:
         pad_token_id=None,
     )
     if family == "llama":
-        return transformers.LlamaConfig(**common, intermediate_size=config.ff_size, head_dim=config.head_dim)
+        return transformers.LlamaConfig(
+            **common,
+            intermediate_size=config.ff_size,
+            head_dim=config.head_dim,
+            attention_bias=config.attention_bias == "all",
+        )
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common, intermediate_size=config.ff_size, use_sliding_window=False)
+    if family == "qwen3":
+        return transformers.Qwen3Config(
+            **common,
+            intermediate_size=config.ff_size,
+            head_dim=config.head_dim,
+            attention_bias=config.attention_bias == "all",
+            use_sliding_window=False,
+        )
     moe = config.moe
     assert moe is not None
+    if family == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(
+            **common,
+            head_dim=config.head_dim,
+            attention_bias=config.attention_bias == "all",
+            intermediate_size=config.ff_size,
+            moe_intermediate_size=moe.ff_size,
+            num_experts=moe.router.num_experts,
+            num_experts_per_tok=moe.router.top_k,
+            norm_topk_prob=moe.router.renorm == "sum",
+            decoder_sparse_step=1,
+            mlp_only_layers=[i for i in range(config.num_layers) if not config.is_moe_layer(i)],
+            use_sliding_window=False,
+        )
     if family == "mixtral":
         return transformers.MixtralConfig(
             **common,
@@ -123,7 +185,7 @@ def hf_config_of(config: LMConfig) -> Any:
         norm_topk_prob=moe.router.renorm == "sum",
         decoder_sparse_step=1,
         mlp_only_layers=[i for i in range(config.num_layers) if not config.is_moe_layer(i)],
-        qkv_bias=False,
+        qkv_bias=config.attention_bias == "qkv",
         use_sliding_window=False,
     )
 
@@ -142,6 +204,11 @@ def hf_state_of(model: LanguageModel, family: str) -> dict[str, Tensor]:
         out[p + "post_attention_layernorm.weight"] = block.ffn_norm.weight
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             out[f"{p}self_attn.{name}.weight"] = getattr(block.attn, name).weight
+            if getattr(block.attn, name).bias is not None:
+                out[f"{p}self_attn.{name}.bias"] = getattr(block.attn, name).bias
+        if model.config.qk_norm:
+            out[f"{p}self_attn.q_norm.weight"] = block.attn.q_norm.weight
+            out[f"{p}self_attn.k_norm.weight"] = block.attn.k_norm.weight
         ffn = block.ffn
         if not block.is_moe:
             gate, up = ffn.proj_in.weight.chunk(2, dim=0)
@@ -155,8 +222,11 @@ def hf_state_of(model: LanguageModel, family: str) -> dict[str, Tensor]:
             continue
         shared = ffn.shared
         h = model.config.hidden_size
-        if shared is None:
-            out[p + "mlp.shared_expert_gate.weight"] = torch.zeros(1, h, dtype=ffn.router.weight.dtype)
+        if shared is None:  # a zero-size shared expert (Qwen2-MoE always has one)
+            dtype = ffn.router.weight.dtype
+            out[p + "mlp.shared_expert_gate.weight"] = torch.zeros(1, h, dtype=dtype)
+            for name, shape in (("gate_proj", (0, h)), ("up_proj", (0, h)), ("down_proj", (h, 0))):
+                out[f"{p}mlp.shared_expert.{name}.weight"] = torch.zeros(shape, dtype=dtype)
             continue
         gate, up = shared.proj_in.weight.chunk(2, dim=0)
         out[p + "mlp.shared_expert.gate_proj.weight"], out[p + "mlp.shared_expert.up_proj.weight"] = gate, up
@@ -213,7 +283,8 @@ def lm_to_hf(model: LanguageModel, path: str | os.PathLike, *, overwrite: bool =
 
 
 def lm_config_from_hf(config: Any, source: str) -> LMConfig:
-    """The LMConfig of an HF Llama / Mixtral / Qwen2-MoE config that moekit's LM can compute."""
+    """The LMConfig of an HF Llama / Qwen2 / Qwen3 / Mixtral / Qwen2-MoE / Qwen3-MoE config that
+    moekit's LM can compute."""
     from moekit.layer import MoEConfig
     from moekit.routing.spec import RouterSpec
 
@@ -228,9 +299,8 @@ def lm_config_from_hf(config: Any, source: str) -> LMConfig:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rope = dict(getattr(config, "rope_parameters", None) or {})
     problems = [
-        (head_dim * heads != config.hidden_size, f"head_dim={head_dim} x heads != hidden_size"),
+        (head_dim % 2 == 1, f"head_dim={head_dim} (RoPE needs an even head size)"),
         (rope.get("rope_type", "default") != "default", f"rope_type={rope.get('rope_type')!r}"),
-        (getattr(config, "attention_bias", False) or getattr(config, "qkv_bias", False), "attention biases"),
         (getattr(config, "mlp_bias", False), "MLP biases"),
         (config.hidden_act != "silu", f"hidden_act={config.hidden_act!r}"),
         (getattr(config, "sliding_window", None) is not None and family == "mixtral", "a sliding window"),
@@ -251,8 +321,11 @@ def lm_config_from_hf(config: Any, source: str) -> LMConfig:
         norm_eps=config.rms_norm_eps,
         tie_embeddings=bool(config.tie_word_embeddings),
         init_std=float(getattr(config, "initializer_range", 0.02)),
+        attention_head_dim=None if head_dim * heads == config.hidden_size else head_dim,
+        attention_bias=_attention_bias(config, family),
+        qk_norm=family in ("qwen3", "qwen3_moe"),
     )
-    if family == "llama":
+    if family in ("llama", "qwen2", "qwen3"):
         return LMConfig(**values)
     h = config.hidden_size
     if family == "mixtral":
@@ -273,7 +346,7 @@ def lm_config_from_hf(config: Any, source: str) -> LMConfig:
         raise MoekitError(
             f"{source}: MoE layers {moe_layers} are not 'the first k dense, then every m-th' (moekit's LM)"
         )
-    shared = config.shared_expert_intermediate_size
+    shared = getattr(config, "shared_expert_intermediate_size", 0)  # Qwen3-MoE: none
     spec = RouterSpec(
         num_experts=config.num_experts,
         top_k=config.num_experts_per_tok,
@@ -290,9 +363,19 @@ def lm_config_from_hf(config: Any, source: str) -> LMConfig:
     return LMConfig(**values, moe=moe, first_dense_layers=first, moe_every=every)
 
 
+def _attention_bias(config: Any, family: str) -> str:
+    """Qwen2 and Qwen2-MoE bias queries, keys and values; Llama's and Qwen3's `attention_bias` the
+    output too."""
+    if family == "qwen2":
+        return "qkv"  # always, in transformers' Qwen2 attention
+    if family == "qwen2_moe":
+        return "qkv" if getattr(config, "qkv_bias", False) else "none"
+    return "all" if getattr(config, "attention_bias", False) else "none"
+
+
 @torch.no_grad()
 def lm_from_hf(path: str | os.PathLike) -> LanguageModel:
-    """moekit's LM holding an HF Llama / Mixtral / Qwen2-MoE folder (loaded by transformers)."""
+    """moekit's LM holding an HF folder of a family in `LM_FAMILIES` (loaded by transformers)."""
     transformers = _transformers()
     path = Path(path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(

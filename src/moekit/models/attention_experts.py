@@ -107,17 +107,32 @@ class _OverrideTarget:
     router: nn.Module
 
 
+def add_key_value(module: nn.Module, config: LMConfig) -> None:
+    """K and V projections (and the key norm) named as a dense attention layer's."""
+    from moekit.models.lm import RMSNorm
+
+    d, hd, bias = config.hidden_size, config.head_dim, config.attention_bias != "none"
+    module.k_proj = Linear(d, config.kv_heads * hd, bias=bias)
+    module.v_proj = Linear(d, config.kv_heads * hd, bias=bias)
+    if config.qk_norm:
+        module.k_norm = RMSNorm(hd, config.norm_eps)
+
+
 class ExpertProjections(nn.Module):
-    """One attention expert's projections (Q and O; K and V too unless they are shared)."""
+    """One attention expert's projections (Q and O; K and V too unless they are shared), with the
+    biases and query/key norms the dense layer has; state-dict names as the dense layer's."""
 
     def __init__(self, config: LMConfig, own_kv: bool):
+        from moekit.models.lm import RMSNorm
+
         super().__init__()
         d, hd = config.hidden_size, config.head_dim
-        self.q_proj = Linear(d, config.num_heads * hd, bias=False)
+        self.q_proj = Linear(d, config.num_heads * hd, bias=config.attention_bias != "none")
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hd, config.norm_eps)
         if own_kv:
-            self.k_proj = Linear(d, config.kv_heads * hd, bias=False)
-            self.v_proj = Linear(d, config.kv_heads * hd, bias=False)
-        self.o_proj = Linear(config.num_heads * hd, d, bias=False)
+            add_key_value(self, config)
+        self.o_proj = Linear(config.num_heads * hd, d, bias=config.attention_bias == "all")
 
 
 def dense_weights(routing: Routing, dtype: torch.dtype) -> Tensor:
@@ -140,13 +155,12 @@ class AttentionExperts(nn.Module):
             raise MoekitError("AttentionExperts: model.attention_experts is not set")
         self.config = config
         self.spec = spec
-        d, hd = config.hidden_size, config.head_dim
+        d = config.hidden_size
         self.experts = nn.ModuleList(
             ExpertProjections(config, not spec.shared_kv) for _ in range(spec.num_experts)
         )
         if spec.shared_kv:
-            self.k_proj = Linear(d, config.kv_heads * hd, bias=False)
-            self.v_proj = Linear(d, config.kv_heads * hd, bias=False)
+            add_key_value(self, config)
         self.router = TokenChoiceRouter(d, spec.router_spec())
         self._target = _OverrideTarget(_RouterSettings(spec.router_spec()), self.router)
         # set by `override_attention_routing` while its block runs
@@ -180,16 +194,24 @@ class AttentionExperts(nn.Module):
         cfg, count = self.config, self.spec.num_experts
         routing = self.route(x, token_mask)
 
-        def heads(t: Tensor, n: int) -> Tensor:
-            return t.view(b, s, n, cfg.head_dim).transpose(1, 2)
+        def heads(t: Tensor, n: int, norm: nn.Module | None = None) -> Tensor:
+            t = t.view(b, s, n, cfg.head_dim)
+            return (t if norm is None else norm(t)).transpose(1, 2)
+
+        def queries(e: nn.Module) -> Tensor:
+            return heads(e.q_proj(x), cfg.num_heads, getattr(e, "q_norm", None))
+
+        def keys_values(m: nn.Module) -> tuple[Tensor, Tensor]:
+            k = heads(m.k_proj(x), cfg.kv_heads, getattr(m, "k_norm", None))
+            return k, heads(m.v_proj(x), cfg.kv_heads)
 
         # experts' heads stacked: query head e*H + j belongs to expert e
-        q = torch.cat([heads(e.q_proj(x), cfg.num_heads) for e in self.experts], dim=1)
+        q = torch.cat([queries(e) for e in self.experts], dim=1)
         if self.spec.shared_kv:
-            k, v = heads(self.k_proj(x), cfg.kv_heads), heads(self.v_proj(x), cfg.kv_heads)
+            k, v = keys_values(self)
         else:
-            k = torch.cat([heads(e.k_proj(x), cfg.kv_heads) for e in self.experts], dim=1)
-            v = torch.cat([heads(e.v_proj(x), cfg.kv_heads) for e in self.experts], dim=1)
+            pairs = [keys_values(e) for e in self.experts]
+            k, v = torch.cat([p[0] for p in pairs], dim=1), torch.cat([p[1] for p in pairs], dim=1)
         from moekit.models.lm import apply_rope
 
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.errors import ConfigError, require_int, require_number
+from moekit.errors import ConfigError, require_choice, require_int, require_number
 from moekit.inference.kv_cache import KVCache, LayerCache, step_mask
 from moekit.kernels.linear import Linear
 from moekit.layer import MoE, MoEConfig
@@ -21,13 +21,18 @@ from moekit.models.attention_experts import AttentionExperts, AttentionExpertsCo
 from moekit.routing.record import Routing
 from moekit.routing.recurrent import tie_recurrent_cells
 
+ATTENTION_BIASES = ("none", "qkv", "all")
+
 
 @dataclass(frozen=True)
 class LMConfig:
     """The model. `moe` (None for a dense model) configures every MoE layer; which layers are
     MoE follows the pattern: the first `first_dense_layers` are dense, then every `moe_every`-th.
     `attention_experts` makes every layer's attention a routed mixture of attention experts, and
-    `parallel_block` runs attention and FFN side by side on the same input (both BAM, #31)."""
+    `parallel_block` runs attention and FFN side by side on the same input (both BAM, #31).
+    `attention_head_dim` (default hidden_size / num_heads), `attention_bias` ("qkv": Qwen2's
+    query/key/value biases; "all": output too) and `qk_norm` (per-head RMSNorm of queries and keys
+    before RoPE, Qwen3) hold the attention of HF Qwen2 and Qwen3 models."""
 
     vocab_size: int
     hidden_size: int
@@ -45,6 +50,9 @@ class LMConfig:
     moe_every: int = 1
     attention_experts: AttentionExpertsConfig | None = None
     parallel_block: bool = False
+    attention_head_dim: int | None = None
+    attention_bias: str = "none"
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -58,15 +66,22 @@ class LMConfig:
         ):
             require_int(f"model.{name}", getattr(self, name), minimum=1)
         require_int("model.first_dense_layers", self.first_dense_layers, minimum=0)
-        if self.hidden_size % self.num_heads:
+        if self.attention_head_dim is not None:
+            require_int("model.attention_head_dim", self.attention_head_dim, minimum=2)
+            if self.attention_head_dim % 2:
+                raise ConfigError("model.attention_head_dim", "must be even for RoPE")
+        elif self.hidden_size % self.num_heads:
             raise ConfigError(
                 "model.num_heads",
                 f"got {self.num_heads}, expected a divisor of hidden_size={self.hidden_size}",
             )
-        if (self.hidden_size // self.num_heads) % 2:
+        elif (self.hidden_size // self.num_heads) % 2:
             raise ConfigError(
                 "model.num_heads", "the head dimension hidden_size/num_heads must be even for RoPE"
             )
+        require_choice("model.attention_bias", self.attention_bias, ATTENTION_BIASES)
+        if not isinstance(self.qk_norm, bool):
+            raise ConfigError("model.qk_norm", f"got {self.qk_norm!r}, expected true or false")
         kv = self.kv_heads
         require_int("model.num_kv_heads", kv, minimum=1)
         if self.num_heads % kv:
@@ -97,7 +112,7 @@ class LMConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.attention_head_dim or self.hidden_size // self.num_heads
 
     def is_moe_layer(self, index: int) -> bool:
         if self.moe is None or index < self.first_dense_layers:
@@ -181,18 +196,25 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         d, h, kv, hd = config.hidden_size, config.num_heads, config.kv_heads, config.head_dim
-        self.q_proj = Linear(d, h * hd, bias=False)
-        self.k_proj = Linear(d, kv * hd, bias=False)
-        self.v_proj = Linear(d, kv * hd, bias=False)
-        self.o_proj = Linear(h * hd, d, bias=False)
+        qkv_bias = config.attention_bias != "none"
+        self.q_proj = Linear(d, h * hd, bias=qkv_bias)
+        self.k_proj = Linear(d, kv * hd, bias=qkv_bias)
+        self.v_proj = Linear(d, kv * hd, bias=qkv_bias)
+        self.o_proj = Linear(h * hd, d, bias=config.attention_bias == "all")
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hd, config.norm_eps)
+            self.k_norm = RMSNorm(hd, config.norm_eps)
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: LayerCache | None = None
     ) -> Tensor:
         b, s, _ = x.shape
         cfg = self.config
-        q = self.q_proj(x).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, s, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).view(b, s, cfg.kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, s, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:

@@ -28,7 +28,7 @@ from moekit.experts.lora import LoRAOptions
 from moekit.experts.smora import SMoRAOptions
 from moekit.layer import MoEConfig
 from moekit.models.attention_experts import AttentionExpertsConfig
-from moekit.models.lm import LMConfig
+from moekit.models.lm import ATTENTION_BIASES, LMConfig
 from moekit.routing import spec as router_spec
 from moekit.routing.factory import ROUTER_KINDS, _router_class
 from moekit.routing.spec import RouterSpec
@@ -39,6 +39,7 @@ DOCS_PATH = Path("docs/config.md")
 
 # Allowed values of the string keys, from the constants their validation uses.
 ALLOWED: dict[str, tuple[Any, ...]] = {
+    "model.attention_bias": ATTENTION_BIASES,
     "data.tokenizer": TOKENIZERS,
     "data.layout": LAYOUTS,
     "data.stream": STREAMS,
@@ -139,8 +140,11 @@ MEANINGS: dict[str, str] = {
     "model.moe": "The MoE layers' configuration (absent: a dense model).",
     "model.first_dense_layers": "Layers before the first MoE layer that stay dense.",
     "model.moe_every": "After those, every this-many-th layer is MoE.",
-    "model.attention_experts": "Every layer's attention as routed attention experts (BAM; absent: one attention).",
-    "model.parallel_block": "Attention and FFN read the same block input, x + Attn(norm(x)) + FFN(norm'(x)) (BAM).",
+    "model.attention_experts": "Every layer's attention as routed attention experts (BAM; absent: dense).",
+    "model.parallel_block": "Attention and FFN both read the block input: x + Attn(norm(x)) + FFN(norm'(x)).",
+    "model.attention_head_dim": "Size of each attention head (null: hidden_size / num_heads).",
+    "model.attention_bias": "Attention biases: none, qkv (Qwen2) or all (q, k, v and output).",
+    "model.qk_norm": "Per-head RMSNorm of queries and keys before RoPE (Qwen3).",
     "model.attention_experts.num_experts": "Attention experts per layer.",
     "model.attention_experts.top_k": "Attention experts per token; 0 = soft routing over all of them (BAM).",
     "model.attention_experts.shared_kv": "Experts own Q and O over one shared K/V projection (one KV cache).",

@@ -1,5 +1,6 @@
 """`model.init_from: PATH`: start a run from the weights of a moekit checkpoint (an upcycled one
-included) or of an HF Llama / Mixtral / Qwen2-MoE folder, instead of a random init.
+included) or of an HF Llama / Qwen2 / Qwen3 / Mixtral / Qwen2-MoE / Qwen3-MoE folder, instead of
+a random init.
 
 LoRAMoE and SMoRA experts are adapters on a frozen FFN that should hold pretrained knowledge, not
 random weights: for a model with such experts, every tensor the checkpoint and the model share by
