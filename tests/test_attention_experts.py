@@ -24,12 +24,13 @@ from moekit.routing.override import RoutingOverride, override_routing
 CONFIG = LMConfig(
     vocab_size=61, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2, ff_size=24, max_seq_len=32
 )
+QWEN3_LIKE = replace(CONFIG, attention_bias="all", qk_norm=True, attention_head_dim=6)
 IDS = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(5))
 
 
-def _layer(experts, top_k=0, shared_kv=False, kv_heads=2, seed=0):
+def _layer(experts, top_k=0, shared_kv=False, kv_heads=2, seed=0, base=CONFIG):
     config = replace(
-        CONFIG,
+        base,
         num_kv_heads=kv_heads,
         attention_experts=AttentionExpertsConfig(experts, top_k=top_k, shared_kv=shared_kv),
     )
@@ -42,13 +43,10 @@ def _layer(experts, top_k=0, shared_kv=False, kv_heads=2, seed=0):
 
 
 def _dense_expert(config, layer, e):
-    """A dense moekit `Attention` holding expert e's weights (and the shared K/V if shared)."""
+    """A dense moekit `Attention` holding expert e's tensors (and the shared K/V if shared)."""
     dense = Attention(config).double()
-    kv_source = layer if layer.spec.shared_kv else layer.experts[e]
-    with torch.no_grad():
-        for part, source in (("q_proj", layer.experts[e]), ("o_proj", layer.experts[e]),
-                             ("k_proj", kv_source), ("v_proj", kv_source)):  # fmt: skip
-            getattr(dense, part).weight.copy_(getattr(source, part).weight)
+    shared = {n: t for n, t in layer.state_dict().items() if not n.startswith(("experts.", "router."))}
+    dense.load_state_dict({**shared, **layer.experts[e].state_dict()})  # strict: every tensor named
     return dense
 
 
@@ -60,12 +58,23 @@ def _inputs(config, batch=2, seq=9, seed=1):
 
 
 @settings(max_examples=12, deadline=None)
-@given(st.integers(1, 4), st.integers(0, 3), st.booleans(), st.sampled_from([1, 2, 4]), st.integers(0, 1000))
-def test_mixture_of_attention_is_the_router_weighted_sum_of_dense_attentions(experts, k, shared, kv, seed):
+@given(
+    st.integers(1, 4),
+    st.integers(0, 3),
+    st.booleans(),
+    st.sampled_from([1, 2, 4]),
+    st.booleans(),
+    st.integers(0, 1000),
+)
+def test_mixture_of_attention_is_the_router_weighted_sum_of_dense_attentions(
+    experts, k, shared, kv, qwen3, seed
+):
     """Reference: a loop over dense attention modules weighted by softmax router probabilities
-    (soft: all of them; top-k: the k largest, renormalised)."""
+    (soft: all of them; top-k: the k largest, renormalised); also with Qwen3's attention (biases,
+    query/key norms, a head size of its own)."""
     k = min(k, experts)
-    config, layer = _layer(experts, top_k=k, shared_kv=shared, kv_heads=kv, seed=seed)
+    base = QWEN3_LIKE if qwen3 else CONFIG
+    config, layer = _layer(experts, top_k=k, shared_kv=shared, kv_heads=kv, seed=seed, base=base)
     x, cos, sin = _inputs(config, seed=seed)
     y, routing = layer.forward_with_routing(x, cos, sin, None)
     probs = torch.softmax(x.reshape(-1, 16) @ layer.router.weight.T, dim=-1)
@@ -168,11 +177,12 @@ def _forced(moe, e):
         return moe(IDS).logits
 
 
-@pytest.mark.parametrize("top_k", [0, 2])
-def test_mix_with_attention_experts_a_forced_expert_reproduces_its_branch(top_k):
+@pytest.mark.parametrize("top_k, config", [(0, CONFIG), (2, CONFIG), (0, QWEN3_LIKE)])
+def test_mix_with_attention_experts_a_forced_expert_reproduces_its_branch(top_k, config):
     """The step-0 check of FFN experts, for attention too: branches differing in attention and FFN
-    are reproduced exactly by the BAM mix (float64) and not by BTX's averaged attention."""
-    seed, branches = _branches(3)
+    are reproduced exactly by the BAM mix (float64) and not by BTX's averaged attention; also with
+    biases, query/key norms and a head size of its own (Qwen3's attention)."""
+    seed, branches = _branches(3, config=config)
     options = MixOptions(router="random", top_k=2, attention="experts", attention_top_k=top_k)
     moe, provenance = mix_lm(branches, options, public=seed)
     assert moe.config.attention_experts == AttentionExpertsConfig(4, top_k=top_k)
@@ -213,7 +223,7 @@ def test_mix_into_parallel_blocks_keeps_parallel_branches_exact():
 
 @pytest.mark.parametrize("attention, top_k", [("experts", 0), ("experts", 2), ("shared_kv", 0)])
 def test_opt_out_of_a_bam_model_removes_ffn_and_attention_expert_as_masking_does(attention, top_k):
-    seed, branches = _branches(3)
+    seed, branches = _branches(3, config=QWEN3_LIKE if attention == "shared_kv" else CONFIG)
     moe, _ = mix_lm(branches, MixOptions(attention=attention, attention_top_k=top_k, top_k=2), public=seed)
     for j in (0, 2):
         smaller = remove_expert(moe, j)

@@ -349,8 +349,12 @@ def test_tiny_build_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.production_threads
-def test_hf_llama_seed_branches_mixes_and_exports_to_mixtral(tmp_path):
-    """HF in (a Llama seed through model.init_from), HF out (the mix as Mixtral, loaded back)."""
+@pytest.mark.parametrize(
+    "family, moe_family", [("llama", "mixtral"), ("qwen2", "qwen2_moe"), ("qwen3", "qwen3_moe")]
+)
+def test_hf_dense_seed_branches_mixes_and_exports_to_its_moe_family(tmp_path, family, moe_family):
+    """HF in (a Llama / Qwen2 / Qwen3 seed through model.init_from), HF out (the mix as Mixtral /
+    Qwen2-MoE / Qwen3-MoE, loaded back)."""
     from transformers import AutoModelForCausalLM
 
     from moekit.domains.branch import branch
@@ -358,8 +362,8 @@ def test_hf_llama_seed_branches_mixes_and_exports_to_mixtral(tmp_path):
     from moekit.interop.lm_hf import lm_to_hf
     from moekit.interop.tiny import tiny_dense_model
 
-    seed = tmp_path / "llama"
-    tiny_dense_model("llama", vocab_size=259).save_pretrained(seed)
+    seed = tmp_path / family
+    tiny_dense_model(family, vocab_size=259).save_pretrained(seed)
     train = {"micro_batch_size": 2, "warmup_steps": 1}
     manifest = branch(seed, tmp_path / "branches", ["code", "math"], seq_len=32, steps=3, parts="ffn",
                       train=train, eval_batches=1, log=lambda _: None)  # fmt: skip
@@ -371,7 +375,7 @@ def test_hf_llama_seed_branches_mixes_and_exports_to_mixtral(tmp_path):
     moe = load_run_model(tmp_path / "mixed")[0]
     lm_to_hf(moe, tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
-    assert hf.config.model_type == "mixtral" and hf.config.num_local_experts == 2
+    assert hf.config.model_type == moe_family and moe.config.moe.router.num_experts == 2
     ids = IDS % 259
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, moe(ids).logits, rtol=0, atol=1e-4)

@@ -15,7 +15,7 @@ import argparse
 
 def add_branch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "seed", metavar="SEED", help="a dense moekit run/checkpoint or HF dense (Llama) folder"
+        "seed", metavar="SEED", help="a dense moekit run/checkpoint or HF dense (Llama, Qwen2, Qwen3) folder"
     )
     parser.add_argument(
         "out", metavar="OUT", help="folder of the branches (one run per domain, branches.json)"
