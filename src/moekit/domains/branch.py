@@ -1,8 +1,8 @@
 """Branch: copy a dense seed once per domain and continue training each copy on its own domain.
 
 This is the first phase of Branch-Train-MiX (Sukhbaatar et al. 2024) and of BAM (#31). The seed
-is a moekit run or checkpoint, or an HF dense (Llama) folder, loaded through `model.init_from`;
-each branch is an ordinary `moekit train` run (same trainer, metrics and checkpoints) whose
+is a moekit run or checkpoint, or an HF dense (Llama, Qwen2, Qwen3) folder, loaded through
+`model.init_from`; each branch is an ordinary `moekit train` run (same trainer, metrics and checkpoints) whose
 training stream holds one domain. `parts: ffn` trains only the FFNs and keeps attention,
 embeddings and norms at the seed's values, FlexOlmo's "coordinated" training (#30): the branches
 then differ only in their FFNs, so a mixed model with one expert forced reproduces that branch.
