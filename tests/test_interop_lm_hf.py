@@ -101,3 +101,14 @@ def test_hf_qwen_dense_folders_load_into_moekits_lm_exactly(tmp_path, family):
     with torch.no_grad():
         want = hf(ids).logits
         assert (ours(ids).logits - want).abs().max() / want.abs().max() < 1e-5  # fp32 RoPE tables in HF
+
+
+def test_qwen_attention_parts_start_as_hf_starts_them():
+    """Biases at zero, query/key norms at one (then trained or loaded)."""
+    model = LanguageModel(LMConfig(**BASE, attention_bias="all", qk_norm=True, attention_head_dim=12))
+    attn = model.blocks[1].attn
+    assert attn.q_proj.weight.shape == (48, 32) and attn.o_proj.weight.shape == (32, 48)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert getattr(attn, name).bias is not None and not getattr(attn, name).bias.any()
+    assert attn.q_norm.weight.eq(1).all() and attn.k_norm.weight.shape == (12,)
+    assert LanguageModel(LMConfig(**BASE, attention_bias="qkv")).blocks[0].attn.o_proj.bias is None

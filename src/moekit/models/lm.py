@@ -303,11 +303,14 @@ class LanguageModel(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 style: N(0, init_std), output projections scaled by 1/sqrt(2 * layers)."""
+        """GPT-2 style: N(0, init_std), output projections scaled by 1/sqrt(2 * layers); attention
+        biases (Qwen2, Qwen3) start at zero."""
         std = self.config.init_std
         out_std = std / (2 * self.config.num_layers) ** 0.5
         for name, p in self.named_parameters():
             if p.dim() < 2:
+                if name.endswith("_proj.bias"):
+                    nn.init.zeros_(p)
                 continue
             is_output = name.endswith(("o_proj.weight", "proj_out.weight", "experts.w_out"))
             nn.init.normal_(p, std=out_std if is_output else std)
