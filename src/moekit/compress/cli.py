@@ -41,5 +41,12 @@ def main(args: argparse.Namespace) -> int:
         f"{report['experts_per_layer']['after']}, bytes {report['bytes_before']} -> {report['bytes_after']}, "
         f"held-out loss {before:.4f} -> {after:.4f}, top-k router agreement {agreement:.3f}"
     )
+    if "padding" in report:
+        padding = report["padding"]
+        print(
+            f"experts kept per layer {padding['experts_kept']}, stored padded to "
+            f"{report['experts_per_layer']['after']} ({padding['mode']}: "
+            f"{padding['padding_bytes']} bytes of padding)"
+        )
     print(f"wrote {args.out} ({REPORT_FILE})")
     return 0

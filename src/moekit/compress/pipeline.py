@@ -47,8 +47,23 @@ def check_model(model: nn.Module, recipe: Recipe) -> None:
         packed_experts(name, moe)
     spec = layers[0][1].config.router
     if recipe.method in ("prune", "merge"):
+        from moekit.compress.prune import resolve_counts
+
         section = getattr(recipe, recipe.method)
-        count = resolve_keep(section.keep, spec.num_experts, spec.top_k, f"{recipe.method}.keep")
+        counts = resolve_counts(section.keep, spec, len(layers), f"{recipe.method}.keep")
+        count = (
+            max(counts)
+            if counts is not None
+            else resolve_keep(section.keep, spec.num_experts, spec.top_k, f"{recipe.method}.keep")
+        )
+        if recipe.method == "prune" and recipe.prune.padding == "mask":
+            from moekit.compress.padding import padding_mode
+
+            if padding_mode(model)[0] != "mask":
+                raise MoekitError(
+                    "prune.padding: mask needs a router bias or selection bias to mask padding experts; "
+                    "this model's router has neither (use restore)"
+                )
         try:
             with_num_experts(model.config, count)
         except ValueError as exc:
@@ -86,15 +101,28 @@ def apply(
     if recipe.method == "prune":
         from moekit.compress.prune import prune
 
-        protect = super_expert_mask(calibration) if recipe.prune.protect_super_experts else None
-        result = prune(model, calibration, recipe.prune.score, recipe.prune.keep, protect)
+        p = recipe.prune
+        protect = super_expert_mask(calibration) if p.protect_super_experts else None
+        result = prune(model, calibration, p.score, p.keep, protect, p.allocation, p.padding)
+        positions = [k.tolist() for k in result.keep] if result.padding is None else result.padding.positions
         maps = []
-        for keep in result.keep:
+        for layout in positions:
             m = torch.full((num,), -1, dtype=torch.long)
-            m[keep] = torch.arange(keep.numel())
+            for position, expert in enumerate(layout):
+                if expert >= 0:
+                    m[expert] = position
             maps.append(m)
         removed = [sorted(set(range(num)) - set(k.tolist())) for k in result.keep]
-        return result.model, maps, {"removed": removed, "scores": [s.tolist() for s in result.scores]}
+        details = {"removed": removed, "scores": [s.tolist() for s in result.scores]}
+        if result.padding is not None:
+            layers = result.padding.layers
+            details["padding"] = {
+                "mode": result.padding.mode,
+                "experts_kept": [len(layer["kept"]) for layer in layers],
+                "layers": layers,
+                "padding_bytes": sum(layer["padding_bytes"] for layer in layers),
+            }
+        return result.model, maps, details
     if recipe.method == "merge":
         from moekit.compress.merge import merge
 
@@ -247,6 +275,11 @@ def compress(
         calibrated = time.perf_counter()
         compressed, maps, details = apply(model, calibration, recipe)
         compressed_at = time.perf_counter()
+        if "padding" in details:  # bytes in the source dtype, as the report's other byte counts
+            for layer in details["padding"]["layers"]:
+                layer["padding_bytes"] = int(layer["padding_bytes"] * scale)
+            layers = details["padding"]["layers"]
+            details["padding"]["padding_bytes"] = sum(x["padding_bytes"] for x in layers)
         packed_storage = recipe.method == "quantize" and recipe.quantize.storage == "packed"
         if packed_storage:  # evaluate what is written: the model holding only the packed experts
             from moekit.compress.storage import resident_bytes, with_quantized_experts
