@@ -64,7 +64,8 @@ def test_moekit_reap_equals_a_live_llmcompressor_run(tmp_path):
     python = os.environ.get("MOEKIT_LLMCOMPRESSOR_PYTHON")
     if python is None:
         pytest.skip(
-            "MOEKIT_LLMCOMPRESSOR_PYTHON is not set (llm-compressor pins its own transformers; stored fixtures used)"
+            "MOEKIT_LLMCOMPRESSOR_PYTHON is not set (llm-compressor pins its own transformers; "
+            "stored fixtures used)"
         )
     subprocess.run(
         [python, str(FIXTURES / "make_fixtures.py"), "--out", str(tmp_path)],
