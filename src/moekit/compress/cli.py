@@ -48,5 +48,11 @@ def main(args: argparse.Namespace) -> int:
             f"{report['experts_per_layer']['after']} ({padding['mode']}: "
             f"{padding['padding_bytes']} bytes of padding)"
         )
+    if "premoe" in report:
+        retrieval = report["premoe"]["retrieval"]
+        print(
+            f"premoe: masks of {len(report['premoe']['domains'])} domains; retrieval names the held-out "
+            f"rows' domain for {retrieval['accuracy']:.3f} of {retrieval['rows']} rows"
+        )
     print(f"wrote {args.out} ({REPORT_FILE})")
     return 0

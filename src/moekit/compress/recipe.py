@@ -1,6 +1,6 @@
 """Compression recipes: YAML files validated field by field before any work starts.
 
-method: prune                 # prune | merge | quantize
+method: prune                 # prune | merge | quantize | premoe
 prune: {score: reap, keep: 0.5, protect_super_experts: true}
                               # keep: [6, 4, ...] per MoE layer, or allocation: global (one budget
                               # shared by saliency); different counts are padded (padding: mask | restore)
@@ -8,6 +8,7 @@ merge: {keep: 0.5, align: true}  # method: hc_smoe (average) | sub_moe (subspace
 quantize: {algorithm: gptq, hessian: affinity, group_size: 32, bits: 4}
                               # or mean_bits: 2.5, choices: [2, 3, 4, 8] (MC-MoE allocation)
                               # storage: fake (float weights, default) | packed (moekit's packed form)
+premoe: {keep: 0.5, window: 32, score: probability}  # per-domain masks, retrieved at inference
 calibration: {batches: 8, batch_size: 8, seq_len: 128, min_tokens: 0}
 evaluation: {batches: 4}
 """
@@ -21,7 +22,7 @@ from typing import Any
 from moekit.compress.scores import SCORES
 from moekit.errors import ConfigError, MoekitError, require_choice, require_int, require_number
 
-METHODS = ("prune", "merge", "quantize")
+METHODS = ("prune", "merge", "quantize", "premoe")
 ALGORITHMS = ("rtn", "gptq")
 HESSIANS = ("routed", "affinity")
 MERGE_METHODS = ("hc_smoe", "sub_moe")
@@ -117,6 +118,20 @@ class QuantizeRecipe:
 
 
 @dataclass(frozen=True)
+class PreMoeRecipe:
+    keep: float | int = 0.5  # experts each domain keeps per layer
+    window: int = 32  # prompt tokens the retrieval reads
+    score: str = "probability"  # what TCESS sums: probability, or logit (the released code)
+
+    def __post_init__(self) -> None:
+        from moekit.compress.premoe import SCORES
+
+        _keep("premoe.keep", self.keep)
+        require_choice("premoe.score", self.score, SCORES)
+        require_int("premoe.window", self.window, minimum=1)
+
+
+@dataclass(frozen=True)
 class CalibrationRecipe:
     batches: int = 8
     batch_size: int = 8
@@ -143,6 +158,7 @@ class Recipe:
     prune: PruneRecipe = field(default_factory=PruneRecipe)
     merge: MergeRecipe = field(default_factory=MergeRecipe)
     quantize: QuantizeRecipe = field(default_factory=QuantizeRecipe)
+    premoe: PreMoeRecipe = field(default_factory=PreMoeRecipe)
     calibration: CalibrationRecipe = field(default_factory=CalibrationRecipe)
     evaluation: EvaluationRecipe = field(default_factory=EvaluationRecipe)
 
@@ -160,6 +176,7 @@ _SECTIONS = {
     "prune": PruneRecipe,
     "merge": MergeRecipe,
     "quantize": QuantizeRecipe,
+    "premoe": PreMoeRecipe,
     "calibration": CalibrationRecipe,
     "evaluation": EvaluationRecipe,
 }
