@@ -5,7 +5,9 @@ DST is an HF folder of the same family (AutoModelForCausalLM loads it) for a `fr
 moekit checkpoint for moekit's own LM, with `compress_report.json` beside the weights and, for
 quantization, the packed codes in `experts.quant.safetensors`. A recipe with `quantize.storage:
 packed` writes moekit's packed format instead (`moekit.compress.storage`): only the packed experts,
-which `moekit generate`, `eval` and `analyze` load and run.
+which `moekit generate`, `eval` and `analyze` load and run. A recipe of method `premoe` also writes
+the per-domain masks and retrieval keys (`premoe.safetensors`, `premoe.json`) that
+`moekit generate --premoe` and `moekit eval-tasks --method premoe` apply.
 """
 
 from __future__ import annotations
