@@ -5,7 +5,9 @@ DST is an HF folder of the same family (AutoModelForCausalLM loads it) for a `fr
 moekit checkpoint for moekit's own LM, with `compress_report.json` beside the weights and, for
 quantization, the packed codes in `experts.quant.safetensors`. A recipe with `quantize.storage:
 packed` writes moekit's packed format instead (`moekit.compress.storage`): only the packed experts,
-which `moekit generate`, `eval` and `analyze` load and run.
+which `moekit generate`, `eval` and `analyze` load and run. A recipe of method `premoe` also writes
+the per-domain masks and retrieval keys (`premoe.safetensors`, `premoe.json`) that
+`moekit generate --premoe` and `moekit eval-tasks --method premoe` apply.
 """
 
 from __future__ import annotations
@@ -41,5 +43,18 @@ def main(args: argparse.Namespace) -> int:
         f"{report['experts_per_layer']['after']}, bytes {report['bytes_before']} -> {report['bytes_after']}, "
         f"held-out loss {before:.4f} -> {after:.4f}, top-k router agreement {agreement:.3f}"
     )
+    if "padding" in report:
+        padding = report["padding"]
+        print(
+            f"experts kept per layer {padding['experts_kept']}, stored padded to "
+            f"{report['experts_per_layer']['after']} ({padding['mode']}: "
+            f"{padding['padding_bytes']} bytes of padding)"
+        )
+    if "premoe" in report:
+        retrieval = report["premoe"]["retrieval"]
+        print(
+            f"premoe: masks of {len(report['premoe']['domains'])} domains; retrieval names the held-out "
+            f"rows' domain for {retrieval['accuracy']:.3f} of {retrieval['rows']} rows"
+        )
     print(f"wrote {args.out} ({REPORT_FILE})")
     return 0

@@ -46,15 +46,35 @@ def check_model(model: nn.Module, recipe: Recipe) -> None:
     for name, moe in layers:
         packed_experts(name, moe)
     spec = layers[0][1].config.router
-    if recipe.method in ("prune", "merge"):
+    if recipe.method in ("prune", "merge", "premoe"):
+        from moekit.compress.prune import resolve_counts
+
         section = getattr(recipe, recipe.method)
-        count = resolve_keep(section.keep, spec.num_experts, spec.top_k, f"{recipe.method}.keep")
+        counts = resolve_counts(section.keep, spec, len(layers), f"{recipe.method}.keep")
+        count = (
+            max(counts)
+            if counts is not None
+            else resolve_keep(section.keep, spec.num_experts, spec.top_k, f"{recipe.method}.keep")
+        )
+        if recipe.method == "prune" and recipe.prune.padding == "mask":
+            from moekit.compress.padding import padding_mode
+
+            if padding_mode(model)[0] != "mask":
+                raise MoekitError(
+                    "prune.padding: mask needs a router bias or selection bias to mask padding experts; "
+                    "this model's router has neither (use restore)"
+                )
         try:
             with_num_experts(model.config, count)
         except ValueError as exc:
             raise MoekitError(
                 f"{recipe.method}.keep: {count} experts per layer do not fit the router ({exc})"
             ) from None
+    if recipe.method == "premoe":
+        from moekit.routing.override import check_overridable
+
+        for index, (_, moe) in enumerate(layers):
+            check_overridable(moe, index)  # the masks are applied as routing overrides
     if recipe.method == "merge":
         from moekit.compress.merge import check_rank
 
@@ -86,15 +106,28 @@ def apply(
     if recipe.method == "prune":
         from moekit.compress.prune import prune
 
-        protect = super_expert_mask(calibration) if recipe.prune.protect_super_experts else None
-        result = prune(model, calibration, recipe.prune.score, recipe.prune.keep, protect)
+        p = recipe.prune
+        protect = super_expert_mask(calibration) if p.protect_super_experts else None
+        result = prune(model, calibration, p.score, p.keep, protect, p.allocation, p.padding)
+        positions = [k.tolist() for k in result.keep] if result.padding is None else result.padding.positions
         maps = []
-        for keep in result.keep:
+        for layout in positions:
             m = torch.full((num,), -1, dtype=torch.long)
-            m[keep] = torch.arange(keep.numel())
+            for position, expert in enumerate(layout):
+                if expert >= 0:
+                    m[expert] = position
             maps.append(m)
         removed = [sorted(set(range(num)) - set(k.tolist())) for k in result.keep]
-        return result.model, maps, {"removed": removed, "scores": [s.tolist() for s in result.scores]}
+        details = {"removed": removed, "scores": [s.tolist() for s in result.scores]}
+        if result.padding is not None:
+            layers = result.padding.layers
+            details["padding"] = {
+                "mode": result.padding.mode,
+                "experts_kept": [len(layer["kept"]) for layer in layers],
+                "layers": layers,
+                "padding_bytes": sum(layer["padding_bytes"] for layer in layers),
+            }
+        return result.model, maps, details
     if recipe.method == "merge":
         from moekit.compress.merge import merge
 
@@ -230,6 +263,11 @@ def compress(
         calib, loaded.tokenizer, batch_size=cal.batch_size, seq_len=seq_len,
         num_batches=cal.batches + ev.batches, layout=loaded.layout, data_config=loaded.data_config,
     )  # fmt: skip
+    if recipe.method == "premoe" and len(data.domain_names) < 2:
+        raise MoekitError(
+            f"{calib}: premoe needs calibration text of at least two domains, got "
+            f"{len(data.domain_names)} ({', '.join(data.domain_names) or 'none'})"
+        )
     if len(data.batches) < cal.batches + ev.batches:
         raise MoekitError(
             f"{calib}: only {len(data.batches)} batches of data, the recipe needs "
@@ -245,8 +283,35 @@ def compress(
             min_tokens=cal.min_tokens,
         )
         calibrated = time.perf_counter()
-        compressed, maps, details = apply(model, calibration, recipe)
+        masks = None
+        if recipe.method == "premoe":
+            from moekit.compress.premoe import compress_premoe
+
+            spec = find_moe_layers(model)[0][1].config.router
+            count = resolve_keep(recipe.premoe.keep, spec.num_experts, spec.top_k, "premoe.keep")
+            compressed, positions, masks, details = compress_premoe(
+                model,
+                data.batches[: cal.batches],
+                data.domain_names,
+                count,
+                recipe.premoe.window,
+                recipe.premoe.score,
+            )
+            maps = []
+            for layout in positions:
+                m = torch.full((spec.num_experts,), -1, dtype=torch.long)
+                for position, expert in enumerate(layout):
+                    if expert >= 0:
+                        m[expert] = position
+                maps.append(m)
+        else:
+            compressed, maps, details = apply(model, calibration, recipe)
         compressed_at = time.perf_counter()
+        if "padding" in details:  # bytes in the source dtype, as the report's other byte counts
+            for layer in details["padding"]["layers"]:
+                layer["padding_bytes"] = int(layer["padding_bytes"] * scale)
+            layers = details["padding"]["layers"]
+            details["padding"]["padding_bytes"] = sum(x["padding_bytes"] for x in layers)
         packed_storage = recipe.method == "quantize" and recipe.quantize.storage == "packed"
         if packed_storage:  # evaluate what is written: the model holding only the packed experts
             from moekit.compress.storage import resident_bytes, with_quantized_experts
@@ -256,7 +321,15 @@ def compress(
                 "float_model": resident_bytes(model)["parameters_and_buffers"],
                 "packed_model": resident_bytes(compressed)["parameters_and_buffers"],
             }
-        quality = compare(model, compressed, held_out, data.domain_names, maps)
+        from moekit.compress.evaluate import reference
+
+        ref = reference(model, held_out, data.domain_names)
+        quality = compare(ref, compressed, held_out, data.domain_names, maps)
+        if masks is not None:
+            from moekit.compress.premoe import evaluate_masks
+
+            masked = evaluate_masks(ref, compressed, masks, held_out, data.domain_names, maps)
+            details["premoe"].update(masked)
     packed = details.pop("packed", None)
     details.pop("quantized_experts", None)
     report = {
@@ -289,6 +362,8 @@ def compress(
             _write_packed(loaded, compressed, staging, source_dtype)
         else:
             _write(loaded, compressed, staging, packed, source_dtype)
+        if masks is not None:
+            masks.save(staging)
         write_json_atomic(staging / REPORT_FILE, report)
         if out.exists():
             shutil.rmtree(out)

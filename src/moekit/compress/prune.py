@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -59,29 +60,79 @@ def resolve_keep(keep: float | int, num_experts: int, top_k: int, field: str = "
     return count
 
 
+def resolve_counts(
+    keep: float | int | list[int] | tuple[int, ...], spec: Any, num_layers: int, field: str = "prune.keep"
+) -> list[int] | None:
+    """Per-layer counts from an explicit list (checked against the router), or None for one
+    count everywhere."""
+    from moekit.compress.padding import minimum_count
+
+    if not isinstance(keep, (list, tuple)):
+        return None
+    if len(keep) != num_layers:
+        raise ConfigError(field, f"got {len(keep)} counts, the model has {num_layers} MoE layers")
+    least = minimum_count(spec)
+    for i, count in enumerate(keep):
+        resolve_keep(int(count), spec.num_experts, spec.top_k, f"{field}[{i}]")
+        if count < least or count % spec.num_groups:
+            raise ConfigError(
+                f"{field}[{i}]",
+                f"got {count}; this router needs at least {least} experts in multiples of its "
+                f"{spec.num_groups} groups",
+            )
+    return [int(c) for c in keep]
+
+
 @dataclass
 class PruneResult:
     model: nn.Module
     keep: list[Tensor]  # per layer, the kept original expert indices
     scores: list[Tensor]
+    padding: Any = None  # a `padding.Padded` when the layers keep different counts
 
 
 def prune(
     model: nn.Module,
     calibration: Calibration,
     method: str,
-    keep: float | int,
+    keep: float | int | list[int],
     protect: list[Tensor] | None = None,
+    allocation: str = "uniform",
+    padding: str | None = None,
 ) -> PruneResult:
-    """The model with, in every MoE layer, the `keep` experts of highest `method` saliency."""
+    """The model with, in every MoE layer, the `keep` experts of highest `method` saliency.
+
+    `keep` may list a count per MoE layer, or `allocation="global"` shares the total budget
+    (`keep` per layer times the layers) between layers by saliency (`padding.allocate_counts`).
+    Different counts are stored padded to the largest (`padding.pad`; `padding` forces a mode)."""
+    from moekit.compress.padding import allocate_counts, minimum_count, pad
+
     layers = find_moe_layers(model)
     if len(layers) != len(calibration.layers):
         raise MoekitError("prune: the calibration does not belong to this model (layer count differs)")
     spec = layers[0][1].config.router
-    count = resolve_keep(keep, spec.num_experts, spec.top_k, "prune.keep")
-    kept, all_scores = [], []
-    for i, ((_, moe), stats) in enumerate(zip(layers, calibration.layers, strict=True)):
-        score = expert_scores(method, stats, moe.router.weight, count)
-        kept.append(top_experts(score, count, spec.num_groups, None if protect is None else protect[i]))
-        all_scores.append(score)
-    return PruneResult(select_rows(model, kept), kept, all_scores)
+    counts = resolve_counts(keep, spec, len(layers))
+    if counts is None:
+        count = resolve_keep(keep, spec.num_experts, spec.top_k, "prune.keep")
+        counts = [count] * len(layers)
+    if allocation == "global":
+        if method == "stun":
+            raise ConfigError(
+                "prune.allocation", "global allocation needs a saliency; stun only ranks within a layer"
+            )
+        if isinstance(keep, (list, tuple)):
+            raise ConfigError("prune.allocation", "global allocation takes one keep count or fraction")
+    all_scores = [
+        expert_scores(method, stats, moe.router.weight, c)
+        for (_, moe), stats, c in zip(layers, calibration.layers, counts, strict=True)
+    ]
+    if allocation == "global":
+        counts = allocate_counts(all_scores, sum(counts), minimum_count(spec), spec.num_groups)
+    kept = [
+        top_experts(score, c, spec.num_groups, None if protect is None else protect[i])
+        for i, (score, c) in enumerate(zip(all_scores, counts, strict=True))
+    ]
+    if len(set(counts)) == 1 and padding is None:
+        return PruneResult(select_rows(model, kept), kept, all_scores)
+    padded = pad(model, kept, all_scores, padding)
+    return PruneResult(padded.model, kept, all_scores, padded)

@@ -1,11 +1,14 @@
 """Compression recipes: YAML files validated field by field before any work starts.
 
-method: prune                 # prune | merge | quantize
+method: prune                 # prune | merge | quantize | premoe
 prune: {score: reap, keep: 0.5, protect_super_experts: true}
+                              # keep: [6, 4, ...] per MoE layer, or allocation: global (one budget
+                              # shared by saliency); different counts are padded (padding: mask | restore)
 merge: {keep: 0.5, align: true}  # method: hc_smoe (average) | sub_moe (subspace, rank: r)
 quantize: {algorithm: gptq, hessian: affinity, group_size: 32, bits: 4}
                               # or mean_bits: 2.5, choices: [2, 3, 4, 8] (MC-MoE allocation)
                               # storage: fake (float weights, default) | packed (moekit's packed form)
+premoe: {keep: 0.5, window: 32, score: probability}  # per-domain masks, retrieved at inference
 calibration: {batches: 8, batch_size: 8, seq_len: 128, min_tokens: 0}
 evaluation: {batches: 4}
 """
@@ -19,7 +22,7 @@ from typing import Any
 from moekit.compress.scores import SCORES
 from moekit.errors import ConfigError, MoekitError, require_choice, require_int, require_number
 
-METHODS = ("prune", "merge", "quantize")
+METHODS = ("prune", "merge", "quantize", "premoe")
 ALGORITHMS = ("rtn", "gptq")
 HESSIANS = ("routed", "affinity")
 MERGE_METHODS = ("hc_smoe", "sub_moe")
@@ -36,15 +39,38 @@ def _keep(field_name: str, value: Any) -> float | int:
     return value
 
 
+ALLOCATIONS = ("uniform", "global")
+
+
 @dataclass(frozen=True)
 class PruneRecipe:
     score: str = "reap"
-    keep: float | int = 0.5
+    keep: float | int | tuple[int, ...] = 0.5  # a tuple: one count per MoE layer
     protect_super_experts: bool = False
+    allocation: str = "uniform"  # global: the budget keep x layers shared between layers by saliency
+    padding: str | None = None  # mask | restore (default: mask where the router can, see padding.py)
 
     def __post_init__(self) -> None:
+        from moekit.compress.padding import PADDING_MODES
+
         require_choice("prune.score", self.score, SCORES)
-        _keep("prune.keep", self.keep)
+        require_choice("prune.allocation", self.allocation, ALLOCATIONS)
+        if self.padding is not None:
+            require_choice("prune.padding", self.padding, PADDING_MODES)
+        if isinstance(self.keep, (list, tuple)):
+            if not self.keep:
+                raise ConfigError("prune.keep", "got an empty list, expected one count per MoE layer")
+            for i, count in enumerate(self.keep):
+                if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                    raise ConfigError(f"prune.keep[{i}]", f"got {count!r}, expected a positive expert count")
+            if self.allocation == "global":
+                raise ConfigError("prune.allocation", "global allocation takes one keep count or fraction")
+        else:
+            _keep("prune.keep", self.keep)
+        if self.allocation == "global" and self.score == "stun":
+            raise ConfigError(
+                "prune.allocation", "global allocation needs a saliency; stun only ranks within a layer"
+            )
 
 
 @dataclass(frozen=True)
@@ -92,6 +118,20 @@ class QuantizeRecipe:
 
 
 @dataclass(frozen=True)
+class PreMoeRecipe:
+    keep: float | int = 0.5  # experts each domain keeps per layer
+    window: int = 32  # prompt tokens the retrieval reads
+    score: str = "probability"  # what TCESS sums: probability, or logit (the released code)
+
+    def __post_init__(self) -> None:
+        from moekit.compress.premoe import SCORES
+
+        _keep("premoe.keep", self.keep)
+        require_choice("premoe.score", self.score, SCORES)
+        require_int("premoe.window", self.window, minimum=1)
+
+
+@dataclass(frozen=True)
 class CalibrationRecipe:
     batches: int = 8
     batch_size: int = 8
@@ -118,6 +158,7 @@ class Recipe:
     prune: PruneRecipe = field(default_factory=PruneRecipe)
     merge: MergeRecipe = field(default_factory=MergeRecipe)
     quantize: QuantizeRecipe = field(default_factory=QuantizeRecipe)
+    premoe: PreMoeRecipe = field(default_factory=PreMoeRecipe)
     calibration: CalibrationRecipe = field(default_factory=CalibrationRecipe)
     evaluation: EvaluationRecipe = field(default_factory=EvaluationRecipe)
 
@@ -135,6 +176,7 @@ _SECTIONS = {
     "prune": PruneRecipe,
     "merge": MergeRecipe,
     "quantize": QuantizeRecipe,
+    "premoe": PreMoeRecipe,
     "calibration": CalibrationRecipe,
     "evaluation": EvaluationRecipe,
 }
@@ -153,6 +195,8 @@ def _section(name: str, value: Any) -> Any:
         if not isinstance(values["choices"], list) or not values["choices"]:
             raise ConfigError(f"{name}.choices", "expected a non-empty list of bit widths")
         values["choices"] = tuple(values["choices"])
+    if name == "prune" and isinstance(values.get("keep"), list):
+        values["keep"] = tuple(values["keep"])
     if name == "quantize" and "mean_bits" in values and "bits" not in values:
         values["bits"] = None
     return cls(**values)

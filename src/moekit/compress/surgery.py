@@ -51,6 +51,8 @@ def build_like(model: nn.Module, config: Any, state: dict[str, Tensor]) -> nn.Mo
     if isinstance(model, FamilyModel):
         from moekit.interop.hf import _build
 
+        if config.tie_embeddings:  # the tied head is the embedding: state_dict lists it twice
+            state = {k: v for k, v in state.items() if k != "head.weight"}
         return _build(config, state, "compressed model")
     new = type(model)(config)
     new.load_state_dict(state, strict=True)

@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--offload-policy", default="auto", choices=OFFLOAD_POLICIES)
     parser.add_argument("--quiet", action="store_true", help="do not print the tokens")
+    parser.add_argument(
+        "--premoe",
+        action="store_true",
+        help="apply the PreMoe mask of the prompt's domain (retrieved from the masks stored with SRC)",
+    )
     from moekit.device import add_device_arguments
 
     add_device_arguments(parser)
@@ -153,6 +158,23 @@ def main(args: argparse.Namespace) -> int:
             f"model's context of {context} positions"
         )
     capture = RoutingCapture()
+    overrides = Overrides(capture=capture)
+    premoe = None
+    if args.premoe:
+        from moekit.compress.premoe import load_masks
+
+        if offload is not None:
+            raise MoekitError(
+                "--premoe: not with --offload-budget (the retrieval pass needs the experts in memory)"
+            )
+
+        masks = load_masks(args.source)
+        domain, distances = masks.retrieve(model, torch.tensor(prompt_ids))
+        overrides = masks.overrides(domain, capture)
+        distance = dict(zip(masks.domains, distances.tolist(), strict=True))
+        premoe = {"domain": masks.domains[domain], "distances": distance}
+        if not args.quiet:
+            print(f"premoe: the prompt's domain is {masks.domains[domain]!r}", file=sys.stderr)
     report: dict[str, Any] = {}
     if offload is None:  # offloaded experts are meta tensors until streamed: the model stays on the CPU
         model.to(device)
@@ -165,7 +187,7 @@ def main(args: argparse.Namespace) -> int:
         for token in stream(
             model,
             ids,
-            overrides=Overrides(capture=capture),
+            overrides=overrides,
             offload=offload,
             report=report,
             eos_token_id=eos,
@@ -203,6 +225,8 @@ def main(args: argparse.Namespace) -> int:
     }
     if "offload" in report:
         result["offload"] = report["offload"]
+    if premoe is not None:
+        result["premoe"] = premoe
     if args.json is not None:
         write_json_atomic(args.json, result)
     return 0

@@ -1,7 +1,8 @@
-"""`moekit eval-tasks SRC --method none|scmoe|rewire|steer|odp|des|c3po --limit N --json OUT`: a
-test-time routing method's accuracy on the built-in exact-answer math tasks (a difficulty
+"""`moekit eval-tasks SRC --method none|scmoe|rewire|steer|odp|des|c3po|premoe --limit N --json OUT`:
+a test-time routing method's accuracy on the built-in exact-answer math tasks (a difficulty
 `--level`, the `--cipher` language), with a 95% interval and its cost (forward and backward
-passes, routed assignments, tokens/s)."""
+passes, routed assignments, tokens/s). `premoe` applies, per problem, the PreMoe mask of the domain
+retrieved from its prompt (the masks `moekit compress` stored with SRC)."""
 
 from __future__ import annotations
 
@@ -135,6 +136,10 @@ def main(args: argparse.Namespace) -> int:
         c3po_core_experts=args.c3po_core_experts,
     )
     model, tokenizer, eos = load_for_generation(args.source)
+    if args.method == "premoe":
+        from moekit.compress.premoe import load_masks
+
+        settings.premoe_masks = load_masks(args.source)
     try:
         problems = task_problems(args.task_set, args.limit, level=args.level, ciphered=args.cipher)
     except ConfigError as exc:

@@ -36,7 +36,7 @@ TASK_SETS: dict[str, tuple[str, ...]] = {
     "algebra": ("linear", "fraction", "polynomial", "system", "power", "percent", "gcd", "lcm", "modpow"),
     "all": PROBLEM_KINDS,
 }
-METHODS = ("none", "scmoe", "rewire", "steer", "odp", "des", "c3po")
+METHODS = ("none", "scmoe", "rewire", "steer", "odp", "des", "c3po", "premoe")
 C3PO_REFERENCE_SEED = EVAL_SEED + 2  # C3PO's reference set: solved items of another stream
 
 
@@ -135,6 +135,7 @@ class MethodSettings:
     c3po_layers: int | None = None  # None: the last 5/16 of the MoE layers
     c3po_core_experts: int | None = None  # None: max(2k, 20/64 of the experts)
     c3po_apply_to_new: bool = False
+    premoe_masks: Any = None  # moekit.compress.premoe.DomainMasks: the per-domain masks to retrieve from
 
 
 def _counting(cost: MethodCost) -> tuple[Overrides, Callable[[], None]]:
@@ -321,6 +322,13 @@ def evaluate_method(
                 overrides = _with_capture(steering, plain)
             elif method == "odp":
                 overrides = _with_capture(odp_overrides(settings.odp_threshold), plain)
+            elif method == "premoe":
+                if settings.premoe_masks is None:
+                    raise ConfigError("premoe_masks", "method premoe needs the PreMoe masks")
+                domain, _ = settings.premoe_masks.retrieve(model, ids)
+                cost.forward_passes += 1  # the query's forward over the prompt's first tokens
+                overrides = settings.premoe_masks.overrides(domain, plain.capture)
+                extra = {"domain": settings.premoe_masks.domains[domain]}
             out = generate(
                 model, ids, max_new_tokens=max_new_tokens, overrides=overrides, eos_token_id=eos_token_id
             )
