@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moekit.domains.experts import remove_expert
+from moekit.domains.experts import add_expert, remove_expert
 from moekit.domains.mix import MixOptions, mix_lm
 from moekit.domains.recipe import BuildRecipe
 from moekit.errors import ConfigError, MoekitError
@@ -243,10 +243,35 @@ def test_opt_out_of_a_bam_model_removes_ffn_and_attention_expert_as_masking_does
             masked = moe(IDS).logits
         with torch.no_grad():
             torch.testing.assert_close(smaller(IDS).logits, masked, rtol=0, atol=1e-12)
-    with pytest.raises(MoekitError, match="attention experts"):
-        from moekit.domains.experts import add_expert
-
+    with pytest.raises(ConfigError, match="attention experts"):
         add_expert(moe, [], [], [])
+
+
+@pytest.mark.parametrize("attention", ["experts", "shared_kv"])
+def test_opt_in_of_a_removed_bam_expert_restores_the_model_bit_for_bit(attention):
+    seed, branches = _branches(2, config=QWEN3_LIKE)
+    moe, _ = mix_lm(branches, MixOptions(attention=attention), public=seed)
+    last = moe.config.moe.router.num_experts - 1
+    back = add_expert(
+        remove_expert(moe, last),
+        [b.ffn.experts.w_in[last] for b in moe.blocks],
+        [b.ffn.experts.w_out[last] for b in moe.blocks],
+        [b.ffn.router.weight[last] for b in moe.blocks],
+        attention=[b.attn.experts[last].state_dict() for b in moe.blocks],
+        attention_router_rows=[b.attn.router.weight[last] for b in moe.blocks],
+    )
+    assert back.config == moe.config
+    for name, tensor in moe.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+    with pytest.raises(ConfigError, match="q_proj"):
+        add_expert(
+            moe,
+            [b.ffn.experts.w_in[0] for b in moe.blocks],
+            [b.ffn.experts.w_out[0] for b in moe.blocks],
+            [b.ffn.router.weight[0] for b in moe.blocks],
+            attention=[{}, {}],
+            attention_router_rows=[b.attn.router.weight[0] for b in moe.blocks],
+        )
 
 
 @pytest.mark.parametrize(
