@@ -339,3 +339,42 @@ def test_convert_to_hf_of_a_bam_run_is_one_line_exit_2_and_writes_nothing(tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model.attention_experts" in err and "no HF family" in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_bam_claim_verdicts_follow_the_losses():
+    from moekit.domains.build import bam_claim
+
+    recipe = BuildRecipe.from_dict(
+        {
+            "domains": ["code", "math"],
+            "seed": {
+                "model": {"hidden_size": 8, "num_layers": 1, "num_heads": 2, "ff_size": 8, "max_seq_len": 8}
+            },
+            "variants": [{"name": "btx"}],
+        }  # fmt: skip
+    )
+
+    def moe(attention, code, math, experts=("code", "math")):
+        losses = {"code": code, "math": math, "mean": (code + math) / 2}
+        return {
+            "kind": "moe",
+            "attention": attention,
+            "experts": list(experts),
+            "step0": losses,
+            "post": losses,
+        }
+
+    def verdict(**models):
+        return bam_claim(models, recipe)["bam_full_attention_experts_le_btx"]["verdict"]
+
+    btx = moe("average", 3.0, 2.0)
+    assert verdict(btx=btx, bam=moe("experts", 2.9, 1.9)) == "reproduced"
+    assert verdict(btx=btx, bam=moe("experts", 2.5, 2.1)) == "partly reproduced (mean only)"
+    assert verdict(btx=btx, bam=moe("experts", 3.1, 2.0)) == "not reproduced at this scale"
+    # a public-expert (FlexOlmo) BTX is not the comparison: the claim is then not measured
+    public = moe("average", 1.0, 1.0, experts=("public", "code", "math"))
+    assert verdict(flex=public, bam=moe("experts", 2.9, 1.9)).startswith("not measured")
+    claim = bam_claim(
+        {"btx": btx, "kv": moe("shared_kv", 2.95, 1.95), "bam": moe("experts", 2.9, 1.9)}, recipe
+    )
+    assert claim["bam_full_attention_experts_le_btx"]["order_full_le_kv_le_btx"]
