@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moekit.domains.experts import remove_expert
+from moekit.domains.experts import add_expert, remove_expert
 from moekit.domains.mix import MixOptions, mix_lm
 from moekit.domains.recipe import BuildRecipe
 from moekit.errors import ConfigError, MoekitError
@@ -243,10 +243,35 @@ def test_opt_out_of_a_bam_model_removes_ffn_and_attention_expert_as_masking_does
             masked = moe(IDS).logits
         with torch.no_grad():
             torch.testing.assert_close(smaller(IDS).logits, masked, rtol=0, atol=1e-12)
-    with pytest.raises(MoekitError, match="attention experts"):
-        from moekit.domains.experts import add_expert
-
+    with pytest.raises(ConfigError, match="attention experts"):
         add_expert(moe, [], [], [])
+
+
+@pytest.mark.parametrize("attention", ["experts", "shared_kv"])
+def test_opt_in_of_a_removed_bam_expert_restores_the_model_bit_for_bit(attention):
+    seed, branches = _branches(2, config=QWEN3_LIKE)
+    moe, _ = mix_lm(branches, MixOptions(attention=attention), public=seed)
+    last = moe.config.moe.router.num_experts - 1
+    back = add_expert(
+        remove_expert(moe, last),
+        [b.ffn.experts.w_in[last] for b in moe.blocks],
+        [b.ffn.experts.w_out[last] for b in moe.blocks],
+        [b.ffn.router.weight[last] for b in moe.blocks],
+        attention=[b.attn.experts[last].state_dict() for b in moe.blocks],
+        attention_router_rows=[b.attn.router.weight[last] for b in moe.blocks],
+    )
+    assert back.config == moe.config
+    for name, tensor in moe.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+    with pytest.raises(ConfigError, match="q_proj"):
+        add_expert(
+            moe,
+            [b.ffn.experts.w_in[0] for b in moe.blocks],
+            [b.ffn.experts.w_out[0] for b in moe.blocks],
+            [b.ffn.router.weight[0] for b in moe.blocks],
+            attention=[{}, {}],
+            attention_router_rows=[b.attn.router.weight[0] for b in moe.blocks],
+        )
 
 
 @pytest.mark.parametrize(
@@ -314,3 +339,42 @@ def test_convert_to_hf_of_a_bam_run_is_one_line_exit_2_and_writes_nothing(tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model.attention_experts" in err and "no HF family" in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_bam_claim_verdicts_follow_the_losses():
+    from moekit.domains.build import bam_claim
+
+    recipe = BuildRecipe.from_dict(
+        {
+            "domains": ["code", "math"],
+            "seed": {
+                "model": {"hidden_size": 8, "num_layers": 1, "num_heads": 2, "ff_size": 8, "max_seq_len": 8}
+            },
+            "variants": [{"name": "btx"}],
+        }  # fmt: skip
+    )
+
+    def moe(attention, code, math, experts=("code", "math")):
+        losses = {"code": code, "math": math, "mean": (code + math) / 2}
+        return {
+            "kind": "moe",
+            "attention": attention,
+            "experts": list(experts),
+            "step0": losses,
+            "post": losses,
+        }
+
+    def verdict(**models):
+        return bam_claim(models, recipe)["bam_full_attention_experts_le_btx"]["verdict"]
+
+    btx = moe("average", 3.0, 2.0)
+    assert verdict(btx=btx, bam=moe("experts", 2.9, 1.9)) == "reproduced"
+    assert verdict(btx=btx, bam=moe("experts", 2.5, 2.1)) == "partly reproduced (mean only)"
+    assert verdict(btx=btx, bam=moe("experts", 3.1, 2.0)) == "not reproduced at this scale"
+    # a public-expert (FlexOlmo) BTX is not the comparison: the claim is then not measured
+    public = moe("average", 1.0, 1.0, experts=("public", "code", "math"))
+    assert verdict(flex=public, bam=moe("experts", 2.9, 1.9)).startswith("not measured")
+    claim = bam_claim(
+        {"btx": btx, "kv": moe("shared_kv", 2.95, 1.95), "bam": moe("experts", 2.9, 1.9)}, recipe
+    )
+    assert claim["bam_full_attention_experts_le_btx"]["order_full_le_kv_le_btx"]

@@ -337,6 +337,11 @@ def test_tiny_build_end_to_end(tmp_path, capsys):
         moekit_main(["mix", str(tmp_path / "bam-kv"), str(tmp_path / "bam-kv-no-math"), "--remove", "math"])
         == 0
     )
+    assert moekit_main(["mix", str(tmp_path / "bam-kv-no-math"), str(tmp_path / "bam-kv-back"), "--add",
+                        str(out / "branches" / "math"), "--domain", "math"]) == 0  # fmt: skip
+    back = json.loads(next((tmp_path / "bam-kv-back" / "checkpoints").glob("step-*/state.json")).read_text())
+    assert back["expert_domains"] == ["code", "math"]
+    assert back["config"]["model"]["attention_experts"]["num_experts"] == 2
     mixed = out / "mix" / "flex"
     assert moekit_main(["mix", str(mixed), str(tmp_path / "no-code"), "--remove", "code"]) == 0
     assert moekit_main(["mix", str(tmp_path / "no-code"), str(tmp_path / "back"), "--add",

@@ -393,9 +393,10 @@ def claims(results: dict[str, Any], recipe: BuildRecipe) -> dict[str, Any]:
 def bam_claim(models: dict[str, Any], recipe: BuildRecipe) -> dict[str, Any]:
     """BAM (#31): full attention experts <= KV-shared attention experts <= BTX (attention averaged),
     per domain and on the mean, after the same post-mix budget. BTX here is a variant with averaged
-    attention and sequential blocks over the same experts (no public expert)."""
+    attention and sequential blocks; variants with a public expert (FlexOlmo) are left out, so that
+    every variant compared has the same experts."""
     key = "bam_full_attention_experts_le_btx"
-    moe = {n: e for n, e in models.items() if e["kind"] == "moe" and e.get("router") != "flexolmo"}
+    moe = {n: e for n, e in models.items() if e["kind"] == "moe" and "public" not in e.get("experts", [])}
     btx = {
         n: final_losses(e)
         for n, e in moe.items()

@@ -5,7 +5,8 @@ Removing expert j slices j out of every per-expert tensor (expert weights, route
 and keeps every other tensor bit-identical; with a softmax router renormalised over its top-k this
 computes exactly what the full model computes with expert j masked from routing. Attention experts
 (BAM) go with their domain: removing expert j also removes attention expert j and its router row.
-Adding an expert appends its FFN, router row and bias as the last expert.
+Adding an expert appends its FFN, router row and bias (and, with attention experts, its attention
+and attention router row) as the last expert.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,28 +99,51 @@ def add_expert(
     proj_out: Sequence[Tensor],
     router_rows: Sequence[Tensor],
     bias: float = 0.0,
+    attention: Sequence[Mapping[str, Tensor]] | None = None,
+    attention_router_rows: Sequence[Tensor] | None = None,
 ) -> LanguageModel:
     """The model with one more expert, last: per layer its dense FFN weights (`proj_in` [2F, H],
     `proj_out` [H, F], as in a dense moekit block) and router row [H]; `bias` is its router bias
-    (models whose router has one)."""
+    (models whose router has one). A model with attention experts (BAM) takes, per layer, the new
+    expert's attention (`attention`: a dense attention layer's state dict; with shared K/V only its
+    Q and O are used) and its attention router row."""
     _check_editable(model)
-    if model.config.attention_experts is not None:
-        raise MoekitError(
-            "opt-in adds an FFN expert; this model also has attention experts (BAM): mix the "
-            "branches again with the new domain instead"
-        )
     layers = len(model.blocks)
-    for what, given in (("proj_in", proj_in), ("proj_out", proj_out), ("router_rows", router_rows)):
-        if len(given) != layers:
-            raise ConfigError(what, f"got {len(given)} tensors, expected one per layer ({layers})")
+    given = [("proj_in", proj_in), ("proj_out", proj_out), ("router_rows", router_rows)]
+    if model.config.attention_experts is not None:
+        if attention is None or attention_router_rows is None:
+            raise ConfigError(
+                "attention", "the model has attention experts (BAM): give the added expert's attention too"
+            )
+        given += [("attention", attention), ("attention_router_rows", attention_router_rows)]
+    for what, items in given:
+        if len(items) != layers:
+            raise ConfigError(what, f"got {len(items)} tensors, expected one per layer ({layers})")
     count = model.config.moe.router.num_experts
     out = LanguageModel(_with_experts(model.config, count + 1)).to(model.embed.weight.dtype).eval()
     source = model.state_dict()
     for name, tensor in out.state_dict().items():
+        layer = int(name.split(".")[1]) if name.startswith("blocks.") else -1
+        match = ATTENTION_EXPERT.match(name)
+        if match and int(match[2]) < count:
+            tensor.copy_(source[name])
+            continue
+        if match:  # the new attention expert: named as the dense layer's tensors
+            part = match[3][1:]
+            new = attention[layer].get(part)
+            if new is None:
+                raise ConfigError("attention", f"layer {layer}: no {part} in the added expert's attention")
+            _check_shape(part, layer, new, tensor.shape)
+            tensor.copy_(new)
+            continue
+        if ".attn.router." in name:
+            new = attention_router_rows[layer]
+            _check_shape("attention_router_rows", layer, new, tensor.shape[1:])
+            tensor.copy_(torch.cat([source[name], new.unsqueeze(0).to(tensor.dtype)]))
+            continue
         if not _per_expert(name):
             tensor.copy_(source[name])
             continue
-        layer = int(name.split(".")[1])
         part = name.split(".ffn.", 1)[1]
         new = {
             "experts.w_in": proj_in[layer],
@@ -127,12 +151,14 @@ def add_expert(
             "router.weight": router_rows[layer],
             "router.bias": torch.tensor(float(bias), dtype=torch.float64),
         }[part]
-        if tuple(new.shape) != tuple(tensor.shape[1:]):
-            raise ConfigError(
-                part, f"layer {layer}: got shape {tuple(new.shape)}, expected {tuple(tensor.shape[1:])}"
-            )
+        _check_shape(part, layer, new, tensor.shape[1:])
         tensor.copy_(torch.cat([source[name], new.unsqueeze(0).to(tensor.dtype)]))
     return out
+
+
+def _check_shape(part: str, layer: int, new: Tensor, expected) -> None:
+    if tuple(new.shape) != tuple(expected):
+        raise ConfigError(part, f"layer {layer}: got shape {tuple(new.shape)}, expected {tuple(expected)}")
 
 
 def edit_experts(
@@ -149,7 +175,8 @@ def edit_experts(
     """Opt a domain out of (`remove`: its name) or into (`add`: a branch run, named `domain`) the
     mixed model at `src`, writing the edited model to `dst`. An added expert's router row is the
     mixed model's mean FFN input on the domain's training text with the public expert forced
-    (the seed's own hidden states when branches trained only FFNs), as FlexOlmo's rows are."""
+    (the seed's own hidden states when branches trained only FFNs), as FlexOlmo's rows are; with
+    attention experts, its attention router row is the mean attention input, likewise."""
     from moekit.domains.mix import PUBLIC, expert_domains_of, mixed_state, save_mixed
 
     if (remove is None) == (add is None):
@@ -171,6 +198,17 @@ def edit_experts(
     return receipt
 
 
+def _attention_override(model: LanguageModel, force):
+    """`force` on the attention experts too (a no-op context for models without them)."""
+    from contextlib import nullcontext
+
+    from moekit.models.attention_experts import override_attention_routing
+
+    if model.config.attention_experts is None or force is None:
+        return nullcontext()
+    return override_attention_routing(model, force)
+
+
 def _opt_in(model, state, domains, run: Path, domain, bias, public_name):
     from moekit.construct.lm import load_run_model
     from moekit.domains.data import calibration_ids, load_data
@@ -186,29 +224,35 @@ def _opt_in(model, state, domains, run: Path, domain, bias, public_name):
     data_cfg = state.get("config", {}).get("data", {})
     data = load_data(data_cfg.get("source", "builtin"), data_cfg.get("tokenizer", "byte"), log=lambda _: None)
     ids = calibration_ids(data, domain, seq_len=min(64, model.config.max_seq_len))
-    captured: dict[int, list[Tensor]] = {}
-    hooks = [  # the FFN's input is the output of the block's ffn_norm
-        b.ffn_norm.register_forward_hook(
-            lambda _m, _a, out, i=i: captured.setdefault(i, []).append(
-                out.reshape(-1, out.shape[-1]).double()
-            )
+    captured: dict[tuple[str, int], list[Tensor]] = {}
+
+    def keep(key):
+        return lambda _m, _a, out: captured.setdefault(key, []).append(
+            out.reshape(-1, out.shape[-1]).double()
         )
-        for i, b in enumerate(model.blocks)
-    ]
+
+    # the FFN's input is the output of the block's ffn_norm, the attention's of its attn_norm
+    hooks = [b.ffn_norm.register_forward_hook(keep(("ffn", i))) for i, b in enumerate(model.blocks)]
+    with_attention = model.config.attention_experts is not None
+    if with_attention:
+        hooks += [b.attn_norm.register_forward_hook(keep(("attn", i))) for i, b in enumerate(model.blocks)]
     anchor = [domains.index(public_name)] if public_name in domains else None
+    force = RoutingOverride(force=anchor, top_k=1) if anchor else None
     try:
-        with (
-            torch.no_grad(),
-            override_routing(model, RoutingOverride(force=anchor, top_k=1) if anchor else None),
-        ):
+        with torch.no_grad(), override_routing(model, force), _attention_override(model, force):
             for x in ids:
                 model(x)
     finally:
         for h in hooks:
             h.remove()
-    rows = [
-        torch.nn.functional.normalize(torch.cat(captured[i]).mean(0), dim=0) for i in range(len(model.blocks))
-    ]
+
+    def rows_of(kind: str) -> list[Tensor]:
+        return [
+            torch.nn.functional.normalize(torch.cat(captured[(kind, i)]).mean(0), dim=0)
+            for i in range(len(model.blocks))
+        ]
+
+    rows = rows_of("ffn")
     if not model.config.moe.router.router_bias:
         bias = 0.0
     elif bias is None:
@@ -220,5 +264,7 @@ def _opt_in(model, state, domains, run: Path, domain, bias, public_name):
         [b.ffn.proj_out.weight for b in branch.blocks],
         rows,
         bias,
+        attention=[b.attn.state_dict() for b in branch.blocks] if with_attention else None,
+        attention_router_rows=rows_of("attn") if with_attention else None,
     )
     return edited, [*domains, domain], {"added": domain, "from": str(run.resolve()), "bias": bias}
