@@ -26,6 +26,7 @@ from moekit.experiments.stats import mean_estimate, verdict_at_least, verdict_at
 from moekit.experiments.training import (
     ArmScale,
     arm_config,
+    dense_model,
     moe_model,
     scale_and_seeds,
     train_arm,
@@ -94,10 +95,13 @@ def run_config(arm: str, scale: ArmScale, seed: int, settings: ExperimentSetting
     """A dense run ('dense-x<budget>') or one MoE of `MOES`, with the MoE's active FFN width."""
     if arm.startswith("dense-x"):
         budget = float(arm.removeprefix("dense-x"))
-        model = moe_model(scale)
-        model.pop("moe")
         return arm_config(
-            arm, seed, replace(scale, steps=round(scale.steps * budget)), settings, model=model, objectives=[]
+            arm,
+            seed,
+            replace(scale, steps=round(scale.steps * budget)),
+            settings,
+            model=dense_model(scale),
+            objectives=[],
         )
     experts, top_k, width = MOES[arm]
     model = moe_model(

@@ -26,7 +26,7 @@ from moekit.experiments.training import (
     ArmScale,
     arm_config,
     build_trainer,
-    moe_model,
+    dense_model,
     scale_and_seeds,
     validation_loss,
 )
@@ -63,12 +63,6 @@ def mixtures() -> dict[str, dict[str, float]]:
         "imbalanced": {MAJORITY: IMBALANCE / (IMBALANCE + 1), MINORITY: 1 / (IMBALANCE + 1)},
         "balanced": {MAJORITY: 0.5, MINORITY: 0.5},
     }
-
-
-def dense_model(scale: ArmScale) -> dict[str, Any]:
-    model = moe_model(scale)
-    model.pop("moe")
-    return model
 
 
 def balance(coefficient: Any) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from moekit.experiments.stats import mean_estimate, verdict_at_least
 from moekit.experiments.training import (
     ArmScale,
     arm_config,
+    dense_model,
     moe_model,
     scale_and_seeds,
     train_arm,
@@ -46,14 +47,13 @@ QUICK_HOLDOUTS = 2  # the quick mode holds out the first two domains only
 
 def run_config(arm: str, holdout: str, scale: ArmScale, seed: int, settings: ExperimentSettings) -> dict:
     """Both arms: the same stream without `holdout`; only the FFN differs (dense 2F vs top-2 of E x F)."""
-    model = moe_model(scale)
-    objectives = [
-        {"kind": "load_balance", "scope": "global", "coefficient": 0.01},
-        {"kind": "z_loss", "scope": "global", "coefficient": 0.001},
-    ]
-    if arm == "dense":
-        model.pop("moe")
-        objectives = []
+    model, objectives = dense_model(scale), []
+    if arm == "moe":
+        model = moe_model(scale)
+        objectives = [
+            {"kind": "load_balance", "scope": "global", "coefficient": 0.01},
+            {"kind": "z_loss", "scope": "global", "coefficient": 0.001},
+        ]
     return arm_config(
         f"{arm}-without-{holdout}",
         seed,

@@ -53,6 +53,13 @@ def moe_model(scale: ArmScale, **moe: Any) -> dict[str, Any]:
     }
 
 
+def dense_model(scale: ArmScale) -> dict[str, Any]:
+    """The dense LM of `scale` whose FFN (width 2 x expert_ff) matches `moe_model`'s active width."""
+    model = moe_model(scale)
+    model.pop("moe")
+    return model
+
+
 def arm_config(
     name: str,
     seed: int,
