@@ -48,7 +48,7 @@ ANNEAL = (0.1, 0.001)  # stage 3's weight, linear from the first to the second o
 STAGES = {"proto": 0.25, "router": 0.1, "joint": 0.4}
 
 QUICK = ArmScale("sample", 32, 1, 2, 32, 2, 64, 4, 1, 24, 3e-3, 1, 2)
-FULL = ArmScale("builtin", 128, 2, 2, 128, 2, 128, 8, 1, 400, 3e-3, 8, 3)
+FULL = ArmScale("builtin", 64, 2, 2, 64, 2, 128, 8, 1, 300, 3e-3, 4, 3)
 
 
 def stage_steps(total: int) -> dict[str, int]:
