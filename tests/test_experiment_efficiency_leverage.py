@@ -64,6 +64,12 @@ def test_leverage_is_read_off_the_dense_law():
     flat = {name: 1.0 for name in el.MOES}
     outcome = el.outcome(law_runs(flat, noise=0.3), el.QUICK, 3)
     assert outcome.checks[0].verdict == INCONCLUSIVE
+    rising = law_runs(target, b=-0.05)  # a dense loss that grows with compute: nothing to read off
+    outcome = el.outcome(rising, el.QUICK, 3)
+    assert [c.verdict for c in outcome.checks] == [INCONCLUSIVE] * 3 and outcome.results["mean_el"][
+        "A1/2"
+    ] is None
+    assert "no fit" in outcome.sections[0].blocks[1].rows[0][5]
 
 
 def test_every_moe_has_the_dense_models_active_ffn_width():

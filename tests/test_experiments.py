@@ -180,7 +180,11 @@ def test_data_mixture_quick_reproduces_the_papers_heldout_rank_correlation(tmp_p
     assert len(corpus["losses"]) == 16 and len(corpus["larger_losses"]["regmix"]) == 2
     html = (tmp_path / "report.html").read_text()
     assert "Verdict:" in html and "data:image/png;base64" in html and "RegMix on moekit" in html
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "results.json", "runs"]  # no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "report.html",
+        "results.json",
+        "runs",
+    ]  # no temp files
 
 
 def fake_runs(losses: dict[str, list[float]], speed: dict[str, float]) -> dict:

@@ -22,7 +22,7 @@ import numpy as np
 
 from moekit.errors import MoekitError
 from moekit.experiments.runner import Check, ExperimentSettings, Outcome
-from moekit.experiments.stats import mean_estimate, verdict_at_least, verdict_at_most
+from moekit.experiments.stats import INCONCLUSIVE, Estimate, mean_estimate, verdict_at_least, verdict_at_most
 from moekit.experiments.training import (
     ArmScale,
     arm_config,
@@ -149,6 +149,9 @@ def leverage(row: dict[str, Any]) -> dict[str, Any]:
     lowest, highest = min(d["compute"] for d in dense), max(d["compute"] for d in dense)
     el = {}
     for name in MOES:
+        if b <= 0:  # the dense loss did not fall with compute: no leverage can be read off the fit
+            el[name] = {"el": None, "dense_compute_needed": None, "extrapolated": None}
+            continue
         needed = compute_for_loss(a, b, row[name]["val_loss"])
         el[name] = {
             "el": needed / row[name]["compute"],
@@ -161,45 +164,51 @@ def leverage(row: dict[str, Any]) -> dict[str, Any]:
 def outcome(runs: list[dict[str, Any]], scale: ArmScale, seeds: int) -> Outcome:
     """The checks from the recorded runs (pure: the tests feed it made-up runs)."""
     fits = [leverage(row) for row in runs]
-    ratio_slope = mean_estimate(
-        [
-            log_slope([activation_ratio(n) for n in RATIO_ARMS], [f["leverage"][n]["el"] for n in RATIO_ARMS])
-            for f in fits
-        ]
+    fitted = all(f["fit"]["b"] > 0 for f in fits)
+
+    def per_seed(value: Callable[[dict[str, Any]], float]) -> Estimate | None:
+        """An interval over seeds, or None when a seed's dense loss did not fall with compute."""
+        return mean_estimate([value(f["leverage"]) for f in fits]) if fitted else None
+
+    ratio_slope = per_seed(
+        lambda el: log_slope([activation_ratio(n) for n in RATIO_ARMS], [el[n]["el"] for n in RATIO_ARMS])
     )
-    sparsest = mean_estimate([f["leverage"][RATIO_ARMS[-1]]["el"] for f in fits])
-    granularity_slope = mean_estimate(
-        [
-            log_slope(
-                [granularity(n) for n in GRANULARITY_ARMS], [f["leverage"][n]["el"] for n in GRANULARITY_ARMS]
-            )
-            for f in fits
-        ]
+    sparsest = per_seed(lambda el: el[RATIO_ARMS[-1]]["el"])
+    granularity_slope = per_seed(
+        lambda el: log_slope(
+            [granularity(n) for n in GRANULARITY_ARMS], [el[n]["el"] for n in GRANULARITY_ARMS]
+        )
     )
+
+    def judged(rule: Callable[[Estimate, float], str], estimate: Estimate | None, bar: float) -> str:
+        return rule(estimate, bar) if estimate is not None else INCONCLUSIVE
+
     checks = [
         Check(
             "EL grows as the activation ratio falls: slope of log EL on log A (A = 1/2, 1/4, 1/8), per seed",
             ratio_slope,
             "95% CI upper bound <= 0",
-            verdict_at_most(ratio_slope, 0.0),
+            judged(verdict_at_most, ratio_slope, 0.0),
             paper="EL a power law in A, lower A gives higher EL (#22)",
         ),
         Check(
             f"the sparsest MoE (A = 1/8) needs less compute than dense for its loss: EL of {RATIO_ARMS[-1]}",
             sparsest,
             "95% CI lower bound >= 1",
-            verdict_at_least(sparsest, 1.0),
+            judged(verdict_at_least, sparsest, 1.0),
             paper="over 7x at 1T tokens (Ling-mini-beta, #22)",
         ),
         Check(
             "EL rises with granularity below the optimum: slope of log EL on log G (G = 1, 2, 4), per seed",
             granularity_slope,
             "95% CI lower bound >= 0",
-            verdict_at_least(granularity_slope, 0.0),
+            judged(verdict_at_least, granularity_slope, 0.0),
             paper="optimal granularity about 8-12 (#22)",
         ),
     ]
-    mean_el = {name: float(np.mean([f["leverage"][name]["el"] for f in fits])) for name in MOES}
+    mean_el = {
+        name: float(np.mean([f["leverage"][name]["el"] for f in fits])) if fitted else None for name in MOES
+    }
     results = {
         "scale": scale.__dict__,
         "seeds": seeds,
@@ -216,9 +225,10 @@ def outcome(runs: list[dict[str, Any]], scale: ArmScale, seeds: int) -> Outcome:
         "runs": runs,
         "fits": fits,
         "mean_el": mean_el,
-        "ratio_slope": ratio_slope.to_dict(),
-        "sparsest_el": sparsest.to_dict(),
-        "granularity_slope": granularity_slope.to_dict(),
+        "dense_fit_falls_in_every_seed": fitted,
+        "ratio_slope": ratio_slope.to_dict() if fitted else None,
+        "sparsest_el": sparsest.to_dict() if fitted else None,
+        "granularity_slope": granularity_slope.to_dict() if fitted else None,
     }
     return Outcome(CLAIM, checks, results, _sections(results))
 
@@ -236,7 +246,7 @@ def _sections(results: dict[str, Any]) -> list[Any]:
                 f"{info['activation_ratio']:.3f}",
                 f"{info['granularity']:g}",
                 f"{np.mean([r[name]['val_loss'] for r in runs]):.4f}",
-                f"{results['mean_el'][name]:.3f}",
+                "no fit" if results["mean_el"][name] is None else f"{results['mean_el'][name]:.3f}",
                 "yes" if any(f["leverage"][name]["extrapolated"] for f in fits) else "no",
             ]
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 
@@ -37,7 +38,7 @@ class MixtureBatches(TrainBatches):
     are dealt to the domains by `weights` instead of a whole batch to one domain."""
 
     def __init__(self, base: TrainBatches, labels: Mapping[int, str], weights: Mapping[str, float]):
-        config = base.config.__class__(**{**base.config.__dict__, "single_domain": True})
+        config = replace(base.config, single_domain=True)
         super().__init__(base.segments, labels, config, pad_id=base.pad_id, fingerprint=base.fingerprint)
         self.names = list(self.groups)
         shares = np.array([weights[name] for name in self.names], dtype=np.float64)
