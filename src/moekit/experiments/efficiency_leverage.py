@@ -27,6 +27,7 @@ from moekit.experiments.training import (
     ArmScale,
     arm_config,
     dense_model,
+    global_balance,
     moe_model,
     scale_and_seeds,
     train_arm,
@@ -109,11 +110,7 @@ def run_config(arm: str, scale: ArmScale, seed: int, settings: ExperimentSetting
         ff_size=round(2 * scale.expert_ff * width),
         router={"preset": "qwen3_moe", "num_experts": experts, "top_k": top_k},
     )
-    objectives = [
-        {"kind": "load_balance", "scope": "global", "coefficient": 0.01},
-        {"kind": "z_loss", "scope": "global", "coefficient": 0.001},
-    ]
-    return arm_config(arm.replace("/", "_"), seed, scale, settings, model=model, objectives=objectives)
+    return arm_config(arm.replace("/", "_"), seed, scale, settings, model=model, objectives=global_balance())
 
 
 def run(settings: ExperimentSettings, log: Callable[[str], None] = print) -> Outcome:

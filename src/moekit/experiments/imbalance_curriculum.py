@@ -27,6 +27,7 @@ from moekit.experiments.training import (
     arm_config,
     build_trainer,
     dense_model,
+    global_balance,
     scale_and_seeds,
     validation_loss,
 )
@@ -65,13 +66,6 @@ def mixtures() -> dict[str, dict[str, float]]:
     }
 
 
-def balance(coefficient: Any) -> list[dict[str, Any]]:
-    return [
-        {"kind": "load_balance", "scope": "global", "coefficient": coefficient},
-        {"kind": "z_loss", "scope": "global", "coefficient": 0.001},
-    ]
-
-
 def moe_section(scale: ArmScale) -> dict[str, Any]:
     """The MoE every arm ends as: `mix_lm`'s fusion of two dense models (top-1 of 2 experts of the
     dense FFN's width), as a model section."""
@@ -98,7 +92,7 @@ def run(settings: ExperimentSettings, log: Callable[[str], None] = print) -> Out
             if model is None:
                 mixture = "imbalanced" if arm == "naive" else "balanced"
                 config = arm_config(
-                    arm, seed, scale, settings, model=moe_section(scale), objectives=balance(LBL)
+                    arm, seed, scale, settings, model=moe_section(scale), objectives=global_balance(LBL)
                 )
                 trainer = build_trainer(config, data[mixture], log)
                 trainer.run()
@@ -140,10 +134,15 @@ def curriculum(scale, seed, settings, base, data, log) -> Any:
     ]
     fused, _ = mix_lm(protos, MixOptions(top_k=1, seed=seed), names=[MAJORITY, MINORITY])
     routed = stage(
-        "router", moe_section(scale), data["balanced"], balance(LBL), fused.state_dict(), routers_only=True
+        "router",
+        moe_section(scale),
+        data["balanced"],
+        global_balance(LBL),
+        fused.state_dict(),
+        routers_only=True,
     )
     annealed = {"kind": "linear", "start": ANNEAL[0], "end": ANNEAL[1], "steps": steps["joint"]}
-    return stage("joint", moe_section(scale), data["balanced"], balance(annealed), routed.state_dict())
+    return stage("joint", moe_section(scale), data["balanced"], global_balance(annealed), routed.state_dict())
 
 
 def outcome(runs: dict[str, list[dict[str, Any]]], scale: ArmScale, seeds: int) -> Outcome:

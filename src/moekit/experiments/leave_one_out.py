@@ -23,6 +23,7 @@ from moekit.experiments.training import (
     ArmScale,
     arm_config,
     dense_model,
+    global_balance,
     moe_model,
     scale_and_seeds,
     train_arm,
@@ -50,10 +51,7 @@ def run_config(arm: str, holdout: str, scale: ArmScale, seed: int, settings: Exp
     model, objectives = dense_model(scale), []
     if arm == "moe":
         model = moe_model(scale)
-        objectives = [
-            {"kind": "load_balance", "scope": "global", "coefficient": 0.01},
-            {"kind": "z_loss", "scope": "global", "coefficient": 0.001},
-        ]
+        objectives = global_balance()
     return arm_config(
         f"{arm}-without-{holdout}",
         seed,

@@ -60,6 +60,15 @@ def dense_model(scale: ArmScale) -> dict[str, Any]:
     return model
 
 
+def global_balance(coefficient: Any = 0.01) -> list[dict[str, Any]]:
+    """The MoE arms' objectives: a global-batch load-balancing loss at `coefficient` (a number or
+    a schedule mapping) and a small router z-loss."""
+    return [
+        {"kind": "load_balance", "scope": "global", "coefficient": coefficient},
+        {"kind": "z_loss", "scope": "global", "coefficient": 0.001},
+    ]
+
+
 def arm_config(
     name: str,
     seed: int,
