@@ -40,12 +40,13 @@ PROXY_FULL, PROXIES_FULL = ArmScale("builtin", 32, 2, 2, 32, 8, 128, 8, 1, 100, 
 
 
 def run(settings: ExperimentSettings, log: Callable[[str], None] = print) -> Outcome:
-    from moekit.experiments.regmix import corpus_checks, corpus_section
+    from moekit.experiments.regmix import SIMULATED, TOP, corpus_checks, corpus_section
 
     scale, corpus_seeds = scale_and_seeds(settings, PROXY_QUICK, PROXY_FULL, "data-mixture")
     published_checks, results, sections = published(settings, log)
     proxies = PROXIES_QUICK if settings.quick else PROXIES_FULL
-    checks, corpus = corpus_checks(scale, proxies, corpus_seeds, settings, log)
+    simulated, top = (2_000, 16) if settings.quick else (SIMULATED, TOP)
+    checks, corpus = corpus_checks(scale, proxies, corpus_seeds, settings, log, simulated, top)
     results["corpus"] = corpus
     return Outcome(CLAIM, published_checks + checks, results, [*sections, corpus_section(corpus)])
 
