@@ -5,6 +5,10 @@ Fitted on the 512 training runs of 1M-parameter proxies, a regression from mixtu
 Pile-CC validation loss ranks the 256 held-out 1M runs with Spearman ρ = 0.9892 in the paper's
 notebook (LightGBM), and, by the paper's rank-invariance hypothesis, ranks the same mixtures
 trained at 60M parameters (and the 64 runs at 1B) nearly as well.
+
+Then the same method on moekit's own corpus (`experiments.regmix`): Dirichlet mixtures over its
+domains, small proxy runs, the regression's held-out rank correlation, and the mixture it predicts
+best re-trained at about 4x the proxy's parameters against the uniform mixture.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 from moekit.experiments.proxy import PILE_CC, REGRESSORS, SCALES, align_domains, fit_regressor, published_runs
 from moekit.experiments.runner import Check, ExperimentSettings, Outcome
 from moekit.experiments.stats import Estimate, mean_estimate, spearman, spearman_estimate, verdict_at_least
+from moekit.experiments.training import ArmScale, scale_and_seeds
 
 REQUIRES = ("sklearn", "scipy", "matplotlib")
 PAPER_HELDOUT_RHO = 0.9892  # RegMix notebook, LightGBM, Pile-CC target, 256 held-out 1M runs
@@ -25,11 +30,29 @@ RANK_INVARIANCE_RHO = 0.9  # "ranks the 60M runs nearly as well": our bar for a 
 CLAIM = (
     "RegMix (#32): a regression from mixture weights to Pile-CC loss, fitted on 512 1M-parameter "
     f"proxy runs, ranks held-out 1M runs with Spearman rho {PAPER_HELDOUT_RHO} (LightGBM), and the "
-    "ranking carries over to the same mixtures at 60M parameters (rank invariance)."
+    "ranking carries over to the same mixtures at 60M parameters (rank invariance). On moekit's corpus: "
+    "with 5 domains and 64 proxy runs the held-out rho exceeds 0.8, and the predicted-best mixture beats "
+    "the uniform one when re-trained at about 4x the proxy's parameters."
 )
+# the corpus proxies (dense LMs; `expert_ff` sets the FFN width 2 x expert_ff) and their count
+PROXY_QUICK, PROXIES_QUICK = ArmScale("sample", 32, 1, 2, 32, 8, 64, 4, 1, 8, 3e-3, 1, 2), 16
+PROXY_FULL, PROXIES_FULL = ArmScale("builtin", 32, 2, 2, 32, 8, 128, 8, 1, 100, 3e-3, 4, 3), 64
 
 
 def run(settings: ExperimentSettings, log: Callable[[str], None] = print) -> Outcome:
+    from moekit.experiments.regmix import SIMULATED, TOP, corpus_checks, corpus_section
+
+    scale, corpus_seeds = scale_and_seeds(settings, PROXY_QUICK, PROXY_FULL, "data-mixture")
+    published_checks, results, sections = published(settings, log)
+    proxies = PROXIES_QUICK if settings.quick else PROXIES_FULL
+    simulated, top = (2_000, 16) if settings.quick else (SIMULATED, TOP)
+    checks, corpus = corpus_checks(scale, proxies, corpus_seeds, settings, log, simulated, top)
+    results["corpus"] = corpus
+    return Outcome(CLAIM, published_checks + checks, results, [*sections, corpus_section(corpus)])
+
+
+def published(settings: ExperimentSettings, log: Callable[[str], None]) -> tuple[list[Check], dict, list]:
+    """The paper's own proxy runs: the checks, the results and the report sections."""
     seeds = settings.seeds or (1 if settings.quick else 5)
     resamples = 300 if settings.quick else 2000
     targets = (PILE_CC,) if settings.quick else None
@@ -110,8 +133,7 @@ def run(settings: ExperimentSettings, log: Callable[[str], None] = print) -> Out
         "spearman_1m_per_target_gbt": per_target,
         "rank_of_predicted_best_among_1B_runs": {"rank": rank_of_pick, "of": len(big.index)},
     }
-    return Outcome(
-        CLAIM,
+    return (
         checks,
         results,
         _sections(rho, per_target, direct, rank_of_pick, len(big.index), predictions, tests),

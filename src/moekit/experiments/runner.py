@@ -29,6 +29,9 @@ EXPERIMENTS = {
     "dynamic-compute": "moekit.experiments.dynamic_compute",
     "token-vs-context": "moekit.experiments.token_vs_context",
     "routing-locality": "moekit.experiments.routing_locality",
+    "leave-one-out": "moekit.experiments.leave_one_out",
+    "efficiency-leverage": "moekit.experiments.efficiency_leverage",
+    "imbalance-curriculum": "moekit.experiments.imbalance_curriculum",
 }
 RESULTS_FORMAT = "moekit-experiment"
 

@@ -53,6 +53,22 @@ def moe_model(scale: ArmScale, **moe: Any) -> dict[str, Any]:
     }
 
 
+def dense_model(scale: ArmScale) -> dict[str, Any]:
+    """The dense LM of `scale` whose FFN (width 2 x expert_ff) matches `moe_model`'s active width."""
+    model = moe_model(scale)
+    model.pop("moe")
+    return model
+
+
+def global_balance(coefficient: Any = 0.01) -> list[dict[str, Any]]:
+    """The MoE arms' objectives: a global-batch load-balancing loss at `coefficient` (a number or
+    a schedule mapping) and a small router z-loss."""
+    return [
+        {"kind": "load_balance", "scope": "global", "coefficient": coefficient},
+        {"kind": "z_loss", "scope": "global", "coefficient": 0.001},
+    ]
+
+
 def arm_config(
     name: str,
     seed: int,
