@@ -317,6 +317,7 @@ def evaluate_method(
                 alpha=settings.alpha,
                 weak_top_k=settings.weak_top_k,
                 weak_ranks=settings.weak_ranks,
+                eos_token_id=eos_token_id,
             )
             out = result.tokens
             cost.forward_passes += result.cost.forward_passes
