@@ -282,6 +282,14 @@ def continuation_loss(logits: torch.Tensor, ids: torch.Tensor, start: int) -> fl
     return float(torch.nn.functional.cross_entropy(predicted, targets)) if len(targets) else math.nan
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test) on the discordant pairs: the chance of a
+    split at least this uneven if the method and the baseline were equally good."""
+    from scipy.stats import binomtest
+
+    return 1.0 if wins + losses == 0 else binomtest(wins, wins + losses, 0.5).pvalue
+
+
 def summary(results: list[Path], baseline: Path | None) -> None:
     """A markdown row per result file: accuracy, Wilson 95% CI, cost per problem, and paired
     wins/losses against the baseline file (the same problems, in the same order)."""
@@ -291,24 +299,25 @@ def summary(results: list[Path], baseline: Path | None) -> None:
     if baseline is not None:
         base_items = [item["correct"] for item in read_json(baseline)["items"]]
     header = "run | correct | accuracy (95% CI) | fwd/problem | bwd/problem | assignments/problem | tok/s"
-    print(f"| {header} | vs base +/- |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {header} | vs base +/- | sign-test p |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for path in results:
         result = read_json(path)
         n = result["problems"]
         low, high = result["ci95"]
         cost = result["cost"]
-        paired = ""
+        paired, p_value = "", ""
         if base_items:
             # item i of every run is the same problem (ciphered or not): paired by position
             pairs = list(zip((i["correct"] for i in result["items"]), base_items, strict=True))
             wins = sum(ok and not base for ok, base in pairs)
             losses = sum(base and not ok for ok, base in pairs)
             paired = f"+{wins} / -{losses}"
+            p_value = f"{sign_test(wins, losses):.2f}"
         print(
             f"| {path.stem} | {result['correct']}/{n} | {result['accuracy']:.3f} ({low:.3f}-{high:.3f}) "
             f"| {cost['forward_passes'] / n:.1f} | {cost['backward_passes'] / n:.1f} "
-            f"| {cost['assignments'] / n:.0f} | {result['tokens_per_second']:.1f} | {paired} |"
+            f"| {cost['assignments'] / n:.0f} | {result['tokens_per_second']:.1f} | {paired} | {p_value} |"
         )
 
 
@@ -318,29 +327,25 @@ RUNS: dict[str, list[str]] = {
     "scmoe-rank2": ["--method", "scmoe", "--weak-rank", "2"],  # the paper's rank-k weak routing
     "des-k123": ["--method", "des", "--samples", "3", "--k-values", "1,2,3"],
     "des-k2": ["--method", "des", "--samples", "3", "--k-values", "2"],
-    # references: 32 problems with their exact answers, solved or not (`--c3po-unsolved`): at this
-    # model's accuracy a solved-only set would hold one or two items
-    "c3po-ngd": ["--method", "c3po", "--c3po-references", "32", "--c3po-unsolved"],
-    "c3po-ngd-random": [
+    # references: 32 problems of the same level the model solves (C3PO's "successful" set)
+    "c3po-ngd": ["--method", "c3po", "--c3po-references", "32"],
+    "c3po-ngd-random": ["--method", "c3po", "--c3po-references", "32", "--c3po-neighbour-mode", "random"],
+    "c3po-kernel": ["--method", "c3po", "--c3po-references", "32", "--c3po-variant", "kernel"],
+    "c3po-kernel-random": [
         "--method",
         "c3po",
         "--c3po-references",
         "32",
-        "--c3po-unsolved",
+        "--c3po-variant",
+        "kernel",
         "--c3po-neighbour-mode",
         "random",
     ],
-    "c3po-kernel": [
-        "--method",
-        "c3po",
-        "--c3po-references",
-        "32",
-        "--c3po-unsolved",
-        "--c3po-variant",
-        "kernel",
-    ],
     "rewire": ["--method", "rewire"],
-    "odp": ["--method", "odp"],
+    "odp-0.25": ["--method", "odp", "--odp-threshold", "0.25"],
+    "odp-0.5": ["--method", "odp", "--odp-threshold", "0.5"],
+    "odp-0.75": ["--method", "odp", "--odp-threshold", "0.75"],
+    "odp-1.0": ["--method", "odp", "--odp-threshold", "1.0"],
     "cipher-none": ["--method", "none", "--cipher"],
     "cipher-steer-first": ["--method", "steer", "--cipher", "--steer-layers", "0"],
     "cipher-steer-middle": ["--method", "steer", "--cipher", "--steer-layers", "2,3"],
@@ -353,7 +358,7 @@ def measure(run: Path, out: Path, level: int, limit: int, names: list[str]) -> N
     from moekit.cli import main as moekit
 
     out.mkdir(parents=True, exist_ok=True)
-    common = ["--set", "arithmetic", "--level", str(level), "--limit", str(limit), "--max-new-tokens", "6"]
+    common = ["--set", "arithmetic", "--level", str(level), "--limit", str(limit), "--max-new-tokens", "8"]
     for name in names:
         args = ["eval-tasks", str(run), *common, *RUNS[name], "--json", str(out / f"{name}.json")]
         print("moekit " + " ".join(args), flush=True)
@@ -370,6 +375,10 @@ def main() -> None:
     corpus.add_argument("--out", type=Path, default=Path("runs/ttr"))
     for field_name, default in vars(ModelShape()).items():
         corpus.add_argument(f"--{field_name.replace('_', '-')}", type=type(default), default=default)
+    build = sub.add_parser("build", help="corpus, config and the trained model in one command")
+    build.add_argument("--out", type=Path, default=Path("runs/ttr"))
+    for field_name, default in vars(ModelShape()).items():
+        build.add_argument(f"--{field_name.replace('_', '-')}", type=type(default), default=default)
     more = sub.add_parser("extras", help="routing divergence per layer, Rewiring continuation loss")
     more.add_argument("--run", type=Path, default=Path("runs/ttr/run"))
     more.add_argument("--corpus", type=Path, default=Path("runs/ttr/corpus"))
@@ -386,9 +395,14 @@ def main() -> None:
     table.add_argument("results", type=Path, nargs="+")
     table.add_argument("--baseline", type=Path, default=None)
     args = parser.parse_args()
-    if args.command == "corpus":
+    if args.command in ("corpus", "build"):
         shape = ModelShape(**{name: getattr(args, name) for name in vars(ModelShape())})
         build_corpus(args.out, shape)
+        if args.command == "build":
+            from moekit.cli import main as moekit
+
+            if moekit(["train", "--config", str(args.out / "config.yaml")]) != 0:
+                raise SystemExit("training failed")
     elif args.command == "measure":
         measure(args.run, args.out, args.level, args.limit, args.only)
     elif args.command == "extras":
