@@ -1,27 +1,30 @@
 """Test-time routing methods measured on a small MoE trained for them (BENCHMARKS.md, "Test-time
 routing").
 
-    .venv/bin/python benchmarks/test_time_routing.py corpus --out runs/ttr     # corpus + config
-    .venv/bin/moekit train --config runs/ttr/config.yaml                       # a few minutes
-    .venv/bin/python benchmarks/test_time_routing.py measure --run runs/ttr/run --level 1 --limit 60
+    .venv/bin/python benchmarks/test_time_routing.py build --out runs/ttr    # corpus + config + train
+    .venv/bin/python benchmarks/test_time_routing.py measure --run runs/ttr/run --level 1 --limit 200
     .venv/bin/python benchmarks/test_time_routing.py extras --run runs/ttr/run --out runs/ttr
     .venv/bin/python benchmarks/test_time_routing.py summary runs/ttr/results/*.json \
         --baseline runs/ttr/results/none.json
 
-The corpus puts most of its bytes on easy arithmetic so that a model trained for minutes on two
-cores answers part of the easiest level: three domains, sized so the proportional sampler sees
-- `math`: the first 40,000 arithmetic problems (add, sub, mul, div, remainder, expression) of the
-  training seed whose numbers have at most two digits (`problem_level` 1 or 2);
-- `cipher`: the next 10,000 such problems in the cipher language (#50's second language, seen a
-  quarter as often);
+`build` is `corpus` (the corpus and `config.yaml`) followed by `moekit train --config
+runs/ttr/config.yaml`; its options (`--steps`, `--layers`, `--width`, `--batch`, `--lr`, ...) set
+the model and the run. The corpus is the task's own text and little else, so that a model trained
+for under an hour on two shared cores answers part of the easiest level:
+- `math`: arithmetic problems (add, sub, mul, div, remainder, expression) of the training seed,
+  drawn level by level (`LEVEL_COUNTS`; level 1, every number a single digit, is repeated
+  `LEVEL_REPEATS` times so that it is not a few percent of the bytes);
+- `cipher`: the next problems of each level, a quarter as many, in the cipher language (#50's
+  second language);
 - `english`: the shipped sample's English prose (the domain seen least; Rewiring's target).
-The evaluation problems come from another seed (`EVAL_SEED`); at level 1 (single-digit numbers)
-there are few distinct problems, so many evaluation items also occur in training.
+The evaluation problems come from another seed (`EVAL_SEED`); at level 1 there are few distinct
+problems (about 700 sums, differences and products of two digits, plus bracketed expressions), so
+many evaluation items also occur in training: level 1 measures recall as much as arithmetic.
 
 `extras` measures what `moekit eval-tasks` does not: the per-layer routing divergence between the
 plain and ciphered prompts (#50's U-shape) and Rewiring's continuation loss on held-out English.
-The model is not stored: these commands rebuild it (seeded; the same on a quiet or loaded machine
-up to thread-count effects on float sums).
+The model is not stored: `build` rebuilds it (seeded; the same on a quiet or loaded machine up to
+thread-count effects on float sums).
 """
 
 from __future__ import annotations
@@ -327,10 +330,10 @@ RUNS: dict[str, list[str]] = {
     "scmoe-rank2": ["--method", "scmoe", "--weak-rank", "2"],  # the paper's rank-k weak routing
     "des-k123": ["--method", "des", "--samples", "3", "--k-values", "1,2,3"],
     "des-k2": ["--method", "des", "--samples", "3", "--k-values", "2"],
-    # references: 32 problems of the same level the model solves (C3PO's "successful" set)
-    "c3po-ngd": ["--method", "c3po", "--c3po-references", "32"],
-    "c3po-ngd-random": ["--method", "c3po", "--c3po-references", "32", "--c3po-neighbour-mode", "random"],
-    "c3po-kernel": ["--method", "c3po", "--c3po-references", "32", "--c3po-variant", "kernel"],
+    # references: those of 64 same-level problems the model solves (C3PO's "successful" set)
+    "c3po-ngd": ["--method", "c3po", "--c3po-references", "64"],
+    "c3po-ngd-random": ["--method", "c3po", "--c3po-references", "64", "--c3po-neighbour-mode", "random"],
+    "c3po-kernel": ["--method", "c3po", "--c3po-references", "64", "--c3po-variant", "kernel"],
     "c3po-kernel-random": [
         "--method",
         "c3po",
