@@ -1,27 +1,30 @@
 """Test-time routing methods measured on a small MoE trained for them (BENCHMARKS.md, "Test-time
 routing").
 
-    .venv/bin/python benchmarks/test_time_routing.py corpus --out runs/ttr     # corpus + config
-    .venv/bin/moekit train --config runs/ttr/config.yaml                       # a few minutes
-    .venv/bin/python benchmarks/test_time_routing.py measure --run runs/ttr/run --level 1 --limit 60
+    .venv/bin/python benchmarks/test_time_routing.py build --out runs/ttr    # corpus + config + train
+    .venv/bin/python benchmarks/test_time_routing.py measure --run runs/ttr/run --level 1 --limit 200
     .venv/bin/python benchmarks/test_time_routing.py extras --run runs/ttr/run --out runs/ttr
     .venv/bin/python benchmarks/test_time_routing.py summary runs/ttr/results/*.json \
         --baseline runs/ttr/results/none.json
 
-The corpus puts most of its bytes on easy arithmetic so that a model trained for minutes on two
-cores answers part of the easiest level: three domains, sized so the proportional sampler sees
-- `math`: the first 40,000 arithmetic problems (add, sub, mul, div, remainder, expression) of the
-  training seed whose numbers have at most two digits (`problem_level` 1 or 2);
-- `cipher`: the next 10,000 such problems in the cipher language (#50's second language, seen a
-  quarter as often);
+`build` is `corpus` (the corpus and `config.yaml`) followed by `moekit train --config
+runs/ttr/config.yaml`; its options (`--steps`, `--layers`, `--width`, `--batch`, `--lr`, ...) set
+the model and the run. The corpus is the task's own text and little else, so that a model trained
+for under an hour on two shared cores answers part of the easiest level:
+- `math`: arithmetic problems (add, sub, mul, div, remainder, expression) of the training seed,
+  drawn level by level (`LEVEL_COUNTS`; level 1, every number a single digit, is repeated
+  `LEVEL_REPEATS` times so that it is not a few percent of the bytes);
+- `cipher`: the next problems of each level, a quarter as many, in the cipher language (#50's
+  second language);
 - `english`: the shipped sample's English prose (the domain seen least; Rewiring's target).
-The evaluation problems come from another seed (`EVAL_SEED`); at level 1 (single-digit numbers)
-there are few distinct problems, so many evaluation items also occur in training.
+The evaluation problems come from another seed (`EVAL_SEED`); at level 1 there are few distinct
+problems (about 700 sums, differences and products of two digits, plus bracketed expressions), so
+many evaluation items also occur in training: level 1 measures recall as much as arithmetic.
 
 `extras` measures what `moekit eval-tasks` does not: the per-layer routing divergence between the
 plain and ciphered prompts (#50's U-shape) and Rewiring's continuation loss on held-out English.
-The model is not stored: these commands rebuild it (seeded; the same on a quiet or loaded machine
-up to thread-count effects on float sums).
+The model is not stored: `build` rebuilds it (seeded; the same on a quiet or loaded machine up to
+thread-count effects on float sums).
 """
 
 from __future__ import annotations
@@ -45,22 +48,24 @@ from moekit.inference.methods.cipher import CipheredProblem
 from moekit.inference.methods.tasks import TASK_SETS, problem_level
 from moekit.io import write_json_atomic
 
-MATH_COUNT = 40_000
-CIPHER_COUNT = 10_000
-MAX_LEVEL = 2
+# Problems per level in the `math` domain: level 1 (single digits) is rare in the generator's
+# stream (about 1 arithmetic problem in 75), so it is drawn on its own rather than left to chance.
+LEVEL_COUNTS = {1: 6_000, 2: 45_000}
+LEVEL_REPEATS = {1: 4, 2: 1}  # level 1 is short and few-valued: repeated so it holds ~30% of math bytes
+CIPHER_SHARE = 4  # the cipher domain holds a quarter as many problems per level
 
-CONFIG = """# Test-time routing benchmark model (benchmarks/test_time_routing.py); a few minutes on 2 cores.
+CONFIG = """# Test-time routing benchmark model (benchmarks/test_time_routing.py).
 name: ttr
 out_dir: {out}/run
 model:
   vocab_size: auto
-  hidden_size: 128
-  num_layers: 6
+  hidden_size: {width}
+  num_layers: {layers}
   num_heads: 4
-  ff_size: 512
+  ff_size: {ff}
   max_seq_len: 128
   moe:
-    ff_size: 128
+    ff_size: {expert_ff}
     router: {{preset: qwen3_moe, num_experts: 8, top_k: 2}}
 data:
   source: {out}/corpus
@@ -69,15 +74,16 @@ data:
   layout: packed
 train:
   steps: {steps}
-  micro_batch_size: 32
+  micro_batch_size: {batch}
   grad_accum: 1
-  lr: 3.0e-3
-  warmup_steps: 50
+  lr: {lr}
+  min_lr_ratio: 0.05
+  warmup_steps: 100
 loop:
   log_every: 50
-  eval_every: {steps}
+  eval_every: {checkpoint_every}
   eval_batches: 4
-  checkpoint_every: {steps}
+  checkpoint_every: {checkpoint_every}
 balance:
   objectives:
     - {{kind: load_balance, scope: global, coefficient: 0.01}}
@@ -85,40 +91,46 @@ balance:
 """
 
 
-def easy_arithmetic(start_index: int, count: int) -> tuple[list[Any], int]:
-    """`count` training-seed arithmetic problems of level <= MAX_LEVEL from stream index
-    `start_index` on, and the index after the last one taken."""
+def arithmetic_of_level(level: int, start_index: int, count: int) -> tuple[list[Any], int]:
+    """`count` training-seed arithmetic problems of `problem_level` `level` from stream index
+    `start_index` on, as (index, problem), and the index after the last one taken."""
     kinds = set(TASK_SETS["arithmetic"])
     out, index = [], start_index
     while len(out) < count:
         problem = generate_problem(MATH_SEED, index)
         index += 1
-        if problem.kind in kinds and problem_level(problem) <= MAX_LEVEL:
+        if problem.kind in kinds and problem_level(problem) == level:
             out.append((index - 1, problem))
     return out, index
 
 
 @dataclass(frozen=True)
-class EasyArithmetic:
-    """Arithmetic problems of level <= 2, plain or ciphered, as one corpus source."""
+class LevelArithmetic:
+    """Arithmetic problems of one level, plain or ciphered, as one corpus source; the documents
+    are the task's own text ('Q: ...\\nA: <answer>'), so training and evaluation prompts agree."""
 
+    level: int
     start: int
     count: int
     ciphered: bool = False
-    name: str = "easy-arithmetic"
+    repeats: int = 1
+    name: str = "arithmetic"
 
     def collect(self, domain: str, context: BuildContext) -> Collected:
-        problems, _ = easy_arithmetic(self.start, self.count)
+        problems, _ = arithmetic_of_level(self.level, self.start, self.count)
         documents = []
         for index, problem in problems:
             item = CipheredProblem(problem) if self.ciphered else problem
-            doc_id = document_id(domain, self.name, f"{problem.kind}-{index:07d}")
-            documents.append(Document(doc_id, domain, item.text, answer=problem.answer))
+            for copy in range(self.repeats):
+                key = f"{problem.kind}-{index:08d}-{copy}"
+                doc_id = document_id(domain, f"{self.name}-l{self.level}", key)
+                documents.append(Document(doc_id, domain, item.text, answer=problem.answer))
         ordered = tuple(sorted(documents, key=lambda d: d.id))
         digest = hashlib.sha256("".join(d.text for d in ordered).encode()).hexdigest()
         provenance = Provenance(
-            self.name,
-            f"seed={MATH_SEED}, start={self.start}, count={self.count}, ciphered={self.ciphered}",
+            f"{self.name}-l{self.level}",
+            f"seed={MATH_SEED}, level={self.level}, start={self.start}, count={self.count}, "
+            f"ciphered={self.ciphered}, repeats={self.repeats}",
             "moekit.data.mathgen",
             "Apache-2.0 (generated by moekit)",
             digest,
@@ -144,20 +156,54 @@ class SampleDomain:
         return Collected(ordered, provenance)
 
 
-def build_corpus(out: Path, steps: int) -> None:
-    _, after_math = easy_arithmetic(0, MATH_COUNT)
+@dataclass(frozen=True)
+class ModelShape:
+    """The benchmark model and its training run (the `corpus` command's options)."""
+
+    steps: int = 1400
+    layers: int = 6
+    width: int = 128
+    expert_ff: int = 128
+    batch: int = 16
+    lr: float = 4e-3
+    checkpoint_every: int = 350
+
+
+def build_corpus(out: Path, shape: ModelShape) -> None:
+    """`math`: LEVEL_COUNTS problems per level (each LEVEL_REPEATS times); `cipher`: the next
+    problems of each level, a CIPHER_SHARE-th as many, ciphered; `english`: the shipped
+    sample's prose (the domain seen least)."""
+    math_sources, cipher_sources = [], []
+    for level, count in LEVEL_COUNTS.items():
+        _, after = arithmetic_of_level(level, 0, count)
+        repeats = LEVEL_REPEATS[level]
+        math_sources.append(LevelArithmetic(level, 0, count, repeats=repeats))
+        cipher_sources.append(
+            LevelArithmetic(level, after, count // CIPHER_SHARE, ciphered=True, repeats=repeats)
+        )
     recipe = Recipe(
         "test-time-routing",
-        1,
+        2,
         (
-            DomainRecipe("math", (EasyArithmetic(0, MATH_COUNT),)),
-            DomainRecipe("cipher", (EasyArithmetic(after_math, CIPHER_COUNT, ciphered=True),)),
+            DomainRecipe("math", tuple(math_sources)),
+            DomainRecipe("cipher", tuple(cipher_sources)),
             DomainRecipe("english", (SampleDomain("english"),)),
         ),
     )
     context = BuildContext(download_dir=out / "downloads", offline=True)
     build_from_recipe(recipe, out / "corpus", context, fallback=None)
-    (out / "config.yaml").write_text(CONFIG.format(out=out, steps=steps))
+    config = CONFIG.format(
+        out=out,
+        steps=shape.steps,
+        layers=shape.layers,
+        width=shape.width,
+        ff=4 * shape.width,
+        expert_ff=shape.expert_ff,
+        batch=shape.batch,
+        lr=shape.lr,
+        checkpoint_every=shape.checkpoint_every,
+    )
+    (out / "config.yaml").write_text(config)
     print(f"wrote {out / 'corpus'} and {out / 'config.yaml'}")
 
 
@@ -180,7 +226,7 @@ def extras(run: Path, corpus: Path, out: Path, items: int, windows: int) -> None
     from moekit.inference.methods.common import full_logits
     from moekit.inference.methods.rewire import rewire
     from moekit.inference.methods.steer import expert_frequencies
-    from moekit.inference.methods.tasks import task_problems
+    from moekit.inference.methods.tasks import prompt_ids, task_problems
     from moekit.routing.override import override_routing
 
     model, tokenizer, _ = load_for_generation(run)
@@ -189,7 +235,7 @@ def extras(run: Path, corpus: Path, out: Path, items: int, windows: int) -> None
     def frequencies(problems: list[Any]) -> dict[int, torch.Tensor]:
         total: dict[int, torch.Tensor] = {}
         for problem in problems:
-            ids = torch.tensor([tokenizer.encode(problem.prompt)])
+            ids = torch.tensor([prompt_ids(tokenizer, problem.prompt)])
             for index, value in expert_frequencies(model, ids).items():
                 total[index] = total.get(index, 0) + value
         return total
@@ -239,6 +285,14 @@ def continuation_loss(logits: torch.Tensor, ids: torch.Tensor, start: int) -> fl
     return float(torch.nn.functional.cross_entropy(predicted, targets)) if len(targets) else math.nan
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test) on the discordant pairs: the chance of a
+    split at least this uneven if the method and the baseline were equally good."""
+    from scipy.stats import binomtest
+
+    return 1.0 if wins + losses == 0 else binomtest(wins, wins + losses, 0.5).pvalue
+
+
 def summary(results: list[Path], baseline: Path | None) -> None:
     """A markdown row per result file: accuracy, Wilson 95% CI, cost per problem, and paired
     wins/losses against the baseline file (the same problems, in the same order)."""
@@ -248,24 +302,25 @@ def summary(results: list[Path], baseline: Path | None) -> None:
     if baseline is not None:
         base_items = [item["correct"] for item in read_json(baseline)["items"]]
     header = "run | correct | accuracy (95% CI) | fwd/problem | bwd/problem | assignments/problem | tok/s"
-    print(f"| {header} | vs base +/- |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {header} | vs base +/- | sign-test p |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for path in results:
         result = read_json(path)
         n = result["problems"]
         low, high = result["ci95"]
         cost = result["cost"]
-        paired = ""
+        paired, p_value = "", ""
         if base_items:
             # item i of every run is the same problem (ciphered or not): paired by position
             pairs = list(zip((i["correct"] for i in result["items"]), base_items, strict=True))
             wins = sum(ok and not base for ok, base in pairs)
             losses = sum(base and not ok for ok, base in pairs)
             paired = f"+{wins} / -{losses}"
+            p_value = f"{sign_test(wins, losses):.2f}"
         print(
             f"| {path.stem} | {result['correct']}/{n} | {result['accuracy']:.3f} ({low:.3f}-{high:.3f}) "
             f"| {cost['forward_passes'] / n:.1f} | {cost['backward_passes'] / n:.1f} "
-            f"| {cost['assignments'] / n:.0f} | {result['tokens_per_second']:.1f} | {paired} |"
+            f"| {cost['assignments'] / n:.0f} | {result['tokens_per_second']:.1f} | {paired} | {p_value} |"
         )
 
 
@@ -275,29 +330,25 @@ RUNS: dict[str, list[str]] = {
     "scmoe-rank2": ["--method", "scmoe", "--weak-rank", "2"],  # the paper's rank-k weak routing
     "des-k123": ["--method", "des", "--samples", "3", "--k-values", "1,2,3"],
     "des-k2": ["--method", "des", "--samples", "3", "--k-values", "2"],
-    # references: 32 problems with their exact answers, solved or not (`--c3po-unsolved`): at this
-    # model's accuracy a solved-only set would hold one or two items
-    "c3po-ngd": ["--method", "c3po", "--c3po-references", "32", "--c3po-unsolved"],
-    "c3po-ngd-random": [
+    # references: those of 64 same-level problems the model solves (C3PO's "successful" set)
+    "c3po-ngd": ["--method", "c3po", "--c3po-references", "64"],
+    "c3po-ngd-random": ["--method", "c3po", "--c3po-references", "64", "--c3po-neighbour-mode", "random"],
+    "c3po-kernel": ["--method", "c3po", "--c3po-references", "64", "--c3po-variant", "kernel"],
+    "c3po-kernel-random": [
         "--method",
         "c3po",
         "--c3po-references",
         "32",
-        "--c3po-unsolved",
+        "--c3po-variant",
+        "kernel",
         "--c3po-neighbour-mode",
         "random",
     ],
-    "c3po-kernel": [
-        "--method",
-        "c3po",
-        "--c3po-references",
-        "32",
-        "--c3po-unsolved",
-        "--c3po-variant",
-        "kernel",
-    ],
     "rewire": ["--method", "rewire"],
-    "odp": ["--method", "odp"],
+    "odp-0.25": ["--method", "odp", "--odp-threshold", "0.25"],
+    "odp-0.5": ["--method", "odp", "--odp-threshold", "0.5"],
+    "odp-0.75": ["--method", "odp", "--odp-threshold", "0.75"],
+    "odp-1.0": ["--method", "odp", "--odp-threshold", "1.0"],
     "cipher-none": ["--method", "none", "--cipher"],
     "cipher-steer-first": ["--method", "steer", "--cipher", "--steer-layers", "0"],
     "cipher-steer-middle": ["--method", "steer", "--cipher", "--steer-layers", "2,3"],
@@ -310,7 +361,7 @@ def measure(run: Path, out: Path, level: int, limit: int, names: list[str]) -> N
     from moekit.cli import main as moekit
 
     out.mkdir(parents=True, exist_ok=True)
-    common = ["--set", "arithmetic", "--level", str(level), "--limit", str(limit), "--max-new-tokens", "6"]
+    common = ["--set", "arithmetic", "--level", str(level), "--limit", str(limit), "--max-new-tokens", "8"]
     for name in names:
         args = ["eval-tasks", str(run), *common, *RUNS[name], "--json", str(out / f"{name}.json")]
         print("moekit " + " ".join(args), flush=True)
@@ -325,7 +376,12 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     corpus = sub.add_parser("corpus", help="build the corpus and the training config")
     corpus.add_argument("--out", type=Path, default=Path("runs/ttr"))
-    corpus.add_argument("--steps", type=int, default=600)
+    for field_name, default in vars(ModelShape()).items():
+        corpus.add_argument(f"--{field_name.replace('_', '-')}", type=type(default), default=default)
+    build = sub.add_parser("build", help="corpus, config and the trained model in one command")
+    build.add_argument("--out", type=Path, default=Path("runs/ttr"))
+    for field_name, default in vars(ModelShape()).items():
+        build.add_argument(f"--{field_name.replace('_', '-')}", type=type(default), default=default)
     more = sub.add_parser("extras", help="routing divergence per layer, Rewiring continuation loss")
     more.add_argument("--run", type=Path, default=Path("runs/ttr/run"))
     more.add_argument("--corpus", type=Path, default=Path("runs/ttr/corpus"))
@@ -342,8 +398,14 @@ def main() -> None:
     table.add_argument("results", type=Path, nargs="+")
     table.add_argument("--baseline", type=Path, default=None)
     args = parser.parse_args()
-    if args.command == "corpus":
-        build_corpus(args.out, args.steps)
+    if args.command in ("corpus", "build"):
+        shape = ModelShape(**{name: getattr(args, name) for name in vars(ModelShape())})
+        build_corpus(args.out, shape)
+        if args.command == "build":
+            from moekit.cli import main as moekit
+
+            if moekit(["train", "--config", str(args.out / "config.yaml")]) != 0:
+                raise SystemExit("training failed")
     elif args.command == "measure":
         measure(args.run, args.out, args.level, args.limit, args.only)
     elif args.command == "extras":

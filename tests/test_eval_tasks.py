@@ -127,3 +127,36 @@ def test_des_items_name_the_k_that_solved_them_and_cost_scales_with_samples(tmp_
             assert bool(item["solved_by_k"]) == item["correct"]
     # every trajectory's forward passes are counted: 3 samples cost 3 times 1 (no EOS stops here)
     assert results[3]["cost"]["forward_passes"] == 3 * results[1]["cost"]["forward_passes"]
+
+
+def test_prompts_start_with_bos_as_training_documents_do():
+    """moekit's trainer starts every document with BOS (`encode_segments`): a task prompt without
+    it is off the training distribution at position 0, so the tasks put it there."""
+    from moekit.data.tokenizer import ByteTokenizer
+    from moekit.inference.methods.tasks import evaluate_method, prompt_ids
+
+    tokenizer = ByteTokenizer()
+    problem = task_problems("arithmetic", 1)[0]
+    ids = prompt_ids(tokenizer, problem.prompt)
+    assert ids == [tokenizer.bos_id, *tokenizer.encode(problem.prompt)]
+    assert prompt_ids(tokenizer, "") == [tokenizer.bos_id]
+
+    class NoBos:
+        def encode(self, text):
+            return list(text.encode())
+
+    assert prompt_ids(NoBos(), "ab") == [97, 98]
+
+    torch.manual_seed(0)
+    moe = MoEConfig(hidden_size=32, ff_size=16, router=preset("qwen3_moe", 8, 2))
+    config = LMConfig(
+        vocab_size=259, hidden_size=32, num_layers=2, num_heads=4, ff_size=48, max_seq_len=128, moe=moe
+    )
+    model = LanguageModel(config)
+    first_tokens = []
+    model.register_forward_pre_hook(lambda module, args: first_tokens.append(int(args[0][0, 0])))
+    for method in ("none", "steer"):
+        first_tokens.clear()
+        evaluate_method(model, tokenizer, task_problems("arithmetic", 2), method, max_new_tokens=2)
+        prefills = [token for token in first_tokens if token == tokenizer.bos_id]
+        assert len(prefills) >= 2, method  # every prompt (and reference) starts with BOS

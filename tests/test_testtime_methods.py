@@ -86,6 +86,23 @@ def test_scmoe_beta_zero_is_greedy_and_beta_changes_tokens(models, name):
     assert same.cost.forward_passes == 12 and same.cost.assignments > 0
 
 
+@pytest.mark.parametrize("name", ["moekit", "qwen3_moe"])
+def test_scmoe_ends_rows_at_eos_as_generate_does(models, name):
+    """Text after an answer's end must not run into it: a row ends at EOS (pad after it), and
+    decoding stops once every row has ended, saving the remaining passes."""
+    model = models(name)
+    ids, mask = prompt(model)
+    free = generate(model, ids, mask, max_new_tokens=6)
+    eos = int(free[0, ids.shape[1] + 1])  # row 0's second new token
+    greedy = generate(model, ids, mask, max_new_tokens=6, eos_token_id=eos)
+    same = scmoe_generate(model, ids, mask, max_new_tokens=6, beta=0.0, eos_token_id=eos)
+    assert torch.equal(same.tokens, greedy)
+    single = scmoe_generate(model, ids[:1], mask[:1], max_new_tokens=6, beta=0.0, eos_token_id=eos)
+    first_eos = (single.tokens[0, ids.shape[1] :] == eos).nonzero()[0, 0]
+    assert single.tokens.shape[1] == ids.shape[1] + first_eos + 1  # stopped at row 0's EOS
+    assert single.cost.forward_passes == 2 * (first_eos + 1)
+
+
 def test_scmoe_contrast_moves_tokens_within_the_plausible_set():
     model = tiny_lm()
     with torch.no_grad():  # experts that matter: weak (top-1) and strong routing disagree more

@@ -6,7 +6,9 @@ routing (strong) and once with weaker routing: fewer experts per token (`weak_to
 of a top-2 model) or the paper's rank-k routing (`weak_ranks`, e.g. [2]: only each token's
 third-ranked expert, weights renormalised by the router's rule), and picks the argmax of the
 plausibility-masked contrast.
-Each pass keeps its own KV cache, so the cost is two forward passes per step.
+Each pass keeps its own KV cache, so the cost is two forward passes per step. Like `generate`, a
+row ends at `eos_token_id` (later tokens are the pad token) and decoding stops when every row has
+ended: without it, text after the end of an answer would run into the answer when decoded.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def scmoe_generate(
     alpha: float = 0.1,
     weak_top_k: int = 1,
     weak_ranks: Sequence[int] | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
 ) -> SCMoEResult:
     """Greedy SCMoE decoding of left-padded prompts (defaults α = 0.1, β = 0.5 as in the paper)."""
     require_number("beta", beta, minimum=0.0)
@@ -81,6 +85,10 @@ def scmoe_generate(
         else RoutingOverride(top_k=weak_top_k)
     )
     weak_overrides = Overrides(default=weak, capture=capture)
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    eos = torch.tensor([int(i) for i in eos_ids], dtype=torch.long)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
     try:
         caches = (model.new_cache(), model.new_cache())
         ids, step_real, positions = input_ids.long(), real, positions_of(real)
@@ -93,7 +101,13 @@ def scmoe_generate(
             cost.forward_passes += 2
             cost.assignments += _count(capture)
             token = self_contrast_logits(strong, weak, beta, alpha).argmax(dim=-1)
+            if len(eos):
+                token = torch.where(finished, torch.full_like(token, pad), token)
             tokens.append(token)
+            if len(eos):
+                finished |= torch.isin(token, eos)
+                if bool(finished.all()):
+                    break
             positions = positions[:, -1:] + 1
             ids = token[:, None]
             step_real = torch.ones_like(ids, dtype=torch.bool)

@@ -40,6 +40,18 @@ METHODS = ("none", "scmoe", "rewire", "steer", "odp", "des", "c3po", "premoe")
 C3PO_REFERENCE_SEED = EVAL_SEED + 2  # C3PO's reference set: solved items of another stream
 
 
+def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """A prompt's token ids as the model saw documents in training: moekit's trainer starts every
+    document with the tokenizer's BOS token (`moekit.data.segments`), so a prompt without it puts
+    the model off its training distribution at position 0. Tokenizers without a BOS id encode as
+    they are."""
+    ids = tokenizer.encode(text)
+    bos = getattr(tokenizer, "bos_id", None)
+    if isinstance(bos, int) and not isinstance(bos, bool) and bos >= 0 and ids[:1] != [bos]:
+        return [bos, *ids]
+    return ids
+
+
 def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion (Wilson 1927; Brown, Cai & DasGupta 2001,
     eq. 4); 95% by default. Better than the normal interval at small n and extreme p."""
@@ -169,7 +181,7 @@ def c3po_reference_set(
     passes = 0
     kept = []
     for problem in problems:
-        prompt = tokenizer.encode(problem.prompt)
+        prompt = prompt_ids(tokenizer, problem.prompt)
         if settings.c3po_solved_only:
             ids = torch.tensor([prompt], dtype=torch.long)
             out = generate(model, ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
@@ -220,7 +232,7 @@ def evaluate_method(
         )
         frequency_sum: dict[int, torch.Tensor] = {}
         for reference in references:
-            ids = torch.tensor([tokenizer.encode(reference.text)], dtype=torch.long)
+            ids = torch.tensor([prompt_ids(tokenizer, reference.text)], dtype=torch.long)
             for index, value in expert_frequencies(model, ids).items():
                 frequency_sum[index] = frequency_sum.get(index, 0) + value
         cost.forward_passes += len(references)
@@ -235,14 +247,14 @@ def evaluate_method(
     if method == "c3po":
         references, setup = c3po_reference_set(model, tokenizer, settings, max_new_tokens, eos_token_id, cost)
     if problems:  # first-use measurements (threading, kernels) stay out of the timed loop
-        warm = torch.tensor([tokenizer.encode(problems[0].prompt)], dtype=torch.long)
+        warm = torch.tensor([prompt_ids(tokenizer, problems[0].prompt)], dtype=torch.long)
         generate(model, warm, max_new_tokens=1)
     correct = 0
     items = []
     start = time.perf_counter()
     generated_tokens = 0
     for problem in problems:
-        ids = torch.tensor([tokenizer.encode(problem.prompt)], dtype=torch.long)
+        ids = torch.tensor([prompt_ids(tokenizer, problem.prompt)], dtype=torch.long)
         extra: dict[str, Any] = {}
         if method == "des":
             search = des_search(
@@ -306,6 +318,7 @@ def evaluate_method(
                 alpha=settings.alpha,
                 weak_top_k=settings.weak_top_k,
                 weak_ranks=settings.weak_ranks,
+                eos_token_id=eos_token_id,
             )
             out = result.tokens
             cost.forward_passes += result.cost.forward_passes
