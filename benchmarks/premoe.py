@@ -3,7 +3,7 @@ five domains: (1) retrieval names a held-out row's domain from its first 32 toke
 paper's test); (2) a domain's mask (50 % of the experts by TCESS) hurts that domain least, less than
 another domain's mask and less than a random 50 % mask.
 
-    .venv/bin/python benchmarks/premoe.py --steps 300 --out runs/bench/premoe.json
+    .venv/bin/python benchmarks/premoe.py --steps 150 --out runs/bench/premoe.json
 
 Both TCESS readings are measured: `logit` (the released code: raw router logits) and `probability`
 (moekit's default: routing probabilities).
@@ -59,7 +59,7 @@ def train(model, batches, steps: int, seed: int = 0) -> float:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def retrieval(model, masks: DomainMasks, held_out, names, windows) -> dict:
@@ -83,8 +83,11 @@ def retrieval(model, masks: DomainMasks, held_out, names, windows) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/premoe.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -92,17 +95,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         domain_text(Path(folder), 40000)
         tokenizer = ByteTokenizer()
-        data = analysis_batches(folder, tokenizer, batch_size=8, seq_len=64, num_batches=400)
+        data = analysis_batches(folder, tokenizer, batch_size=args.batch_size, seq_len=64, num_batches=400)
     by_domain = collections.defaultdict(list)
     for batch in data.batches:
         by_domain[int(batch.domains.max())].append(batch)
     names = data.domain_names
     fit = [b for d in sorted(by_domain) for b in by_domain[d][:20]]
     calibration = [b for d in sorted(by_domain) for b in by_domain[d][20:28]]
-    held_out = [b for d in sorted(by_domain) for b in by_domain[d][28:36]]
-    moe = MoEConfig(hidden_size=64, ff_size=64, router=preset("qwen3_moe", args.experts, 2))
+    held_out = [b for d in sorted(by_domain) for b in by_domain[d][28:32]]
+    h = args.hidden
+    moe = MoEConfig(hidden_size=h, ff_size=h, router=preset("qwen3_moe", args.experts, 2))
     config = LMConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=64, num_layers=4, num_heads=4, ff_size=128,
+        vocab_size=tokenizer.vocab_size, hidden_size=h, num_layers=args.layers, num_heads=4, ff_size=2 * h,
         max_seq_len=64, moe=moe,
     )  # fmt: skip
     model = LanguageModel(config)
