@@ -133,6 +133,11 @@ class ExpertGroups:
         offsets = self.offsets
         return tuple((e, offsets[e], offsets[e + 1]) for e, c in enumerate(self.counts) if c)
 
+    @cached_property
+    def tasks(self) -> Tensor:
+        """nonempty as an int64 [n, 3] CPU tensor, the form the native kernel's expert loops take."""
+        return torch.tensor(self.nonempty, dtype=torch.long).reshape(-1, 3)
+
     def shares(self, parts: int) -> tuple[ExpertShare, ...]:
         """The experts cut into at most `parts` consecutive ranges of about equal rows, together
         covering every expert (the empty ones inside the range they fall in)."""
@@ -312,6 +317,12 @@ def _backward_pair(
     return grad_weight, grad_in
 
 
+def _threads(plan: ExpertPlan) -> int:
+    """Threads for the native kernel's expert loops: torch's, or one where the plan keeps the
+    experts on the calling thread (decode whose split reads do not pay off here)."""
+    return torch.get_num_threads() if plan.parallel else 1
+
+
 def _scale(weight: Tensor, x: Tensor) -> Tensor:
     """The routing weights as a column [A, 1] in the activations' dtype."""
     return weight.to(x.dtype).unsqueeze(1)
@@ -360,7 +371,9 @@ class GroupedExperts(torch.autograd.Function):
 
     @staticmethod
     def _swiglu_forward(ctx, x, weight, w_in, w_out, plan: ExpertPlan):
-        """`swiglu_loops`: whole experts in compiled loops, the intermediates kept for backward."""
+        """`swiglu_loops`: whole experts in one C++ call (`moekit::expert_swiglu_forward`), torch's
+        threads taking experts largest first; the intermediates kept for backward. The routing
+        weight on the input: compiled loops instead."""
         rows, token = len(plan.groups.token), plan.groups.token
         ff = w_out.shape[2]
         on_output = plan.weight_on == "output"
@@ -369,9 +382,16 @@ class GroupedExperts(torch.autograd.Function):
         a = x.new_empty(rows, ff)
         a_in = x.new_empty(rows, ff) if on_output else a
         ys = x.new_empty(rows, w_out.shape[1])
-        forward_into, _ = swiglu_expert_loops()
-        tensors = (x, token, _scale(weight, x), w_in, w_out, xs, h, a, a_in, ys, on_output)
-        _run_over_experts(plan, forward_into, tensors)
+        if on_output:
+            scale = weight.to(x.dtype).contiguous()
+            tasks, threads = plan.groups.tasks, _threads(plan)
+            torch.ops.moekit.expert_swiglu_forward(
+                x.contiguous(), token, scale, w_in, w_out, xs, h, a, a_in, ys, tasks, threads
+            )
+        else:
+            forward_into, _ = swiglu_expert_loops()
+            tensors = (x, token, _scale(weight, x), w_in, w_out, xs, h, a, a_in, ys, on_output)
+            _run_over_experts(plan, forward_into, tensors)
         ctx.save_for_backward(weight, w_in, w_out, xs, h, a, a_in)
         return torch.zeros_like(x).index_add_(0, token, ys)
 
@@ -388,11 +408,18 @@ class GroupedExperts(torch.autograd.Function):
         grad_xs = grad_out.new_empty(rows, xs.shape[1])
         grad_a = grad_out.new_empty(rows, a.shape[1])
         grad_h = grad_out.new_empty(rows, h.shape[1])
-        _, backward_into = swiglu_expert_loops()
-        scale = _scale(weight, xs)
-        tensors = (grad_out, groups.token, scale, w_in, w_out, xs, h, a, a_in, grad_w_in, grad_w_out)
-        work = (grad_scale, grad_xs, grad_a, grad_h, plan.weight_on == "output")
-        _run_over_experts(plan, backward_into, (*tensors, *work))
+        if plan.weight_on == "output":
+            torch.ops.moekit.expert_swiglu_backward(
+                grad_out, groups.token, weight.to(xs.dtype).contiguous(), w_in, w_out, xs, h, a, a_in,
+                grad_w_in, grad_w_out, grad_scale, torch.empty_like(xs), grad_a, grad_h, grad_xs,
+                groups.tasks, _threads(plan),
+            )  # fmt: skip
+        else:
+            _, backward_into = swiglu_expert_loops()
+            scale = _scale(weight, xs)
+            tensors = (grad_out, groups.token, scale, w_in, w_out, xs, h, a, a_in, grad_w_in, grad_w_out)
+            work = (grad_scale, grad_xs, grad_a, grad_h, False)
+            _run_over_experts(plan, backward_into, (*tensors, *work))
         grad_x = None
         if needs[0]:
             grad_x = grad_xs.new_zeros(grad_out.shape[0], xs.shape[1]).index_add_(0, groups.token, grad_xs)
