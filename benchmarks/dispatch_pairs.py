@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Run in each version's process: the layer of a `moekit bench layer` shape, fwd+bwd at T tokens,
+# Run in each version's process: the layer of a `moekit bench layer` shape, fwd+bwd (or fwd) at T tokens,
 # interleaved with the dense reference; wall medians and per-thread on-CPU milliseconds per step.
 PROFILE = r"""
 import json, os, statistics, sys, time
@@ -50,7 +50,7 @@ def thread_times():
         out[tid] = (int(run), int(wait))
     return out
 
-shapes, tokens, rounds = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3])
+shapes, tokens, rounds, mode = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 report = {}
 for name in shapes:
     shape = SHAPES[name]
@@ -59,6 +59,10 @@ for name in shapes:
     x, upstream = shape_input(shape, tokens)
     cases = {"moekit": layer, "dense": dense}
     def step(module):
+        if mode == "fwd":
+            with torch.no_grad():
+                module(x)
+            return
         for p in module.parameters():
             p.grad = None
         module(x.detach().requires_grad_()).backward(upstream)
@@ -133,20 +137,23 @@ def bench_layer_pairs(srcs: dict[str, Path], pairs: int, bench_args: list[str], 
         print(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + f" | {change:.2f} |")
 
 
-def profile_pairs(srcs: dict[str, Path], pairs: int, shapes: list[str], tokens: int, rounds: int) -> None:
+def profile_pairs(
+    srcs: dict[str, Path], pairs: int, shapes: list[str], tokens: int, rounds: int, mode: str
+) -> None:
     rows: dict[tuple, list[dict]] = {}
     loads = []
     for i in range(pairs):
         order = list(srcs) if i % 2 == 0 else list(srcs)[::-1]
         for name in order:
-            out = run_version(srcs[name], ["-c", PROFILE, ",".join(shapes), str(tokens), str(rounds)])
+            argv = ["-c", PROFILE, ",".join(shapes), str(tokens), str(rounds), mode]
+            out = run_version(srcs[name], argv)
             result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
             loads.append(result["load"][0])
             for shape, cases in result["report"].items():
                 rows.setdefault((shape, name), []).append(cases)
         print(f"pair {i + 1}/{pairs} done, load {loads[-1]:.1f}", flush=True)
     load = f"load average {min(loads):.1f}-{max(loads):.1f}"
-    print(f"\nfwd+bwd at T={tokens}, {pairs} processes per version; {load}")
+    print(f"\n{mode} at T={tokens}, {pairs} processes per version; {load}")
     print("wall: median step; busiest / all threads: on-CPU ms per step; over dense's in the same process")
     for (shape, name), runs in rows.items():
         wall = statistics.median(r["moekit"]["wall_ms"] / r["dense"]["wall_ms"] for r in runs)
@@ -172,12 +179,13 @@ def main() -> int:
     parser.add_argument("--shapes", nargs="+", default=["coarse", "fine", "very_fine"])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--mode", default="fwd_bwd", choices=["fwd_bwd", "fwd"], help="(--threads-profile)")
     args, bench_args = parser.parse_known_args()
     bench_args = [a for a in bench_args if a != "--"]
     with tempfile.TemporaryDirectory(prefix="moekit-pairs-") as tmp:
         srcs = {"base": export_src(args.base, Path(tmp)), "head": export_src(args.head, Path(tmp))}
         if args.threads_profile:
-            profile_pairs(srcs, args.pairs, args.shapes, args.tokens, args.rounds)
+            profile_pairs(srcs, args.pairs, args.shapes, args.tokens, args.rounds, args.mode)
         else:
             bench_layer_pairs(srcs, args.pairs, bench_args, Path(tmp))
     return 0

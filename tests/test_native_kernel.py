@@ -247,9 +247,10 @@ def test_the_kernels_parallel_loops_run_on_torchs_threads():
 
 @needs_native
 @pytest.mark.parametrize("weight_on", ["output", "input"])
-def test_whole_swiglu_experts_give_the_same_bits_on_one_thread_and_two(weight_on):
-    """The layer's many-token path (whole SwiGLU experts taken by torch's threads): each expert is
-    computed by one thread in one way, so the thread count changes no bit of the outputs or grads."""
+def test_native_experts_give_the_same_bits_on_one_thread_and_two(weight_on):
+    """The layer's many-token path (experts taken whole by torch's threads: SwiGLU whole in one
+    call with the routing weight on the output, else product by product): each expert is computed
+    by one thread in one way, so the thread count changes no bit of the outputs or gradients."""
     gen = torch.Generator().manual_seed(3)
     num_experts, hidden, ff, tokens, k = 6, 32, 24, 96, 2
     act = make_activation("swiglu")
@@ -269,7 +270,7 @@ def test_whole_swiglu_experts_give_the_same_bits_on_one_thread_and_two(weight_on
             plan = plan_experts(
                 leaves[0], token, expert, leaves[2], leaves[3], act, weight_on, parallel_workers=True
             )
-            assert plan.swiglu_loops
+            assert plan.native and plan.swiglu_loops == (weight_on == "output")
             y = grouped_experts(
                 leaves[0], token, expert, leaves[1], leaves[2], leaves[3], None, None, act, weight_on,
                 parallel_workers=True,
