@@ -279,3 +279,28 @@ def test_native_experts_give_the_same_bits_on_one_thread_and_two(weight_on):
         results.append([y.detach(), *(leaf.grad for leaf in leaves)])
     for one, two in zip(*results, strict=True):
         assert torch.equal(one, two)
+
+
+@needs_native
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 70), st.integers(0, 90), st.integers(0, 2**16))
+def test_combine_sums_each_tokens_rows_and_zeroes_tokens_without_any(num_tokens, cols, rows, seed):
+    """`moekit::combine_rows` (the native path's combine) against float64, tokens with no rows
+    included; one thread or two give the same bits."""
+    gen = torch.Generator().manual_seed(seed)
+    token = torch.randint(0, num_tokens, (rows,), generator=gen)
+    values = torch.randn(rows, cols, generator=gen)
+    order = torch.argsort(token, stable=True)
+    bounds = torch.zeros(num_tokens + 1, dtype=torch.long)
+    torch.cumsum(torch.bincount(token, minlength=num_tokens), 0, out=bounds[1:])
+    outs = []
+    for threads in (1, 2):
+        out = torch.full((num_tokens, cols), float("nan"))
+        with torch_threads(threads):
+            torch.ops.moekit.combine_rows(values, order, bounds, out)
+        outs.append(out)
+    expected = torch.zeros(num_tokens, cols, dtype=torch.float64).index_add_(0, token, values.double())
+    torch.testing.assert_close(outs[0].double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(RuntimeError, match="bounds must run from 0 to A"):
+        torch.ops.moekit.combine_rows(values, order, bounds + 1, torch.empty(num_tokens, cols))

@@ -4,7 +4,7 @@ Why its own backward: slicing a packed [E, ...] parameter per expert and letting
 makes every backward step materialise a full-size weight gradient per expert (10-20x slower than
 the dense GEMM of the same FLOPs at 64+ experts). Here each expert's weight gradient is one GEMM
 written straight into its slice of the packed gradient, and the routing weight is folded into the
-smaller of the two activations so that the combine is a single `index_add_`.
+smaller of the two activations so that the combine is a single sum per token.
 
 Backends, chosen per call:
 - `loop`: one GEMM per non-empty expert over expert-sorted rows, written into its slice of the
@@ -110,6 +110,7 @@ class ExpertGroups:
     token: Tensor  # [A] int64
     expert: Tensor  # [A] int64
     counts: tuple[int, ...]  # per expert, on the host
+    num_tokens: int = 0  # rows of the layer's input (for the combine)
 
     @cached_property
     def offsets(self) -> tuple[int, ...]:
@@ -133,6 +134,15 @@ class ExpertGroups:
         return tuple((e, offsets[e], offsets[e + 1]) for e, c in enumerate(self.counts) if c)
 
     @cached_property
+    def by_token(self) -> tuple[Tensor, Tensor]:
+        """(order, bounds): the assignments sorted by token, stably (order [A]), token t's being
+        order[bounds[t]:bounds[t+1]]; for the native combine."""
+        order = torch.argsort(self.token, stable=True)
+        bounds = self.token.new_zeros(self.num_tokens + 1)
+        torch.cumsum(torch.bincount(self.token, minlength=self.num_tokens), 0, out=bounds[1:])
+        return order, bounds
+
+    @cached_property
     def tasks(self) -> Tensor:
         """nonempty as an int64 [n, 3] CPU tensor, the form the native kernel's expert loops take."""
         return torch.tensor(self.nonempty, dtype=torch.long).reshape(-1, 3)
@@ -148,9 +158,9 @@ class ExpertGroups:
         )
 
     @staticmethod
-    def build(token: Tensor, expert: Tensor, num_experts: int) -> ExpertGroups:
+    def build(token: Tensor, expert: Tensor, num_experts: int, num_tokens: int = 0) -> ExpertGroups:
         counts = torch.bincount(expert, minlength=num_experts)[:num_experts]
-        return ExpertGroups(token, expert, tuple(counts.tolist()))
+        return ExpertGroups(token, expert, tuple(counts.tolist()), num_tokens)
 
 
 def grouped_mm_available() -> bool:
@@ -329,6 +339,18 @@ def _backward_pair(
     return grad_weight, grad_in
 
 
+def _combine(rows: Tensor, plan: ExpertPlan, num_tokens: int) -> Tensor:
+    """out [num_tokens, d]: out[t] = the sum of the rows of t's assignments. On the native path one
+    pass in which each token's sum is one thread's (`moekit::combine_rows`): torch's index_add_ on
+    the CPU was measured 4-8x slower on two threads (2048 tokens x 2-8 rows of 256-512, loaded
+    machine, BENCHMARKS.md §13)."""
+    if plan.native:
+        out = rows.new_empty(num_tokens, rows.shape[1])
+        torch.ops.moekit.combine_rows(rows.contiguous(), *plan.groups.by_token, out)
+        return out
+    return rows.new_zeros(num_tokens, rows.shape[1]).index_add_(0, plan.groups.token, rows)
+
+
 def _threads(plan: ExpertPlan) -> int:
     """Threads for the native kernel's expert loops: torch's, or one where the plan keeps the
     experts on the calling thread (decode whose split reads do not pay off here)."""
@@ -377,7 +399,7 @@ class GroupedExperts(torch.autograd.Function):
         if b_out is not None:
             bias_rows = b_out.index_select(0, groups.expert)
             ys += bias_rows * scale if plan.weight_on == "output" else bias_rows
-        out = torch.zeros_like(x).index_add_(0, groups.token, ys)
+        out = _combine(ys, plan, x.shape[0])
         ctx.save_for_backward(xs, weight, w_in, w_out, b_out, h, a, a_in)
         return out
 
@@ -398,7 +420,7 @@ class GroupedExperts(torch.autograd.Function):
             x.contiguous(), token, scale, w_in, w_out, xs, h, a, a_in, ys, tasks, threads
         )
         ctx.save_for_backward(weight, w_in, w_out, xs, h, a, a_in)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        return _combine(ys, plan, x.shape[0])
 
     @staticmethod
     def _swiglu_backward(ctx, grad_out):
@@ -420,7 +442,7 @@ class GroupedExperts(torch.autograd.Function):
         )  # fmt: skip
         grad_x = None
         if needs[0]:
-            grad_x = grad_xs.new_zeros(grad_out.shape[0], xs.shape[1]).index_add_(0, groups.token, grad_xs)
+            grad_x = _combine(grad_xs, plan, grad_out.shape[0])
         grad_weight = grad_scale.to(weight.dtype) if needs[1] else None
         return grad_x, grad_weight, grad_w_in, grad_w_out, None, None, None
 
@@ -465,9 +487,7 @@ class GroupedExperts(torch.autograd.Function):
         if not on_output:
             grad_weight = torch.linalg.vecdot(grad_xs, xs)
             grad_xs.mul_(scale)
-        grad_x = torch.zeros(
-            (grad_out.shape[0], xs.shape[1]), dtype=grad_xs.dtype, device=grad_xs.device
-        ).index_add_(0, groups.token, grad_xs)
+        grad_x = _combine(grad_xs, plan, grad_out.shape[0])
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_x, grad_weight, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None
@@ -540,7 +560,7 @@ def plan_experts(
     if x.device.type != "cpu":
         return device_plan(x, token, expert, w_in, w_out, activation, weight_on, backend)
     num_experts, in_features, hidden = w_in.shape
-    groups = ExpertGroups.build(token, expert, num_experts)
+    groups = ExpertGroups.build(token, expert, num_experts, x.shape[0])
     active = len(groups.nonempty)
     decode = len(token) < DECODE_ROWS_PER_EXPERT * max(1, active)
     threads = torch.get_num_threads()
