@@ -344,7 +344,7 @@ def _combine(rows: Tensor, plan: ExpertPlan, num_tokens: int) -> Tensor:
     pass in which each token's sum is one thread's (`moekit::combine_rows`): torch's index_add_ on
     the CPU was measured 4-8x slower on two threads (2048 tokens x 2-8 rows of 256-512, loaded
     machine, BENCHMARKS.md §13)."""
-    if plan.native:
+    if plan.native and plan.groups.num_tokens == num_tokens:
         out = rows.new_empty(num_tokens, rows.shape[1])
         torch.ops.moekit.combine_rows(rows.contiguous(), *plan.groups.by_token, out)
         return out
