@@ -598,9 +598,8 @@ def plan_experts(
     parallel = parallel_workers and (resolved == "loop" or len(shares) > 1)
     fused = None
     if parallel and resolved == "loop" and fused_pays_off(*estimate):
-        fused = FusedExperts(
-            token, groups.nonempty, tuple(groups.empty_experts), activation, weight_on == "output", False
-        )
+        empty = tuple(groups.empty_experts)
+        fused = FusedExperts(token, groups.nonempty, empty, activation, weight_on == "output")
     return ExpertPlan(
         groups,
         activation,
