@@ -12,16 +12,7 @@ from hypothesis import strategies as st
 
 import moekit.dispatch.grouped as grouped_module
 from moekit.dispatch.grouped import ExpertGroups, grouped_experts, grouped_mm_available
-from moekit.dispatch.loops import (
-    backward_pairs_into,
-    expert_loops,
-    native_backward_pairs_into,
-    native_products_into,
-    products_into,
-    swiglu_expert_loops,
-    swiglu_experts_backward_into,
-    swiglu_experts_forward_into,
-)
+from moekit.dispatch.loops import backward_pairs_into, expert_loops, products_into
 from moekit.dispatch.workers import for_each_expert, for_each_run
 from moekit.experts.activations import make_activation
 from moekit.kernels.gemm import CHUNK_ROWS
@@ -38,17 +29,18 @@ LIBRARY_KERNEL_PATHS = ("workers_library", "fused_library")
 
 @contextmanager
 def expert_path(path: str):
-    """The loop backend's paths: `serial`, `workers` (runs of experts on the workers, the loops
-    over them compiled), `workers_python` (the same loops run as Python, as where TorchScript is
-    missing) and `fused` (each expert's whole forward and backward one task, forced on whatever
-    the expert size); `*_library`: the same with moekit's own kernel turned off. Yields the
+    """The loop backend's paths: `serial`, `workers` (experts taken whole by torch's threads in
+    the native kernel's C++ loops; where it does not run, runs of experts on the Python workers,
+    the loops over them compiled), `workers_python` (those loops run as Python, as where
+    TorchScript is missing) and `fused` (each expert's whole forward and backward one task on the
+    workers, forced on whatever the expert size; the native kernel runs its experts whole
+    anyway); `*_library`: the same with moekit's own kernel turned off. Yields the
     `parallel_workers` flag for `grouped_experts`."""
     min_seconds = 0.0 if path.startswith("fused") else float("inf")
     loops = "python" if path == "workers_python" else "compiled"
     native = "0" if path.endswith("_library") else "1"
     with (
         patch.object(grouped_module, "MIN_FUSED_EXPERT_SECONDS", min_seconds),
-        patch.object(grouped_module, "MIN_FUSED_EXPERT_SECONDS_NATIVE", min_seconds),
         patch.dict(os.environ, {"MOEKIT_LOOPS": loops, "MOEKIT_NATIVE": native}),
     ):
         yield path != "serial"
@@ -467,14 +459,8 @@ def test_expert_loops_are_compiled_where_torchscript_is():
     """The fast path the tests above check is the one that runs: TorchScript compiles the loops
     (this torch has it), and `MOEKIT_LOOPS=python` selects the Python loops."""
     assert all(isinstance(loop, torch.jit.ScriptFunction) for loop in expert_loops())
-    assert all(isinstance(loop, torch.jit.ScriptFunction) for loop in expert_loops(native=True))
     with patch.dict(os.environ, {"MOEKIT_LOOPS": "python"}):
         assert expert_loops() == (products_into, backward_pairs_into)
-        if native_available():
-            assert expert_loops(native=True) == (native_products_into, native_backward_pairs_into)
-            assert swiglu_expert_loops() == (swiglu_experts_forward_into, swiglu_experts_backward_into)
-    if native_available():
-        assert all(isinstance(loop, torch.jit.ScriptFunction) for loop in swiglu_expert_loops())
 
 
 @pytest.mark.parametrize("path", ["workers", "workers_python", "fused", *LIBRARY_KERNEL_PATHS])
@@ -506,8 +492,8 @@ def test_float32_worker_paths_match_float64_for_every_expert_kind(
     act_name, weight_on, bias, path, num_tokens
 ):
     """fp32 on the worker paths takes moekit's own kernels where they run: SwiGLU experts without
-    biases as whole experts in one loop (`swiglu_loops`), the others on the native products, in
-    whole-expert tasks or not; 3 tokens is decode (one or two rows per expert: the kernel's dot
+    biases, routing weight on the output, as whole experts in one C++ call (`swiglu_loops`), the
+    others on the native products; 3 tokens is decode (one or two rows per expert: the kernel's dot
     products). Output and every gradient against float64, one expert empty."""
     gen = torch.Generator().manual_seed(8)
     num_experts, k, hidden, ff = 6, 2, 24, 20
@@ -535,7 +521,7 @@ def test_float32_worker_paths_match_float64_for_every_expert_kind(
                 x, token, expert, w_in, w_out, act, weight_on, backend="loop", parallel_workers=parallel
             )
             if dtype == torch.float32 and native_available():
-                assert plan.native and plan.swiglu_loops == (act_name == "swiglu")
+                assert plan.native and plan.swiglu_loops == (act_name == "swiglu" and weight_on == "output")
             y = grouped_experts(
                 x, token, expert, weight, w_in, w_out, b_in, b_out, act, weight_on, "loop", parallel
             )

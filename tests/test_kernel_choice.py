@@ -168,17 +168,15 @@ def test_missing_torchscript_falls_back_with_a_warning(monkeypatch):
     monkeypatch.setenv("MOEKIT_LOOPS", "compiled")
     monkeypatch.setattr(torch.jit, "script", no_script)
     loops._loops.cache_clear()
-    loops._swiglu_loops.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="TorchScript could not compile"):
-            forward, backward = loops.expert_loops(native=False)
+            forward, backward = loops.expert_loops()
         assert forward is loops.products_into and backward is loops.backward_pairs_into
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             assert_matches_reference(small_layer())
     finally:
         loops._loops.cache_clear()
-        loops._swiglu_loops.cache_clear()
 
 
 @pytest.mark.production_threads

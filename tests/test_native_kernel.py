@@ -1,19 +1,19 @@
 """moekit's own expert kernels (`moekit.kernels.native`) against float64: the GEMM on every operand
-layout the expert loops use and on ragged shapes, its use by the layer's worker paths, and SwiGLU
-with its derivative."""
+layout the expert loops use and on ragged shapes, the loops over the experts on one thread or
+several, its use by the layer's worker paths, and SwiGLU with its derivative."""
 
 import os
 import shutil
+from contextlib import contextmanager
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moekit.dispatch.grouped import plan_experts
+from moekit.dispatch.grouped import grouped_experts, plan_experts
 from moekit.experts.activations import make_activation, swiglu_with_grad
 from moekit.kernels.native import (
-    MIN_SPLIT_ELEMENTS,
     cpu_has_avx512,
     mm_into,
     native_available,
@@ -26,6 +26,17 @@ needs_native = pytest.mark.skipif(
     reason="the native kernel needs an AVX-512 CPU and a C++ compiler; without them the library "
     "kernels run, and the dispatch tests cover those",
 )
+
+
+@contextmanager
+def torch_threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 # How each layout the expert loops use is formed from a [rows, inner] input, a weight [outer, inner]
 # and gradient rows [rows, outer] (a, b): forward x @ W^T, input gradient g @ W, weight gradient g^T @ x.
@@ -116,6 +127,71 @@ def test_worker_plans_take_the_native_kernel_for_float32_only(dtype):
     assert not native_fits(x.float(), torch.randn(num_experts, 16, 16)[:, ::2, ::2])
 
 
+@st.composite
+def expert_tasks(draw):
+    """Packed weights [E, n_out, n_in] (row-major or transposed in memory), rows, and tasks: some
+    experts' row ranges in any order, some experts and rows left out."""
+    num_experts = draw(st.integers(1, 5))
+    n_out, n_in = draw(st.integers(1, 90)), draw(st.integers(1, 300))
+    counts = draw(st.lists(st.integers(0, 14), min_size=num_experts, max_size=num_experts))
+    included = draw(st.lists(st.booleans(), min_size=num_experts, max_size=num_experts))
+    transposed = draw(st.booleans())
+    threads = draw(st.sampled_from([1, 2]))
+    tasks, start = [], 0
+    for e in draw(st.permutations(range(num_experts))):
+        if included[e]:
+            tasks.append((e, start, start + counts[e]))
+        start += counts[e] + draw(st.integers(0, 2))  # rows between experts: never written
+    return num_experts, n_out, n_in, start, tasks, transposed, threads, draw(st.integers(0, 2**16))
+
+
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(expert_tasks())
+def test_expert_loops_match_float64_and_write_only_their_rows(case):
+    """`expert_products` and `expert_backward_pairs` (every expert whole on one of the threads):
+    each task's rows against float64, the weight gradients of its experts; rows and experts of no
+    task keep what was there."""
+    num_experts, n_out, n_in, rows, tasks, transposed, threads, seed = case
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.randn(num_experts, n_out, n_in, generator=gen) * 0.2
+    if transposed:
+        weights = weights.transpose(1, 2).contiguous().transpose(1, 2)
+    x = torch.randn(rows, n_in, generator=gen)
+    grad = torch.randn(rows, n_out, generator=gen)
+    task_tensor = torch.tensor(tasks, dtype=torch.long).reshape(-1, 3)
+    out = torch.full((rows, n_out), float("nan"))
+    grad_in = torch.full((rows, n_in), float("nan"))
+    grad_weight = torch.full((num_experts, n_out, n_in), float("nan"))
+    with torch_threads(threads):
+        torch.ops.moekit.expert_products(x, weights, out, task_tensor, threads)
+        torch.ops.moekit.expert_backward_pairs(grad, x, weights, grad_weight, grad_in, task_tensor, threads)
+    written_rows = torch.zeros(rows, dtype=torch.bool)
+    close = dict(rtol=1e-5, atol=1e-4 * max(1.0, n_in**0.5))
+    for e, start, stop in tasks:
+        w = weights[e].double()
+        span = slice(start, stop)
+        torch.testing.assert_close(out[span].double(), x[span].double() @ w.T, **close)
+        torch.testing.assert_close(grad_in[span].double(), grad[span].double() @ w, **close)
+        torch.testing.assert_close(grad_weight[e].double(), grad[span].double().T @ x[span].double(), **close)
+        written_rows[span] = True
+    assert torch.isnan(out[~written_rows]).all() and torch.isnan(grad_in[~written_rows]).all()
+    untouched = sorted(set(range(num_experts)) - {e for e, _, _ in tasks})
+    assert torch.isnan(grad_weight[untouched]).all()
+
+
+@needs_native
+def test_bad_expert_tasks_get_a_clear_error():
+    weights, x = torch.randn(2, 4, 8), torch.randn(5, 8)
+    out = torch.empty(5, 4)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.moekit.expert_products(x, weights, out, torch.tensor([[2, 0, 5]]), 1)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.moekit.expert_products(x, weights, out, torch.tensor([[0, 3, 6]]), 1)
+    with pytest.raises(RuntimeError, match="int64 CPU tensor"):
+        torch.ops.moekit.expert_products(x, weights, out, torch.tensor([0, 0, 5]), 1)
+
+
 def _swiglu_float64(h: torch.Tensor) -> torch.Tensor:
     gate, up = h.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
@@ -139,19 +215,92 @@ def test_swiglu_and_its_derivative_match_float64(rows, ff, scale, seed):
 
 
 @needs_native
-def test_swiglu_split_over_the_workers_and_under_autograd_matches_float64():
-    """Inputs large enough to be split over torch's threads, and `swiglu_with_grad`, which dense
-    layers differentiate through, against autograd in float64."""
+def test_swiglu_split_over_the_threads_and_under_autograd_matches_float64():
+    """Inputs large enough to be split over torch's threads (more than 2^16 elements), and
+    `swiglu_with_grad`, which dense layers differentiate through, against autograd in float64."""
     gen = torch.Generator().manual_seed(1)
     h = torch.randn(3001, 2 * 40, generator=gen)
-    assert h.numel() >= MIN_SPLIT_ELEMENTS
+    assert h.numel() >= 1 << 16
     grad = torch.randn(3001, 40, generator=gen)
     leaf = h.clone().requires_grad_()
     assert not swiglu_fits(leaf)  # autograd would not see the native op: it must not run there
-    out = swiglu_with_grad(leaf)
-    (got,) = torch.autograd.grad(out, leaf, grad)
+    with torch_threads(2):
+        out = swiglu_with_grad(leaf)
+        (got,) = torch.autograd.grad(out, leaf, grad)
     exact = h.double().requires_grad_()
     expected = _swiglu_float64(exact)
     (expected_grad,) = torch.autograd.grad(expected, exact, grad.double())
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.double(), expected_grad, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_the_kernels_parallel_loops_run_on_torchs_threads():
+    """Built without OpenMP, ATen's parallel_for runs serially and the expert loops take every
+    expert on one thread (1.6-1.8x slower on a quiet 2-core machine, BENCHMARKS.md §13)."""
+    with torch_threads(2):
+        assert torch.ops.moekit.parallel_width(2) == 2
+        assert torch.ops.moekit.parallel_width(1) == 1
+    with torch_threads(1):
+        assert torch.ops.moekit.parallel_width(2) == 1
+
+
+@needs_native
+@pytest.mark.parametrize("weight_on", ["output", "input"])
+def test_native_experts_give_the_same_bits_on_one_thread_and_two(weight_on):
+    """The layer's many-token path (experts taken whole by torch's threads: SwiGLU whole in one
+    call with the routing weight on the output, else product by product): each expert is computed
+    by one thread in one way, so the thread count changes no bit of the outputs or gradients."""
+    gen = torch.Generator().manual_seed(3)
+    num_experts, hidden, ff, tokens, k = 6, 32, 24, 96, 2
+    act = make_activation("swiglu")
+    x = torch.randn(tokens, hidden, generator=gen)
+    expert = torch.randint(0, num_experts, (tokens * k,), generator=gen)
+    order = torch.argsort(expert, stable=True)
+    token = torch.arange(tokens).repeat_interleave(k)[order]
+    expert = expert[order]
+    weight = torch.rand(tokens * k, generator=gen)
+    w_in = torch.randn(num_experts, act.in_features(ff), hidden, generator=gen) * 0.2
+    w_out = torch.randn(num_experts, hidden, ff, generator=gen) * 0.2
+    upstream = torch.randn(tokens, hidden, generator=gen)
+    results = []
+    for threads in (1, 2):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, w_in, w_out)]
+        with torch_threads(threads):
+            plan = plan_experts(
+                leaves[0], token, expert, leaves[2], leaves[3], act, weight_on, parallel_workers=True
+            )
+            assert plan.native and plan.swiglu_loops == (weight_on == "output")
+            y = grouped_experts(
+                leaves[0], token, expert, leaves[1], leaves[2], leaves[3], None, None, act, weight_on,
+                parallel_workers=True,
+            )  # fmt: skip
+            y.backward(upstream)
+        results.append([y.detach(), *(leaf.grad for leaf in leaves)])
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)
+
+
+@needs_native
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 70), st.integers(0, 90), st.integers(0, 2**16))
+def test_combine_sums_each_tokens_rows_and_zeroes_tokens_without_any(num_tokens, cols, rows, seed):
+    """`moekit::combine_rows` (the native path's combine) against float64, tokens with no rows
+    included; one thread or two give the same bits."""
+    gen = torch.Generator().manual_seed(seed)
+    token = torch.randint(0, num_tokens, (rows,), generator=gen)
+    values = torch.randn(rows, cols, generator=gen)
+    order = torch.argsort(token, stable=True)
+    bounds = torch.zeros(num_tokens + 1, dtype=torch.long)
+    torch.cumsum(torch.bincount(token, minlength=num_tokens), 0, out=bounds[1:])
+    outs = []
+    for threads in (1, 2):
+        out = torch.full((num_tokens, cols), float("nan"))
+        with torch_threads(threads):
+            torch.ops.moekit.combine_rows(values, order, bounds, out)
+        outs.append(out)
+    expected = torch.zeros(num_tokens, cols, dtype=torch.float64).index_add_(0, token, values.double())
+    torch.testing.assert_close(outs[0].double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(RuntimeError, match="bounds must run from 0 to A"):
+        torch.ops.moekit.combine_rows(values, order, bounds + 1, torch.empty(num_tokens, cols))

@@ -24,9 +24,11 @@ print(json.dumps({
 }))
 """
 
-# Runs an MoE layer on the expert workers (two threads), then exits.
+# Runs an MoE layer on the expert workers (two threads), then exits. The workers run the experts
+# where the native kernel does not (with it, SwiGLU experts run on torch's own threads): it is off.
 USE_THE_WORKERS = """
 import os
+os.environ["MOEKIT_NATIVE"] = "0"
 from moekit.runtime import tune_cpu_runtime
 tune_cpu_runtime()
 import threading
@@ -34,8 +36,8 @@ import torch
 torch.set_num_threads(2)
 from moekit import MoE, MoEConfig, preset
 from moekit.dispatch.workers import workers_enabled
-layer = MoE(MoEConfig(hidden_size=256, ff_size=512, router=preset("qwen3_moe", 8, 2)))
-x = torch.randn(4096, 256, requires_grad=True)
+layer = MoE(MoEConfig(hidden_size=128, ff_size=256, router=preset("qwen3_moe", 8, 2)))
+x = torch.randn(4096, 128, requires_grad=True)
 layer(x).sum().backward()
 names = [t.name for t in threading.enumerate()]
 print(workers_enabled(), any(n.startswith("moekit-expert") for n in names))

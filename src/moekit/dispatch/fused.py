@@ -12,7 +12,7 @@ the interpreter lock.
 On the library kernels, each expert's rows are padded with zero rows up to the GEMM kernel's row
 bucket, so every product is a single oneDNN call of a shape it has compiled; zero input and zero
 upstream-gradient rows contribute exactly nothing to the weight gradients, and the padded outputs
-are dropped. moekit's own kernel (`native`) takes any row count and writes weight gradients in place.
+are dropped. (Where moekit's own kernel runs, its C++ loops take the experts whole instead.)
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from torch import Tensor
 from moekit.dispatch.workers import for_each_expert
 from moekit.experts.activations import Activation
 from moekit.kernels.gemm import linear_parts, padded_rows, weight_grad
-from moekit.kernels.native import mm_into
 
 
 @dataclass
@@ -39,23 +38,15 @@ class ExpertRows:
     a_in: Tensor  # input of the second projection (times the routing weight on the output), pad 0
 
 
-def _product(rows: Tensor, weight: Tensor, native: bool) -> Tensor:
-    """rows @ weight.T: on the native kernel, or in the fewest library kernel calls (one unless
-    rows exceed a chunk)."""
-    if native:
-        out = rows.new_empty(rows.shape[0], weight.shape[0])
-        mm_into(rows, weight.t(), out)
-        return out
+def _product(rows: Tensor, weight: Tensor) -> Tensor:
+    """rows @ weight.T in the fewest library kernel calls (one unless rows exceed a chunk)."""
     parts = linear_parts(rows, weight)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _weight_grad_into(out: Tensor, grad_rows: Tensor, in_rows: Tensor, native: bool) -> None:
-    """out = grad_rows.T @ in_rows, written in place by the native kernel or copied in."""
-    if native:
-        mm_into(grad_rows.t(), in_rows, out)
-    else:
-        out.copy_(weight_grad(grad_rows, in_rows))
+def _weight_grad_into(out: Tensor, grad_rows: Tensor, in_rows: Tensor) -> None:
+    """out = grad_rows.T @ in_rows, copied in."""
+    out.copy_(weight_grad(grad_rows, in_rows))
 
 
 def _gather_padded(source: Tensor, index: Tensor, rows: int) -> Tensor:
@@ -84,7 +75,6 @@ class FusedExperts:
     empty_experts: tuple[int, ...]
     activation: Activation
     on_output: bool  # routing weight applied to the expert's output (else to its input)
-    native: bool = False  # products on moekit's own kernel (`moekit.kernels.native`): no row padding
 
     def forward(
         self,
@@ -101,15 +91,15 @@ class FusedExperts:
 
         def run(e: int, s: int, t: int) -> None:
             count, sc = t - s, scale[s:t]
-            x_in = _gather_padded(x, self.token[s:t], count if self.native else padded_rows(count, x.dtype))
+            x_in = _gather_padded(x, self.token[s:t], padded_rows(count, x.dtype))
             if not self.on_output:
                 x_in[:count].mul_(sc)
-            h = _product(x_in, w_in[e], self.native)
+            h = _product(x_in, w_in[e])
             if b_in is not None:
                 h += b_in[e]
             a = self.activation.forward(h)
             a_in = _scaled_padded(a, sc) if self.on_output else a
-            y = _product(a_in, w_out[e], self.native)[:count]
+            y = _product(a_in, w_out[e])[:count]
             if b_out is not None:
                 y += b_out[e] * sc if self.on_output else b_out[e]
             ys[s:t] = y
@@ -144,10 +134,10 @@ class FusedExperts:
             rows, count, sc = saved[e], t - s, scale[s:t]
             grad_y = _gather_padded(grad_out, self.token[s:t], rows.h.shape[0])
             if grad_w_out is not None:
-                _weight_grad_into(grad_w_out[e], grad_y, rows.a_in, self.native)
+                _weight_grad_into(grad_w_out[e], grad_y, rows.a_in)
             if grad_b_out is not None:
                 grad_b_out[e] = (grad_y[:count] * sc).sum(0) if self.on_output else grad_y.sum(0)
-            grad_a = _product(grad_y, w_out[e].t(), self.native)
+            grad_a = _product(grad_y, w_out[e].t())
             if self.on_output:
                 dot = torch.linalg.vecdot(grad_a[:count], rows.a[:count])
                 if b_out is not None:
@@ -156,10 +146,10 @@ class FusedExperts:
                 grad_a[:count].mul_(sc)
             grad_h = self.activation.backward(rows.h, grad_a)
             if grad_w_in is not None:
-                _weight_grad_into(grad_w_in[e], grad_h, rows.x_in, self.native)
+                _weight_grad_into(grad_w_in[e], grad_h, rows.x_in)
             if grad_b_in is not None:
                 grad_b_in[e] = grad_h.sum(0)
-            grad_x = _product(grad_h, w_in[e].t(), self.native)[:count]
+            grad_x = _product(grad_h, w_in[e].t())[:count]
             if not self.on_output:  # x_in = x * scale
                 grad_scale[s:t] = torch.linalg.vecdot(grad_x, x.index_select(0, self.token[s:t]))
                 grad_x = grad_x * sc

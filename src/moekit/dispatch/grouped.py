@@ -4,7 +4,7 @@ Why its own backward: slicing a packed [E, ...] parameter per expert and letting
 makes every backward step materialise a full-size weight gradient per expert (10-20x slower than
 the dense GEMM of the same FLOPs at 64+ experts). Here each expert's weight gradient is one GEMM
 written straight into its slice of the packed gradient, and the routing weight is folded into the
-smaller of the two activations so that the combine is a single `index_add_`.
+smaller of the two activations so that the combine is a single sum per token.
 
 Backends, chosen per call:
 - `loop`: one GEMM per non-empty expert over expert-sorted rows, written into its slice of the
@@ -46,7 +46,7 @@ from torch import Tensor
 from moekit.device import autocast_dtype, no_autocast
 from moekit.dispatch.bandwidth import parallel_reads_pay_off
 from moekit.dispatch.fused import FusedExperts, packed_grad
-from moekit.dispatch.loops import expert_loops, swiglu_expert_loops
+from moekit.dispatch.loops import expert_loops
 from moekit.dispatch.workers import (
     Slice,
     balanced_chunks,
@@ -68,10 +68,9 @@ MIN_EXPERT_SECONDS = 50e-6
 # With fewer rows than this per active expert (decode), `auto` picks the native loops on the
 # workers where they run, else grouped_mm.
 DECODE_ROWS_PER_EXPERT = 4
-# An expert's first product should take at least this long to run its whole expert as one task;
-# less on moekit's own kernel, whose faster products leave the unfused passes a larger share.
+# An expert's first product should take at least this long to run its whole expert as one task
+# (library kernels on the workers).
 MIN_FUSED_EXPERT_SECONDS = 1e-3
-MIN_FUSED_EXPERT_SECONDS_NATIVE = 0.2e-3
 # A grouped_mm share on a worker should take at least this long to pay for the hand-off.
 MIN_SHARE_SECONDS = 100e-6
 # Rough single-core rates used for that estimate (this machine class: AVX2/AVX-512, ~2 cores).
@@ -111,6 +110,7 @@ class ExpertGroups:
     token: Tensor  # [A] int64
     expert: Tensor  # [A] int64
     counts: tuple[int, ...]  # per expert, on the host
+    num_tokens: int = 0  # rows of the layer's input (for the combine)
 
     @cached_property
     def offsets(self) -> tuple[int, ...]:
@@ -133,6 +133,20 @@ class ExpertGroups:
         offsets = self.offsets
         return tuple((e, offsets[e], offsets[e + 1]) for e, c in enumerate(self.counts) if c)
 
+    @cached_property
+    def by_token(self) -> tuple[Tensor, Tensor]:
+        """(order, bounds): the assignments sorted by token, stably (order [A]), token t's being
+        order[bounds[t]:bounds[t+1]]; for the native combine."""
+        order = torch.argsort(self.token, stable=True)
+        bounds = self.token.new_zeros(self.num_tokens + 1)
+        torch.cumsum(torch.bincount(self.token, minlength=self.num_tokens), 0, out=bounds[1:])
+        return order, bounds
+
+    @cached_property
+    def tasks(self) -> Tensor:
+        """nonempty as an int64 [n, 3] CPU tensor, the form the native kernel's expert loops take."""
+        return torch.tensor(self.nonempty, dtype=torch.long).reshape(-1, 3)
+
     def shares(self, parts: int) -> tuple[ExpertShare, ...]:
         """The experts cut into at most `parts` consecutive ranges of about equal rows, together
         covering every expert (the empty ones inside the range they fall in)."""
@@ -144,9 +158,9 @@ class ExpertGroups:
         )
 
     @staticmethod
-    def build(token: Tensor, expert: Tensor, num_experts: int) -> ExpertGroups:
+    def build(token: Tensor, expert: Tensor, num_experts: int, num_tokens: int = 0) -> ExpertGroups:
         counts = torch.bincount(expert, minlength=num_experts)[:num_experts]
-        return ExpertGroups(token, expert, tuple(counts.tolist()))
+        return ExpertGroups(token, expert, tuple(counts.tolist()), num_tokens)
 
 
 def grouped_mm_available() -> bool:
@@ -182,15 +196,21 @@ class ExpertPlan:
     shares: tuple[ExpertShare, ...] = ()
     # loop on the workers: each expert's whole forward and backward as one task
     fused: FusedExperts | None = None
-    # loop on the workers: products on moekit's own single-threaded kernel (`kernels.native`)
+    # products on moekit's own kernel (`kernels.native`): one C++ call per product over all
+    # experts, torch's threads taking them whole (`parallel`), else the calling thread
     native: bool = False
-    # native SwiGLU experts: each expert's whole forward and backward in one compiled loop
-    # (`loops.swiglu_experts_forward_into`), used when the experts have no biases
+    # native SwiGLU experts, routing weight on the output: each expert's whole forward and backward
+    # in one C++ call (`moekit::expert_swiglu_forward`), used when the experts have no biases
     swiglu_loops: bool = False
 
 
 def _rows_times_weight(rows: Tensor, weight: Tensor, plan: ExpertPlan) -> Tensor:
     """out[rows of e] = rows[rows of e] @ weight[e].T for packed `weight` [E, n_out, n_in]."""
+    if plan.native:
+        rows = rows.contiguous()
+        out = rows.new_empty(rows.shape[0], weight.shape[1])
+        torch.ops.moekit.expert_products(rows, weight, out, plan.groups.tasks, _threads(plan))
+        return out
     return _rows_times(rows, weight.transpose(1, 2), plan)
 
 
@@ -212,7 +232,7 @@ def _rows_times(rows: Tensor, right: Tensor, plan: ExpertPlan) -> Tensor:
     if plan.backend == "grouped_mm":
         return F.grouped_mm(rows, right, offs=plan.groups.grouped_mm_offsets)
     out = rows.new_empty(rows.shape[0], right.shape[2])
-    products_into, _ = expert_loops(plan.native)
+    products_into, _ = expert_loops()
     # right.transpose(1, 2)[e] = right[e].T, the operand `linear_rows` takes
     _run_expert_loop(plan, products_into, (rows, right.transpose(1, 2), out))
     return out
@@ -306,10 +326,35 @@ def _backward_pair(
         packed_grad(weight.shape, grad_rows, plan.groups.empty_experts) if weight_grad_needed else None
     )
     grad_in = grad_rows.new_empty(grad_rows.shape[0], weight.shape[2])
-    _, backward_pairs_into = expert_loops(plan.native)
+    if plan.native:
+        grad_rows, in_rows = grad_rows.contiguous(), in_rows.contiguous()
+        tasks, threads = plan.groups.tasks, _threads(plan)
+        torch.ops.moekit.expert_backward_pairs(
+            grad_rows, in_rows, weight, grad_weight, grad_in, tasks, threads
+        )
+        return grad_weight, grad_in
+    _, backward_pairs_into = expert_loops()
     weights = weight.transpose(1, 2)  # weights[e] = weight[e].T: grad_in rows = grad_rows @ weight[e]
     _run_expert_loop(plan, backward_pairs_into, (grad_rows, in_rows, weights, grad_weight, grad_in))
     return grad_weight, grad_in
+
+
+def _combine(rows: Tensor, plan: ExpertPlan, num_tokens: int) -> Tensor:
+    """out [num_tokens, d]: out[t] = the sum of the rows of t's assignments. On the native path one
+    pass in which each token's sum is one thread's (`moekit::combine_rows`): torch's index_add_ on
+    the CPU was measured 4-8x slower on two threads (2048 tokens x 2-8 rows of 256-512, loaded
+    machine, BENCHMARKS.md §13)."""
+    if plan.native and plan.groups.num_tokens == num_tokens:
+        out = rows.new_empty(num_tokens, rows.shape[1])
+        torch.ops.moekit.combine_rows(rows.contiguous(), *plan.groups.by_token, out)
+        return out
+    return rows.new_zeros(num_tokens, rows.shape[1]).index_add_(0, plan.groups.token, rows)
+
+
+def _threads(plan: ExpertPlan) -> int:
+    """Threads for the native kernel's expert loops: torch's, or one where the plan keeps the
+    experts on the calling thread (decode whose split reads do not pay off here)."""
+    return torch.get_num_threads() if plan.parallel else 1
 
 
 def _scale(weight: Tensor, x: Tensor) -> Tensor:
@@ -354,26 +399,28 @@ class GroupedExperts(torch.autograd.Function):
         if b_out is not None:
             bias_rows = b_out.index_select(0, groups.expert)
             ys += bias_rows * scale if plan.weight_on == "output" else bias_rows
-        out = torch.zeros_like(x).index_add_(0, groups.token, ys)
+        out = _combine(ys, plan, x.shape[0])
         ctx.save_for_backward(xs, weight, w_in, w_out, b_out, h, a, a_in)
         return out
 
     @staticmethod
     def _swiglu_forward(ctx, x, weight, w_in, w_out, plan: ExpertPlan):
-        """`swiglu_loops`: whole experts in compiled loops, the intermediates kept for backward."""
+        """`swiglu_loops`: whole experts in one C++ call (`moekit::expert_swiglu_forward`), torch's
+        threads taking experts largest first; the intermediates kept for backward."""
         rows, token = len(plan.groups.token), plan.groups.token
         ff = w_out.shape[2]
-        on_output = plan.weight_on == "output"
         xs = x.new_empty(rows, x.shape[1])
         h = x.new_empty(rows, 2 * ff)
         a = x.new_empty(rows, ff)
-        a_in = x.new_empty(rows, ff) if on_output else a
+        a_in = x.new_empty(rows, ff)
         ys = x.new_empty(rows, w_out.shape[1])
-        forward_into, _ = swiglu_expert_loops()
-        tensors = (x, token, _scale(weight, x), w_in, w_out, xs, h, a, a_in, ys, on_output)
-        _run_over_experts(plan, forward_into, tensors)
+        scale = weight.to(x.dtype).contiguous()
+        tasks, threads = plan.groups.tasks, _threads(plan)
+        torch.ops.moekit.expert_swiglu_forward(
+            x.contiguous(), token, scale, w_in, w_out, xs, h, a, a_in, ys, tasks, threads
+        )
         ctx.save_for_backward(weight, w_in, w_out, xs, h, a, a_in)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        return _combine(ys, plan, x.shape[0])
 
     @staticmethod
     def _swiglu_backward(ctx, grad_out):
@@ -388,14 +435,14 @@ class GroupedExperts(torch.autograd.Function):
         grad_xs = grad_out.new_empty(rows, xs.shape[1])
         grad_a = grad_out.new_empty(rows, a.shape[1])
         grad_h = grad_out.new_empty(rows, h.shape[1])
-        _, backward_into = swiglu_expert_loops()
-        scale = _scale(weight, xs)
-        tensors = (grad_out, groups.token, scale, w_in, w_out, xs, h, a, a_in, grad_w_in, grad_w_out)
-        work = (grad_scale, grad_xs, grad_a, grad_h, plan.weight_on == "output")
-        _run_over_experts(plan, backward_into, (*tensors, *work))
+        torch.ops.moekit.expert_swiglu_backward(
+            grad_out, groups.token, weight.to(xs.dtype).contiguous(), w_in, w_out, xs, h, a, a_in,
+            grad_w_in, grad_w_out, grad_scale, torch.empty_like(xs), grad_a, grad_h, grad_xs,
+            groups.tasks, _threads(plan),
+        )  # fmt: skip
         grad_x = None
         if needs[0]:
-            grad_x = grad_xs.new_zeros(grad_out.shape[0], xs.shape[1]).index_add_(0, groups.token, grad_xs)
+            grad_x = _combine(grad_xs, plan, grad_out.shape[0])
         grad_weight = grad_scale.to(weight.dtype) if needs[1] else None
         return grad_x, grad_weight, grad_w_in, grad_w_out, None, None, None
 
@@ -440,9 +487,7 @@ class GroupedExperts(torch.autograd.Function):
         if not on_output:
             grad_weight = torch.linalg.vecdot(grad_xs, xs)
             grad_xs.mul_(scale)
-        grad_x = torch.zeros(
-            (grad_out.shape[0], xs.shape[1]), dtype=grad_xs.dtype, device=grad_xs.device
-        ).index_add_(0, groups.token, grad_xs)
+        grad_x = _combine(grad_xs, plan, grad_out.shape[0])
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_x, grad_weight, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None
@@ -476,18 +521,14 @@ def workers_pay_off(
     return _expert_seconds(rows, active_experts, in_features, hidden, dtype) >= MIN_EXPERT_SECONDS
 
 
-def fused_pays_off(
-    rows: int, active_experts: int, in_features: int, hidden: int, dtype: torch.dtype, native: bool
-) -> bool:
+def fused_pays_off(rows: int, active_experts: int, in_features: int, hidden: int, dtype: torch.dtype) -> bool:
     """Whether each expert's whole forward and backward should run as one task (`fused.py`).
     Measured side by side on the library kernels: 4 % faster at 8 experts of 512 rows (512 x
     2048) and 5-8 % at the demo model's 16 experts of ~1024 rows, level at 64 experts of 192 rows
     and 7 % slower at 128 of 128: an expert task runs some twenty small ops, whose dispatch, on
     two threads at once, queues on the interpreter lock, while the unfused path runs them once
-    over all experts. On moekit's own kernel: 4-5 % faster at 64 experts of 192 rows (512 x 512),
-    still ~13 % slower at 128 of 128 (256 x 256)."""
-    threshold = MIN_FUSED_EXPERT_SECONDS_NATIVE if native else MIN_FUSED_EXPERT_SECONDS
-    return _expert_seconds(rows, active_experts, in_features, hidden, dtype) >= threshold
+    over all experts. (On moekit's own kernel the experts run whole in C++ instead.)"""
+    return _expert_seconds(rows, active_experts, in_features, hidden, dtype) >= MIN_FUSED_EXPERT_SECONDS
 
 
 def shares_pay_off(
@@ -519,39 +560,46 @@ def plan_experts(
     if x.device.type != "cpu":
         return device_plan(x, token, expert, w_in, w_out, activation, weight_on, backend)
     num_experts, in_features, hidden = w_in.shape
-    groups = ExpertGroups.build(token, expert, num_experts)
+    groups = ExpertGroups.build(token, expert, num_experts, x.shape[0])
     active = len(groups.nonempty)
     decode = len(token) < DECODE_ROWS_PER_EXPERT * max(1, active)
     threads = torch.get_num_threads()
-    kernel_fits = native_fits(x, w_in, w_out)
-    # A few rows per expert: moekit's own kernel where it runs (it reads each weight once, in
-    # place, pulling the next expert's into cache), else one C++ loop (grouped_mm). Decode is
-    # bound by memory reads: on the workers only where split reads measured faster here
-    # (`bandwidth.parallel_reads_pay_off`), else on the calling thread.
-    native_decode = backend == "auto" and decode and parallel_workers is not False and kernel_fits
-    if backend == "auto" and decode and not native_decode:
+    native = native_fits(x, w_in, w_out) and backend != "grouped_mm" and parallel_workers is not False
+    if native and (decode or active > 1):
+        # moekit's own kernel: one C++ call per product (SwiGLU: per pass) over all experts,
+        # torch's threads taking them whole. Decode is bound by memory reads: on all threads
+        # only where split reads measured faster here (`bandwidth.parallel_reads_pay_off`).
+        if parallel_workers is None:
+            split_reads = not decode or parallel_reads_pay_off(threads)
+            parallel_workers = threads > 1 and active > 1 and split_reads
+        return ExpertPlan(
+            groups,
+            activation,
+            weight_on,
+            "loop",
+            parallel_workers,
+            single_threaded=decode and not parallel_workers,
+            native=True,
+            swiglu_loops=activation.name == "swiglu" and weight_on == "output",
+        )
+    # The library kernels: a few rows per expert in one C++ loop (grouped_mm), else per-expert
+    # GEMMs, on the workers where that pays.
+    if backend == "auto" and decode:
         backend = "grouped_mm"
     resolved = choose_backend(backend, x.dtype, hidden, in_features, w_out.shape[2])
     estimate = (len(token), active, in_features, hidden, x.dtype)
     if parallel_workers is None:
         parallel_workers = workers_enabled() and (
-            (active > 1 and threads > 1 and parallel_reads_pay_off(threads))
-            if native_decode
-            else (
-                (shares_pay_off(*estimate, threads) and (not decode or parallel_reads_pay_off(threads)))
-                if resolved == "grouped_mm"
-                else workers_pay_off(*estimate)
-            )
+            (shares_pay_off(*estimate, threads) and (not decode or parallel_reads_pay_off(threads)))
+            if resolved == "grouped_mm"
+            else workers_pay_off(*estimate)
         )
     shares = groups.shares(threads) if resolved == "grouped_mm" and parallel_workers else ()
     parallel = parallel_workers and (resolved == "loop" or len(shares) > 1)
-    native = (parallel or native_decode) and resolved == "loop" and kernel_fits
-    swiglu_loops = native and activation.name == "swiglu"
     fused = None
-    if parallel and resolved == "loop" and not swiglu_loops and fused_pays_off(*estimate, native):
-        fused = FusedExperts(
-            token, groups.nonempty, tuple(groups.empty_experts), activation, weight_on == "output", native
-        )
+    if parallel and resolved == "loop" and fused_pays_off(*estimate):
+        empty = tuple(groups.empty_experts)
+        fused = FusedExperts(token, groups.nonempty, empty, activation, weight_on == "output")
     return ExpertPlan(
         groups,
         activation,
@@ -561,8 +609,6 @@ def plan_experts(
         single_threaded=decode and not parallel,
         shares=shares if parallel else (),
         fused=fused,
-        native=native,
-        swiglu_loops=swiglu_loops,
     )
 
 

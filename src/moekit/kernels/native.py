@@ -1,14 +1,17 @@
-"""moekit's own kernels for the experts (`csrc/expert_gemm.cpp`): small GEMMs and SwiGLU, built on first use.
+"""moekit's own kernels for the experts (`csrc/expert_gemm.cpp`): small GEMMs, the loop over the
+experts, and SwiGLU, built on first use.
 
 Why a kernel of our own: an expert's products are small (128 rows x 256 x 256 at 128 experts)
 and there are hundreds per step. oneDNN, the fastest library kernel torch ships for them, costs
 ~10 us per call, repacks the weight on every call and returns a new tensor the caller must copy
 into its buffer; its weight gradients over so few rows run well below the core's peak. The kernel
-here reads the operands in place, writes into the caller's buffer and runs single-threaded, the
-form the layer's workers want (measured, one core: 234-264 GFLOP/s against oneDNN's 142-257 on
-the layer benchmark's expert shapes, `benchmarks/native_kernel.py`).
+here reads the operands in place, writes into the caller's buffer, and runs each expert on one
+of torch's threads, the threads taking whole experts from a shared counter within one call
+(measured, one core: 234-264 GFLOP/s against oneDNN's 142-257 on the layer benchmark's expert
+shapes, `benchmarks/native_kernel.py`).
 
-It is compiled for AVX-512 with the machine's C++ compiler through torch's extension builder
+It is compiled with OpenMP (without it, ATen's parallel_for runs serially: BENCHMARKS.md §13)
+for AVX-512 with the machine's C++ compiler through torch's extension builder
 (a few seconds, once; torch caches the build). Where the CPU lacks AVX-512, the build fails, or
 its results disagree with `torch.mm` on a probe, products stay on `moekit.kernels.gemm`.
 `MOEKIT_NATIVE=0` turns it off.
@@ -16,7 +19,7 @@ its results disagree with `torch.mm` on a probe, products stay on `moekit.kernel
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 import os
 import shutil
 import sysconfig
@@ -27,13 +30,27 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moekit.dispatch.workers import run_shares
-
 SOURCE = Path(__file__).parent / "csrc" / "expert_gemm.cpp"
-EXTENSION_NAME = "moekit_expert_gemm"
-COMPILE_FLAGS = ["-O3", "-mavx512f"]
-# An elementwise op over fewer elements than this runs on the calling thread alone.
-MIN_SPLIT_ELEMENTS = 1 << 16
+# -fopenmp at compile time only: the OpenMP calls bind at load time to the runtime torch already
+# loaded, so the kernels' parallel loops share torch's threads and thread count.
+COMPILE_FLAGS = ["-O3", "-mavx512f", "-fopenmp"]
+# Named by the source's and flags' hash: torch caches builds by name, and a build of other source
+# (another moekit version) must be neither reused nor overwritten.
+EXTENSION_NAME = (
+    "moekit_expert_gemm_"
+    + hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:12]
+)
+OPS = (
+    "mm_into",
+    "expert_products",
+    "expert_backward_pairs",
+    "expert_swiglu_forward",
+    "expert_swiglu_backward",
+    "combine_rows",
+    "parallel_width",
+    "swiglu_into",
+    "swiglu_backward_into",
+)
 # (rows, inner, outer) probed against torch.mm: row and column tails, a transposed weight, one row
 PROBE_SHAPES = ((13, 40, 70), (6, 64, 64), (1, 17, 3), (70, 300, 129))
 
@@ -63,32 +80,15 @@ def swiglu(h: Tensor) -> Tensor:
     over torch's threads. torch's silu and mul read the two halves as strided views, which costs
     them: silu of the [16384, 128] gate half of h took 0.98 ms on two threads, 0.29 ms contiguous."""
     out = h.new_empty(h.shape[0], h.shape[1] // 2)
-    _over_row_shares(h.shape[0], h.numel(), lambda s, t: torch.ops.moekit.swiglu_into(h[s:t], out[s:t]))
+    torch.ops.moekit.swiglu_into(h, out)
     return out
 
 
 def swiglu_backward(h: Tensor, grad: Tensor) -> Tensor:
     """dL/dh of `swiglu` given dL/da, in one pass over h and the gradient (torch's takes four)."""
     out = torch.empty_like(h)
-    grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-    _over_row_shares(
-        h.shape[0],
-        h.numel(),
-        lambda s, t: torch.ops.moekit.swiglu_backward_into(h[s:t], grad[s:t], out[s:t]),
-    )
+    torch.ops.moekit.swiglu_backward_into(h, grad if grad.stride(-1) == 1 else grad.contiguous(), out)
     return out
-
-
-def _over_row_shares(rows: int, elements: int, fn) -> None:
-    """fn(start, stop) over rows split evenly among torch's threads (one share per worker; all on
-    this thread inside a worker, where torch runs one thread, or for small inputs)."""
-    threads = torch.get_num_threads()
-    if threads == 1 or elements < MIN_SPLIT_ELEMENTS:
-        fn(0, rows)
-        return
-    bounds = [rows * i // threads for i in range(threads + 1)]
-    shares = [(start, stop) for start, stop in itertools.pairwise(bounds) if stop > start]
-    run_shares(shares, lambda share: fn(*share))
 
 
 def native_fits(x: Tensor, *weights: Tensor) -> bool:
@@ -137,7 +137,7 @@ def _build_and_load() -> bool:
             stacklevel=3,
         )
         return False
-    return all(hasattr(torch.ops.moekit, op) for op in ("mm_into", "swiglu_into", "swiglu_backward_into"))
+    return all(hasattr(torch.ops.moekit, op) for op in OPS)
 
 
 def _probe_matches_torch() -> bool:

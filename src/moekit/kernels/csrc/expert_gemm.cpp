@@ -1,31 +1,56 @@
 // moekit's expert kernels: small single-threaded fp32 GEMMs written straight into the caller's
-// buffer, and SwiGLU with its derivative in one pass each.
+// buffer, a loop over the experts that hands them to torch's threads, and SwiGLU with its
+// derivative in one pass each.
 //
 // Why: an MoE layer runs hundreds of small products per step (128 rows x 256 x 256 per expert at
-// 128 experts). oneDNN, the fastest library kernel torch ships for them on AVX-512 CPUs, costs
-// ~10 us per call, repacks the weight on every call and returns a new tensor that the caller must
-// copy into its buffer. The products here read both operands in place (only x @ W^T packs a
-// weight panel, with 16 x 16 register transposes), write into any row-major view, and run on the
-// calling thread: the layer's workers give each core its own experts (moekit.dispatch.workers).
+// 128 experts). A multi-threaded library GEMM per expert spends much of each product handing work
+// between threads; here each thread takes whole experts, one at a time, largest first, from a
+// shared counter, and computes them alone, reading both operands in place (only x @ W^T packs a
+// weight panel, with 16 x 16 register transposes) and writing into any row-major view. Threads
+// that take the next expert when they finish the last keep every core busy whatever the experts'
+// sizes and whatever else runs on a core; each expert is computed by one thread in one way, so
+// results do not depend on which thread took it.
 //
-// Registered with torch's dispatcher, so that TorchScript code can call them:
+// Registered with torch's dispatcher:
 //   moekit::mm_into(a, b, out, prefetch_next=None): out = a @ b, all 2-D fp32 CPU tensors; a any
 //     strides; out with unit column stride; b with unit stride along either dimension (b = W^T
 //     packs panels of W); the memory of prefetch_next is pulled into cache while it runs.
 //     Blocking: the output is computed in panels of 64 columns, each as tiles of 6 rows x 64
-//     columns held in 24 AVX-512 registers, over blocks of 256 of the inner dimension.
+//     columns held in 24 of AVX-512's 32 registers, over blocks of 256 of the inner dimension.
+//   moekit::expert_products(rows, weights, out, tasks, threads): out[s:t] = rows[s:t] @ weights[e]^T
+//     for every task (e, s, t), weights packed [E, n_out, n_in].
+//   moekit::expert_backward_pairs(grad_rows, in_rows, weights, grad_weight?, grad_in, tasks, threads):
+//     grad_weight[e] = grad_rows[s:t]^T @ in_rows[s:t] and grad_in[s:t] = grad_rows[s:t] @ weights[e]
+//     for every task, the gradient rows read once while they are in cache.
+//   moekit::expert_swiglu_forward / expert_swiglu_backward: SwiGLU experts (no biases, routing
+//     weight on the output) whole, gather, both products, activation and routing weight per expert.
+//   moekit::combine_rows(rows, order, bounds, out): out[t] = sum of rows[order[bounds[t]:bounds[t+1]]].
 //   moekit::swiglu_into(h, out), moekit::swiglu_backward_into(h, grad, out): SwiGLU of
-//     h = [gate | up] and its gradient with respect to h.
+//     h = [gate | up] and its gradient with respect to h, rows split over torch's threads.
+//   moekit::parallel_width(n): how many of torch's threads at::parallel_for gives n one-item tasks.
 // The Python side (moekit/kernels/native.py) checks the CPU, builds this file and probes it.
+//
+// Built with -fopenmp: without it, _OPENMP is undefined, ATen's parallel_for (ATen/ParallelOpenMP.h)
+// runs its whole range on the calling thread, and every "parallel" loop here is serial. Measured
+// (BENCHMARKS.md §13): a build without the flag took all experts on one thread and was 1.6-1.8x
+// further from dense on a quiet 2-core machine, while looking level on a loaded one. The #error
+// below makes that build fail instead, and `parallel_width` lets the probe check it at run time.
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <numeric>
 #include <optional>
 #include <vector>
+
+#if !defined(_OPENMP)
+#error "moekit's expert kernels must be compiled with -fopenmp (else at::parallel_for is serial)"
+#endif
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -181,46 +206,25 @@ void dot_rows(int64_t N, int64_t K, const float* A, int64_t lda, const float* W,
   }
 }
 
-void mm_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
-             const std::optional<at::Tensor>& prefetch_next) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2, "moekit::mm_into: a, b and out must be 2-D");
-  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
-              "moekit::mm_into: a, b and out must be float32");
-  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && out.device().is_cpu(),
-              "moekit::mm_into: a, b and out must be on the CPU");
-  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  TORCH_CHECK(b.size(0) == K && out.size(0) == M && out.size(1) == N, "moekit::mm_into: shapes ", a.sizes(),
-              " @ ", b.sizes(), " -> ", out.sizes(), " do not match");
-  TORCH_CHECK(out.stride(1) == 1 || N <= 1, "moekit::mm_into: out must have unit column stride");
-  TORCH_CHECK(b.stride(1) == 1 || b.stride(0) == 1 || N <= 1 || K <= 1,
-              "moekit::mm_into: b must have unit stride along one dimension");
+// C[0:M, 0:N] = A @ B for A [M, K] (strides sai, sak), B [K, N] (strides sbk, sbn; one of them 1),
+// C rows of stride ldc.
+void product(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B,
+             int64_t sbk, int64_t sbn, float* C, int64_t ldc, Prefetch& prefetch) {
   if (M == 0 || N == 0) return;
-  float* C = out.data_ptr<float>();
   if (K == 0) {
-    for (int64_t i = 0; i < M; ++i) std::fill(C + i * out.stride(0), C + i * out.stride(0) + N, 0.0f);
+    for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
     return;
   }
-  Prefetch prefetch;
-  if (prefetch_next.has_value() && prefetch_next->is_non_overlapping_and_dense()) {
-    int64_t span = 1;  // elements from the lowest address to the highest, the tensor being dense
-    for (int64_t d = 0; d < prefetch_next->dim(); ++d) span += (prefetch_next->size(d) - 1) * prefetch_next->stride(d);
-    prefetch.next = static_cast<const char*>(prefetch_next->data_ptr());
-    prefetch.end = prefetch.next + (prefetch_next->numel() ? span : 0) * prefetch_next->element_size();
-  }
-  const float* A = a.data_ptr<float>();
-  const float* B = b.data_ptr<float>();
-  const int64_t sai = a.stride(0), sak = a.stride(1), ldc = out.stride(0);
-  if (b.stride(1) == 1 || N == 1) {
-    const int64_t ldb = b.stride(0);
+  if (sbn == 1 || N == 1) {
     for (int64_t n = 0; n < N; n += kPanel)
       for (int64_t k = 0; k < K; k += kInnerBlock)
         panel(M, std::min<int64_t>(kPanel, N - n), std::min<int64_t>(kInnerBlock, K - k), A + k * sak, sai, sak,
-              B + k * ldb + n, ldb, C + n, ldc, k > 0, prefetch);
+              B + k * sbk + n, sbk, C + n, ldc, k > 0, prefetch);
     return;
   }
-  // b = W^T with W [N, K] row-major (stride ldw): dot products for a few rows, else W's panels
+  // B = W^T with W [N, K] row-major (stride sbn): dot products for a few rows, else W's panels
   // packed transposed.
-  const int64_t ldw = b.stride(1);
+  const int64_t ldw = sbn;
   if (M <= kDotRows && (sak == 1 || K == 1)) {
     switch (M) {
       case 1: dot_rows<1>(N, K, A, sai, B, ldw, C, ldc, prefetch); break;
@@ -240,6 +244,217 @@ void mm_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
       panel(M, width, depth, A + k * sak, sai, sak, packed.data(), kPanel, C + n, ldc, k > 0, prefetch);
     }
   }
+}
+
+Prefetch prefetch_of(const float* data, int64_t elements) {
+  Prefetch prefetch;
+  prefetch.next = reinterpret_cast<const char*>(data);
+  prefetch.end = prefetch.next + elements * static_cast<int64_t>(sizeof(float));
+  return prefetch;
+}
+
+void check_float_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), op, ": ", name, " must be a float32 CPU tensor");
+}
+
+void mm_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
+             const std::optional<at::Tensor>& prefetch_next) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2, "moekit::mm_into: a, b and out must be 2-D");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "moekit::mm_into: a, b and out must be float32");
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && out.device().is_cpu(),
+              "moekit::mm_into: a, b and out must be on the CPU");
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  TORCH_CHECK(b.size(0) == K && out.size(0) == M && out.size(1) == N, "moekit::mm_into: shapes ", a.sizes(),
+              " @ ", b.sizes(), " -> ", out.sizes(), " do not match");
+  TORCH_CHECK(out.stride(1) == 1 || N <= 1, "moekit::mm_into: out must have unit column stride");
+  TORCH_CHECK(b.stride(1) == 1 || b.stride(0) == 1 || N <= 1 || K <= 1,
+              "moekit::mm_into: b must have unit stride along one dimension");
+  Prefetch prefetch;
+  if (prefetch_next.has_value() && prefetch_next->is_non_overlapping_and_dense()) {
+    int64_t span = 1;  // elements from the lowest address to the highest, the tensor being dense
+    for (int64_t d = 0; d < prefetch_next->dim(); ++d) span += (prefetch_next->size(d) - 1) * prefetch_next->stride(d);
+    prefetch.next = static_cast<const char*>(prefetch_next->data_ptr());
+    prefetch.end = prefetch.next + (prefetch_next->numel() ? span : 0) * prefetch_next->element_size();
+  }
+  const int64_t sbk = b.stride(0), sbn = (b.stride(1) == 1 || N == 1) ? 1 : b.stride(1);
+  product(M, N, K, a.data_ptr<float>(), a.stride(0), a.stride(1), b.data_ptr<float>(), sbk, sbn,
+          out.data_ptr<float>(), out.stride(0), prefetch);
+}
+
+// fn(i) for every task i in [0, count), in the given order, taken one at a time from a shared
+// counter by up to `threads` of torch's threads (the calling thread alone for 1).
+template <typename Fn>
+void take_tasks(int64_t count, int64_t threads, const Fn& fn) {
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, count));
+  if (threads == 1) {
+    for (int64_t i = 0; i < count; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(i);
+  });
+}
+
+// The number of distinct threads at::parallel_for runs n one-item tasks on (static split).
+int64_t parallel_width(int64_t n) {
+  std::vector<char> seen(static_cast<size_t>(std::max<int64_t>(1, at::get_num_threads())), 0);
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int64_t id = at::get_thread_num();
+    if (id >= 0 && id < static_cast<int64_t>(seen.size())) seen[id] = 1;
+  });
+  return std::accumulate(seen.begin(), seen.end(), int64_t{0});
+}
+
+struct Task {
+  int64_t expert, start, stop;
+};
+
+// The tasks [n, 3] (expert, start row, stop row) as given, largest first: the last ones taken are
+// the shortest, so the threads finish together.
+std::vector<Task> tasks_of(const at::Tensor& tasks, const char* op) {
+  TORCH_CHECK(tasks.dim() == 2 && tasks.size(1) == 3 && tasks.scalar_type() == at::kLong && tasks.device().is_cpu(),
+              op, ": tasks must be an int64 CPU tensor [n, 3] of (expert, start, stop)");
+  const auto contiguous = tasks.contiguous();
+  const int64_t* t = contiguous.data_ptr<int64_t>();
+  std::vector<Task> out(tasks.size(0));
+  for (int64_t i = 0; i < tasks.size(0); ++i) out[i] = {t[3 * i], t[3 * i + 1], t[3 * i + 2]};
+  std::stable_sort(out.begin(), out.end(),
+                   [](const Task& a, const Task& b) { return a.stop - a.start > b.stop - b.start; });
+  return out;
+}
+
+void check_task(const Task& task, int64_t experts, int64_t rows, const char* op) {
+  TORCH_CHECK(task.expert >= 0 && task.expert < experts && task.start >= 0 && task.start <= task.stop &&
+                  task.stop <= rows,
+              op, ": task (", task.expert, ", ", task.start, ", ", task.stop, ") is out of range");
+}
+
+void check_rows(const at::Tensor& t, int64_t rows, int64_t cols, const char* op, const char* name) {
+  check_float_cpu(t, op, name);
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.stride(1) == 1, op, ": ", name,
+              " must be [", rows, ", ", cols, "] with unit column stride, got ", t.sizes());
+}
+
+void check_packed(const at::Tensor& w, const char* op, const char* name) {
+  check_float_cpu(w, op, name);
+  TORCH_CHECK(w.dim() == 3 && (w.stride(2) == 1 || w.stride(1) == 1), op, ": ", name,
+              " must be [E, n_out, n_in] with unit stride along one of its last two dimensions");
+}
+
+// out[s:t] = rows[s:t] @ weights[e]^T for every task (e, s, t).
+void expert_products(const at::Tensor& rows, const at::Tensor& weights, const at::Tensor& out,
+                     const at::Tensor& tasks, int64_t threads) {
+  const char* op = "moekit::expert_products";
+  check_packed(weights, op, "weights");
+  const int64_t n_out = weights.size(1), n_in = weights.size(2);
+  check_rows(rows, rows.size(0), n_in, op, "rows");
+  check_rows(out, rows.size(0), n_out, op, "out");
+  const auto work = tasks_of(tasks, op);
+  for (const auto& task : work) check_task(task, weights.size(0), rows.size(0), op);
+  const float* X = rows.data_ptr<float>();
+  const float* W = weights.data_ptr<float>();
+  float* Y = out.data_ptr<float>();
+  const int64_t ldx = rows.stride(0), ldy = out.stride(0), swe = weights.stride(0);
+  // b = W[e]^T: [n_in, n_out] with strides (weights.stride(2), weights.stride(1))
+  const int64_t sbk = weights.stride(2), sbn = weights.stride(1);
+  const int64_t span = (n_out - 1) * weights.stride(1) + (n_in - 1) * weights.stride(2) + 1;
+  take_tasks(static_cast<int64_t>(work.size()), threads, [&](int64_t i) {
+    const Task& task = work[i];
+    // pull the expert after this one (in the order the threads take them) into cache meanwhile
+    Prefetch prefetch = i + 1 < static_cast<int64_t>(work.size()) ? prefetch_of(W + work[i + 1].expert * swe, span)
+                                                                   : Prefetch{};
+    product(task.stop - task.start, n_out, n_in, X + task.start * ldx, ldx, 1, W + task.expert * swe, sbk,
+            sbn == 1 ? 1 : sbn, Y + task.start * ldy, ldy, prefetch);
+  });
+}
+
+// grad_weight[e] = grad_rows[s:t]^T @ in_rows[s:t] (if given) and grad_in[s:t] = grad_rows[s:t] @
+// weights[e] for every task (e, s, t); the weight gradient's product pulls the expert's weights into
+// cache for the input gradient's.
+void expert_backward_pairs(const at::Tensor& grad_rows, const at::Tensor& in_rows, const at::Tensor& weights,
+                           const std::optional<at::Tensor>& grad_weight, const at::Tensor& grad_in,
+                           const at::Tensor& tasks, int64_t threads) {
+  const char* op = "moekit::expert_backward_pairs";
+  check_packed(weights, op, "weights");
+  const int64_t rows = grad_rows.size(0), n_out = weights.size(1), n_in = weights.size(2);
+  check_rows(grad_rows, rows, n_out, op, "grad_rows");
+  check_rows(in_rows, rows, n_in, op, "in_rows");
+  check_rows(grad_in, rows, n_in, op, "grad_in");
+  if (grad_weight.has_value()) {
+    check_float_cpu(*grad_weight, op, "grad_weight");
+    TORCH_CHECK(grad_weight->dim() == 3 && grad_weight->sizes() == weights.sizes() && grad_weight->stride(2) == 1,
+                op, ": grad_weight must be shaped like weights with unit column stride");
+  }
+  const auto work = tasks_of(tasks, op);
+  for (const auto& task : work) check_task(task, weights.size(0), rows, op);
+  const float* G = grad_rows.data_ptr<float>();
+  const float* X = in_rows.data_ptr<float>();
+  const float* W = weights.data_ptr<float>();
+  float* GX = grad_in.data_ptr<float>();
+  float* GW = grad_weight.has_value() ? grad_weight->data_ptr<float>() : nullptr;
+  const int64_t ldg = grad_rows.stride(0), ldx = in_rows.stride(0), ldgx = grad_in.stride(0);
+  const int64_t swe = weights.stride(0), sw_out = weights.stride(1), sw_in = weights.stride(2);
+  const int64_t sgwe = GW ? grad_weight->stride(0) : 0, ldgw = GW ? grad_weight->stride(1) : 0;
+  const int64_t span = (n_out - 1) * sw_out + (n_in - 1) * sw_in + 1;
+  take_tasks(static_cast<int64_t>(work.size()), threads, [&](int64_t i) {
+    const Task& task = work[i];
+    const int64_t count = task.stop - task.start;
+    const float* g = G + task.start * ldg;
+    const float* w = W + task.expert * swe;
+    if (GW != nullptr) {
+      Prefetch this_expert = prefetch_of(w, span);
+      // [n_out, count] @ [count, n_in]: A = grad_rows^T (strides 1, ldg)
+      product(n_out, n_in, count, g, 1, ldg, X + task.start * ldx, ldx, 1, GW + task.expert * sgwe, ldgw,
+              this_expert);
+    }
+    Prefetch next = !GW && i + 1 < static_cast<int64_t>(work.size()) ? prefetch_of(W + work[i + 1].expert * swe, span)
+                                                                     : Prefetch{};
+    // [count, n_out] @ W[e] [n_out, n_in]
+    product(count, n_in, n_out, g, ldg, 1, w, sw_out, sw_in == 1 ? 1 : sw_in, GX + task.start * ldgx, ldgx, next);
+  });
+}
+
+// Rows per thread's share of an elementwise pass: at least ~64k elements, below which a hand-off
+// between threads costs more than it saves.
+inline int64_t split_grain(int64_t cols) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, cols)); }
+
+// out[t] = sum of rows[order[i]] for i in [bounds[t], bounds[t+1]), in that order (the combine of
+// the experts' rows into their tokens); tokens split over torch's threads. torch's index_add_ on
+// the CPU scatters with atomics or serially; here each token's sum is one thread's, in a fixed
+// order, so the result is that of a serial index_add_ in the order given.
+void combine_rows(const at::Tensor& rows, const at::Tensor& order, const at::Tensor& bounds, const at::Tensor& out) {
+  const char* op = "moekit::combine_rows";
+  check_float_cpu(rows, op, "rows");
+  check_float_cpu(out, op, "out");
+  const int64_t cols = rows.size(1), tokens = out.size(0);
+  TORCH_CHECK(rows.dim() == 2 && rows.stride(1) == 1 && out.dim() == 2 && out.size(1) == cols && out.stride(1) == 1,
+              op, ": rows [A, d] and out [T, d] must be 2-D with unit column stride");
+  TORCH_CHECK(order.dim() == 1 && order.scalar_type() == at::kLong && order.is_contiguous() && order.size(0) == rows.size(0),
+              op, ": order must be a contiguous int64 [A]");
+  TORCH_CHECK(bounds.dim() == 1 && bounds.scalar_type() == at::kLong && bounds.is_contiguous() && bounds.size(0) == tokens + 1,
+              op, ": bounds must be a contiguous int64 [T + 1]");
+  const float* R = rows.data_ptr<float>();
+  const int64_t* O = order.data_ptr<int64_t>();
+  const int64_t* B = bounds.data_ptr<int64_t>();
+  float* Y = out.data_ptr<float>();
+  const int64_t ldr = rows.stride(0), ldy = out.stride(0), count = rows.size(0);
+  TORCH_CHECK(B[0] == 0 && B[tokens] == count, op, ": bounds must run from 0 to A");
+  for (int64_t i = 0; i < count; ++i) TORCH_CHECK(O[i] >= 0 && O[i] < count, op, ": order holds ", O[i], ", out of range");
+  at::parallel_for(0, tokens, std::max<int64_t>(1, split_grain(cols) / 8), [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      float* y = Y + t * ldy;
+      for (int64_t j = 0; j < cols; j += 16) {
+        const __mmask16 m = cols - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (cols - j)) - 1);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = B[t]; i < B[t + 1]; ++i) {
+          acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, R + O[i] * ldr + j));
+        }
+        _mm512_mask_storeu_ps(y + j, m, acc);
+      }
+    }
+  });
 }
 
 // exp(x) for x in float range (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial in r,
@@ -268,6 +483,40 @@ inline __m512 sigmoid_ps(__m512 x) {
   return _mm512_mul_ps(y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(2.0f)));
 }
 
+inline __mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1);
+}
+
+// o[0:ff] = silu(gate) * up for one row h = [gate | up] (Shazeer 2020, "GLU Variants Improve
+// Transformer"), times `scale` (the routing weight, 1 where none applies).
+inline void swiglu_row(const float* gate, float* o, int64_t ff, float scale = 1.0f) {
+  const float* up = gate + ff;
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < ff; j += 16) {
+    const __mmask16 m = tail_mask(ff - j);
+    const __m512 g = _mm512_maskz_loadu_ps(m, gate + j);
+    const __m512 u = _mm512_maskz_loadu_ps(m, up + j);
+    _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(g, sigmoid_ps(g)), u), sc));
+  }
+}
+
+// The gradient of one row's swiglu with respect to h = [gate | up], given the gradient gr of its
+// output: d gate = gr * up * s * (1 + gate * (1 - s)), d up = gr * gate * s, s = sigmoid(gate).
+inline void swiglu_backward_row(const float* gate, const float* gr, float* o, int64_t ff) {
+  const float* up = gate + ff;
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t j = 0; j < ff; j += 16) {
+    const __mmask16 m = tail_mask(ff - j);
+    const __m512 g = _mm512_maskz_loadu_ps(m, gate + j);
+    const __m512 u = _mm512_maskz_loadu_ps(m, up + j);
+    const __m512 d = _mm512_maskz_loadu_ps(m, gr + j);
+    const __m512 s = sigmoid_ps(g);
+    const __m512 silu_grad = _mm512_mul_ps(s, _mm512_fmadd_ps(g, _mm512_sub_ps(one, s), one));
+    _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(_mm512_mul_ps(d, u), silu_grad));
+    _mm512_mask_storeu_ps(o + ff + j, m, _mm512_mul_ps(d, _mm512_mul_ps(g, s)));
+  }
+}
+
 void check_swiglu(const at::Tensor& h, const at::Tensor& out, int64_t out_cols, const char* op) {
   TORCH_CHECK(h.dim() == 2 && out.dim() == 2, op, ": h and out must be 2-D");
   TORCH_CHECK(h.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, op, ": h and out must be float32");
@@ -278,30 +527,19 @@ void check_swiglu(const at::Tensor& h, const at::Tensor& out, int64_t out_cols, 
   TORCH_CHECK(h.stride(1) == 1 && out.stride(1) == 1, op, ": h and out must have unit column stride");
 }
 
-// out = silu(gate) * up for h = [gate | up] (Shazeer 2020, "GLU Variants Improve Transformer").
+// out = silu(gate) * up for h = [gate | up].
 void swiglu_into(const at::Tensor& h, const at::Tensor& out) {
   const int64_t ff = h.size(1) / 2;
   check_swiglu(h, out, ff, "moekit::swiglu_into");
   const float* H = h.data_ptr<float>();
   float* O = out.data_ptr<float>();
   const int64_t ldh = h.stride(0), ldo = out.stride(0);
-  {
-    for (int64_t r = 0; r < h.size(0); ++r) {
-      const float* gate = H + r * ldh;
-      const float* up = gate + ff;
-      float* o = O + r * ldo;
-      for (int64_t j = 0; j < ff; j += 16) {
-        const __mmask16 m = ff - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (ff - j)) - 1);
-        const __m512 g = _mm512_maskz_loadu_ps(m, gate + j);
-        const __m512 u = _mm512_maskz_loadu_ps(m, up + j);
-        _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid_ps(g)), u));
-      }
-    }
-  }
+  at::parallel_for(0, h.size(0), split_grain(h.size(1)), [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) swiglu_row(H + r * ldh, O + r * ldo, ff);
+  });
 }
 
-// The gradient of swiglu with respect to h = [gate | up], given the gradient of its output:
-// d gate = grad * up * s * (1 + gate * (1 - s)), d up = grad * gate * s, s = sigmoid(gate).
+// The gradient of swiglu with respect to h = [gate | up], given the gradient of its output.
 void swiglu_backward_into(const at::Tensor& h, const at::Tensor& grad, const at::Tensor& out) {
   const int64_t ff = h.size(1) / 2;
   check_swiglu(h, out, 2 * ff, "moekit::swiglu_backward_into");
@@ -313,25 +551,154 @@ void swiglu_backward_into(const at::Tensor& h, const at::Tensor& grad, const at:
   const float* G = grad.data_ptr<float>();
   float* O = out.data_ptr<float>();
   const int64_t ldh = h.stride(0), ldg = grad.stride(0), ldo = out.stride(0);
-  const __m512 one = _mm512_set1_ps(1.0f);
-  {
-    for (int64_t r = 0; r < h.size(0); ++r) {
-      const float* gate = H + r * ldh;
-      const float* up = gate + ff;
-      const float* gr = G + r * ldg;
-      float* o = O + r * ldo;
-      for (int64_t j = 0; j < ff; j += 16) {
-        const __mmask16 m = ff - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (ff - j)) - 1);
-        const __m512 g = _mm512_maskz_loadu_ps(m, gate + j);
-        const __m512 u = _mm512_maskz_loadu_ps(m, up + j);
-        const __m512 d = _mm512_maskz_loadu_ps(m, gr + j);
-        const __m512 s = sigmoid_ps(g);
-        const __m512 silu_grad = _mm512_mul_ps(s, _mm512_fmadd_ps(g, _mm512_sub_ps(one, s), one));
-        _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(_mm512_mul_ps(d, u), silu_grad));
-        _mm512_mask_storeu_ps(o + ff + j, m, _mm512_mul_ps(d, _mm512_mul_ps(g, s)));
-      }
+  at::parallel_for(0, h.size(0), split_grain(h.size(1)), [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) swiglu_backward_row(H + r * ldh, G + r * ldg, O + r * ldo, ff);
+  });
+}
+
+
+// SwiGLU experts whole, the routing weight on their output, every step of an expert done while
+// its rows are in cache: for every task (e, s, t) and row r in [s, t): xs[r] = x[token[r]],
+// h = xs @ w_in[e]^T, a = swiglu(h), a_in = a * scale[r], ys = a_in @ w_out[e]^T. xs, h, a and
+// a_in are kept for the backward.
+void expert_swiglu_forward(const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
+                           const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& xs, const at::Tensor& h,
+                           const at::Tensor& a, const at::Tensor& a_in, const at::Tensor& ys, const at::Tensor& tasks,
+                           int64_t threads) {
+  const char* op = "moekit::expert_swiglu_forward";
+  check_packed(w_in, op, "w_in");
+  check_packed(w_out, op, "w_out");
+  const int64_t d = x.size(1), ff = w_out.size(2), rows = token.size(0), num_tokens = x.size(0);
+  TORCH_CHECK(w_in.size(1) == 2 * ff && w_in.size(2) == d && w_out.size(1) == d && w_in.size(0) == w_out.size(0), op,
+              ": w_in must be [E, 2 ff, d] and w_out [E, d, ff]");
+  check_rows(x, num_tokens, d, op, "x");
+  check_rows(xs, rows, d, op, "xs");
+  check_rows(h, rows, 2 * ff, op, "h");
+  check_rows(a, rows, ff, op, "a");
+  check_rows(a_in, rows, ff, op, "a_in");
+  check_rows(ys, rows, d, op, "ys");
+  TORCH_CHECK(token.dim() == 1 && token.scalar_type() == at::kLong && token.is_contiguous(), op,
+              ": token must be a contiguous int64 [A]");
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == rows && scale.scalar_type() == at::kFloat && scale.is_contiguous(),
+              op, ": scale must be a contiguous float32 [A]");
+  const int64_t* T = token.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(T[r] >= 0 && T[r] < num_tokens, op, ": token ", T[r], " out of range");
+  const auto work = tasks_of(tasks, op);
+  for (const auto& task : work) check_task(task, w_in.size(0), rows, op);
+  const float *X = x.data_ptr<float>(), *S = scale.data_ptr<float>();
+  const float *WI = w_in.data_ptr<float>(), *WO = w_out.data_ptr<float>();
+  float *XS = xs.data_ptr<float>(), *Hp = h.data_ptr<float>(), *A = a.data_ptr<float>();
+  float *AI = a_in.data_ptr<float>(), *Y = ys.data_ptr<float>();
+  const int64_t ldx = x.stride(0), ldxs = xs.stride(0), ldh = h.stride(0), lda = a.stride(0), ldai = a_in.stride(0);
+  const int64_t ldy = ys.stride(0);
+  const int64_t span_in = (2 * ff - 1) * w_in.stride(1) + (d - 1) * w_in.stride(2) + 1;
+  const int64_t span_out = (d - 1) * w_out.stride(1) + (ff - 1) * w_out.stride(2) + 1;
+  take_tasks(static_cast<int64_t>(work.size()), threads, [&](int64_t i) {
+    const Task& task = work[i];
+    const int64_t count = task.stop - task.start, s0 = task.start;
+    for (int64_t r = s0; r < task.stop; ++r) std::copy(X + T[r] * ldx, X + T[r] * ldx + d, XS + r * ldxs);
+    const float* wi = WI + task.expert * w_in.stride(0);
+    const float* wo = WO + task.expert * w_out.stride(0);
+    Prefetch this_out = prefetch_of(wo, span_out);
+    product(count, 2 * ff, d, XS + s0 * ldxs, ldxs, 1, wi, w_in.stride(2), w_in.stride(1), Hp + s0 * ldh, ldh,
+            this_out);
+    for (int64_t r = s0; r < task.stop; ++r) {
+      swiglu_row(Hp + r * ldh, A + r * lda, ff);
+      swiglu_row(Hp + r * ldh, AI + r * ldai, ff, S[r]);
     }
-  }
+    Prefetch next = i + 1 < static_cast<int64_t>(work.size())
+                        ? prefetch_of(WI + work[i + 1].expert * w_in.stride(0), span_in)
+                        : Prefetch{};
+    product(count, d, ff, AI + s0 * ldai, ldai, 1, wo, w_out.stride(2), w_out.stride(1), Y + s0 * ldy, ldy, next);
+  });
+}
+
+// The backward of `expert_swiglu_forward` for every task: grad_ys[r] = grad_out[token[r]] (work
+// space), the packed weight gradients (where given), grad_scale[r] = <grad of a_in, a> (the routing
+// weight's gradient), and the gathered rows' gradient grad_xs (combined into tokens by the
+// caller); grad_a [A, ff] and grad_h [A, 2 ff] are work space.
+void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& token, const at::Tensor& scale,
+                            const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& xs,
+                            const at::Tensor& h, const at::Tensor& a, const at::Tensor& a_in,
+                            const std::optional<at::Tensor>& grad_w_in, const std::optional<at::Tensor>& grad_w_out,
+                            const at::Tensor& grad_scale, const at::Tensor& grad_ys, const at::Tensor& grad_a,
+                            const at::Tensor& grad_h, const at::Tensor& grad_xs, const at::Tensor& tasks,
+                            int64_t threads) {
+  const char* op = "moekit::expert_swiglu_backward";
+  check_packed(w_in, op, "w_in");
+  check_packed(w_out, op, "w_out");
+  const int64_t d = grad_out.size(1), ff = w_out.size(2), rows = token.size(0), num_tokens = grad_out.size(0);
+  TORCH_CHECK(w_in.size(1) == 2 * ff && w_in.size(2) == d && w_out.size(1) == d && w_in.size(0) == w_out.size(0), op,
+              ": w_in must be [E, 2 ff, d] and w_out [E, d, ff]");
+  check_rows(grad_out, num_tokens, d, op, "grad_out");
+  for (const auto* t : {&xs, &grad_ys, &grad_xs}) check_rows(*t, rows, d, op, "xs, grad_ys and grad_xs");
+  for (const auto* t : {&h, &grad_h}) check_rows(*t, rows, 2 * ff, op, "h and grad_h");
+  for (const auto* t : {&a, &a_in, &grad_a}) check_rows(*t, rows, ff, op, "a, a_in and grad_a");
+  TORCH_CHECK(token.dim() == 1 && token.scalar_type() == at::kLong && token.is_contiguous(), op,
+              ": token must be a contiguous int64 [A]");
+  for (const auto* t : {&scale, &grad_scale})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == rows && t->scalar_type() == at::kFloat && t->is_contiguous(), op,
+                ": scale and grad_scale must be contiguous float32 [A]");
+  for (const auto* g : {&grad_w_in, &grad_w_out})
+    if (g->has_value())
+      TORCH_CHECK((*g)->scalar_type() == at::kFloat && (*g)->dim() == 3 && (*g)->stride(2) == 1, op,
+                  ": weight gradients must be float32 [E, n_out, n_in] with unit column stride");
+  if (grad_w_in.has_value()) TORCH_CHECK(grad_w_in->sizes() == w_in.sizes(), op, ": grad_w_in must be shaped like w_in");
+  if (grad_w_out.has_value()) TORCH_CHECK(grad_w_out->sizes() == w_out.sizes(), op, ": grad_w_out must be shaped like w_out");
+  const int64_t* T = token.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(T[r] >= 0 && T[r] < num_tokens, op, ": token ", T[r], " out of range");
+  const auto work = tasks_of(tasks, op);
+  for (const auto& task : work) check_task(task, w_in.size(0), rows, op);
+  const float *G = grad_out.data_ptr<float>(), *S = scale.data_ptr<float>();
+  const float *WI = w_in.data_ptr<float>(), *WO = w_out.data_ptr<float>();
+  const float *XS = xs.data_ptr<float>(), *Hp = h.data_ptr<float>(), *A = a.data_ptr<float>(), *AI = a_in.data_ptr<float>();
+  float* GWI = grad_w_in.has_value() ? grad_w_in->data_ptr<float>() : nullptr;
+  float* GWO = grad_w_out.has_value() ? grad_w_out->data_ptr<float>() : nullptr;
+  float *GS = grad_scale.data_ptr<float>(), *GY = grad_ys.data_ptr<float>(), *GA = grad_a.data_ptr<float>();
+  float *GH = grad_h.data_ptr<float>(), *GX = grad_xs.data_ptr<float>();
+  const int64_t ldg = grad_out.stride(0), ldxs = xs.stride(0), ldh = h.stride(0), lda = a.stride(0);
+  const int64_t ldai = a_in.stride(0), ldgy = grad_ys.stride(0), ldga = grad_a.stride(0), ldgh = grad_h.stride(0);
+  const int64_t ldgx = grad_xs.stride(0);
+  const int64_t span_in = (2 * ff - 1) * w_in.stride(1) + (d - 1) * w_in.stride(2) + 1;
+  const int64_t span_out = (d - 1) * w_out.stride(1) + (ff - 1) * w_out.stride(2) + 1;
+  take_tasks(static_cast<int64_t>(work.size()), threads, [&](int64_t i) {
+    const Task& task = work[i];
+    const int64_t count = task.stop - task.start, s0 = task.start;
+    const float* wi = WI + task.expert * w_in.stride(0);
+    const float* wo = WO + task.expert * w_out.stride(0);
+    for (int64_t r = s0; r < task.stop; ++r) std::copy(G + T[r] * ldg, G + T[r] * ldg + d, GY + r * ldgy);
+    Prefetch none;
+    if (GWO != nullptr) {  // [d, count] @ [count, ff]
+      Prefetch this_out = prefetch_of(wo, span_out);
+      product(d, ff, count, GY + s0 * ldgy, 1, ldgy, AI + s0 * ldai, ldai, 1,
+              GWO + task.expert * grad_w_out->stride(0), grad_w_out->stride(1), this_out);
+    }
+    Prefetch this_in = prefetch_of(wi, span_in);  // grad_a = grad_ys @ w_out[e]: [count, d] @ [d, ff]
+    product(count, ff, d, GY + s0 * ldgy, ldgy, 1, wo, w_out.stride(1), w_out.stride(2), GA + s0 * ldga, ldga,
+            this_in);
+    for (int64_t r = s0; r < task.stop; ++r) {
+      float* ga = GA + r * ldga;
+      const float* ar = A + r * lda;
+      __m512 dot = _mm512_setzero_ps();
+      const __m512 sc = _mm512_set1_ps(S[r]);
+      for (int64_t j = 0; j < ff; j += 16) {
+        const __mmask16 m = tail_mask(ff - j);
+        const __m512 g = _mm512_maskz_loadu_ps(m, ga + j);
+        dot = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(m, ar + j), dot);
+        _mm512_mask_storeu_ps(ga + j, m, _mm512_mul_ps(g, sc));
+      }
+      GS[r] = _mm512_reduce_add_ps(dot);
+      swiglu_backward_row(Hp + r * ldh, ga, GH + r * ldgh, ff);
+    }
+    if (GWI != nullptr)  // [2 ff, count] @ [count, d]
+      product(2 * ff, d, count, GH + s0 * ldgh, 1, ldgh, XS + s0 * ldxs, ldxs, 1,
+              GWI + task.expert * grad_w_in->stride(0), grad_w_in->stride(1), none);
+    Prefetch next = i + 1 < static_cast<int64_t>(work.size())
+                        ? prefetch_of(WO + work[i + 1].expert * w_out.stride(0), span_out)
+                        : Prefetch{};
+    // grad_xs = grad_h @ w_in[e]: [count, 2 ff] @ [2 ff, d]
+    product(count, d, 2 * ff, GH + s0 * ldgh, ldgh, 1, wi, w_in.stride(1), w_in.stride(2), GX + s0 * ldgx, ldgx, next);
+  });
 }
 
 }  // namespace
@@ -339,6 +706,24 @@ void swiglu_backward_into(const at::Tensor& h, const at::Tensor& grad, const at:
 TORCH_LIBRARY(moekit, m) {
   m.def("mm_into(Tensor a, Tensor b, Tensor(c!) out, Tensor? prefetch_next=None) -> ()");
   m.impl("mm_into", c10::DispatchKey::CPU, TORCH_FN(mm_into));
+  m.def("expert_products(Tensor rows, Tensor weights, Tensor(c!) out, Tensor tasks, int threads) -> ()");
+  m.impl("expert_products", c10::DispatchKey::CPU, TORCH_FN(expert_products));
+  m.def(
+      "expert_backward_pairs(Tensor grad_rows, Tensor in_rows, Tensor weights, Tensor(c!)? grad_weight, "
+      "Tensor(d!) grad_in, Tensor tasks, int threads) -> ()");
+  m.impl("expert_backward_pairs", c10::DispatchKey::CPU, TORCH_FN(expert_backward_pairs));
+  m.def(
+      "expert_swiglu_forward(Tensor x, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, Tensor(a!) xs, "
+      "Tensor(b!) h, Tensor(c!) a, Tensor(d!) a_in, Tensor(e!) ys, Tensor tasks, int threads) -> ()");
+  m.impl("expert_swiglu_forward", c10::DispatchKey::CPU, TORCH_FN(expert_swiglu_forward));
+  m.def(
+      "expert_swiglu_backward(Tensor grad_out, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, Tensor xs, "
+      "Tensor h, Tensor a, Tensor a_in, Tensor(a!)? grad_w_in, Tensor(b!)? grad_w_out, Tensor(c!) grad_scale, "
+      "Tensor(d!) grad_ys, Tensor(e!) grad_a, Tensor(f!) grad_h, Tensor(g!) grad_xs, Tensor tasks, int threads) -> ()");
+  m.impl("expert_swiglu_backward", c10::DispatchKey::CPU, TORCH_FN(expert_swiglu_backward));
+  m.def("combine_rows(Tensor rows, Tensor order, Tensor bounds, Tensor(c!) out) -> ()");
+  m.impl("combine_rows", c10::DispatchKey::CPU, TORCH_FN(combine_rows));
+  m.def("parallel_width(int n) -> int", TORCH_FN(parallel_width));
   m.def("swiglu_into(Tensor h, Tensor(c!) out) -> ()");
   m.impl("swiglu_into", c10::DispatchKey::CPU, TORCH_FN(swiglu_into));
   m.def("swiglu_backward_into(Tensor h, Tensor grad, Tensor(c!) out) -> ()");
