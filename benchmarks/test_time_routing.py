@@ -316,7 +316,7 @@ def summary(results: list[Path], baseline: Path | None) -> None:
             wins = sum(ok and not base for ok, base in pairs)
             losses = sum(base and not ok for ok, base in pairs)
             paired = f"+{wins} / -{losses}"
-            p_value = f"{sign_test(wins, losses):.2f}"
+            p_value = f"{sign_test(wins, losses):.3f}"
         print(
             f"| {path.stem} | {result['correct']}/{n} | {result['accuracy']:.3f} ({low:.3f}-{high:.3f}) "
             f"| {cost['forward_passes'] / n:.1f} | {cost['backward_passes'] / n:.1f} "
