@@ -316,7 +316,7 @@ def summary(results: list[Path], baseline: Path | None) -> None:
             wins = sum(ok and not base for ok, base in pairs)
             losses = sum(base and not ok for ok, base in pairs)
             paired = f"+{wins} / -{losses}"
-            p_value = f"{sign_test(wins, losses):.2f}"
+            p_value = f"{sign_test(wins, losses):.3f}"
         print(
             f"| {path.stem} | {result['correct']}/{n} | {result['accuracy']:.3f} ({low:.3f}-{high:.3f}) "
             f"| {cost['forward_passes'] / n:.1f} | {cost['backward_passes'] / n:.1f} "
@@ -324,26 +324,21 @@ def summary(results: list[Path], baseline: Path | None) -> None:
         )
 
 
+C3PO = ["--method", "c3po", "--c3po-references", "64", "--c3po-apply-to-new"]
 RUNS: dict[str, list[str]] = {
     "none": ["--method", "none"],
     "scmoe": ["--method", "scmoe"],  # weak pass: top-1 of the top-2 model; beta 0.5, alpha 0.1
     "scmoe-rank2": ["--method", "scmoe", "--weak-rank", "2"],  # the paper's rank-k weak routing
     "des-k123": ["--method", "des", "--samples", "3", "--k-values", "1,2,3"],
     "des-k2": ["--method", "des", "--samples", "3", "--k-values", "2"],
-    # references: those of 64 same-level problems the model solves (C3PO's "successful" set)
-    "c3po-ngd": ["--method", "c3po", "--c3po-references", "64"],
-    "c3po-ngd-random": ["--method", "c3po", "--c3po-references", "64", "--c3po-neighbour-mode", "random"],
-    "c3po-kernel": ["--method", "c3po", "--c3po-references", "64", "--c3po-variant", "kernel"],
-    "c3po-kernel-random": [
-        "--method",
-        "c3po",
-        "--c3po-references",
-        "32",
-        "--c3po-variant",
-        "kernel",
-        "--c3po-neighbour-mode",
-        "random",
-    ],
+    # references: those of 64 same-level problems the model solves (C3PO's "successful" set); the
+    # re-mixed pathway routes the generated tokens too (the first new token is always the space
+    # before the answer, so routing the last prompt token alone cannot change an answer)
+    "c3po-ngd": [*C3PO, "--c3po-variant", "ngd"],
+    "c3po-ngd-random": [*C3PO, "--c3po-variant", "ngd", "--c3po-neighbour-mode", "random"],
+    "c3po-kernel": [*C3PO, "--c3po-variant", "kernel"],
+    "c3po-kernel-random": [*C3PO, "--c3po-variant", "kernel", "--c3po-neighbour-mode", "random"],
+    "c3po-kernel-prompt-only": ["--method", "c3po", "--c3po-references", "64", "--c3po-variant", "kernel"],
     "rewire": ["--method", "rewire"],
     "odp-0.25": ["--method", "odp", "--odp-threshold", "0.25"],
     "odp-0.5": ["--method", "odp", "--odp-threshold", "0.5"],

@@ -76,6 +76,31 @@ def test_eval_tasks_c3po_reports_setup_and_optimisation_cost(tmp_path, capsys):
     assert "c3po" in capsys.readouterr().out
 
 
+def test_apply_to_new_reaches_c3po_and_its_generation(tmp_path, monkeypatch):
+    """With `--c3po-apply-to-new` the re-mixed pathway routes the generated tokens as well (and
+    the neighbours' answer tokens in the loss): on a task whose first new token is always the
+    space before the answer, routing only the last prompt token cannot change an answer."""
+    from moekit.inference.methods import tasks
+
+    seen = []
+    for name in ("c3po", "c3po_generate"):
+        original = getattr(tasks, name)
+
+        def record(*args, _original=original, _name=name, **kwargs):
+            seen.append((_name, kwargs["apply_to_new"]))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(tasks, name, record)
+    run = save_run(tmp_path / "run")
+    args = ["--method", "c3po", "--limit", "1", "--max-new-tokens", "2", "--c3po-unsolved"]
+    extra = ["--c3po-references", "2", "--c3po-variant", "kernel"]
+    assert main(["eval-tasks", str(run), *args, *extra]) == 0
+    assert seen == [("c3po", False), ("c3po_generate", False)]
+    seen.clear()
+    assert main(["eval-tasks", str(run), *args, *extra, "--c3po-apply-to-new"]) == 0
+    assert seen == [("c3po", True), ("c3po_generate", True)]
+
+
 @pytest.mark.parametrize(
     "extra, field",
     [

@@ -71,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--c3po-core-experts", type=int, default=None, help="C3PO NGD: free experts per layer"
     )
+    parser.add_argument(
+        "--c3po-apply-to-new",
+        action="store_true",
+        help="C3PO: route every generated token by the re-mixed pathway too, as the released code "
+        "does (default: the last prompt token only, which predicts just the first new token)",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the result as JSON")
 
 
@@ -134,6 +140,7 @@ def main(args: argparse.Namespace) -> int:
         c3po_lr=args.c3po_lr,
         c3po_layers=args.c3po_layers,
         c3po_core_experts=args.c3po_core_experts,
+        c3po_apply_to_new=args.c3po_apply_to_new,
     )
     model, tokenizer, eos = load_for_generation(args.source)
     if args.method == "premoe":
