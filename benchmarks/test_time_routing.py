@@ -222,11 +222,12 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
 def extras(run: Path, corpus: Path, out: Path, items: int, windows: int) -> None:
     from moekit.data.corpus import open_corpus
     from moekit.data.splits import split_corpus
+    from moekit.data.tokenizer import encode_prompt
     from moekit.inference.cli import load_for_generation
     from moekit.inference.methods.common import full_logits
     from moekit.inference.methods.rewire import rewire
     from moekit.inference.methods.steer import expert_frequencies
-    from moekit.inference.methods.tasks import prompt_ids, task_problems
+    from moekit.inference.methods.tasks import task_problems
     from moekit.routing.override import override_routing
 
     model, tokenizer, _ = load_for_generation(run)
@@ -235,7 +236,7 @@ def extras(run: Path, corpus: Path, out: Path, items: int, windows: int) -> None
     def frequencies(problems: list[Any]) -> dict[int, torch.Tensor]:
         total: dict[int, torch.Tensor] = {}
         for problem in problems:
-            ids = torch.tensor([prompt_ids(tokenizer, problem.prompt)])
+            ids = torch.tensor([encode_prompt(tokenizer, problem.prompt)])
             for index, value in expert_frequencies(model, ids).items():
                 total[index] = total.get(index, 0) + value
         return total

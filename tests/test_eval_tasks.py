@@ -132,20 +132,20 @@ def test_des_items_name_the_k_that_solved_them_and_cost_scales_with_samples(tmp_
 def test_prompts_start_with_bos_as_training_documents_do():
     """moekit's trainer starts every document with BOS (`encode_segments`): a task prompt without
     it is off the training distribution at position 0, so the tasks put it there."""
-    from moekit.data.tokenizer import ByteTokenizer
-    from moekit.inference.methods.tasks import evaluate_method, prompt_ids
+    from moekit.data.tokenizer import ByteTokenizer, encode_prompt
+    from moekit.inference.methods.tasks import evaluate_method
 
     tokenizer = ByteTokenizer()
     problem = task_problems("arithmetic", 1)[0]
-    ids = prompt_ids(tokenizer, problem.prompt)
+    ids = encode_prompt(tokenizer, problem.prompt)
     assert ids == [tokenizer.bos_id, *tokenizer.encode(problem.prompt)]
-    assert prompt_ids(tokenizer, "") == [tokenizer.bos_id]
+    assert encode_prompt(tokenizer, "") == [tokenizer.bos_id]
 
     class NoBos:
         def encode(self, text):
             return list(text.encode())
 
-    assert prompt_ids(NoBos(), "ab") == [97, 98]
+    assert encode_prompt(NoBos(), "ab") == [97, 98]
 
     torch.manual_seed(0)
     moe = MoEConfig(hidden_size=32, ff_size=16, router=preset("qwen3_moe", 8, 2))

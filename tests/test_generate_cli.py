@@ -64,7 +64,7 @@ def test_generate_a_moekit_run_streams_and_writes_json(tmp_path, capsys):
         == 0
     )
     result = json.loads(out.read_text())
-    prompt = list(b"def f(x):")
+    prompt = [256, *b"def f(x):"]  # BOS first, as every training document starts
     expected = generate(model, torch.tensor([prompt]), max_new_tokens=6, eos_token_id=257)[0].tolist()
     assert result["prompt_ids"] == prompt and result["output_ids"] == expected
     assert result["new_tokens"] == len(expected) - len(prompt)

@@ -39,6 +39,18 @@ class Tokenizer(Protocol):
     def decode(self, ids: Iterable[int]) -> str: ...
 
 
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A prompt's token ids as the model saw documents in training: moekit's trainer starts every
+    document with the tokenizer's BOS token (`moekit.data.segments`), so a prompt without it puts
+    the model off its training distribution at position 0. Tokenizers without a BOS id encode as
+    they are."""
+    ids = tokenizer.encode(text)
+    bos = getattr(tokenizer, "bos_id", None)
+    if isinstance(bos, int) and not isinstance(bos, bool) and bos >= 0 and ids[:1] != [bos]:
+        return [bos, *ids]
+    return ids
+
+
 class ByteTokenizer:
     """UTF-8 bytes as ids 0-255, then BOS=256, EOS=257, PAD=258 (vocab 259). Needs no training."""
 

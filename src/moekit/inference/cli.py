@@ -132,6 +132,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from moekit.addressing import moe_layers
+    from moekit.data.tokenizer import encode_prompt
     from moekit.device import autocast, resolve_device, resolve_dtype, warn_if_slow_bf16
     from moekit.inference.generate import stream
     from moekit.io import write_json_atomic
@@ -148,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise MoekitError("--prompt: empty; expected some text to continue")
     model, tokenizer, eos = load_for_generation(args.source, experts_on_disk=offload is not None)
-    prompt_ids = tokenizer.encode(args.prompt)
+    prompt_ids = encode_prompt(tokenizer, args.prompt)
     if not prompt_ids:
         raise MoekitError("--prompt: the tokenizer turns it into no tokens; expected at least one")
     context = model.context_length

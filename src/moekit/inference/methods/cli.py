@@ -81,8 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from moekit.data.tokenizer import encode_prompt
     from moekit.inference.cli import load_for_generation
-    from moekit.inference.methods.tasks import MethodSettings, evaluate_method, prompt_ids, task_problems
+    from moekit.inference.methods.tasks import MethodSettings, evaluate_method, task_problems
     from moekit.io import write_json_atomic
 
     if args.limit < 1:
@@ -151,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
         problems = task_problems(args.task_set, args.limit, level=args.level, ciphered=args.cipher)
     except ConfigError as exc:
         raise MoekitError(f"--{exc}") from None
-    longest = max(len(prompt_ids(tokenizer, p.prompt)) for p in problems) + args.max_new_tokens
+    longest = max(len(encode_prompt(tokenizer, p.prompt)) for p in problems) + args.max_new_tokens
     if longest > model.context_length:
         raise MoekitError(
             f"--max-new-tokens: the longest prompt plus {args.max_new_tokens} new tokens needs {longest} "

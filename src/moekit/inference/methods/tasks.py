@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from moekit.data.mathgen import PROBLEM_KINDS, MathProblem, generate_problem
+from moekit.data.tokenizer import encode_prompt
 from moekit.errors import ConfigError
 from moekit.inference.generate import generate
 from moekit.inference.methods.c3po import Reference, c3po, c3po_generate, make_reference
@@ -38,18 +39,6 @@ TASK_SETS: dict[str, tuple[str, ...]] = {
 }
 METHODS = ("none", "scmoe", "rewire", "steer", "odp", "des", "c3po", "premoe")
 C3PO_REFERENCE_SEED = EVAL_SEED + 2  # C3PO's reference set: solved items of another stream
-
-
-def prompt_ids(tokenizer: Any, text: str) -> list[int]:
-    """A prompt's token ids as the model saw documents in training: moekit's trainer starts every
-    document with the tokenizer's BOS token (`moekit.data.segments`), so a prompt without it puts
-    the model off its training distribution at position 0. Tokenizers without a BOS id encode as
-    they are."""
-    ids = tokenizer.encode(text)
-    bos = getattr(tokenizer, "bos_id", None)
-    if isinstance(bos, int) and not isinstance(bos, bool) and bos >= 0 and ids[:1] != [bos]:
-        return [bos, *ids]
-    return ids
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
@@ -181,7 +170,7 @@ def c3po_reference_set(
     passes = 0
     kept = []
     for problem in problems:
-        prompt = prompt_ids(tokenizer, problem.prompt)
+        prompt = encode_prompt(tokenizer, problem.prompt)
         if settings.c3po_solved_only:
             ids = torch.tensor([prompt], dtype=torch.long)
             out = generate(model, ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
@@ -232,7 +221,7 @@ def evaluate_method(
         )
         frequency_sum: dict[int, torch.Tensor] = {}
         for reference in references:
-            ids = torch.tensor([prompt_ids(tokenizer, reference.text)], dtype=torch.long)
+            ids = torch.tensor([encode_prompt(tokenizer, reference.text)], dtype=torch.long)
             for index, value in expert_frequencies(model, ids).items():
                 frequency_sum[index] = frequency_sum.get(index, 0) + value
         cost.forward_passes += len(references)
@@ -247,14 +236,14 @@ def evaluate_method(
     if method == "c3po":
         references, setup = c3po_reference_set(model, tokenizer, settings, max_new_tokens, eos_token_id, cost)
     if problems:  # first-use measurements (threading, kernels) stay out of the timed loop
-        warm = torch.tensor([prompt_ids(tokenizer, problems[0].prompt)], dtype=torch.long)
+        warm = torch.tensor([encode_prompt(tokenizer, problems[0].prompt)], dtype=torch.long)
         generate(model, warm, max_new_tokens=1)
     correct = 0
     items = []
     start = time.perf_counter()
     generated_tokens = 0
     for problem in problems:
-        ids = torch.tensor([prompt_ids(tokenizer, problem.prompt)], dtype=torch.long)
+        ids = torch.tensor([encode_prompt(tokenizer, problem.prompt)], dtype=torch.long)
         extra: dict[str, Any] = {}
         if method == "des":
             search = des_search(
