@@ -433,3 +433,35 @@ def test_shipped_recipes_validate():
     for path in recipes:
         recipe = BuildRecipe.load(path)
         assert recipe.variants and len(recipe.domains) >= 2
+
+
+@given(st.lists(st.floats(-5.0, 5.0), min_size=2, max_size=6), st.integers(0, 10_000))
+def test_flexolmo_learnable_bias_never_raises_a_logit(values, seed):
+    from moekit.domains.flexolmo import public_free_negative_bias
+
+    b = torch.tensor(values, dtype=torch.float64)
+    x = torch.randn(5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    rows = torch.randn(len(values), 8, dtype=torch.float64)
+    z, biased = x @ rows.T, x @ rows.T + public_free_negative_bias(b)
+    assert torch.equal(biased[:, 0], z[:, 0]) and bool((biased <= z).all())
+
+
+def test_flexolmo_bias_trains_while_negative_in_the_mixed_router():
+    """The mixed model's router applies min(b, 0): b_j < 0 gets a gradient, b_j > 0 and the public
+    expert's entry get none, and a positive stored b leaves the logits unbiased."""
+    seed, branches = _branches(2)
+    ids = _domain_ids()
+    options = MixOptions(router="flexolmo", bias=-0.5, top_k=1)
+    moe, _ = mix_lm(branches, options, public=seed, router_rows=router_rows_for(options, branches, seed, ids))
+    assert moe.config.moe.router.negative_bias
+    router = moe.blocks[0].ffn.router
+    with torch.no_grad():
+        router.bias.copy_(torch.tensor([0.0, -0.5, 3.0], dtype=torch.float64))
+    x = torch.randn(7, CONFIG.hidden_size, dtype=torch.float64)
+    logits = router.logits(x)
+    logits.logsumexp(-1).sum().backward()
+    grad = router.bias.grad
+    assert grad[0] == 0 and grad[1] != 0 and grad[2] == 0
+    unbiased = x @ router.weight.detach().T
+    torch.testing.assert_close(logits[:, 2].detach(), unbiased[:, 2], rtol=0, atol=1e-12)
+    torch.testing.assert_close(logits[:, 1].detach(), unbiased[:, 1] - 0.5, rtol=0, atol=1e-12)

@@ -9,8 +9,8 @@ tensor the branches all share unchanged is copied, not re-summed, so it stays bi
 - `random`: N(0, std) rows (BTX's default);
 - `hidden`: mergekit's hidden-state rows (`construct.router_init.hidden_router`): each domain's
   mean FFN input minus the other domains', computed on the branches' uniform average;
-- `flexolmo`: domain-embedding rows with FlexOlmo's negative bias on the domain experts
-  (`domains.flexolmo`); implies `public`.
+- `flexolmo`: domain-embedding rows with FlexOlmo's negative-only learnable bias on the domain
+  experts (`domains.flexolmo`; b starts at `bias` and trains with the router); implies `public`.
 
 BAM (Zhang et al. 2024, #31) options make attention experts too: `attention: experts` turns each
 branch's whole attention (Q, K, V, O) into attention expert e; `attention: shared_kv` gives each
@@ -128,6 +128,7 @@ def moe_config(dense: LMConfig, num_experts: int, options: MixOptions) -> LMConf
         top_k=min(options.top_k, num_experts),
         renorm="sum",
         router_bias=options.router == "flexolmo",
+        negative_bias=options.router == "flexolmo",
     )
     moe = MoEConfig(hidden_size=dense.hidden_size, ff_size=dense.ff_size, router=spec)
     attention = None
