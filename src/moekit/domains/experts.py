@@ -84,6 +84,10 @@ def remove_expert(model: LanguageModel, expert: int) -> LanguageModel:
         raise ConfigError("expert", f"got {expert}, expected an expert index in [0, {count})")
     if count == 1:
         raise ConfigError("expert", "the model has one expert; removing it leaves no FFN")
+    if expert == 0 and model.config.moe.router.negative_bias:
+        raise ConfigError(
+            "expert", "expert 0 is FlexOlmo's public expert (the unbiased one); only domain experts opt out"
+        )
     keep = [e for e in range(count) if e != expert]
     out = LanguageModel(_with_experts(model.config, count - 1)).to(model.embed.weight.dtype).eval()
     source = model.state_dict()
