@@ -467,3 +467,84 @@ def test_flexolmo_bias_trains_while_negative_in_the_mixed_router():
     unbiased = x @ router.weight.detach().T
     torch.testing.assert_close(logits[:, 2].detach(), unbiased[:, 2], rtol=0, atol=1e-12)
     torch.testing.assert_close(logits[:, 1].detach(), unbiased[:, 1] - 0.5, rtol=0, atol=1e-12)
+
+
+def _owners(count, *, steps=3, top_k=2):
+    """FlexOlmo owners trained a few AdamW steps (weight decay on) on their own domain's ids."""
+    from moekit.domains.coordinated import freeze_for_owner_training, owner_model
+
+    public, _ = _branches(0)
+    ids = _domain_ids() + [[torch.randint(0, 61, (1, 16), generator=torch.Generator().manual_seed(9))]]
+    rows = router_rows_for(MixOptions(router="flexolmo"), [], public, ids[:count])
+    owners = []
+    for j in range(count):
+        owner = owner_model(public, [r[[0, 1 + j]] for r in rows], top_k=top_k, bias=-0.3).train()
+        optimizer = torch.optim.AdamW(owner.parameters(), lr=1e-2, weight_decay=0.1)
+        freeze_for_owner_training(owner, optimizer)
+        for _ in range(steps):
+            for x in ids[j]:
+                out = owner(x)
+                torch.nn.functional.cross_entropy(out.logits[0, :-1], x[0, 1:]).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        owners.append(owner.eval())
+    return public, owners
+
+
+def test_flexolmo_owner_training_moves_only_the_owners_expert_row_and_bias():
+    public, (owner,) = _owners(1)
+    before = _owners(1, steps=0)[1][0].state_dict()
+    after = owner.state_dict()
+    for name, tensor in after.items():
+        if ".ffn." not in name:
+            assert torch.equal(tensor, public.state_dict()[name]), name
+        else:
+            assert torch.equal(tensor[0], before[name][0]), name  # the public expert / row
+    ffn = owner.blocks[0].ffn
+    assert not torch.equal(ffn.experts.w_in[1], before["blocks.0.ffn.experts.w_in"][1])
+    assert not torch.equal(ffn.router.weight[1], before["blocks.0.ffn.router.weight"][1])
+    assert ffn.router.bias[1] != before["blocks.0.ffn.router.bias"][1]  # b learns (it is < 0)
+    assert torch.equal(ffn.experts.w_in[0], public.blocks[0].ffn.proj_in.weight)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_flexolmo_merge_with_others_opted_out_is_each_owners_model(top_k):
+    """The property that makes FlexOlmo work without joint training (float64)."""
+    from moekit.domains.coordinated import merge_owners
+
+    _, owners = _owners(3, steps=2, top_k=top_k)
+    merged, _ = merge_owners(owners, ["a", "b", "c"], top_k=2)
+    assert merged.config.moe.router.num_experts == 4 and merged.config.moe.router.negative_bias
+    assert torch.equal(merged.blocks[1].ffn.experts.w_out[0], owners[2].blocks[1].ffn.experts.w_out[0])
+    for j, owner in enumerate(owners):
+        alone = merged
+        for other in sorted((1 + o for o in range(3) if o != j), reverse=True):
+            alone = remove_expert(alone, other)
+        with torch.no_grad():
+            want = owner(IDS).logits
+            got = _with_top_k(alone, top_k)(IDS).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        assert (merged(IDS).logits - want).abs().max() > 1e-6  # the other owners matter when in
+
+
+def _with_top_k(model, k):
+    from moekit.domains.experts import _with_experts
+
+    out = LanguageModel(_with_experts(model.config, model.config.moe.router.num_experts, top_k=k)).double()
+    out.load_state_dict(model.state_dict())
+    return out.eval()
+
+
+def test_flexolmo_merge_refuses_uncoordinated_owners():
+    from moekit.domains.coordinated import merge_owners
+
+    _, owners = _owners(2, steps=0)
+    with torch.no_grad():
+        owners[1].blocks[0].attn.q_proj.weight.add_(1e-3)
+    with pytest.raises(MoekitError, match="attn.q_proj.weight differs"):
+        merge_owners(owners, ["a", "b"], top_k=2)
+    _, owners = _owners(2, steps=0)
+    with torch.no_grad():
+        owners[1].blocks[0].ffn.router.weight[0].add_(1e-3)
+    with pytest.raises(MoekitError, match="public expert"):
+        merge_owners(owners, ["a", "b"], top_k=2)
