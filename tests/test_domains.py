@@ -548,3 +548,37 @@ def test_flexolmo_merge_refuses_uncoordinated_owners():
         owners[1].blocks[0].ffn.router.weight[0].add_(1e-3)
     with pytest.raises(MoekitError, match="public expert"):
         merge_owners(owners, ["a", "b"], top_k=2)
+
+
+@pytest.mark.parametrize("family", ["qwen2"])  # the HF seed loads as for every dense family
+def test_flexolmo_branch_and_merge_from_an_hf_seed(tmp_path, family):
+    """`branch --parts flexolmo` then `mix --router flexolmo`: owners keep the seed's non-FFN
+    tensors and public expert bit for bit; the merge passes the owner-alone step-0 checks."""
+    from moekit.construct.lm import load_run_model
+    from moekit.domains.branch import branch
+    from moekit.domains.mix import load_lm, mix
+    from moekit.interop.tiny import tiny_dense_model
+
+    seed = tmp_path / family
+    tiny_dense_model(family, vocab_size=259).save_pretrained(seed)
+    train = {"micro_batch_size": 2, "warmup_steps": 1, "weight_decay": 0.1}
+    branch(seed, tmp_path / "branches", ["code", "math"], seq_len=32, steps=3, parts="flexolmo", top_k=2,
+           bias=-0.4, train=train, eval_batches=1, log=lambda _: None)  # fmt: skip
+    public = load_lm(seed).state_dict()
+    for domain in ("code", "math"):
+        owner = load_run_model(tmp_path / "branches" / domain)[0]
+        init = load_run_model(tmp_path / "branches" / "init" / domain)[0].state_dict()
+        for name, tensor in owner.state_dict().items():
+            if ".ffn." not in name:
+                assert torch.equal(tensor, public[name]), name
+            else:
+                assert torch.equal(tensor[0], init[name][0]), name
+        assert not torch.equal(owner.blocks[0].ffn.experts.w_in[1], init["blocks.0.ffn.experts.w_in"][1])
+    with pytest.raises(ConfigError, match="mix.router"):
+        mix(tmp_path / "branches", tmp_path / "bad", MixOptions(router="hidden"), log=lambda _: None)
+    receipt = mix(
+        tmp_path / "branches", tmp_path / "mixed", MixOptions(router="flexolmo"), log=lambda _: None
+    )
+    assert receipt["expert_domains"] == ["public", "code", "math"] and receipt["coordinated"]
+    assert all(c["exact_by_construction"] and c["passed"] for c in receipt["checks"].values())
+    assert not (tmp_path / "bad").exists()
