@@ -259,6 +259,12 @@ RECIPE = {
         ({"colour": "red"}, "colour"),
         ({"seed": {"steps": 3}}, "seed"),
         ({"domains": ["code", "code"]}, "domains"),
+        ({"branch": {"parts": "flexolmo", "bias": 0.5}}, "branch.bias"),
+        ({"branch": {"parts": "flexolmo"}}, "variants[0].router"),  # owners mix only as FlexOlmo
+        (
+            {"branch": {"parts": "flexolmo"}, "variants": [{"name": "f", "router": "flexolmo"}]},
+            "baselines.merge",
+        ),
     ],
 )
 def test_recipe_errors_name_the_field(change, field):
