@@ -11,6 +11,8 @@ tensor the branches all share unchanged is copied, not re-summed, so it stays bi
   mean FFN input minus the other domains', computed on the branches' uniform average;
 - `flexolmo`: domain-embedding rows with FlexOlmo's negative-only learnable bias on the domain
   experts (`domains.flexolmo`; b starts at `bias` and trains with the router); implies `public`.
+  Branches of `parts: flexolmo` (FlexOlmo's 2-expert owner models) are merged by concatenation
+  instead (`domains.coordinated`): each owner's trained router row and bias are kept.
 
 BAM (Zhang et al. 2024, #31) options make attention experts too: `attention: experts` turns each
 branch's whole attention (Q, K, V, O) into attention expert e; `attention: shared_kv` gives each
