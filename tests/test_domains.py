@@ -145,11 +145,13 @@ def test_domain_embedding_rows_are_unit_rows_with_the_public_mean_first():
     torch.testing.assert_close(rows[0], torch.nn.functional.normalize(means.mean(0), dim=0))
 
 
-@pytest.mark.parametrize("expert", [0, 1, 3])
+@pytest.mark.parametrize("expert", [1, 3])
 def test_opt_out_removes_one_expert_and_keeps_the_rest_bit_identical(expert):
     seed, branches = _branches(3)
     options = MixOptions(router="flexolmo", bias=-0.2, top_k=2)
     moe, _ = mix_lm(branches, options, public=seed)  # random rows, FlexOlmo bias
+    with pytest.raises(ConfigError, match="public expert"):
+        remove_expert(moe, 0)  # the bias is defined relative to expert 0
     smaller = remove_expert(moe, expert)
     assert smaller.config.moe.router.num_experts == 3
     keep = [e for e in range(4) if e != expert]
@@ -257,6 +259,12 @@ RECIPE = {
         ({"colour": "red"}, "colour"),
         ({"seed": {"steps": 3}}, "seed"),
         ({"domains": ["code", "code"]}, "domains"),
+        ({"branch": {"parts": "flexolmo", "bias": 0.5}}, "branch.bias"),
+        ({"branch": {"parts": "flexolmo"}}, "variants[0].router"),  # owners mix only as FlexOlmo
+        (
+            {"branch": {"parts": "flexolmo"}, "variants": [{"name": "f", "router": "flexolmo"}]},
+            "baselines.merge",
+        ),
     ],
 )
 def test_recipe_errors_name_the_field(change, field):
@@ -433,3 +441,150 @@ def test_shipped_recipes_validate():
     for path in recipes:
         recipe = BuildRecipe.load(path)
         assert recipe.variants and len(recipe.domains) >= 2
+
+
+@given(st.lists(st.floats(-5.0, 5.0), min_size=2, max_size=6), st.integers(0, 10_000))
+def test_flexolmo_learnable_bias_never_raises_a_logit(values, seed):
+    from moekit.domains.flexolmo import public_free_negative_bias
+
+    b = torch.tensor(values, dtype=torch.float64)
+    x = torch.randn(5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    rows = torch.randn(len(values), 8, dtype=torch.float64)
+    z, biased = x @ rows.T, x @ rows.T + public_free_negative_bias(b)
+    assert torch.equal(biased[:, 0], z[:, 0]) and bool((biased <= z).all())
+
+
+def test_flexolmo_bias_trains_while_negative_in_the_mixed_router():
+    """The mixed model's router applies min(b, 0): b_j < 0 gets a gradient, b_j > 0 and the public
+    expert's entry get none, and a positive stored b leaves the logits unbiased."""
+    seed, branches = _branches(2)
+    ids = _domain_ids()
+    options = MixOptions(router="flexolmo", bias=-0.5, top_k=1)
+    moe, _ = mix_lm(branches, options, public=seed, router_rows=router_rows_for(options, branches, seed, ids))
+    assert moe.config.moe.router.negative_bias
+    router = moe.blocks[0].ffn.router
+    with torch.no_grad():
+        router.bias.copy_(torch.tensor([0.0, -0.5, 3.0], dtype=torch.float64))
+    x = torch.randn(7, CONFIG.hidden_size, dtype=torch.float64)
+    logits = router.logits(x)
+    logits.logsumexp(-1).sum().backward()
+    grad = router.bias.grad
+    assert grad[0] == 0 and grad[1] != 0 and grad[2] == 0
+    unbiased = x @ router.weight.detach().T
+    torch.testing.assert_close(logits[:, 2].detach(), unbiased[:, 2], rtol=0, atol=1e-12)
+    torch.testing.assert_close(logits[:, 1].detach(), unbiased[:, 1] - 0.5, rtol=0, atol=1e-12)
+
+
+def _owners(count, *, steps=3, top_k=2):
+    """FlexOlmo owners trained a few AdamW steps (weight decay on) on their own domain's ids."""
+    from moekit.domains.coordinated import freeze_for_owner_training, owner_model
+
+    public, _ = _branches(0)
+    ids = _domain_ids() + [[torch.randint(0, 61, (1, 16), generator=torch.Generator().manual_seed(9))]]
+    rows = router_rows_for(MixOptions(router="flexolmo"), [], public, ids[:count])
+    owners = []
+    for j in range(count):
+        owner = owner_model(public, [r[[0, 1 + j]] for r in rows], top_k=top_k, bias=-0.3).train()
+        optimizer = torch.optim.AdamW(owner.parameters(), lr=1e-2, weight_decay=0.1)
+        freeze_for_owner_training(owner, optimizer)
+        for _ in range(steps):
+            for x in ids[j]:
+                out = owner(x)
+                torch.nn.functional.cross_entropy(out.logits[0, :-1], x[0, 1:]).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        owners.append(owner.eval())
+    return public, owners
+
+
+def test_flexolmo_owner_training_moves_only_the_owners_expert_row_and_bias():
+    public, (owner,) = _owners(1)
+    before = _owners(1, steps=0)[1][0].state_dict()
+    after = owner.state_dict()
+    for name, tensor in after.items():
+        if ".ffn." not in name:
+            assert torch.equal(tensor, public.state_dict()[name]), name
+        else:
+            assert torch.equal(tensor[0], before[name][0]), name  # the public expert / row
+    ffn = owner.blocks[0].ffn
+    assert not torch.equal(ffn.experts.w_in[1], before["blocks.0.ffn.experts.w_in"][1])
+    assert not torch.equal(ffn.router.weight[1], before["blocks.0.ffn.router.weight"][1])
+    assert ffn.router.bias[1] != before["blocks.0.ffn.router.bias"][1]  # b learns (it is < 0)
+    assert torch.equal(ffn.experts.w_in[0], public.blocks[0].ffn.proj_in.weight)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_flexolmo_merge_with_others_opted_out_is_each_owners_model(top_k):
+    """The property that makes FlexOlmo work without joint training (float64)."""
+    from moekit.domains.coordinated import merge_owners
+
+    _, owners = _owners(3, steps=2, top_k=top_k)
+    merged, _ = merge_owners(owners, ["a", "b", "c"], top_k=2)
+    assert merged.config.moe.router.num_experts == 4 and merged.config.moe.router.negative_bias
+    assert torch.equal(merged.blocks[1].ffn.experts.w_out[0], owners[2].blocks[1].ffn.experts.w_out[0])
+    for j, owner in enumerate(owners):
+        alone = merged
+        for other in sorted((1 + o for o in range(3) if o != j), reverse=True):
+            alone = remove_expert(alone, other)
+        with torch.no_grad():
+            want = owner(IDS).logits
+            got = _with_top_k(alone, top_k)(IDS).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        assert (merged(IDS).logits - want).abs().max() > 1e-6  # the other owners matter when in
+
+
+def _with_top_k(model, k):
+    from moekit.domains.experts import _with_experts
+
+    out = LanguageModel(_with_experts(model.config, model.config.moe.router.num_experts, top_k=k)).double()
+    out.load_state_dict(model.state_dict())
+    return out.eval()
+
+
+def test_flexolmo_merge_refuses_uncoordinated_owners():
+    from moekit.domains.coordinated import merge_owners
+
+    _, owners = _owners(2, steps=0)
+    with torch.no_grad():
+        owners[1].blocks[0].attn.q_proj.weight.add_(1e-3)
+    with pytest.raises(MoekitError, match="attn.q_proj.weight differs"):
+        merge_owners(owners, ["a", "b"], top_k=2)
+    _, owners = _owners(2, steps=0)
+    with torch.no_grad():
+        owners[1].blocks[0].ffn.router.weight[0].add_(1e-3)
+    with pytest.raises(MoekitError, match="public expert"):
+        merge_owners(owners, ["a", "b"], top_k=2)
+
+
+@pytest.mark.parametrize("family", ["qwen2"])  # the HF seed loads as for every dense family
+def test_flexolmo_branch_and_merge_from_an_hf_seed(tmp_path, family):
+    """`branch --parts flexolmo` then `mix --router flexolmo`: owners keep the seed's non-FFN
+    tensors and public expert bit for bit; the merge passes the owner-alone step-0 checks."""
+    from moekit.construct.lm import load_run_model
+    from moekit.domains.branch import branch
+    from moekit.domains.mix import load_lm, mix
+    from moekit.interop.tiny import tiny_dense_model
+
+    seed = tmp_path / family
+    tiny_dense_model(family, vocab_size=259).save_pretrained(seed)
+    train = {"micro_batch_size": 2, "warmup_steps": 1, "weight_decay": 0.1}
+    branch(seed, tmp_path / "branches", ["code", "math"], seq_len=32, steps=3, parts="flexolmo", top_k=2,
+           bias=-0.4, train=train, eval_batches=1, log=lambda _: None)  # fmt: skip
+    public = load_lm(seed).state_dict()
+    for domain in ("code", "math"):
+        owner = load_run_model(tmp_path / "branches" / domain)[0]
+        init = load_run_model(tmp_path / "branches" / "init" / domain)[0].state_dict()
+        for name, tensor in owner.state_dict().items():
+            if ".ffn." not in name:
+                assert torch.equal(tensor, public[name]), name
+            else:
+                assert torch.equal(tensor[0], init[name][0]), name
+        assert not torch.equal(owner.blocks[0].ffn.experts.w_in[1], init["blocks.0.ffn.experts.w_in"][1])
+    with pytest.raises(ConfigError, match="mix.router"):
+        mix(tmp_path / "branches", tmp_path / "bad", MixOptions(router="hidden"), log=lambda _: None)
+    receipt = mix(
+        tmp_path / "branches", tmp_path / "mixed", MixOptions(router="flexolmo"), log=lambda _: None
+    )
+    assert receipt["expert_domains"] == ["public", "code", "math"] and receipt["coordinated"]
+    assert all(c["exact_by_construction"] and c["passed"] for c in receipt["checks"].values())
+    assert not (tmp_path / "bad").exists()

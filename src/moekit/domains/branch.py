@@ -6,6 +6,9 @@ is a moekit run or checkpoint, or an HF dense (Llama, Qwen2, Qwen3) folder, load
 training stream holds one domain. `parts: ffn` trains only the FFNs and keeps attention,
 embeddings and norms at the seed's values, FlexOlmo's "coordinated" training (#30): the branches
 then differ only in their FFNs, so a mixed model with one expert forced reproduces that branch.
+`parts: flexolmo` is FlexOlmo's full coordinated training (`domains.coordinated`): each branch is a
+2-expert MoE of the frozen public FFN and router row plus the owner's expert, router row (the
+domain embedding) and negative-only bias, which alone train.
 
 `branches.json`, written last, lists the runs; `moekit mix` reads it.
 """
@@ -22,7 +25,7 @@ from moekit.io import read_json, write_json_atomic
 
 MANIFEST = "branches.json"
 MANIFEST_FORMAT = "moekit-branches"
-PARTS = ("all", "ffn")
+PARTS = ("all", "ffn", "flexolmo")
 
 
 def is_ffn_parameter(name: str) -> bool:
@@ -74,10 +77,22 @@ def train_run(config, data, parts: str, log: Callable[[str], None]):
     trainer = Trainer(config, data=data, log=log)
     if parts == "ffn":
         freeze_all_but_ffn(trainer.model)
+    elif parts == "flexolmo":
+        from moekit.domains.coordinated import freeze_for_owner_training
+
+        freeze_for_owner_training(trainer.model, trainer.optimizer)
     elif parts == "router":
         for name, p in trainer.model.named_parameters():
             p.requires_grad_(".ffn.router." in name or ".attn.router." in name)
-    return trainer.run()
+    if parts != "flexolmo":
+        return trainer.run()
+    import warnings
+
+    from moekit.balance.guard import BalancingDisabledWarning
+
+    with warnings.catch_warnings():  # an owner's 2 experts are not balanced: the public one is frozen
+        warnings.simplefilter("ignore", BalancingDisabledWarning)
+        return trainer.run()
 
 
 def branch(
@@ -93,10 +108,14 @@ def branch(
     train: dict[str, Any] | None = None,
     run_seed: int = 0,
     eval_batches: int = 4,
+    top_k: int = 2,
+    bias: float = -0.5,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train one copy of `seed` per domain into `out_dir/<domain>`; returns the manifest (also
-    written to `out_dir/branches.json`). `train` holds extra `train:` keys (lr, micro_batch_size...)."""
+    written to `out_dir/branches.json`). `train` holds extra `train:` keys (lr, micro_batch_size...).
+    With `parts='flexolmo'` each copy is FlexOlmo's 2-expert owner model (router `top_k`, initial
+    negative bias `bias`), started from `out_dir/init/<domain>`."""
     from moekit.domains.data import DomainData, check_domains, corpus_path, load_data
 
     if parts not in PARTS:
@@ -112,10 +131,14 @@ def branch(
     _require_dense_seed(str(seed_path))
     data_section = {"source": source, "tokenizer": tokenizer, "seq_len": seq_len}
     train_section = {"steps": steps, **(train or {})}
+    inits = {d: str(seed_path) for d in domains}
+    if parts == "flexolmo":
+        from moekit.domains.mix import MixOptions
+
+        MixOptions(router="flexolmo", top_k=top_k, bias=bias)  # checks both before any work
+        inits = _flexolmo_owner_inits(seed_path, out / "init", base, domains, seq_len, top_k, bias)
     configs = {
-        d: run_config(
-            f"branch-{d}", out / d, str(seed_path), data_section, train_section, run_seed, eval_batches
-        )
+        d: run_config(f"branch-{d}", out / d, inits[d], data_section, train_section, run_seed, eval_batches)
         for d in domains
     }  # every config is checked before the first branch trains
     runs: dict[str, str] = {}
@@ -137,9 +160,32 @@ def branch(
         "domains": list(domains),
         "runs": runs,
         "val_loss": val,
+        **({"flexolmo": {"top_k": top_k, "bias": bias}} if parts == "flexolmo" else {}),
     }
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
+
+
+def _flexolmo_owner_inits(seed_path: Path, folder: Path, data, domains, seq_len, top_k, bias):
+    """Each owner's untrained 2-expert model, saved as a checkpoint its branch run starts from.
+    The router rows are the public model's domain embeddings over every domain (r_pub their mean),
+    computed once so that every owner shares r_pub."""
+    from moekit.domains.coordinated import owner_model
+    from moekit.domains.data import calibration_ids
+    from moekit.domains.mix import MixOptions, load_lm, router_rows_for
+    from moekit.train.checkpoint import save_checkpoint
+
+    public = load_lm(seed_path)
+    seq = min(seq_len, public.config.max_seq_len)
+    ids = [calibration_ids(data, d, seq_len=seq) for d in domains]
+    rows = router_rows_for(MixOptions(router="flexolmo"), [], public, ids)
+    inits = {}
+    for j, domain in enumerate(domains):
+        owner = owner_model(public, [r[[0, 1 + j]] for r in rows], top_k=top_k, bias=bias)
+        state = {"config": {"model": owner.config.to_dict()}, "step": 0, "tokens_seen": 0}
+        save_checkpoint(folder / domain / "checkpoints" / "step-000000", owner, None, state)
+        inits[domain] = str(folder / domain)
+    return inits
 
 
 def _require_dense_seed(path: str) -> None:

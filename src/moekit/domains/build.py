@@ -119,6 +119,8 @@ def build(
         seq_len=recipe.data.seq_len,
         steps=recipe.branch.steps,
         parts=recipe.branch.parts,
+        top_k=recipe.branch.top_k,
+        bias=recipe.branch.bias,
         train=recipe.train,
         run_seed=recipe.run_seed,
         eval_batches=recipe.eval.batches,
@@ -144,7 +146,8 @@ def build(
     models["seed"] = {"kind": "dense", "step0": ctx.model_losses(seed_model)}
     branches = {d: load_run_model(out / "branches" / d)[0] for d in recipe.domains}
     for domain, model in branches.items():
-        models[f"branch-{domain}"] = {"kind": "dense branch", "step0": ctx.model_losses(model)}
+        kind = "dense branch" if model.config.moe is None else "FlexOlmo owner (public + own expert)"
+        models[f"branch-{domain}"] = {"kind": kind, "step0": ctx.model_losses(model)}
     if recipe.hdee:
         from moekit.domains.ensemble import ensemble_nll_fn
 

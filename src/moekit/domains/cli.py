@@ -1,6 +1,6 @@
 """`moekit branch`, `moekit mix` and `moekit build`.
 
-moekit branch SEED OUT --domains code,english,math [--steps 100] [--parts ffn]
+moekit branch SEED OUT --domains code,english,math [--steps 100] [--parts ffn|flexolmo]
 moekit mix BRANCHES OUT [--router random|hidden|flexolmo] [--top-k 2] [--public]
            [--attention average|experts|shared_kv] [--attention-top-k 0] [--parallel]   # BAM
 moekit mix MIXED OUT --remove DOMAIN              # opt-out: drop one domain's expert
@@ -28,8 +28,12 @@ def add_branch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--parts",
         default="all",
-        choices=("all", "ffn"),
-        help="train everything, or only the FFNs (FlexOlmo-style coordinated branches)",
+        choices=("all", "ffn", "flexolmo"),
+        help="train everything, only the FFNs, or FlexOlmo's coordinated 2-expert owner models",
+    )
+    parser.add_argument("--top-k", type=int, default=2, help="--parts flexolmo: the owner router's k")
+    parser.add_argument(
+        "--bias", type=float, default=-0.5, help="--parts flexolmo: initial negative bias b (learned)"
     )
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--micro-batch-size", type=int, default=None)
@@ -83,7 +87,8 @@ def branch_main(args: argparse.Namespace) -> int:
         train["micro_batch_size"] = args.micro_batch_size
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     manifest = branch(args.seed, args.out, domains, source=args.source, tokenizer=args.tokenizer,
-                      seq_len=args.seq_len, steps=args.steps, parts=args.parts, train=train)  # fmt: skip
+                      seq_len=args.seq_len, steps=args.steps, parts=args.parts, train=train,
+                      top_k=args.top_k, bias=args.bias)  # fmt: skip
     for domain in manifest["domains"]:
         own = manifest["val_loss"][domain].get(domain)
         print(f"{domain}: validation loss on its own domain {own:.4f}")

@@ -84,6 +84,10 @@ def remove_expert(model: LanguageModel, expert: int) -> LanguageModel:
         raise ConfigError("expert", f"got {expert}, expected an expert index in [0, {count})")
     if count == 1:
         raise ConfigError("expert", "the model has one expert; removing it leaves no FFN")
+    if expert == 0 and model.config.moe.router.negative_bias:
+        raise ConfigError(
+            "expert", "expert 0 is FlexOlmo's public expert (the unbiased one); only domain experts opt out"
+        )
     keep = [e for e in range(count) if e != expert]
     out = LanguageModel(_with_experts(model.config, count - 1)).to(model.embed.weight.dtype).eval()
     source = model.state_dict()
@@ -98,15 +102,15 @@ def add_expert(
     proj_in: Sequence[Tensor],
     proj_out: Sequence[Tensor],
     router_rows: Sequence[Tensor],
-    bias: float = 0.0,
+    bias: float | Sequence[float] = 0.0,
     attention: Sequence[Mapping[str, Tensor]] | None = None,
     attention_router_rows: Sequence[Tensor] | None = None,
 ) -> LanguageModel:
     """The model with one more expert, last: per layer its dense FFN weights (`proj_in` [2F, H],
     `proj_out` [H, F], as in a dense moekit block) and router row [H]; `bias` is its router bias
-    (models whose router has one). A model with attention experts (BAM) takes, per layer, the new
-    expert's attention (`attention`: a dense attention layer's state dict; with shared K/V only its
-    Q and O are used) and its attention router row."""
+    (models whose router has one; one number, or one per layer). A model with attention experts
+    (BAM) takes, per layer, the new expert's attention (`attention`: a dense attention layer's
+    state dict; with shared K/V only its Q and O are used) and its attention router row."""
     _check_editable(model)
     layers = len(model.blocks)
     given = [("proj_in", proj_in), ("proj_out", proj_out), ("router_rows", router_rows)]
@@ -149,7 +153,9 @@ def add_expert(
             "experts.w_in": proj_in[layer],
             "experts.w_out": proj_out[layer],
             "router.weight": router_rows[layer],
-            "router.bias": torch.tensor(float(bias), dtype=torch.float64),
+            "router.bias": torch.tensor(
+                float(bias if isinstance(bias, int | float) else bias[layer]), dtype=torch.float64
+            ),
         }[part]
         _check_shape(part, layer, new, tensor.shape[1:])
         tensor.copy_(torch.cat([source[name], new.unsqueeze(0).to(tensor.dtype)]))
@@ -209,6 +215,37 @@ def _attention_override(model: LanguageModel, force):
     return override_attention_routing(model, force)
 
 
+def _opt_in_owner(model, domains, owner, run: Path, domain):
+    """FlexOlmo's opt-in of a coordinated owner model (`domains.coordinated`): its expert, trained
+    router row and bias join as they are; the owner must share the public expert and every
+    non-FFN tensor with the mixed model."""
+    from moekit.domains.coordinated import merge_owners
+
+    if not model.config.moe.router.negative_bias:
+        raise MoekitError(f"{run}: a FlexOlmo owner model joins only a FlexOlmo mix (router flexolmo)")
+    # the mixed model's public expert and shared tensors, as a 2-expert owner, must match the owner
+    try:
+        merge_owners([_public_owner(model), owner], ["mixed model", str(run)], top_k=1)
+    except MoekitError as exc:
+        raise MoekitError(f"{run}: not coordinated with the mixed model ({exc})") from None
+    edited = add_expert(
+        model,
+        [b.ffn.experts.w_in[1] for b in owner.blocks],
+        [b.ffn.experts.w_out[1] for b in owner.blocks],
+        [b.ffn.router.weight[1] for b in owner.blocks],
+        [float(b.ffn.router.bias[1]) for b in owner.blocks],
+    )
+    return edited, [*domains, domain], {"added": domain, "from": str(run.resolve()), "owner": True}
+
+
+def _public_owner(model: LanguageModel) -> LanguageModel:
+    """The mixed model cut to its public expert and first domain expert (a 2-expert model)."""
+    out = model
+    while out.config.moe.router.num_experts > 2:
+        out = remove_expert(out, out.config.moe.router.num_experts - 1)
+    return out
+
+
 def _opt_in(model, state, domains, run: Path, domain, bias, public_name):
     from moekit.construct.lm import load_run_model
     from moekit.domains.data import calibration_ids, load_data
@@ -219,6 +256,8 @@ def _opt_in(model, state, domains, run: Path, domain, bias, public_name):
     if domain in domains:
         raise ConfigError("domain", f"{domain!r} is already an expert of this model")
     branch, _ = load_run_model(run)
+    if branch.config.moe is not None and branch.config.moe.router.negative_bias:
+        return _opt_in_owner(model, domains, branch, run, domain)
     if branch.config.moe is not None or branch.config.hidden_size != model.config.hidden_size:
         raise MoekitError(f"{run}: expected a dense branch of the mixed model's architecture")
     data_cfg = state.get("config", {}).get("data", {})

@@ -9,7 +9,9 @@ public expert (index 0) by a margin to be chosen.
 Where this differs from the paper: r_j comes from an off-the-shelf embedder (GritLM-7B, whose
 width equals the 7B model's) in the paper; here no such embedder exists offline and widths differ,
 so r_j is the public (seed) model's own mean FFN input on domain j's documents, per layer. The bias
-value is a constant of the recipe (the paper learns it; its initial value is not pinned).
+is learnable as in the paper (`RouterSpec.negative_bias`: the router applies
+`public_free_negative_bias` to its bias parameter, so training moves b but the bias never raises a
+domain expert's logit); its initial value is the recipe's `bias` (the paper does not pin one).
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ from torch import Tensor
 def negative_bias(bias: Tensor) -> Tensor:
     """FlexOlmo's bias on the domain experts: min(b, 0) (never favours a domain expert)."""
     return bias.clamp(max=0.0)
+
+
+def public_free_negative_bias(bias: Tensor) -> Tensor:
+    """The [E] bias a FlexOlmo router adds to its logits from its bias parameter b [E] (FlexOlmo
+    §3.3, z[:, 1:] += min(b, 0)): 0 on the public expert 0, min(b_j, 0) on domain expert j. The
+    gradient reaches b_j while b_j < 0; no value of b raises a logit."""
+    return torch.cat([torch.zeros_like(bias[:1]), negative_bias(bias[1:])])
 
 
 def flexolmo_router_logits(x: Tensor, rows: Tensor, bias: Tensor) -> Tensor:

@@ -9,8 +9,10 @@ tensor the branches all share unchanged is copied, not re-summed, so it stays bi
 - `random`: N(0, std) rows (BTX's default);
 - `hidden`: mergekit's hidden-state rows (`construct.router_init.hidden_router`): each domain's
   mean FFN input minus the other domains', computed on the branches' uniform average;
-- `flexolmo`: domain-embedding rows with FlexOlmo's negative bias on the domain experts
-  (`domains.flexolmo`); implies `public`.
+- `flexolmo`: domain-embedding rows with FlexOlmo's negative-only learnable bias on the domain
+  experts (`domains.flexolmo`; b starts at `bias` and trains with the router); implies `public`.
+  Branches of `parts: flexolmo` (FlexOlmo's 2-expert owner models) are merged by concatenation
+  instead (`domains.coordinated`): each owner's trained router row and bias are kept.
 
 BAM (Zhang et al. 2024, #31) options make attention experts too: `attention: experts` turns each
 branch's whole attention (Q, K, V, O) into attention expert e; `attention: shared_kv` gives each
@@ -128,6 +130,7 @@ def moe_config(dense: LMConfig, num_experts: int, options: MixOptions) -> LMConf
         top_k=min(options.top_k, num_experts),
         renorm="sum",
         router_bias=options.router == "flexolmo",
+        negative_bias=options.router == "flexolmo",
     )
     moe = MoEConfig(hidden_size=dense.hidden_size, ff_size=dense.ff_size, router=spec)
     attention = None
@@ -377,6 +380,8 @@ def mix(
         raise MoekitError(f"{out}: already exists (pass --overwrite to replace it)")
     manifest = read_branches(branches_dir)
     domains = list(manifest["domains"])
+    if manifest.get("parts") == "flexolmo":
+        return _mix_owners(manifest, out, options, branches_dir, overwrite=overwrite, log=log)
     loaded = [load_run_model(manifest["runs"][d]) for d in domains]
     models = [m for m, _ in loaded]
     public = load_lm(manifest["seed"]) if options.with_public else None
@@ -409,6 +414,51 @@ def mix(
     state = mixed_state(loaded[0][1], moe, expert_domains, receipt["branches"])
     save_mixed(out, moe, state, receipt, overwrite=overwrite)
     log(f"mixed {len(expert_domains)} experts ({', '.join(expert_domains)}) -> {out}")
+    return receipt
+
+
+def _mix_owners(manifest, out: Path, options: MixOptions, branches_dir, *, overwrite: bool, log):
+    """FlexOlmo's merge of coordinated owner models (`domains.coordinated`), with the step-0 check
+    that each owner alone (the others opted out) reproduces its own model."""
+    from moekit.construct.lm import load_run_model
+    from moekit.construct.receipt import held_out_token_batches
+    from moekit.domains.coordinated import merge_owners, owner_checks
+    from moekit.domains.data import load_data
+
+    if options.router != "flexolmo":
+        raise ConfigError(
+            "mix.router", f"got {options.router!r}; branches of parts: flexolmo mix with 'flexolmo'"
+        )
+    if options.attention != "average" or options.parallel:
+        raise ConfigError("mix.attention", "FlexOlmo's owners share the public attention; use average")
+    domains = list(manifest["domains"])
+    loaded = [load_run_model(manifest["runs"][d]) for d in domains]
+    owners = [m for m, _ in loaded]
+    moe, provenance = merge_owners(owners, domains, top_k=options.top_k)
+    data = load_data(manifest["source"], manifest["tokenizer"], log=lambda _: None)
+    seq = min(manifest["seq_len"], moe.config.max_seq_len)
+    batches, text = held_out_token_batches(
+        moe.config.vocab_size, corpus=manifest["source"], seq_len=seq, encode=data.tokenizer.encode
+    )
+    checks = owner_checks(moe, list(zip(domains, owners, strict=True)), batches, text)
+    failed = [n for n, c in checks.items() if not c["passed"]]
+    if failed:
+        raise MoekitError(f"mix: step-0 check failed for {', '.join(failed)} (nothing written)")
+    expert_domains = [PUBLIC, *domains]
+    receipt = {
+        "format": "moekit-mix-receipt",
+        "version": 1,
+        "branches": str(Path(branches_dir).resolve()),
+        "options": options.to_dict(),
+        "coordinated": True,
+        "expert_domains": expert_domains,
+        "output": {"family": "moekit", "model": moe.config.to_dict()},
+        "tensors": provenance,
+        "checks": checks,
+    }
+    state = mixed_state(loaded[0][1], moe, expert_domains, receipt["branches"])
+    save_mixed(out, moe, state, receipt, overwrite=overwrite)
+    log(f"merged {len(expert_domains)} FlexOlmo experts ({', '.join(expert_domains)}) -> {out}")
     return receipt
 
 

@@ -73,12 +73,20 @@ class SeedSection:
 
 @dataclass(frozen=True)
 class BranchSection:
+    """`parts: flexolmo` trains FlexOlmo's 2-expert owner models (router `top_k`, initial bias)."""
+
     steps: int = 100
     parts: str = "all"
+    top_k: int = 2
+    bias: float = -0.5
 
     def __post_init__(self) -> None:
         require_int("branch.steps", self.steps, minimum=1)
         require_choice("branch.parts", self.parts, PARTS)
+        require_int("branch.top_k", self.top_k, minimum=1)
+        require_number("branch.bias", self.bias)
+        if self.bias > 0:
+            raise ConfigError("branch.bias", f"got {self.bias}, expected a number <= 0 (FlexOlmo's bias)")
 
 
 @dataclass(frozen=True)
@@ -178,6 +186,10 @@ class BuildRecipe:
         hdee, merges = _baselines(data.get("baselines"))
         run_seed = data.get("run_seed", 0)
         require_int("run_seed", run_seed, minimum=0)
+        branch = dataclass_from_dict(BranchSection, data.get("branch"), "branch")
+        variants = _variants(data["variants"])
+        if branch.parts == "flexolmo":
+            _check_flexolmo_owners(variants, merges)
         return cls(
             name=name,
             out_dir=str(data.get("out_dir", f"runs/{name}")),
@@ -185,8 +197,8 @@ class BuildRecipe:
             domains=tuple(domains),
             seed=dataclass_from_dict(SeedSection, data["seed"], "seed"),
             train=dict(train),
-            branch=dataclass_from_dict(BranchSection, data.get("branch"), "branch"),
-            variants=_variants(data["variants"]),
+            branch=branch,
+            variants=variants,
             post_train=dataclass_from_dict(PostTrainSection, data.get("post_train"), "post_train"),
             hdee=hdee,
             merges=merges,
@@ -199,6 +211,19 @@ class BuildRecipe:
     @classmethod
     def load(cls, path: str | Path) -> BuildRecipe:
         return cls.from_dict(load_yaml(Path(path)))
+
+
+def _check_flexolmo_owners(variants, merges) -> None:
+    """Owner models (branch.parts: flexolmo) merge only as FlexOlmo does and are not dense."""
+    for i, v in enumerate(variants):
+        if v.options.router != "flexolmo":
+            raise ConfigError(
+                f"variants[{i}].router", "branch.parts: flexolmo mixes only with router flexolmo"
+            )
+        if v.options.attention != "average" or v.options.parallel:
+            raise ConfigError(f"variants[{i}].attention", "FlexOlmo owners share the public attention")
+    if merges:
+        raise ConfigError("baselines.merge", "dense merges need dense branches, not branch.parts: flexolmo")
 
 
 def _variants(value: Any) -> tuple[Variant, ...]:

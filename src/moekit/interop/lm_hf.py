@@ -66,6 +66,7 @@ def hf_family_of(config: LMConfig) -> str:
         ("router.scaling", spec.scaling, 1.0),
         ("router.weight_on", spec.weight_on, "output"),
         ("router.router_bias", spec.router_bias, False),
+        ("router.negative_bias", spec.negative_bias, False),
         ("router.capacity_factor", spec.capacity_factor, None),
     ]
     for name, value, wanted in checks:

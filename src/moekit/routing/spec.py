@@ -39,6 +39,8 @@ class RouterSpec:
     - `scaling`: multiply the final weights (DeepSeek's routed scaling factor).
     - `weight_on`: apply the weight to the expert's output (default) or its input (Llama 4).
     - `router_bias`: the router's linear layer has a bias (GPT-OSS).
+    - `negative_bias`: the bias enters as min(b, 0) on every expert but expert 0 and not at all
+      on expert 0 (FlexOlmo's negative-only learnable bias; needs `router_bias`).
     - `jitter_eps`: in training, multiply the router input by U(1-eps, 1+eps); with
       `jitter_target="router_and_experts"` the experts see the jittered input too (HF Mixtral).
     - `capacity_factor`: None is dropless; otherwise each expert keeps at most
@@ -59,6 +61,7 @@ class RouterSpec:
     scaling: float = 1.0
     weight_on: str = "output"
     router_bias: bool = False
+    negative_bias: bool = False
     jitter_eps: float = 0.0
     jitter_target: str = "router"
     capacity_factor: float | None = None
@@ -106,6 +109,10 @@ class RouterSpec:
         require_number("router.jitter_eps", self.jitter_eps, minimum=0.0)
         if self.jitter_eps >= 1:
             raise ConfigError("router.jitter_eps", f"got {self.jitter_eps}, expected a number in [0, 1)")
+        if self.negative_bias and not self.router_bias:
+            raise ConfigError(
+                "router.negative_bias", "needs router.router_bias: true (the bias it constrains)"
+            )
         if self.capacity_factor is not None:
             require_number("router.capacity_factor", self.capacity_factor, minimum=0.0, strict=True)
 

@@ -131,7 +131,12 @@ class TokenChoiceRouter(nn.Module):
         return self
 
     def logits(self, x: Tensor) -> Tensor:
-        return router_logits(x, self.weight, self.bias)
+        bias = self.bias
+        if self.spec.negative_bias:
+            from moekit.domains.flexolmo import public_free_negative_bias
+
+            bias = public_free_negative_bias(bias)
+        return router_logits(x, self.weight, bias)
 
     def forward(
         self,

@@ -180,6 +180,9 @@ MEANINGS: dict[str, str] = {
     "model.moe.router.scaling": "Multiplies the final weights (DeepSeek's routed scaling factor).",
     "model.moe.router.weight_on": "Apply the routing weight to the expert's output, or its input (Llama 4).",
     "model.moe.router.router_bias": "The router's linear layer has a bias (GPT-OSS).",
+    "model.moe.router.negative_bias": (
+        "FlexOlmo: the bias enters as min(b, 0) on every expert but expert 0 (needs router_bias)."
+    ),
     "model.moe.router.jitter_eps": "In training, multiply the router input by U(1-eps, 1+eps) (0: off).",
     "model.moe.router.jitter_target": "Whether the jittered input reaches the router only or the experts "
     "too (HF Mixtral).",
