@@ -76,7 +76,7 @@ def comparison_sections(out_dir: Path, results: Mapping[str, Any], domains: tupl
     headline = Text(
         "Claim (the seed papers): an MoE reaches a lower loss than a dense model with the same active "
         f"parameters trained on the same tokens. This run {shown}: mean validation loss "
-        f"{moe['val_loss']['mean']:.4f} (MoE) vs {dense['val_loss']['mean']:.4f} (dense) nats/token, "
+        f"{moe['val_loss']['mean']:.4f} (MoE) vs {dense['val_loss']['mean']:.4f} (dense) nats per byte, "
         f"MoE - dense {-gain:+.4f}, with the same active parameters "
         f"({moe['parameters']['active'] / 1e6:.2f}M vs {dense['parameters']['active'] / 1e6:.2f}M; "
         f"the MoE holds {moe['parameters']['total'] / 1e6:.2f}M in total). It trained at "
