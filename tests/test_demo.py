@@ -74,3 +74,21 @@ def test_demo_seeds_run_each_seed_and_summarise(tmp_path, monkeypatch):
         assert summary["gains"][str(seed)] == dense - moe
         losses[seed] = (dense, moe)
     assert losses[0] != losses[1]  # the seed changes the initialisation and the data order
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["--seeds", "1", "1"], "--seeds"),
+        (["--seeds", "0", "-1"], "--seeds"),
+        (["--seed", "-2"], "--seed"),
+    ],
+)
+def test_demo_rejects_bad_seeds_in_one_line_before_any_work(tmp_path, capsys, argv, field):
+    from moekit.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"moekit: error: {field}:"), err
+    assert not out.exists() or not any(out.iterdir())  # nothing trained, nothing written
