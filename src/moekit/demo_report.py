@@ -25,6 +25,7 @@ from moekit.analysis import (
     routing_health,
     routing_health_sections,
 )
+from moekit.demo import SEED_MARGIN
 from moekit.io import write_json_atomic
 from moekit.train.metrics import read_metrics
 
@@ -76,11 +77,13 @@ def comparison_sections(out_dir: Path, results: Mapping[str, Any], domains: tupl
     headline = Text(
         "Claim (the seed papers): an MoE reaches a lower loss than a dense model with the same active "
         f"parameters trained on the same tokens. This run {shown}: mean validation loss "
-        f"{moe['val_loss']['mean']:.4f} (MoE) vs {dense['val_loss']['mean']:.4f} (dense) nats/token, "
+        f"{moe['val_loss']['mean']:.4f} (MoE) vs {dense['val_loss']['mean']:.4f} (dense) nats per byte, "
         f"MoE - dense {-gain:+.4f}, with the same active parameters "
         f"({moe['parameters']['active'] / 1e6:.2f}M vs {dense['parameters']['active'] / 1e6:.2f}M; "
         f"the MoE holds {moe['parameters']['total'] / 1e6:.2f}M in total). It trained at "
-        f"{moe['tokens_per_s']:,.0f} tokens/s, {ratio:.2f}x the dense model's {dense['tokens_per_s']:,.0f}."
+        f"{moe['tokens_per_s']:,.0f} tokens/s, {ratio:.2f}x the dense model's {dense['tokens_per_s']:,.0f}. "
+        f"One seed: `moekit demo --seeds 0 1 2` tests whether the gain is at least {SEED_MARGIN} nats per "
+        "byte on every seed and more than twice the seed-to-seed spread."
     )
     blocks: list[Any] = [headline]
     timed = results.get("equal_time")
