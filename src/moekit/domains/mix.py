@@ -399,20 +399,18 @@ def mix(
     sources = list(zip(expert_domains, ([public] if public is not None else []) + models, strict=True))
     checks = forced_expert_checks(moe, sources, batches, text)
     failed = [n for n, c in checks.items() if c.get("exact_by_construction") and not c["passed"]]
-    if failed:
-        raise MoekitError(f"mix: step-0 check failed for {', '.join(failed)} (nothing written)")
-    receipt = {
-        "format": "moekit-mix-receipt",
-        "version": 1,
-        "branches": str(Path(branches_dir).resolve()),
-        "options": options.to_dict(),
-        "expert_domains": expert_domains,
-        "output": {"family": "moekit", "model": moe.config.to_dict()},
-        "tensors": provenance,
-        "checks": checks,
-    }
-    state = mixed_state(loaded[0][1], moe, expert_domains, receipt["branches"])
-    save_mixed(out, moe, state, receipt, overwrite=overwrite)
+    receipt = _write_mix(
+        out,
+        moe,
+        loaded[0][1],
+        expert_domains,
+        provenance,
+        checks,
+        failed,
+        options=options,
+        branches_dir=branches_dir,
+        overwrite=overwrite,
+    )
     log(f"mixed {len(expert_domains)} experts ({', '.join(expert_domains)}) -> {out}")
     return receipt
 
@@ -442,23 +440,58 @@ def _mix_owners(manifest, out: Path, options: MixOptions, branches_dir, *, overw
     )
     checks = owner_checks(moe, list(zip(domains, owners, strict=True)), batches, text)
     failed = [n for n, c in checks.items() if not c["passed"]]
+    expert_domains = [PUBLIC, *domains]
+    receipt = _write_mix(
+        out,
+        moe,
+        loaded[0][1],
+        expert_domains,
+        provenance,
+        checks,
+        failed,
+        options=options,
+        branches_dir=branches_dir,
+        overwrite=overwrite,
+        coordinated=True,
+    )
+    log(f"merged {len(expert_domains)} FlexOlmo experts ({', '.join(expert_domains)}) -> {out}")
+    return receipt
+
+
+def _write_mix(
+    out: Path,
+    moe: LanguageModel,
+    branch_state: dict[str, Any],
+    expert_domains: list[str],
+    provenance: dict[str, Any],
+    checks: dict[str, Any],
+    failed: list[str],
+    *,
+    options: MixOptions,
+    branches_dir,
+    overwrite: bool,
+    coordinated: bool = False,
+) -> dict[str, Any]:
+    """The receipt and the run folder of a mix, written only when every step-0 check that must be
+    exact passed (so a failed check leaves nothing on disk)."""
     if failed:
         raise MoekitError(f"mix: step-0 check failed for {', '.join(failed)} (nothing written)")
-    expert_domains = [PUBLIC, *domains]
-    receipt = {
+    receipt: dict[str, Any] = {
         "format": "moekit-mix-receipt",
         "version": 1,
         "branches": str(Path(branches_dir).resolve()),
         "options": options.to_dict(),
-        "coordinated": True,
+    }
+    if coordinated:
+        receipt["coordinated"] = True
+    receipt |= {
         "expert_domains": expert_domains,
         "output": {"family": "moekit", "model": moe.config.to_dict()},
         "tensors": provenance,
         "checks": checks,
     }
-    state = mixed_state(loaded[0][1], moe, expert_domains, receipt["branches"])
+    state = mixed_state(branch_state, moe, expert_domains, receipt["branches"])
     save_mixed(out, moe, state, receipt, overwrite=overwrite)
-    log(f"merged {len(expert_domains)} FlexOlmo experts ({', '.join(expert_domains)}) -> {out}")
     return receipt
 
 
