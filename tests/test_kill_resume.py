@@ -19,7 +19,7 @@ from moekit.train.checkpoint import MODEL_FILE, OPTIMIZER_FILE, load_checkpoint,
 
 pytestmark = pytest.mark.production_threads
 
-STEPS = 8
+STEPS = 16  # room past the first kill: on a fast machine a step of this model takes milliseconds
 CHECKPOINT_EVERY = 2
 # Fields of a metrics record that measure time, not the computation.
 TIMING_FIELDS = {"tokens_per_s", "step_s"}
@@ -172,10 +172,13 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, seed, late
     )
     steps_seen = [assert_last_checkpoint_loads(killed_dir, model)]
 
-    # Second attempt: resumes, then dies inside the write of the step-6 checkpoint.
+    # Second attempt: resumes, then dies inside the write of a checkpoint after the one it resumed
+    # from (the first attempt may have run a few steps past its kill point before the signal landed).
+    dying_at = max(3 * CHECKPOINT_EVERY, steps_seen[0] + CHECKPOINT_EVERY)
+    assert dying_at < STEPS, f"the first attempt ran to step {steps_seen[0]} before its kill"
     dying = subprocess.run(
         [sys.executable, "-c", DYING_IN_CHECKPOINT, "train", "--config", str(killed_config), "--resume"],
-        env={**env, "KILL_IN_CHECKPOINT": f"step-{3 * CHECKPOINT_EVERY:06d}"},
+        env={**env, "KILL_IN_CHECKPOINT": f"step-{dying_at:06d}"},
         capture_output=True,
         text=True,
         timeout=300,
@@ -184,7 +187,7 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, seed, late
     leftovers = [p.name for p in (killed_dir / "checkpoints").iterdir() if p.name.startswith(".step-")]
     assert leftovers, "the kill did not happen inside a checkpoint write"
     steps_seen.append(assert_last_checkpoint_loads(killed_dir, model))
-    assert steps_seen[-1] == 2 * CHECKPOINT_EVERY  # the last good checkpoint, not the half-written one
+    assert steps_seen[-1] == dying_at - CHECKPOINT_EVERY  # the last good one, not the half-written one
 
     # Further attempts: each resumes and is killed at a random moment after its first step.
     for _ in range(later_kills):
