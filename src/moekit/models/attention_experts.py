@@ -23,13 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.config_tree import dataclass_from_dict
 from moekit.device import no_autocast
 from moekit.errors import ConfigError, MoekitError, require_int
 from moekit.kernels.linear import Linear
@@ -78,17 +79,7 @@ class AttentionExpertsConfig:
 
     @classmethod
     def from_dict(cls, data: Any, field_prefix: str = "model.attention_experts") -> AttentionExpertsConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(field_prefix, f"expected a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"{field_prefix}.{unknown[0]}", f"unknown field; expected one of {', '.join(sorted(known))}"
-            )
-        if "num_experts" not in data:
-            raise ConfigError(f"{field_prefix}.num_experts", "missing")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, field_prefix)
 
 
 @dataclass(frozen=True)
