@@ -16,6 +16,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+from helpers import torch_threads  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -42,10 +44,8 @@ def _production_threads(request):
     if request.node.get_closest_marker("production_threads") is None:
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(PRODUCTION_THREADS)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(PRODUCTION_THREADS):
+        yield
 
 
 @pytest.fixture(autouse=True)

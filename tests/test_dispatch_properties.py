@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import moekit.dispatch.grouped as grouped_module
+from helpers import torch_threads
 from moekit.dispatch.grouped import ExpertGroups, grouped_experts, grouped_mm_available
 from moekit.dispatch.loops import backward_pairs_into, expert_loops, products_into
 from moekit.dispatch.workers import for_each_expert, for_each_run
@@ -222,17 +223,6 @@ def test_apply_capacity_on_empty_assignments():
     empty = Assignments.empty()
     kept, dropped = apply_capacity(empty, 4, 3, 1, "position")
     assert len(kept) == 0 and len(dropped) == 0
-
-
-@contextmanager
-def torch_threads(count: int):
-    """The worker path needs a second thread to hand experts to; the tests run with one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def sorted_topk_assignments(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,13 +4,13 @@ several, its use by the layer's worker paths, and SwiGLU with its derivative."""
 
 import os
 import shutil
-from contextlib import contextmanager
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import torch_threads
 from moekit.dispatch.grouped import grouped_experts, plan_experts
 from moekit.experts.activations import make_activation, swiglu_with_grad
 from moekit.kernels.native import (
@@ -26,16 +26,6 @@ needs_native = pytest.mark.skipif(
     reason="the native kernel needs an AVX-512 CPU and a C++ compiler; without them the library "
     "kernels run, and the dispatch tests cover those",
 )
-
-
-@contextmanager
-def torch_threads(count: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # How each layout the expert loops use is formed from a [rows, inner] input, a weight [outer, inner]
