@@ -17,3 +17,39 @@ def torch_threads(count: int):
     finally:
         torch.set_num_threads(before)
 
+
+def tiny_lm(seed: int = 0):
+    """moekit's LM at the size the test-time routing tests use: three MoE layers of eight experts,
+    Qwen3-MoE routing (top 2 of 8), evaluation mode."""
+    from moekit.layer import MoEConfig
+    from moekit.models.lm import LanguageModel, LMConfig
+    from moekit.routing.spec import preset
+
+    torch.manual_seed(seed)
+    moe = MoEConfig(hidden_size=32, ff_size=16, router=preset("qwen3_moe", 8, 2))
+    config = LMConfig(
+        vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, ff_size=48, max_seq_len=48, moe=moe
+    )
+    return LanguageModel(config).eval()
+
+
+def tiny_models(tmp_path_factory, moekit_model=tiny_lm):
+    """`get(name)`: `moekit_model()` for "moekit", else the tiny transformers model of family `name`
+    saved and read back by `from_hf` (the path users take); each built once. For a module-scoped
+    fixture, so that every test of a module shares its models."""
+    from moekit.interop.hf import from_hf
+    from moekit.interop.tiny import tiny_model
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            if name == "moekit":
+                cache[name] = moekit_model()
+            else:
+                folder = tmp_path_factory.mktemp(name)
+                tiny_model(name, seed=2).save_pretrained(folder)
+                cache[name] = from_hf(folder).eval()
+        return cache[name]
+
+    return get

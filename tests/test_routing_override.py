@@ -4,6 +4,7 @@ masked experts, k (0 = skip) and top-p, replacement weights, positions, gradient
 import pytest
 import torch
 
+from helpers import tiny_models
 from moekit.addressing import moe_layers
 from moekit.errors import MoekitError
 from moekit.inference.generate import generate
@@ -21,8 +22,7 @@ from moekit.routing.spec import RouterSpec, preset
 transformers = pytest.importorskip(
     "transformers", reason="transformers is installed by the `hf` extra that `make test` installs"
 )
-from moekit.interop.hf import from_hf  # noqa: E402
-from moekit.interop.tiny import TINY_CONFIGS, tiny_model  # noqa: E402
+from moekit.interop.tiny import TINY_CONFIGS  # noqa: E402
 
 
 def tiny_lm(seed=0, router="qwen3_moe", shared=0, router_kind="token_choice", **options):
@@ -43,16 +43,7 @@ def tiny_lm(seed=0, router="qwen3_moe", shared=0, router_kind="token_choice", **
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            folder = tmp_path_factory.mktemp(name)
-            tiny_model(name, seed=2).save_pretrained(folder)
-            cache[name] = from_hf(folder).eval()
-        return cache[name]
-
-    return get
+    return tiny_models(tmp_path_factory)
 
 
 IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -5,31 +5,22 @@ cost counts every trajectory; for moekit's LM and tiny HF families."""
 import pytest
 import torch
 
+from helpers import tiny_lm, tiny_models
 from moekit.addressing import moe_layers
 from moekit.errors import ConfigError
 from moekit.inference.generate import generate
 from moekit.inference.methods import des_search, k_schedule
 from moekit.inference.methods.des import default_k_values, model_top_k
-from moekit.layer import MoEConfig
-from moekit.models.lm import LanguageModel, LMConfig
-from moekit.routing.spec import preset
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is installed by the `hf` extra that `make test` installs"
 )
-from moekit.interop.hf import from_hf  # noqa: E402
-from moekit.interop.tiny import tiny_model  # noqa: E402
 
 NAMES = ["moekit", "mixtral", "qwen3_moe"]
 
 
-def tiny_lm(seed=0):
-    torch.manual_seed(seed)
-    moe = MoEConfig(hidden_size=32, ff_size=16, router=preset("qwen3_moe", 8, 2))
-    config = LMConfig(
-        vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, ff_size=48, max_seq_len=48, moe=moe
-    )
-    model = LanguageModel(config).eval()
+def loud_experts_lm(seed=0):
+    model = tiny_lm(seed)
     # at random init the experts' output is small next to the residual stream, so k barely moves
     # the next token; larger expert weights make routing decide it, as in a trained model
     with torch.no_grad():
@@ -42,19 +33,7 @@ def tiny_lm(seed=0):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            if name == "moekit":
-                cache[name] = tiny_lm()
-            else:
-                folder = tmp_path_factory.mktemp(name)
-                tiny_model(name, seed=2).save_pretrained(folder)
-                cache[name] = from_hf(folder).eval()
-        return cache[name]
-
-    return get
+    return tiny_models(tmp_path_factory, loud_experts_lm)
 
 
 def prompt(model, length=6, seed=0):

@@ -5,6 +5,7 @@ setting (SCMoE β = 0, ODP threshold 0)."""
 import pytest
 import torch
 
+from helpers import tiny_lm, tiny_models
 from moekit.addressing import moe_layers
 from moekit.errors import ConfigError
 from moekit.inference.generate import generate
@@ -17,44 +18,19 @@ from moekit.inference.methods import (
     steering_overrides,
 )
 from moekit.inference.methods.common import full_logits, next_token_loss
-from moekit.layer import MoEConfig
-from moekit.models.lm import LanguageModel, LMConfig
 from moekit.routing.override import Overrides, RoutingCapture, RoutingOverride, override_routing
-from moekit.routing.spec import preset
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is installed by the `hf` extra that `make test` installs"
 )
-from moekit.interop.hf import from_hf  # noqa: E402
-from moekit.interop.tiny import TINY_CONFIGS, tiny_model  # noqa: E402
+from moekit.interop.tiny import TINY_CONFIGS  # noqa: E402
 
 FAMILIES = list(TINY_CONFIGS)
 
 
-def tiny_lm(seed=0):
-    torch.manual_seed(seed)
-    moe = MoEConfig(hidden_size=32, ff_size=16, router=preset("qwen3_moe", 8, 2))
-    config = LMConfig(
-        vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, ff_size=48, max_seq_len=48, moe=moe
-    )
-    return LanguageModel(config).eval()
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            if name == "moekit":
-                cache[name] = tiny_lm()
-            else:
-                folder = tmp_path_factory.mktemp(name)
-                tiny_model(name, seed=2).save_pretrained(folder)
-                cache[name] = from_hf(folder).eval()
-        return cache[name]
-
-    return get
+    return tiny_models(tmp_path_factory)
 
 
 def prompt(model, rows=2, length=8, seed=0):
