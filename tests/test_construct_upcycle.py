@@ -214,3 +214,37 @@ def test_moekit_run_exports_to_hf_and_hf_checkpoints_start_runs(tmp_path, capsys
 
     config = RunConfig.from_dict({"model": {"init_from": str(tmp_path / "hf")}})
     assert config.model_config(259).moe.router.top_k == 2
+
+
+def test_moekit_run_hidden_router_and_cluster_split_read_the_calibration_pass(tmp_path):
+    """The calibration pass on moekit's LM: with a `hidden` router each expert's row points at its
+    own prompts' mean FFN input, and a `cluster` split (activations on training text) still
+    computes the dense model with every expert on."""
+    from moekit.construct.lm import load_run_model
+    from moekit.data.tokenizer import ByteTokenizer
+
+    run, _ = _dense_run(tmp_path)
+    prompts = [["def f(x): return x + 1\n" * 2], ["The king spoke to the queen.\n" * 2]]
+    cluster = UpcycleRecipe(2, 1, method="split", partition="cluster")
+    split = upcycle(run, tmp_path / "cluster", cluster, corpus="sample")
+    assert split["checks"]["step0_all_experts"]["passed"]
+    recipe = UpcycleRecipe(2, 1, router="hidden")
+    upcycle(run, tmp_path / "hidden", recipe, prompts=prompts, corpus="sample")
+    moe, _ = load_run_model(tmp_path / "hidden")
+    ffn = moe.blocks[0].ffn
+    inputs = {}
+    # the MoE FFN is called through forward_with_routing; its input is the FFN norm's output
+    hook = moe.blocks[0].ffn_norm.register_forward_hook(lambda _m, _a, out: inputs.setdefault("x", out))
+    chosen = []
+    try:
+        for group in prompts:
+            inputs.clear()
+            with torch.no_grad():
+                moe(torch.tensor([ByteTokenizer().encode(group[0])]))
+            logits = inputs["x"].reshape(-1, 32) @ ffn.router.weight.T
+            chosen.append(logits.mean(0).argmax().item())
+    finally:
+        hook.remove()
+    assert chosen == [0, 1]
+    with pytest.raises(ConfigError, match="prompts: got 1 prompt lists, expected one per expert"):
+        upcycle(run, tmp_path / "one", recipe, prompts=prompts[:1], corpus="sample")

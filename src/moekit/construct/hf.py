@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moekit.construct.calibration import MAX_CALIBRATION_TOKENS, calibrate_dense
 from moekit.construct.ffn import METHODS, PARTITIONS, DenseFFN, Experts, upcycle_ffn
 from moekit.construct.receipt import check_entry, held_out_token_batches, step_zero, write_receipt
-from moekit.construct.router_init import ROUTER_INITS, expert_prompt_groups, router_init
+from moekit.construct.router_init import ROUTER_INITS, router_init
 from moekit.errors import ConfigError, MoekitError
 from moekit.io import read_json
 
@@ -217,77 +218,6 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return list(model.model.layers)
 
 
-@torch.no_grad()
-def _calibrate(
-    dense: nn.Module, recipe: UpcycleRecipe, encode, vocab: int, corpus: str, prompts: list[list[str]] | None
-) -> tuple[list[Tensor] | None, list[Tensor] | None]:
-    """Per layer: mean FFN input of each expert's prompts [E, H] (router `hidden`) and the FFN's
-    intermediate activations [tokens, I] on training text (split's `cluster` partition)."""
-    need_means = recipe.router == "hidden"
-    need_acts = recipe.method == "split" and recipe.partition == "cluster"
-    if not (need_means or need_acts):
-        return None, None
-    from moekit.data.build import default_cache_dir, load_corpus
-    from moekit.data.splits import DEFAULT_FRACTIONS, split_corpus
-
-    layers = _layers(dense)
-    captured: dict[str, list[Tensor]] = {}
-    hooks = []
-
-    def keep(key: str):
-        def hook(_module, args):
-            captured.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]))
-
-        return hook
-
-    for i, layer in enumerate(layers):
-        hooks.append(layer.mlp.register_forward_pre_hook(keep(f"in{i}")))
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(keep(f"act{i}")))
-
-    def tokens(text: str) -> Tensor:
-        ids = encode(text) if encode is not None else [b % vocab for b in text.encode()]
-        return torch.tensor(ids[:128] or [0], dtype=torch.long).view(1, -1)
-
-    try:
-        means = None
-        if need_means:
-            if prompts is None:
-                splits = split_corpus(
-                    load_corpus(corpus, cache_dir=default_cache_dir(), log=lambda _: None), DEFAULT_FRACTIONS
-                )
-                by_domain = {
-                    d: [doc.text for doc in splits.documents("train", d)[:32]] for d in splits.domains
-                }
-                prompts = expert_prompt_groups(by_domain, recipe.num_experts)
-            if len(prompts) != recipe.num_experts:
-                raise ConfigError(
-                    "prompts",
-                    f"got {len(prompts)} prompt lists, expected one per expert ({recipe.num_experts})",
-                )
-            per_expert = []
-            for group in prompts:
-                captured.clear()
-                for text in group[:4]:
-                    dense(tokens(text))
-                per_expert.append(
-                    [torch.cat(captured[f"in{i}"]).double().mean(0) for i in range(len(layers))]
-                )
-            means = [torch.stack([p[i] for p in per_expert]) for i in range(len(layers))]
-        acts = None
-        if need_acts:
-            captured.clear()
-            batches, _ = held_out_token_batches(
-                vocab, corpus=corpus, split="train", batches=2, batch_size=2, seq_len=128, encode=encode
-            )
-            for ids in batches:
-                dense(ids)
-            acts = [torch.cat(captured[f"act{i}"]).double() for i in range(len(layers))]
-    finally:
-        for h in hooks:
-            h.remove()
-    return means, acts
-
-
 def _dense_ffn(layer: nn.Module) -> DenseFFN:
     mlp = layer.mlp
     return DenseFFN(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), mlp.down_proj.weight.detach())
@@ -358,7 +288,16 @@ def upcycle_hf(
     config.architectures = [transformers.AutoModelForCausalLM._model_mapping[type(config)].__name__]
     encode = encoder_of(src)
     vocab = dense.config.vocab_size
-    means, acts = _calibrate(dense, recipe, encode, vocab, corpus, prompts)
+    means, acts = calibrate_dense(
+        dense,
+        [(layer.mlp, layer.mlp.down_proj) for layer in _layers(dense)],
+        recipe,
+        vocab_size=vocab,
+        encode=encode,
+        max_len=MAX_CALIBRATION_TOKENS,
+        corpus=corpus,
+        prompts=prompts,
+    )
     moe = transformers.AutoModelForCausalLM.from_config(
         config, dtype=dtype, experts_implementation="eager"
     ).eval()

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from moekit.construct.calibration import calibrate_dense
 from moekit.construct.ffn import DenseFFN, upcycle_ffn
 from moekit.construct.hf import UpcycleRecipe
 from moekit.construct.receipt import check_entry, held_out_token_batches, step_zero, write_receipt
-from moekit.construct.router_init import expert_prompt_groups, router_init
-from moekit.errors import ConfigError, MoekitError
+from moekit.construct.router_init import router_init
+from moekit.errors import MoekitError
 from moekit.layer import MoEConfig
 from moekit.models.lm import LanguageModel, LMConfig
 from moekit.routing.spec import RouterSpec
@@ -127,65 +128,6 @@ def upcycle_lm(
     return moe, provenance
 
 
-@torch.no_grad()
-def calibrate_lm(
-    dense: LanguageModel, recipe: UpcycleRecipe, encode, corpus: str, prompts: list[list[str]] | None
-) -> tuple[list[Tensor] | None, list[Tensor] | None]:
-    """Per block: each expert's mean FFN input (router `hidden`) and the FFN's intermediate
-    activations on training text (split `cluster`)."""
-    need_means = recipe.router == "hidden"
-    need_acts = recipe.method == "split" and recipe.partition == "cluster"
-    if not (need_means or need_acts):
-        return None, None
-    captured: dict[str, list[Tensor]] = {}
-
-    def keep(key: str):
-        def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            captured.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]).double())
-
-        return hook
-
-    hooks = []
-    for i, block in enumerate(dense.blocks):
-        hooks.append(block.ffn.register_forward_pre_hook(keep(f"in{i}")))
-        hooks.append(block.ffn.proj_out.register_forward_pre_hook(keep(f"act{i}")))
-    n = len(dense.blocks)
-    seq = dense.config.max_seq_len
-    try:
-        means = None
-        if need_means:
-            if prompts is None:
-                from moekit.data.build import default_cache_dir, load_corpus
-                from moekit.data.splits import DEFAULT_FRACTIONS, split_corpus
-
-                loaded = load_corpus(corpus, cache_dir=default_cache_dir(), log=lambda _: None)
-                splits = split_corpus(loaded, DEFAULT_FRACTIONS)
-                docs = {d: [doc.text for doc in splits.documents("train", d)[:32]] for d in splits.domains}
-                prompts = expert_prompt_groups(docs, recipe.num_experts)
-            if len(prompts) != recipe.num_experts:
-                raise ConfigError("prompts", f"got {len(prompts)} lists, expected one per expert")
-            rows = []
-            for group in prompts:
-                captured.clear()
-                for text in group[:4]:
-                    dense(torch.tensor([(encode(text) or [0])[:seq]], dtype=torch.long))
-                rows.append([torch.cat(captured[f"in{i}"]).mean(0) for i in range(n)])
-            means = [torch.stack([r[i] for r in rows]) for i in range(n)]
-        acts = None
-        if need_acts:
-            captured.clear()
-            batches, _ = held_out_token_batches(
-                dense.config.vocab_size, corpus=corpus, split="train", seq_len=min(seq, 128), encode=encode
-            )
-            for ids in batches:
-                dense(ids)
-            acts = [torch.cat(captured[f"act{i}"]) for i in range(n)]
-    finally:
-        for h in hooks:
-            h.remove()
-    return means, acts
-
-
 def _run_tokenizer(state: dict[str, Any]):
     """text -> ids with the run's tokenizer, and the run's corpus."""
     from moekit.data.lmdata import prepare_data
@@ -223,7 +165,16 @@ def upcycle_run(
     recipe.expert_ff_size(dense.config.ff_size, f"{src}: model.ff_size")
     encode, run_corpus = _run_tokenizer(state)
     corpus = corpus or run_corpus
-    means, acts = calibrate_lm(dense, recipe, encode, corpus, prompts)
+    means, acts = calibrate_dense(
+        dense,
+        [(block.ffn, block.ffn.proj_out) for block in dense.blocks],
+        recipe,
+        vocab_size=dense.config.vocab_size,
+        encode=encode,
+        max_len=dense.config.max_seq_len,
+        corpus=corpus,
+        prompts=prompts,
+    )
     moe, provenance = upcycle_lm(dense, recipe, means=means, acts=acts)
     batches, text = held_out_token_batches(
         dense.config.vocab_size, corpus=corpus, seq_len=min(64, dense.config.max_seq_len), encode=encode
