@@ -153,6 +153,37 @@ class UpcycleRecipe:
 
         return asdict(self)
 
+    def upcycle_layer(
+        self, ffn: DenseFFN, layer: int, means: Tensor | None = None, activations: Tensor | None = None
+    ) -> tuple[Experts, Tensor, str]:
+        """Layer `layer`'s experts and initial router weight [E, H] by this recipe (seeded
+        `seed + layer` and `seed + 1000 + layer`), and the router's provenance. `means` and
+        `activations`: the layer's part of the calibration pass (`construct.calibration`)."""
+        experts = upcycle_ffn(
+            ffn,
+            self.num_experts,
+            self.method,
+            seed=self.seed + layer,
+            drop_ratio=self.drop_ratio,
+            noise=self.noise,
+            shared=self.shared,
+            shared_fraction=self.shared_fraction,
+            split_partition=self.partition,
+            activations=activations,
+        )
+        router_seed = self.seed + 1000 + layer
+        router = router_init(
+            self.router,
+            self.num_experts,
+            ffn.gate.shape[1],
+            seed=router_seed,
+            std=self.router_std,
+            means=means,
+            dtype=ffn.gate.dtype,
+        )
+        seeded = f", seed {router_seed}" if self.router == "random" else ""
+        return experts, router, f"router init {self.router!r}{seeded}"
+
 
 def _transformers():
     try:
@@ -368,36 +399,17 @@ def _assemble(
         moe_params[name].copy_(dense_state[name])
         provenance[name] = f"copy of {name}"
     for i, (d_layer, m_layer) in enumerate(zip(_layers(dense), _layers(moe), strict=True)):
-        ffn = _dense_ffn(d_layer)
-        experts = upcycle_ffn(
-            ffn,
-            recipe.num_experts,
-            recipe.method,
-            seed=recipe.seed + i,
-            drop_ratio=recipe.drop_ratio,
-            noise=recipe.noise,
-            shared=recipe.shared,
-            shared_fraction=recipe.shared_fraction,
-            split_partition=recipe.partition,
-            activations=None if acts is None else acts[i],
-        )
-        hidden = ffn.gate.shape[1]
-        router = router_init(
-            recipe.router,
-            recipe.num_experts,
-            hidden,
-            seed=recipe.seed + 1000 + i,
-            std=recipe.router_std,
+        experts, router, router_provenance = recipe.upcycle_layer(
+            _dense_ffn(d_layer),
+            i,
             means=None if means is None else means[i],
-            dtype=ffn.gate.dtype,
+            activations=None if acts is None else acts[i],
         )
         _fill_moe_block(m_layer.mlp, experts, router, family)
         prefix, source = f"model.layers.{i}.mlp.", f"model.layers.{i}.mlp.{{gate,up,down}}_proj.weight"
         provenance[prefix + "experts.gate_up_proj"] = f"{source}: {experts.provenance}"
         provenance[prefix + "experts.down_proj"] = f"{source}: {experts.provenance}"
-        provenance[prefix + "gate.weight"] = f"router init {recipe.router!r}" + (
-            f", seed {recipe.seed + 1000 + i}" if recipe.router == "random" else ""
-        )
+        provenance[prefix + "gate.weight"] = router_provenance
         if family == "qwen2_moe":
             note = experts.shared_provenance or "empty (intermediate size 0)"
             provenance[prefix + "shared_expert.*"] = f"{source}: {note}; down x2 for the zero gate"

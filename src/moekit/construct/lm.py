@@ -16,10 +16,9 @@ import torch
 from torch import Tensor
 
 from moekit.construct.calibration import calibrate_dense
-from moekit.construct.ffn import DenseFFN, upcycle_ffn
+from moekit.construct.ffn import DenseFFN
 from moekit.construct.hf import UpcycleRecipe
 from moekit.construct.receipt import check_entry, held_out_token_batches, step_zero, write_receipt
-from moekit.construct.router_init import router_init
 from moekit.errors import MoekitError
 from moekit.layer import MoEConfig
 from moekit.models.lm import LanguageModel, LMConfig
@@ -88,39 +87,20 @@ def upcycle_lm(
             provenance[name] = f"copy of {name}"
     for i, (d_block, m_block) in enumerate(zip(dense.blocks, moe.blocks, strict=True)):
         gate, up = d_block.ffn.proj_in.weight.chunk(2, dim=0)
-        experts = upcycle_ffn(
+        experts, router, router_provenance = recipe.upcycle_layer(
             DenseFFN(gate, up, d_block.ffn.proj_out.weight),
-            recipe.num_experts,
-            recipe.method,
-            seed=recipe.seed + i,
-            drop_ratio=recipe.drop_ratio,
-            noise=recipe.noise,
-            shared=recipe.shared,
-            shared_fraction=recipe.shared_fraction,
-            split_partition=recipe.partition,
+            i,
+            means=None if means is None else means[i],
             activations=None if acts is None else acts[i],
         )
         ffn = m_block.ffn
         ffn.experts.w_in.copy_(torch.cat([experts.gate, experts.up], dim=1))
         ffn.experts.w_out.copy_(experts.down)
-        router_seed = recipe.seed + 1000 + i
-        ffn.router.weight.copy_(
-            router_init(
-                recipe.router,
-                recipe.num_experts,
-                config.hidden_size,
-                seed=router_seed,
-                std=recipe.router_std,
-                means=None if means is None else means[i],
-                dtype=gate.dtype,
-            )
-        )
+        ffn.router.weight.copy_(router)
         source = f"blocks.{i}.ffn.proj_in/proj_out"
         provenance[f"blocks.{i}.ffn.experts.w_in"] = f"{source}: {experts.provenance}"
         provenance[f"blocks.{i}.ffn.experts.w_out"] = f"{source}: {experts.provenance}"
-        provenance[f"blocks.{i}.ffn.router.weight"] = f"router init {recipe.router!r}" + (
-            f", seed {router_seed}" if recipe.router == "random" else ""
-        )
+        provenance[f"blocks.{i}.ffn.router.weight"] = router_provenance
         if experts.shared is not None:
             ffn.shared.proj_in.weight.copy_(torch.cat([experts.shared.gate, experts.shared.up], dim=0))
             ffn.shared.proj_out.weight.copy_(experts.shared.down)
