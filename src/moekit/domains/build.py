@@ -12,7 +12,6 @@ Layout of the output folder: `seed/` (when the recipe trains one), `branches/`, 
 from __future__ import annotations
 
 import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from moekit.domains.recipe import BuildRecipe
 from moekit.errors import MoekitError
 from moekit.io import write_json_atomic, write_text_atomic
+from moekit.kernels.store import cpu_model
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -167,17 +167,6 @@ def build(
     write_json_atomic(out / RESULTS_FILE, results)
     log(f"{out / RESULTS_FILE}, {out / REPORT_FILE}")
     return results
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _check_merges(recipe: BuildRecipe) -> None:
