@@ -7,8 +7,9 @@ import torch
 
 from moekit.cli import main as cli_main
 from moekit.data.lmdata import prepare_data
-from moekit.errors import ConfigError
-from moekit.train.checkpoint import load_checkpoint, resolve_checkpoint
+from moekit.errors import ConfigError, MoekitError
+from moekit.io import check_tensor_names
+from moekit.train.checkpoint import load_checkpoint, load_model_tensors, resolve_checkpoint
 from moekit.train.config import RunConfig
 from moekit.train.trainer import Trainer
 
@@ -89,6 +90,21 @@ def test_checkpoint_round_trip_and_metrics(tmp_path, sample_data):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "train/lm_loss" in r] == [1, 2]
     assert set(result.val_loss) == {*sample_data.domains, "mean"}
+
+
+def test_tensor_files_of_another_model_are_refused_naming_the_tensors():
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False))
+    model[1].weight = model[0].weight  # tied: the file may hold it once
+    load_model_tensors(model, {"0.weight": torch.ones(5, 4)}, "one.safetensors")
+    assert torch.equal(model[1].weight, torch.ones(5, 4))
+    load_model_tensors(model, {"0.weight": torch.zeros(5, 4), "1.weight": torch.zeros(5, 4)}, "both")
+    refused = r"^f: does not match the model "
+    with pytest.raises(MoekitError, match=refused + r"\(missing 0\.weight; unexpected stray\)$"):
+        load_model_tensors(model, {"1.weight": torch.zeros(5, 4), "stray": torch.zeros(1)}, "f")
+    with pytest.raises(MoekitError, match=refused + r"\(missing a, b\)$"):  # no "unexpected" part
+        check_tensor_names("f", ["a", "b", "c"], ["c"])
+    with pytest.raises(MoekitError, match=r"^f: 0\.weight has shape \(4, 4\), the model expects \(5, 4\)$"):
+        load_model_tensors(model, {"0.weight": torch.zeros(4, 4)}, "f")
 
 
 def test_config_errors_name_the_field(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +73,14 @@ def load_tensors(path: Path, what: str = "tensor file") -> dict[str, Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise MoekitError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def check_tensor_names(source: str, expected: Iterable[str], found: Iterable[str]) -> None:
+    """Refuse tensors (read from `source`) whose names are not the ones a model expects, in one
+    line naming the first few missing and unexpected ones."""
+    expected, found = set(expected), set(found)
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        detail = [f"missing {', '.join(missing[:5])}"] if missing else []
+        detail += [f"unexpected {', '.join(unexpected[:5])}"] if unexpected else []
+        raise MoekitError(f"{source}: does not match the model ({'; '.join(detail)})")

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from moekit.errors import ConfigError, MoekitError
 from moekit.experts.quantized import PARTS, QuantizedExperts
-from moekit.io import load_tensors, read_json, save_tensors_atomic, write_json_atomic
+from moekit.io import check_tensor_names, load_tensors, read_json, save_tensors_atomic, write_json_atomic
 
 META_FILE = "quantized.json"
 DENSE_FILE = "dense.safetensors"
@@ -155,13 +155,7 @@ def assemble(
     aliases = _aliases(model)
     tied = {name for names in aliases for name in names[1:]}
     expected = {k: v for k, v in model.state_dict().items() if k not in tied}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        detail = [
-            f"missing {', '.join(missing[:4])}" if missing else "",
-            f"unexpected {', '.join(unexpected[:4])}",
-        ]
-        raise MoekitError(f"{source}: does not match the model ({'; '.join(d for d in detail if d)})")
+    check_tensor_names(source, expected, state)
     for name, tensor in state.items():
         want = expected[name]
         if tuple(tensor.shape) != tuple(want.shape) or (

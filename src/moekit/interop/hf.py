@@ -24,7 +24,7 @@ from moekit.errors import ConfigError, MoekitError
 from moekit.interop.convert import detect_layout, hf_to_moekit, moekit_to_hf, rules_for
 from moekit.interop.families import FAMILIES, family_config_from_hf, family_spec
 from moekit.interop.model import HF_LAYOUTS, FamilyConfig, FamilyModel
-from moekit.io import load_tensors, read_json, write_json_atomic
+from moekit.io import check_tensor_names, load_tensors, read_json, write_json_atomic
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
@@ -176,14 +176,7 @@ def _build(config: FamilyConfig, state: dict[str, Tensor], source: str) -> Famil
     expected = model.state_dict()
     if config.tie_embeddings:
         expected.pop("head.weight")
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        detail = [
-            f"missing {', '.join(missing[:4])}" if missing else "",
-            f"unexpected {', '.join(unexpected[:4])}",
-        ]
-        raise MoekitError(f"{source}: does not match the model ({'; '.join(d for d in detail if d)})")
+    check_tensor_names(source, expected, state)
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise MoekitError(

@@ -30,7 +30,14 @@ from torch import nn
 
 from moekit.device import cpu_copy
 from moekit.errors import MoekitError
-from moekit.io import load_tensors, read_json, save_tensors_atomic, write_json_atomic, write_text_atomic
+from moekit.io import (
+    check_tensor_names,
+    load_tensors,
+    read_json,
+    save_tensors_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -82,15 +89,8 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
     """Load into `model`; tied tensors missing from the file are fine, anything else is an error."""
     state = model.state_dict()
     tied = set(state) - set(model_tensors(model))
-    missing = sorted(set(state) - set(tensors) - tied)
-    unexpected = sorted(set(tensors) - set(state))
-    if missing or unexpected:
-        detail = []
-        if missing:
-            detail.append(f"missing {', '.join(missing[:5])}")
-        if unexpected:
-            detail.append(f"unexpected {', '.join(unexpected[:5])}")
-        raise MoekitError(f"{source}: does not match the model ({'; '.join(detail)})")
+    # tied tensors may be in the file or not
+    check_tensor_names(source, set(state) - (tied - set(tensors)), tensors)
     for name, tensor in tensors.items():
         expected = tuple(state[name].shape)
         if tuple(tensor.shape) != expected:
