@@ -6,8 +6,9 @@ torch is loaded.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from moekit.lazy_exports import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -61,9 +62,4 @@ if TYPE_CHECKING:
     from moekit.routing.record import Assignments, Routing
     from moekit.routing.spec import PRESET_NAMES, RouterSpec, preset
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'moekit' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

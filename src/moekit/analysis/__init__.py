@@ -10,8 +10,9 @@ Names are imported on first use, like the rest of moekit.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from moekit.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "RoutingRecorder": "moekit.analysis.recorder",
@@ -118,9 +119,4 @@ if TYPE_CHECKING:
     from moekit.analysis.super_experts import find_super_experts
     from moekit.analysis.trace import LayerTrace, RoutingTrace, load_trace
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'moekit.analysis' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

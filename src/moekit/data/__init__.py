@@ -9,8 +9,9 @@ Names are imported on first use (torch loads only with the loaders), e.g.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from moekit.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "DOMAINS": "moekit.data.domains",
@@ -77,9 +78,4 @@ if TYPE_CHECKING:
     from moekit.data.splits import SPLITS, CorpusSplits, split_corpus
     from moekit.data.tokenizer import BpeTokenizer, ByteTokenizer, train_bpe
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'moekit.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

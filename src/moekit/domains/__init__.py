@@ -7,8 +7,7 @@ Names are imported on first use, so that the CLI's parser does not load torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from moekit.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "branch": "moekit.domains.branch",
@@ -27,9 +26,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'moekit.domains' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -6,8 +6,7 @@ Names are imported on first use, so that `moekit convert`'s parser does not load
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from moekit.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "from_hf": "moekit.interop.hf",
@@ -23,9 +22,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'moekit.interop' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
