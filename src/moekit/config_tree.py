@@ -10,7 +10,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from moekit.errors import ConfigError, MoekitError
+from moekit.errors import ConfigError, MoekitError, require_known_fields
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -61,11 +61,7 @@ def dataclass_from_dict(cls: type, data: Any, field_prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(field_prefix, f"expected a mapping, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"{field_prefix}.{unknown[0]}", f"unknown field; expected one of {', '.join(sorted(known))}"
-        )
+    require_known_fields(field_prefix, data, known)
     hints = get_type_hints(cls)
     values = {}
     for name, f in known.items():

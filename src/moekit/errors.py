@@ -41,3 +41,13 @@ def require_number(field: str, value: Any, minimum: float | None = None, strict:
     if minimum is not None and (value <= minimum if strict else value < minimum):
         relation = ">" if strict else ">="
         raise ConfigError(field, f"got {value}, expected a number {relation} {minimum}")
+
+
+def require_known_fields(field_prefix: str, data: Iterable[Any], known: Iterable[str]) -> None:
+    """Refuse a key of the mapping `data` outside `known`, naming the first one as `prefix.key` (the
+    bare key where `field_prefix` is empty) and listing the known fields."""
+    known = sorted(known)
+    unknown = sorted(set(data) - set(known), key=str)
+    if unknown:
+        field = f"{field_prefix}.{unknown[0]}" if field_prefix else str(unknown[0])
+        raise ConfigError(field, f"unknown field; expected one of {', '.join(known)}")

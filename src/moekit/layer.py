@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from moekit.device import no_autocast
 from moekit.dispatch.grouped import BACKENDS
-from moekit.errors import ConfigError, require_choice, require_int, require_number
+from moekit.errors import ConfigError, require_choice, require_int, require_known_fields, require_number
 from moekit.experts.activations import ACTIVATION_NAMES, make_activation
 from moekit.experts.factory import EXPERT_KINDS, build_experts, check_experts_config
 from moekit.experts.packed import SharedExperts
@@ -77,12 +77,7 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], field_prefix: str = "moe") -> MoEConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"{field_prefix}.{unknown[0]}", f"unknown field; expected one of {', '.join(sorted(known))}"
-            )
+        require_known_fields(field_prefix, data, (f.name for f in fields(cls)))
         if "router" not in data:
             raise ConfigError(f"{field_prefix}.router", "missing")
         values = dict(data)

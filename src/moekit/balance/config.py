@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moekit.balance.schedule import Schedule
-from moekit.errors import ConfigError, require_choice
+from moekit.errors import ConfigError, require_choice, require_known_fields
 
 OBJECTIVE_KINDS = ("load_balance", "z_loss", "entropy")
 SCOPES = ("micro_batch", "sequence", "global")
@@ -59,12 +59,7 @@ class ObjectiveSpec:
     def from_dict(cls, data: Any, field_prefix: str) -> ObjectiveSpec:
         if not isinstance(data, dict):
             raise ConfigError(field_prefix, f"expected a mapping with kind, scope, coefficient; got {data!r}")
-        known = ("kind", "scope", "coefficient")
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(
-                f"{field_prefix}.{unknown[0]}", f"unknown field; expected one of {', '.join(known)}"
-            )
+        require_known_fields(field_prefix, data, ("kind", "scope", "coefficient"))
         if "kind" not in data:
             raise ConfigError(
                 f"{field_prefix}.kind", f"missing; expected one of {', '.join(OBJECTIVE_KINDS)}"
@@ -127,12 +122,7 @@ class BalanceConfig:
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(field_prefix, f"expected a mapping, got {type(data).__name__}")
-        known = ("objectives", "bias_update_rate")
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(
-                f"{field_prefix}.{unknown[0]}", f"unknown field; expected one of {', '.join(known)}"
-            )
+        require_known_fields(field_prefix, data, ("objectives", "bias_update_rate"))
         raw_objectives = data.get("objectives") or []
         if not isinstance(raw_objectives, list | tuple):
             raise ConfigError(

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from moekit.errors import ConfigError, require_choice, require_int, require_number
+from moekit.errors import ConfigError, require_choice, require_int, require_known_fields, require_number
 
 SCHEDULE_KINDS = ("constant", "linear")
 
@@ -70,12 +70,7 @@ class Schedule:
         if isinstance(data, Schedule):
             return cls(data.kind, data.start, data.end, data.steps, label=label)
         if isinstance(data, dict):
-            known = ("kind", "start", "end", "steps")
-            unknown = sorted(set(data) - set(known))
-            if unknown:
-                raise ConfigError(
-                    f"{label}.{unknown[0]}", f"unknown field; expected one of {', '.join(known)}"
-                )
+            require_known_fields(label, data, ("kind", "start", "end", "steps"))
             if "start" not in data:
                 raise ConfigError(f"{label}.start", "missing")
             return cls(

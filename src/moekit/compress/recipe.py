@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from moekit.compress.scores import SCORES
-from moekit.errors import ConfigError, MoekitError, require_choice, require_int, require_number
+from moekit.errors import (
+    ConfigError,
+    MoekitError,
+    require_choice,
+    require_int,
+    require_known_fields,
+    require_number,
+)
 
 METHODS = ("prune", "merge", "quantize", "premoe")
 ALGORITHMS = ("rtn", "gptq")
@@ -186,10 +193,7 @@ def _section(name: str, value: Any) -> Any:
     cls = _SECTIONS[name]
     if not isinstance(value, dict):
         raise ConfigError(name, f"expected a mapping, got {type(value).__name__}")
-    known = {f.name for f in fields(cls)}
-    for key in value:
-        if key not in known:
-            raise ConfigError(f"{name}.{key}", f"unknown field; expected one of {', '.join(sorted(known))}")
+    require_known_fields(name, value, (f.name for f in fields(cls)))
     values = dict(value)
     if "choices" in values:
         if not isinstance(values["choices"], list) or not values["choices"]:
@@ -205,10 +209,7 @@ def _section(name: str, value: Any) -> Any:
 def recipe_from_dict(data: Any) -> Recipe:
     if not isinstance(data, dict):
         raise ConfigError("recipe", f"expected a mapping, got {type(data).__name__}")
-    known = {"method", *_SECTIONS}
-    for key in data:
-        if key not in known:
-            raise ConfigError(str(key), f"unknown field; expected one of {', '.join(sorted(known))}")
+    require_known_fields("", data, ("method", *_SECTIONS))
     if "method" not in data:
         raise ConfigError("method", f"missing; expected one of {', '.join(METHODS)}")
     require_choice("method", data["method"], METHODS)

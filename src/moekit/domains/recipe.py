@@ -31,7 +31,7 @@ from typing import Any
 from moekit.config_tree import dataclass_from_dict, load_yaml
 from moekit.domains.branch import PARTS
 from moekit.domains.mix import MixOptions
-from moekit.errors import ConfigError, require_choice, require_int, require_number
+from moekit.errors import ConfigError, require_choice, require_int, require_known_fields, require_number
 from moekit.merging import METHODS as MERGE_METHODS
 
 POST_PARTS = ("all", "ffn", "router")
@@ -158,9 +158,7 @@ class BuildRecipe:
             raise ConfigError("recipe", f"expected a mapping, got {type(data).__name__}")
         known = ("name", "out_dir", "data", "domains", "seed", "train", "branch", "variants", "post_train",
                  "baselines", "eval", "claims", "hf", "run_seed")  # fmt: skip
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(unknown[0], f"unknown field; expected one of {', '.join(known)}")
+        require_known_fields("", data, known)
         for required in ("domains", "seed", "variants"):
             if required not in data:
                 raise ConfigError(required, "missing")
@@ -256,9 +254,7 @@ def _baselines(value: Any) -> tuple[bool, tuple[MergeBaseline, ...]]:
         return True, ()
     if not isinstance(value, dict):
         raise ConfigError("baselines", f"expected a mapping, got {type(value).__name__}")
-    unknown = sorted(set(value) - {"hdee", "merge"})
-    if unknown:
-        raise ConfigError(f"baselines.{unknown[0]}", "unknown field; expected hdee or merge")
+    require_known_fields("baselines", value, ("hdee", "merge"))
     hdee = value.get("hdee", True)
     if not isinstance(hdee, bool):
         raise ConfigError("baselines.hdee", f"got {hdee!r}, expected true or false")

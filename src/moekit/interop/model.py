@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moekit.errors import ConfigError, require_choice, require_int, require_number
+from moekit.errors import ConfigError, require_choice, require_int, require_known_fields, require_number
 from moekit.inference.kv_cache import KVCache, LayerCache, step_mask
 from moekit.interop.attention import AttentionConfig, MaskInputs, RMSNorm, build_attention, build_mask
 from moekit.interop.rope import RopeConfig, inverse_frequencies, rope_tables
@@ -108,12 +108,7 @@ class FamilyConfig:
     def from_dict(cls, data: dict[str, Any], field_prefix: str = "family") -> FamilyConfig:
         if not isinstance(data, dict):
             raise ConfigError(field_prefix, f"expected a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"{field_prefix}.{unknown[0]}", f"unknown field; expected one of {', '.join(sorted(known))}"
-            )
+        require_known_fields(field_prefix, data, (f.name for f in fields(cls)))
         values = dict(data)
         try:
             values["attention"] = AttentionConfig(**values["attention"])

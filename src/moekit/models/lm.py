@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.errors import ConfigError, require_choice, require_int, require_number
+from moekit.errors import ConfigError, require_choice, require_int, require_known_fields, require_number
 from moekit.inference.kv_cache import KVCache, LayerCache, step_mask
 from moekit.kernels.linear import Linear
 from moekit.layer import MoE, MoEConfig
@@ -129,12 +129,7 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], field_prefix: str = "model") -> LMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"{field_prefix}.{unknown[0]}", f"unknown field; expected one of {', '.join(sorted(known))}"
-            )
+        require_known_fields(field_prefix, data, (f.name for f in fields(cls)))
         values = dict(data)
         moe = values.pop("moe", None)
         if moe is not None and not isinstance(moe, MoEConfig):

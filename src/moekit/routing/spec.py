@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from moekit.errors import ConfigError, require_choice, require_int, require_number
+from moekit.errors import ConfigError, require_choice, require_int, require_known_fields, require_number
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid", "none")
 SCORE_TIMINGS = ("before_topk", "after_topk")
@@ -121,12 +121,7 @@ class RouterSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], field_prefix: str = "router") -> RouterSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"{field_prefix}.{unknown[0]}", f"unknown field; expected one of {', '.join(sorted(known))}"
-            )
+        require_known_fields(field_prefix, data, (f.name for f in fields(cls)))
         return cls(**data)
 
     def with_(self, **changes: Any) -> RouterSpec:
@@ -188,12 +183,7 @@ def router_spec_from_dict(data: dict[str, Any], field_prefix: str = "router") ->
     for required in ("num_experts",):
         if required not in values:
             raise ConfigError(f"{field_prefix}.{required}", "missing (needed with a preset)")
-    known = {f.name for f in fields(RouterSpec)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            f"{field_prefix}.{unknown[0]}", f"unknown field; expected one of {', '.join(sorted(known))}"
-        )
+    require_known_fields(field_prefix, values, (f.name for f in fields(RouterSpec)))
     require_choice(f"{field_prefix}.preset", name, PRESET_NAMES)
     num_experts = values.pop("num_experts")
     top_k = values.pop("top_k", None)
