@@ -256,3 +256,21 @@ def test_bad_values_name_the_parameter():
             odp_overrides(0.5, **kwargs)
     with pytest.raises(ConfigError, match="threshold"):
         odp_overrides(2.0)
+
+
+def test_attention_experts_give_no_probabilities_so_importance_is_the_released_score():
+    from dataclasses import replace
+
+    from moekit.models.attention_experts import AttentionExpertsConfig
+
+    base = tiny_lm()
+    config = replace(base.config, attention_experts=AttentionExpertsConfig(2, top_k=1))
+    torch.manual_seed(0)
+    model = LanguageModel(config).eval()
+    ids, real = prompt(model)
+    scores = {}
+    for importance in ("attention", "position"):
+        _, record = routed(model, ids, real, odp_overrides(0.0, skip_fraction=0.3, importance=importance))
+        scores[importance] = record.extras[IMPORTANCE_KEY]
+        assert int(((record.experts_per_token() == 0) & real.reshape(-1)).sum()) == 3 + 2
+    assert torch.equal(scores["attention"], scores["position"])
