@@ -326,6 +326,7 @@ def summary(results: list[Path], baseline: Path | None) -> None:
 
 
 C3PO = ["--method", "c3po", "--c3po-references", "64", "--c3po-apply-to-new"]
+ODP_IMPORTANCE = ["--method", "odp", "--odp-protect-fraction", "0.1", "--odp-threshold"]
 RUNS: dict[str, list[str]] = {
     "none": ["--method", "none"],
     "scmoe": ["--method", "scmoe"],  # weak pass: top-1 of the top-2 model; beta 0.5, alpha 0.1
@@ -345,6 +346,22 @@ RUNS: dict[str, list[str]] = {
     "odp-0.5": ["--method", "odp", "--odp-threshold", "0.5"],
     "odp-0.75": ["--method", "odp", "--odp-threshold", "0.75"],
     "odp-1.0": ["--method", "odp", "--odp-threshold", "1.0"],
+    # ODP's token-importance half: the least important τ_l of each prompt's tokens skip their routed
+    # experts, the most important τ_h = 0.1 are spared the weight rule (the paper's 10% and 10%)
+    "odp-b-0.1": [*ODP_IMPORTANCE, "0", "--odp-skip-fraction", "0.1"],
+    "odp-b-0.2": [*ODP_IMPORTANCE, "0", "--odp-skip-fraction", "0.2"],
+    "odp-b-0.3": [*ODP_IMPORTANCE, "0", "--odp-skip-fraction", "0.3"],
+    "odp-b-0.2-position": [
+        *ODP_IMPORTANCE,
+        "0",
+        "--odp-skip-fraction",
+        "0.2",
+        "--odp-importance",
+        "position",
+    ],
+    "odp-0.25-b-0.1": [*ODP_IMPORTANCE, "0.25", "--odp-skip-fraction", "0.1"],
+    "odp-0.25-b-0.2": [*ODP_IMPORTANCE, "0.25", "--odp-skip-fraction", "0.2"],
+    "odp-0.5-b-0.1": [*ODP_IMPORTANCE, "0.5", "--odp-skip-fraction", "0.1"],
     "cipher-none": ["--method", "none", "--cipher"],
     "cipher-steer-first": ["--method", "steer", "--cipher", "--steer-layers", "0"],
     "cipher-steer-middle": ["--method", "steer", "--cipher", "--steer-layers", "2,3"],

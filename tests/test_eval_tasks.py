@@ -92,6 +92,39 @@ def test_odp_spends_fewer_assignments_than_plain_decoding(tmp_path):
     assert costs["odp"] < costs["none"]
 
 
+def test_odp_token_importance_saves_assignments_on_top_of_the_weight_rule(tmp_path):
+    run = save_run(tmp_path / "run")
+    costs = {}
+    for name, extra in {
+        "ratio": [],
+        "importance": ["--odp-skip-fraction", "0.3", "--odp-protect-fraction", "0.1"],
+    }.items():
+        out = tmp_path / f"{name}.json"
+        args = [
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--odp-threshold",
+            "0.25",
+            *extra,
+            "--json",
+            str(out),
+        ]
+        assert main(["eval-tasks", str(run), "--method", "odp", *args]) == 0
+        costs[name] = json.loads(out.read_text())["cost"]["assignments"]
+    assert costs["importance"] < costs["ratio"]
+
+
+def test_an_unknown_odp_importance_is_one_line_and_status_2(tmp_path, capsys):
+    run = save_run(tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval-tasks", str(run), "--method", "odp", "--odp-importance", "entropy"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--odp-importance" in err[0]
+
+
 @pytest.mark.parametrize(
     "extra, field",
     [
@@ -104,6 +137,10 @@ def test_odp_spends_fewer_assignments_than_plain_decoding(tmp_path):
         (["--k-values", "0", "--method", "des"], "--k-values"),
         (["--samples", "0", "--method", "des"], "--samples"),
         (["--temperature", "0", "--method", "des"], "--temperature"),
+        (["--odp-threshold", "1.5", "--method", "odp"], "--odp-threshold"),
+        (["--odp-skip-fraction", "2", "--method", "odp"], "--odp-skip-fraction"),
+        (["--odp-protect-fraction", "-0.1", "--method", "odp"], "--odp-protect-fraction"),
+        (["--odp-skipped-top-k", "-1", "--method", "odp"], "--odp-skipped-top-k"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, extra, field):

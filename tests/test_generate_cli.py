@@ -129,6 +129,38 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     assert "--offload-budget" in error_line(capsys)
 
 
+def test_generate_takes_the_odp_options_and_prunes_the_prompt(tmp_path):
+    model = save_run(tmp_path / "run")
+    out = tmp_path / "odp.json"
+    odp = ["--odp-skip-fraction", "0.5", "--odp-protect-fraction", "0.1", "--odp-importance", "position"]
+    args = ["generate", str(tmp_path / "run"), "--prompt", "def f(x):", "--max-new-tokens", "3"]
+    assert main([*args, *odp, "--quiet", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    expected_options = {"threshold": 0.0, "skip_fraction": 0.5, "protect_fraction": 0.1}
+    assert expected_options.items() <= result["odp"].items()
+    from moekit.inference.methods import odp_overrides
+
+    overrides = odp_overrides(0.0, skip_fraction=0.5, protect_fraction=0.1, importance="position")
+    expected = generate(model, torch.tensor([result["prompt_ids"]]), max_new_tokens=3, overrides=overrides)
+    assert result["output_ids"] == expected[0].tolist()
+    assert main([*args, "--quiet", "--json", str(tmp_path / "plain.json")]) == 0
+    assert "odp" not in json.loads((tmp_path / "plain.json").read_text())
+
+
+def test_bad_odp_options_are_one_line_and_exit_2(tmp_path, capsys):
+    save_run(tmp_path / "run")
+    run = str(tmp_path / "run")
+    assert main(["generate", run, "--prompt", "a", "--odp-skip-fraction", "1.5"]) == 2
+    assert "--odp-skip-fraction" in error_line(capsys)
+    assert main(["generate", run, "--prompt", "a", "--odp-threshold", "-1"]) == 2
+    assert "--odp-threshold" in error_line(capsys)
+    assert (
+        main(["generate", run, "--prompt", "a", "--odp-skipped-top-k", "-2", "--odp-skip-fraction", "0.1"])
+        == 2
+    )
+    assert "--odp-skipped-top-k" in error_line(capsys)
+
+
 def test_hf_folders_without_tokenizer_or_moe_are_refused(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     from moekit.interop.tiny import tiny_model

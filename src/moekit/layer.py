@@ -15,7 +15,13 @@ from moekit.experts.activations import ACTIVATION_NAMES, make_activation
 from moekit.experts.factory import EXPERT_KINDS, build_experts, check_experts_config
 from moekit.experts.packed import SharedExperts
 from moekit.routing.factory import ROUTER_KINDS, build_router, check_router_config
-from moekit.routing.override import LayerOverride, RoutingOverride, apply_override, check_overridable
+from moekit.routing.override import (
+    LayerOverride,
+    RoutingOverride,
+    apply_override,
+    check_overridable,
+    with_token_importance,
+)
 from moekit.routing.record import Routing
 from moekit.routing.spec import RouterSpec, router_spec_from_dict
 
@@ -115,13 +121,16 @@ class MoE(nn.Module):
         previous: Routing | None = None,
         token_ids: Tensor | None = None,
         override: RoutingOverride | None = None,
+        attention_received: Tensor | None = None,
     ) -> tuple[Tensor, Routing]:
         """`previous` is the routing of the model's preceding MoE layer, for routers that carry
         state from layer to layer (e.g. a recurrent router); others ignore it. `token_ids` (the
         shape of `x` without its last dimension) reach routers that route on token identity (hash
         routing). A router with `route_iteratively` (chain-of-experts) interleaves its routing with
         the experts' compute. `override` (or the one `override_routing` attached) changes the
-        router's decision before dispatch (`moekit.routing.override`)."""
+        router's decision before dispatch (`moekit.routing.override`). `attention_received` (the
+        shape of `x` without its last dimension): the mean attention each token received in its
+        block, for an override's token importance (`moekit.routing.importance`)."""
         shape = x.shape
         if shape[-1] != self.config.hidden_size:
             raise ValueError(
@@ -162,6 +171,8 @@ class MoE(nn.Module):
                     override = attached.override
                 if override is not None and not override.is_empty:
                     check_overridable(self, -1 if attached is None else attached.index)
+                    if override.uses_importance:
+                        routing = with_token_importance(routing, override, x, attention_received)
                     routing = apply_override(self, routing, override, shape[:-1])
             y = self.routed(flat, routing)
         if self.shared is not None:
@@ -170,6 +181,18 @@ class MoE(nn.Module):
         if attached is not None and attached.capture is not None:
             attached.capture.add(attached.index, routing)
         return y.reshape(shape), routing
+
+    def wants_attention_received(self, seq_len: int) -> bool:
+        """Whether the attached override scores tokens by the attention they receive: the block
+        then asks its attention for it (prefill only: a one-token step has no importance)."""
+        attached = self.routing_override
+        override = None if attached is None else attached.override
+        return (
+            seq_len > 1
+            and override is not None
+            and override.uses_importance
+            and override.importance == "attention"
+        )
 
     def routed(self, x: Tensor, routing: Routing) -> Tensor:
         """The routed experts' contribution for a given routing (replay, overrides, analysis)."""

@@ -40,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="apply the PreMoe mask of the prompt's domain (retrieved from the masks stored with SRC)",
     )
     from moekit.device import add_device_arguments
+    from moekit.inference.methods.cli import add_odp_arguments
 
+    add_odp_arguments(parser, threshold=None)
     add_device_arguments(parser)
 
 
@@ -148,6 +150,11 @@ def main(args: argparse.Namespace) -> int:
         raise MoekitError(f"--json: the folder {args.json.parent} does not exist")
     if not args.prompt:
         raise MoekitError("--prompt: empty; expected some text to continue")
+    from moekit.inference.methods.cli import odp_from_arguments
+
+    odp = odp_from_arguments(args)
+    if odp is not None and args.premoe:
+        raise MoekitError("--premoe: not with the --odp-* options (one routing override at a time)")
     model, tokenizer, eos = load_for_generation(args.source, experts_on_disk=offload is not None)
     prompt_ids = encode_prompt(tokenizer, args.prompt)
     if not prompt_ids:
@@ -160,6 +167,8 @@ def main(args: argparse.Namespace) -> int:
         )
     capture = RoutingCapture()
     overrides = Overrides(capture=capture)
+    if odp is not None:
+        overrides = Overrides(odp.layers, odp.default, capture)
     premoe = None
     if args.premoe:
         from moekit.compress.premoe import load_masks
@@ -228,6 +237,14 @@ def main(args: argparse.Namespace) -> int:
         result["offload"] = report["offload"]
     if premoe is not None:
         result["premoe"] = premoe
+    if odp is not None:
+        result["odp"] = {
+            "threshold": args.odp_threshold or 0.0,
+            "skip_fraction": args.odp_skip_fraction,
+            "protect_fraction": args.odp_protect_fraction,
+            "skipped_top_k": args.odp_skipped_top_k,
+            "importance": args.odp_importance,
+        }
     if args.json is not None:
         write_json_atomic(args.json, result)
     return 0

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from moekit.errors import ConfigError, require_choice, require_int
 from moekit.inference.kv_cache import LayerCache
 from moekit.interop.rope import apply_rope
+from moekit.routing.importance import attention_received
 
 ATTENTION_KINDS = ("gqa", "mla")
 QK_NORMS = ("none", "per_head", "whole", "l2")
@@ -166,7 +167,9 @@ def attend(
     sinks: Tensor | None = None,
 ) -> Tensor:
     """softmax(q k^T * scale + mask) v for [B, H, S, D] queries and [B, KV, S, D] keys/values;
-    returns [B, S, H, Dv]. Mirrors transformers' sdpa and eager attention functions."""
+    returns [B, S, H, Dv]. Mirrors transformers' sdpa and eager attention functions. (The
+    attention each token receives, for token importance, is `attention_received` of the same
+    arguments.)"""
     groups = q.shape[1] // k.shape[1]
     if implementation == "sdpa":
         gqa = groups > 1 and mask is None and k.shape[-1] == v.shape[-1] <= 256
@@ -232,9 +235,16 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(h)) if config.sinks else None
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: LayerCache | None = None
-    ) -> Tensor:
-        """`cache`: this layer's `LayerCache` in incremental decoding (`mask` then spans its keys)."""
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: LayerCache | None = None,
+        want_received: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        """`cache`: this layer's `LayerCache` in incremental decoding (`mask` then spans its keys);
+        `want_received`: also return the mean attention each token received ([B, S])."""
         cfg = self.config
         b, s, _ = x.shape
         if cfg.fused_qkv:
@@ -263,8 +273,12 @@ class Attention(nn.Module):
             q = (q * scale).to(q.dtype)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = attend(q, k, v, mask, cfg.softmax_scale, cfg.implementation, self.sinks)
-        return self.o_proj(out.reshape(b, s, -1))
+        out = self.o_proj(
+            attend(q, k, v, mask, cfg.softmax_scale, cfg.implementation, self.sinks).reshape(b, s, -1)
+        )
+        if want_received:
+            return out, attention_received(q, k, cfg.softmax_scale, mask, self.sinks)
+        return out
 
     def _clip(self, t: Tensor) -> Tensor:
         c = self.config.clip_qkv
@@ -296,8 +310,14 @@ class LatentAttention(nn.Module):
         self.o_proj = nn.Linear(h * config.v_head_dim, hidden, bias=config.out_bias)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: LayerCache | None = None
-    ) -> Tensor:
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: LayerCache | None = None,
+        want_received: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
         cfg = self.config
         b, s, _ = x.shape
         q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
@@ -316,8 +336,12 @@ class LatentAttention(nn.Module):
         key = torch.cat((k_nope, k_rot.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
         if cache is not None:
             key, value = cache.update(key, value)
-        out = attend(query, key, value, mask, cfg.softmax_scale, cfg.implementation)
-        return self.o_proj(out.reshape(b, s, -1))
+        out = self.o_proj(
+            attend(query, key, value, mask, cfg.softmax_scale, cfg.implementation).reshape(b, s, -1)
+        )
+        if want_received:
+            return out, attention_received(query, key, cfg.softmax_scale, mask)
+        return out
 
 
 def build_attention(

@@ -160,11 +160,18 @@ class DecoderLayer(nn.Module):
         previous: Routing | None,
         cache: LayerCache | None = None,
     ) -> tuple[Tensor, Routing | None]:
-        x = x + self._scaled(self.attn(self.attn_norm(x), cos, sin, mask, cache))
+        received = None
+        if self.is_moe and self.ffn.wants_attention_received(x.shape[1]):
+            a, received = self.attn(self.attn_norm(x), cos, sin, mask, cache, want_received=True)
+        else:
+            a = self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        x = x + self._scaled(a)
         h = self.ffn_norm(x)
         routing = None
         if self.is_moe:
-            h, routing = self.ffn.forward_with_routing(h, token_mask, previous=previous)
+            h, routing = self.ffn.forward_with_routing(
+                h, token_mask, previous=previous, attention_received=received
+            )
         else:
             h = self.ffn(h)
         return x + self._scaled(h), routing

@@ -18,6 +18,7 @@ from moekit.inference.kv_cache import KVCache, LayerCache, step_mask
 from moekit.kernels.linear import Linear
 from moekit.layer import MoE, MoEConfig
 from moekit.models.attention_experts import AttentionExperts, AttentionExpertsConfig
+from moekit.routing.importance import attention_received
 from moekit.routing.record import Routing
 from moekit.routing.recurrent import tie_recurrent_cells
 
@@ -201,8 +202,16 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, config.norm_eps)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: LayerCache | None = None
-    ) -> Tensor:
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: LayerCache | None = None,
+        want_received: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        """The attention output; with `want_received`, also the mean attention each token
+        received ([B, S], `moekit.routing.importance.attention_received`)."""
         b, s, _ = x.shape
         cfg = self.config
         q = self.q_proj(x).view(b, s, cfg.num_heads, cfg.head_dim)
@@ -219,7 +228,10 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=groups > 1)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        out = self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        if want_received:
+            return out, attention_received(q, k, cfg.head_dim**-0.5, mask)
+        return out
 
 
 class DenseFFN(nn.Module):
@@ -263,15 +275,20 @@ class Block(nn.Module):
     ) -> tuple[Tensor, Routing | None, Routing | None]:
         """(output, the MoE FFN's routing, the attention experts' routing); None where dense."""
         a_in = self.attn_norm(x)
+        received = None  # attention experts give no probabilities: importance falls back to its proxy
         if isinstance(self.attn, AttentionExperts):
             a, attn_routing = self.attn.forward_with_routing(a_in, cos, sin, mask, cache, token_mask)
+        elif self.is_moe and self.ffn.wants_attention_received(x.shape[1]):
+            (a, received), attn_routing = self.attn(a_in, cos, sin, mask, cache, want_received=True), None
         else:
             a, attn_routing = self.attn(a_in, cos, sin, mask, cache), None
         if not self.parallel:  # sequential: x + attn(norm(x)), then the FFN on that sum
             x = x + a
         h = self.ffn_norm(x)  # parallel (BAM, GPT-NeoX): both read the block's input x
         if self.is_moe:
-            y, routing = self.ffn.forward_with_routing(h, token_mask, previous=previous, token_ids=token_ids)
+            y, routing = self.ffn.forward_with_routing(
+                h, token_mask, previous=previous, token_ids=token_ids, attention_received=received
+            )
         else:
             y, routing = self.ffn(h), None
         return (x + a + y if self.parallel else x + y), routing, attn_routing

@@ -25,6 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from moekit.errors import ConfigError, MoekitError
+from moekit.routing.importance import (
+    IMPORTANCE_KEY,
+    IMPORTANCE_KINDS,
+    importance_split,
+    mc_moe_importance,
+    released_importance,
+)
 from moekit.routing.record import Routing
 from moekit.routing.selection import assignments_from_mask, renormalise_selected, split_by_capacity
 from moekit.routing.token_choice import group_limited, score
@@ -73,6 +80,14 @@ class RoutingOverride:
     - `min_weight_ratio`: drop every chosen expert except each token's first whose weight is
       below this fraction of the first's (MC-MoE #38's online dynamic pruning; the kept weights
       are not renormalised, so the dropped expert's share is simply skipped). 0 drops nothing.
+    - `skip_fraction` / `protect_fraction`: MC-MoE's token-importance half of the same pruning
+      (τ_l, τ_h; `moekit.routing.importance`): in each prefilled sequence the least important
+      fraction of tokens keep only their `skipped_top_k` best experts (0: none, as the paper) and
+      the most important fraction keep the routing the other rules would give them without any
+      pruning (`min_weight_ratio` spares them). `importance`: "attention" (the paper's score,
+      from the block's attention probabilities) or "position" (the released code's, no
+      attention needed; also where an attention path gives no probabilities). One-token
+      decoding steps have no importance and are left alone.
     - `where`: bool, broadcastable to the layer input's leading shape ([B, S] or [S]); tokens
       outside keep the router's own routing. None = every token.
     """
@@ -86,6 +101,10 @@ class RoutingOverride:
     where: Tensor | None = None
     min_weight_ratio: float | None = None
     ranks: Sequence[int] | None = None
+    skip_fraction: float | None = None
+    protect_fraction: float | None = None
+    skipped_top_k: int = 0
+    importance: str = "attention"
 
     def __post_init__(self) -> None:
         if self.top_k is not None and (
@@ -94,11 +113,24 @@ class RoutingOverride:
             raise ConfigError("override.top_k", f"got {self.top_k!r}, expected an integer >= 0")
         if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
             raise ConfigError("override.top_p", f"got {self.top_p!r}, expected a number in (0, 1]")
-        if self.min_weight_ratio is not None and not (
-            isinstance(self.min_weight_ratio, (int, float)) and 0.0 <= self.min_weight_ratio <= 1.0
+        for name in ("min_weight_ratio", "skip_fraction", "protect_fraction"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0
+            ):
+                raise ConfigError(f"override.{name}", f"got {value!r}, expected a number in [0, 1]")
+        if (
+            isinstance(self.skipped_top_k, bool)
+            or not isinstance(self.skipped_top_k, int)
+            or self.skipped_top_k < 0
         ):
             raise ConfigError(
-                "override.min_weight_ratio", f"got {self.min_weight_ratio!r}, expected a number in [0, 1]"
+                "override.skipped_top_k", f"got {self.skipped_top_k!r}, expected an integer >= 0"
+            )
+        if self.importance not in IMPORTANCE_KINDS:
+            raise ConfigError(
+                "override.importance",
+                f"got {self.importance!r}, expected one of {', '.join(IMPORTANCE_KINDS)}",
             )
         if self.ranks is not None and (
             not self.ranks
@@ -127,8 +159,15 @@ class RoutingOverride:
                 "where",
                 "min_weight_ratio",
                 "ranks",
+                "skip_fraction",
+                "protect_fraction",
             )
         )
+
+    @property
+    def uses_importance(self) -> bool:
+        """Whether the token-importance rule is on (a non-zero skip or protect fraction)."""
+        return bool(self.skip_fraction) or bool(self.protect_fraction)
 
 
 class RoutingCapture:
@@ -308,11 +347,23 @@ def apply_override(
         weights = renormalise_selected(
             torch.where(selected, scores, torch.zeros_like(scores)), selected, spec
         )
+    skip, protect = _importance_split(routing, override, leading_shape)
     if override.min_weight_ratio is not None:
         first = weights.detach().masked_fill(~selected, float("-inf")).max(dim=-1, keepdim=True)
         is_first = torch.zeros_like(selected).scatter_(1, first.indices, True) & selected
         below = weights.detach() < override.min_weight_ratio * first.values.clamp_min(0.0)
-        selected = selected & (is_first | ~below)
+        pruned = below & ~is_first
+        if protect is not None:
+            pruned &= ~protect[:, None]
+        selected = selected & ~pruned
+        weights = torch.where(selected, weights, torch.zeros_like(weights))
+    if skip is not None:
+        keep = torch.zeros_like(selected)
+        m = min(override.skipped_top_k, num_experts)
+        if m:
+            best = weights.detach().masked_fill(~selected, float("-inf")).topk(m, dim=-1).indices
+            keep = keep.scatter_(1, best, True) & selected
+        selected = torch.where(skip[:, None], keep, selected)
         weights = torch.where(selected, weights, torch.zeros_like(weights))
     if override.where is not None:
         where = override.where.to(torch.bool).to(logits.device)
@@ -333,6 +384,49 @@ def apply_override(
     )
     kept, dropped = split_by_capacity(chosen, spec, num_tokens, routing.num_compute_experts)
     return replace(routing, logits=logits, scores=scores, kept=kept, dropped=dropped)
+
+
+def sequence_rows(leading_shape: torch.Size) -> tuple[int, int]:
+    """(rows, positions) of a layer input's leading shape: [B, S] as it is, anything else as one
+    sequence of all its tokens."""
+    if len(leading_shape) == 2:
+        return int(leading_shape[0]), int(leading_shape[1])
+    return 1, int(torch.Size(leading_shape).numel())
+
+
+def with_token_importance(
+    routing: Routing, override: RoutingOverride, x: Tensor, attention_received: Tensor | None
+) -> Routing:
+    """The record with each token's importance in `extras[IMPORTANCE_KEY]` ([T] fp32): MC-MoE's
+    attention score where the block gave the attention received, otherwise (importance
+    "position", or an attention path without probabilities) the released code's score."""
+    rows = sequence_rows(x.shape[:-1])
+    hidden = x.reshape(*rows, x.shape[-1])
+    if override.importance == "attention" and attention_received is not None:
+        importance = mc_moe_importance(hidden, attention_received.reshape(rows))
+    else:
+        importance = released_importance(hidden, routing.token_mask.reshape(rows))
+    return replace(routing, extras={**routing.extras, IMPORTANCE_KEY: importance.reshape(-1).detach()})
+
+
+def _importance_split(
+    routing: Routing, override: RoutingOverride, leading_shape: torch.Size
+) -> tuple[Tensor | None, Tensor | None]:
+    """(skip, protect) bool [T] of the token-importance rule, or (None, None) where it is off or
+    the step has one token per sequence (decoding)."""
+    importance = routing.extras.get(IMPORTANCE_KEY)
+    if not override.uses_importance or importance is None:
+        return None, None
+    rows = sequence_rows(leading_shape)
+    if rows[1] <= 1:
+        return None, None
+    skip, protect = importance_split(
+        importance.reshape(rows),
+        routing.token_mask.reshape(rows),
+        override.skip_fraction or 0.0,
+        override.protect_fraction or 0.0,
+    )
+    return skip.reshape(-1), protect.reshape(-1)
 
 
 def dense_routing(routing: Routing) -> tuple[Tensor, Tensor]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from moekit.errors import ConfigError, MoekitError
 
@@ -30,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rewire-steps", type=int, default=5)
     parser.add_argument("--rewire-lr", type=float, default=0.1)
     parser.add_argument("--steer-strength", type=float, default=1.0)
-    parser.add_argument("--odp-threshold", type=float, default=0.5)
+    add_odp_arguments(parser, threshold=0.5)
     parser.add_argument("--samples", type=int, default=8, metavar="N", help="DES: trajectories per problem")
     parser.add_argument(
         "--k-values",
@@ -80,6 +81,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the result as JSON")
 
 
+def add_odp_arguments(parser: argparse.ArgumentParser, threshold: float | None) -> None:
+    """Online dynamic pruning's options (MC-MoE #38; `moekit.inference.methods.odp`), shared by
+    `eval-tasks --method odp` and `generate`; `threshold`: the default of --odp-threshold."""
+    from moekit.routing.importance import IMPORTANCE_KINDS
+
+    group = parser.add_argument_group("online dynamic pruning (MC-MoE #38)")
+    group.add_argument(
+        "--odp-threshold",
+        type=float,
+        default=threshold,
+        metavar="BETA",
+        help="skip a token's second expert where its weight is below BETA x the first's (0: never)",
+    )
+    group.add_argument(
+        "--odp-skip-fraction",
+        type=float,
+        default=0.0,
+        metavar="TAU_L",
+        help="the least important fraction of each prompt's tokens skip their routed experts (paper: 0.1)",
+    )
+    group.add_argument(
+        "--odp-protect-fraction",
+        type=float,
+        default=0.0,
+        metavar="TAU_H",
+        help="the most important fraction of each prompt's tokens keep all their experts (paper: 0.1)",
+    )
+    group.add_argument(
+        "--odp-skipped-top-k",
+        type=int,
+        default=0,
+        metavar="K",
+        help="experts a skipped token keeps, its best first (0: none, as the paper)",
+    )
+    group.add_argument(
+        "--odp-importance",
+        default="attention",
+        choices=IMPORTANCE_KINDS,
+        help="token importance: the attention each token receives x its L1 norm (the paper), or "
+        "its L1 norm over the positions attending to it (the released code; needs no attention)",
+    )
+
+
+def odp_from_arguments(args: argparse.Namespace) -> Any:
+    """The ODP `Overrides` the options ask for, or None when every rule is off (no --odp-threshold
+    and no fraction); a bad value is one line naming its option."""
+    from moekit.inference.methods.odp import odp_overrides
+
+    if args.odp_threshold is None and not (args.odp_skip_fraction or args.odp_protect_fraction):
+        return None
+    try:
+        return odp_overrides(
+            args.odp_threshold or 0.0,
+            skip_fraction=args.odp_skip_fraction,
+            protect_fraction=args.odp_protect_fraction,
+            skipped_top_k=args.odp_skipped_top_k,
+            importance=args.odp_importance,
+        )
+    except ConfigError as exc:
+        raise MoekitError(f"--odp-{exc.field.replace('_', '-')}: {str(exc).split(': ', 1)[1]}") from None
+
+
 def main(args: argparse.Namespace) -> int:
     from moekit.data.tokenizer import encode_prompt
     from moekit.inference.cli import load_for_generation
@@ -121,6 +184,10 @@ def main(args: argparse.Namespace) -> int:
         rewire_lr=args.rewire_lr,
         steer_strength=args.steer_strength,
         odp_threshold=args.odp_threshold,
+        odp_skip_fraction=args.odp_skip_fraction,
+        odp_protect_fraction=args.odp_protect_fraction,
+        odp_skipped_top_k=args.odp_skipped_top_k,
+        odp_importance=args.odp_importance,
         des_samples=args.samples,
         des_k_values=k_values,
         des_temperature=args.temperature,
@@ -143,6 +210,8 @@ def main(args: argparse.Namespace) -> int:
         c3po_core_experts=args.c3po_core_experts,
         c3po_apply_to_new=args.c3po_apply_to_new,
     )
+    if args.method == "odp":
+        odp_from_arguments(args)  # checks the options before the model loads
     model, tokenizer, eos = load_for_generation(args.source)
     if args.method == "premoe":
         from moekit.compress.premoe import load_masks
@@ -188,6 +257,8 @@ def _flag(field: str, method: str) -> str:
         return "weak-rank"
     if method == "steer" and field in ("layers", "top_n"):
         return f"steer-{field.replace('_', '-')}"
+    if method == "odp":
+        return f"odp-{field.replace('_', '-')}"
     if method == "c3po" and not field.startswith("c3po"):
         return f"c3po-{field.replace('_', '-')}"
     return field.replace("_", "-")

@@ -119,6 +119,10 @@ class MethodSettings:
     steer_reference_set: str = "all"  # the plain-language problems whose experts are promoted
     steer_reference_level: int | None = None
     odp_threshold: float = 0.5
+    odp_skip_fraction: float = 0.0  # MC-MoE's τ_l: the least important tokens skip their experts
+    odp_protect_fraction: float = 0.0  # τ_h: the most important tokens are spared any pruning
+    odp_skipped_top_k: int = 0  # experts a skipped token keeps (0: none, the paper's rule)
+    odp_importance: str = "attention"  # or "position" (the released code's score)
     des_samples: int = 8
     des_k_values: Sequence[int] | None = None  # None: the model's k and its neighbours
     des_temperature: float = 1.0
@@ -323,7 +327,14 @@ def evaluate_method(
                 assert steering is not None
                 overrides = _with_capture(steering, plain)
             elif method == "odp":
-                overrides = _with_capture(odp_overrides(settings.odp_threshold), plain)
+                odp = odp_overrides(
+                    settings.odp_threshold,
+                    skip_fraction=settings.odp_skip_fraction,
+                    protect_fraction=settings.odp_protect_fraction,
+                    skipped_top_k=settings.odp_skipped_top_k,
+                    importance=settings.odp_importance,
+                )
+                overrides = _with_capture(odp, plain)
             elif method == "premoe":
                 if settings.premoe_masks is None:
                     raise ConfigError("premoe_masks", "method premoe needs the PreMoe masks")
