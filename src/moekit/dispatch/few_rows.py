@@ -36,7 +36,7 @@ def few_rows_fit(x: Tensor, rows: int, w_in: Tensor, w_out: Tensor, *tensors: Te
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_in, w_out, *tensors)):
         return False
-    expert_bytes = (w_in[0].numel() + w_out[0].numel()) * w_in.element_size()
+    expert_bytes = (w_in.shape[1] * w_in.shape[2] + w_out.shape[1] * w_out.shape[2]) * w_in.element_size()
     if rows * expert_bytes / CORE_BYTES_PER_S >= MIN_SHARE_SECONDS:
         return False
     num_experts, in_features, hidden = w_in.shape

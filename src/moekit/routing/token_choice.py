@@ -82,7 +82,9 @@ def choose_topk(
 def router_dtype(dtype: torch.dtype) -> torch.dtype:
     """Router arithmetic runs in fp32 for fp32 and lower-precision models, in float64 for float64
     (torch.promote_types with fp32, for the floating dtypes, without an op call per step)."""
-    return torch.float64 if dtype == torch.float64 else torch.promote_types(dtype, torch.float32)
+    if dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return torch.float32
+    return torch.promote_types(dtype, torch.float32)
 
 
 def router_logits(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
