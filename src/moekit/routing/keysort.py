@@ -25,7 +25,7 @@ RADIX_MIN_KEYS = 1024
 def stable_sort(keys: Tensor) -> tuple[Tensor, Tensor]:
     """(sorted keys, order) of a 1-D tensor of non-negative integer keys, equal keys kept in their
     original order: `torch.sort(keys, stable=True)`, faster on the CPU."""
-    small = keys.numel() < max(1, RADIX_MIN_KEYS)
+    small = keys.numel() < RADIX_MIN_KEYS or keys.numel() == 0
     if torch.compiler.is_compiling() or keys.device.type != "cpu" or small or keys.dim() != 1:
         return torch.sort(keys, stable=True)
     if int(keys.min()) < 0 or int(keys.max()) > RADIX_KEY_LIMIT:
