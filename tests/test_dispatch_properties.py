@@ -422,10 +422,10 @@ def test_runs_of_experts_cover_every_expert_exactly_once(sizes, parallel):
 
 
 @pytest.mark.skipif(not native_available(), reason="the native kernel needs an AVX-512 CPU and a compiler")
-@pytest.mark.parametrize("split_reads_faster", [True, False])
-def test_decode_takes_the_native_kernel_where_it_runs(split_reads_faster):
-    """`auto` at decode: the native loops where they run (fp32), on the workers where split
-    memory reads were measured faster than one thread's, else on the calling thread; grouped_mm
+@pytest.mark.parametrize("reads_pay_off", [True, False])
+def test_decode_takes_the_native_kernel_where_it_runs(reads_pay_off):
+    """`auto` at decode: the native loops where they run (fp32), on the caller's threads where the
+    experts' reads are long enough to pay the hand-off, else on the calling thread; grouped_mm
     with the workers off, the library kernels for float64."""
     gen = torch.Generator().manual_seed(9)
     token, expert = sorted_topk_assignments(torch.randn(3, 6, generator=gen), 2)
@@ -434,15 +434,35 @@ def test_decode_takes_the_native_kernel_where_it_runs(split_reads_faster):
     with (
         torch_threads(2),
         patch.object(grouped_module, "workers_enabled", lambda: True),
-        patch.object(grouped_module, "parallel_reads_pay_off", lambda threads: split_reads_faster),
+        patch.object(grouped_module, "shares_pay_off", lambda *estimate: reads_pay_off),
     ):
         plan = grouped_module.plan_experts(x, token, expert, w_in, w_out, act)
         assert plan.backend == "loop" and plan.native and plan.swiglu_loops
-        assert plan.parallel == split_reads_faster and plan.single_threaded != split_reads_faster
+        assert plan.parallel == reads_pay_off and plan.single_threaded != reads_pay_off
         serial = grouped_module.plan_experts(x, token, expert, w_in, w_out, act, parallel_workers=False)
         assert serial.backend == "grouped_mm" and not serial.native
         exact = grouped_module.plan_experts(x.double(), token, expert, w_in.double(), w_out.double(), act)
         assert not exact.native  # float64: grouped_mm does not take it either, the library loop does
+
+
+@pytest.mark.parametrize("reads_pay_off", [True, False])
+def test_decode_on_the_library_kernels_never_takes_the_workers(reads_pay_off):
+    """Decode on the library kernels (the native kernel off): grouped_mm in one call, on the
+    caller's threads where the experts' reads pay the hand-off, else on one; never the expert
+    workers, whose threads would not share the caller's inference mode."""
+    gen = torch.Generator().manual_seed(9)
+    token, expert = sorted_topk_assignments(torch.randn(3, 6, generator=gen), 2)
+    act = make_activation("swiglu")
+    x, _, w_in, w_out = swiglu_inputs(gen, 3, len(token), 6, 16, 8, 1.0, torch.float32)
+    with (
+        torch_threads(2),
+        patch.object(grouped_module, "native_fits", lambda *tensors: False),
+        patch.object(grouped_module, "workers_enabled", lambda: True),
+        patch.object(grouped_module, "shares_pay_off", lambda *estimate: reads_pay_off),
+    ):
+        plan = grouped_module.plan_experts(x, token, expert, w_in, w_out, act)
+    assert plan.backend == "grouped_mm" and not plan.parallel and not plan.shares
+    assert plan.single_threaded != reads_pay_off
 
 
 def test_expert_loops_are_compiled_where_torchscript_is():

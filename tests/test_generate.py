@@ -249,28 +249,61 @@ def test_kv_cache_counts_slots_and_bytes():
     assert cache.nbytes == (5 + 2) * 2 * 2 * 4 * 4
 
 
-@pytest.mark.parametrize("split_reads_faster", [False, True])
-def test_decode_steps_thread_only_where_their_reads_or_arithmetic_gain(monkeypatch, split_reads_faster):
-    """A step's threads: none for tiny products (the hand-off costs more); all for products whose
-    arithmetic outweighs their weight reads (prefill); for read-bound products (decode), all only
-    where split reads were measured faster than one thread's."""
-    from moekit.dispatch import bandwidth
-    from moekit.inference.generate import threads_pay_off
+def test_only_steps_whose_products_can_pay_a_thread_hand_off_are_timed_both_ways():
+    """Tiny products run on one thread untimed (a second thread only delays them); a step whose
+    largest product reads or computes long enough is timed on one thread and on all."""
+    from moekit.inference.generate import threads_may_pay_off
 
-    monkeypatch.setattr(bandwidth, "parallel_reads_pay_off", lambda threads: split_reads_faster)
     head = 16384 * 1024  # a 64 MB output head
-    assert not threads_pay_off(1, 1000, 4)
-    assert threads_pay_off(1, head, 4) == split_reads_faster
-    assert threads_pay_off(8, head, 4) == split_reads_faster
-    assert threads_pay_off(4096, head, 4)
+    assert not threads_may_pay_off(1, 1000, 4)
+    assert threads_may_pay_off(1, head, 4) and threads_may_pay_off(8, head, 4)
+    assert threads_may_pay_off(4096, 100_000, 4)  # arithmetic-bound (a long prompt)
 
 
-def test_split_read_measurement_decides_by_the_required_gain():
-    from moekit.dispatch.bandwidth import REQUIRED_GAIN, parallel_reads_pay_off, split_reads_pay_off
+def test_step_threads_time_both_ways_then_keep_the_faster_and_retry_the_other():
+    from moekit.inference.step_threads import RETRY_EVERY, TRIALS, StepTimings
 
-    assert split_reads_pay_off(1.0, 1.0 / REQUIRED_GAIN)
-    assert not split_reads_pay_off(1.0, 0.9)
-    assert parallel_reads_pay_off(1) is False  # one thread: nothing to split
+    timings = StepTimings()
+    seen = []
+    for _ in range(2 * TRIALS):  # trials alternate, all threads first
+        threaded = timings.next_threaded()
+        seen.append(threaded)
+        timings.add(threaded, 1.0 if threaded else 2.0)
+    assert seen == [True, False] * TRIALS
+    for _ in range(RETRY_EVERY):  # threads measured faster: kept
+        assert timings.next_threaded()
+        timings.add(True, 1.0)
+    assert not timings.next_threaded()  # then one step the other way
+    for _ in range(TRIALS):  # one thread turns out faster now: the choice follows
+        timings.add(False, 0.5)
+    assert not timings.next_threaded()
+
+
+def test_generation_gives_the_same_tokens_whichever_threads_its_steps_take(monkeypatch):
+    """With 2 threads and every step timed both ways (so that consecutive steps alternate between
+    one thread and two), the tokens are those of one-thread generation and the cached logits those
+    of a full forward, against float64."""
+    from moekit.inference import generate as generate_module
+    from moekit.inference.step_threads import step_threads_of
+
+    model = tiny_lm(seed=5)
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(5))
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = generate(model, ids, max_new_tokens=NEW)
+        torch.set_num_threads(2)
+        monkeypatch.setattr(generate_module, "threads_may_pay_off", lambda *size: True)
+        both = generate(model, ids, max_new_tokens=NEW)
+        timings = step_threads_of(model).by_rows[2]
+        assert len(timings.one) and len(timings.all)  # decode steps ran both ways
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(alone, both)
+    exact = model.double()
+    with torch.no_grad():
+        full = exact(both).logits[:, ids.shape[1] - 1 : -1].argmax(-1)
+    assert torch.equal(full, both[:, ids.shape[1] :])
 
 
 def cached_decode_logits(model, ids, tokens):

@@ -139,11 +139,12 @@ def test_decode_sized_inputs_close_to_reference(backend):
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)
-@pytest.mark.parametrize("split_reads_faster", [False, True])
-def test_decode_path_close_to_reference(name, split_reads_faster):
-    """Decode-sized steps (one token per row, some rows masked) on `auto`: the native loops on the
-    calling thread, or on the workers where split reads measured faster, every preset; output and
-    every gradient against the float64 reference."""
+@pytest.mark.parametrize("reads_pay_off", [False, True])
+def test_decode_path_close_to_reference(name, reads_pay_off):
+    """Decode-sized steps (one token per row, some rows masked) on `auto`: the native loops (or
+    grouped_mm) on the calling thread, or on the caller's threads where the experts' reads are long
+    enough to pay the hand-off, every preset; output and every gradient against the float64
+    reference."""
     layer = preset_layer(name)
     x = torch.randn(3, 1, HIDDEN, dtype=torch.float64)
     token_mask = torch.tensor([[True], [False], [True]])
@@ -160,7 +161,7 @@ def test_decode_path_close_to_reference(name, split_reads_faster):
 
     x_fast = x.float().requires_grad_()
     with (
-        patch.object(grouped_module, "parallel_reads_pay_off", lambda threads: split_reads_faster),
+        patch.object(grouped_module, "shares_pay_off", lambda *estimate: reads_pay_off),
         patch.object(grouped_module, "plan_experts", recording_plan),
     ):
         y = layer(x_fast, token_mask)
@@ -172,9 +173,9 @@ def test_decode_path_close_to_reference(name, split_reads_faster):
             p.grad.double(), ref.params[param_name].grad, rtol=2e-4, atol=2e-4, msg=param_name
         )
     assert plans and all(plan.groups.token.numel() <= 4 for plan in plans)
+    assert all(plan.single_threaded != reads_pay_off for plan in plans)
     if native_available():
         assert all(plan.native and plan.backend == "loop" for plan in plans)
-        if torch.get_num_threads() == 1 or not grouped_module.workers_enabled():
-            assert not any(plan.parallel for plan in plans)
-        elif not split_reads_faster:
-            assert not any(plan.parallel for plan in plans) and all(plan.single_threaded for plan in plans)
+        assert all(plan.parallel == reads_pay_off for plan in plans)
+    else:
+        assert all(plan.backend == "grouped_mm" and not plan.shares for plan in plans)

@@ -95,7 +95,10 @@ def autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
 
 
 def no_autocast(tensor: torch.Tensor) -> AbstractContextManager:
-    """Autocast off on `tensor`'s device: for arithmetic that must stay in its own dtype (routers)."""
+    """Autocast off on `tensor`'s device: for arithmetic that must stay in its own dtype (routers).
+    Nothing to enter where autocast is off already (a decode step saves the context's cost)."""
+    if not torch.is_autocast_enabled(tensor.device.type):
+        return nullcontext()
     return torch.autocast(tensor.device.type, enabled=False)
 
 

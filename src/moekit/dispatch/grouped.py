@@ -17,13 +17,14 @@ Backends, chosen per call:
   here), and large experts run their whole forward and backward as one task (`dispatch/fused.py`).
 - `grouped_mm`: `torch.nn.functional.grouped_mm` (fp32/bf16/fp16, 16-byte-aligned strides), one
   C++ loop over the experts; `auto` takes it for decode-sized inputs (a few rows per expert)
-  where moekit's own kernel does not run, weight gradients included: unthreaded, or, where the
-  experts' weights take long enough to read and split reads were measured faster than one
-  thread's (`dispatch/bandwidth.py`), one call per worker over a share of the experts.
+  where moekit's own kernel does not run, weight gradients included: one call, unthreaded, or
+  on the caller's threads where the experts' weights take long enough to read to pay the
+  hand-off; with more rows, one call per worker over a share of the experts where that pays.
 
 Decode (a few rows per expert) reads each chosen expert's weights once and is bound by memory
 bandwidth: `auto` runs it on moekit's own kernel where that runs (fp32), on the calling thread
-unless split reads were measured faster here, in which case on the workers.
+unless the reads are long enough to pay a hand-off, in which case on the caller's threads: how
+many that is, generation decides by timing its steps (`moekit.inference.step_threads`).
 
 Off the CPU (CUDA) the plan is chosen by the tensors' device alone (`device_plan`): grouped_mm where
 it runs, else the loop on plain `torch.mm`; never the CPU machinery (workers, native kernel, oneDNN
@@ -44,7 +45,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.device import autocast_dtype, no_autocast
-from moekit.dispatch.bandwidth import parallel_reads_pay_off
 from moekit.dispatch.fused import FusedExperts, packed_grad
 from moekit.dispatch.loops import expert_loops
 from moekit.dispatch.workers import (
@@ -565,13 +565,14 @@ def plan_experts(
     decode = len(token) < DECODE_ROWS_PER_EXPERT * max(1, active)
     threads = torch.get_num_threads()
     native = native_fits(x, w_in, w_out) and backend != "grouped_mm" and parallel_workers is not False
+    estimate = (len(token), active, in_features, hidden, x.dtype)
     if native and (decode or active > 1):
         # moekit's own kernel: one C++ call per product (SwiGLU: per pass) over all experts,
-        # torch's threads taking them whole. Decode is bound by memory reads: on all threads
-        # only where split reads measured faster here (`bandwidth.parallel_reads_pay_off`).
+        # torch's threads taking them whole. Decode reads each expert's weights for a row or
+        # two: on the caller's threads where the reads are long enough to pay the hand-off
+        # (generation chooses those threads by timing its steps, `inference.step_threads`).
         if parallel_workers is None:
-            split_reads = not decode or parallel_reads_pay_off(threads)
-            parallel_workers = threads > 1 and active > 1 and split_reads
+            parallel_workers = shares_pay_off(*estimate, threads) if decode else threads > 1 and active > 1
         return ExpertPlan(
             groups,
             activation,
@@ -587,13 +588,11 @@ def plan_experts(
     if backend == "auto" and decode:
         backend = "grouped_mm"
     resolved = choose_backend(backend, x.dtype, hidden, in_features, w_out.shape[2])
-    estimate = (len(token), active, in_features, hidden, x.dtype)
+    # decode: grouped_mm's products on the caller's threads where the reads pay the hand-off
+    decode_threads = decode and shares_pay_off(*estimate, threads)
     if parallel_workers is None:
-        parallel_workers = workers_enabled() and (
-            (shares_pay_off(*estimate, threads) and (not decode or parallel_reads_pay_off(threads)))
-            if resolved == "grouped_mm"
-            else workers_pay_off(*estimate)
-        )
+        pays = shares_pay_off(*estimate, threads) if resolved == "grouped_mm" else workers_pay_off(*estimate)
+        parallel_workers = workers_enabled() and not decode and pays
     shares = groups.shares(threads) if resolved == "grouped_mm" and parallel_workers else ()
     parallel = parallel_workers and (resolved == "loop" or len(shares) > 1)
     fused = None
@@ -606,7 +605,7 @@ def plan_experts(
         weight_on,
         resolved,
         parallel,
-        single_threaded=decode and not parallel,
+        single_threaded=decode and not parallel and not decode_threads,
         shares=shares if parallel else (),
         fused=fused,
     )
@@ -646,8 +645,14 @@ def grouped_experts(
     parallel_workers: bool | None = None,
 ) -> Tensor:
     """Run the kept assignments (expert-sorted `token`, `expert`, `weight`) through packed experts.
-    Under autocast, in its dtype: the fp32 weights are cast as autocast casts a linear layer's."""
+    Under autocast, in its dtype: the fp32 weights are cast as autocast casts a linear layer's.
+    Small decode-sized calls outside autograd skip the planner (`dispatch/few_rows.py`)."""
     dtype = autocast_dtype(x)
+    if dtype is None and backend == "auto" and parallel_workers is None:
+        from moekit.dispatch.few_rows import few_rows_experts, few_rows_fit
+
+        if few_rows_fit(x, token.numel(), w_in, w_out, weight, b_in, b_out):
+            return few_rows_experts(x, token, expert, weight, w_in, w_out, b_in, b_out, activation, weight_on)
     if dtype is not None:
         x, w_in, w_out = x.to(dtype), w_in.to(dtype), w_out.to(dtype)
         b_in = None if b_in is None else b_in.to(dtype)

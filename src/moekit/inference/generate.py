@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from moekit.dispatch.workers import single_threaded
 from moekit.errors import ConfigError, MoekitError, require_int, require_number
+from moekit.inference.step_threads import step_threads_of
 from moekit.routing.override import Overrides, RoutingOverride, override_routing
 
 
@@ -137,23 +138,19 @@ def _tied(model: nn.Module) -> bool:
     return head is not None and head.weight is model.embed.weight
 
 
-def threads_pay_off(rows: int, largest_elements: int, element_size: int) -> bool:
-    """Whether a forward over `rows` tokens should run on all threads rather than one.
+def threads_may_pay_off(rows: int, largest_elements: int, element_size: int) -> bool:
+    """Whether a step over `rows` tokens may run faster on all threads than on one, and so is
+    worth timing both ways (`moekit.inference.step_threads`).
 
     Its largest product, estimated on one core (the dispatch planner's rates), must take at least
     as long as a worker share must, to pay OpenMP's hand-off between threads: decoding a small
     model is a chain of tiny ops, each of which a second thread only delays (and, on a loaded
-    machine, waits for). A product of a few rows is bound by its weight reads, not its arithmetic
-    (decode); more threads speed those up only where split reads were measured faster than one
-    thread's here (`dispatch.bandwidth`): one core saturates the memory of many machines."""
-    from moekit.dispatch.bandwidth import parallel_reads_pay_off
+    machine, waits for); such steps run on one thread without being timed."""
     from moekit.dispatch.grouped import CORE_BYTES_PER_S, CORE_FLOPS_PER_S, MIN_SHARE_SECONDS
 
     read_seconds = largest_elements * element_size / CORE_BYTES_PER_S
     compute_seconds = 2 * rows * largest_elements / CORE_FLOPS_PER_S
-    if max(read_seconds, compute_seconds) < MIN_SHARE_SECONDS:
-        return False
-    return compute_seconds >= read_seconds or parallel_reads_pay_off(torch.get_num_threads())
+    return max(read_seconds, compute_seconds) >= MIN_SHARE_SECONDS
 
 
 def _forward(
@@ -207,12 +204,20 @@ def stream(
         step_ids, step_real, step_positions = input_ids.long(), real, positions
         largest = largest_weight(model)
         element_size = next(model.parameters()).element_size()
-        threaded_by_rows: dict[int, bool] = {}  # the decision depends on the step's rows only
-        for _ in range(config.max_new_tokens):
+        step_threads = step_threads_of(model)
+        timed_by_rows: dict[int, bool] = {}  # whether threads may pay depends on the rows only
+        for index in range(config.max_new_tokens):
             rows = step_ids.numel()
-            if rows not in threaded_by_rows:
-                threaded_by_rows[rows] = threads_pay_off(rows, largest, element_size)
-            with nullcontext() if threaded_by_rows[rows] else single_threaded():
+            if rows not in timed_by_rows:
+                timed_by_rows[rows] = threads_may_pay_off(rows, largest, element_size)
+            # the prompt's step outside inference mode: its products may run on the expert
+            # workers, whose threads are not in the caller's inference mode and may not write
+            # into its inference tensors (the cache it fills stays writable in the later steps)
+            with (
+                step_threads.step(rows) if timed_by_rows[rows] else single_threaded(),
+                nullcontext() if index else torch.inference_mode(False),
+                nullcontext() if index else torch.no_grad(),
+            ):
                 logits = _forward(model, kind, step_ids, step_real, step_positions, cache)
             if config.do_sample:
                 filtered = filter_logits(logits, config.temperature, config.top_k, config.top_p)

@@ -45,8 +45,8 @@ class Assignments:
 
     @staticmethod
     def empty(device: torch.device | str = "cpu") -> Assignments:
-        idx = torch.zeros(0, dtype=torch.long, device=device)
-        return Assignments(idx, idx.clone(), torch.zeros(0, device=device), idx.clone())
+        idx = torch.zeros(0, dtype=torch.long, device=device)  # empty: safe to share
+        return Assignments(idx, idx, torch.zeros(0, device=device), idx)
 
     @staticmethod
     def from_dense(topk_index: Tensor, topk_weight: Tensor, token_mask: Tensor | None = None) -> Assignments:
@@ -75,7 +75,7 @@ class Assignments:
         return Assignments(
             token=torch.div(order, k, rounding_mode="floor"),
             expert=expert[:kept],
-            weight=topk_weight.reshape(-1)[order],
+            weight=topk_weight.reshape(-1).index_select(0, order),
             rank=order % k,
         )
 
