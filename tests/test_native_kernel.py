@@ -113,13 +113,14 @@ def test_products_match_float64_and_touch_only_their_output(layout, rows, inner,
 @needs_native
 @pytest.mark.parametrize("layout", ["input_grad", "weight_grad"])
 @pytest.mark.parametrize(
-    ("rows", "inner", "outer"), [(300, 70, 260), (257, 33, 700), (7, 129, 1), (40, 5, 13)]
+    ("rows", "inner", "outer"), [(300, 70, 260), (257, 33, 700), (20, 300, 300), (7, 129, 1), (40, 5, 13)]
 )
 def test_copied_operands_over_many_blocks_match_float64(layout, rows, inner, outer):
     """The operands the kernel copies before its tiles read them: the weight gradient's A (g^T:
     its columns contiguous), packed by blocks of rows per block of 256 of the inner dimension, and
-    the input gradient's B (W read in place), copied panel by panel; several blocks of each and
-    their tails, into a view of a larger buffer whose other entries stay as they were."""
+    the input gradient's B (W read in place), copied into panels by chunks of columns per block
+    of k; several blocks of each and their tails, into a view of a larger buffer whose other
+    entries stay as they were."""
     gen = torch.Generator().manual_seed(rows + outer)
     a, b = _operands(layout, rows, inner, outer, gen)
     buffer = torch.full((a.shape[0] + 2, b.shape[1] + 3), float("nan"))

@@ -192,6 +192,8 @@ void pack_row_groups(const float* A, int64_t sai, int64_t sak, int64_t rows, int
 // Packed A's bytes per block of rows: a block's packed rows stay in L2 (256 KB or more on every
 // x86 CPU with AVX2) while the panels of B pass over them.
 constexpr int64_t kPackedRowsBytes = 128 * 1024;
+// Copied panels of B's bytes per chunk of columns (input gradients), likewise.
+constexpr int64_t kCopiedPanelsBytes = 128 * 1024;
 
 // packed[k][j] = W[j][k] for j < width (zero up to kPanel), k < depth; W rows of stride ldw.
 void pack_transposed(const float* W, int64_t ldw, int64_t width, int64_t depth, float* packed) {
@@ -264,27 +266,38 @@ void product(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64
     }
     return;
   }
-  if (sbn == 1 || N == 1) {
-    // B in place (input gradients: g @ W), its panels copied to contiguous rows where several
-    // tiles of A's rows reuse them: in place, a panel's rows lie a whole weight row apart (1-2 KB)
-    // and fall into a few L1 sets, so each tile would read them from L2 again.
-    const bool copy = M > kRowsPerTile && sbk != kPanel;
-    thread_local std::vector<float> panel_rows_copy;
-    if (copy) panel_rows_copy.resize(kInnerBlock * kPanel);
-    for (int64_t n = 0; n < N; n += kPanel) {
-      const int64_t width = std::min<int64_t>(kPanel, N - n);
-      for (int64_t k = 0; k < K; k += kInnerBlock) {
-        const int64_t depth = std::min<int64_t>(kInnerBlock, K - k);
-        const float* b = B + k * sbk + n;
-        int64_t ldb = sbk;
-        if (copy) {
-          for (int64_t r = 0; r < depth; ++r) std::copy(b + r * sbk, b + r * sbk + width, &panel_rows_copy[r * kPanel]);
-          b = panel_rows_copy.data();
-          ldb = kPanel;
+  if ((sbn == 1 || N == 1) && M > kRowsPerTile) {
+    // B in place (input gradients: g @ W), reused by several tiles of A's rows: each block of k
+    // rows is first copied, row by row in memory order, into panels of contiguous rows, a chunk of
+    // columns at a time. Read in place, a panel's rows lie a whole weight row apart (1-2 KB) and
+    // fall into a few L1 sets, so every tile would fetch them again (measured on an AVX2 EPYC,
+    // fine shape: input gradients 25 % slower than the forward products, whose W^T is packed;
+    // copied, 15 % faster, level with them; very fine level either way).
+    thread_local std::vector<float> panels;
+    for (int64_t k = 0; k < K; k += kInnerBlock) {
+      const int64_t depth = std::min<int64_t>(kInnerBlock, K - k);
+      const int64_t chunk = std::max<int64_t>(kPanel, kCopiedPanelsBytes / static_cast<int64_t>(sizeof(float)) /
+                                                           depth / kPanel * kPanel);
+      panels.resize(static_cast<size_t>(chunk * depth));
+      for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+        const int64_t columns = std::min<int64_t>(chunk, N - n0);
+        for (int64_t r = 0; r < depth; ++r) {
+          const float* row = B + (k + r) * sbk + n0 * sbn;
+          for (int64_t n = 0; n < columns; n += kPanel)
+            std::copy(row + n, row + std::min<int64_t>(n + kPanel, columns), &panels[(n * depth) + r * kPanel]);
         }
-        panel(M, width, depth, A + k * sak, sai, sak, kRowsPerTile * sai, b, ldb, C + n, ldc, k > 0, prefetch);
+        for (int64_t n = 0; n < columns; n += kPanel)
+          panel(M, std::min<int64_t>(kPanel, columns - n), depth, A + k * sak, sai, sak, kRowsPerTile * sai,
+                &panels[n * depth], kPanel, C + n0 + n, ldc, k > 0, prefetch);
       }
     }
+    return;
+  }
+  if (sbn == 1 || N == 1) {
+    for (int64_t n = 0; n < N; n += kPanel)
+      for (int64_t k = 0; k < K; k += kInnerBlock)
+        panel(M, std::min<int64_t>(kPanel, N - n), std::min<int64_t>(kInnerBlock, K - k), A + k * sak, sai, sak,
+              kRowsPerTile * sai, B + k * sbk + n, sbk, C + n, ldc, k > 0, prefetch);
     return;
   }
   // B = W^T with W [N, K] row-major (stride sbn): dot products for a few rows, else W's panels
