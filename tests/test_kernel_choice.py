@@ -149,7 +149,7 @@ def test_failed_native_build_falls_back_with_a_warning(monkeypatch):
     try:
         with pytest.warns(RuntimeWarning, match="could not build the native expert kernel"):
             available = native.native_available()
-        if native.cpu_has_avx512():
+        if native.kernel_isa() is not None:
             assert not available
         assert workers_enabled()  # the workers still run, on the library kernels
         layer = small_layer()
@@ -187,6 +187,6 @@ def test_production_marker_runs_the_cli_paths():
     assert torch.get_num_threads() == 2
     if openmp_library() is not None:  # torch built with GNU OpenMP, as the pinned CPU wheel is
         assert workers_enabled()
-    wants_native = os.environ.get("MOEKIT_NATIVE", "1") != "0" and native.cpu_has_avx512()
+    wants_native = os.environ.get("MOEKIT_NATIVE", "1") != "0" and native.kernel_isa() is not None
     if wants_native:
         assert native.native_available()

@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from helpers import torch_threads
 from moekit.dispatch.grouped import grouped_experts, plan_experts
 from moekit.experts.activations import make_activation, swiglu_with_grad
+from moekit.kernels import native
 from moekit.kernels.native import (
-    cpu_has_avx512,
+    extension_name,
+    kernel_isa,
     mm_into,
     native_available,
     native_fits,
@@ -23,8 +25,8 @@ from moekit.kernels.native import (
 
 needs_native = pytest.mark.skipif(
     not native_available(),
-    reason="the native kernel needs an AVX-512 CPU and a C++ compiler; without them the library "
-    "kernels run, and the dispatch tests cover those",
+    reason="the native kernel needs an AVX-512 or AVX2 CPU and a C++ compiler; without them the "
+    "library kernels run, and the dispatch tests cover those",
 )
 
 
@@ -44,11 +46,25 @@ def _operands(layout: str, rows: int, inner: int, outer: int, gen: torch.Generat
     return grad.t(), x
 
 
-def test_a_cpu_with_avx512_and_a_compiler_runs_the_native_kernel():
+def test_a_cpu_with_avx512_or_avx2_and_a_compiler_runs_the_native_kernel():
     """Where it can be built and is not turned off, it runs (a failed build would silently cost
     the layer its speed)."""
-    if cpu_has_avx512() and shutil.which("c++") and os.environ.get("MOEKIT_NATIVE", "1") != "0":
+    if kernel_isa() is not None and shutil.which("c++") and os.environ.get("MOEKIT_NATIVE", "1") != "0":
         assert native_available()
+
+
+@pytest.mark.parametrize(
+    ("capability", "isa"),
+    [("AVX512", "avx512"), ("AVX512_BF16", "avx512"), ("AVX2", "avx2"), ("DEFAULT", None), ("NO AVX", None)],
+)
+def test_the_kernel_is_built_for_the_widest_vector_set_of_the_cpu(monkeypatch, capability, isa):
+    """The vector set (and with it the register tile) follows the CPU's features; each set gets
+    a build of its own, never one compiled for another CPU."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert kernel_isa() == isa
+    if isa is not None:
+        assert native.ISA_FLAGS[isa][0] in native.compile_flags(isa)
+    assert extension_name("avx512") != extension_name("avx2")
 
 
 @needs_native
@@ -81,6 +97,29 @@ def test_products_match_float64_and_touch_only_their_output(layout, rows, inner,
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4 * max(1.0, inner**0.5))
     untouched = torch.ones_like(buffer, dtype=torch.bool)
     untouched[pad : pad + a.shape[0], : b.shape[1]] = False
+    assert torch.isnan(buffer[untouched]).all()
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["input_grad", "weight_grad"])
+@pytest.mark.parametrize(
+    ("rows", "inner", "outer"), [(300, 70, 260), (257, 33, 700), (20, 300, 300), (7, 129, 1), (40, 5, 13)]
+)
+def test_copied_operands_over_many_blocks_match_float64(layout, rows, inner, outer):
+    """The operands the kernel copies before its tiles read them: the weight gradient's A (g^T:
+    its columns contiguous), packed by blocks of rows per block of 256 of the inner dimension, and
+    the input gradient's B (W read in place), copied into panels by chunks of columns per block
+    of k; several blocks of each and their tails, into a view of a larger buffer whose other
+    entries stay as they were."""
+    gen = torch.Generator().manual_seed(rows + outer)
+    a, b = _operands(layout, rows, inner, outer, gen)
+    buffer = torch.full((a.shape[0] + 2, b.shape[1] + 3), float("nan"))
+    out = buffer[1 : a.shape[0] + 1, 2 : b.shape[1] + 2]
+    mm_into(a, b, out)
+    atol = 1e-4 * a.shape[1] ** 0.5
+    torch.testing.assert_close(out.double(), a.double() @ b.double(), rtol=1e-5, atol=atol)
+    untouched = torch.ones_like(buffer, dtype=torch.bool)
+    untouched[1 : a.shape[0] + 1, 2 : b.shape[1] + 2] = False
     assert torch.isnan(buffer[untouched]).all()
 
 

@@ -119,6 +119,7 @@ def dispatch_choice(layer: MoE, x: torch.Tensor) -> dict:
     of the experts its routing activates (what a decode step must read)."""
     from moekit.dispatch.grouped import plan_experts
     from moekit.kernels.gemm import gemm_kernel
+    from moekit.kernels.native import kernel_isa
 
     experts = layer.experts
     with torch.no_grad():
@@ -134,6 +135,8 @@ def dispatch_choice(layer: MoE, x: torch.Tensor) -> dict:
         backend=plan.backend,
         workers=plan.parallel,
         native=plan.native,
+        # the vector set the native kernel was built for (its register tile follows from it)
+        native_isa=kernel_isa() if plan.native else None,
         whole_expert_tasks=plan.fused is not None,
         swiglu_loops=plan.swiglu_loops,
         grouped_mm_shares=len(plan.shares),

@@ -11,9 +11,10 @@ of torch's threads, the threads taking whole experts from a shared counter withi
 shapes, `benchmarks/native_kernel.py`).
 
 It is compiled with OpenMP (without it, ATen's parallel_for runs serially: BENCHMARKS.md §13)
-for AVX-512 with the machine's C++ compiler through torch's extension builder
-(a few seconds, once; torch caches the build). Where the CPU lacks AVX-512, the build fails, or
-its results disagree with `torch.mm` on a probe, products stay on `moekit.kernels.gemm`.
+for the widest vector set the CPU has, AVX-512 or else AVX2 with FMA (`kernel_isa`; the register
+tile follows from it, `csrc/simd.h`), with the machine's C++ compiler through torch's extension
+builder (a few seconds, once; torch caches the build). Where the CPU has neither, the build fails,
+or its results disagree with `torch.mm` on a probe, products stay on `moekit.kernels.gemm`.
 `MOEKIT_NATIVE=0` turns it off.
 """
 
@@ -31,15 +32,12 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).parent / "csrc" / "expert_gemm.cpp"
+HEADERS = (Path(__file__).parent / "csrc" / "simd.h",)
 # -fopenmp at compile time only: the OpenMP calls bind at load time to the runtime torch already
 # loaded, so the kernels' parallel loops share torch's threads and thread count.
-COMPILE_FLAGS = ["-O3", "-mavx512f", "-fopenmp"]
-# Named by the source's and flags' hash: torch caches builds by name, and a build of other source
-# (another moekit version) must be neither reused nor overwritten.
-EXTENSION_NAME = (
-    "moekit_expert_gemm_"
-    + hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:12]
-)
+COMPILE_FLAGS = ["-O3", "-fopenmp"]
+# The vector set's flags, by `kernel_isa`
+ISA_FLAGS = {"avx512": ["-mavx512f"], "avx2": ["-mavx2", "-mfma"]}
 OPS = (
     "mm_into",
     "expert_products",
@@ -112,11 +110,32 @@ def native_available() -> bool:
 
 @cache
 def _built_and_checked() -> bool:
-    return cpu_has_avx512() and _build_and_load() and _probe_matches_torch()
+    return kernel_isa() is not None and _build_and_load() and _probe_matches_torch()
 
 
 def cpu_has_avx512() -> bool:
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return kernel_isa() == "avx512"
+
+
+def kernel_isa() -> str | None:
+    """The vector set the native kernel is built for here: "avx512", "avx2" (AVX2 with FMA, which
+    torch's AVX2 capability implies), or None where the CPU has neither."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        return "avx512"
+    return "avx2" if capability == "AVX2" else None
+
+
+def compile_flags(isa: str) -> list[str]:
+    return [*COMPILE_FLAGS, *ISA_FLAGS[isa]]
+
+
+def extension_name(isa: str) -> str:
+    """Named by the sources' and flags' hash: torch caches builds by name, and a build of other
+    source (another moekit version) or for another vector set must be neither reused nor overwritten."""
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in (SOURCE, *HEADERS)))
+    digest.update(" ".join(compile_flags(isa)).encode())
+    return "moekit_expert_gemm_" + digest.hexdigest()[:12]
 
 
 def _build_and_load() -> bool:
@@ -126,8 +145,13 @@ def _build_and_load() -> bool:
         scripts = sysconfig.get_path("scripts")
         os.environ["PATH"] = os.pathsep.join((scripts, os.environ.get("PATH", "")))
     try:
+        isa = kernel_isa()
         cpp_extension.load(
-            EXTENSION_NAME, [str(SOURCE)], extra_cflags=COMPILE_FLAGS, is_python_module=False, verbose=False
+            extension_name(isa),
+            [str(SOURCE)],
+            extra_cflags=compile_flags(isa),
+            is_python_module=False,
+            verbose=False,
         )
     except Exception as error:  # no compiler, no ninja, a failed build: gemm.py's kernels remain
         warnings.warn(
