@@ -38,7 +38,7 @@ DEMO_EXPERTS = {"num_experts": 16, "top_k": 2, "ff_size": 128, "shared_ff_size":
 class DemoSettings:
     out_dir: Path
     source: str = "builtin"
-    steps: int = 400
+    steps: int = 600
     micro_batch_size: int = 32
     seq_len: int = 256
     lr_dense: float = 3e-3  # each model's own learning rate, chosen on the same grid (BENCHMARKS.md §2)
