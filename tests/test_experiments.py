@@ -244,6 +244,21 @@ def test_moe_vs_dense_arms_have_equal_active_ffn_width():
     assert len(set(widths.values())) == 1, widths
 
 
+def test_moe_vs_dense_full_dense_and_fine_arms_are_the_demos_models():
+    from moekit.demo import DemoSettings, run_configs
+
+    settings = runner.ExperimentSettings(out_dir=__import__("pathlib").Path("unused"))
+    demo = run_configs(DemoSettings(out_dir=__import__("pathlib").Path("unused")))
+    for arm, demo_name in (("dense", "dense"), ("fine_shared", "moe")):
+        ours = moe_vs_dense.run_config(arm, moe_vs_dense.FULL, 0, settings)
+        theirs = demo[demo_name]
+        assert ours["model"] == theirs["model"], arm
+        for key in ("steps", "micro_batch_size", "lr", "warmup_steps"):
+            assert ours["train"][key] == theirs["train"][key], (arm, key)
+        assert ours["data"] == theirs["data"]
+        assert ours.get("balance") == theirs.get("balance")
+
+
 @settings(deadline=None, max_examples=1)
 @given(st.just(None))
 def test_moe_vs_dense_runs_end_to_end_at_a_few_steps(tmp_path_factory, _):

@@ -8,7 +8,7 @@ same grid): the data stream (same seed, same batches), optimiser, schedule and s
 replaces each FFN of width `k * ff + shared_ff` by `num_experts` fine-grained experts of width
 `ff`, top-k routed, plus one always-on shared expert of width `shared_ff` (DeepSeekMoE, #10), so a
 token touches the same number of FFN parameters in both.
-The models are small (width 128) so that, in the time budget, each sees about six training tokens
+The models are small (width 128) so that, in the time budget, each sees about nine training tokens
 per active parameter: at width 256 and under two tokens per parameter the two stayed within 0.013
 nats per byte of each other, too early in training for the MoE's extra capacity to count.
 """
@@ -38,7 +38,7 @@ DEMO_EXPERTS = {"num_experts": 16, "top_k": 2, "ff_size": 128, "shared_ff_size":
 class DemoSettings:
     out_dir: Path
     source: str = "builtin"
-    steps: int = 400
+    steps: int = 600
     micro_batch_size: int = 32
     seq_len: int = 256
     lr_dense: float = 3e-3  # each model's own learning rate, chosen on the same grid (BENCHMARKS.md §2)

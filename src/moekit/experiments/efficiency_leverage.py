@@ -56,7 +56,7 @@ GRANULARITY_ARMS = ("A1/4", "A1/4-G2", "A1/4-G4")
 
 # expert_ff is W/2 here (the coarse experts' width); the dense FFN is 2 * expert_ff = W
 QUICK = ArmScale("sample", 32, 1, 2, 32, 8, 32, 4, 1, 8, 3e-3, 1, 2)
-FULL = ArmScale("builtin", 64, 2, 2, 64, 8, 128, 8, 1, 150, 3e-3, 4, 2)
+FULL = ArmScale("builtin", 64, 2, 2, 64, 8, 128, 8, 1, 150, 3e-3, 4, 3)
 
 
 def activation_ratio(name: str) -> float:

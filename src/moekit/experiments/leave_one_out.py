@@ -42,7 +42,7 @@ ARMS = ("dense", "moe")
 NMI_BAR = 0.2  # papers.md's small-scale test for #1
 
 QUICK = ArmScale("sample", 32, 1, 2, 32, 8, 64, 4, 1, 16, 3e-3, 1, 2)
-FULL = ArmScale("builtin", 64, 2, 2, 64, 8, 128, 8, 1, 200, 3e-3, 4, 2)
+FULL = ArmScale("builtin", 64, 2, 2, 64, 8, 128, 8, 1, 200, 3e-3, 4, 3)
 QUICK_HOLDOUTS = 2  # the quick mode holds out the first two domains only
 
 

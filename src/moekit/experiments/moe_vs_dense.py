@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,7 +50,31 @@ class Scale:
 
 
 QUICK = Scale("sample", 64, 2, 2, 128, 64, 8, 30, 3e-3, 2, 2)
-FULL = Scale("builtin", 256, 2, 4, 1024, 256, 32, 480, 3e-3, 16, 3)
+
+
+def demo_scale() -> Scale:
+    """The full scale is the demo's models and training run, so the demo's dense and MoE are two of
+    this experiment's three arms and the two never drift apart."""
+    from moekit.demo import DEMO_EXPERTS, DEMO_MODEL, DemoSettings
+
+    e = DEMO_EXPERTS
+    demo = DemoSettings(out_dir=Path("."))
+    return Scale(
+        source=demo.source,
+        hidden=DEMO_MODEL["hidden_size"],
+        layers=DEMO_MODEL["num_layers"],
+        heads=DEMO_MODEL["num_heads"],
+        ffn=e["top_k"] * e["ff_size"] + e["shared_ff_size"],
+        seq_len=demo.seq_len,
+        batch=demo.micro_batch_size,
+        steps=demo.steps,
+        lr=demo.lr_moe,
+        eval_batches=demo.eval_batches,
+        seeds=3,
+    )
+
+
+FULL = demo_scale()
 
 
 def arm_model(arm: str, scale: Scale) -> dict[str, Any]:
