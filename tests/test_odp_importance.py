@@ -8,12 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import tiny_lm, tiny_models
 from moekit.errors import ConfigError
 from moekit.inference.generate import generate
 from moekit.inference.methods import odp_overrides
 from moekit.inference.methods.common import full_logits
-from moekit.layer import MoEConfig
-from moekit.models.lm import LanguageModel, LMConfig
+from moekit.models.lm import LanguageModel
 from moekit.routing.importance import (
     IMPORTANCE_KEY,
     attending_positions,
@@ -29,41 +29,18 @@ from moekit.routing.override import (
     dense_routing,
     override_routing,
 )
-from moekit.routing.spec import preset
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is installed by the `hf` extra that `make test` installs"
 )
-from moekit.interop.hf import from_hf  # noqa: E402
-from moekit.interop.tiny import TINY_CONFIGS, tiny_model  # noqa: E402
+from moekit.interop.tiny import TINY_CONFIGS  # noqa: E402
 
 FAMILIES = list(TINY_CONFIGS)
 
 
-def tiny_lm(seed=0):
-    torch.manual_seed(seed)
-    moe = MoEConfig(hidden_size=32, ff_size=16, router=preset("qwen3_moe", 8, 2))
-    config = LMConfig(
-        vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, ff_size=48, max_seq_len=48, moe=moe
-    )
-    return LanguageModel(config).eval()
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            if name == "moekit":
-                cache[name] = tiny_lm()
-            else:
-                folder = tmp_path_factory.mktemp(name)
-                tiny_model(name, seed=2).save_pretrained(folder)
-                cache[name] = from_hf(folder).eval()
-        return cache[name]
-
-    return get
+    return tiny_models(tmp_path_factory)
 
 
 def reference_received(q, k, scale, allowed, sinks=None):
