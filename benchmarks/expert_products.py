@@ -32,22 +32,18 @@ from moekit.bench.layer import SHAPES, Shape, build_layer, timed_step  # noqa: E
 from moekit.bench.machine import thread_round_trip_us  # noqa: E402
 from moekit.bench.peers import dense_contenders, moekit_contender  # noqa: E402
 from moekit.bench.timing import interleaved_medians  # noqa: E402
-from moekit.dispatch.grouped import (  # noqa: E402
-    ExpertPlan,
-    _backward_pair,
-    _rows_times_weight,
-    plan_experts,
-)
+from moekit.dispatch.grouped import ExpertPlan, plan_experts  # noqa: E402
 from moekit.io import write_json_atomic  # noqa: E402
 from moekit.layer import MoE  # noqa: E402
 
 
 def expert_products_step(plan: ExpertPlan, w_in, w_out, rows: dict[str, Tensor]) -> dict[str, Tensor]:
     """The layer's expert GEMMs for one forward and backward, in the order the layer runs them."""
-    h = _rows_times_weight(rows["x"], w_in, plan)
-    y = _rows_times_weight(rows["a"], w_out, plan)
-    grad_w_out, grad_a = _backward_pair(rows["grad_y"], rows["a"], w_out, plan, True)
-    grad_w_in, grad_x = _backward_pair(rows["grad_h"], rows["x"], w_in, plan, True)
+    loops = plan.loops
+    h = loops.products(rows["x"], w_in)
+    y = loops.products(rows["a"], w_out)
+    grad_w_out, grad_a = loops.backward_pairs(rows["grad_y"], rows["a"], w_out, True)
+    grad_w_in, grad_x = loops.backward_pairs(rows["grad_h"], rows["x"], w_in, True)
     return {
         "h": h,
         "y": y,

@@ -137,21 +137,27 @@ def _tied(model: nn.Module) -> bool:
     return head is not None and head.weight is model.embed.weight
 
 
+# Rough single-core rates of an x86 core of the AVX2/AVX-512 class, and the least time of a
+# product worth a hand-off between threads: an estimate for generation's choice only.
+CORE_FLOPS_PER_S = 100e9
+CORE_BYTES_PER_S = 10e9
+MIN_THREADED_SECONDS = 100e-6
+
+
 def threads_pay_off(rows: int, largest_elements: int, element_size: int) -> bool:
     """Whether a forward over `rows` tokens should run on all threads rather than one.
 
-    Its largest product, estimated on one core (the dispatch planner's rates), must take at least
-    as long as a worker share must, to pay OpenMP's hand-off between threads: decoding a small
+    Its largest product, estimated on one core (the rough rates below), must take at least
+    MIN_THREADED_SECONDS, to pay OpenMP's hand-off between threads: decoding a small
     model is a chain of tiny ops, each of which a second thread only delays (and, on a loaded
     machine, waits for). A product of a few rows is bound by its weight reads, not its arithmetic
     (decode); more threads speed those up only where split reads were measured faster than one
     thread's here (`dispatch.bandwidth`): one core saturates the memory of many machines."""
     from moekit.dispatch.bandwidth import parallel_reads_pay_off
-    from moekit.dispatch.grouped import CORE_BYTES_PER_S, CORE_FLOPS_PER_S, MIN_SHARE_SECONDS
 
     read_seconds = largest_elements * element_size / CORE_BYTES_PER_S
     compute_seconds = 2 * rows * largest_elements / CORE_FLOPS_PER_S
-    if max(read_seconds, compute_seconds) < MIN_SHARE_SECONDS:
+    if max(read_seconds, compute_seconds) < MIN_THREADED_SECONDS:
         return False
     return compute_seconds >= read_seconds or parallel_reads_pay_off(torch.get_num_threads())
 
