@@ -5,11 +5,11 @@
 For each shape of `moekit bench layer` (T tokens, forward+backward), side by side in one process,
 interleaved round by round: `dense`, the dense-equivalent chain of the layer benchmark; `moekit`,
 the whole layer; and `products`, only the layer's six expert products per expert (two forward, two
-input gradients, two weight gradients) for the routing the layer makes, through the same kernel,
-workers and buffers as the layer, with no routing, gather, activation or combine. `products /
+input gradients, two weight gradients) for the routing the layer makes, through the same loops
+and buffers as the layer, with no routing, gather, activation or combine. `products /
 dense` is the ratio the layer would reach if everything but its GEMMs were free; `moekit -
 products` is what the rest costs. (Where the layer runs whole experts in one loop or task, as
-SwiGLU experts on moekit's own kernels do, `products` times the same products in the paired
+SwiGLU experts on the C++ loops do, `products` times the same products in the paired
 path's order.)
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -83,7 +83,7 @@ class ProductsCase:
             "grad_y": torch.randn(len(kept), shape.hidden, generator=gen),
             "grad_h": torch.randn(len(kept), w_in.shape[1], generator=gen),
         }
-        return ProductsCase(shape, layer, x, upstream, replace(plan, fused=None), rows)
+        return ProductsCase(shape, layer, x, upstream, plan, rows)
 
     def run_products(self) -> dict[str, Tensor]:
         with torch.no_grad():

@@ -9,7 +9,7 @@ import moekit.dispatch.grouped as grouped_module
 from moekit import MoE, MoEConfig, preset
 from moekit.dispatch.grouped import grouped_mm_available
 from moekit.dispatch.reference import reference_moe
-from moekit.kernels.native import native_available
+from moekit.kernels.native import loops_available
 from moekit.routing.spec import PRESET_NAMES
 
 pytestmark = pytest.mark.portable
@@ -141,9 +141,9 @@ def test_decode_sized_inputs_close_to_reference(backend):
 @pytest.mark.parametrize("name", PRESET_NAMES)
 @pytest.mark.parametrize("split_reads_faster", [False, True])
 def test_decode_path_close_to_reference(name, split_reads_faster):
-    """Decode-sized steps (one token per row, some rows masked) on `auto`: the native loops on the
-    calling thread, or on the workers where split reads measured faster, every preset; output and
-    every gradient against the float64 reference."""
+    """Decode-sized steps (one token per row, some rows masked) on `auto`: the C++ loops on the
+    calling thread, or on torch's threads where split reads measured faster, every preset; output
+    and every gradient against the float64 reference."""
     layer = preset_layer(name)
     x = torch.randn(3, 1, HIDDEN, dtype=torch.float64)
     token_mask = torch.tensor([[True], [False], [True]])
@@ -172,9 +172,7 @@ def test_decode_path_close_to_reference(name, split_reads_faster):
             p.grad.double(), ref.params[param_name].grad, rtol=2e-4, atol=2e-4, msg=param_name
         )
     assert plans and all(plan.groups.token.numel() <= 4 for plan in plans)
-    if native_available():
-        assert all(plan.native and plan.backend == "loop" for plan in plans)
-        if torch.get_num_threads() == 1 or not grouped_module.workers_enabled():
-            assert not any(plan.parallel for plan in plans)
-        elif not split_reads_faster:
-            assert not any(plan.parallel for plan in plans) and all(plan.single_threaded for plan in plans)
+    if loops_available():
+        assert all(plan.path == "decode" for plan in plans)
+        if torch.get_num_threads() == 1 or not split_reads_faster:
+            assert all(plan.loops.threads == 1 for plan in plans)

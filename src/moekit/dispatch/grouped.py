@@ -404,13 +404,10 @@ def plan_experts(
 ) -> ExpertPlan:
     """How the kept assignments (expert-sorted `token`, `expert`) will be computed: which path,
     kernel and threads. `threads` forces the native loops' thread count (tests)."""
-    num_experts, in_features, hidden = w_in.shape
-    groups = ExpertGroups.build(token, expert, num_experts, x.shape[0])
+    groups = ExpertGroups.build(token, expert, w_in.shape[0], x.shape[0])
     kernel = expert_kernel(x, w_in, w_out) if backend != "grouped_mm" else None
     if kernel is None:
-        widths = (hidden, in_features, w_out.shape[2])
-        grouped_mm = backend != "loop" and grouped_mm_fits(x.dtype, *widths)
-        return ExpertPlan(groups, activation, weight_on, PortableLoops(groups, grouped_mm))
+        return portable_plan(x, token, expert, w_in, w_out, activation, weight_on, backend)
     active = len(groups.nonempty)
     if threads is None:
         threads = torch.get_num_threads()
@@ -422,6 +419,24 @@ def plan_experts(
             # one expert: the tile kernel computes on one thread, torch's mm on all
             kernel = "mm"
     return ExpertPlan(groups, activation, weight_on, NativeLoops(groups, kernel, threads))
+
+
+def portable_plan(
+    x: Tensor,
+    token: Tensor,
+    expert: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    activation: Activation,
+    weight_on: str = "output",
+    backend: str = "auto",
+) -> ExpertPlan:
+    """The portable path (what a GPU, or a CPU without the C++ loops, runs): torch's grouped_mm
+    where its dtype and strides allow and `backend` is not "loop", else torch.mm per expert."""
+    num_experts, in_features, hidden = w_in.shape
+    groups = ExpertGroups.build(token, expert, num_experts, x.shape[0])
+    grouped_mm = backend != "loop" and grouped_mm_fits(x.dtype, hidden, in_features, w_out.shape[2])
+    return ExpertPlan(groups, activation, weight_on, PortableLoops(groups, grouped_mm))
 
 
 def grouped_experts(
