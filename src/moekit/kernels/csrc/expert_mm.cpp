@@ -27,6 +27,8 @@
 
 #include "expert_tasks.h"
 
+#include <algorithm>
+#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -82,9 +84,17 @@ void check_packed(const at::Tensor& w, const at::Tensor& like, const char* op, c
               " must be a ", like.scalar_type(), " CPU tensor [E, n_out, n_in]");
 }
 
-void check_token(const at::Tensor& token, int64_t rows, const char* op) {
-  TORCH_CHECK(token.dim() == 1 && token.size(0) == rows && token.scalar_type() == at::kLong && token.device().is_cpu(),
-              op, ": token must be an int64 CPU tensor [A]");
+void check_token(const at::Tensor& token, int64_t rows, int64_t num_tokens, const char* op) {
+  TORCH_CHECK(token.dim() == 1 && token.size(0) == rows && token.scalar_type() == at::kLong && token.is_contiguous() &&
+                  token.device().is_cpu(),
+              op, ": token must be a contiguous int64 CPU tensor [A]");
+  const int64_t* T = token.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(T[r] >= 0 && T[r] < num_tokens, op, ": token ", T[r], " out of range");
+}
+
+void check_scale(const at::Tensor& t, const at::Tensor& like, int64_t rows, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows && t.scalar_type() == like.scalar_type() && t.is_contiguous(), op,
+              ": ", name, " must be a contiguous [A] of the rows' dtype");
 }
 
 at::Tensor rows_of(const at::Tensor& t, const Task& task) { return t.narrow(0, task.start, task.stop - task.start); }
@@ -138,9 +148,23 @@ void check_swiglu_weights(const at::Tensor& w_in, const at::Tensor& w_out, const
               ": w_in must be [E, 2 ff, d] and w_out [E, d, ff]");
 }
 
+// rows [s, t) of out = rows token[s:t] of x (the gather of an expert's rows), d columns.
+template <typename scalar_t>
+void gather_rows(const scalar_t* X, int64_t ldx, const int64_t* T, const Task& task, scalar_t* out, int64_t ldo,
+                 int64_t d) {
+  for (int64_t r = task.start; r < task.stop; ++r) std::copy(X + T[r] * ldx, X + T[r] * ldx + d, out + r * ldo);
+}
+
+template <typename acc_t>
+inline acc_t sigmoid(acc_t g) {
+  return acc_t(1) / (acc_t(1) + std::exp(-g));
+}
+
 // SwiGLU experts whole, the routing weight on their output (expert_gemm.cpp's
 // expert_swiglu_forward): for every task (e, s, t), xs = x[token[s:t]], h = xs @ w_in[e]^T,
-// a = silu(gate) * up for h = [gate | up], a_in = a * scale[s:t], ys = a_in @ w_out[e]^T.
+// a = silu(gate) * up for h = [gate | up] (Shazeer 2020), a_in = a * scale[s:t],
+// ys = a_in @ w_out[e]^T. Only the products are torch calls: the gather and the activation are
+// loops here, so that a decode step's many small experts pay no per-op dispatch for them.
 void expert_swiglu_forward_mm(const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
                               const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& xs,
                               const at::Tensor& h, const at::Tensor& a, const at::Tensor& a_in, const at::Tensor& ys,
@@ -149,32 +173,45 @@ void expert_swiglu_forward_mm(const at::Tensor& x, const at::Tensor& token, cons
   const int64_t d = x.size(1), rows = token.size(0);
   check_swiglu_weights(w_in, w_out, x, d, op);
   const int64_t ff = w_out.size(2);
-  check_token(token, rows, op);
+  check_token(token, rows, x.size(0), op);
+  check_rows(x, x, x.size(0), d, op, "x");
   check_rows(xs, x, rows, d, op, "xs");
   check_rows(h, x, rows, 2 * ff, op, "h");
   check_rows(a, x, rows, ff, op, "a");
   check_rows(a_in, x, rows, ff, op, "a_in");
   check_rows(ys, x, rows, d, op, "ys");
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == rows && scale.scalar_type() == x.scalar_type(), op,
-              ": scale must be [A] of x's dtype");
-  TORCH_CHECK(rows == 0 || (token.min().item<int64_t>() >= 0 && token.max().item<int64_t>() < x.size(0)), op,
-              ": a token is out of range");
+  check_scale(scale, x, rows, op, "scale");
   const auto work = checked_tasks(tasks, w_in.size(0), rows, op);
-  for_each_task(work, threads, [&](const Task& task) {
-    auto xs_e = rows_of(xs, task), h_e = rows_of(h, task), a_e = rows_of(a, task), ai_e = rows_of(a_in, task);
-    auto ys_e = rows_of(ys, task);
-    at::index_select_out(xs_e, x, 0, rows_of(token, task));
-    at::mm_out(h_e, xs_e, w_in.select(0, task.expert).t());
-    at::silu_out(a_e, h_e.narrow(1, 0, ff));
-    a_e.mul_(h_e.narrow(1, ff, ff));
-    at::mul_out(ai_e, a_e, rows_of(scale, task).unsqueeze(1));
-    at::mm_out(ys_e, ai_e, w_out.select(0, task.expert).t());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "expert_swiglu_forward_mm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t* T = token.data_ptr<int64_t>();
+    const scalar_t *X = x.data_ptr<scalar_t>(), *S = scale.data_ptr<scalar_t>();
+    scalar_t *XS = xs.data_ptr<scalar_t>(), *H = h.data_ptr<scalar_t>(), *A = a.data_ptr<scalar_t>();
+    scalar_t* AI = a_in.data_ptr<scalar_t>();
+    const int64_t ldx = x.stride(0), ldxs = xs.stride(0), ldh = h.stride(0), lda = a.stride(0), ldai = a_in.stride(0);
+    for_each_task(work, threads, [&](const Task& task) {
+      auto xs_e = rows_of(xs, task), h_e = rows_of(h, task), ys_e = rows_of(ys, task);
+      gather_rows(X, ldx, T, task, XS, ldxs, d);
+      at::mm_out(h_e, xs_e, w_in.select(0, task.expert).t());
+      for (int64_t r = task.start; r < task.stop; ++r) {
+        const scalar_t *gate = H + r * ldh, *up = gate + ff;
+        const acc_t sc = static_cast<acc_t>(S[r]);
+        for (int64_t j = 0; j < ff; ++j) {
+          const acc_t g = static_cast<acc_t>(gate[j]);
+          const acc_t value = g * sigmoid(g) * static_cast<acc_t>(up[j]);
+          A[r * lda + j] = static_cast<scalar_t>(value);
+          AI[r * ldai + j] = static_cast<scalar_t>(value * sc);
+        }
+      }
+      at::mm_out(ys_e, rows_of(a_in, task), w_out.select(0, task.expert).t());
+    });
   });
 }
 
 // The backward of expert_swiglu_forward_mm (expert_gemm.cpp's expert_swiglu_backward): the packed
-// weight gradients (where given), grad_scale[r] = <grad of a_in, a>, and the gathered rows' gradient
-// grad_xs; grad_ys, grad_a and grad_h are work space.
+// weight gradients (where given), grad_scale[r] = <grad of a_in, a> (the routing weight's
+// gradient), and the gathered rows' gradient grad_xs; grad_ys, grad_a and grad_h are work space.
+// d gate = d a * up * s * (1 + gate * (1 - s)), d up = d a * gate * s, s = sigmoid(gate).
 void expert_swiglu_backward_mm(const at::Tensor& grad_out, const at::Tensor& token, const at::Tensor& scale,
                                const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& xs,
                                const at::Tensor& h, const at::Tensor& a, const at::Tensor& a_in,
@@ -186,45 +223,58 @@ void expert_swiglu_backward_mm(const at::Tensor& grad_out, const at::Tensor& tok
   const int64_t d = grad_out.size(1), rows = token.size(0);
   check_swiglu_weights(w_in, w_out, grad_out, d, op);
   const int64_t ff = w_out.size(2);
-  check_token(token, rows, op);
+  check_token(token, rows, grad_out.size(0), op);
+  check_rows(grad_out, grad_out, grad_out.size(0), d, op, "grad_out");
   for (const auto* t : {&xs, &grad_ys, &grad_xs}) check_rows(*t, grad_out, rows, d, op, "xs, grad_ys and grad_xs");
   for (const auto* t : {&h, &grad_h}) check_rows(*t, grad_out, rows, 2 * ff, op, "h and grad_h");
   for (const auto* t : {&a, &a_in, &grad_a}) check_rows(*t, grad_out, rows, ff, op, "a, a_in and grad_a");
-  for (const auto* t : {&scale, &grad_scale})
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == rows && t->scalar_type() == grad_out.scalar_type(), op,
-                ": scale and grad_scale must be [A] of grad_out's dtype");
+  check_scale(scale, grad_out, rows, op, "scale");
+  check_scale(grad_scale, grad_out, rows, op, "grad_scale");
   if (grad_w_in.has_value())
     TORCH_CHECK(grad_w_in->sizes() == w_in.sizes() && grad_w_in->scalar_type() == w_in.scalar_type(), op,
                 ": grad_w_in must be shaped like w_in");
   if (grad_w_out.has_value())
     TORCH_CHECK(grad_w_out->sizes() == w_out.sizes() && grad_w_out->scalar_type() == w_out.scalar_type(), op,
                 ": grad_w_out must be shaped like w_out");
-  TORCH_CHECK(rows == 0 || (token.min().item<int64_t>() >= 0 && token.max().item<int64_t>() < grad_out.size(0)), op,
-              ": a token is out of range");
   const auto work = checked_tasks(tasks, w_in.size(0), rows, op);
-  for_each_task(work, threads, [&](const Task& task) {
-    const auto w_in_e = w_in.select(0, task.expert), w_out_e = w_out.select(0, task.expert);
-    auto gy = rows_of(grad_ys, task), ga = rows_of(grad_a, task), gh = rows_of(grad_h, task);
-    auto gx = rows_of(grad_xs, task), gs = rows_of(grad_scale, task);
-    const auto h_e = rows_of(h, task), a_e = rows_of(a, task);
-    const auto gate = h_e.narrow(1, 0, ff), up = h_e.narrow(1, ff, ff);
-    at::index_select_out(gy, grad_out, 0, rows_of(token, task));
-    if (grad_w_out.has_value()) {
-      auto target = grad_w_out->select(0, task.expert);
-      at::mm_out(target, gy.t(), rows_of(a_in, task));
-    }
-    at::mm_out(ga, gy, w_out_e);  // the gradient of a_in
-    gs.copy_((ga * a_e).sum(1));
-    ga.mul_(rows_of(scale, task).unsqueeze(1));  // of a
-    auto grad_gate = gh.narrow(1, 0, ff), grad_up = gh.narrow(1, ff, ff);
-    at::silu_out(grad_up, gate);
-    grad_up.mul_(ga);
-    at::silu_backward_out(grad_gate, ga * up, gate);
-    if (grad_w_in.has_value()) {
-      auto target = grad_w_in->select(0, task.expert);
-      at::mm_out(target, gh.t(), rows_of(xs, task));
-    }
-    at::mm_out(gx, gh, w_in_e);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "expert_swiglu_backward_mm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t* T = token.data_ptr<int64_t>();
+    const scalar_t *G = grad_out.data_ptr<scalar_t>(), *S = scale.data_ptr<scalar_t>();
+    const scalar_t *H = h.data_ptr<scalar_t>(), *A = a.data_ptr<scalar_t>();
+    scalar_t *GY = grad_ys.data_ptr<scalar_t>(), *GA = grad_a.data_ptr<scalar_t>(), *GH = grad_h.data_ptr<scalar_t>();
+    scalar_t* GS = grad_scale.data_ptr<scalar_t>();
+    const int64_t ldg = grad_out.stride(0), ldgy = grad_ys.stride(0), ldga = grad_a.stride(0), ldgh = grad_h.stride(0);
+    const int64_t ldh = h.stride(0), lda = a.stride(0);
+    for_each_task(work, threads, [&](const Task& task) {
+      auto gy = rows_of(grad_ys, task), ga = rows_of(grad_a, task), gh = rows_of(grad_h, task);
+      auto gx = rows_of(grad_xs, task);
+      gather_rows(G, ldg, T, task, GY, ldgy, d);
+      if (grad_w_out.has_value()) {
+        auto target = grad_w_out->select(0, task.expert);
+        at::mm_out(target, gy.t(), rows_of(a_in, task));
+      }
+      at::mm_out(ga, gy, w_out.select(0, task.expert));  // the gradient of a_in
+      for (int64_t r = task.start; r < task.stop; ++r) {
+        const scalar_t *gr = GA + r * ldga, *ar = A + r * lda, *gate = H + r * ldh, *up = gate + ff;
+        scalar_t* out = GH + r * ldgh;
+        acc_t dot = 0;
+        for (int64_t j = 0; j < ff; ++j) dot += static_cast<acc_t>(gr[j]) * static_cast<acc_t>(ar[j]);
+        GS[r] = static_cast<scalar_t>(dot);
+        const acc_t sc = static_cast<acc_t>(S[r]);
+        for (int64_t j = 0; j < ff; ++j) {
+          const acc_t da = static_cast<acc_t>(gr[j]) * sc, g = static_cast<acc_t>(gate[j]);
+          const acc_t sg = sigmoid(g);
+          out[j] = static_cast<scalar_t>(da * static_cast<acc_t>(up[j]) * sg * (acc_t(1) + g * (acc_t(1) - sg)));
+          out[ff + j] = static_cast<scalar_t>(da * g * sg);
+        }
+      }
+      if (grad_w_in.has_value()) {
+        auto target = grad_w_in->select(0, task.expert);
+        at::mm_out(target, gh.t(), rows_of(xs, task));
+      }
+      at::mm_out(gx, gh, w_in.select(0, task.expert));
+    });
   });
 }
 
