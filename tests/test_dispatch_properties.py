@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import moekit.dispatch.grouped as grouped_module
+from helpers import torch_threads
 from moekit.dispatch.grouped import NativeLoops, PortableLoops, grouped_experts, packed_grad
 from moekit.experts.activations import make_activation
 from moekit.kernels.native import loops_available
@@ -203,17 +204,6 @@ def test_apply_capacity_on_empty_assignments():
     empty = Assignments.empty()
     kept, dropped = apply_capacity(empty, 4, 3, 1, "position")
     assert len(kept) == 0 and len(dropped) == 0
-
-
-@contextmanager
-def torch_threads(count: int):
-    """The loops need a second thread to hand experts to; the tests run with one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def sorted_topk_assignments(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,13 +5,13 @@ and SwiGLU with its derivative."""
 
 import os
 import shutil
-from contextlib import contextmanager
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import torch_threads
 from moekit.dispatch.grouped import grouped_experts, plan_experts
 from moekit.experts.activations import make_activation, swiglu_with_grad
 from moekit.kernels import native
@@ -42,16 +42,6 @@ def loop_op(name: str, kernel: str):
             f"the {kernel} kernel does not run here (the tile kernel needs AVX-512 or AVX2, both a compiler)"
         )
     return getattr(torch.ops.moekit, name + suffix)
-
-
-@contextmanager
-def torch_threads(count: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # How each layout the expert loops use is formed from a [rows, inner] input, a weight [outer, inner]
