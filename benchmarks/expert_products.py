@@ -5,11 +5,11 @@
 For each shape of `moekit bench layer` (T tokens, forward+backward), side by side in one process,
 interleaved round by round: `dense`, the dense-equivalent chain of the layer benchmark; `moekit`,
 the whole layer; and `products`, only the layer's six expert products per expert (two forward, two
-input gradients, two weight gradients) for the routing the layer makes, through the same kernel,
-workers and buffers as the layer, with no routing, gather, activation or combine. `products /
+input gradients, two weight gradients) for the routing the layer makes, through the same loops
+and buffers as the layer, with no routing, gather, activation or combine. `products /
 dense` is the ratio the layer would reach if everything but its GEMMs were free; `moekit -
 products` is what the rest costs. (Where the layer runs whole experts in one loop or task, as
-SwiGLU experts on moekit's own kernels do, `products` times the same products in the paired
+SwiGLU experts on the C++ loops do, `products` times the same products in the paired
 path's order.)
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -32,22 +32,18 @@ from moekit.bench.layer import SHAPES, Shape, build_layer, timed_step  # noqa: E
 from moekit.bench.machine import thread_round_trip_us  # noqa: E402
 from moekit.bench.peers import dense_contenders, moekit_contender  # noqa: E402
 from moekit.bench.timing import interleaved_medians  # noqa: E402
-from moekit.dispatch.grouped import (  # noqa: E402
-    ExpertPlan,
-    _backward_pair,
-    _rows_times_weight,
-    plan_experts,
-)
+from moekit.dispatch.grouped import ExpertPlan, plan_experts  # noqa: E402
 from moekit.io import write_json_atomic  # noqa: E402
 from moekit.layer import MoE  # noqa: E402
 
 
 def expert_products_step(plan: ExpertPlan, w_in, w_out, rows: dict[str, Tensor]) -> dict[str, Tensor]:
     """The layer's expert GEMMs for one forward and backward, in the order the layer runs them."""
-    h = _rows_times_weight(rows["x"], w_in, plan)
-    y = _rows_times_weight(rows["a"], w_out, plan)
-    grad_w_out, grad_a = _backward_pair(rows["grad_y"], rows["a"], w_out, plan, True)
-    grad_w_in, grad_x = _backward_pair(rows["grad_h"], rows["x"], w_in, plan, True)
+    loops = plan.loops
+    h = loops.products(rows["x"], w_in)
+    y = loops.products(rows["a"], w_out)
+    grad_w_out, grad_a = loops.backward_pairs(rows["grad_y"], rows["a"], w_out, True)
+    grad_w_in, grad_x = loops.backward_pairs(rows["grad_h"], rows["x"], w_in, True)
     return {
         "h": h,
         "y": y,
@@ -87,7 +83,7 @@ class ProductsCase:
             "grad_y": torch.randn(len(kept), shape.hidden, generator=gen),
             "grad_h": torch.randn(len(kept), w_in.shape[1], generator=gen),
         }
-        return ProductsCase(shape, layer, x, upstream, replace(plan, fused=None), rows)
+        return ProductsCase(shape, layer, x, upstream, plan, rows)
 
     def run_products(self) -> dict[str, Tensor]:
         with torch.no_grad():

@@ -176,8 +176,8 @@ def measure_shape(name: str, rounds: int) -> None:
     torch.cumsum(torch.bincount(token, minlength=x.shape[0]), 0, out=bounds[1:])
     plan = plan_experts(x, token, expert, w_in, w_out, layer.experts.activation, "output")
     print(
-        f"\n== {name}: E={E} rows/expert ~{len(token) // len(nonempty)}, plan parallel={plan.parallel} "
-        f"native={plan.native} swiglu_loops={plan.swiglu_loops} fused={plan.fused is not None}"
+        f"\n== {name}: E={E} rows/expert ~{len(token) // len(nonempty)}, plan path={plan.path} "
+        f"loops={plan.loops}"
     )
 
     # --- per-expert products, one expert's typical rows

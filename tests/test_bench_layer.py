@@ -90,7 +90,7 @@ def test_report_records_cpu_dispatch_and_decode_against_weight_reads():
     per_expert = 3 * shape.hidden * shape.ff * 4  # SwiGLU: w_in [2 ff, d] and w_out [d, ff], fp32
     assert 1 <= choice["active_experts"] <= min(shape.num_experts, 8 * shape.top_k)
     assert choice["active_weight_bytes"] == choice["active_experts"] * per_expert
-    assert choice["native_isa"] == (kernel_isa() if choice["native"] else None)
+    assert choice["native_isa"] == (kernel_isa() if choice["kernel"] == "tile" else None)
     bandwidth = report["settings"]["memory_read_bytes_per_s"]
     assert 1e8 < bandwidth < 1e13
     for row in report["results"]:

@@ -1,7 +1,7 @@
-"""Property tests for routing and dispatch invariants: empty experts, one hot expert, drops, masks."""
+"""Property tests for routing and dispatch invariants: empty experts, one hot expert, drops, masks,
+and every path of the expert dispatch against float64."""
 
 import os
-import threading
 from contextlib import contextmanager
 from unittest.mock import patch
 
@@ -12,39 +12,33 @@ from hypothesis import strategies as st
 
 import moekit.dispatch.grouped as grouped_module
 from helpers import torch_threads
-from moekit.dispatch.grouped import ExpertGroups, grouped_experts, grouped_mm_available
-from moekit.dispatch.loops import backward_pairs_into, expert_loops, products_into
-from moekit.dispatch.workers import for_each_expert, for_each_run
+from moekit.dispatch.grouped import NativeLoops, PortableLoops, grouped_experts, packed_grad
 from moekit.experts.activations import make_activation
-from moekit.kernels.gemm import CHUNK_ROWS
-from moekit.kernels.native import native_available
+from moekit.kernels.native import loops_available
 from moekit.routing.capacity import apply_capacity, expert_capacity, priority_key
 from moekit.routing.record import Assignments
 from moekit.routing.spec import RouterSpec
 from moekit.routing.token_choice import TokenChoiceRouter
 
-EXPERT_PATHS = ("serial", "workers", "workers_python", "fused")
-# fp32 on the worker paths runs moekit's own kernel where it is built; these run the library kernels
-LIBRARY_KERNEL_PATHS = ("workers_library", "fused_library")
+# The dispatch's paths: the C++ expert loops on two threads and on the calling thread (fp32 on
+# the kernel chosen here; other dtypes on torch's at::mm), the loops forced onto at::mm, and the
+# portable path (torch.mm per expert; grouped_mm where its dtype and strides allow).
+LOOP_PATHS = ("loops", "loops_one_thread", "loops_mm")
+EXPERT_PATHS = (*LOOP_PATHS, "portable", "portable_grouped_mm")
+needs_loops = pytest.mark.skipif(not loops_available(), reason="the C++ expert loops need a C++ compiler")
 
 
 @contextmanager
 def expert_path(path: str):
-    """The loop backend's paths: `serial`, `workers` (experts taken whole by torch's threads in
-    the native kernel's C++ loops; where it does not run, runs of experts on the Python workers,
-    the loops over them compiled), `workers_python` (those loops run as Python, as where
-    TorchScript is missing) and `fused` (each expert's whole forward and backward one task on the
-    workers, forced on whatever the expert size; the native kernel runs its experts whole
-    anyway); `*_library`: the same with moekit's own kernel turned off. Yields the
-    `parallel_workers` flag for `grouped_experts`."""
-    min_seconds = 0.0 if path.startswith("fused") else float("inf")
-    loops = "python" if path == "workers_python" else "compiled"
-    native = "0" if path.endswith("_library") else "1"
-    with (
-        patch.object(grouped_module, "MIN_FUSED_EXPERT_SECONDS", min_seconds),
-        patch.dict(os.environ, {"MOEKIT_LOOPS": loops, "MOEKIT_NATIVE": native}),
-    ):
-        yield path != "serial"
+    """Run the block on `path`; yields the `backend` and `threads` options of `grouped_experts`."""
+    native = {"loops_mm": "mm", "portable": "0", "portable_grouped_mm": "0"}.get(path, "auto")
+    if path in LOOP_PATHS and not loops_available():
+        pytest.skip("the C++ expert loops need a C++ compiler")
+    with patch.dict(os.environ, {"MOEKIT_NATIVE": native}):
+        yield {
+            "backend": "auto" if path == "portable_grouped_mm" else "loop",
+            "threads": 1 if path == "loops_one_thread" else (2 if path in LOOP_PATHS else None),
+        }
 
 
 @st.composite
@@ -152,8 +146,8 @@ def assignment_sets(draw):
     st.sampled_from(EXPERT_PATHS),
 )
 def test_every_kept_assignment_is_computed_exactly_once(case, act_name, weight_on, bias, path):
-    """On every path of the loop backend (serial, per-expert workers, whole-expert tasks),
-    whatever the machine would choose."""
+    """On every path of the dispatch (the C++ loops on two threads and on one, forced onto at::mm,
+    the portable path), whatever the machine would choose."""
     num_tokens, num_experts, pairs, seed = case
     gen = torch.Generator().manual_seed(seed)
     hidden, ff = 5, 3
@@ -178,21 +172,8 @@ def test_every_kept_assignment_is_computed_exactly_once(case, act_name, weight_o
     )
     upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
     leaves = [t for t in (x, weight, w_in, w_out, b_in, b_out) if t is not None]
-    with expert_path(path) as parallel_workers:
-        y = grouped_experts(
-            x,
-            token,
-            expert,
-            weight,
-            w_in,
-            w_out,
-            b_in,
-            b_out,
-            act,
-            weight_on,
-            backend="loop",
-            parallel_workers=parallel_workers,
-        )
+    with expert_path(path) as options:
+        y = grouped_experts(x, token, expert, weight, w_in, w_out, b_in, b_out, act, weight_on, **options)
         grads = torch.autograd.grad((y * upstream).sum(), leaves, allow_unused=False)
 
     expected = torch.zeros(num_tokens, hidden, dtype=torch.float64)
@@ -253,10 +234,9 @@ def swiglu_output_and_grads(inputs, token, expert, upstream, dtype, **options):
     return (y, *torch.autograd.grad((y * upstream.to(dtype)).sum(), (x, weight, w_in, w_out)))
 
 
-@pytest.mark.parametrize("path", ["workers", "workers_python", "fused"])
-def test_parallel_expert_workers_match_the_serial_loop(path):
-    """The worker paths (experts on single-threaded workers; with `fused`, each expert's whole
-    forward and backward as one task) compute the same thing as the serial loop."""
+@needs_loops
+def test_loops_on_two_threads_match_the_portable_loop():
+    """The C++ loops with experts taken by two threads compute what one torch.mm per expert does."""
     gen = torch.Generator().manual_seed(3)
     num_tokens, num_experts, k, hidden, ff = 300, 6, 2, 8, 5
     token, expert = sorted_topk_assignments(torch.randn(num_tokens, num_experts, generator=gen), k)
@@ -264,29 +244,20 @@ def test_parallel_expert_workers_match_the_serial_loop(path):
     upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
     results = []
     with torch_threads(2):
-        for run_path in ("serial", path):
-            with expert_path(run_path) as parallel:
+        for path in ("portable", "loops"):
+            with expert_path(path) as options:
                 results.append(
-                    swiglu_output_and_grads(
-                        inputs,
-                        token,
-                        expert,
-                        upstream,
-                        torch.float64,
-                        backend="loop",
-                        parallel_workers=parallel,
-                    )
+                    swiglu_output_and_grads(inputs, token, expert, upstream, torch.float64, **options)
                 )
-    for serial, parallel in zip(*results, strict=True):
-        torch.testing.assert_close(parallel, serial, rtol=1e-12, atol=1e-12)
+    for portable, loops in zip(*results, strict=True):
+        torch.testing.assert_close(loops, portable, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("path", EXPERT_PATHS + LIBRARY_KERNEL_PATHS)
-def test_float32_kernel_path_matches_float64(path):
-    """fp32 experts big enough for the GEMM kernel's chunked, row-bucketed products (one expert
-    past CHUNK_ROWS rows, ragged tails, one expert empty), on the serial loop and on the workers:
-    the output and every gradient close to the same computation in float64 (itself held to the
-    per-assignment reference above)."""
+@pytest.mark.parametrize("path", EXPERT_PATHS)
+def test_float32_paths_match_float64(path):
+    """fp32 experts of very different sizes (one expert in almost every token's top-2, ragged
+    tails, one expert empty), on every path: the output and every gradient close to the same
+    computation in float64 (itself held to the per-assignment reference above)."""
     gen = torch.Generator().manual_seed(4)
     num_tokens, num_experts, k, hidden, ff = 1500, 6, 2, 32, 24
     logits = torch.randn(num_tokens, num_experts, generator=gen)
@@ -294,187 +265,105 @@ def test_float32_kernel_path_matches_float64(path):
     logits[:, 5] = -float("inf")  # expert 5 receives nothing
     token, expert = sorted_topk_assignments(logits, k)
     counts = torch.bincount(expert, minlength=num_experts)
-    assert counts[0] > CHUNK_ROWS and counts[5] == 0
+    assert counts[0] > 1000 and counts[5] == 0
     inputs = swiglu_inputs(gen, num_tokens, len(token), num_experts, hidden, ff, weight_scale=0.2)
     upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
     results = {}
-    with torch_threads(2), expert_path(path) as parallel:
+    with torch_threads(2), expert_path(path) as options:
         for dtype in (torch.float64, torch.float32):
-            results[dtype] = swiglu_output_and_grads(
-                inputs, token, expert, upstream, dtype, backend="loop", parallel_workers=parallel
-            )
+            results[dtype] = swiglu_output_and_grads(inputs, token, expert, upstream, dtype, **options)
     for fast, exact in zip(results[torch.float32], results[torch.float64], strict=True):
         torch.testing.assert_close(fast.double(), exact, rtol=1e-4, atol=1e-4)
     for grad in results[torch.float32][3:]:
         assert torch.count_nonzero(grad[5]) == 0
 
 
-@given(st.lists(st.integers(0, 6), min_size=1, max_size=12), st.integers(1, 4))
-def test_expert_shares_partition_experts_and_rows(counts, parts):
-    """Shares (one grouped_mm call per worker) cover every expert and every row exactly once, in
-    order, with grouped_mm offsets that match each expert's rows (empty experts included), and
-    split the rows about evenly."""
-    expert = torch.arange(len(counts)).repeat_interleave(torch.tensor(counts))
-    groups = ExpertGroups.build(torch.arange(len(expert)), expert, len(counts))
-    shares = groups.shares(parts)
-    assert 1 <= len(shares) <= parts
-    assert shares[0].first == 0 and shares[-1].stop == len(counts)
-    assert shares[0].row_start == 0 and shares[-1].row_stop == len(expert)
-    for before, after in zip(shares, shares[1:], strict=False):
-        assert before.stop == after.first and before.row_stop == after.row_start
-    for share in shares:
-        sizes = [counts[e] for e in range(share.first, share.stop)]
-        ends = torch.tensor(sizes).cumsum(0).to(torch.int32)
-        assert torch.equal(share.grouped_mm_offsets, ends)
-        assert share.row_stop - share.row_start == sum(sizes)
-        # balanced: no share holds more than its part of the rows plus one expert's
-        assert share.row_stop - share.row_start <= sum(counts) / parts + max(counts)
-    if parts == 2 and sum(c > 0 for c in counts) >= 2:
-        # each expert goes where its middle row falls: two shares, cut within half an expert of
-        # the middle row
-        assert len(shares) == 2
-        assert abs(shares[1].row_start - sum(counts) / 2) <= max(counts) / 2
-
-
-@pytest.mark.skipif(not grouped_mm_available(), reason="torch.nn.functional.grouped_mm needs torch >= 2.9")
+@needs_loops
 @pytest.mark.parametrize("weight_on", ["output", "input"])
-def test_grouped_mm_shares_on_workers_match_float64(monkeypatch, weight_on):
-    """Decode-sized inputs on the grouped_mm backend split into one call per worker, each over a
-    share of the experts (fp32): output and every gradient close to the float64 loop, and experts
-    without rows (some at the share boundaries) get an exactly-zero weight gradient."""
-    gen = torch.Generator().manual_seed(5)
-    num_tokens, num_experts, k, hidden, ff = 5, 16, 2, 16, 8
-    token, expert = sorted_topk_assignments(torch.randn(num_tokens, num_experts, generator=gen), k)
-    inputs = swiglu_inputs(gen, num_tokens, len(token), num_experts, hidden, ff, weight_scale=0.3)
+def test_bfloat16_loops_match_float64(weight_on):
+    """bf16 experts run on the C++ loops' at::mm kernel (the tile kernel is fp32 only): output and
+    gradients within bf16's precision of float64, on two threads and on one."""
+    gen = torch.Generator().manual_seed(10)
+    num_tokens, num_experts, k, hidden, ff = 200, 6, 2, 32, 16
+    logits = torch.randn(num_tokens, num_experts, generator=gen)
+    logits[:, 2] = -float("inf")
+    token, expert = sorted_topk_assignments(logits, k)
+    inputs = swiglu_inputs(gen, num_tokens, len(token), num_experts, hidden, ff, weight_scale=0.2)
     upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
-    shares_run = []
-    real_run_shares = grouped_module.run_shares
-    monkeypatch.setattr(
-        grouped_module,
-        "run_shares",
-        lambda shares, fn: (shares_run.append(len(shares)), real_run_shares(shares, fn)),
-    )
-    results = {}
-    with torch_threads(2):
-        for dtype, backend in ((torch.float64, "loop"), (torch.float32, "grouped_mm")):
-            results[dtype] = swiglu_output_and_grads(
-                inputs,
-                token,
-                expert,
-                upstream,
-                dtype,
-                weight_on=weight_on,
-                backend=backend,
-                parallel_workers=True,
+    exact = swiglu_output_and_grads(inputs, token, expert, upstream, torch.float64, weight_on=weight_on)
+    for threads in (2, 1):
+        with torch_threads(2):
+            x, _, w_in, w_out = (t.to(torch.bfloat16) for t in inputs)
+            plan = grouped_module.plan_experts(
+                x, token, expert, w_in, w_out, make_activation("swiglu"), weight_on
             )
-    assert shares_run and all(count == 2 for count in shares_run)  # forward and backward, 2 workers
-    for fast, exact in zip(results[torch.float32], results[torch.float64], strict=True):
-        torch.testing.assert_close(fast.double(), exact, rtol=1e-5, atol=1e-5)
-    unused = sorted(set(range(num_experts)) - set(expert.tolist()))
-    assert unused
-    for grad in results[torch.float32][3:]:
-        assert torch.count_nonzero(grad[unused]) == 0
+            assert isinstance(plan.loops, NativeLoops) and plan.loops.kernel == "mm"
+            fast = swiglu_output_and_grads(
+                inputs, token, expert, upstream, torch.bfloat16, weight_on=weight_on, threads=threads
+            )
+        for got, want in zip(fast, exact, strict=True):
+            scale = want.abs().max().item()
+            torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2 * scale)
+        for grad in fast[3:]:  # the packed weight gradients
+            assert torch.count_nonzero(grad[2]) == 0
 
 
-def _consecutive_slices(sizes: list[int]) -> list[tuple[int, int, int]]:
-    """(expert, start, end) for experts of these row counts, laid out one after the other."""
-    items = []
-    for e, size in enumerate(sizes):
-        start = items[-1][2] if items else 0
-        items.append((e, start, start + size))
-    return items
-
-
-@given(st.lists(st.integers(0, 50), min_size=0, max_size=20))
-def test_workers_take_every_expert_exactly_once(sizes):
-    """The dynamic hand-out of experts to the calling thread and its helper: every expert slice
-    is run exactly once, whatever the sizes (empty, one, many, all equal)."""
-    items = _consecutive_slices(sizes)
-    seen = []
-    lock = threading.Lock()
-
-    def record(e, start, stop):
-        with lock:
-            seen.append((e, start, stop))
-
-    with torch_threads(2):
-        for_each_expert(items, record, parallel=True)
-    assert sorted(seen) == items
-
-
-@given(st.lists(st.integers(0, 50), min_size=0, max_size=20), st.booleans())
-def test_runs_of_experts_cover_every_expert_exactly_once(sizes, parallel):
-    """The runs handed to the compiled loops: consecutive experts, every one in exactly one run."""
-    items = _consecutive_slices(sizes)
-    runs = []
-    lock = threading.Lock()
-
-    def record(run):
-        with lock:
-            runs.append(list(run))
-
-    with torch_threads(2):
-        for_each_run(items, record, parallel=parallel)
-    assert sorted(item for run in runs for item in run) == items
-    for run in runs:
-        assert [e for e, _, _ in run] == list(range(run[0][0], run[0][0] + len(run)))
-    assert parallel or len(runs) == (1 if items else 0)
-
-
-@pytest.mark.skipif(not native_available(), reason="the native kernel needs an AVX-512 CPU and a compiler")
-@pytest.mark.parametrize("reads_pay_off", [True, False])
-def test_decode_takes_the_native_kernel_where_it_runs(reads_pay_off):
-    """`auto` at decode: the native loops where they run (fp32), on the caller's threads where the
-    experts' reads are long enough to pay the hand-off, else on the calling thread; grouped_mm
-    with the workers off, the library kernels for float64."""
+@needs_loops
+@pytest.mark.parametrize("caller_threads", [1, 2])
+def test_decode_reads_experts_on_the_callers_threads(caller_threads):
+    """At decode (a row or two per expert) the C++ loops run on the caller's threads (generation
+    chooses one or all by timing its steps), on one for a single active expert; float64 takes the
+    loops too (on at::mm); `MOEKIT_NATIVE=0` gives the portable path (grouped_mm where it runs)."""
     gen = torch.Generator().manual_seed(9)
     token, expert = sorted_topk_assignments(torch.randn(3, 6, generator=gen), 2)
     act = make_activation("swiglu")
     x, _, w_in, w_out = swiglu_inputs(gen, 3, len(token), 6, 16, 8, 1.0, torch.float32)
-    with (
-        torch_threads(2),
-        patch.object(grouped_module, "workers_enabled", lambda: True),
-        patch.object(grouped_module, "shares_pay_off", lambda *estimate: reads_pay_off),
-    ):
+    with torch_threads(caller_threads):
         plan = grouped_module.plan_experts(x, token, expert, w_in, w_out, act)
-        assert plan.backend == "loop" and plan.native and plan.swiglu_loops
-        assert plan.parallel == reads_pay_off and plan.single_threaded != reads_pay_off
-        serial = grouped_module.plan_experts(x, token, expert, w_in, w_out, act, parallel_workers=False)
-        assert serial.backend == "grouped_mm" and not serial.native
+        assert plan.path == "decode" and isinstance(plan.loops, NativeLoops)
+        assert len(plan.groups.nonempty) > 1 and plan.loops.threads == caller_threads
+        one_expert = grouped_module.plan_experts(x, token[:1], expert[:1], w_in, w_out, act)
+        assert one_expert.path == "decode" and one_expert.loops.threads == 1
         exact = grouped_module.plan_experts(x.double(), token, expert, w_in.double(), w_out.double(), act)
-        assert not exact.native  # float64: grouped_mm does not take it either, the library loop does
+        assert exact.loops.kernel == "mm" and exact.path == "decode"
+        with patch.dict(os.environ, {"MOEKIT_NATIVE": "0"}):
+            portable = grouped_module.plan_experts(x, token, expert, w_in, w_out, act)
+        assert portable.path == "portable" and portable.loops == PortableLoops(portable.groups, True)
 
 
-@pytest.mark.parametrize("reads_pay_off", [True, False])
-def test_decode_on_the_library_kernels_never_takes_the_workers(reads_pay_off):
-    """Decode on the library kernels (the native kernel off): grouped_mm in one call, on the
-    caller's threads where the experts' reads pay the hand-off, else on one; never the expert
-    workers, whose threads would not share the caller's inference mode."""
-    gen = torch.Generator().manual_seed(9)
-    token, expert = sorted_topk_assignments(torch.randn(3, 6, generator=gen), 2)
-    act = make_activation("swiglu")
-    x, _, w_in, w_out = swiglu_inputs(gen, 3, len(token), 6, 16, 8, 1.0, torch.float32)
-    with (
-        torch_threads(2),
-        patch.object(grouped_module, "native_fits", lambda *tensors: False),
-        patch.object(grouped_module, "workers_enabled", lambda: True),
-        patch.object(grouped_module, "shares_pay_off", lambda *estimate: reads_pay_off),
-    ):
-        plan = grouped_module.plan_experts(x, token, expert, w_in, w_out, act)
-    assert plan.backend == "grouped_mm" and not plan.parallel and not plan.shares
-    assert plan.single_threaded != reads_pay_off
+@needs_loops
+def test_many_tokens_run_on_torchs_threads_and_one_expert_on_torchs_threaded_mm():
+    gen = torch.Generator().manual_seed(11)
+    act = make_activation("gelu")
+    x = torch.randn(64, 16, generator=gen)
+    w_in, w_out = torch.randn(4, 8, 16, generator=gen), torch.randn(4, 16, 8, generator=gen)
+    token = torch.arange(64)
+    with torch_threads(2):
+        plan = grouped_module.plan_experts(x, token, torch.arange(64) // 16, w_in, w_out, act)
+        assert plan.path == "many_tokens" and plan.loops.threads == 2
+        alone = grouped_module.plan_experts(x, token, torch.zeros_like(token), w_in, w_out, act)
+        assert alone.loops.kernel == "mm" and alone.loops.threads == 2
 
 
-def test_expert_loops_are_compiled_where_torchscript_is():
-    """The fast path the tests above check is the one that runs: TorchScript compiles the loops
-    (this torch has it), and `MOEKIT_LOOPS=python` selects the Python loops."""
-    assert all(isinstance(loop, torch.jit.ScriptFunction) for loop in expert_loops())
-    with patch.dict(os.environ, {"MOEKIT_LOOPS": "python"}):
-        assert expert_loops() == (products_into, backward_pairs_into)
+class _NanAllocator:
+    """Allocates NaN-filled tensors, so that a test sees which slices a function wrote."""
+
+    def new_empty(self, shape):
+        return torch.full(shape, float("nan"))
 
 
-@pytest.mark.parametrize("path", ["workers", "workers_python", "fused", *LIBRARY_KERNEL_PATHS])
-def test_worker_paths_are_bitwise_deterministic(path):
+@given(st.lists(st.booleans(), min_size=1, max_size=12))
+def test_packed_gradient_zeroes_exactly_the_empty_experts(empty):
+    """The slices of experts without rows are zero (one call per run of them); the others are left
+    for the experts' products to write."""
+    empty_experts = [e for e, is_empty in enumerate(empty) if is_empty]
+    packed = packed_grad(torch.Size((len(empty), 2, 3)), _NanAllocator(), empty_experts)
+    for e, is_empty in enumerate(empty):
+        assert bool((packed[e] == 0).all()) if is_empty else bool(packed[e].isnan().all())
+
+
+@pytest.mark.parametrize("path", EXPERT_PATHS)
+def test_every_path_is_bitwise_deterministic(path):
     """Experts go to whichever thread is free, but each is computed by one thread in one way and
     combined in a fixed order: repeated fp32 runs agree bit for bit (training runs repeat)."""
     gen = torch.Generator().manual_seed(6)
@@ -482,11 +371,9 @@ def test_worker_paths_are_bitwise_deterministic(path):
     token, expert = sorted_topk_assignments(torch.randn(num_tokens, num_experts, generator=gen), k)
     inputs = swiglu_inputs(gen, num_tokens, len(token), num_experts, hidden, ff, 0.2, torch.float32)
     upstream = torch.randn(num_tokens, hidden, generator=gen)
-    with torch_threads(2), expert_path(path) as parallel:
+    with torch_threads(2), expert_path(path) as options:
         runs = [
-            swiglu_output_and_grads(
-                inputs, token, expert, upstream, torch.float32, backend="loop", parallel_workers=parallel
-            )
+            swiglu_output_and_grads(inputs, token, expert, upstream, torch.float32, **options)
             for _ in range(3)
         ]
     for again in runs[1:]:
@@ -496,15 +383,12 @@ def test_worker_paths_are_bitwise_deterministic(path):
 @pytest.mark.parametrize("act_name", ["swiglu", "gelu"])
 @pytest.mark.parametrize("weight_on", ["output", "input"])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("path", ["workers", "workers_python", "fused"])
+@pytest.mark.parametrize("path", EXPERT_PATHS)
 @pytest.mark.parametrize("num_tokens", [400, 3])
-def test_float32_worker_paths_match_float64_for_every_expert_kind(
-    act_name, weight_on, bias, path, num_tokens
-):
-    """fp32 on the worker paths takes moekit's own kernels where they run: SwiGLU experts without
-    biases, routing weight on the output, as whole experts in one C++ call (`swiglu_loops`), the
-    others on the native products; 3 tokens is decode (one or two rows per expert: the kernel's dot
-    products). Output and every gradient against float64, one expert empty."""
+def test_float32_paths_match_float64_for_every_expert_kind(act_name, weight_on, bias, path, num_tokens):
+    """SwiGLU experts without biases, routing weight on the output, run whole in one C++ call per
+    pass on the loop paths, the others product by product; 3 tokens is decode (one or two rows per
+    expert). Output and every gradient against float64, one expert empty."""
     gen = torch.Generator().manual_seed(8)
     num_experts, k, hidden, ff = 6, 2, 24, 20
     act = make_activation(act_name)
@@ -522,19 +406,14 @@ def test_float32_worker_paths_match_float64_for_every_expert_kind(
         exact.append(torch.randn(num_experts, hidden, dtype=torch.float64, generator=gen))
     upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
     results = {}
-    with torch_threads(2), expert_path(path) as parallel:
+    with torch_threads(2), expert_path(path) as options:
         for dtype in (torch.float64, torch.float32):
             leaves = [t.to(dtype).requires_grad_() for t in exact]
             x, weight, w_in, w_out, *biases = leaves
             b_in, b_out = biases if bias else (None, None)
-            plan = grouped_module.plan_experts(
-                x, token, expert, w_in, w_out, act, weight_on, backend="loop", parallel_workers=parallel
-            )
-            if dtype == torch.float32 and native_available():
-                assert plan.native and plan.swiglu_loops == (act_name == "swiglu" and weight_on == "output")
-            y = grouped_experts(
-                x, token, expert, weight, w_in, w_out, b_in, b_out, act, weight_on, "loop", parallel
-            )
+            plan = grouped_module.plan_experts(x, token, expert, w_in, w_out, act, weight_on, **options)
+            assert isinstance(plan.loops, NativeLoops) == (path in LOOP_PATHS)
+            y = grouped_experts(x, token, expert, weight, w_in, w_out, b_in, b_out, act, weight_on, **options)
             results[dtype] = (y, *torch.autograd.grad((y * upstream.to(dtype)).sum(), leaves))
     for fast, want in zip(results[torch.float32], results[torch.float64], strict=True):
         torch.testing.assert_close(fast.double(), want, rtol=1e-4, atol=1e-4)

@@ -1,5 +1,5 @@
-"""Kernel choices fixed per machine (measured once, stored), recorded and re-applied; the fallbacks
-taken when the native kernel or TorchScript is missing warn and stay exact."""
+"""Kernel choices fixed per machine (measured once, stored), recorded and re-applied; the portable
+path taken when the native kernels cannot be built warns and stays exact."""
 
 import json
 import os
@@ -9,9 +9,7 @@ import pytest
 import torch
 
 from moekit import MoE, MoEConfig, preset
-from moekit.dispatch import loops
 from moekit.dispatch.reference import reference_moe
-from moekit.dispatch.workers import workers_enabled
 from moekit.kernels import gemm, native, store
 from moekit.kernels.record import apply_kernel_record, kernel_record
 
@@ -23,10 +21,8 @@ def fresh_kernel_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path / "kernels"))
     monkeypatch.delenv("MOEKIT_GEMM", raising=False)
     gemm.onednn_is_faster.cache_clear()
-    gemm.row_cuts.cache_clear()
     yield tmp_path / "kernels"
     gemm.onednn_is_faster.cache_clear()
-    gemm.row_cuts.cache_clear()
 
 
 def test_choice_is_measured_once_and_then_read(fresh_kernel_cache):
@@ -73,30 +69,52 @@ def test_gemm_kernel_follows_the_store_not_a_new_timing(fresh_kernel_cache, monk
         assert gemm.gemm_kernel(torch.float32) == expected, setting
 
 
+def test_expert_kernel_is_measured_once_per_cpu_model_and_then_read(fresh_kernel_cache, monkeypatch):
+    """Where both kernels run (fp32 on AVX-512 or AVX2) the tile kernel or at::mm is chosen by a
+    short measurement, stored per CPU model; `MOEKIT_NATIVE` forces either; without the tile kernel
+    (neither vector set, or forced off) the choice is at::mm with no measurement."""
+    monkeypatch.setenv("MOEKIT_NATIVE", "auto")
+    monkeypatch.setattr(native, "native_available", lambda: True)
+    calls = []
+    monkeypatch.setattr(native, "measure_float32_kernel", lambda: calls.append(1) or "mm")
+    assert native.float32_kernel() == "mm"
+    monkeypatch.setattr(native, "measure_float32_kernel", lambda: calls.append(1) or "tile")
+    assert native.float32_kernel() == "mm" and len(calls) == 1  # read from the store
+    stored = json.loads(store.choice_path("experts-float32").read_text())
+    assert stored == {"machine": store.machine_key(), "choice": "mm"}
+    monkeypatch.setenv("MOEKIT_NATIVE", "tile")
+    assert native.float32_kernel() == "tile"
+    monkeypatch.setattr(native, "native_available", lambda: False)
+    assert native.float32_kernel() == "mm" and len(calls) == 1
+
+
 def test_record_is_reapplied_on_resume(fresh_kernel_cache, monkeypatch):
     if not gemm._onednn_matches_mm(torch.float32):
         pytest.skip("oneDNN's linear op is not usable in this torch build: MKL is the only kernel")
     monkeypatch.setattr(gemm, "_measure_faster", lambda dtype: "mkl")
-    monkeypatch.setenv("MOEKIT_LOOPS", "compiled")
+    monkeypatch.setenv("MOEKIT_NATIVE", "auto")
     threads = torch.get_num_threads()
     record = kernel_record(torch.float32)
     assert record["gemm"] == {"float32": "mkl"} and record["threads"] == threads
+    other_loops = "portable" if record["expert_loops"] != "portable" else "mm"
     started_with = {
         **record,
         "gemm": {"float32": "onednn"},
         "threads": threads + 1,
-        "loops": "python",
-        "workers": None,
+        "expert_loops": other_loops,
     }
     try:
-        changed = apply_kernel_record(started_with, torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "mm" does not run without a compiler
+            changed = apply_kernel_record(started_with, torch.float32)
         assert gemm.gemm_kernel(torch.float32) == "onednn"
-        assert torch.get_num_threads() == threads + 1 and os.environ["MOEKIT_LOOPS"] == "python"
+        assert torch.get_num_threads() == threads + 1
+        assert os.environ["MOEKIT_NATIVE"] == ("0" if other_loops == "portable" else "mm")
         assert len(changed) == 3
         now = kernel_record(torch.float32)
-        assert {k: now[k] for k in ("gemm", "threads", "loops")} == {
-            k: started_with[k] for k in ("gemm", "threads", "loops")
-        }
+        if native.loops_available():
+            keys = ("gemm", "threads", "expert_loops")
+            assert {k: now[k] for k in keys} == {k: started_with[k] for k in keys}
         assert apply_kernel_record(now, torch.float32) == []  # nothing left to change
     finally:
         torch.set_num_threads(threads)
@@ -143,15 +161,13 @@ def test_failed_native_build_falls_back_with_a_warning(monkeypatch):
     def failing_build(*args, **kwargs):
         raise RuntimeError("simulated compiler failure")
 
-    monkeypatch.setenv("MOEKIT_NATIVE", "1")
+    monkeypatch.setenv("MOEKIT_NATIVE", "auto")
     monkeypatch.setattr(cpp_extension, "load", failing_build)
     native._built_and_checked.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="could not build the native expert kernel"):
-            available = native.native_available()
-        if native.kernel_isa() is not None:
-            assert not available
-        assert workers_enabled()  # the workers still run, on the library kernels
+        with pytest.warns(RuntimeWarning, match="could not build the native expert kernels"):
+            available = native.loops_available()
+        assert not available and not native.native_available()
         layer = small_layer()
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # one warning, not one per call
@@ -161,32 +177,10 @@ def test_failed_native_build_falls_back_with_a_warning(monkeypatch):
 
 
 @pytest.mark.production_threads
-def test_missing_torchscript_falls_back_with_a_warning(monkeypatch):
-    def no_script(fn):
-        raise RuntimeError("simulated: TorchScript unavailable")
-
-    monkeypatch.setenv("MOEKIT_LOOPS", "compiled")
-    monkeypatch.setattr(torch.jit, "script", no_script)
-    loops._loops.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match="TorchScript could not compile"):
-            forward, backward = loops.expert_loops()
-        assert forward is loops.products_into and backward is loops.backward_pairs_into
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            assert_matches_reference(small_layer())
-    finally:
-        loops._loops.cache_clear()
-
-
-@pytest.mark.production_threads
 def test_production_marker_runs_the_cli_paths():
-    """Tests marked `production_threads` run what `moekit train` runs on this machine."""
-    from moekit.dispatch.workers import openmp_library
-
+    """Tests marked `production_threads` run what `moekit train` runs on this machine: the C++
+    expert loops on two threads, the tile kernel where the CPU has AVX-512 or AVX2."""
     assert torch.get_num_threads() == 2
-    if openmp_library() is not None:  # torch built with GNU OpenMP, as the pinned CPU wheel is
-        assert workers_enabled()
-    wants_native = os.environ.get("MOEKIT_NATIVE", "1") != "0" and native.kernel_isa() is not None
-    if wants_native:
-        assert native.native_available()
+    if os.environ.get("MOEKIT_NATIVE", "auto") != "0":
+        assert native.loops_available()
+        assert native.native_available() == (native.kernel_isa() is not None)

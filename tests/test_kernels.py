@@ -4,19 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from moekit.kernels.gemm import (
-    CHUNK_ROWS,
-    ONEDNN_MIN_MACS,
-    ROW_BUCKET,
-    dense_onednn_pays_off,
-    linear,
-    linear_parts,
-    linear_rows,
-    onednn_is_faster,
-    padded_stop,
-    row_chunks,
-    weight_grad,
-)
+from moekit.kernels.gemm import ONEDNN_MIN_MACS, dense_onednn_pays_off, linear, onednn_is_faster
 from moekit.kernels.linear import Linear, fast_linear
 
 pytestmark = pytest.mark.portable
@@ -50,30 +38,6 @@ def test_small_dense_products_stay_on_torch_mm():
     assert torch.equal(grads[0], x.grad) and torch.equal(grads[1], w.grad)
 
 
-def test_row_varying_products_are_cut_into_few_shapes_and_add_up():
-    """Expert products go to oneDNN in CHUNK_ROWS chunks plus a bucketed tail (few distinct
-    shapes to compile), the last rows to MKL; the blocks and the summed weight gradient are exact."""
-    gen = torch.Generator().manual_seed(1)
-    w = torch.randn(16, 24, generator=gen)
-    for rows in (0, 3, 8, 13, CHUNK_ROWS, CHUNK_ROWS + 21, 2 * CHUNK_ROWS + 8):
-        x = torch.randn(rows, 24, generator=gen)
-        g = torch.randn(rows, 16, generator=gen)
-        chunks, rest = row_chunks(rows, torch.float32)
-        covered = [r for start, stop in chunks for r in range(start, stop)]
-        assert covered == list(range(rest))
-        if onednn_is_faster(torch.float32):  # on machines where MKL wins, everything goes to MKL
-            assert rows - rest < max(ROW_BUCKET, 8)
-            assert all(
-                stop - start == CHUNK_ROWS or (stop - start) % ROW_BUCKET == 0 for start, stop in chunks
-            )
-        else:
-            assert chunks == [] and rest == 0
-        parts = linear_parts(x, w)
-        joined = torch.cat(parts) if parts else x.new_empty(0, 16)
-        torch.testing.assert_close(joined, x @ w.t(), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(weight_grad(g, x), g.t() @ x, rtol=1e-4, atol=1e-4)
-
-
 def test_float64_uses_torch_mm_exactly():
     assert not onednn_is_faster(torch.float64)
     x, w = torch.randn(5, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
@@ -94,18 +58,3 @@ def test_fast_linear_forward_and_gradients_match_f_linear():
     torch.testing.assert_close(layer.bias.grad, reference.bias.grad, rtol=1e-5, atol=1e-5)
     # a sum's zero-stride gradient is accepted
     fast_linear(x, layer.weight).sum().backward()
-
-
-def test_rows_of_a_buffer_round_up_over_the_next_rows_and_drop_them():
-    gen = torch.Generator().manual_seed(2)
-    buffer = torch.randn(3 * CHUNK_ROWS, 24, generator=gen)
-    w = torch.randn(16, 24, generator=gen)
-    for start, stop in [(0, 13), (5, 5 + CHUNK_ROWS + 19), (len(buffer) - 13, len(buffer)), (7, 9), (0, 0)]:
-        parts = linear_rows(buffer, start, stop, w)
-        joined = torch.cat(parts) if parts else buffer.new_empty(0, 16)
-        torch.testing.assert_close(joined, buffer[start:stop] @ w.t(), rtol=1e-5, atol=1e-5)
-    if onednn_is_faster(torch.float32):  # the tail rounds up only where the buffer has the rows
-        assert padded_stop(0, 13, len(buffer), torch.float32) == ROW_BUCKET
-        assert padded_stop(5, 5 + CHUNK_ROWS + 19, len(buffer), torch.float32) == 5 + CHUNK_ROWS + 32
-        assert padded_stop(len(buffer) - 13, len(buffer), len(buffer), torch.float32) == len(buffer)
-        assert padded_stop(7, 9, len(buffer), torch.float32) == 9

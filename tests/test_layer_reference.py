@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import moekit.dispatch.grouped as grouped_module
+from helpers import torch_threads
 from moekit import MoE, MoEConfig, preset
 from moekit.dispatch.grouped import grouped_mm_available
 from moekit.dispatch.reference import reference_moe
-from moekit.kernels.native import native_available
+from moekit.kernels.native import loops_available
 from moekit.routing.spec import PRESET_NAMES
 
 pytestmark = pytest.mark.portable
@@ -139,12 +140,11 @@ def test_decode_sized_inputs_close_to_reference(backend):
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)
-@pytest.mark.parametrize("reads_pay_off", [False, True])
-def test_decode_path_close_to_reference(name, reads_pay_off):
-    """Decode-sized steps (one token per row, some rows masked) on `auto`: the native loops (or
-    grouped_mm) on the calling thread, or on the caller's threads where the experts' reads are long
-    enough to pay the hand-off, every preset; output and every gradient against the float64
-    reference."""
+@pytest.mark.parametrize("caller_threads", [1, 2])
+def test_decode_path_close_to_reference(name, caller_threads):
+    """Decode-sized steps (one token per row, some rows masked) on `auto`: the C++ loops on the
+    caller's threads (one, or two as generation may choose by timing), one thread for a single
+    active expert, every preset; output and every gradient against the float64 reference."""
     layer = preset_layer(name)
     x = torch.randn(3, 1, HIDDEN, dtype=torch.float64)
     token_mask = torch.tensor([[True], [False], [True]])
@@ -160,12 +160,9 @@ def test_decode_path_close_to_reference(name, reads_pay_off):
         return plans[-1]
 
     x_fast = x.float().requires_grad_()
-    with (
-        patch.object(grouped_module, "shares_pay_off", lambda *estimate: reads_pay_off),
-        patch.object(grouped_module, "plan_experts", recording_plan),
-    ):
+    with torch_threads(caller_threads), patch.object(grouped_module, "plan_experts", recording_plan):
         y = layer(x_fast, token_mask)
-    (y * upstream.float()).sum().backward()
+        (y * upstream.float()).sum().backward()
     torch.testing.assert_close(y.double(), ref.output.detach(), rtol=2e-4, atol=2e-4)
     torch.testing.assert_close(x_fast.grad.double(), x_ref.grad, rtol=2e-4, atol=2e-4)
     for param_name, p in layer.named_parameters():
@@ -173,9 +170,7 @@ def test_decode_path_close_to_reference(name, reads_pay_off):
             p.grad.double(), ref.params[param_name].grad, rtol=2e-4, atol=2e-4, msg=param_name
         )
     assert plans and all(plan.groups.token.numel() <= 4 for plan in plans)
-    assert all(plan.single_threaded != reads_pay_off for plan in plans)
-    if native_available():
-        assert all(plan.native and plan.backend == "loop" for plan in plans)
-        assert all(plan.parallel == reads_pay_off for plan in plans)
-    else:
-        assert all(plan.backend == "grouped_mm" and not plan.shares for plan in plans)
+    if loops_available():
+        assert all(plan.path == "decode" for plan in plans)
+        for plan in plans:
+            assert plan.loops.threads == (caller_threads if len(plan.groups.nonempty) > 1 else 1)

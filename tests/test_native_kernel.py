@@ -1,6 +1,7 @@
-"""moekit's own expert kernels (`moekit.kernels.native`) against float64: the GEMM on every operand
-layout the expert loops use and on ragged shapes, the loops over the experts on one thread or
-several, its use by the layer's worker paths, and SwiGLU with its derivative."""
+"""moekit's own expert kernels (`moekit.kernels.native`) against float64: the tile GEMM on every
+operand layout the expert loops use and on ragged shapes, the loops over the experts on one thread
+or several on either kernel (the tile kernel, torch's at::mm), the choice between them, the combine,
+and SwiGLU with its derivative."""
 
 import os
 import shutil
@@ -15,11 +16,12 @@ from moekit.dispatch.grouped import grouped_experts, plan_experts
 from moekit.experts.activations import make_activation, swiglu_with_grad
 from moekit.kernels import native
 from moekit.kernels.native import (
+    expert_kernel,
     extension_name,
     kernel_isa,
+    loops_available,
     mm_into,
     native_available,
-    native_fits,
     swiglu_fits,
 )
 
@@ -28,6 +30,18 @@ needs_native = pytest.mark.skipif(
     reason="the native kernel needs an AVX-512 or AVX2 CPU and a C++ compiler; without them the "
     "library kernels run, and the dispatch tests cover those",
 )
+needs_loops = pytest.mark.skipif(not loops_available(), reason="the C++ expert loops need a C++ compiler")
+# The loops' kernels: the op-name suffix of each, and whether it runs here
+LOOP_KERNELS = {"tile": ("", native_available), "mm": ("_mm", loops_available)}
+
+
+def loop_op(name: str, kernel: str):
+    suffix, runs = LOOP_KERNELS[kernel]
+    if not runs():
+        pytest.skip(
+            f"the {kernel} kernel does not run here (the tile kernel needs AVX-512 or AVX2, both a compiler)"
+        )
+    return getattr(torch.ops.moekit, name + suffix)
 
 
 # How each layout the expert loops use is formed from a [rows, inner] input, a weight [outer, inner]
@@ -59,12 +73,15 @@ def test_a_cpu_with_avx512_or_avx2_and_a_compiler_runs_the_native_kernel():
 )
 def test_the_kernel_is_built_for_the_widest_vector_set_of_the_cpu(monkeypatch, capability, isa):
     """The vector set (and with it the register tile) follows the CPU's features; each set gets
-    a build of its own, never one compiled for another CPU."""
+    a build of its own, never one compiled for another CPU; without either only the at::mm loops
+    are built (no vector flags)."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert kernel_isa() == isa
     if isa is not None:
         assert native.ISA_FLAGS[isa][0] in native.compile_flags(isa)
-    assert extension_name("avx512") != extension_name("avx2")
+    else:
+        assert native.compile_flags(isa) == native.COMPILE_FLAGS
+    assert len({extension_name("avx512"), extension_name("avx2"), extension_name(None)}) == 3
 
 
 @needs_native
@@ -136,24 +153,31 @@ def test_bad_operands_get_a_clear_error():
         mm_into(a, torch.randn(16, 10)[::2, ::2], torch.empty(4, 5))
 
 
-@needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_worker_plans_take_the_native_kernel_for_float32_only(dtype):
-    gen = torch.Generator().manual_seed(0)
+@needs_loops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_plans_take_the_tile_kernel_for_float32_only(dtype, monkeypatch):
+    """fp32 takes the kernel chosen for this CPU (forced here), other dtypes torch's at::mm, and
+    so do weights without a unit stride; `MOEKIT_NATIVE=0` turns the loops off."""
     num_experts, hidden, ff = 4, 16, 8
     act = make_activation("swiglu")
-    x = torch.randn(64, hidden, generator=gen, dtype=dtype)
+    x = torch.randn(64, hidden).to(dtype)
     token = torch.arange(64).repeat_interleave(2)
     expert = torch.arange(128) % num_experts
     order = torch.argsort(expert, stable=True)
-    w_in = torch.randn(num_experts, act.in_features(ff), hidden, dtype=dtype)
-    w_out = torch.randn(num_experts, hidden, ff, dtype=dtype)
-    for parallel in (True, False):
-        plan = plan_experts(
-            x, token[order], expert[order], w_in, w_out, act, backend="loop", parallel_workers=parallel
-        )
-        assert plan.native == (parallel and dtype == torch.float32)
-    assert not native_fits(x.float(), torch.randn(num_experts, 16, 16)[:, ::2, ::2])
+    w_in = torch.randn(num_experts, act.in_features(ff), hidden).to(dtype)
+    w_out = torch.randn(num_experts, hidden, ff).to(dtype)
+    for forced in ("tile", "mm"):
+        monkeypatch.setenv("MOEKIT_NATIVE", forced)
+        tile = forced == "tile" and dtype == torch.float32 and native_available()
+        plan = plan_experts(x, token[order], expert[order], w_in, w_out, act, backend="loop")
+        assert plan.loops.kernel == ("tile" if tile else "mm")
+        assert expert_kernel(x.float(), torch.randn(num_experts, 16, 16)[:, ::2, ::2]) == "mm"
+    assert expert_kernel(x.long(), w_in.long()) is None
+    monkeypatch.setenv("MOEKIT_NATIVE", "0")
+    assert (
+        expert_kernel(x, w_in, w_out) is None
+        and plan_experts(x, token, expert, w_in, w_out, act).path == "portable"
+    )
 
 
 @st.composite
@@ -166,35 +190,40 @@ def expert_tasks(draw):
     included = draw(st.lists(st.booleans(), min_size=num_experts, max_size=num_experts))
     transposed = draw(st.booleans())
     threads = draw(st.sampled_from([1, 2]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     tasks, start = [], 0
     for e in draw(st.permutations(range(num_experts))):
         if included[e]:
             tasks.append((e, start, start + counts[e]))
         start += counts[e] + draw(st.integers(0, 2))  # rows between experts: never written
-    return num_experts, n_out, n_in, start, tasks, transposed, threads, draw(st.integers(0, 2**16))
+    return num_experts, n_out, n_in, start, tasks, transposed, threads, dtype, draw(st.integers(0, 2**16))
 
 
-@needs_native
+@pytest.mark.parametrize("kernel", ["tile", "mm"])
 @settings(max_examples=40, deadline=None)
-@given(expert_tasks())
-def test_expert_loops_match_float64_and_write_only_their_rows(case):
-    """`expert_products` and `expert_backward_pairs` (every expert whole on one of the threads):
-    each task's rows against float64, the weight gradients of its experts; rows and experts of no
-    task keep what was there."""
-    num_experts, n_out, n_in, rows, tasks, transposed, threads, seed = case
+@given(case=expert_tasks())
+def test_expert_loops_match_float64_and_write_only_their_rows(kernel, case):
+    """`expert_products` and `expert_backward_pairs` (every expert whole on one of the threads) on
+    either kernel (the tile kernel in fp32; at::mm in fp32 and float64): each task's rows against
+    float64, the weight gradients of its experts; rows and experts of no task keep what was there."""
+    num_experts, n_out, n_in, rows, tasks, transposed, threads, dtype, seed = case
+    products, backward_pairs = loop_op("expert_products", kernel), loop_op("expert_backward_pairs", kernel)
+    if kernel == "tile":
+        dtype = torch.float32
     gen = torch.Generator().manual_seed(seed)
     weights = torch.randn(num_experts, n_out, n_in, generator=gen) * 0.2
     if transposed:
         weights = weights.transpose(1, 2).contiguous().transpose(1, 2)
     x = torch.randn(rows, n_in, generator=gen)
     grad = torch.randn(rows, n_out, generator=gen)
+    weights, x, grad = weights.to(dtype), x.to(dtype), grad.to(dtype)
     task_tensor = torch.tensor(tasks, dtype=torch.long).reshape(-1, 3)
-    out = torch.full((rows, n_out), float("nan"))
-    grad_in = torch.full((rows, n_in), float("nan"))
-    grad_weight = torch.full((num_experts, n_out, n_in), float("nan"))
+    out = torch.full((rows, n_out), float("nan"), dtype=dtype)
+    grad_in = torch.full((rows, n_in), float("nan"), dtype=dtype)
+    grad_weight = torch.full((num_experts, n_out, n_in), float("nan"), dtype=dtype)
     with torch_threads(threads):
-        torch.ops.moekit.expert_products(x, weights, out, task_tensor, threads)
-        torch.ops.moekit.expert_backward_pairs(grad, x, weights, grad_weight, grad_in, task_tensor, threads)
+        products(x, weights, out, task_tensor, threads)
+        backward_pairs(grad, x, weights, grad_weight, grad_in, task_tensor, threads)
     written_rows = torch.zeros(rows, dtype=torch.bool)
     close = dict(rtol=1e-5, atol=1e-4 * max(1.0, n_in**0.5))
     for e, start, stop in tasks:
@@ -209,16 +238,19 @@ def test_expert_loops_match_float64_and_write_only_their_rows(case):
     assert torch.isnan(grad_weight[untouched]).all()
 
 
-@needs_native
-def test_bad_expert_tasks_get_a_clear_error():
+@pytest.mark.parametrize("kernel", ["tile", "mm"])
+def test_bad_expert_tasks_get_a_clear_error(kernel):
+    products = loop_op("expert_products", kernel)
     weights, x = torch.randn(2, 4, 8), torch.randn(5, 8)
     out = torch.empty(5, 4)
     with pytest.raises(RuntimeError, match="out of range"):
-        torch.ops.moekit.expert_products(x, weights, out, torch.tensor([[2, 0, 5]]), 1)
+        products(x, weights, out, torch.tensor([[2, 0, 5]]), 1)
     with pytest.raises(RuntimeError, match="out of range"):
-        torch.ops.moekit.expert_products(x, weights, out, torch.tensor([[0, 3, 6]]), 1)
+        products(x, weights, out, torch.tensor([[0, 3, 6]]), 1)
     with pytest.raises(RuntimeError, match="int64 CPU tensor"):
-        torch.ops.moekit.expert_products(x, weights, out, torch.tensor([0, 0, 5]), 1)
+        products(x, weights, out, torch.tensor([0, 0, 5]), 1)
+    with pytest.raises(RuntimeError, match="must be"):
+        products(x, weights.double(), out, torch.tensor([[0, 0, 5]]), 1)
 
 
 def _swiglu_float64(h: torch.Tensor) -> torch.Tensor:
@@ -263,7 +295,7 @@ def test_swiglu_split_over_the_threads_and_under_autograd_matches_float64():
     torch.testing.assert_close(got.double(), expected_grad, rtol=1e-4, atol=1e-4)
 
 
-@needs_native
+@needs_loops
 def test_the_kernels_parallel_loops_run_on_torchs_threads():
     """Built without OpenMP, ATen's parallel_for runs serially and the expert loops take every
     expert on one thread (1.6-1.8x slower on a quiet 2-core machine, BENCHMARKS.md §13)."""
@@ -274,12 +306,14 @@ def test_the_kernels_parallel_loops_run_on_torchs_threads():
         assert torch.ops.moekit.parallel_width(2) == 1
 
 
-@needs_native
+@pytest.mark.parametrize("kernel", ["tile", "mm"])
 @pytest.mark.parametrize("weight_on", ["output", "input"])
-def test_native_experts_give_the_same_bits_on_one_thread_and_two(weight_on):
+def test_native_experts_give_the_same_bits_on_one_thread_and_two(kernel, weight_on, monkeypatch):
     """The layer's many-token path (experts taken whole by torch's threads: SwiGLU whole in one
     call with the routing weight on the output, else product by product): each expert is computed
     by one thread in one way, so the thread count changes no bit of the outputs or gradients."""
+    loop_op("expert_products", kernel)  # skips where the kernel does not run
+    monkeypatch.setenv("MOEKIT_NATIVE", kernel)
     gen = torch.Generator().manual_seed(3)
     num_experts, hidden, ff, tokens, k = 6, 32, 24, 96, 2
     act = make_activation("swiglu")
@@ -296,26 +330,35 @@ def test_native_experts_give_the_same_bits_on_one_thread_and_two(weight_on):
     for threads in (1, 2):
         leaves = [t.clone().requires_grad_() for t in (x, weight, w_in, w_out)]
         with torch_threads(threads):
-            plan = plan_experts(
-                leaves[0], token, expert, leaves[2], leaves[3], act, weight_on, parallel_workers=True
-            )
-            assert plan.native and plan.swiglu_loops == (weight_on == "output")
+            plan = plan_experts(leaves[0], token, expert, leaves[2], leaves[3], act, weight_on, threads=2)
+            assert plan.loops.kernel == kernel and plan.loops.threads == 2
             y = grouped_experts(
-                leaves[0], token, expert, leaves[1], leaves[2], leaves[3], None, None, act, weight_on,
-                parallel_workers=True,
-            )  # fmt: skip
+                leaves[0],
+                token,
+                expert,
+                leaves[1],
+                leaves[2],
+                leaves[3],
+                None,
+                None,
+                act,
+                weight_on,
+                threads=2,
+            )
             y.backward(upstream)
         results.append([y.detach(), *(leaf.grad for leaf in leaves)])
     for one, two in zip(*results, strict=True):
         assert torch.equal(one, two)
 
 
-@needs_native
+@pytest.mark.parametrize("kernel", ["tile", "mm"])
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 40), st.integers(1, 70), st.integers(0, 90), st.integers(0, 2**16))
-def test_combine_sums_each_tokens_rows_and_zeroes_tokens_without_any(num_tokens, cols, rows, seed):
-    """`moekit::combine_rows` (the native path's combine) against float64, tokens with no rows
-    included; one thread or two give the same bits."""
+def test_combine_sums_each_tokens_rows_and_zeroes_tokens_without_any(kernel, num_tokens, cols, rows, seed):
+    """`moekit::combine_rows` (the tile path's combine) and `combine_rows_any` (the at::mm path's)
+    against float64, tokens with no rows included; one thread or two give the same bits."""
+    loop_op("expert_products", kernel)  # skips where the kernel does not run
+    combine = torch.ops.moekit.combine_rows if kernel == "tile" else torch.ops.moekit.combine_rows_any
     gen = torch.Generator().manual_seed(seed)
     token = torch.randint(0, num_tokens, (rows,), generator=gen)
     values = torch.randn(rows, cols, generator=gen)
@@ -326,10 +369,10 @@ def test_combine_sums_each_tokens_rows_and_zeroes_tokens_without_any(num_tokens,
     for threads in (1, 2):
         out = torch.full((num_tokens, cols), float("nan"))
         with torch_threads(threads):
-            torch.ops.moekit.combine_rows(values, order, bounds, out)
+            combine(values, order, bounds, out)
         outs.append(out)
     expected = torch.zeros(num_tokens, cols, dtype=torch.float64).index_add_(0, token, values.double())
     torch.testing.assert_close(outs[0].double(), expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(outs[0], outs[1])
     with pytest.raises(RuntimeError, match="bounds must run from 0 to A"):
-        torch.ops.moekit.combine_rows(values, order, bounds + 1, torch.empty(num_tokens, cols))
+        combine(values, order, bounds + 1, torch.empty(num_tokens, cols))

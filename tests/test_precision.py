@@ -12,7 +12,13 @@ from moekit import MoE, MoEConfig, preset
 from moekit.balance.config import BalanceConfig
 from moekit.data.lmdata import prepare_data
 from moekit.device import autocast, bf16_speed_note, cpu_flags, resolve_device, resolve_dtype
-from moekit.dispatch.grouped import ExpertPlan, GroupedExperts, device_plan, grouped_mm_available
+from moekit.dispatch.grouped import (
+    ExpertPlan,
+    GroupedExperts,
+    PortableLoops,
+    grouped_mm_available,
+    portable_plan,
+)
 from moekit.dispatch.reference import reference_moe
 from moekit.errors import ConfigError
 from moekit.experts.activations import make_activation
@@ -131,16 +137,9 @@ def test_device_plan_matches_reference(backend, dtype):
         pytest.skip("this torch has no torch.nn.functional.grouped_mm")
     activation = make_activation("swiglu")
     x, token, expert, weight, w_in, w_out = _expert_inputs(dtype)
-    plan = device_plan(x, token, expert, w_in, w_out, activation, "output", backend)
-    assert isinstance(plan, ExpertPlan)
-    assert (plan.parallel, plan.native, plan.fused, plan.shares, plan.swiglu_loops) == (
-        False,
-        False,
-        None,
-        (),
-        False,
-    )
-    assert plan.backend == ("loop" if backend == "loop" else "grouped_mm")
+    plan = portable_plan(x, token, expert, w_in, w_out, activation, "output", backend)
+    assert isinstance(plan, ExpertPlan) and plan.path == "portable"
+    assert plan.loops == PortableLoops(plan.groups, grouped_mm=backend != "loop")
     w_in.requires_grad_()
     w_out.requires_grad_()
     y = GroupedExperts.apply(x, weight, w_in, w_out, None, None, plan)
@@ -266,13 +265,13 @@ def test_cuda_expert_plan_matches_cpu(dtype):
     activation = make_activation("swiglu")
     x, token, expert, weight, w_in, w_out = _expert_inputs(dtype)
     cpu = GroupedExperts.apply(
-        x, weight, w_in, w_out, None, None, device_plan(x, token, expert, w_in, w_out, activation)
+        x, weight, w_in, w_out, None, None, portable_plan(x, token, expert, w_in, w_out, activation)
     )
     moved = [t.cuda() for t in (x, token, expert, weight, w_in, w_out)]
     from moekit.dispatch.grouped import plan_experts
 
     plan = plan_experts(*moved[:3], *moved[4:], activation)
-    assert not plan.parallel and not plan.native
+    assert plan.path == "portable"
     gpu = GroupedExperts.apply(moved[0], moved[3], moved[4], moved[5], None, None, plan)
     tolerance = 1e-4 if dtype == torch.float32 else BF16_RELATIVE_TOLERANCE
     assert relative_error(gpu.cpu(), cpu) < tolerance

@@ -6,8 +6,8 @@ allocator backs allocations of 2 MiB and more with transparent huge pages when
 THP_MEM_ALLOC_ENABLE=1 is set before torch starts, which removes most of that cost (measured in
 BENCHMARKS.md). The variable is read once, when torch makes its first allocation.
 
-GOMP_SPINCOUNT: after each parallel region OpenMP's idle threads spin before sleeping; moekit's
-expert workers (dispatch/workers.py) need those cores, so the spin is shortened. Both are read
+GOMP_SPINCOUNT: after each parallel region OpenMP's idle threads spin before sleeping, taking cores
+that the rest of a step (and, on a shared machine, other work) needs, so the spin is shortened. Both are read
 when torch starts, hence this runs before `import torch`.
 """
 

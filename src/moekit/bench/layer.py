@@ -131,16 +131,14 @@ def dispatch_choice(layer: MoE, x: torch.Tensor) -> dict:
         )  # fmt: skip
     active = int(torch.unique(kept.expert).numel())
     per_expert = (experts.w_in[0].numel() + experts.w_out[0].numel()) * experts.w_in.element_size()
+    loops = plan.loops
+    kernel = getattr(loops, "kernel", "grouped_mm" if getattr(loops, "grouped_mm", False) else "torch.mm")
     return dict(
-        backend=plan.backend,
-        workers=plan.parallel,
-        native=plan.native,
-        # the vector set the native kernel was built for (its register tile follows from it)
-        native_isa=kernel_isa() if plan.native else None,
-        whole_expert_tasks=plan.fused is not None,
-        swiglu_loops=plan.swiglu_loops,
-        grouped_mm_shares=len(plan.shares),
-        single_threaded=plan.single_threaded,
+        path=plan.path,
+        kernel=kernel,
+        # the vector set the tile kernel was built for (its register tile follows from it)
+        native_isa=kernel_isa() if kernel == "tile" else None,
+        threads=getattr(loops, "threads", torch.get_num_threads()),
         gemm=gemm_kernel(x.dtype),
         active_experts=active,
         active_weight_bytes=active * per_expert,
@@ -314,7 +312,7 @@ def main(args) -> int:
     round_trip = report["settings"]["thread_round_trip_us"]
     print(
         f"thread wake-up round trip: {round_trip['before']:.0f} us before, {round_trip['after']:.0f} us "
-        "after (higher means the OS is slower to wake threads, which slows moekit's expert workers)"
+        "after (higher means the OS is slower to wake threads, which slows every hand-off between threads)"
     )
     if args.json:
         write_json_atomic(Path(args.json), report)

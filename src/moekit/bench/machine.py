@@ -1,10 +1,10 @@
 """How quickly this machine wakes a waiting thread, recorded beside benchmark results.
 
-moekit's expert workers hand work and the interpreter lock between threads many times per step,
-so they slow down when the OS (or a VM's host) is slow to wake a thread, while large multi-threaded
+A layer step hands work between threads many times (each of the experts' parallel passes),
+so it slows down when the OS (or a VM's host) is slow to wake a thread, while large multi-threaded
 GEMMs, on OpenMP threads that spin, do not. On the development VM the round trip below moves
-between ~47 us and ~70 us over minutes, and the worker paths lose 20-35 % in the slow periods
-(BENCHMARKS.md): a run's figure tells which kind of period its timings come from.
+between ~47 us and ~70 us over minutes, and the (since removed) expert worker paths lost 20-35 %
+in the slow periods (BENCHMARKS.md): a run's figure tells which kind of period its timings come from.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Expert compute that `torch.compile` can trace whole (`fullgraph=True`): static shapes, no host reads.
 
 The grouped path (`dispatch/grouped.py`) plans on the host: it reads the per-expert row counts,
-hands runs of experts to worker threads and calls moekit's own kernels through a custom autograd
+hands the experts to C++ loops on torch's threads and runs them through a custom autograd
 function, none of which a compiled graph can hold. Under compile the experts run here instead,
 as plain differentiable tensor ops that the compiler fuses and differentiates itself.
 

@@ -7,7 +7,7 @@ thread: 490 us per MoE layer, about 3.5 us per op, of which the products and the
 combine are a dozen ops). Where no gradient is wanted, the products are too small to pay a thread
 hand-off, and grouped_mm takes the operands, the kept assignments go straight through grouped_mm
 with offsets computed from the counts on the tensor side (no read on the host): the kernels,
-order and sums of the planned grouped_mm path (`dispatch/grouped.py`), so the same results.
+order and sums of the planned portable grouped_mm path (`dispatch/grouped.py`).
 """
 
 from __future__ import annotations
@@ -18,26 +18,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.dispatch.grouped import CORE_BYTES_PER_S, MIN_SHARE_SECONDS, choose_backend
+from moekit.dispatch.grouped import grouped_mm_fits
+from moekit.dispatch.workers import CORE_BYTES_PER_S, MIN_THREADED_SECONDS
 from moekit.experts.activations import Activation
 
 
 @cache
 def grouped_mm_takes(dtype: torch.dtype, hidden: int, in_features: int, ff: int) -> bool:
     """Whether grouped_mm runs experts of these sizes and dtype (its dtypes, 16-byte strides)."""
-    return choose_backend("grouped_mm", dtype, hidden, in_features, ff) == "grouped_mm"
+    return grouped_mm_fits(dtype, hidden, in_features, ff)
 
 
 def few_rows_fit(x: Tensor, rows: int, w_in: Tensor, w_out: Tensor, *tensors: Tensor | None) -> bool:
     """Whether `rows` assignments of `x` go the few-rows way: on the CPU, no gradient wanted of
     any operand, and the experts they can reach read in less time than a thread hand-off pays for
-    (the planner's single-core rate), so the planner would run them unthreaded anyway."""
+    (the rough single-core rate of `dispatch.workers`), so threads would not speed them up."""
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_in, w_out, *tensors)):
         return False
     expert_bytes = (w_in.shape[1] * w_in.shape[2] + w_out.shape[1] * w_out.shape[2]) * w_in.element_size()
-    if rows * expert_bytes / CORE_BYTES_PER_S >= MIN_SHARE_SECONDS:
+    if rows * expert_bytes / CORE_BYTES_PER_S >= MIN_THREADED_SECONDS:
         return False
     num_experts, in_features, hidden = w_in.shape
     return grouped_mm_takes(x.dtype, hidden, in_features, w_out.shape[2]) and w_out.dtype == x.dtype

@@ -18,7 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moekit.dispatch.workers import single_threaded
+from moekit.dispatch.workers import (
+    CORE_BYTES_PER_S,
+    CORE_FLOPS_PER_S,
+    MIN_THREADED_SECONDS,
+    single_threaded,
+)
 from moekit.errors import ConfigError, MoekitError, require_int, require_number
 from moekit.inference.step_threads import step_threads_of
 from moekit.routing.override import Overrides, RoutingOverride, override_routing
@@ -142,15 +147,13 @@ def threads_may_pay_off(rows: int, largest_elements: int, element_size: int) -> 
     """Whether a step over `rows` tokens may run faster on all threads than on one, and so is
     worth timing both ways (`moekit.inference.step_threads`).
 
-    Its largest product, estimated on one core (the dispatch planner's rates), must take at least
-    as long as a worker share must, to pay OpenMP's hand-off between threads: decoding a small
+    Its largest product, estimated on one core (the rough rates of `dispatch.workers`), must take
+    at least MIN_THREADED_SECONDS, to pay OpenMP's hand-off between threads: decoding a small
     model is a chain of tiny ops, each of which a second thread only delays (and, on a loaded
     machine, waits for); such steps run on one thread without being timed."""
-    from moekit.dispatch.grouped import CORE_BYTES_PER_S, CORE_FLOPS_PER_S, MIN_SHARE_SECONDS
-
     read_seconds = largest_elements * element_size / CORE_BYTES_PER_S
     compute_seconds = 2 * rows * largest_elements / CORE_FLOPS_PER_S
-    return max(read_seconds, compute_seconds) >= MIN_SHARE_SECONDS
+    return max(read_seconds, compute_seconds) >= MIN_THREADED_SECONDS
 
 
 def _forward(

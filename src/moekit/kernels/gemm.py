@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import time
 from functools import cache
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -32,36 +31,11 @@ ONEDNN_MIN_ROWS = 8
 # on oneDNN against 8 on MKL, level at 64 x 256 x 128, 30 against 42 at 128 x 256 x 128; a decode
 # step's 8 x 256 x 2048 already 52 against 93).
 ONEDNN_MIN_MACS = 2**22
-# oneDNN compiles a kernel for every new shape (~0.6 ms and ~170 page faults for 512 x 512), and
-# an expert's row count changes every step, over the whole range early in training. Expert products
-# are therefore cut into chunks of CHUNK_ROWS rows plus one tail of a multiple of ROW_BUCKET rows:
-# a run compiles a few dozen shapes instead of thousands. Where the rows sit in a larger buffer,
-# the tail is rounded up over the next rows and the extra output dropped; otherwise (and for
-# weight gradients, where the rows are summed) the last few rows go to MKL.
-CHUNK_ROWS = 1024
-ROW_BUCKET = 16
-
-
-class RowCuts(NamedTuple):
-    """How products of a varying row count are cut into kernel calls: whether oneDNN computes
-    them, in chunks of `chunk_rows` and a tail rounded to `bucket` rows, from `min_rows` rows.
-    (An argument rather than the module constants so that TorchScript, which cannot read module
-    globals, can compile the `*_for` functions into the expert loops of `moekit.dispatch.loops`.)"""
-
-    onednn: bool
-    chunk_rows: int = CHUNK_ROWS
-    bucket: int = ROW_BUCKET
-    min_rows: int = ONEDNN_MIN_ROWS
-
-
-@cache
-def row_cuts(dtype: torch.dtype) -> RowCuts:
-    return RowCuts(onednn_is_faster(dtype))
 
 
 def _onednn_linear(x: Tensor, weight: Tensor) -> Tensor:
     """x @ weight.T with oneDNN (x [M, K], weight [N, K], any strides)."""
-    no_scalars: list[number | None] = []  # noqa: F821 (TorchScript's name for the op's Scalar)
+    no_scalars: list[float | None] = []
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", no_scalars, "")
 
 
@@ -163,30 +137,6 @@ def _measure_faster(dtype: torch.dtype) -> str:
     return "onednn" if sorted(ratios)[len(ratios) // 2] < 0.9 else "mkl"
 
 
-def row_chunks(rows: int, dtype: torch.dtype) -> tuple[list[tuple[int, int]], int]:
-    """([(start, stop)] row ranges for oneDNN, first row left to MKL) for a product of `rows` rows."""
-    return row_chunks_for(rows, row_cuts(dtype))
-
-
-# The `*_for` functions below take the cuts (`RowCuts`) instead of looking up the kernel for the
-# dtype, so that TorchScript can compile them; the functions without the suffix look it up.
-
-
-def row_chunks_for(rows: int, cuts: RowCuts) -> tuple[list[tuple[int, int]], int]:
-    chunks: list[tuple[int, int]] = []
-    if rows < cuts.min_rows or not cuts.onednn:
-        return chunks, 0
-    start = 0
-    while rows - start >= cuts.chunk_rows:
-        chunks.append((start, start + cuts.chunk_rows))
-        start += cuts.chunk_rows
-    tail = (rows - start) - (rows - start) % cuts.bucket
-    if tail >= cuts.min_rows:
-        chunks.append((start, start + tail))
-        start += tail
-    return chunks, start
-
-
 def dense_onednn_pays_off(rows: int, inner: int, outer: int, dtype: torch.dtype) -> bool:
     """Whether a fixed-shape product of rows x inner x outer should go to oneDNN rather than MKL."""
     return rows >= ONEDNN_MIN_ROWS and rows * inner * outer >= ONEDNN_MIN_MACS and onednn_is_faster(dtype)
@@ -194,93 +144,11 @@ def dense_onednn_pays_off(rows: int, inner: int, outer: int, dtype: torch.dtype)
 
 def linear(x: Tensor, weight: Tensor) -> Tensor:
     """x @ weight.T for 2-D x [M, K] and weight [N, K] (any strides), in one product: for the
-    fixed-shape products of dense layers (`linear_parts` for row counts that vary)."""
+    fixed-shape products of dense layers (the experts' varying row counts run in
+    `moekit.dispatch.grouped`'s expert loops)."""
     if dense_onednn_pays_off(x.shape[0], x.shape[1], weight.shape[0], x.dtype):
         return _onednn_linear(x, weight)
     return torch.mm(x, weight.t())
-
-
-def linear_parts(x: Tensor, weight: Tensor) -> list[Tensor]:
-    """x @ weight.T for an x whose row count varies call to call, as consecutive row blocks
-    (oneDNN chunks, then MKL's remainder): concatenate them, or the blocks of many calls, once."""
-    return linear_parts_for(x, weight, row_cuts(x.dtype))
-
-
-def linear_parts_for(x: Tensor, weight: Tensor, cuts: RowCuts) -> list[Tensor]:
-    chunks, rest = row_chunks_for(x.shape[0], cuts)
-    parts = [_onednn_linear(x[start:stop], weight) for start, stop in chunks]
-    if rest < x.shape[0]:
-        parts.append(torch.mm(x[rest:], weight.t()))
-    return parts
-
-
-def padded_rows(rows: int, dtype: torch.dtype) -> int:
-    """How many rows to give a product of `rows` rows (the extra ones zero) so that `linear_parts`
-    and `weight_grad` compute it all on oneDNN in bucketed shapes: `rows` rounded up to ROW_BUCKET
-    where oneDNN is used, else `rows`."""
-    return padded_rows_for(rows, row_cuts(dtype))
-
-
-def padded_rows_for(rows: int, cuts: RowCuts) -> int:
-    if rows < cuts.min_rows or not cuts.onednn:
-        return rows
-    return -(-rows // cuts.bucket) * cuts.bucket
-
-
-def padded_stop(start: int, stop: int, buffer_rows: int, dtype: torch.dtype) -> int:
-    """Where `linear_rows`'s products over rows[start:stop] of a `buffer_rows`-row buffer end:
-    past `stop` (at start + `padded_rows`) when oneDNN computes the tail rounded up and the buffer
-    has those rows (the extra rows' output is dropped), else at `stop`."""
-    return padded_stop_for(start, stop, buffer_rows, row_cuts(dtype))
-
-
-def padded_stop_for(start: int, stop: int, buffer_rows: int, cuts: RowCuts) -> int:
-    end = start + padded_rows_for(stop - start, cuts)
-    tail = (stop - start) % cuts.chunk_rows
-    if tail != 0 and end - (stop - tail) >= cuts.min_rows and end <= buffer_rows:
-        return end
-    return stop
-
-
-def linear_rows(rows: Tensor, start: int, stop: int, weight: Tensor) -> list[Tensor]:
-    """rows[start:stop] @ weight.T as consecutive row blocks, for a slice of a larger buffer:
-    oneDNN products of bucketed shapes reading up to `padded_stop` so that most slices take a
-    single product."""
-    return linear_rows_for(rows, start, stop, weight, row_cuts(rows.dtype))
-
-
-def linear_rows_for(rows: Tensor, start: int, stop: int, weight: Tensor, cuts: RowCuts) -> list[Tensor]:
-    end = padded_stop_for(start, stop, rows.shape[0], cuts)
-    if end == stop:
-        return linear_parts_for(rows[start:stop], weight, cuts)
-    step = cuts.chunk_rows
-    tail_start = stop - (stop - start) % step
-    parts = [_onednn_linear(rows[s : s + step], weight) for s in range(start, tail_start, step)]
-    parts.append(_onednn_linear(rows[tail_start:end], weight)[: stop - tail_start])
-    return parts
-
-
-def weight_grad(grad_rows: Tensor, in_rows: Tensor) -> Tensor:
-    """grad_rows.T @ in_rows: a weight gradient [N, K] summed over M rows, M varying call to call;
-    the rows (here the reduction dimension) are cut like `linear_parts`'s and the parts added.
-    Contiguous, for callers that copy it into their packed gradient: at expert sizes (128-192
-    rows) the transposed orientation `dense_weight_grad` may pick is no faster, and copying its
-    result transposed cost more (measured 128 x 256 x 128: 87 us against 81; 192 x 512 x 256: 354
-    against 311)."""
-    return weight_grad_for(grad_rows, in_rows, row_cuts(grad_rows.dtype))
-
-
-def weight_grad_for(grad_rows: Tensor, in_rows: Tensor, cuts: RowCuts) -> Tensor:
-    chunks, rest = row_chunks_for(grad_rows.shape[0], cuts)
-    if len(chunks) == 0:
-        return torch.mm(grad_rows.t(), in_rows)
-    first, stop = chunks[0]
-    out = _onednn_linear(grad_rows[first:stop].t(), in_rows[first:stop].t())
-    for start, stop in chunks[1:]:
-        out += _onednn_linear(grad_rows[start:stop].t(), in_rows[start:stop].t())
-    if rest < grad_rows.shape[0]:
-        out.addmm_(grad_rows[rest:].t(), in_rows[rest:])
-    return out
 
 
 def dense_weight_grad(grad_rows: Tensor, in_rows: Tensor) -> Tensor:

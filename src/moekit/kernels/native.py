@@ -1,21 +1,29 @@
-"""moekit's own kernels for the experts (`csrc/expert_gemm.cpp`): small GEMMs, the loop over the
-experts, and SwiGLU, built on first use.
+"""moekit's own kernels for the experts (`csrc/`): the loop over the experts on torch's threads,
+its products on moekit's AVX-512/AVX2 tile kernel or on torch's `at::mm`, SwiGLU, built on first use.
 
-Why a kernel of our own: an expert's products are small (128 rows x 256 x 256 at 128 experts)
-and there are hundreds per step. oneDNN, the fastest library kernel torch ships for them, costs
-~10 us per call, repacks the weight on every call and returns a new tensor the caller must copy
-into its buffer; its weight gradients over so few rows run well below the core's peak. The kernel
-here reads the operands in place, writes into the caller's buffer, and runs each expert on one
-of torch's threads, the threads taking whole experts from a shared counter within one call
-(measured, one core: 234-264 GFLOP/s against oneDNN's 142-257 on the layer benchmark's expert
-shapes, `benchmarks/native_kernel.py`).
+Why a loop of our own: an expert's products are small (128 rows x 256 x 256 at 128 experts)
+and there are hundreds per step. A library GEMM threaded over the cores spends much of each such
+product handing work between threads; here each of torch's threads takes whole experts from a
+shared counter within one C++ call and computes them alone (`csrc/expert_tasks.h`).
 
-It is compiled with OpenMP (without it, ATen's parallel_for runs serially: BENCHMARKS.md §13)
-for the widest vector set the CPU has, AVX-512 or else AVX2 with FMA (`kernel_isa`; the register
-tile follows from it, `csrc/simd.h`), with the machine's C++ compiler through torch's extension
-builder (a few seconds, once; torch caches the build). Where the CPU has neither, the build fails,
-or its results disagree with `torch.mm` on a probe, products stay on `moekit.kernels.gemm`.
-`MOEKIT_NATIVE=0` turns it off.
+Two kernels compute an expert's products inside that loop (`expert_kernel`):
+- `tile` (`csrc/expert_gemm.cpp`, fp32 on AVX-512 or AVX2 with FMA): reads the operands in place
+  and writes into the caller's buffer, SwiGLU and the combine fused in (measured, one core:
+  234-264 GFLOP/s against oneDNN's 142-257 on the layer benchmark's expert shapes on AVX-512,
+  `benchmarks/native_kernel.py`);
+- `mm` (`csrc/expert_mm.cpp`, any floating dtype, any x86 CPU): torch's `at::mm` per product,
+  MKL or oneDNN as torch picks, unthreaded inside the loop.
+Where both run (fp32 where the tile kernel is built), which is faster is measured once per CPU
+model at first use and stored (`moekit.kernels.store`); elsewhere the CPU's features and the dtype
+decide.
+
+Compiled with OpenMP (without it, ATen's parallel_for runs serially: BENCHMARKS.md §13) with the
+machine's C++ compiler through torch's extension builder (a few seconds, once; torch caches the
+build), for the widest vector set the CPU has, AVX-512 or else AVX2 with FMA (`kernel_isa`; the
+tile kernel's register tile follows from it, `csrc/simd.h`; on a CPU with neither only the `mm`
+loops are built). Where the build fails or its results disagree with `torch.mm` on a probe, the
+experts run on the portable path (`moekit.dispatch.grouped`). `MOEKIT_NATIVE` forces a path, for
+debugging: `0` the portable one, `tile` or `mm` that kernel where it runs.
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import statistics
 import sysconfig
+import time
 import warnings
 from functools import cache
 from pathlib import Path
@@ -31,23 +41,33 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).parent / "csrc" / "expert_gemm.cpp"
-HEADERS = (Path(__file__).parent / "csrc" / "simd.h",)
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "expert_gemm.cpp", CSRC / "expert_mm.cpp")
+HEADERS = (CSRC / "simd.h", CSRC / "expert_tasks.h")
+KERNELS = ("tile", "mm")
 # -fopenmp at compile time only: the OpenMP calls bind at load time to the runtime torch already
 # loaded, so the kernels' parallel loops share torch's threads and thread count.
 COMPILE_FLAGS = ["-O3", "-fopenmp"]
 # The vector set's flags, by `kernel_isa`
 ISA_FLAGS = {"avx512": ["-mavx512f"], "avx2": ["-mavx2", "-mfma"]}
-OPS = (
+# The ops of each kernel (`expert_mm.cpp` is built on every CPU, `expert_gemm.cpp`'s where `kernel_isa`)
+TILE_OPS = (
     "mm_into",
     "expert_products",
     "expert_backward_pairs",
     "expert_swiglu_forward",
     "expert_swiglu_backward",
     "combine_rows",
-    "parallel_width",
     "swiglu_into",
     "swiglu_backward_into",
+)
+MM_OPS = (
+    "parallel_width",
+    "expert_products_mm",
+    "expert_backward_pairs_mm",
+    "expert_swiglu_forward_mm",
+    "expert_swiglu_backward_mm",
+    "combine_rows_any",
 )
 # (rows, inner, outer) probed against torch.mm: row and column tails, a transposed weight, one row
 PROBE_SHAPES = ((13, 40, 70), (6, 64, 64), (1, 17, 3), (70, 300, 129))
@@ -89,51 +109,109 @@ def swiglu_backward(h: Tensor, grad: Tensor) -> Tensor:
     return out
 
 
-def native_fits(x: Tensor, *weights: Tensor) -> bool:
-    """Whether products of activations like `x` with packed [E, n_out, n_in] `weights` can run on
-    the native kernel here: fp32 on the CPU, each weight with unit stride along one of its last
-    two dimensions, and the kernel available (never under `torch.compile`)."""
-    if torch.compiler.is_compiling():
-        return False
-    if x.dtype != torch.float32 or x.device.type != "cpu":
-        return False
-    if not all(w.dtype == torch.float32 and 1 in (w.stride(-1), w.stride(-2)) for w in weights):
-        return False
-    return native_available()
+def expert_kernel(x: Tensor, *weights: Tensor) -> str | None:
+    """The kernel of the C++ expert loops for activations like `x` and packed [E, n_out, n_in]
+    `weights` here ("tile" or "mm"), or None where the loops do not run (off the CPU, under
+    `torch.compile`, no extension, `MOEKIT_NATIVE=0`, integer dtypes). The tile kernel takes fp32
+    weights with unit stride along one of their last two dimensions."""
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or not x.dtype.is_floating_point:
+        return None
+    if not all(w.dtype == x.dtype for w in weights) or not loops_available():
+        return None
+    tile_fits = x.dtype == torch.float32 and all(1 in (w.stride(-1), w.stride(-2)) for w in weights)
+    return float32_kernel() if tile_fits else "mm"
 
 
 def native_available() -> bool:
-    """Whether the native kernel runs in this process: not turned off (`MOEKIT_NATIVE=0`, read at
-    every call), built (or found built) once, and checked."""
-    return os.environ.get("MOEKIT_NATIVE", "1") != "0" and _built_and_checked()
+    """Whether moekit's tile kernel (AVX-512 or AVX2) runs in this process: not turned off (`MOEKIT_NATIVE`,
+    read at every call), built (or found built) once, and checked."""
+    return _requested() not in ("0", "mm") and _built_and_checked()[0]
+
+
+def loops_available() -> bool:
+    """Whether the C++ expert loops run in this process (on either kernel)."""
+    return _requested() != "0" and _built_and_checked()[1]
+
+
+def float32_kernel() -> str:
+    """The kernel of fp32 expert products here: as `MOEKIT_NATIVE` forces it, else "mm" without the
+    tile kernel, else as measured once on this CPU model and stored."""
+    requested = _requested()
+    if not native_available():
+        return "mm"
+    if requested in KERNELS:
+        return requested
+    from moekit.kernels.store import stored_choice
+
+    return stored_choice("experts-float32", KERNELS, measure_float32_kernel)
+
+
+def _requested() -> str:
+    return os.environ.get("MOEKIT_NATIVE", "auto").strip().lower()
+
+
+# The shape of the one-off measurement: a layer benchmark's fine-grained expert pass (16 experts of
+# 96 rows, 512 x 512); rounds interleave the kernels so that load slows both alike.
+MEASURE_SHAPE = (16, 96, 512, 512)
+MEASURE_ROUNDS = 7
+
+
+def measure_float32_kernel() -> str:
+    """ "mm" if torch's products were at least 10 % faster than the tile kernel on an expert pass
+    (forward products and both backward products) on torch's threads, else "tile" (~0.2 s)."""
+    experts, rows, n_in, n_out = MEASURE_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(experts * rows, n_in, generator=gen)
+    weights = torch.randn(experts, n_out, n_in, generator=gen)
+    grad = torch.randn(experts * rows, n_out, generator=gen)
+    out, grad_in, grad_weight = torch.empty_like(grad), torch.empty_like(x), torch.empty_like(weights)
+    tasks = torch.tensor([(e, e * rows, (e + 1) * rows) for e in range(experts)], dtype=torch.long)
+    threads = torch.get_num_threads()
+
+    def seconds(suffix: str) -> float:
+        start = time.perf_counter()
+        getattr(torch.ops.moekit, "expert_products" + suffix)(x, weights, out, tasks, threads)
+        getattr(torch.ops.moekit, "expert_backward_pairs" + suffix)(
+            grad, x, weights, grad_weight, grad_in, tasks, threads
+        )
+        return time.perf_counter() - start
+
+    seconds(""), seconds("_mm")  # warm both
+    ratios = [seconds("_mm") / seconds("") for _ in range(MEASURE_ROUNDS)]
+    return "mm" if statistics.median(ratios) < 0.9 else "tile"
 
 
 @cache
-def _built_and_checked() -> bool:
-    return kernel_isa() is not None and _build_and_load() and _probe_matches_torch()
-
-
-def cpu_has_avx512() -> bool:
-    return kernel_isa() == "avx512"
+def _built_and_checked() -> tuple[bool, bool]:
+    """(tile kernel runs, expert loops run): built once, each checked against torch.mm."""
+    if not _build_and_load():
+        return False, False
+    loops = all(hasattr(torch.ops.moekit, op) for op in MM_OPS) and _loops_match_torch()
+    tile = (
+        kernel_isa() is not None
+        and all(hasattr(torch.ops.moekit, op) for op in TILE_OPS)
+        and _probe_matches_torch()
+    )
+    return tile and loops, loops
 
 
 def kernel_isa() -> str | None:
-    """The vector set the native kernel is built for here: "avx512", "avx2" (AVX2 with FMA, which
-    torch's AVX2 capability implies), or None where the CPU has neither."""
+    """The vector set the tile kernel is built for here: "avx512", "avx2" (AVX2 with FMA, which
+    torch's AVX2 capability implies), or None where the CPU has neither (only the `mm` loops)."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX512"):
         return "avx512"
     return "avx2" if capability == "AVX2" else None
 
 
-def compile_flags(isa: str) -> list[str]:
-    return [*COMPILE_FLAGS, *ISA_FLAGS[isa]]
+def compile_flags(isa: str | None) -> list[str]:
+    return [*COMPILE_FLAGS, *ISA_FLAGS.get(isa, [])]
 
 
-def extension_name(isa: str) -> str:
+def extension_name(isa: str | None) -> str:
     """Named by the sources' and flags' hash: torch caches builds by name, and a build of other
     source (another moekit version) or for another vector set must be neither reused nor overwritten."""
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in (SOURCE, *HEADERS)))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS)))
     digest.update(" ".join(compile_flags(isa)).encode())
     return "moekit_expert_gemm_" + digest.hexdigest()[:12]
 
@@ -148,20 +226,21 @@ def _build_and_load() -> bool:
         isa = kernel_isa()
         cpp_extension.load(
             extension_name(isa),
-            [str(SOURCE)],
+            [str(path) for path in SOURCES],
             extra_cflags=compile_flags(isa),
+            extra_include_paths=[str(CSRC)],
             is_python_module=False,
             verbose=False,
         )
-    except Exception as error:  # no compiler, no ninja, a failed build: gemm.py's kernels remain
+    except Exception as error:  # no compiler, no ninja, a failed build: the portable path remains
         warnings.warn(
-            f"moekit: could not build the native expert kernel ({type(error).__name__}: {error}); "
-            "expert products use torch's kernels instead",
+            f"moekit: could not build the native expert kernels ({type(error).__name__}: {error}); "
+            "experts run on the portable path (torch.mm per expert) instead",
             RuntimeWarning,
             stacklevel=3,
         )
         return False
-    return all(hasattr(torch.ops.moekit, op) for op in OPS)
+    return True
 
 
 def _probe_matches_torch() -> bool:
@@ -174,4 +253,18 @@ def _probe_matches_torch() -> bool:
             mm_into(a, b, out)
             if not torch.allclose(out, a @ b, rtol=1e-4, atol=1e-4):
                 return False
+    return True
+
+
+def _loops_match_torch() -> bool:
+    """The at::mm expert loop on the probe shapes, one expert each, against torch.mm."""
+    gen = torch.Generator().manual_seed(0)
+    for rows, inner, outer in PROBE_SHAPES:
+        a = torch.randn(rows, inner, generator=gen)
+        weights = torch.randn(2, outer, inner, generator=gen)
+        out = torch.full((rows, outer), float("nan"))
+        tasks = torch.tensor([[1, 0, rows]], dtype=torch.long)
+        torch.ops.moekit.expert_products_mm(a, weights, out, tasks, 1)
+        if not torch.allclose(out, a @ weights[1].t(), rtol=1e-4, atol=1e-4):
+            return False
     return True

@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 
-from moekit.dispatch.workers import workers_enabled
 from moekit.kernels import gemm
-from moekit.kernels.native import native_available
+from moekit.kernels.native import float32_kernel, loops_available, native_available
 from moekit.kernels.store import machine_key
 
 
@@ -29,17 +28,18 @@ def kernel_record(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     return {
         "gemm": {dtype_name(dtype): gemm.gemm_kernel(dtype)},
         "native": native_available(),
-        "loops": os.environ.get("MOEKIT_LOOPS", "compiled").lower(),
+        "expert_loops": (float32_kernel() if dtype == torch.float32 else "mm")
+        if loops_available()
+        else "portable",
         "threads": torch.get_num_threads(),
-        "workers": workers_enabled(),
         "machine": machine_key(),
     }
 
 
 def apply_kernel_record(record: dict[str, Any], dtype: torch.dtype = torch.float32) -> list[str]:
     """Make this process compute with the kernels of `record` (from `kernel_record`): pins the
-    GEMM kernel through `MOEKIT_GEMM`, turns the native kernel off if the run did not use it,
-    restores the thread count and the loops. Returns what changed; warns about what cannot be
+    GEMM kernel through `MOEKIT_GEMM`, the experts' kernel through `MOEKIT_NATIVE`, restores the
+    thread count. Returns what changed; warns about what cannot be
     matched here (another machine, a native kernel that does not run here)."""
     changed: list[str] = []
     name = dtype_name(dtype)
@@ -49,25 +49,24 @@ def apply_kernel_record(record: dict[str, Any], dtype: torch.dtype = torch.float
         settings[name] = wanted
         os.environ["MOEKIT_GEMM"] = ",".join(f"{k}={v}" for k, v in sorted(settings.items()))
         gemm.onednn_is_faster.cache_clear()
-        gemm.row_cuts.cache_clear()
         changed.append(f"gemm {name}={wanted}")
     threads = record.get("threads")
     if isinstance(threads, int) and threads >= 1 and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
         changed.append(f"threads={threads}")
-    loops = record.get("loops")
-    if loops in ("compiled", "python") and loops != os.environ.get("MOEKIT_LOOPS", "compiled").lower():
-        os.environ["MOEKIT_LOOPS"] = loops
-        changed.append(f"loops={loops}")
-    native = record.get("native")
-    if native is False and native_available():
+    loops = record.get("expert_loops")
+    here = kernel_record(dtype)["expert_loops"]
+    if loops in ("tile", "mm", "portable") and loops != here:
+        os.environ["MOEKIT_NATIVE"] = "0" if loops == "portable" else loops
+        changed.append(f"expert_loops={loops}")
+    elif record.get("native") is False and native_available():  # a record from before expert_loops
         os.environ["MOEKIT_NATIVE"] = "0"
         changed.append("native=off")
     mismatches = []
-    if native is True and not native_available():
+    if loops in ("tile", "mm", "portable") and kernel_record(dtype)["expert_loops"] != loops:
+        mismatches.append(f"its expert loops ({loops}) do not run here")
+    elif record.get("native") is True and not native_available():
         mismatches.append("the native kernel it used does not run here")
-    if record.get("workers") is not None and record["workers"] != workers_enabled():
-        mismatches.append(f"expert workers were {'on' if record['workers'] else 'off'}")
     if record.get("machine") not in (None, machine_key()):
         mismatches.append("it ran on another machine or torch version")
     if mismatches:

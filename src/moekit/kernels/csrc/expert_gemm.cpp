@@ -30,7 +30,8 @@
 //   moekit::combine_rows(rows, order, bounds, out): out[t] = sum of rows[order[bounds[t]:bounds[t+1]]].
 //   moekit::swiglu_into(h, out), moekit::swiglu_backward_into(h, grad, out): SwiGLU of
 //     h = [gate | up] and its gradient with respect to h, rows split over torch's threads.
-//   moekit::parallel_width(n): how many of torch's threads at::parallel_for gives n one-item tasks.
+//   (moekit::parallel_width and the same loops on torch's at::mm, for any CPU and dtype: expert_mm.cpp;
+//   the experts as tasks for torch's threads: expert_tasks.h.)
 // The Python side (moekit/kernels/native.py) checks the CPU, builds this file and probes it.
 //
 // Built with -fopenmp: without it, _OPENMP is undefined, ATen's parallel_for (ATen/ParallelOpenMP.h)
@@ -43,6 +44,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include "expert_tasks.h"
 
 #include <algorithm>
 #include <atomic>
@@ -62,6 +65,7 @@
 namespace {
 
 namespace S = moekit_simd;
+using namespace moekit_tasks;
 
 constexpr int kRowsPerTile = 6;
 // Output columns per panel: one register tile's width (AVX-512: 4 vectors of 16; AVX2: 2 of 8).
@@ -359,55 +363,6 @@ void mm_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
   const int64_t sbk = b.stride(0), sbn = (b.stride(1) == 1 || N == 1) ? 1 : b.stride(1);
   product(M, N, K, a.data_ptr<float>(), a.stride(0), a.stride(1), b.data_ptr<float>(), sbk, sbn,
           out.data_ptr<float>(), out.stride(0), prefetch);
-}
-
-// fn(i) for every task i in [0, count), in the given order, taken one at a time from a shared
-// counter by up to `threads` of torch's threads (the calling thread alone for 1).
-template <typename Fn>
-void take_tasks(int64_t count, int64_t threads, const Fn& fn) {
-  threads = std::max<int64_t>(1, std::min<int64_t>(threads, count));
-  if (threads == 1) {
-    for (int64_t i = 0; i < count; ++i) fn(i);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(i);
-  });
-}
-
-// The number of distinct threads at::parallel_for runs n one-item tasks on (static split).
-int64_t parallel_width(int64_t n) {
-  std::vector<char> seen(static_cast<size_t>(std::max<int64_t>(1, at::get_num_threads())), 0);
-  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
-    const int64_t id = at::get_thread_num();
-    if (id >= 0 && id < static_cast<int64_t>(seen.size())) seen[id] = 1;
-  });
-  return std::accumulate(seen.begin(), seen.end(), int64_t{0});
-}
-
-struct Task {
-  int64_t expert, start, stop;
-};
-
-// The tasks [n, 3] (expert, start row, stop row) as given, largest first: the last ones taken are
-// the shortest, so the threads finish together.
-std::vector<Task> tasks_of(const at::Tensor& tasks, const char* op) {
-  TORCH_CHECK(tasks.dim() == 2 && tasks.size(1) == 3 && tasks.scalar_type() == at::kLong && tasks.device().is_cpu(),
-              op, ": tasks must be an int64 CPU tensor [n, 3] of (expert, start, stop)");
-  const auto contiguous = tasks.contiguous();
-  const int64_t* t = contiguous.data_ptr<int64_t>();
-  std::vector<Task> out(tasks.size(0));
-  for (int64_t i = 0; i < tasks.size(0); ++i) out[i] = {t[3 * i], t[3 * i + 1], t[3 * i + 2]};
-  std::stable_sort(out.begin(), out.end(),
-                   [](const Task& a, const Task& b) { return a.stop - a.start > b.stop - b.start; });
-  return out;
-}
-
-void check_task(const Task& task, int64_t experts, int64_t rows, const char* op) {
-  TORCH_CHECK(task.expert >= 0 && task.expert < experts && task.start >= 0 && task.start <= task.stop &&
-                  task.stop <= rows,
-              op, ": task (", task.expert, ", ", task.start, ", ", task.stop, ") is out of range");
 }
 
 void check_rows(const at::Tensor& t, int64_t rows, int64_t cols, const char* op, const char* name) {
@@ -804,7 +759,6 @@ TORCH_LIBRARY(moekit, m) {
   m.impl("expert_swiglu_backward", c10::DispatchKey::CPU, TORCH_FN(expert_swiglu_backward));
   m.def("combine_rows(Tensor rows, Tensor order, Tensor bounds, Tensor(c!) out) -> ()");
   m.impl("combine_rows", c10::DispatchKey::CPU, TORCH_FN(combine_rows));
-  m.def("parallel_width(int n) -> int", TORCH_FN(parallel_width));
   m.def("swiglu_into(Tensor h, Tensor(c!) out) -> ()");
   m.impl("swiglu_into", c10::DispatchKey::CPU, TORCH_FN(swiglu_into));
   m.def("swiglu_backward_into(Tensor h, Tensor grad, Tensor(c!) out) -> ()");

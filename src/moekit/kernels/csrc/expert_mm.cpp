@@ -1,0 +1,340 @@
+// The expert loops of expert_gemm.cpp on torch's own matrix products: torch's threads take whole
+// experts, largest first, from a shared counter (expert_tasks.h), and each product is an at::mm
+// written into the caller's buffer (MKL or oneDNN, as torch picks for the dtype). For any floating
+// dtype and any x86 CPU: where moekit's AVX-512 tile kernel does not run (no AVX-512, bf16, fp16,
+// fp64) or was measured slower than torch's products (moekit/kernels/native.py).
+//
+// Registered in the moekit namespace (a fragment: expert_gemm.cpp registers the tile kernel's ops
+// where it is built for AVX-512), each with the signature of its tile-kernel twin:
+//   moekit::expert_products_mm(rows, weights, out, tasks, threads): out[s:t] = rows[s:t] @ weights[e]^T.
+//   moekit::expert_backward_pairs_mm(grad_rows, in_rows, weights, grad_weight?, grad_in, tasks, threads).
+//   moekit::expert_swiglu_forward_mm / expert_swiglu_backward_mm: SwiGLU experts whole.
+//   moekit::combine_rows_any(rows, order, bounds, out): out[t] = sum of rows[order[bounds[t]:bounds[t+1]]].
+//   moekit::parallel_width(n): how many of torch's threads at::parallel_for gives n one-item tasks.
+//
+// Threads: inside torch's parallel region every at::mm runs on the thread that took the expert
+// (OpenMP runs nested regions serially, and ATen's own parallel_for runs inline there). With
+// `threads` 1 (decode) the loop runs on the calling thread with OpenMP set to one thread for the
+// duration, so that tiny products do not hand off between threads; a single expert with more
+// threads asked is one at::mm threaded as torch threads it.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include "expert_tasks.h"
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#if !defined(_OPENMP)
+#error "moekit's expert loops must be compiled with -fopenmp (else at::parallel_for is serial)"
+#endif
+
+namespace {
+
+using namespace moekit_tasks;
+
+// This thread's OpenMP regions (MKL's, oneDNN's, ATen's) on one thread while it lives.
+struct OneOpenMPThread {
+  int previous = omp_get_max_threads();
+  OneOpenMPThread() { omp_set_num_threads(1); }
+  ~OneOpenMPThread() { omp_set_num_threads(previous); }
+};
+
+// fn(task, i) for every task, on `threads` of torch's threads (the calling thread alone, and
+// unthreaded products, for 1). Every at:: call inside skips autograd: the threads of the parallel
+// region have grad mode on, and the caller's autograd function owns the gradients.
+template <typename Fn>
+void for_each_task(const std::vector<Task>& work, int64_t threads, const Fn& fn) {
+  const auto run = [&](int64_t i) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    fn(work[i]);
+  };
+  const int64_t count = static_cast<int64_t>(work.size());
+  if (threads <= 1) {
+    OneOpenMPThread one;
+    for (int64_t i = 0; i < count; ++i) run(i);
+    return;
+  }
+  take_tasks(count, threads, run);
+}
+
+std::vector<Task> checked_tasks(const at::Tensor& tasks, int64_t experts, int64_t rows, const char* op) {
+  auto work = tasks_of(tasks, op);
+  for (const auto& task : work) check_task(task, experts, rows, op);
+  return work;
+}
+
+void check_rows(const at::Tensor& t, const at::Tensor& like, int64_t rows, int64_t cols, const char* op,
+                const char* name) {
+  TORCH_CHECK(t.scalar_type() == like.scalar_type() && t.device().is_cpu(), op, ": ", name, " must be a ",
+              like.scalar_type(), " CPU tensor");
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.stride(1) == 1, op, ": ", name, " must be [",
+              rows, ", ", cols, "] with unit column stride, got ", t.sizes());
+}
+
+void check_packed(const at::Tensor& w, const at::Tensor& like, const char* op, const char* name) {
+  TORCH_CHECK(w.scalar_type() == like.scalar_type() && w.device().is_cpu() && w.dim() == 3, op, ": ", name,
+              " must be a ", like.scalar_type(), " CPU tensor [E, n_out, n_in]");
+}
+
+void check_token(const at::Tensor& token, int64_t rows, int64_t num_tokens, const char* op) {
+  TORCH_CHECK(token.dim() == 1 && token.size(0) == rows && token.scalar_type() == at::kLong && token.is_contiguous() &&
+                  token.device().is_cpu(),
+              op, ": token must be a contiguous int64 CPU tensor [A]");
+  const int64_t* T = token.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(T[r] >= 0 && T[r] < num_tokens, op, ": token ", T[r], " out of range");
+}
+
+void check_scale(const at::Tensor& t, const at::Tensor& like, int64_t rows, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows && t.scalar_type() == like.scalar_type() && t.is_contiguous(), op,
+              ": ", name, " must be a contiguous [A] of the rows' dtype");
+}
+
+at::Tensor rows_of(const at::Tensor& t, const Task& task) { return t.narrow(0, task.start, task.stop - task.start); }
+
+// out[s:t] = rows[s:t] @ weights[e]^T for every task (e, s, t).
+void expert_products_mm(const at::Tensor& rows, const at::Tensor& weights, const at::Tensor& out,
+                        const at::Tensor& tasks, int64_t threads) {
+  const char* op = "moekit::expert_products_mm";
+  check_packed(weights, rows, op, "weights");
+  check_rows(rows, rows, rows.size(0), weights.size(2), op, "rows");
+  check_rows(out, rows, rows.size(0), weights.size(1), op, "out");
+  const auto work = checked_tasks(tasks, weights.size(0), rows.size(0), op);
+  for_each_task(work, threads, [&](const Task& task) {
+    auto target = rows_of(out, task);
+    at::mm_out(target, rows_of(rows, task), weights.select(0, task.expert).t());
+  });
+}
+
+// grad_weight[e] = grad_rows[s:t]^T @ in_rows[s:t] (if given) and grad_in[s:t] = grad_rows[s:t] @
+// weights[e] for every task (e, s, t).
+void expert_backward_pairs_mm(const at::Tensor& grad_rows, const at::Tensor& in_rows, const at::Tensor& weights,
+                              const std::optional<at::Tensor>& grad_weight, const at::Tensor& grad_in,
+                              const at::Tensor& tasks, int64_t threads) {
+  const char* op = "moekit::expert_backward_pairs_mm";
+  check_packed(weights, grad_rows, op, "weights");
+  const int64_t rows = grad_rows.size(0);
+  check_rows(grad_rows, grad_rows, rows, weights.size(1), op, "grad_rows");
+  check_rows(in_rows, grad_rows, rows, weights.size(2), op, "in_rows");
+  check_rows(grad_in, grad_rows, rows, weights.size(2), op, "grad_in");
+  if (grad_weight.has_value())
+    TORCH_CHECK(grad_weight->scalar_type() == grad_rows.scalar_type() && grad_weight->sizes() == weights.sizes(), op,
+                ": grad_weight must be shaped like weights, of the rows' dtype");
+  const auto work = checked_tasks(tasks, weights.size(0), rows, op);
+  for_each_task(work, threads, [&](const Task& task) {
+    const auto g = rows_of(grad_rows, task);
+    if (grad_weight.has_value()) {
+      auto target = grad_weight->select(0, task.expert);
+      at::mm_out(target, g.t(), rows_of(in_rows, task));
+    }
+    auto target = rows_of(grad_in, task);
+    at::mm_out(target, g, weights.select(0, task.expert));
+  });
+}
+
+void check_swiglu_weights(const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& like, int64_t d,
+                          const char* op) {
+  check_packed(w_in, like, op, "w_in");
+  check_packed(w_out, like, op, "w_out");
+  const int64_t ff = w_out.size(2);
+  TORCH_CHECK(w_in.size(1) == 2 * ff && w_in.size(2) == d && w_out.size(1) == d && w_in.size(0) == w_out.size(0), op,
+              ": w_in must be [E, 2 ff, d] and w_out [E, d, ff]");
+}
+
+// rows [s, t) of out = rows token[s:t] of x (the gather of an expert's rows), d columns.
+template <typename scalar_t>
+void gather_rows(const scalar_t* X, int64_t ldx, const int64_t* T, const Task& task, scalar_t* out, int64_t ldo,
+                 int64_t d) {
+  for (int64_t r = task.start; r < task.stop; ++r) std::copy(X + T[r] * ldx, X + T[r] * ldx + d, out + r * ldo);
+}
+
+template <typename acc_t>
+inline acc_t sigmoid(acc_t g) {
+  return acc_t(1) / (acc_t(1) + std::exp(-g));
+}
+
+// SwiGLU experts whole, the routing weight on their output (expert_gemm.cpp's
+// expert_swiglu_forward): for every task (e, s, t), xs = x[token[s:t]], h = xs @ w_in[e]^T,
+// a = silu(gate) * up for h = [gate | up] (Shazeer 2020), a_in = a * scale[s:t],
+// ys = a_in @ w_out[e]^T. Only the products are torch calls: the gather and the activation are
+// loops here, so that a decode step's many small experts pay no per-op dispatch for them.
+void expert_swiglu_forward_mm(const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
+                              const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& xs,
+                              const at::Tensor& h, const at::Tensor& a, const at::Tensor& a_in, const at::Tensor& ys,
+                              const at::Tensor& tasks, int64_t threads) {
+  const char* op = "moekit::expert_swiglu_forward_mm";
+  const int64_t d = x.size(1), rows = token.size(0);
+  check_swiglu_weights(w_in, w_out, x, d, op);
+  const int64_t ff = w_out.size(2);
+  check_token(token, rows, x.size(0), op);
+  check_rows(x, x, x.size(0), d, op, "x");
+  check_rows(xs, x, rows, d, op, "xs");
+  check_rows(h, x, rows, 2 * ff, op, "h");
+  check_rows(a, x, rows, ff, op, "a");
+  check_rows(a_in, x, rows, ff, op, "a_in");
+  check_rows(ys, x, rows, d, op, "ys");
+  check_scale(scale, x, rows, op, "scale");
+  const auto work = checked_tasks(tasks, w_in.size(0), rows, op);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "expert_swiglu_forward_mm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t* T = token.data_ptr<int64_t>();
+    const scalar_t *X = x.data_ptr<scalar_t>(), *S = scale.data_ptr<scalar_t>();
+    scalar_t *XS = xs.data_ptr<scalar_t>(), *H = h.data_ptr<scalar_t>(), *A = a.data_ptr<scalar_t>();
+    scalar_t* AI = a_in.data_ptr<scalar_t>();
+    const int64_t ldx = x.stride(0), ldxs = xs.stride(0), ldh = h.stride(0), lda = a.stride(0), ldai = a_in.stride(0);
+    for_each_task(work, threads, [&](const Task& task) {
+      auto xs_e = rows_of(xs, task), h_e = rows_of(h, task), ys_e = rows_of(ys, task);
+      gather_rows(X, ldx, T, task, XS, ldxs, d);
+      at::mm_out(h_e, xs_e, w_in.select(0, task.expert).t());
+      for (int64_t r = task.start; r < task.stop; ++r) {
+        const scalar_t *gate = H + r * ldh, *up = gate + ff;
+        const acc_t sc = static_cast<acc_t>(S[r]);
+        for (int64_t j = 0; j < ff; ++j) {
+          const acc_t g = static_cast<acc_t>(gate[j]);
+          const acc_t value = g * sigmoid(g) * static_cast<acc_t>(up[j]);
+          A[r * lda + j] = static_cast<scalar_t>(value);
+          AI[r * ldai + j] = static_cast<scalar_t>(value * sc);
+        }
+      }
+      at::mm_out(ys_e, rows_of(a_in, task), w_out.select(0, task.expert).t());
+    });
+  });
+}
+
+// The backward of expert_swiglu_forward_mm (expert_gemm.cpp's expert_swiglu_backward): the packed
+// weight gradients (where given), grad_scale[r] = <grad of a_in, a> (the routing weight's
+// gradient), and the gathered rows' gradient grad_xs; grad_ys, grad_a and grad_h are work space.
+// d gate = d a * up * s * (1 + gate * (1 - s)), d up = d a * gate * s, s = sigmoid(gate).
+void expert_swiglu_backward_mm(const at::Tensor& grad_out, const at::Tensor& token, const at::Tensor& scale,
+                               const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& xs,
+                               const at::Tensor& h, const at::Tensor& a, const at::Tensor& a_in,
+                               const std::optional<at::Tensor>& grad_w_in,
+                               const std::optional<at::Tensor>& grad_w_out, const at::Tensor& grad_scale,
+                               const at::Tensor& grad_ys, const at::Tensor& grad_a, const at::Tensor& grad_h,
+                               const at::Tensor& grad_xs, const at::Tensor& tasks, int64_t threads) {
+  const char* op = "moekit::expert_swiglu_backward_mm";
+  const int64_t d = grad_out.size(1), rows = token.size(0);
+  check_swiglu_weights(w_in, w_out, grad_out, d, op);
+  const int64_t ff = w_out.size(2);
+  check_token(token, rows, grad_out.size(0), op);
+  check_rows(grad_out, grad_out, grad_out.size(0), d, op, "grad_out");
+  for (const auto* t : {&xs, &grad_ys, &grad_xs}) check_rows(*t, grad_out, rows, d, op, "xs, grad_ys and grad_xs");
+  for (const auto* t : {&h, &grad_h}) check_rows(*t, grad_out, rows, 2 * ff, op, "h and grad_h");
+  for (const auto* t : {&a, &a_in, &grad_a}) check_rows(*t, grad_out, rows, ff, op, "a, a_in and grad_a");
+  check_scale(scale, grad_out, rows, op, "scale");
+  check_scale(grad_scale, grad_out, rows, op, "grad_scale");
+  if (grad_w_in.has_value())
+    TORCH_CHECK(grad_w_in->sizes() == w_in.sizes() && grad_w_in->scalar_type() == w_in.scalar_type(), op,
+                ": grad_w_in must be shaped like w_in");
+  if (grad_w_out.has_value())
+    TORCH_CHECK(grad_w_out->sizes() == w_out.sizes() && grad_w_out->scalar_type() == w_out.scalar_type(), op,
+                ": grad_w_out must be shaped like w_out");
+  const auto work = checked_tasks(tasks, w_in.size(0), rows, op);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "expert_swiglu_backward_mm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t* T = token.data_ptr<int64_t>();
+    const scalar_t *G = grad_out.data_ptr<scalar_t>(), *S = scale.data_ptr<scalar_t>();
+    const scalar_t *H = h.data_ptr<scalar_t>(), *A = a.data_ptr<scalar_t>();
+    scalar_t *GY = grad_ys.data_ptr<scalar_t>(), *GA = grad_a.data_ptr<scalar_t>(), *GH = grad_h.data_ptr<scalar_t>();
+    scalar_t* GS = grad_scale.data_ptr<scalar_t>();
+    const int64_t ldg = grad_out.stride(0), ldgy = grad_ys.stride(0), ldga = grad_a.stride(0), ldgh = grad_h.stride(0);
+    const int64_t ldh = h.stride(0), lda = a.stride(0);
+    for_each_task(work, threads, [&](const Task& task) {
+      auto gy = rows_of(grad_ys, task), ga = rows_of(grad_a, task), gh = rows_of(grad_h, task);
+      auto gx = rows_of(grad_xs, task);
+      gather_rows(G, ldg, T, task, GY, ldgy, d);
+      if (grad_w_out.has_value()) {
+        auto target = grad_w_out->select(0, task.expert);
+        at::mm_out(target, gy.t(), rows_of(a_in, task));
+      }
+      at::mm_out(ga, gy, w_out.select(0, task.expert));  // the gradient of a_in
+      for (int64_t r = task.start; r < task.stop; ++r) {
+        const scalar_t *gr = GA + r * ldga, *ar = A + r * lda, *gate = H + r * ldh, *up = gate + ff;
+        scalar_t* out = GH + r * ldgh;
+        acc_t dot = 0;
+        for (int64_t j = 0; j < ff; ++j) dot += static_cast<acc_t>(gr[j]) * static_cast<acc_t>(ar[j]);
+        GS[r] = static_cast<scalar_t>(dot);
+        const acc_t sc = static_cast<acc_t>(S[r]);
+        for (int64_t j = 0; j < ff; ++j) {
+          const acc_t da = static_cast<acc_t>(gr[j]) * sc, g = static_cast<acc_t>(gate[j]);
+          const acc_t sg = sigmoid(g);
+          out[j] = static_cast<scalar_t>(da * static_cast<acc_t>(up[j]) * sg * (acc_t(1) + g * (acc_t(1) - sg)));
+          out[ff + j] = static_cast<scalar_t>(da * g * sg);
+        }
+      }
+      if (grad_w_in.has_value()) {
+        auto target = grad_w_in->select(0, task.expert);
+        at::mm_out(target, gh.t(), rows_of(xs, task));
+      }
+      at::mm_out(gx, gh, w_in.select(0, task.expert));
+    });
+  });
+}
+
+// out[t] = sum of rows[order[i]] for i in [bounds[t], bounds[t+1]), in that order, accumulated in
+// the dtype's op-math type (fp32 for bf16/fp16); tokens split over torch's threads, each token's sum
+// one thread's (torch's index_add_ on the CPU was 4-8x slower on two threads: BENCHMARKS.md §13).
+void combine_rows_any(const at::Tensor& rows, const at::Tensor& order, const at::Tensor& bounds,
+                      const at::Tensor& out) {
+  const char* op = "moekit::combine_rows_any";
+  const int64_t cols = rows.size(1), tokens = out.size(0), count = rows.size(0);
+  check_rows(rows, rows, count, cols, op, "rows");
+  check_rows(out, rows, tokens, cols, op, "out");
+  TORCH_CHECK(order.dim() == 1 && order.scalar_type() == at::kLong && order.is_contiguous() && order.size(0) == count,
+              op, ": order must be a contiguous int64 [A]");
+  TORCH_CHECK(bounds.dim() == 1 && bounds.scalar_type() == at::kLong && bounds.is_contiguous() &&
+                  bounds.size(0) == tokens + 1,
+              op, ": bounds must be a contiguous int64 [T + 1]");
+  const int64_t* O = order.data_ptr<int64_t>();
+  const int64_t* B = bounds.data_ptr<int64_t>();
+  TORCH_CHECK(B[0] == 0 && B[tokens] == count, op, ": bounds must run from 0 to A");
+  for (int64_t i = 0; i < count; ++i) TORCH_CHECK(O[i] >= 0 && O[i] < count, op, ": order holds ", O[i], ", out of range");
+  const int64_t ldr = rows.stride(0), ldy = out.stride(0);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 13) / std::max<int64_t>(1, cols));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "combine_rows_any", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* R = rows.data_ptr<scalar_t>();
+    scalar_t* Y = out.data_ptr<scalar_t>();
+    at::parallel_for(0, tokens, grain, [&](int64_t first, int64_t last) {
+      std::vector<acc_t> acc(cols);
+      for (int64_t t = first; t < last; ++t) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t i = B[t]; i < B[t + 1]; ++i) {
+          const scalar_t* row = R + O[i] * ldr;
+          for (int64_t j = 0; j < cols; ++j) acc[j] += static_cast<acc_t>(row[j]);
+        }
+        for (int64_t j = 0; j < cols; ++j) Y[t * ldy + j] = static_cast<scalar_t>(acc[j]);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(moekit, m) {
+  m.def("parallel_width(int n) -> int", TORCH_FN(parallel_width));
+  m.def("expert_products_mm(Tensor rows, Tensor weights, Tensor(c!) out, Tensor tasks, int threads) -> ()");
+  m.impl("expert_products_mm", c10::DispatchKey::CPU, TORCH_FN(expert_products_mm));
+  m.def(
+      "expert_backward_pairs_mm(Tensor grad_rows, Tensor in_rows, Tensor weights, Tensor(c!)? grad_weight, "
+      "Tensor(d!) grad_in, Tensor tasks, int threads) -> ()");
+  m.impl("expert_backward_pairs_mm", c10::DispatchKey::CPU, TORCH_FN(expert_backward_pairs_mm));
+  m.def(
+      "expert_swiglu_forward_mm(Tensor x, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, Tensor(a!) xs, "
+      "Tensor(b!) h, Tensor(c!) a, Tensor(d!) a_in, Tensor(e!) ys, Tensor tasks, int threads) -> ()");
+  m.impl("expert_swiglu_forward_mm", c10::DispatchKey::CPU, TORCH_FN(expert_swiglu_forward_mm));
+  m.def(
+      "expert_swiglu_backward_mm(Tensor grad_out, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, Tensor xs, "
+      "Tensor h, Tensor a, Tensor a_in, Tensor(a!)? grad_w_in, Tensor(b!)? grad_w_out, Tensor(c!) grad_scale, "
+      "Tensor(d!) grad_ys, Tensor(e!) grad_a, Tensor(f!) grad_h, Tensor(g!) grad_xs, Tensor tasks, int threads) -> ()");
+  m.impl("expert_swiglu_backward_mm", c10::DispatchKey::CPU, TORCH_FN(expert_swiglu_backward_mm));
+  m.def("combine_rows_any(Tensor rows, Tensor order, Tensor bounds, Tensor(c!) out) -> ()");
+  m.impl("combine_rows_any", c10::DispatchKey::CPU, TORCH_FN(combine_rows_any));
+}

@@ -1,0 +1,71 @@
+// The experts as tasks for torch's threads, shared by both kernels of the expert loops
+// (expert_gemm.cpp: moekit's AVX-512 tile kernel; expert_mm.cpp: torch's at::mm).
+//
+// A task is one expert and its rows (expert, start, stop) of an expert-sorted buffer. Threads take
+// whole tasks, one at a time, largest first, from a shared counter: a thread that finishes early,
+// or was slowed by other work on its core, leaves the rest to the others, and each expert is
+// computed by one thread in one way, so results do not depend on which thread took it.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+namespace moekit_tasks {
+
+// fn(i) for every task i in [0, count), in the given order, taken one at a time from a shared
+// counter by up to `threads` of torch's threads (the calling thread alone for 1).
+template <typename Fn>
+void take_tasks(int64_t count, int64_t threads, const Fn& fn) {
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, count));
+  if (threads == 1) {
+    for (int64_t i = 0; i < count; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(i);
+  });
+}
+
+// The number of distinct threads at::parallel_for runs n one-item tasks on (static split).
+inline int64_t parallel_width(int64_t n) {
+  std::vector<char> seen(static_cast<size_t>(std::max<int64_t>(1, at::get_num_threads())), 0);
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int64_t id = at::get_thread_num();
+    if (id >= 0 && id < static_cast<int64_t>(seen.size())) seen[id] = 1;
+  });
+  return std::accumulate(seen.begin(), seen.end(), int64_t{0});
+}
+
+struct Task {
+  int64_t expert, start, stop;
+};
+
+// The tasks [n, 3] (expert, start row, stop row) as given, largest first: the last ones taken are
+// the shortest, so the threads finish together.
+inline std::vector<Task> tasks_of(const at::Tensor& tasks, const char* op) {
+  TORCH_CHECK(tasks.dim() == 2 && tasks.size(1) == 3 && tasks.scalar_type() == at::kLong && tasks.device().is_cpu(),
+              op, ": tasks must be an int64 CPU tensor [n, 3] of (expert, start, stop)");
+  const auto contiguous = tasks.contiguous();
+  const int64_t* t = contiguous.data_ptr<int64_t>();
+  std::vector<Task> out(tasks.size(0));
+  for (int64_t i = 0; i < tasks.size(0); ++i) out[i] = {t[3 * i], t[3 * i + 1], t[3 * i + 2]};
+  std::stable_sort(out.begin(), out.end(),
+                   [](const Task& a, const Task& b) { return a.stop - a.start > b.stop - b.start; });
+  return out;
+}
+
+inline void check_task(const Task& task, int64_t experts, int64_t rows, const char* op) {
+  TORCH_CHECK(task.expert >= 0 && task.expert < experts && task.start >= 0 && task.start <= task.stop &&
+                  task.stop <= rows,
+              op, ": task (", task.expert, ", ", task.start, ", ", task.stop, ") is out of range");
+}
+
+}  // namespace moekit_tasks
