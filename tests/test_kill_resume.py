@@ -223,3 +223,17 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, seed, late
     events = [r for r in events if "event" in r]
     assert events[0]["event"] == "start" and all(e["event"] == "resume" for e in events[1:])
     assert all(e["kernels"]["gemm"] == events[0]["kernels"]["gemm"] for e in events)
+
+
+def test_stale_writes_of_a_killed_checkpoint_are_removed_and_the_last_good_copy_kept(tmp_path):
+    """What a kill can leave mid-write: a temporary checkpoint directory, the temporary file of the
+    `latest` pointer's atomic write, and a `.old` copy whose replacement never arrived."""
+    from moekit.train.checkpoint import remove_stale_writes
+
+    (tmp_path / ".step-000006.abc123").mkdir()
+    (tmp_path / ".latest.x1y2z3.tmp").write_text("step-000006")
+    (tmp_path / ".step-000004.old").mkdir()
+    (tmp_path / "step-000002").mkdir()
+    (tmp_path / "latest").write_text("step-000002")
+    remove_stale_writes(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000002", "step-000004"]

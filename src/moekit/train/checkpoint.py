@@ -57,11 +57,15 @@ def file_sha256(path: Path) -> str:
 
 def remove_stale_writes(parent: Path) -> None:
     """Remove what an interrupted `write_checkpoint` left in `parent`: temporary directories
-    (`.<name>.<random>`), and a `.<name>.old` whose new version is in place; a `.<name>.old`
-    whose new version never arrived is renamed back, since it is the last good copy."""
+    (`.<name>.<random>`), temporary files of an atomic write (`.<name>.<random>.tmp`, e.g. of the
+    `latest` pointer), and a `.<name>.old` whose new version is in place; a `.<name>.old` whose
+    new version never arrived is renamed back, since it is the last good copy."""
     if not parent.is_dir():
         return
     for entry in parent.iterdir():
+        if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
+            entry.unlink(missing_ok=True)
+            continue
         if not (entry.name.startswith(".") and entry.is_dir()):
             continue
         if entry.name.endswith(".old"):
