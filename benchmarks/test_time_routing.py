@@ -359,6 +359,9 @@ RUNS: dict[str, list[str]] = {
         "--odp-importance",
         "position",
     ],
+    # the paper's rule as written: the prompt's last token, whose output is the first answer
+    # token's distribution, may be skipped too (by default it is spared)
+    "odp-b-0.2-skip-last": [*ODP_IMPORTANCE, "0", "--odp-skip-fraction", "0.2", "--odp-skip-last-token"],
     "odp-0.25-b-0.1": [*ODP_IMPORTANCE, "0.25", "--odp-skip-fraction", "0.1"],
     "odp-0.25-b-0.2": [*ODP_IMPORTANCE, "0.25", "--odp-skip-fraction", "0.2"],
     "odp-0.5-b-0.1": [*ODP_IMPORTANCE, "0.5", "--odp-skip-fraction", "0.1"],

@@ -143,6 +143,16 @@ def test_generate_takes_the_odp_options_and_prunes_the_prompt(tmp_path):
     overrides = odp_overrides(0.0, skip_fraction=0.5, protect_fraction=0.1, importance="position")
     expected = generate(model, torch.tensor([result["prompt_ids"]]), max_new_tokens=3, overrides=overrides)
     assert result["output_ids"] == expected[0].tolist()
+    assert result["odp"]["spare_last_token"] is True
+    # the paper's literal rule, where the prompt's last token may skip its experts too
+    literal = tmp_path / "literal.json"
+    assert main([*args, *odp, "--odp-skip-last-token", "--quiet", "--json", str(literal)]) == 0
+    assert json.loads(literal.read_text())["odp"]["spare_last_token"] is False
+    overrides = odp_overrides(
+        0.0, skip_fraction=0.5, protect_fraction=0.1, importance="position", spare_last_token=False
+    )
+    expected = generate(model, torch.tensor([result["prompt_ids"]]), max_new_tokens=3, overrides=overrides)
+    assert json.loads(literal.read_text())["output_ids"] == expected[0].tolist()
     assert main([*args, "--quiet", "--json", str(tmp_path / "plain.json")]) == 0
     assert "odp" not in json.loads((tmp_path / "plain.json").read_text())
 

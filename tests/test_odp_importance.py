@@ -109,23 +109,40 @@ def test_released_importance_is_the_norm_over_the_attending_positions():
     st.integers(0, 4),
     st.floats(0, 1),
     st.floats(0, 1),
+    st.booleans(),
 )
-@settings(max_examples=60, deadline=None)
-def test_importance_split_takes_the_lowest_and_highest_real_tokens(values, padding, low, high):
+@settings(max_examples=80, deadline=None)
+def test_importance_split_takes_the_lowest_and_highest_real_tokens(values, padding, low, high, spare_last):
     padding = min(padding, len(values) - 1)
     importance = torch.tensor([values])
     mask = torch.ones(1, len(values), dtype=torch.bool)
     mask[0, :padding] = False
-    skip, protect = importance_split(importance, mask, low, high)
+    skip, protect = importance_split(importance, mask, low, high, spare_last_token=spare_last)
+    skip, protect, importance = skip[0], protect[0], importance[0]
     n = len(values) - padding
-    assert not (skip | protect)[~mask].any() and not (skip & protect).any()
+    wanted = min(int(low * n), n - 1) if spare_last else int(low * n)
+    assert not (skip | protect)[~mask[0]].any() and not (skip & protect).any()
     assert int(protect.sum()) == int(high * n)  # τ_h·n most important, τ_l·n least, per sequence
-    assert int(low * n) - int(high * n) <= int(skip.sum()) <= int(low * n)  # protection wins
-    rest = mask & ~skip & ~protect
+    assert wanted - int(high * n) <= int(skip.sum()) <= wanted  # protection wins
+    if spare_last:
+        assert not skip[-1]  # the last token's output is the next token's distribution
+    candidates = mask[0].clone()
+    if spare_last:
+        candidates[-1] = False
+    rest = candidates & ~skip & ~protect
     if skip.any() and rest.any():
         assert importance[skip].max() <= importance[rest].min()
-    if protect.any() and (mask & ~protect).any():
-        assert importance[protect].min() >= importance[mask & ~protect].max()
+    if protect.any() and (mask[0] & ~protect).any():
+        assert importance[protect].min() >= importance[mask[0] & ~protect].max()
+
+
+def test_the_last_prompt_token_is_spared_unless_asked():
+    importance = torch.tensor([[5.0, 4.0, 3.0, 0.0], [9.0, 2.0, 1.0, 0.5]])
+    mask = torch.tensor([[True] * 4, [False, True, True, True]])  # the second row left-padded
+    spared, _ = importance_split(importance, mask, 0.5, 0.0)
+    assert spared.tolist() == [[False, True, True, False], [False, False, True, False]]
+    literal, _ = importance_split(importance, mask, 0.5, 0.0, spare_last_token=False)
+    assert literal.tolist() == [[False, False, True, True], [False, False, False, True]]
 
 
 def prompt(model, rows=2, length=10, seed=0):

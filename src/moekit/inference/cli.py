@@ -244,6 +244,7 @@ def main(args: argparse.Namespace) -> int:
             "protect_fraction": args.odp_protect_fraction,
             "skipped_top_k": args.odp_skipped_top_k,
             "importance": args.odp_importance,
+            "spare_last_token": not args.odp_skip_last_token,
         }
     if args.json is not None:
         write_json_atomic(args.json, result)

@@ -89,22 +89,37 @@ def released_importance(hidden: Tensor, token_mask: Tensor) -> Tensor:
 
 
 def importance_split(
-    importance: Tensor, token_mask: Tensor, skip_fraction: float, protect_fraction: float
+    importance: Tensor,
+    token_mask: Tensor,
+    skip_fraction: float,
+    protect_fraction: float,
+    spare_last_token: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """(skip, protect) bool [B, S]: per row of n real tokens, the int(skip_fraction·n) least
     important and the int(protect_fraction·n) most important (MC-MoE's τ_l and τ_h); a token in
-    both is protected, as in MC-MoE's code. Padding is in neither."""
+    both is protected, as in MC-MoE's code. Padding is in neither.
+
+    `spare_last_token`: the last real token of a row is never among the skipped (the next least
+    important one is). Its output is the distribution of the first generated token; the paper
+    scores perplexity, where no position is special, and leaves this open. With the attention
+    score the last token is the one most likely to be skipped, since only it attends to itself."""
     real = token_mask.to(torch.bool)
     skip = torch.zeros_like(real)
     protect = torch.zeros_like(real)
     counts = real.sum(-1).tolist()
+    positions = torch.arange(real.shape[-1], device=real.device)
     for row, n in enumerate(counts):
         low, high = int(skip_fraction * n), int(protect_fraction * n)
+        if spare_last_token:
+            low = min(low, n - 1)
         if not (low or high):
             continue
         values = importance[row].float()
         if low:
-            order = values.masked_fill(~real[row], float("inf")).argsort(stable=True)
+            skippable = real[row]
+            if spare_last_token:
+                skippable = skippable & (positions != positions.masked_fill(~real[row], -1).max())
+            order = values.masked_fill(~skippable, float("inf")).argsort(stable=True)
             skip[row, order[:low]] = True
         if high:
             order = values.masked_fill(~real[row], float("-inf")).argsort(descending=True, stable=True)

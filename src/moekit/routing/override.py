@@ -87,7 +87,9 @@ class RoutingOverride:
       pruning (`min_weight_ratio` spares them). `importance`: "attention" (the paper's score,
       from the block's attention probabilities) or "position" (the released code's, no
       attention needed; also where an attention path gives no probabilities). One-token
-      decoding steps have no importance and are left alone.
+      decoding steps have no importance and are left alone. `spare_last_token` (default True)
+      never skips a sequence's last token, whose output is the next token's distribution
+      (`moekit.routing.importance.importance_split`); False is the paper's rule as written.
     - `where`: bool, broadcastable to the layer input's leading shape ([B, S] or [S]); tokens
       outside keep the router's own routing. None = every token.
     """
@@ -105,6 +107,7 @@ class RoutingOverride:
     protect_fraction: float | None = None
     skipped_top_k: int = 0
     importance: str = "attention"
+    spare_last_token: bool = True
 
     def __post_init__(self) -> None:
         if self.top_k is not None and (
@@ -425,6 +428,7 @@ def _importance_split(
         routing.token_mask.reshape(rows),
         override.skip_fraction or 0.0,
         override.protect_fraction or 0.0,
+        override.spare_last_token,
     )
     return skip.reshape(-1), protect.reshape(-1)
 

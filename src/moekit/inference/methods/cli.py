@@ -122,6 +122,12 @@ def add_odp_arguments(parser: argparse.ArgumentParser, threshold: float | None) 
         help="token importance: the attention each token receives x its L1 norm (the paper), or "
         "its L1 norm over the positions attending to it (the released code; needs no attention)",
     )
+    group.add_argument(
+        "--odp-skip-last-token",
+        action="store_true",
+        help="let the last prompt token skip its experts too (the paper's rule as written; by "
+        "default it never does, since its output is the first new token's distribution)",
+    )
 
 
 def odp_from_arguments(args: argparse.Namespace) -> Any:
@@ -138,6 +144,7 @@ def odp_from_arguments(args: argparse.Namespace) -> Any:
             protect_fraction=args.odp_protect_fraction,
             skipped_top_k=args.odp_skipped_top_k,
             importance=args.odp_importance,
+            spare_last_token=not args.odp_skip_last_token,
         )
     except ConfigError as exc:
         raise MoekitError(f"--odp-{exc.field.replace('_', '-')}: {str(exc).split(': ', 1)[1]}") from None
@@ -188,6 +195,7 @@ def main(args: argparse.Namespace) -> int:
         odp_protect_fraction=args.odp_protect_fraction,
         odp_skipped_top_k=args.odp_skipped_top_k,
         odp_importance=args.odp_importance,
+        odp_spare_last_token=not args.odp_skip_last_token,
         des_samples=args.samples,
         des_k_values=k_values,
         des_temperature=args.temperature,

@@ -27,6 +27,7 @@ def odp_overrides(
     protect_fraction: float = 0.0,
     skipped_top_k: int = 0,
     importance: str = "attention",
+    spare_last_token: bool = True,
 ) -> Overrides:
     """Overrides pruning in `layers` (None = every MoE layer) at weight ratio `threshold` and, with
     a non-zero `skip_fraction` or `protect_fraction`, by token importance (see the module). A bad
@@ -38,6 +39,7 @@ def odp_overrides(
             protect_fraction=protect_fraction or None,
             skipped_top_k=skipped_top_k,
             importance=importance,
+            spare_last_token=spare_last_token,
         )
     except ConfigError as exc:
         name = exc.field.removeprefix("override.")

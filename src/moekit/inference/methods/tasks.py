@@ -123,6 +123,7 @@ class MethodSettings:
     odp_protect_fraction: float = 0.0  # τ_h: the most important tokens are spared any pruning
     odp_skipped_top_k: int = 0  # experts a skipped token keeps (0: none, the paper's rule)
     odp_importance: str = "attention"  # or "position" (the released code's score)
+    odp_spare_last_token: bool = True  # the prompt's last token is never skipped (see importance_split)
     des_samples: int = 8
     des_k_values: Sequence[int] | None = None  # None: the model's k and its neighbours
     des_temperature: float = 1.0
@@ -333,6 +334,7 @@ def evaluate_method(
                     protect_fraction=settings.odp_protect_fraction,
                     skipped_top_k=settings.odp_skipped_top_k,
                     importance=settings.odp_importance,
+                    spare_last_token=settings.odp_spare_last_token,
                 )
                 overrides = _with_capture(odp, plain)
             elif method == "premoe":
