@@ -6,8 +6,16 @@
 `tiny` is moekit's tiny random Qwen3-MoE; `large` is a random Qwen3-MoE-shaped model of ~1 GB in
 fp32 (64 fine-grained experts of 1024 x 384, top-8, 3 layers, vocab 16k). Both sides load one saved
 checkpoint; transformers runs each of its experts implementations (eager, grouped_mm, batched_mm).
-Decode tokens/s is measured as batch x (N - 1) / (time to generate N tokens - time to generate 1),
-so prefill is left out; contenders run interleaved round by round, medians reported.
+Decode tokens/s is batch x (N - 1) / (time from the first new token to the N-th), each token's
+arrival stamped as it comes (moekit's `stream`, transformers' streamer protocol), so prefill is left
+out. (A difference of two runs, N tokens minus 1, gave negative rates where the prefill's time
+varied more than the decode took.) Contenders run interleaved round by round after three warm-up
+rounds (transformers' first calls are many times slower), medians reported.
+
+Both engines run under OpenMP's own defaults: moekit's `tune_cpu_runtime` (a short
+`GOMP_SPINCOUNT`) is not applied here, since it made every parallel region of transformers' decode
+wake sleeping threads and cut its tiny-model decode to a quarter (BENCHMARKS.md §8), which would
+flatter moekit; set `GOMP_SPINCOUNT` yourself to compare under another setting (it is recorded).
 
 The physical limit at batch 1: a decoded token must read the dense weights once (attention,
 norms, routers, the output head) and its top-k experts in every MoE layer; divided by the memory
@@ -19,22 +27,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from moekit.runtime import keep_freed_memory, tune_cpu_runtime
+import torch
 
-tune_cpu_runtime()  # as `moekit generate` does, before torch is imported (both sides run under it)
-
-import torch  # noqa: E402
-
-from moekit.bench.timing import interleaved_medians  # noqa: E402
-from moekit.inference.generate import generate  # noqa: E402
-from moekit.interop.hf import from_hf  # noqa: E402
-from moekit.interop.tiny import randomize_, tiny_config  # noqa: E402
+from moekit.bench.machine import cpu_description
+from moekit.bench.timing import interleaved_medians
+from moekit.inference.generate import stream
+from moekit.interop.hf import from_hf
+from moekit.interop.tiny import randomize_, tiny_config
+from moekit.runtime import keep_freed_memory
 
 LARGE = dict(
     vocab_size=16384,
@@ -92,6 +97,30 @@ def bytes_per_token(model) -> int:
     return total
 
 
+class TokenClock:
+    """A transformers streamer that stamps each new token's arrival: `generate` puts the prompt
+    first, then each step's tokens."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if self._prompt_seen:
+            self.arrivals.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def decode_seconds(arrivals: list[float], new_tokens: int) -> float:
+    """Seconds from the first new token to the last: the N - 1 decode steps, prefill left out."""
+    if len(arrivals) != new_tokens:
+        raise SystemExit(f"expected {new_tokens} new tokens, got {len(arrivals)} (an early stop?)")
+    return arrivals[-1] - arrivals[0]
+
+
 def run(kind: str, batches: list[int], new_tokens: int, prompt: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         hf, ours = build(kind, Path(tmp))
@@ -102,40 +131,34 @@ def run(kind: str, batches: list[int], new_tokens: int, prompt: int, repeats: in
         ids = torch.randint(3, vocab, (batch, prompt), generator=torch.Generator().manual_seed(batch))
         mask = torch.ones_like(ids)
 
-        def moekit_step(n: int, ids=ids, mask=mask):
-            def step() -> float:
-                start = time.perf_counter()
-                generate(ours, ids, mask, max_new_tokens=n)
-                return time.perf_counter() - start
+        def moekit_step(ids=ids, mask=mask) -> float:
+            arrivals = [time.perf_counter() for _ in stream(ours, ids, mask, max_new_tokens=new_tokens)]
+            return decode_seconds(arrivals, new_tokens)
 
-            return step
-
-        def hf_step(implementation: str, n: int, ids=ids, mask=mask):
+        def hf_step(implementation: str, ids=ids, mask=mask):
             def step() -> float:
                 hf.set_experts_implementation(implementation)
-                start = time.perf_counter()
+                clock = TokenClock()
                 with torch.no_grad():
                     hf.generate(
                         input_ids=ids,
                         attention_mask=mask,
-                        max_new_tokens=n,
-                        min_new_tokens=n,
+                        max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens,
                         do_sample=False,
+                        streamer=clock,
                     )
-                return time.perf_counter() - start
+                return decode_seconds(clock.arrivals, new_tokens)
 
             return step
 
-        steps = {}
-        for n in (1, new_tokens):
-            steps[f"moekit/{n}"] = moekit_step(n)
-            for implementation in implementations:
-                steps[f"hf_{implementation}/{n}"] = hf_step(implementation, n)
-        medians = interleaved_medians(steps, repeats=repeats, warmup=1)
+        steps = {"moekit": moekit_step}
+        for implementation in implementations:
+            steps[f"hf_{implementation}"] = hf_step(implementation)
+        medians = interleaved_medians(steps, repeats=repeats, warmup=3)
         row = {"batch": batch}
-        for name in ["moekit"] + [f"hf_{i}" for i in implementations]:
-            decode = medians[f"{name}/{new_tokens}"] - medians[f"{name}/1"]
-            row[name] = batch * (new_tokens - 1) / decode
+        for name in steps:
+            row[name] = batch * (new_tokens - 1) / medians[name]
         row["fastest_hf"] = max(implementations, key=lambda i: row[f"hf_{i}"])
         row["speedup_vs_fastest_hf"] = row["moekit"] / row[f"hf_{row['fastest_hf']}"]
         results["rows"].append(row)
@@ -158,10 +181,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error("--new-tokens: expected at least 2 (decode speed is timed between new tokens)")
     keep_freed_memory()
     results = run(args.model, args.batch, args.new_tokens, args.prompt, args.repeats)
-    results["cpu"] = platform.processor() or "unknown"
+    results["cpu"] = cpu_description()
     results["threads"] = torch.get_num_threads()
+    results["gomp_spincount"] = os.environ.get("GOMP_SPINCOUNT", "libgomp default")
     results["load"] = os.getloadavg()
     print(json.dumps({k: v for k, v in results.items() if k != "rows"}, indent=1))
     if args.out is not None:
