@@ -12,10 +12,12 @@ out. (A difference of two runs, N tokens minus 1, gave negative rates where the 
 varied more than the decode took.) Contenders run interleaved round by round after three warm-up
 rounds (transformers' first calls are many times slower), medians reported.
 
-Both engines run under OpenMP's own defaults: moekit's `tune_cpu_runtime` (a short
-`GOMP_SPINCOUNT`) is not applied here, since it made every parallel region of transformers' decode
-wake sleeping threads and cut its tiny-model decode to a quarter (BENCHMARKS.md §8), which would
-flatter moekit; set `GOMP_SPINCOUNT` yourself to compare under another setting (it is recorded).
+Both engines run under OpenMP's own defaults, as transformers' users run it: moekit's
+`tune_cpu_runtime` (a short `GOMP_SPINCOUNT`) is not applied; set `GOMP_SPINCOUNT` yourself to
+compare under another setting (it is recorded). On a quiet machine it made no difference to either
+engine (tiny, batch 1); on a loaded one transformers' two-thread steps wait on a descheduled
+thread at every parallel region and lose most of their speed (BENCHMARKS.md §8), so a ratio taken
+under load measures the load.
 
 The physical limit at batch 1: a decoded token must read the dense weights once (attention,
 norms, routers, the output head) and its top-k experts in every MoE layer; divided by the memory
