@@ -587,15 +587,6 @@ void swiglu_backward_into(const at::Tensor& h, const at::Tensor& grad, const at:
 }
 
 
-// A thread's work space, reused from expert to expert: the rows an expert's steps pass to each
-// other (its gathered inputs, activations, their gradients) stay in cache there, where full
-// [A, .] buffers would be written out to memory and read back (BENCHMARKS.md §13).
-float* work_space(int64_t floats) {
-  thread_local std::vector<float> space;
-  if (static_cast<int64_t>(space.size()) < floats) space.resize(static_cast<size_t>(floats));
-  return space.data();
-}
-
 // rows [0, count) of out (row stride d) = rows token[s:t] of x.
 inline void gather_rows(const float* X, int64_t ldx, const int64_t* T, const Task& task, float* out, int64_t d) {
   for (int64_t r = task.start; r < task.stop; ++r)
@@ -640,10 +631,11 @@ void expert_swiglu_forward(const at::Tensor& x, const at::Tensor& token, const a
   const int64_t ldx = x.stride(0), ldh = h.stride(0), ldy = ys.stride(0);
   const int64_t span_in = (2 * ff - 1) * w_in.stride(1) + (d - 1) * w_in.stride(2) + 1;
   const int64_t span_out = (d - 1) * w_out.stride(1) + (ff - 1) * w_out.stride(2) + 1;
+  WorkSpaces<float> spaces(largest_task(work) * (d + ff));
   take_tasks(static_cast<int64_t>(work.size()), threads, [&](int64_t i) {
     const Task& task = work[i];
     const int64_t count = task.stop - task.start, s0 = task.start;
-    float* xs = work_space(count * (d + ff));
+    float* xs = spaces.mine();
     float* a_in = xs + count * d;
     gather_rows(X, ldx, T, task, xs, d);
     const float* wi = WI + task.expert * w_in.stride(0);
@@ -694,6 +686,7 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
   const int64_t ldg = grad_out.stride(0), ldx = x.stride(0), ldh = h.stride(0), ldgx = grad_xs.stride(0);
   const int64_t span_in = (2 * ff - 1) * w_in.stride(1) + (d - 1) * w_in.stride(2) + 1;
   const int64_t span_out = (d - 1) * w_out.stride(1) + (ff - 1) * w_out.stride(2) + 1;
+  WorkSpaces<float> spaces(largest_task(work) * (d + 4 * ff));
   take_tasks(static_cast<int64_t>(work.size()), threads, [&](int64_t i) {
     const Task& task = work[i];
     const int64_t count = task.stop - task.start, s0 = task.start;
@@ -701,7 +694,7 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
     const float* wo = WO + task.expert * w_out.stride(0);
     // work space: [count, d] grad_out's rows, then x's; sigmoid(gate), a_in then grad_a [count, ff];
     // grad_h [count, 2 ff]
-    float* rows_d = work_space(count * (d + 4 * ff));
+    float* rows_d = spaces.mine();
     float* sig = rows_d + count * d;
     float* ga = sig + count * ff;
     float* gh = ga + count * ff;

@@ -28,7 +28,6 @@
 #include "expert_tasks.h"
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -147,14 +146,9 @@ void gather_rows(const scalar_t* X, int64_t ldx, const int64_t* T, const Task& t
     std::copy(X + T[r] * ldx, X + T[r] * ldx + d, out + (r - task.start) * d);
 }
 
-// Part `slot` of this thread's work space as [count, cols] of like's dtype, reused from expert to
-// expert (expert_gemm.cpp's work_space: the rows an expert's steps pass to each other stay in cache).
-at::Tensor work_rows(const at::Tensor& like, int slot, int64_t count, int64_t cols) {
-  thread_local std::array<at::Tensor, 4> space;
-  at::Tensor& part = space[slot];
-  if (!part.defined() || part.scalar_type() != like.scalar_type() || part.numel() < count * cols)
-    part = at::empty({count * cols}, like.options());
-  return part.narrow(0, 0, count * cols).view({count, cols});
+// rows of `count` x `cols` at `data` (a thread's work space) as a tensor like `like`'s.
+at::Tensor rows_at(void* data, const at::Tensor& like, int64_t count, int64_t cols) {
+  return at::from_blob(data, {count, cols}, like.options());
 }
 
 template <typename acc_t>
@@ -196,9 +190,11 @@ void expert_swiglu_forward_mm(const at::Tensor& x, const at::Tensor& token, cons
     const scalar_t *X = x.data_ptr<scalar_t>(), *S = scale.data_ptr<scalar_t>();
     const scalar_t* H = h.data_ptr<scalar_t>();
     const int64_t ldx = x.stride(0), ldh = h.stride(0);
+    WorkSpaces<scalar_t> spaces(largest_task(work) * (d + ff));
     for_each_task(work, threads, [&](const Task& task) {
       const int64_t count = task.stop - task.start;
-      auto xs = work_rows(x, 0, count, d), a_in = work_rows(x, 1, count, ff);
+      scalar_t* space = spaces.mine();
+      auto xs = rows_at(space, x, count, d), a_in = rows_at(space + count * d, x, count, ff);
       auto h_e = rows_of(h, task), ys_e = rows_of(ys, task);
       gather_rows(X, ldx, T, task, xs.data_ptr<scalar_t>(), d);
       at::mm_out(h_e, xs, w_in.select(0, task.expert).t());
@@ -246,11 +242,14 @@ void expert_swiglu_backward_mm(const at::Tensor& grad_out, const at::Tensor& x, 
     const scalar_t* H = h.data_ptr<scalar_t>();
     scalar_t* GS = grad_scale.data_ptr<scalar_t>();
     const int64_t ldg = grad_out.stride(0), ldx = x.stride(0), ldh = h.stride(0);
+    WorkSpaces<scalar_t> spaces(largest_task(work) * (d + 4 * ff));
     for_each_task(work, threads, [&](const Task& task) {
       const int64_t count = task.stop - task.start;
       // grad_out's rows, then x's; a_in, then the gradient of a_in; a; the gradient of h
-      auto rows_d = work_rows(x, 0, count, d), ga = work_rows(x, 1, count, ff);
-      auto a = work_rows(x, 2, count, ff), gh = work_rows(x, 3, count, 2 * ff);
+      scalar_t* space = spaces.mine();
+      auto rows_d = rows_at(space, x, count, d), ga = rows_at(space + count * d, x, count, ff);
+      auto a = rows_at(space + count * (d + ff), x, count, ff);
+      auto gh = rows_at(space + count * (d + 2 * ff), x, count, 2 * ff);
       scalar_t *GA = ga.data_ptr<scalar_t>(), *A = a.data_ptr<scalar_t>(), *GH = gh.data_ptr<scalar_t>();
       gather_rows(G, ldg, T, task, rows_d.data_ptr<scalar_t>(), d);
       for (int64_t r = 0; r < count; ++r) {
