@@ -111,3 +111,29 @@ def test_few_rows_path_is_not_taken_where_gradients_or_large_experts_are():
         assert few_rows_module.few_rows_fit(x, 4, *args)
         assert not few_rows_module.few_rows_fit(x, 10**6, *args)  # reads long enough to thread
     assert not few_rows_module.few_rows_fit(x, 4, *args)  # autograd wants the weights' gradients
+
+
+@pytest.mark.parametrize(
+    "activation,bias,weight_on",
+    [("swiglu", False, "output"), ("gelu", True, "output"), ("swiglu", True, "input")],
+)
+def test_compiled_paths_gathered_form_equals_float64_and_drops_null_experts(activation, bias, weight_on):
+    """With fewer assignments than experts `compiled_experts` gathers each assignment's expert
+    weights (the arithmetic the few-rows path shares): the float64 reference's output, and an
+    assignment to a null expert (id E) changes nothing."""
+    from moekit.dispatch.compiled import compiled_experts
+
+    layer = small_layer(activation, bias, weight_on)
+    x = torch.randn(3, 32)
+    experts = layer.experts
+    args = (experts.w_in, experts.w_out, experts.b_in, experts.b_out, experts.activation, weight_on)
+    with torch.no_grad():
+        a = layer.router(x, None).compute_assignments
+        assert len(a.token) < experts.w_in.shape[0]  # the gathered form, not the dense one
+        got = compiled_experts(x, a.token, a.expert, a.weight, *args)
+        null = experts.w_in.shape[0]
+        token, expert = torch.cat([a.token, a.token[:1]]), torch.cat([a.expert, torch.tensor([null])])
+        with_null = compiled_experts(x, token, expert, torch.cat([a.weight, torch.tensor([0.7])]), *args)
+    assert torch.equal(got, with_null)
+    reference = reference_moe(layer.double(), x.double()).output
+    torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5)

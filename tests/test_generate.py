@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import torch_threads
 from moekit.errors import MoekitError
 from moekit.inference.generate import filter_logits, generate, stream
 from moekit.inference.kv_cache import KVCache
@@ -406,3 +407,40 @@ def test_generation_leaves_the_model_trainable(pair):
     finally:
         model.eval()
         model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("kernel", ["tile", "mm"])
+def test_a_batch_prompt_runs_its_threaded_expert_loops_in_inference_mode(pair, monkeypatch, kernel):
+    """The prompt's step runs in inference mode like the decode steps, also where its experts take
+    the many-token path on two threads, as a batch-8 prompt of a Qwen3-MoE model loaded by
+    `from_hf` does: the C++ loops' threads write into inference tensors (torch's `at::mm` among
+    them, with `kernel` "mm"). Its tokens are those of a full float64 forward."""
+    from moekit.dispatch import grouped
+    from moekit.inference import generate as generate_module
+    from moekit.kernels.native import native_available
+
+    _, model = pair("qwen3_moe")
+    ids = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(7))
+    monkeypatch.setenv("MOEKIT_NATIVE", kernel)
+    monkeypatch.setattr(generate_module, "threads_may_pay_off", lambda *size: True)
+    planned = []
+    original = grouped.plan_experts
+
+    def recording(*args, **kwargs):
+        plan = original(*args, **kwargs)
+        loops = plan.loops
+        planned.append((plan.path, getattr(loops, "kernel", None), getattr(loops, "threads", None)))
+        planned[-1] += (torch.is_inference_mode_enabled(),)
+        return plan
+
+    monkeypatch.setattr(grouped, "plan_experts", recording)
+    model.__dict__.pop("_step_threads", None)  # the prompt's step is then timed on all threads first
+    with torch_threads(2):
+        tokens = generate(model, ids, max_new_tokens=3)
+    prompt_calls = planned[: len(model.moe_layers)]
+    expected_kernel = kernel if kernel == "mm" or native_available() else "mm"
+    assert prompt_calls == [("many_tokens", expected_kernel, 2, True)] * len(model.moe_layers)
+    with torch.no_grad():
+        full = model.double()(tokens).logits[:, ids.shape[1] - 1 : -1].argmax(-1)
+    model.float()
+    assert torch.equal(full, tokens[:, ids.shape[1] :])

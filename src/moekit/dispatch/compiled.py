@@ -16,6 +16,8 @@ weights and runs as one batched product, so that only the chosen experts' weight
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false
@@ -92,15 +94,45 @@ def _gathered_experts(
     real = expert < num_experts
     chosen = expert.clamp(max=num_experts - 1)
     scale = torch.where(real, weight, torch.zeros_like(weight)).to(x.dtype).unsqueeze(1)  # [A, 1]
+    w_in_rows, w_out_rows = w_in.index_select(0, chosen), w_out.index_select(0, chosen)
+    return summed_expert_rows(
+        x, token, chosen, scale, b_in, b_out, activation, weight_on,
+        lambda rows: torch.bmm(w_in_rows, rows.unsqueeze(-1)).squeeze(-1),  # [A, in]
+        lambda a: torch.bmm(w_out_rows, a.unsqueeze(-1)).squeeze(-1),  # [A, d]
+        keep=real,
+    )  # fmt: skip
+
+
+def summed_expert_rows(
+    x: Tensor,
+    token: Tensor,
+    expert: Tensor,
+    scale: Tensor,
+    b_in: Tensor | None,
+    b_out: Tensor | None,
+    activation: Activation,
+    weight_on: str,
+    product_in: Callable[[Tensor], Tensor],
+    product_out: Callable[[Tensor], Tensor],
+    keep: Tensor | None = None,
+) -> Tensor:
+    """y[t] = sum over assignments (t, e, w) of w * expert_e(x[t]) (or expert_e(w * x[t])) for
+    routing weights `scale` [A, 1] and each assignment's products with its expert's weights
+    (`product_in`, `product_out`), in the grouped path's order of arithmetic (the weight on the
+    activation before the output product); `keep` [A]: the assignments that count (None: all)."""
     rows = x.index_select(0, token)
     if weight_on == "input":
         rows = rows * scale
-    h = torch.bmm(w_in.index_select(0, chosen), rows.unsqueeze(-1)).squeeze(-1)  # [A, in]
+    h = product_in(rows)
     if b_in is not None:
-        h = h + b_in.index_select(0, chosen)
+        h = h + b_in.index_select(0, expert)
     a = activation.forward(h)
-    y = torch.bmm(w_out.index_select(0, chosen), a.unsqueeze(-1)).squeeze(-1)  # [A, d]
+    if weight_on == "output":
+        a = a * scale
+    y = product_out(a)
     if b_out is not None:
-        y = y + b_out.index_select(0, chosen)
-    y = y * scale if weight_on == "output" else torch.where(real.unsqueeze(1), y, torch.zeros_like(y))
+        bias_rows = b_out.index_select(0, expert)
+        y = y + (bias_rows * scale if weight_on == "output" else bias_rows)
+    if keep is not None:
+        y = torch.where(keep.unsqueeze(1), y, torch.zeros_like(y))
     return torch.zeros_like(x).index_add(0, token, y)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moekit.dispatch.compiled import summed_expert_rows
 from moekit.dispatch.grouped import grouped_mm_fits
 from moekit.dispatch.workers import CORE_BYTES_PER_S, MIN_THREADED_SECONDS
 from moekit.experts.activations import Activation
@@ -60,17 +61,8 @@ def few_rows_experts(
     expert_e(w * x[t])), in grouped_mm calls whose offsets never leave the tensor side."""
     offsets = torch.bincount(expert, minlength=w_in.shape[0]).cumsum(0, dtype=torch.int32)
     scale = weight.to(x.dtype).unsqueeze(1)
-    xs = x.index_select(0, token)
-    if weight_on == "input":
-        xs = xs * scale
-    h = F.grouped_mm(xs, w_in.transpose(1, 2), offs=offsets)
-    if b_in is not None:
-        h += b_in.index_select(0, expert)
-    a = activation.forward(h)
-    if weight_on == "output":
-        a = a * scale
-    ys = F.grouped_mm(a, w_out.transpose(1, 2), offs=offsets)
-    if b_out is not None:
-        bias_rows = b_out.index_select(0, expert)
-        ys += bias_rows * scale if weight_on == "output" else bias_rows
-    return x.new_zeros(x.shape[0], ys.shape[1]).index_add_(0, token, ys)
+    return summed_expert_rows(
+        x, token, expert, scale, b_in, b_out, activation, weight_on,
+        lambda rows: F.grouped_mm(rows, w_in.transpose(1, 2), offs=offsets),
+        lambda a: F.grouped_mm(a, w_out.transpose(1, 2), offs=offsets),
+    )  # fmt: skip

@@ -191,16 +191,14 @@ class NativeLoops:
         combine(rows.contiguous(), *self.groups.by_token, out)
         return out
 
-    def swiglu_forward(self, x, scale, w_in, w_out, xs, h, a, a_in, ys) -> None:
+    def swiglu_forward(self, x, scale, w_in, w_out, h, ys) -> None:
         token, tasks = self.groups.token, self.groups.tasks
-        self._op("expert_swiglu_forward")(
-            x, token, scale, w_in, w_out, xs, h, a, a_in, ys, tasks, self.threads
-        )
+        self._op("expert_swiglu_forward")(x, token, scale, w_in, w_out, h, ys, tasks, self.threads)
 
-    def swiglu_backward(self, grad_out, scale, w_in, w_out, saved, grads, work) -> None:
+    def swiglu_backward(self, grad_out, x, scale, w_in, w_out, h, grads, grad_xs) -> None:
         token, tasks = self.groups.token, self.groups.tasks
         self._op("expert_swiglu_backward")(
-            grad_out, token, scale, w_in, w_out, *saved, *grads, *work, tasks, self.threads
+            grad_out, x, token, scale, w_in, w_out, h, *grads, grad_xs, tasks, self.threads
         )
 
 
@@ -305,43 +303,30 @@ class GroupedExperts(torch.autograd.Function):
 
     @staticmethod
     def _swiglu_forward(ctx, x, weight, w_in, w_out, plan: ExpertPlan):
-        """SwiGLU experts whole in one C++ call, the intermediates kept for backward."""
+        """SwiGLU experts whole in one C++ call. Only h is kept for backward (with x): the gathered
+        rows and activations are formed again there, per expert, in cache (BENCHMARKS.md §13)."""
         rows, ff = len(plan.groups.token), w_out.shape[2]
-        xs = x.new_empty(rows, x.shape[1])
+        x = x.contiguous()
         h = x.new_empty(rows, 2 * ff)
-        a = x.new_empty(rows, ff)
-        a_in = x.new_empty(rows, ff)
         ys = x.new_empty(rows, w_out.shape[1])
-        plan.loops.swiglu_forward(
-            x.contiguous(), weight.to(x.dtype).contiguous(), w_in, w_out, xs, h, a, a_in, ys
-        )
-        ctx.save_for_backward(weight, w_in, w_out, xs, h, a, a_in)
+        plan.loops.swiglu_forward(x, weight.to(x.dtype).contiguous(), w_in, w_out, h, ys)
+        ctx.save_for_backward(weight, w_in, w_out, x, h)
         return plan.loops.combine(ys, x.shape[0])
 
     @staticmethod
     def _swiglu_backward(ctx, grad_out):
         plan: ExpertPlan = ctx.plan
-        weight, w_in, w_out, xs, h, a, a_in = ctx.saved_tensors
+        weight, w_in, w_out, x, h = ctx.saved_tensors
         needs = ctx.needs_input_grad
         groups, rows = plan.groups, len(plan.groups.token)
         grad_out = grad_out.contiguous()
         grad_w_in = packed_grad(w_in.shape, w_in, groups.empty_experts) if needs[2] else None
         grad_w_out = packed_grad(w_out.shape, w_out, groups.empty_experts) if needs[3] else None
         grad_scale = grad_out.new_empty(rows)
-        grad_xs = grad_out.new_empty(rows, xs.shape[1])
-        work = (
-            torch.empty_like(xs),
-            grad_out.new_empty(rows, a.shape[1]),
-            grad_out.new_empty(rows, h.shape[1]),
-        )
+        grad_xs = grad_out.new_empty(rows, x.shape[1])
+        scale = weight.to(x.dtype).contiguous()
         plan.loops.swiglu_backward(
-            grad_out,
-            weight.to(xs.dtype).contiguous(),
-            w_in,
-            w_out,
-            (xs, h, a, a_in),
-            (grad_w_in, grad_w_out, grad_scale),
-            (*work, grad_xs),
+            grad_out, x, scale, w_in, w_out, h, (grad_w_in, grad_w_out, grad_scale), grad_xs
         )
         grad_x = plan.loops.combine(grad_xs, grad_out.shape[0]) if needs[0] else None
         grad_weight = grad_scale.to(weight.dtype) if needs[1] else None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,18 +208,14 @@ def stream(
         element_size = next(model.parameters()).element_size()
         step_threads = step_threads_of(model)
         timed_by_rows: dict[int, bool] = {}  # whether threads may pay depends on the rows only
-        for index in range(config.max_new_tokens):
+        for _ in range(config.max_new_tokens):
             rows = step_ids.numel()
             if rows not in timed_by_rows:
                 timed_by_rows[rows] = threads_may_pay_off(rows, largest, element_size)
-            # the prompt's step outside inference mode: its products may run on the expert
-            # workers, whose threads are not in the caller's inference mode and may not write
-            # into its inference tensors (the cache it fills stays writable in the later steps)
-            with (
-                step_threads.step(rows) if timed_by_rows[rows] else single_threaded(),
-                nullcontext() if index else torch.inference_mode(False),
-                nullcontext() if index else torch.no_grad(),
-            ):
+            # every step in inference mode, the prompt's too: the expert loops' threads write
+            # into the caller's tensors from C++ below autograd (`kernels/csrc/`), which inference
+            # tensors allow
+            with step_threads.step(rows) if timed_by_rows[rows] else single_threaded():
                 logits = _forward(model, kind, step_ids, step_real, step_positions, cache)
             if config.do_sample:
                 filtered = filter_logits(logits, config.temperature, config.top_k, config.top_p)

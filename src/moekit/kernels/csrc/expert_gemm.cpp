@@ -529,8 +529,10 @@ inline void swiglu_row(const float* gate, float* o, int64_t ff, float scale = 1.
 }
 
 // The gradient of one row's swiglu with respect to h = [gate | up], given the gradient gr of its
-// output: d gate = gr * up * s * (1 + gate * (1 - s)), d up = gr * gate * s, s = sigmoid(gate).
-inline void swiglu_backward_row(const float* gate, const float* gr, float* o, int64_t ff) {
+// output: d gate = gr * up * s * (1 + gate * (1 - s)), d up = gr * gate * s, s = sigmoid(gate)
+// (read from `sig` where given: the same bits as computed here).
+inline void swiglu_backward_row(const float* gate, const float* gr, float* o, int64_t ff,
+                                const float* sig = nullptr) {
   const float* up = gate + ff;
   const S::Vec one = S::set1(1.0f);
   for (int64_t j = 0; j < ff; j += S::kLanes) {
@@ -538,7 +540,7 @@ inline void swiglu_backward_row(const float* gate, const float* gr, float* o, in
     const S::Vec g = S::load(m, gate + j);
     const S::Vec u = S::load(m, up + j);
     const S::Vec d = S::load(m, gr + j);
-    const S::Vec s = sigmoid_ps(g);
+    const S::Vec s = sig != nullptr ? S::load(m, sig + j) : sigmoid_ps(g);
     const S::Vec silu_grad = S::mul(s, S::fmadd(g, S::sub(one, s), one));
     S::store(o + j, m, S::mul(S::mul(d, u), silu_grad));
     S::store(o + ff + j, m, S::mul(d, S::mul(g, s)));
@@ -585,155 +587,172 @@ void swiglu_backward_into(const at::Tensor& h, const at::Tensor& grad, const at:
 }
 
 
-// SwiGLU experts whole, the routing weight on their output, every step of an expert done while
-// its rows are in cache: for every task (e, s, t) and row r in [s, t): xs[r] = x[token[r]],
-// h = xs @ w_in[e]^T, a = swiglu(h), a_in = a * scale[r], ys = a_in @ w_out[e]^T. xs, h, a and
-// a_in are kept for the backward.
-void expert_swiglu_forward(const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
-                           const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& xs, const at::Tensor& h,
-                           const at::Tensor& a, const at::Tensor& a_in, const at::Tensor& ys, const at::Tensor& tasks,
-                           int64_t threads) {
-  const char* op = "moekit::expert_swiglu_forward";
+// rows [0, count) of out (row stride ldo) = rows token[s:t] of x, d columns.
+inline void gather_rows(const float* X, int64_t ldx, const int64_t* T, const Task& task, float* out, int64_t ldo,
+                        int64_t d) {
+  for (int64_t r = task.start; r < task.stop; ++r)
+    std::copy(X + T[r] * ldx, X + T[r] * ldx + d, out + (r - task.start) * ldo);
+}
+
+// The row stride of `cols` floats in a work space: one 64-byte line more, so that rows whose
+// length is a multiple of 1-4 KB (d = 256, 512, ...) do not map to the same few L1 sets, which
+// the tiles read 6 rows at a time and the weight gradients one row per step of k (x86's L1
+// caches are indexed by address bits 6-11). Measured on an AVX2 EPYC (Zen 3), fwd+bwd at
+// T=2048, one thread: 5 % less time at fine and at very fine (BENCHMARKS.md §13).
+inline int64_t padded(int64_t cols) { return cols + 64 / static_cast<int64_t>(sizeof(float)); }
+
+void check_swiglu_operands(const at::Tensor& rows_of_tokens, const at::Tensor& token, const at::Tensor& scale,
+                           const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h, const char* op) {
   check_packed(w_in, op, "w_in");
   check_packed(w_out, op, "w_out");
-  const int64_t d = x.size(1), ff = w_out.size(2), rows = token.size(0), num_tokens = x.size(0);
+  const int64_t d = rows_of_tokens.size(1), ff = w_out.size(2), rows = token.size(0);
   TORCH_CHECK(w_in.size(1) == 2 * ff && w_in.size(2) == d && w_out.size(1) == d && w_in.size(0) == w_out.size(0), op,
               ": w_in must be [E, 2 ff, d] and w_out [E, d, ff]");
-  check_rows(x, num_tokens, d, op, "x");
-  check_rows(xs, rows, d, op, "xs");
   check_rows(h, rows, 2 * ff, op, "h");
-  check_rows(a, rows, ff, op, "a");
-  check_rows(a_in, rows, ff, op, "a_in");
-  check_rows(ys, rows, d, op, "ys");
   TORCH_CHECK(token.dim() == 1 && token.scalar_type() == at::kLong && token.is_contiguous(), op,
               ": token must be a contiguous int64 [A]");
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == rows && scale.scalar_type() == at::kFloat && scale.is_contiguous(),
               op, ": scale must be a contiguous float32 [A]");
   const int64_t* T = token.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(T[r] >= 0 && T[r] < num_tokens, op, ": token ", T[r], " out of range");
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(T[r] >= 0 && T[r] < rows_of_tokens.size(0), op, ": token ", T[r], " out of range");
+}
+
+// SwiGLU experts whole, the routing weight on their output, every step of an expert done while
+// its rows are in cache: for every task (e, s, t) and row r in [s, t): xs = x[token[r]],
+// h = xs @ w_in[e]^T, a_in = swiglu(h) * scale[r], ys = a_in @ w_out[e]^T. Only h is kept for
+// the backward (with x): xs and a_in live in the thread's work space.
+void expert_swiglu_forward(const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
+                           const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h, const at::Tensor& ys,
+                           const at::Tensor& tasks, int64_t threads) {
+  const char* op = "moekit::expert_swiglu_forward";
+  check_rows(x, x.size(0), x.size(1), op, "x");
+  check_swiglu_operands(x, token, scale, w_in, w_out, h, op);
+  const int64_t d = x.size(1), ff = w_out.size(2), rows = token.size(0);
+  check_rows(ys, rows, d, op, "ys");
   const auto work = tasks_of(tasks, op);
   for (const auto& task : work) check_task(task, w_in.size(0), rows, op);
+  const int64_t* T = token.data_ptr<int64_t>();
   const float *X = x.data_ptr<float>(), *S = scale.data_ptr<float>();
   const float *WI = w_in.data_ptr<float>(), *WO = w_out.data_ptr<float>();
-  float *XS = xs.data_ptr<float>(), *Hp = h.data_ptr<float>(), *A = a.data_ptr<float>();
-  float *AI = a_in.data_ptr<float>(), *Y = ys.data_ptr<float>();
-  const int64_t ldx = x.stride(0), ldxs = xs.stride(0), ldh = h.stride(0), lda = a.stride(0), ldai = a_in.stride(0);
-  const int64_t ldy = ys.stride(0);
+  float *Hp = h.data_ptr<float>(), *Y = ys.data_ptr<float>();
+  const int64_t ldx = x.stride(0), ldh = h.stride(0), ldy = ys.stride(0);
   const int64_t span_in = (2 * ff - 1) * w_in.stride(1) + (d - 1) * w_in.stride(2) + 1;
   const int64_t span_out = (d - 1) * w_out.stride(1) + (ff - 1) * w_out.stride(2) + 1;
+  const int64_t ldxs = padded(d), ldai = padded(ff);
+  WorkSpaces<float> spaces(largest_task(work) * (ldxs + ldai));
   take_tasks(static_cast<int64_t>(work.size()), threads, [&](int64_t i) {
     const Task& task = work[i];
     const int64_t count = task.stop - task.start, s0 = task.start;
-    for (int64_t r = s0; r < task.stop; ++r) std::copy(X + T[r] * ldx, X + T[r] * ldx + d, XS + r * ldxs);
+    float* xs = spaces.mine();
+    float* a_in = xs + count * ldxs;
+    gather_rows(X, ldx, T, task, xs, ldxs, d);
     const float* wi = WI + task.expert * w_in.stride(0);
     const float* wo = WO + task.expert * w_out.stride(0);
     Prefetch this_out = prefetch_of(wo, span_out);
-    product(count, 2 * ff, d, XS + s0 * ldxs, ldxs, 1, wi, w_in.stride(2), w_in.stride(1), Hp + s0 * ldh, ldh,
-            this_out);
-    // a once, a_in = a * scale from it: the same bits as swiglu_row with the scale, at half the
-    // sigmoids (the activation's exp is most of the forward's elementwise work)
-    for (int64_t r = s0; r < task.stop; ++r) {
-      float* ar = A + r * lda;
-      float* air = AI + r * ldai;
-      swiglu_row(Hp + r * ldh, ar, ff);
-      const S::Vec sc = S::set1(S[r]);
-      for (int64_t j = 0; j < ff; j += S::kLanes) {
-        const S::Mask m = tail_mask(ff - j);
-        S::store(air + j, m, S::mul(S::load(m, ar + j), sc));
-      }
-    }
+    product(count, 2 * ff, d, xs, ldxs, 1, wi, w_in.stride(2), w_in.stride(1), Hp + s0 * ldh, ldh, this_out);
+    for (int64_t r = s0; r < task.stop; ++r) swiglu_row(Hp + r * ldh, a_in + (r - s0) * ldai, ff, S[r]);
     Prefetch next = i + 1 < static_cast<int64_t>(work.size())
                         ? prefetch_of(WI + work[i + 1].expert * w_in.stride(0), span_in)
                         : Prefetch{};
-    product(count, d, ff, AI + s0 * ldai, ldai, 1, wo, w_out.stride(2), w_out.stride(1), Y + s0 * ldy, ldy, next);
+    product(count, d, ff, a_in, ldai, 1, wo, w_out.stride(2), w_out.stride(1), Y + s0 * ldy, ldy, next);
   });
 }
 
-// The backward of `expert_swiglu_forward` for every task: grad_ys[r] = grad_out[token[r]] (work
-// space), the packed weight gradients (where given), grad_scale[r] = <grad of a_in, a> (the routing
-// weight's gradient), and the gathered rows' gradient grad_xs (combined into tokens by the
-// caller); grad_a [A, ff] and grad_h [A, 2 ff] are work space.
-void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& token, const at::Tensor& scale,
-                            const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& xs,
-                            const at::Tensor& h, const at::Tensor& a, const at::Tensor& a_in,
-                            const std::optional<at::Tensor>& grad_w_in, const std::optional<at::Tensor>& grad_w_out,
-                            const at::Tensor& grad_scale, const at::Tensor& grad_ys, const at::Tensor& grad_a,
-                            const at::Tensor& grad_h, const at::Tensor& grad_xs, const at::Tensor& tasks,
-                            int64_t threads) {
+// The backward of `expert_swiglu_forward` for every task: the packed weight gradients (where
+// given), grad_scale[r] = <grad of a_in, a> (the routing weight's gradient), and the gathered
+// rows' gradient grad_xs (combined into tokens by the caller). The expert's rows of x, a and
+// a_in are formed again from x and h in the thread's work space (a and a_in with the forward's
+// arithmetic, so the same bits), as are grad_out's rows and the gradients of a and h.
+void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& token,
+                            const at::Tensor& scale, const at::Tensor& w_in, const at::Tensor& w_out,
+                            const at::Tensor& h, const std::optional<at::Tensor>& grad_w_in,
+                            const std::optional<at::Tensor>& grad_w_out, const at::Tensor& grad_scale,
+                            const at::Tensor& grad_xs, const at::Tensor& tasks, int64_t threads) {
   const char* op = "moekit::expert_swiglu_backward";
-  check_packed(w_in, op, "w_in");
-  check_packed(w_out, op, "w_out");
-  const int64_t d = grad_out.size(1), ff = w_out.size(2), rows = token.size(0), num_tokens = grad_out.size(0);
-  TORCH_CHECK(w_in.size(1) == 2 * ff && w_in.size(2) == d && w_out.size(1) == d && w_in.size(0) == w_out.size(0), op,
-              ": w_in must be [E, 2 ff, d] and w_out [E, d, ff]");
-  check_rows(grad_out, num_tokens, d, op, "grad_out");
-  for (const auto* t : {&xs, &grad_ys, &grad_xs}) check_rows(*t, rows, d, op, "xs, grad_ys and grad_xs");
-  for (const auto* t : {&h, &grad_h}) check_rows(*t, rows, 2 * ff, op, "h and grad_h");
-  for (const auto* t : {&a, &a_in, &grad_a}) check_rows(*t, rows, ff, op, "a, a_in and grad_a");
-  TORCH_CHECK(token.dim() == 1 && token.scalar_type() == at::kLong && token.is_contiguous(), op,
-              ": token must be a contiguous int64 [A]");
-  for (const auto* t : {&scale, &grad_scale})
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == rows && t->scalar_type() == at::kFloat && t->is_contiguous(), op,
-                ": scale and grad_scale must be contiguous float32 [A]");
+  check_rows(x, x.size(0), x.size(1), op, "x");
+  check_swiglu_operands(x, token, scale, w_in, w_out, h, op);
+  const int64_t d = x.size(1), ff = w_out.size(2), rows = token.size(0);
+  check_rows(grad_out, x.size(0), d, op, "grad_out");
+  check_rows(grad_xs, rows, d, op, "grad_xs");
+  TORCH_CHECK(grad_scale.dim() == 1 && grad_scale.size(0) == rows && grad_scale.scalar_type() == at::kFloat &&
+                  grad_scale.is_contiguous(),
+              op, ": grad_scale must be a contiguous float32 [A]");
   for (const auto* g : {&grad_w_in, &grad_w_out})
     if (g->has_value())
       TORCH_CHECK((*g)->scalar_type() == at::kFloat && (*g)->dim() == 3 && (*g)->stride(2) == 1, op,
                   ": weight gradients must be float32 [E, n_out, n_in] with unit column stride");
   if (grad_w_in.has_value()) TORCH_CHECK(grad_w_in->sizes() == w_in.sizes(), op, ": grad_w_in must be shaped like w_in");
   if (grad_w_out.has_value()) TORCH_CHECK(grad_w_out->sizes() == w_out.sizes(), op, ": grad_w_out must be shaped like w_out");
-  const int64_t* T = token.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(T[r] >= 0 && T[r] < num_tokens, op, ": token ", T[r], " out of range");
   const auto work = tasks_of(tasks, op);
   for (const auto& task : work) check_task(task, w_in.size(0), rows, op);
-  const float *G = grad_out.data_ptr<float>(), *S = scale.data_ptr<float>();
-  const float *WI = w_in.data_ptr<float>(), *WO = w_out.data_ptr<float>();
-  const float *XS = xs.data_ptr<float>(), *Hp = h.data_ptr<float>(), *A = a.data_ptr<float>(), *AI = a_in.data_ptr<float>();
+  const int64_t* T = token.data_ptr<int64_t>();
+  const float *G = grad_out.data_ptr<float>(), *X = x.data_ptr<float>(), *S = scale.data_ptr<float>();
+  const float *WI = w_in.data_ptr<float>(), *WO = w_out.data_ptr<float>(), *Hp = h.data_ptr<float>();
   float* GWI = grad_w_in.has_value() ? grad_w_in->data_ptr<float>() : nullptr;
   float* GWO = grad_w_out.has_value() ? grad_w_out->data_ptr<float>() : nullptr;
-  float *GS = grad_scale.data_ptr<float>(), *GY = grad_ys.data_ptr<float>(), *GA = grad_a.data_ptr<float>();
-  float *GH = grad_h.data_ptr<float>(), *GX = grad_xs.data_ptr<float>();
-  const int64_t ldg = grad_out.stride(0), ldxs = xs.stride(0), ldh = h.stride(0), lda = a.stride(0);
-  const int64_t ldai = a_in.stride(0), ldgy = grad_ys.stride(0), ldga = grad_a.stride(0), ldgh = grad_h.stride(0);
-  const int64_t ldgx = grad_xs.stride(0);
+  float *GS = grad_scale.data_ptr<float>(), *GX = grad_xs.data_ptr<float>();
+  const int64_t ldg = grad_out.stride(0), ldx = x.stride(0), ldh = h.stride(0), ldgx = grad_xs.stride(0);
   const int64_t span_in = (2 * ff - 1) * w_in.stride(1) + (d - 1) * w_in.stride(2) + 1;
   const int64_t span_out = (d - 1) * w_out.stride(1) + (ff - 1) * w_out.stride(2) + 1;
+  const int64_t ldd = padded(d), ldf = padded(ff), ldgh = padded(2 * ff);
+  WorkSpaces<float> spaces(largest_task(work) * (ldd + 2 * ldf + ldgh));
   take_tasks(static_cast<int64_t>(work.size()), threads, [&](int64_t i) {
     const Task& task = work[i];
     const int64_t count = task.stop - task.start, s0 = task.start;
     const float* wi = WI + task.expert * w_in.stride(0);
     const float* wo = WO + task.expert * w_out.stride(0);
-    for (int64_t r = s0; r < task.stop; ++r) std::copy(G + T[r] * ldg, G + T[r] * ldg + d, GY + r * ldgy);
+    // work space: [count, d] grad_out's rows, then x's; sigmoid(gate), a_in then grad_a [count, ff];
+    // grad_h [count, 2 ff]
+    float* rows_d = spaces.mine();
+    float* sig = rows_d + count * ldd;
+    float* ga = sig + count * ldf;
+    float* gh = ga + count * ldf;
+    gather_rows(G, ldg, T, task, rows_d, ldd, d);
+    for (int64_t r = 0; r < count; ++r) {  // sigmoid(gate) and a_in, as the forward formed it
+      const float *gate = Hp + (s0 + r) * ldh, *up = gate + ff;
+      const S::Vec sc = S::set1(S[s0 + r]);
+      for (int64_t j = 0; j < ff; j += S::kLanes) {
+        const S::Mask m = tail_mask(ff - j);
+        const S::Vec g = S::load(m, gate + j);
+        const S::Vec s = sigmoid_ps(g);
+        S::store(sig + r * ldf + j, m, s);
+        S::store(ga + r * ldf + j, m, S::mul(S::mul(S::mul(g, s), S::load(m, up + j)), sc));
+      }
+    }
     Prefetch none;
     if (GWO != nullptr) {  // [d, count] @ [count, ff]
       Prefetch this_out = prefetch_of(wo, span_out);
-      product(d, ff, count, GY + s0 * ldgy, 1, ldgy, AI + s0 * ldai, ldai, 1,
-              GWO + task.expert * grad_w_out->stride(0), grad_w_out->stride(1), this_out);
+      product(d, ff, count, rows_d, 1, ldd, ga, ldf, 1, GWO + task.expert * grad_w_out->stride(0), grad_w_out->stride(1),
+              this_out);
     }
     Prefetch this_in = prefetch_of(wi, span_in);  // grad_a = grad_ys @ w_out[e]: [count, d] @ [d, ff]
-    product(count, ff, d, GY + s0 * ldgy, ldgy, 1, wo, w_out.stride(1), w_out.stride(2), GA + s0 * ldga, ldga,
-            this_in);
-    for (int64_t r = s0; r < task.stop; ++r) {
-      float* ga = GA + r * ldga;
-      const float* ar = A + r * lda;
+    product(count, ff, d, rows_d, ldd, 1, wo, w_out.stride(1), w_out.stride(2), ga, ldf, this_in);
+    for (int64_t r = 0; r < count; ++r) {
+      const float *gate = Hp + (s0 + r) * ldh, *up = gate + ff;
+      float* gar = ga + r * ldf;
+      const float* sr = sig + r * ldf;
       S::Vec dot = S::zero();
-      const S::Vec sc = S::set1(S[r]);
+      const S::Vec sc = S::set1(S[s0 + r]);
       for (int64_t j = 0; j < ff; j += S::kLanes) {
         const S::Mask m = tail_mask(ff - j);
-        const S::Vec g = S::load(m, ga + j);
-        dot = S::fmadd(g, S::load(m, ar + j), dot);
-        S::store(ga + j, m, S::mul(g, sc));
+        const S::Vec g = S::load(m, gar + j);
+        const S::Vec a = S::mul(S::mul(S::load(m, gate + j), S::load(m, sr + j)), S::load(m, up + j));
+        dot = S::fmadd(g, a, dot);
+        S::store(gar + j, m, S::mul(g, sc));
       }
-      GS[r] = S::reduce_add(dot);
-      swiglu_backward_row(Hp + r * ldh, ga, GH + r * ldgh, ff);
+      GS[s0 + r] = S::reduce_add(dot);
+      swiglu_backward_row(gate, gar, gh + r * ldgh, ff, sr);
     }
+    gather_rows(X, ldx, T, task, rows_d, ldd, d);
     if (GWI != nullptr)  // [2 ff, count] @ [count, d]
-      product(2 * ff, d, count, GH + s0 * ldgh, 1, ldgh, XS + s0 * ldxs, ldxs, 1,
-              GWI + task.expert * grad_w_in->stride(0), grad_w_in->stride(1), none);
+      product(2 * ff, d, count, gh, 1, ldgh, rows_d, ldd, 1, GWI + task.expert * grad_w_in->stride(0),
+              grad_w_in->stride(1), none);
     Prefetch next = i + 1 < static_cast<int64_t>(work.size())
                         ? prefetch_of(WO + work[i + 1].expert * w_out.stride(0), span_out)
                         : Prefetch{};
     // grad_xs = grad_h @ w_in[e]: [count, 2 ff] @ [2 ff, d]
-    product(count, d, 2 * ff, GH + s0 * ldgh, ldgh, 1, wi, w_in.stride(1), w_in.stride(2), GX + s0 * ldgx, ldgx, next);
+    product(count, d, 2 * ff, gh, ldgh, 1, wi, w_in.stride(1), w_in.stride(2), GX + s0 * ldgx, ldgx, next);
   });
 }
 
@@ -749,13 +768,13 @@ TORCH_LIBRARY(moekit, m) {
       "Tensor(d!) grad_in, Tensor tasks, int threads) -> ()");
   m.impl("expert_backward_pairs", c10::DispatchKey::CPU, TORCH_FN(expert_backward_pairs));
   m.def(
-      "expert_swiglu_forward(Tensor x, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, Tensor(a!) xs, "
-      "Tensor(b!) h, Tensor(c!) a, Tensor(d!) a_in, Tensor(e!) ys, Tensor tasks, int threads) -> ()");
+      "expert_swiglu_forward(Tensor x, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, Tensor(a!) h, "
+      "Tensor(b!) ys, Tensor tasks, int threads) -> ()");
   m.impl("expert_swiglu_forward", c10::DispatchKey::CPU, TORCH_FN(expert_swiglu_forward));
   m.def(
-      "expert_swiglu_backward(Tensor grad_out, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, Tensor xs, "
-      "Tensor h, Tensor a, Tensor a_in, Tensor(a!)? grad_w_in, Tensor(b!)? grad_w_out, Tensor(c!) grad_scale, "
-      "Tensor(d!) grad_ys, Tensor(e!) grad_a, Tensor(f!) grad_h, Tensor(g!) grad_xs, Tensor tasks, int threads) -> ()");
+      "expert_swiglu_backward(Tensor grad_out, Tensor x, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, "
+      "Tensor h, Tensor(a!)? grad_w_in, Tensor(b!)? grad_w_out, Tensor(c!) grad_scale, Tensor(d!) grad_xs, "
+      "Tensor tasks, int threads) -> ()");
   m.impl("expert_swiglu_backward", c10::DispatchKey::CPU, TORCH_FN(expert_swiglu_backward));
   m.def("combine_rows(Tensor rows, Tensor order, Tensor bounds, Tensor(c!) out) -> ()");
   m.impl("combine_rows", c10::DispatchKey::CPU, TORCH_FN(combine_rows));

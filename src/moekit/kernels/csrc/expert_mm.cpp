@@ -139,20 +139,16 @@ void expert_backward_pairs_mm(const at::Tensor& grad_rows, const at::Tensor& in_
   });
 }
 
-void check_swiglu_weights(const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& like, int64_t d,
-                          const char* op) {
-  check_packed(w_in, like, op, "w_in");
-  check_packed(w_out, like, op, "w_out");
-  const int64_t ff = w_out.size(2);
-  TORCH_CHECK(w_in.size(1) == 2 * ff && w_in.size(2) == d && w_out.size(1) == d && w_in.size(0) == w_out.size(0), op,
-              ": w_in must be [E, 2 ff, d] and w_out [E, d, ff]");
+// rows [0, count) of out = rows token[s:t] of x (the gather of an expert's rows), d columns.
+template <typename scalar_t>
+void gather_rows(const scalar_t* X, int64_t ldx, const int64_t* T, const Task& task, scalar_t* out, int64_t d) {
+  for (int64_t r = task.start; r < task.stop; ++r)
+    std::copy(X + T[r] * ldx, X + T[r] * ldx + d, out + (r - task.start) * d);
 }
 
-// rows [s, t) of out = rows token[s:t] of x (the gather of an expert's rows), d columns.
-template <typename scalar_t>
-void gather_rows(const scalar_t* X, int64_t ldx, const int64_t* T, const Task& task, scalar_t* out, int64_t ldo,
-                 int64_t d) {
-  for (int64_t r = task.start; r < task.stop; ++r) std::copy(X + T[r] * ldx, X + T[r] * ldx + d, out + r * ldo);
+// rows of `count` x `cols` at `data` (a thread's work space) as a tensor like `like`'s.
+at::Tensor rows_at(void* data, const at::Tensor& like, int64_t count, int64_t cols) {
+  return at::from_blob(data, {count, cols}, like.options());
 }
 
 template <typename acc_t>
@@ -160,76 +156,78 @@ inline acc_t sigmoid(acc_t g) {
   return acc_t(1) / (acc_t(1) + std::exp(-g));
 }
 
-// SwiGLU experts whole, the routing weight on their output (expert_gemm.cpp's
-// expert_swiglu_forward): for every task (e, s, t), xs = x[token[s:t]], h = xs @ w_in[e]^T,
-// a = silu(gate) * up for h = [gate | up] (Shazeer 2020), a_in = a * scale[s:t],
-// ys = a_in @ w_out[e]^T. Only the products are torch calls: the gather and the activation are
-// loops here, so that a decode step's many small experts pay no per-op dispatch for them.
-void expert_swiglu_forward_mm(const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
-                              const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& xs,
-                              const at::Tensor& h, const at::Tensor& a, const at::Tensor& a_in, const at::Tensor& ys,
-                              const at::Tensor& tasks, int64_t threads) {
-  const char* op = "moekit::expert_swiglu_forward_mm";
+void check_swiglu_operands(const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
+                           const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h, const char* op) {
   const int64_t d = x.size(1), rows = token.size(0);
-  check_swiglu_weights(w_in, w_out, x, d, op);
+  check_packed(w_in, x, op, "w_in");
+  check_packed(w_out, x, op, "w_out");
   const int64_t ff = w_out.size(2);
+  TORCH_CHECK(w_in.size(1) == 2 * ff && w_in.size(2) == d && w_out.size(1) == d && w_in.size(0) == w_out.size(0), op,
+              ": w_in must be [E, 2 ff, d] and w_out [E, d, ff]");
   check_token(token, rows, x.size(0), op);
   check_rows(x, x, x.size(0), d, op, "x");
-  check_rows(xs, x, rows, d, op, "xs");
   check_rows(h, x, rows, 2 * ff, op, "h");
-  check_rows(a, x, rows, ff, op, "a");
-  check_rows(a_in, x, rows, ff, op, "a_in");
-  check_rows(ys, x, rows, d, op, "ys");
   check_scale(scale, x, rows, op, "scale");
+}
+
+// SwiGLU experts whole, the routing weight on their output (expert_gemm.cpp's
+// expert_swiglu_forward): for every task (e, s, t), xs = x[token[s:t]], h = xs @ w_in[e]^T,
+// a_in = silu(gate) * up * scale[s:t] for h = [gate | up] (Shazeer 2020), ys = a_in @ w_out[e]^T;
+// xs and a_in in the thread's work space, h kept for the backward. Only the products are torch
+// calls: the gather and the activation are loops here, so that a decode step's many small experts
+// pay no per-op dispatch for them.
+void expert_swiglu_forward_mm(const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
+                              const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h,
+                              const at::Tensor& ys, const at::Tensor& tasks, int64_t threads) {
+  const char* op = "moekit::expert_swiglu_forward_mm";
+  check_swiglu_operands(x, token, scale, w_in, w_out, h, op);
+  const int64_t d = x.size(1), rows = token.size(0), ff = w_out.size(2);
+  check_rows(ys, x, rows, d, op, "ys");
   const auto work = checked_tasks(tasks, w_in.size(0), rows, op);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "expert_swiglu_forward_mm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t* T = token.data_ptr<int64_t>();
     const scalar_t *X = x.data_ptr<scalar_t>(), *S = scale.data_ptr<scalar_t>();
-    scalar_t *XS = xs.data_ptr<scalar_t>(), *H = h.data_ptr<scalar_t>(), *A = a.data_ptr<scalar_t>();
-    scalar_t* AI = a_in.data_ptr<scalar_t>();
-    const int64_t ldx = x.stride(0), ldxs = xs.stride(0), ldh = h.stride(0), lda = a.stride(0), ldai = a_in.stride(0);
+    const scalar_t* H = h.data_ptr<scalar_t>();
+    const int64_t ldx = x.stride(0), ldh = h.stride(0);
+    WorkSpaces<scalar_t> spaces(largest_task(work) * (d + ff));
     for_each_task(work, threads, [&](const Task& task) {
-      auto xs_e = rows_of(xs, task), h_e = rows_of(h, task), ys_e = rows_of(ys, task);
-      gather_rows(X, ldx, T, task, XS, ldxs, d);
-      at::mm_out(h_e, xs_e, w_in.select(0, task.expert).t());
+      const int64_t count = task.stop - task.start;
+      scalar_t* space = spaces.mine();
+      auto xs = rows_at(space, x, count, d), a_in = rows_at(space + count * d, x, count, ff);
+      auto h_e = rows_of(h, task), ys_e = rows_of(ys, task);
+      gather_rows(X, ldx, T, task, xs.data_ptr<scalar_t>(), d);
+      at::mm_out(h_e, xs, w_in.select(0, task.expert).t());
+      scalar_t* AI = a_in.data_ptr<scalar_t>();
       for (int64_t r = task.start; r < task.stop; ++r) {
         const scalar_t *gate = H + r * ldh, *up = gate + ff;
         const acc_t sc = static_cast<acc_t>(S[r]);
         for (int64_t j = 0; j < ff; ++j) {
           const acc_t g = static_cast<acc_t>(gate[j]);
-          const acc_t value = g * sigmoid(g) * static_cast<acc_t>(up[j]);
-          A[r * lda + j] = static_cast<scalar_t>(value);
-          AI[r * ldai + j] = static_cast<scalar_t>(value * sc);
+          AI[(r - task.start) * ff + j] = static_cast<scalar_t>(g * sigmoid(g) * static_cast<acc_t>(up[j]) * sc);
         }
       }
-      at::mm_out(ys_e, rows_of(a_in, task), w_out.select(0, task.expert).t());
+      at::mm_out(ys_e, a_in, w_out.select(0, task.expert).t());
     });
   });
 }
 
 // The backward of expert_swiglu_forward_mm (expert_gemm.cpp's expert_swiglu_backward): the packed
 // weight gradients (where given), grad_scale[r] = <grad of a_in, a> (the routing weight's
-// gradient), and the gathered rows' gradient grad_xs; grad_ys, grad_a and grad_h are work space.
+// gradient), and the gathered rows' gradient grad_xs; x's rows, a and a_in formed again (as the
+// forward formed them) and the gradients of a and h, in the thread's work space.
 // d gate = d a * up * s * (1 + gate * (1 - s)), d up = d a * gate * s, s = sigmoid(gate).
-void expert_swiglu_backward_mm(const at::Tensor& grad_out, const at::Tensor& token, const at::Tensor& scale,
-                               const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& xs,
-                               const at::Tensor& h, const at::Tensor& a, const at::Tensor& a_in,
-                               const std::optional<at::Tensor>& grad_w_in,
+void expert_swiglu_backward_mm(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& token,
+                               const at::Tensor& scale, const at::Tensor& w_in, const at::Tensor& w_out,
+                               const at::Tensor& h, const std::optional<at::Tensor>& grad_w_in,
                                const std::optional<at::Tensor>& grad_w_out, const at::Tensor& grad_scale,
-                               const at::Tensor& grad_ys, const at::Tensor& grad_a, const at::Tensor& grad_h,
                                const at::Tensor& grad_xs, const at::Tensor& tasks, int64_t threads) {
   const char* op = "moekit::expert_swiglu_backward_mm";
-  const int64_t d = grad_out.size(1), rows = token.size(0);
-  check_swiglu_weights(w_in, w_out, grad_out, d, op);
-  const int64_t ff = w_out.size(2);
-  check_token(token, rows, grad_out.size(0), op);
-  check_rows(grad_out, grad_out, grad_out.size(0), d, op, "grad_out");
-  for (const auto* t : {&xs, &grad_ys, &grad_xs}) check_rows(*t, grad_out, rows, d, op, "xs, grad_ys and grad_xs");
-  for (const auto* t : {&h, &grad_h}) check_rows(*t, grad_out, rows, 2 * ff, op, "h and grad_h");
-  for (const auto* t : {&a, &a_in, &grad_a}) check_rows(*t, grad_out, rows, ff, op, "a, a_in and grad_a");
-  check_scale(scale, grad_out, rows, op, "scale");
-  check_scale(grad_scale, grad_out, rows, op, "grad_scale");
+  check_swiglu_operands(x, token, scale, w_in, w_out, h, op);
+  const int64_t d = x.size(1), rows = token.size(0), ff = w_out.size(2);
+  check_rows(grad_out, x, x.size(0), d, op, "grad_out");
+  check_rows(grad_xs, x, rows, d, op, "grad_xs");
+  check_scale(grad_scale, x, rows, op, "grad_scale");
   if (grad_w_in.has_value())
     TORCH_CHECK(grad_w_in->sizes() == w_in.sizes() && grad_w_in->scalar_type() == w_in.scalar_type(), op,
                 ": grad_w_in must be shaped like w_in");
@@ -240,28 +238,42 @@ void expert_swiglu_backward_mm(const at::Tensor& grad_out, const at::Tensor& tok
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_out.scalar_type(), "expert_swiglu_backward_mm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t* T = token.data_ptr<int64_t>();
-    const scalar_t *G = grad_out.data_ptr<scalar_t>(), *S = scale.data_ptr<scalar_t>();
-    const scalar_t *H = h.data_ptr<scalar_t>(), *A = a.data_ptr<scalar_t>();
-    scalar_t *GY = grad_ys.data_ptr<scalar_t>(), *GA = grad_a.data_ptr<scalar_t>(), *GH = grad_h.data_ptr<scalar_t>();
+    const scalar_t *G = grad_out.data_ptr<scalar_t>(), *X = x.data_ptr<scalar_t>(), *S = scale.data_ptr<scalar_t>();
+    const scalar_t* H = h.data_ptr<scalar_t>();
     scalar_t* GS = grad_scale.data_ptr<scalar_t>();
-    const int64_t ldg = grad_out.stride(0), ldgy = grad_ys.stride(0), ldga = grad_a.stride(0), ldgh = grad_h.stride(0);
-    const int64_t ldh = h.stride(0), lda = a.stride(0);
+    const int64_t ldg = grad_out.stride(0), ldx = x.stride(0), ldh = h.stride(0);
+    WorkSpaces<scalar_t> spaces(largest_task(work) * (d + 4 * ff));
     for_each_task(work, threads, [&](const Task& task) {
-      auto gy = rows_of(grad_ys, task), ga = rows_of(grad_a, task), gh = rows_of(grad_h, task);
-      auto gx = rows_of(grad_xs, task);
-      gather_rows(G, ldg, T, task, GY, ldgy, d);
+      const int64_t count = task.stop - task.start;
+      // grad_out's rows, then x's; a_in, then the gradient of a_in; a; the gradient of h
+      scalar_t* space = spaces.mine();
+      auto rows_d = rows_at(space, x, count, d), ga = rows_at(space + count * d, x, count, ff);
+      auto a = rows_at(space + count * (d + ff), x, count, ff);
+      auto gh = rows_at(space + count * (d + 2 * ff), x, count, 2 * ff);
+      scalar_t *GA = ga.data_ptr<scalar_t>(), *A = a.data_ptr<scalar_t>(), *GH = gh.data_ptr<scalar_t>();
+      gather_rows(G, ldg, T, task, rows_d.data_ptr<scalar_t>(), d);
+      for (int64_t r = 0; r < count; ++r) {
+        const scalar_t *gate = H + (task.start + r) * ldh, *up = gate + ff;
+        const acc_t sc = static_cast<acc_t>(S[task.start + r]);
+        for (int64_t j = 0; j < ff; ++j) {
+          const acc_t g = static_cast<acc_t>(gate[j]);
+          const acc_t value = g * sigmoid(g) * static_cast<acc_t>(up[j]);
+          A[r * ff + j] = static_cast<scalar_t>(value);
+          GA[r * ff + j] = static_cast<scalar_t>(value * sc);
+        }
+      }
       if (grad_w_out.has_value()) {
         auto target = grad_w_out->select(0, task.expert);
-        at::mm_out(target, gy.t(), rows_of(a_in, task));
+        at::mm_out(target, rows_d.t(), ga);
       }
-      at::mm_out(ga, gy, w_out.select(0, task.expert));  // the gradient of a_in
-      for (int64_t r = task.start; r < task.stop; ++r) {
-        const scalar_t *gr = GA + r * ldga, *ar = A + r * lda, *gate = H + r * ldh, *up = gate + ff;
-        scalar_t* out = GH + r * ldgh;
+      at::mm_out(ga, rows_d, w_out.select(0, task.expert));  // the gradient of a_in
+      for (int64_t r = 0; r < count; ++r) {
+        const scalar_t *gr = GA + r * ff, *ar = A + r * ff, *gate = H + (task.start + r) * ldh, *up = gate + ff;
+        scalar_t* out = GH + r * 2 * ff;
         acc_t dot = 0;
         for (int64_t j = 0; j < ff; ++j) dot += static_cast<acc_t>(gr[j]) * static_cast<acc_t>(ar[j]);
-        GS[r] = static_cast<scalar_t>(dot);
-        const acc_t sc = static_cast<acc_t>(S[r]);
+        GS[task.start + r] = static_cast<scalar_t>(dot);
+        const acc_t sc = static_cast<acc_t>(S[task.start + r]);
         for (int64_t j = 0; j < ff; ++j) {
           const acc_t da = static_cast<acc_t>(gr[j]) * sc, g = static_cast<acc_t>(gate[j]);
           const acc_t sg = sigmoid(g);
@@ -269,10 +281,12 @@ void expert_swiglu_backward_mm(const at::Tensor& grad_out, const at::Tensor& tok
           out[ff + j] = static_cast<scalar_t>(da * g * sg);
         }
       }
+      gather_rows(X, ldx, T, task, rows_d.data_ptr<scalar_t>(), d);
       if (grad_w_in.has_value()) {
         auto target = grad_w_in->select(0, task.expert);
-        at::mm_out(target, gh.t(), rows_of(xs, task));
+        at::mm_out(target, gh.t(), rows_d);
       }
+      auto gx = rows_of(grad_xs, task);
       at::mm_out(gx, gh, w_in.select(0, task.expert));
     });
   });
@@ -327,13 +341,13 @@ TORCH_LIBRARY_FRAGMENT(moekit, m) {
       "Tensor(d!) grad_in, Tensor tasks, int threads) -> ()");
   m.impl("expert_backward_pairs_mm", c10::DispatchKey::CPU, TORCH_FN(expert_backward_pairs_mm));
   m.def(
-      "expert_swiglu_forward_mm(Tensor x, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, Tensor(a!) xs, "
-      "Tensor(b!) h, Tensor(c!) a, Tensor(d!) a_in, Tensor(e!) ys, Tensor tasks, int threads) -> ()");
+      "expert_swiglu_forward_mm(Tensor x, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, Tensor(a!) h, "
+      "Tensor(b!) ys, Tensor tasks, int threads) -> ()");
   m.impl("expert_swiglu_forward_mm", c10::DispatchKey::CPU, TORCH_FN(expert_swiglu_forward_mm));
   m.def(
-      "expert_swiglu_backward_mm(Tensor grad_out, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, Tensor xs, "
-      "Tensor h, Tensor a, Tensor a_in, Tensor(a!)? grad_w_in, Tensor(b!)? grad_w_out, Tensor(c!) grad_scale, "
-      "Tensor(d!) grad_ys, Tensor(e!) grad_a, Tensor(f!) grad_h, Tensor(g!) grad_xs, Tensor tasks, int threads) -> ()");
+      "expert_swiglu_backward_mm(Tensor grad_out, Tensor x, Tensor token, Tensor scale, Tensor w_in, "
+      "Tensor w_out, Tensor h, Tensor(a!)? grad_w_in, Tensor(b!)? grad_w_out, Tensor(c!) grad_scale, "
+      "Tensor(d!) grad_xs, Tensor tasks, int threads) -> ()");
   m.impl("expert_swiglu_backward_mm", c10::DispatchKey::CPU, TORCH_FN(expert_swiglu_backward_mm));
   m.def("combine_rows_any(Tensor rows, Tensor order, Tensor bounds, Tensor(c!) out) -> ()");
   m.impl("combine_rows_any", c10::DispatchKey::CPU, TORCH_FN(combine_rows_any));

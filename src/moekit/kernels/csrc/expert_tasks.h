@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -60,6 +61,35 @@ inline std::vector<Task> tasks_of(const at::Tensor& tasks, const char* op) {
   std::stable_sort(out.begin(), out.end(),
                    [](const Task& a, const Task& b) { return a.stop - a.start > b.stop - b.start; });
   return out;
+}
+
+// Each thread's work space for one call of the expert loops, `elements` long (the largest task's
+// need), allocated uninitialised by the thread at its first task and freed when the call returns.
+// The rows an expert's steps pass to each other (gathered inputs, activations, their gradients)
+// live here, reused from expert to expert, so that they stay in cache where full [A, .] buffers
+// would be written out to memory and read back.
+template <typename T>
+class WorkSpaces {
+ public:
+  explicit WorkSpaces(int64_t elements)
+      : elements_(elements), spaces_(static_cast<size_t>(std::max(1, at::get_num_threads()))) {}
+  T* mine() {
+    const int id = at::get_thread_num();
+    TORCH_CHECK(id >= 0 && id < static_cast<int>(spaces_.size()), "moekit: thread ", id, " has no work space");
+    auto& space = spaces_[static_cast<size_t>(id)];
+    if (!space) space.reset(new T[static_cast<size_t>(elements_)]);
+    return space.get();
+  }
+
+ private:
+  int64_t elements_;
+  std::vector<std::unique_ptr<T[]>> spaces_;
+};
+
+inline int64_t largest_task(const std::vector<Task>& work) {
+  int64_t rows = 0;
+  for (const auto& task : work) rows = std::max(rows, task.stop - task.start);
+  return rows;
 }
 
 inline void check_task(const Task& task, int64_t experts, int64_t rows, const char* op) {
