@@ -27,6 +27,8 @@
 //     for every task, the gradient rows read once while they are in cache.
 //   moekit::expert_swiglu_forward / expert_swiglu_backward: SwiGLU experts (no biases, routing
 //     weight on the output) whole, gather, both products, activation and routing weight per expert.
+//   moekit::expert_swiglu_rows(x, token, expert, scale, w_in, w_out, threads) -> y: the same forward
+//     for a few expert-sorted rows outside autograd, tasks, work space and combine in the call.
 //   moekit::combine_rows(rows, order, bounds, out): out[t] = sum of rows[order[bounds[t]:bounds[t+1]]].
 //   moekit::swiglu_into(h, out), moekit::swiglu_backward_into(h, grad, out): SwiGLU of
 //     h = [gate | up] and its gradient with respect to h, rows split over torch's threads.
@@ -42,6 +44,8 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -589,11 +593,10 @@ void swiglu_backward_into(const at::Tensor& h, const at::Tensor& grad, const at:
 // its rows are in cache: for every task (e, s, t) and row r in [s, t): xs[r] = x[token[r]],
 // h = xs @ w_in[e]^T, a = swiglu(h), a_in = a * scale[r], ys = a_in @ w_out[e]^T. xs, h, a and
 // a_in are kept for the backward.
-void expert_swiglu_forward(const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
-                           const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& xs, const at::Tensor& h,
-                           const at::Tensor& a, const at::Tensor& a_in, const at::Tensor& ys, const at::Tensor& tasks,
-                           int64_t threads) {
-  const char* op = "moekit::expert_swiglu_forward";
+void swiglu_forward_work(const char* op, const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
+                         const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& xs, const at::Tensor& h,
+                         const at::Tensor& a, const at::Tensor& a_in, const at::Tensor& ys, const std::vector<Task>& work,
+                         int64_t threads) {
   check_packed(w_in, op, "w_in");
   check_packed(w_out, op, "w_out");
   const int64_t d = x.size(1), ff = w_out.size(2), rows = token.size(0), num_tokens = x.size(0);
@@ -611,7 +614,6 @@ void expert_swiglu_forward(const at::Tensor& x, const at::Tensor& token, const a
               op, ": scale must be a contiguous float32 [A]");
   const int64_t* T = token.data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(T[r] >= 0 && T[r] < num_tokens, op, ": token ", T[r], " out of range");
-  const auto work = tasks_of(tasks, op);
   for (const auto& task : work) check_task(task, w_in.size(0), rows, op);
   const float *X = x.data_ptr<float>(), *S = scale.data_ptr<float>();
   const float *WI = w_in.data_ptr<float>(), *WO = w_out.data_ptr<float>();
@@ -647,6 +649,48 @@ void expert_swiglu_forward(const at::Tensor& x, const at::Tensor& token, const a
                         : Prefetch{};
     product(count, d, ff, AI + s0 * ldai, ldai, 1, wo, w_out.stride(2), w_out.stride(1), Y + s0 * ldy, ldy, next);
   });
+}
+
+void expert_swiglu_forward(const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
+                           const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& xs, const at::Tensor& h,
+                           const at::Tensor& a, const at::Tensor& a_in, const at::Tensor& ys, const at::Tensor& tasks,
+                           int64_t threads) {
+  const char* op = "moekit::expert_swiglu_forward";
+  swiglu_forward_work(op, x, token, scale, w_in, w_out, xs, h, a, a_in, ys, tasks_of(tasks, op), threads);
+}
+
+// The experts' output of expert-sorted rows, for a few rows outside autograd (decode): the same
+// products and activation as expert_swiglu_forward, its tasks found from the expert ids and its
+// work space allocated here, then each row added into its token's output in row order (from
+// zero: the sums of combine_rows and of a serial index_add_). One call where the Python side would
+// build the tasks, allocate five buffers and combine in a dozen calls of a few microseconds each.
+at::Tensor expert_swiglu_rows(const at::Tensor& x, const at::Tensor& token, const at::Tensor& expert,
+                              const at::Tensor& scale, const at::Tensor& w_in, const at::Tensor& w_out,
+                              int64_t threads) {
+  const char* op = "moekit::expert_swiglu_rows";
+  check_packed(w_in, op, "w_in");
+  check_packed(w_out, op, "w_out");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [T, d]");
+  TORCH_CHECK(expert.dim() == 1 && expert.size(0) == token.size(0), op, ": expert and token must both be [A]");
+  const auto work = expert_runs(expert, w_in.size(0), op);
+  const int64_t rows = token.size(0), d = x.size(1), ff = w_out.size(2), num_tokens = x.size(0);
+  const auto options = x.options();
+  const at::Tensor ys = at::empty({rows, d}, options);
+  swiglu_forward_work(op, x, token, scale, w_in, w_out, at::empty({rows, d}, options), at::empty({rows, 2 * ff}, options),
+                      at::empty({rows, ff}, options), at::empty({rows, ff}, options), ys, work, threads);
+  at::Tensor out = at::zeros({num_tokens, d}, options);
+  const int64_t* T = token.data_ptr<int64_t>();
+  const float* Y = ys.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = O + T[r] * d;
+    const float* y = Y + r * d;
+    for (int64_t j = 0; j < d; j += S::kLanes) {
+      const S::Mask m = tail_mask(d - j);
+      S::store(o + j, m, S::add(S::load(m, o + j), S::load(m, y + j)));
+    }
+  }
+  return out;
 }
 
 // The backward of `expert_swiglu_forward` for every task: grad_ys[r] = grad_out[token[r]] (work
@@ -752,6 +796,10 @@ TORCH_LIBRARY(moekit, m) {
       "expert_swiglu_forward(Tensor x, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, Tensor(a!) xs, "
       "Tensor(b!) h, Tensor(c!) a, Tensor(d!) a_in, Tensor(e!) ys, Tensor tasks, int threads) -> ()");
   m.impl("expert_swiglu_forward", c10::DispatchKey::CPU, TORCH_FN(expert_swiglu_forward));
+  m.def(
+      "expert_swiglu_rows(Tensor x, Tensor token, Tensor expert, Tensor scale, Tensor w_in, Tensor w_out, "
+      "int threads) -> Tensor");
+  m.impl("expert_swiglu_rows", c10::DispatchKey::CPU, TORCH_FN(expert_swiglu_rows));
   m.def(
       "expert_swiglu_backward(Tensor grad_out, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, Tensor xs, "
       "Tensor h, Tensor a, Tensor a_in, Tensor(a!)? grad_w_in, Tensor(b!)? grad_w_out, Tensor(c!) grad_scale, "
