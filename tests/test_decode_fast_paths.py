@@ -123,10 +123,10 @@ def small_layer(activation="swiglu", bias=False, weight_on="output", seed=0):
 def test_few_rows_experts_equal_the_planned_path_and_float64(
     threads, activation, bias, weight_on, native, monkeypatch
 ):
-    """A decode step (one token per row, a row masked; and one row alone) outside autograd takes
-    the few-rows path: the C++ loops' whole-SwiGLU call where they run these experts, else
-    grouped_mm. Its output is the planned path's of the same kernel bit for bit, and the float64
-    reference's."""
+    """A decode step (one token per row, a row masked; one row alone; every row masked) outside
+    autograd takes the few-rows path: the C++ loops' whole-SwiGLU call where they run these
+    experts, else grouped_mm. Its output is the planned path's of the same kernel bit for bit, and
+    the float64 reference's."""
     monkeypatch.setenv("MOEKIT_NATIVE", native)
     layer = small_layer(activation, bias, weight_on)
     whole = activation == "swiglu" and not bias and weight_on == "output" and native_module.loops_available()
@@ -140,6 +140,7 @@ def test_few_rows_experts_equal_the_planned_path_and_float64(
     for x, mask in (
         (torch.randn(3, 1, 32), torch.tensor([[True], [False], [True]])),
         (torch.randn(1, 1, 32), None),
+        (torch.randn(2, 1, 32), torch.tensor([[False], [False]])),  # no assignment at all
     ):
         kernels.clear()
         previous = torch.get_num_threads()
