@@ -133,9 +133,10 @@ def test_few_rows_experts_equal_the_planned_path_and_float64(
     kernels = []
     original = few_rows_module.few_rows_experts
 
-    def counted(*args, kernel, **kwargs):
+    def counted(*args, kernel, threads, **kwargs):
         kernels.append(kernel)
-        return original(*args, kernel=kernel, **kwargs)
+        assert threads == 1  # experts this small: one thread
+        return original(*args, kernel=kernel, threads=threads, **kwargs)
 
     for x, mask in (
         (torch.randn(3, 1, 32), torch.tensor([[True], [False], [True]])),
@@ -260,3 +261,89 @@ def test_joint_projection_follows_weight_changes_and_stays_out_of_autograd(famil
     assert attention._joint_projection(x) is None  # the weights require grad here
     with torch.no_grad():
         assert attention._joint_projection(x) is not None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_of_larger_experts_takes_one_call_on_the_callers_threads(threads):
+    """Experts whose reads pay a thread hand-off, at decode sizes outside autograd, run whole in
+    one C++ call on the caller's threads: the planned decode path's values bit for bit, and the
+    float64 reference's; many rows per expert keep the planned path."""
+    if native_module.expert_kernel(torch.ones(1), torch.ones(1, 1, 1)) != "tile":
+        pytest.skip("moekit's tile kernel does not run here (no AVX2/AVX-512 build, or forced off)")
+    torch.manual_seed(0)
+    router = preset("qwen3_moe", 16, 4)
+    layer = MoE(MoEConfig(hidden_size=256, ff_size=512, router=router)).eval()
+    x = torch.randn(2, 1, 256)
+    experts = layer.experts
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            a = layer.router(x.reshape(-1, 256)).compute_assignments
+            args = (experts.w_in, experts.w_out, a.weight, None, None)
+            assert few_rows_module.few_rows_kernel(x, len(a), *args, whole=True, expert=a.expert) == (
+                "tile",
+                threads,
+            )
+            many = torch.zeros(64, dtype=torch.long)
+            assert few_rows_module.few_rows_kernel(x, 64, *args, whole=True, expert=many) is None
+            fast = layer(x)
+            planned = grouped_experts(
+                x.reshape(-1, 256), a.token, a.expert, a.weight, experts.w_in, experts.w_out,
+                None, None, experts.activation, "output", threads=threads,
+            )  # fmt: skip
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(fast.reshape(-1, 256), planned)
+    reference = reference_moe(layer.double(), x.double(), None).output
+    torch.testing.assert_close(fast.double(), reference, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    outputs=st.integers(1, 300),
+    inner=st.integers(1, 200),
+    bias=st.booleans(),
+    threads=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_rows_linear_kernel_against_float64(rows, outputs, inner, bias, threads, seed):
+    """moekit's row kernel for a decoding step's dense products: x @ W^T + b for a few rows, the
+    weight's rows split over threads (row and column tails, strided x rows), against float64."""
+    if not native_module.native_available():
+        pytest.skip("moekit's tile kernel does not run here (no AVX2/AVX-512 build, or forced off)")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, inner + 3, generator=gen)[:, :inner]  # rows a stride apart
+    weight = torch.randn(outputs, inner, generator=gen)
+    b = torch.randn(outputs, generator=gen) if bias else None
+    ours = torch.ops.moekit.rows_linear(x, weight, b, threads)
+    exact = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-5 * inner**0.5)
+
+
+def test_decode_linear_takes_the_kernel_for_large_reads_on_threads_only():
+    """`decode_linear` runs the row kernel for a few rows against a weight large enough to split,
+    on more than one thread, outside autograd; F.linear otherwise. Its values are F.linear's to
+    rounding (the two sum in different orders)."""
+    from moekit.kernels import rows_linear
+
+    if not native_module.native_available():
+        pytest.skip("moekit's tile kernel does not run here")
+    weight = torch.randn(1024, 512)  # 2 MB: its read pays a thread hand-off
+    x = torch.randn(1, 1, 512)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            assert rows_linear.fits(x, weight, None)
+            assert not rows_linear.fits(torch.randn(5, 512), weight, None)  # more rows than the kernel's
+            assert not rows_linear.fits(x, weight[:8], None)  # too small a read to split
+            out = rows_linear.decode_linear(x, weight)
+        assert not rows_linear.fits(x, weight.requires_grad_(), None)
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            assert not rows_linear.fits(x, weight, None)  # one thread: F.linear
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight.detach()), rtol=1e-5, atol=1e-4)

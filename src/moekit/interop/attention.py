@@ -22,6 +22,7 @@ from moekit.errors import ConfigError, require_choice, require_int
 from moekit.inference.kv_cache import LayerCache
 from moekit.interop.rope import apply_rope
 from moekit.kernels import rms_norm as rms_norm_kernel
+from moekit.kernels.rows_linear import RowsLinear
 from moekit.routing.importance import attention_received
 
 ATTENTION_KINDS = ("gqa", "mla")
@@ -231,12 +232,12 @@ class Attention(nn.Module):
         self.use_rope = use_rope
         h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
         if config.fused_qkv:
-            self.qkv_proj = nn.Linear(hidden, (h + 2 * kv) * d, bias=config.qkv_bias)
+            self.qkv_proj = RowsLinear(hidden, (h + 2 * kv) * d, bias=config.qkv_bias)
         else:
-            self.q_proj = nn.Linear(hidden, h * d, bias=config.qkv_bias)
-            self.k_proj = nn.Linear(hidden, kv * d, bias=config.qkv_bias)
-            self.v_proj = nn.Linear(hidden, kv * d, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(h * d, hidden, bias=config.out_bias)
+            self.q_proj = RowsLinear(hidden, h * d, bias=config.qkv_bias)
+            self.k_proj = RowsLinear(hidden, kv * d, bias=config.qkv_bias)
+            self.v_proj = RowsLinear(hidden, kv * d, bias=config.qkv_bias)
+        self.o_proj = RowsLinear(h * d, hidden, bias=config.out_bias)
         if config.qk_norm == "per_head":
             self.q_norm = RMSNorm(d, config.norm_eps)
             self.k_norm = RMSNorm(d, config.norm_eps)

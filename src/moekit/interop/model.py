@@ -20,6 +20,7 @@ from moekit.errors import ConfigError, require_choice, require_int, require_know
 from moekit.inference.kv_cache import KVCache, LayerCache, step_mask
 from moekit.interop.attention import AttentionConfig, MaskInputs, RMSNorm, build_attention, build_mask
 from moekit.interop.rope import RopeConfig, half_signs, head_tables, inverse_frequencies, rope_tables
+from moekit.kernels.rows_linear import RowsLinear
 from moekit.layer import MoE, MoEConfig
 from moekit.models.lm import DenseFFN
 from moekit.routing.record import Routing
@@ -199,7 +200,7 @@ class FamilyModel(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = _norm(config)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head = RowsLinear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
