@@ -114,6 +114,15 @@ def small_layer(activation="swiglu", bias=False, weight_on="output", seed=0):
     return layer
 
 
+def assert_planned_and_exact(fast, planned, layer, x, mask):
+    """The fast path's output is the planned path's bit for bit and the float64 layer's to rounding
+    (the layer is cast back to fp32 after)."""
+    assert torch.equal(fast.reshape(planned.shape), planned)
+    reference = reference_moe(layer.double(), x.double(), mask).output
+    layer.float()
+    torch.testing.assert_close(fast.double(), reference, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("native", ["auto", "mm", "0"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
@@ -161,10 +170,7 @@ def test_few_rows_experts_equal_the_planned_path_and_float64(
                 )  # fmt: skip
         finally:
             torch.set_num_threads(previous)
-        assert torch.equal(fast.reshape(-1, 32), planned)
-        reference = reference_moe(layer.double(), x.double(), mask).output
-        torch.testing.assert_close(fast.double(), reference, rtol=1e-5, atol=1e-5)
-        layer.float()
+        assert_planned_and_exact(fast, planned, layer, x, mask)
 
 
 def test_few_rows_path_is_not_taken_where_gradients_or_large_experts_are():
@@ -294,9 +300,7 @@ def test_decode_of_larger_experts_takes_one_call_on_the_callers_threads(threads)
             )  # fmt: skip
     finally:
         torch.set_num_threads(previous)
-    assert torch.equal(fast.reshape(-1, 256), planned)
-    reference = reference_moe(layer.double(), x.double(), None).output
-    torch.testing.assert_close(fast.double(), reference, rtol=1e-5, atol=1e-5)
+    assert_planned_and_exact(fast, planned, layer, x, None)
 
 
 @settings(max_examples=30, deadline=None)

@@ -1,5 +1,6 @@
 """RMSNorm of a few fp32 rows in one call of moekit's kernel (`csrc/rms_norm.cpp`), where it
-gives torch.rms_norm's values bit for bit (`MOEKIT_NATIVE=0` turns it off with the other kernels).
+gives torch.rms_norm's values bit for bit (`MOEKIT_NATIVE=0` at the first use turns it off with
+the other kernels; decided once per process, being the same values either way).
 
 torch's fp32 rms_norm on the CPU runs seven ops, each with its own setup: 15-30 us for a row of
 32 to 1024 values (measured on an AVX2 EPYC), several per layer of a decoding step. The kernel
@@ -38,7 +39,7 @@ def fits(x: Tensor, weight: Tensor | None) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
         return False
-    return not torch.compiler.is_compiling() and native._requested() != "0" and matches_torch()
+    return not torch.compiler.is_compiling() and matches_torch()
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
