@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moekit.dispatch.few_rows as few_rows_module
+import moekit.kernels.native as native_module
 from moekit.dispatch.grouped import grouped_experts
 from moekit.dispatch.reference import reference_moe
 from moekit.interop.attention import RMSNorm
@@ -42,6 +43,56 @@ def test_fp32_rms_norm_in_one_op_is_transformers_arithmetic_bit_for_bit(rows, wi
     torch.testing.assert_close(norm(x).double(), exact, rtol=1e-6, atol=1e-6)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.sampled_from([(1, 1), (3, 1), (8, 1), (1, 6), (2, 4)]),
+    width=st.one_of(st.integers(1, 300), st.sampled_from([1024, 2048, 2880, 4096])),
+    eps=st.sampled_from([1e-6, 1e-5, 1e-20]),
+    weighted=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_rms_norm_kernel_is_torch_rms_norm_bit_for_bit(shape, width, eps, weighted, seed):
+    """moekit's kernel for a few rows gives torch.rms_norm's values bit for bit (where its probe
+    passed, as on every machine the tests run on: the probe failing here fails the test), and
+    float64's to rounding."""
+    from moekit.kernels import native, rms_norm
+
+    if not native.loops_available():
+        pytest.skip("moekit's C++ kernels are not built here (MOEKIT_NATIVE=0 or no compiler)")
+    assert rms_norm.matches_torch()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, width, generator=gen) * 3
+    weight = torch.randn(width, generator=gen) if weighted else None
+    with torch.inference_mode():
+        assert rms_norm.fits(x, weight) == (x.numel() < rms_norm.MAX_ELEMENTS)
+        ours = rms_norm.rms_norm(x, weight, eps)
+    assert torch.equal(ours, torch.rms_norm(x, (width,), weight, eps))
+    exact = hf_rms_norm(x.double(), torch.ones(width).double() if weight is None else weight.double(), eps)
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_module_takes_the_kernel_for_decode_rows_only():
+    """The RMSNorm module runs the kernel for a decode step's rows outside autograd, torch's op
+    for many rows (torch's sum then splits a row's additions over threads) and under autograd."""
+    from moekit.kernels import rms_norm
+
+    norm = RMSNorm(64, 1e-6)
+    calls = []
+    original = rms_norm.rms_norm
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    with patch.object(rms_norm, "rms_norm", counted):
+        with torch.no_grad():
+            small = norm(torch.randn(2, 1, 64))
+            norm(torch.randn(8, 1024, 64))
+        norm(torch.randn(2, 1, 64))
+    assert len(calls) == (1 if rms_norm.matches_torch() else 0)
+    assert small.shape == (2, 1, 64)
+
+
 def test_rms_norm_keeps_transformers_steps_for_other_dtypes():
     """float64 is normalised in fp32 (as transformers does), bf16 through fp32: not the fused op."""
     norm = RMSNorm(16, 1e-6)
@@ -63,43 +114,63 @@ def small_layer(activation="swiglu", bias=False, weight_on="output", seed=0):
     return layer
 
 
+def assert_planned_and_exact(fast, planned, layer, x, mask):
+    """The fast path's output is the planned path's bit for bit and the float64 layer's to rounding
+    (the layer is cast back to fp32 after)."""
+    assert torch.equal(fast.reshape(planned.shape), planned)
+    reference = reference_moe(layer.double(), x.double(), mask).output
+    layer.float()
+    torch.testing.assert_close(fast.double(), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("native", ["auto", "mm", "0"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     "activation,bias,weight_on",
     [("swiglu", False, "output"), ("gelu", True, "output"), ("swiglu", True, "input")],
 )
-def test_few_rows_experts_equal_the_planned_path_and_float64(threads, activation, bias, weight_on):
-    """A decode step (one token per row, a row masked) outside autograd takes the few-rows path;
-    its output is the planned grouped_mm path's bit for bit and the float64 reference's."""
+def test_few_rows_experts_equal_the_planned_path_and_float64(
+    threads, activation, bias, weight_on, native, monkeypatch
+):
+    """A decode step (one token per row, a row masked; one row alone; every row masked) outside
+    autograd takes the few-rows path: the C++ loops' whole-SwiGLU call where they run these
+    experts, else grouped_mm. Its output is the planned path's of the same kernel bit for bit, and
+    the float64 reference's."""
+    monkeypatch.setenv("MOEKIT_NATIVE", native)
     layer = small_layer(activation, bias, weight_on)
-    x = torch.randn(3, 1, 32)
-    mask = torch.tensor([[True], [False], [True]])
-    calls = []
+    whole = activation == "swiglu" and not bias and weight_on == "output" and native_module.loops_available()
+    kernels = []
     original = few_rows_module.few_rows_experts
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
+    def counted(*args, kernel, threads, **kwargs):
+        kernels.append(kernel)
+        assert threads == 1  # experts this small: one thread
+        return original(*args, kernel=kernel, threads=threads, **kwargs)
 
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        with torch.inference_mode(), patch.object(few_rows_module, "few_rows_experts", counted):
-            fast = layer(x, mask)
-        assert calls, "the few-rows path did not run"
-        experts = layer.experts
-        with torch.inference_mode():
-            routing = layer.router(x.reshape(-1, 32), mask.reshape(-1))
-            a = routing.compute_assignments
-            planned = grouped_experts(
-                x.reshape(-1, 32), a.token, a.expert, a.weight, experts.w_in, experts.w_out,
-                experts.b_in, experts.b_out, experts.activation, weight_on, backend="grouped_mm",
-            )  # fmt: skip
-    finally:
-        torch.set_num_threads(previous)
-    assert torch.equal(fast.reshape(-1, 32), planned)
-    reference = reference_moe(layer.double(), x.double(), mask).output
-    torch.testing.assert_close(fast.double(), reference, rtol=1e-5, atol=1e-5)
+    for x, mask in (
+        (torch.randn(3, 1, 32), torch.tensor([[True], [False], [True]])),
+        (torch.randn(1, 1, 32), None),
+        (torch.randn(2, 1, 32), torch.tensor([[False], [False]])),  # no assignment at all
+    ):
+        kernels.clear()
+        previous = torch.get_num_threads()
+        try:
+            torch.set_num_threads(threads)
+            with torch.inference_mode(), patch.object(few_rows_module, "few_rows_experts", counted):
+                fast = layer(x, mask)
+            assert kernels == [native_module.expert_kernel(x, layer.experts.w_in) if whole else "grouped_mm"]
+            experts = layer.experts
+            with torch.inference_mode():
+                routing = layer.router(x.reshape(-1, 32), None if mask is None else mask.reshape(-1))
+                a = routing.compute_assignments
+                planned = grouped_experts(
+                    x.reshape(-1, 32), a.token, a.expert, a.weight, experts.w_in, experts.w_out,
+                    experts.b_in, experts.b_out, experts.activation, weight_on,
+                    backend="auto" if whole else "grouped_mm", threads=1 if whole else None,
+                )  # fmt: skip
+        finally:
+            torch.set_num_threads(previous)
+        assert_planned_and_exact(fast, planned, layer, x, mask)
 
 
 def test_few_rows_path_is_not_taken_where_gradients_or_large_experts_are():
@@ -107,10 +178,179 @@ def test_few_rows_path_is_not_taken_where_gradients_or_large_experts_are():
     x = torch.randn(2, 1, 32)
     experts = layer.experts
     args = (experts.w_in, experts.w_out, None, None)
+    for whole in (False, True):
+        with torch.no_grad():
+            assert few_rows_module.few_rows_kernel(x, 4, *args, whole=whole) is not None
+            assert few_rows_module.few_rows_kernel(x, 10**6, *args, whole=whole) is None  # long reads
+        assert few_rows_module.few_rows_kernel(x, 4, *args, whole=whole) is None  # weights' gradients
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """family -> a tiny random model loaded by moekit (hidden 32: whole 64-byte weight rows)."""
+    pytest.importorskip("transformers", reason="transformers is installed by the `hf` extra")
+    from moekit.interop.hf import from_hf
+    from moekit.interop.tiny import tiny_model
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            folder = tmp_path_factory.mktemp(family)
+            tiny_model(family, seed=3).save_pretrained(folder)
+            cache[family] = from_hf(folder).eval()
+        return cache[family]
+
+    return get
+
+
+def decode_logits(model, steps=3, batch=2):
+    """Logits of a few one-token steps after a prompt, through the KV cache."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (batch, 5), generator=gen)
+    cache = model.new_cache(capacity=5 + steps)
+    out = [model(ids, cache=cache).logits[:, -1]]
+    for _ in range(steps):
+        token = out[-1].argmax(-1, keepdim=True)
+        out.append(model(token, cache=cache).logits[:, -1])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "family,joined", [("qwen3_moe", True), ("mixtral", True), ("olmoe", False), ("dbrx", False)]
+)
+def test_joint_projection_of_a_decode_step_is_the_separate_path_bit_for_bit(
+    families, family, joined, threads
+):
+    """A one-token step of a small fp32 model joins q, k and v into one product (and Qwen3's
+    per-head norms and the rotations into one each) where that keeps the values: the logits equal
+    those of the separate products bit for bit, and the float64 model's to rounding. Not joined:
+    OLMoE's norm over the whole projection (and its clipping), DBRX's fused projection."""
+    from moekit.interop.attention import Attention
+
+    model = families(family)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            fast = decode_logits(model)
+            attention = [layer.attn for layer in model.layers]
+            assert all((a.__dict__.get("_joint", (None, None))[1] is not None) == joined for a in attention)
+            with patch.object(Attention, "_joint_projection", lambda self, x: None):
+                separate = decode_logits(model)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(fast, separate)
+    with torch.inference_mode():
+        exact = decode_logits(model.double())
+    model.float()
+    torch.testing.assert_close(fast.double(), exact, rtol=1e-4, atol=1e-4)
+
+
+def test_joint_projection_follows_weight_changes_and_stays_out_of_autograd(families):
+    """The joined matrices are rebuilt when a projection's weight changes in place; a step whose
+    weights want gradients keeps the separate products."""
+    from moekit.interop.attention import Attention
+
+    model = families("qwen3_moe")
+    attention = model.layers[0].attn
     with torch.no_grad():
-        assert few_rows_module.few_rows_fit(x, 4, *args)
-        assert not few_rows_module.few_rows_fit(x, 10**6, *args)  # reads long enough to thread
-    assert not few_rows_module.few_rows_fit(x, 4, *args)  # autograd wants the weights' gradients
+        attention.k_proj.weight.mul_(1.5)
+        attention.q_norm.weight.add_(0.25)
+    with torch.inference_mode():
+        fast = decode_logits(model)
+        with patch.object(Attention, "_joint_projection", lambda self, x: None):
+            separate = decode_logits(model)
+    assert torch.equal(fast, separate)
+    x = torch.randn(1, 1, model.config.hidden_size)
+    assert attention._joint_projection(x) is None  # the weights require grad here
+    with torch.no_grad():
+        assert attention._joint_projection(x) is not None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_of_larger_experts_takes_one_call_on_the_callers_threads(threads):
+    """Experts whose reads pay a thread hand-off, at decode sizes outside autograd, run whole in
+    one C++ call on the caller's threads: the planned decode path's values bit for bit, and the
+    float64 reference's; many rows per expert keep the planned path."""
+    if native_module.expert_kernel(torch.ones(1), torch.ones(1, 1, 1)) != "tile":
+        pytest.skip("moekit's tile kernel does not run here (no AVX2/AVX-512 build, or forced off)")
+    torch.manual_seed(0)
+    router = preset("qwen3_moe", 16, 4)
+    layer = MoE(MoEConfig(hidden_size=256, ff_size=512, router=router)).eval()
+    x = torch.randn(2, 1, 256)
+    experts = layer.experts
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            a = layer.router(x.reshape(-1, 256)).compute_assignments
+            args = (experts.w_in, experts.w_out, a.weight, None, None)
+            assert few_rows_module.few_rows_kernel(x, len(a), *args, whole=True, expert=a.expert) == (
+                "tile",
+                threads,
+            )
+            many = torch.zeros(64, dtype=torch.long)
+            assert few_rows_module.few_rows_kernel(x, 64, *args, whole=True, expert=many) is None
+            fast = layer(x)
+            planned = grouped_experts(
+                x.reshape(-1, 256), a.token, a.expert, a.weight, experts.w_in, experts.w_out,
+                None, None, experts.activation, "output", threads=threads,
+            )  # fmt: skip
+    finally:
+        torch.set_num_threads(previous)
+    assert_planned_and_exact(fast, planned, layer, x, None)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    outputs=st.integers(1, 300),
+    inner=st.integers(1, 200),
+    bias=st.booleans(),
+    threads=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_rows_linear_kernel_against_float64(rows, outputs, inner, bias, threads, seed):
+    """moekit's row kernel for a decoding step's dense products: x @ W^T + b for a few rows, the
+    weight's rows split over threads (row and column tails, strided x rows), against float64."""
+    if not native_module.native_available():
+        pytest.skip("moekit's tile kernel does not run here (no AVX2/AVX-512 build, or forced off)")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, inner + 3, generator=gen)[:, :inner]  # rows a stride apart
+    weight = torch.randn(outputs, inner, generator=gen)
+    b = torch.randn(outputs, generator=gen) if bias else None
+    ours = torch.ops.moekit.rows_linear(x, weight, b, threads)
+    exact = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-5 * inner**0.5)
+
+
+def test_decode_linear_takes_the_kernel_for_large_reads_on_threads_only():
+    """`decode_linear` runs the row kernel for a few rows against a weight large enough to split,
+    on more than one thread, outside autograd; F.linear otherwise. Its values are F.linear's to
+    rounding (the two sum in different orders)."""
+    from moekit.kernels import rows_linear
+
+    if not native_module.native_available():
+        pytest.skip("moekit's tile kernel does not run here")
+    weight = torch.randn(1024, 512)  # 2 MB: its read pays a thread hand-off
+    x = torch.randn(1, 1, 512)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            assert rows_linear.fits(x, weight, None)
+            assert not rows_linear.fits(torch.randn(5, 512), weight, None)  # more rows than the kernel's
+            assert not rows_linear.fits(x, weight[:8], None)  # too small a read to split
+            out = rows_linear.decode_linear(x, weight)
+        assert not rows_linear.fits(x, weight.requires_grad_(), None)
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            assert not rows_linear.fits(x, weight, None)  # one thread: F.linear
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight.detach()), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(

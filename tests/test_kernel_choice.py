@@ -21,8 +21,10 @@ def fresh_kernel_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path / "kernels"))
     monkeypatch.delenv("MOEKIT_GEMM", raising=False)
     gemm.onednn_is_faster.cache_clear()
+    native.stored_float32_kernel.cache_clear()
     yield tmp_path / "kernels"
     gemm.onednn_is_faster.cache_clear()
+    native.stored_float32_kernel.cache_clear()
 
 
 def test_choice_is_measured_once_and_then_read(fresh_kernel_cache):

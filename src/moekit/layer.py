@@ -151,21 +151,23 @@ class MoE(nn.Module):
             router_in = flat * noise
             if spec.jitter_target == "router_and_experts":
                 flat = router_in
-        iterate = getattr(self.router, "route_iteratively", None)
+        router = self.router
+        # (asked of the class: a missing attribute of a module raises inside nn.Module.__getattr__)
+        iterate = router.route_iteratively if hasattr(type(router), "route_iteratively") else None
         if iterate is not None:
             if override is not None and not override.is_empty:
                 check_overridable(self, -1)  # a chain router routes intermediate states: refused
             y, routing = iterate(flat, mask, previous, self.routed)
         else:
             extra = {}
-            if getattr(self.router, "routes_on_token_ids", False):
+            if getattr(type(router), "routes_on_token_ids", False):
                 if token_ids is not None and token_ids.shape != shape[:-1]:
                     raise ValueError(
                         f"token_ids: expected shape {tuple(shape[:-1])}, got {tuple(token_ids.shape)}"
                     )
                 extra["token_ids"] = None if token_ids is None else token_ids.reshape(-1)
             with no_autocast(router_in):  # under bf16 autocast the routing stays in fp32
-                routing = self.router(router_in, mask, previous=previous, **extra)
+                routing = router(router_in, mask, previous=previous, **extra)
                 attached = self.routing_override
                 if override is None and attached is not None:
                     override = attached.override

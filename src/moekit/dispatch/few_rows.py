@@ -1,13 +1,20 @@
 """Small decode-sized expert calls outside autograd, without the planner.
 
 A decode step of a small model spends more on planning its expert products than on computing
-them: reading the per-expert counts on the host, choosing backend, kernel and threads, building
-the plan and entering an autograd Function (measured on the tiny Qwen3-MoE at batch 1, one
-thread: 490 us per MoE layer, about 3.5 us per op, of which the products and their gather and
-combine are a dozen ops). Where no gradient is wanted, the products are too small to pay a thread
-hand-off, and grouped_mm takes the operands, the kept assignments go straight through grouped_mm
-with offsets computed from the counts on the tensor side (no read on the host): the kernels,
-order and sums of the planned portable grouped_mm path (`dispatch/grouped.py`).
+them: choosing backend, kernel and threads, building the plan, the combine's token order and
+entering an autograd Function (measured on the tiny Qwen3-MoE at batch 1, one thread: 490 us per
+MoE layer, about 3.5 us per op, of which the products and their gather and combine are a dozen
+ops). Where no gradient is wanted and the products are too small to pay a thread hand-off, the
+kept assignments go straight to the kernels the planned path would run, on one thread:
+- SwiGLU experts without biases, routing weight on the output, where moekit's C++ expert loops run
+  (`kernels.native`): the whole experts in one call (`expert_swiglu_forward` on the tile kernel or
+  at::mm, whichever the plan would take), the products only of the experts chosen; its combine
+  (`index_add_` in assignment order) sums each token's rows in the order of the planned combine.
+  Measured, tiny Qwen3-MoE layer (8 experts of 32 x 16, top-2), one row, one thread on an AVX2
+  EPYC: 116 us through grouped_mm, whose CPU kernel visits every expert, chosen or not.
+- otherwise, where grouped_mm takes the operands: grouped_mm with offsets computed from the
+  counts on the tensor side (no read on the host): the kernels, order and sums of the planned
+  portable grouped_mm path (`dispatch/grouped.py`).
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.dispatch.compiled import summed_expert_rows
-from moekit.dispatch.grouped import grouped_mm_fits
+from moekit.dispatch.grouped import DECODE_ROWS_PER_EXPERT, ExpertGroups, NativeLoops, grouped_mm_fits
 from moekit.dispatch.workers import CORE_BYTES_PER_S, MIN_THREADED_SECONDS
 from moekit.experts.activations import Activation
+from moekit.kernels.native import expert_kernel
 
 
 @cache
@@ -30,19 +38,56 @@ def grouped_mm_takes(dtype: torch.dtype, hidden: int, in_features: int, ff: int)
     return grouped_mm_fits(dtype, hidden, in_features, ff)
 
 
-def few_rows_fit(x: Tensor, rows: int, w_in: Tensor, w_out: Tensor, *tensors: Tensor | None) -> bool:
-    """Whether `rows` assignments of `x` go the few-rows way: on the CPU, no gradient wanted of
-    any operand, and the experts they can reach read in less time than a thread hand-off pays for
-    (the rough single-core rate of `dispatch.workers`), so threads would not speed them up."""
+def runs_whole(activation: Activation, weight_on: str, b_in: Tensor | None, b_out: Tensor | None) -> bool:
+    """Whether the C++ loops run these experts whole (as the planned path's `whole_swiglu`)."""
+    return activation.name == "swiglu" and weight_on == "output" and b_in is None and b_out is None
+
+
+def few_rows_kernel(
+    x: Tensor,
+    rows: int,
+    w_in: Tensor,
+    w_out: Tensor,
+    *tensors: Tensor | None,
+    whole: bool = False,
+    expert: Tensor | None = None,
+) -> tuple[str, int] | None:
+    """(kernel, threads) where `rows` assignments of `x` go the few-rows way, or None where they do
+    not: on the CPU, no gradient wanted of any operand, and either
+    - the experts they can reach read in less time than a thread hand-off pays for (the rough
+      single-core rate of `dispatch.workers`): one thread; "tile" or "mm", the C++ loops' kernel,
+      for experts that run `whole` (`runs_whole`), else "grouped_mm" where it takes them; or
+    - larger experts run whole on the tile kernel at decode sizes (fewer rows than
+      DECODE_ROWS_PER_EXPERT per expert chosen, read from the expert-sorted ids `expert` on the
+      host): the caller's threads, each taking whole experts, as the planned decode path runs
+      them, in one call instead of the plan's dozen (0.2 ms a layer of `large` in the plan and
+      its autograd Function)."""
     if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
+        return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_in, w_out, *tensors)):
-        return False
+        return None
     expert_bytes = (w_in.shape[1] * w_in.shape[2] + w_out.shape[1] * w_out.shape[2]) * w_in.element_size()
-    if rows * expert_bytes / CORE_BYTES_PER_S >= MIN_THREADED_SECONDS:
-        return False
+    small = rows * expert_bytes / CORE_BYTES_PER_S < MIN_THREADED_SECONDS
+    kernel = expert_kernel(x, w_in, w_out) if whole else None
+    if kernel is not None and small:
+        return kernel, 1
+    if kernel == "tile" and expert is not None and rows and decode_sized(rows, expert):
+        return kernel, torch.get_num_threads()
+    if not small:
+        return None
     num_experts, in_features, hidden = w_in.shape
-    return grouped_mm_takes(x.dtype, hidden, in_features, w_out.shape[2]) and w_out.dtype == x.dtype
+    fits = grouped_mm_takes(x.dtype, hidden, in_features, w_out.shape[2]) and w_out.dtype == x.dtype
+    return ("grouped_mm", 1) if fits else None
+
+
+def decode_sized(rows: int, expert: Tensor) -> bool:
+    """Whether `rows` expert-sorted assignments (ids `expert`) are decode-sized: fewer than
+    DECODE_ROWS_PER_EXPERT per expert they reach (the planned path's `_is_decode`)."""
+    if rows >= DECODE_ROWS_PER_EXPERT * min(rows, expert.shape[0]):
+        return False  # more rows per expert than decode has, however many experts they reach
+    ids = expert.tolist()
+    active = 1 + sum(1 for a, b in zip(ids, ids[1:], strict=False) if a != b)
+    return rows < DECODE_ROWS_PER_EXPERT * active
 
 
 def few_rows_experts(
@@ -56,13 +101,42 @@ def few_rows_experts(
     b_out: Tensor | None,
     activation: Activation,
     weight_on: str,
+    kernel: str = "grouped_mm",
+    threads: int = 1,
 ) -> Tensor:
     """y[t] = sum over the assignments (t, e, w), expert-sorted, of w * expert_e(x[t]) (or
-    expert_e(w * x[t])), in grouped_mm calls whose offsets never leave the tensor side."""
+    expert_e(w * x[t])), on `kernel` and `threads` (`few_rows_kernel`)."""
+    if kernel != "grouped_mm":
+        return _whole_experts(x, token, expert, weight, w_in, w_out, kernel, threads)
     offsets = torch.bincount(expert, minlength=w_in.shape[0]).cumsum(0, dtype=torch.int32)
-    scale = weight.to(x.dtype).unsqueeze(1)
+    scale = (weight if weight.dtype == x.dtype else weight.to(x.dtype)).unsqueeze(1)
     return summed_expert_rows(
         x, token, expert, scale, b_in, b_out, activation, weight_on,
         lambda rows: F.grouped_mm(rows, w_in.transpose(1, 2), offs=offsets),
         lambda a: F.grouped_mm(a, w_out.transpose(1, 2), offs=offsets),
     )  # fmt: skip
+
+
+def _whole_experts(
+    x: Tensor,
+    token: Tensor,
+    expert: Tensor,
+    weight: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    kernel: str,
+    threads: int,
+) -> Tensor:
+    """SwiGLU experts whole in one C++ call on `threads`, as the planned path's forward computes
+    them (`GroupedExperts._swiglu_forward`), without its plan, autograd Function and saved rows:
+    on the tile kernel, tasks, work space and combine inside the call (`expert_swiglu_rows`)."""
+    x = x.contiguous()
+    scale = (weight if weight.dtype == x.dtype else weight.to(x.dtype)).contiguous()
+    if kernel == "tile":
+        return torch.ops.moekit.expert_swiglu_rows(x, token, expert, scale, w_in, w_out, threads)
+    rows, d, ff = token.numel(), x.shape[1], w_out.shape[2]
+    groups = ExpertGroups.build(token, expert, w_in.shape[0], x.shape[0])
+    h, ys = x.new_empty(rows, 2 * ff), x.new_empty(rows, d)
+    NativeLoops(groups, kernel, threads=threads).swiglu_forward(x, scale, w_in, w_out, h, ys)
+    # each token's rows summed from zero in assignment order, as the planned combine sums them
+    return x.new_zeros(x.shape[0], d).index_add_(0, token, ys)

@@ -443,10 +443,13 @@ def grouped_experts(
     Small decode-sized calls outside autograd skip the planner (`dispatch/few_rows.py`)."""
     dtype = autocast_dtype(x)
     if dtype is None and backend == "auto" and threads is None:
-        from moekit.dispatch.few_rows import few_rows_experts, few_rows_fit
+        from moekit.dispatch.few_rows import few_rows_experts, few_rows_kernel, runs_whole
 
-        if few_rows_fit(x, token.numel(), w_in, w_out, weight, b_in, b_out):
-            return few_rows_experts(x, token, expert, weight, w_in, w_out, b_in, b_out, activation, weight_on)
+        whole = runs_whole(activation, weight_on, b_in, b_out)
+        way = few_rows_kernel(x, token.numel(), w_in, w_out, weight, b_in, b_out, whole=whole, expert=expert)
+        if way is not None:
+            args = (x, token, expert, weight, w_in, w_out, b_in, b_out, activation, weight_on)
+            return few_rows_experts(*args, kernel=way[0], threads=way[1])
     if dtype is not None:
         x, w_in, w_out = x.to(dtype), w_in.to(dtype), w_out.to(dtype)
         b_in = None if b_in is None else b_in.to(dtype)

@@ -164,7 +164,8 @@ def _forward(
         out = model(ids, attention_mask=mask, position_ids=positions, cache=cache)
     else:
         out = model(ids, positions=positions, token_mask=real, cache=cache)
-    return out.logits[:, -1].float()
+    logits = out.logits[:, -1]
+    return logits if logits.dtype == torch.float32 else logits.float()
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all (cheaper per op than no_grad)

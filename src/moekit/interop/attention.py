@@ -16,9 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.device import autocast_dtype
+from moekit.dispatch.workers import CORE_BYTES_PER_S, MIN_THREADED_SECONDS
 from moekit.errors import ConfigError, require_choice, require_int
 from moekit.inference.kv_cache import LayerCache
 from moekit.interop.rope import apply_rope
+from moekit.kernels import rms_norm as rms_norm_kernel
+from moekit.kernels.rows_linear import RowsLinear
 from moekit.routing.importance import attention_received
 
 ATTENTION_KINDS = ("gqa", "mla")
@@ -99,6 +103,7 @@ class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, upcast_weight: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
+        self.normalized_shape = (size,)
         self.eps = eps
         self.upcast_weight = upcast_weight
 
@@ -106,8 +111,11 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         if dtype == torch.float32 and self.weight.dtype == torch.float32:
             # the same arithmetic in one op (bit for bit: tests/test_decode_fast_paths.py), which a
-            # decode step, a chain of small ops, feels: 17 against 30 us per call on one core
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            # decode step, a chain of small ops, feels: 17 against 30 us per call on one core; for
+            # a few rows, moekit's kernel of torch's arithmetic, where it was found bit for bit equal
+            if rms_norm_kernel.fits(x, self.weight):
+                return rms_norm_kernel.rms_norm(x, self.weight, self.eps)
+            return torch.rms_norm(x, self.normalized_shape, self.weight, self.eps)
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.upcast_weight:
@@ -224,12 +232,12 @@ class Attention(nn.Module):
         self.use_rope = use_rope
         h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
         if config.fused_qkv:
-            self.qkv_proj = nn.Linear(hidden, (h + 2 * kv) * d, bias=config.qkv_bias)
+            self.qkv_proj = RowsLinear(hidden, (h + 2 * kv) * d, bias=config.qkv_bias)
         else:
-            self.q_proj = nn.Linear(hidden, h * d, bias=config.qkv_bias)
-            self.k_proj = nn.Linear(hidden, kv * d, bias=config.qkv_bias)
-            self.v_proj = nn.Linear(hidden, kv * d, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(h * d, hidden, bias=config.out_bias)
+            self.q_proj = RowsLinear(hidden, h * d, bias=config.qkv_bias)
+            self.k_proj = RowsLinear(hidden, kv * d, bias=config.qkv_bias)
+            self.v_proj = RowsLinear(hidden, kv * d, bias=config.qkv_bias)
+        self.o_proj = RowsLinear(h * d, hidden, bias=config.out_bias)
         if config.qk_norm == "per_head":
             self.q_norm = RMSNorm(d, config.norm_eps)
             self.k_norm = RMSNorm(d, config.norm_eps)
@@ -251,6 +259,26 @@ class Attention(nn.Module):
         `want_received`: also return the mean attention each token received ([B, S])."""
         cfg = self.config
         b, s, _ = x.shape
+        joint = self._joint_projection(x) if s == 1 else None
+        if joint is not None:  # a decoding step of a small model: one product, one norm, one rotation
+            q, k, v = self._joint_step(x, cos, sin, *joint)
+        else:
+            q, k, v = self._project(x, cos, sin, cache)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = self.o_proj(
+            attend(q, k, v, mask, cfg.softmax_scale, cfg.implementation, self.sinks).reshape(b, s, -1)
+        )
+        if want_received:
+            return out, attention_received(q, k, cfg.softmax_scale, mask, self.sinks)
+        return out
+
+    def _project(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, H, S, D], k and v [B, KV, S, D]: projected, clipped, normed and rotated."""
+        cfg = self.config
+        b, s, _ = x.shape
         if cfg.fused_qkv:
             kv_width = cfg.num_kv_heads * cfg.head_dim
             qkv = self._clip(self.qkv_proj(x))
@@ -260,11 +288,17 @@ class Attention(nn.Module):
             if cfg.qk_norm == "whole":
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k, v = self._clip(q), self._clip(k), self._clip(v)
-        shape = (b, s, -1, cfg.head_dim)
-        q, k, v = q.view(shape), k.view(shape), v.view(shape)
-        if cfg.qk_norm == "per_head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if s == 1:  # [B, 1, H * D] is [B, H, 1, D] as it lies: one view, no transpose (decode)
+            shape = (b, -1, 1, cfg.head_dim)
+            q, k, v = q.view(shape), k.view(shape), v.view(shape)
+            if cfg.qk_norm == "per_head":
+                q, k = self.q_norm(q), self.k_norm(k)
+        else:
+            shape = (b, s, -1, cfg.head_dim)
+            q, k, v = q.view(shape), k.view(shape), v.view(shape)
+            if cfg.qk_norm == "per_head":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.use_rope:
             q, k = apply_rope(q, cos, sin, self.rope_layout), apply_rope(k, cos, sin, self.rope_layout)
             if cfg.qk_norm == "l2":
@@ -275,18 +309,96 @@ class Attention(nn.Module):
                 s, cfg.nope_temperature_scale, cfg.nope_temperature_floor, x.device, start
             )
             q = (q * scale).to(q.dtype)
-        if cache is not None:
-            k, v = cache.update(k, v)
-        out = self.o_proj(
-            attend(q, k, v, mask, cfg.softmax_scale, cfg.implementation, self.sinks).reshape(b, s, -1)
-        )
-        if want_received:
-            return out, attention_received(q, k, cfg.softmax_scale, mask, self.sinks)
-        return out
+        return q, k, v
 
     def _clip(self, t: Tensor) -> Tensor:
         c = self.config.clip_qkv
         return t if c is None else t.clamp(min=-c, max=c)
+
+    def _joint_projection(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+        """[W_q; W_k; W_v], its bias and the per-head norm weights of [q | k] ([H + KV, 1, D]), for
+        a one-token step outside autograd, or None where the step keeps the separate products.
+
+        A decoding step of a small model is a chain of ops of a few microseconds each; joined, the
+        three projections are one product, the queries' and keys' norms one norm and their
+        rotations one. Joined only where the values stay those of the separate products: rows at
+        the alignment they have in their own matrices (whole 64-byte lines: the products then
+        measured bit for bit equal, tests/test_decode_fast_paths.py), no clipping, no norm over the
+        whole projection, RoPE on; and only where the weights are small (a product reading less
+        than a thread hand-off pays for, `dispatch.workers`), so that the joined copy costs little
+        memory where the step's time is its ops', not its weight reads. Rebuilt when a weight
+        changes (its version counter or storage)."""
+        if not self._joinable:
+            return None
+        modules = self._modules  # (read directly: a decoding step is a chain of small ops)
+        projections = [modules["q_proj"], modules["k_proj"], modules["v_proj"]]
+        weights = [m.weight for m in projections]
+        norms = (
+            [modules["q_norm"].weight, modules["k_norm"].weight] if self.config.qk_norm == "per_head" else []
+        )
+        fp32 = x.dtype == torch.float32 and all(w.dtype == x.dtype for w in (*weights, *norms))
+        if not fp32 or (x.shape[-1] * 4) % 64 or autocast_dtype(x) is not None:
+            return None
+        biases = [m.bias for m in projections]
+        if len({b is None for b in biases}) > 1:  # a bias on some of the three: not joined
+            return None
+        sources = [t for t in (*weights, *biases, *norms) if t is not None]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *sources)):
+            return None
+        key = tuple((t.data_ptr(), t._version) for t in sources)
+        kept = self.__dict__.get("_joint")
+        if kept is None or kept[0] != key:
+            read = sum(w.numel() for w in weights) * x.element_size()
+            small = read / CORE_BYTES_PER_S < MIN_THREADED_SECONDS
+            kept = (key, _joined(self.config, weights, biases, norms) if small else None)
+            self.__dict__["_joint"] = kept
+        return kept[1]
+
+    @property
+    def _joinable(self) -> bool:
+        """What `_joint_projection` needs of the configuration."""
+        cfg = self.config
+        return (
+            not cfg.fused_qkv
+            and cfg.clip_qkv is None
+            and cfg.qk_norm in ("none", "per_head")
+            and self.use_rope
+        )
+
+    def _joint_step(
+        self, x: Tensor, cos: Tensor, sin: Tensor, weight: Tensor, bias: Tensor | None, norm: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, H, 1, D], k and v [B, KV, 1, D] of a one-token step through `_joint_projection`'s
+        matrices: the values of the separate path (an RMSNorm's weight multiplies its normalised
+        input last, as RMSNorm(x, None) * w does; the rotation is elementwise per head)."""
+        cfg = self.config
+        b, h, kv, d = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qk, v = F.linear(x, weight, bias).view(b, h + 2 * kv, 1, d).split([h + kv, kv], dim=1)
+        if norm is not None:
+            fits = rms_norm_kernel.fits(qk, None)
+            qk = (
+                rms_norm_kernel.rms_norm(qk, None, cfg.norm_eps)
+                if fits
+                else torch.rms_norm(qk, (d,), None, cfg.norm_eps)
+            )
+            qk = qk * norm
+        q, k = apply_rope(qk, cos, sin, self.rope_layout).split([h, kv], dim=1)
+        return q, k, v
+
+
+def _joined(
+    config: AttentionConfig, weights: list[Tensor], biases: list[Tensor | None], norms: list[Tensor]
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """`Attention._joint_projection`'s matrices: [W_q; W_k; W_v], their biases (all or none) and
+    the query and key norms' weights, one row per head."""
+    with torch.inference_mode(False), torch.no_grad():  # normal tensors, usable outside it too
+        weight = torch.cat(weights)
+        bias = None if biases[0] is None else torch.cat(biases)
+        norm = None
+        if norms:
+            h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
+            norm = torch.cat([norms[0].expand(h, d), norms[1].expand(kv, d)]).view(h + kv, 1, d)
+    return weight, bias, norm
 
 
 class LatentAttention(nn.Module):

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from moekit.errors import ConfigError, require_choice, require_int, require_known_fields, require_number
 from moekit.inference.kv_cache import KVCache, LayerCache, step_mask
 from moekit.interop.attention import AttentionConfig, MaskInputs, RMSNorm, build_attention, build_mask
-from moekit.interop.rope import RopeConfig, inverse_frequencies, rope_tables
+from moekit.interop.rope import RopeConfig, half_signs, head_tables, inverse_frequencies, rope_tables
+from moekit.kernels.rows_linear import RowsLinear
 from moekit.layer import MoE, MoEConfig
 from moekit.models.lm import DenseFFN
 from moekit.routing.record import Routing
@@ -160,20 +161,22 @@ class DecoderLayer(nn.Module):
         previous: Routing | None,
         cache: LayerCache | None = None,
     ) -> tuple[Tensor, Routing | None]:
+        ffn = self.ffn  # (looked up once: a decoding step is a chain of small ops)
+        moe = isinstance(ffn, MoE)
         received = None
-        if self.is_moe and self.ffn.wants_attention_received(x.shape[1]):
+        if moe and x.shape[1] > 1 and ffn.wants_attention_received(x.shape[1]):
             a, received = self.attn(self.attn_norm(x), cos, sin, mask, cache, want_received=True)
         else:
             a = self.attn(self.attn_norm(x), cos, sin, mask, cache)
         x = x + self._scaled(a)
         h = self.ffn_norm(x)
         routing = None
-        if self.is_moe:
-            h, routing = self.ffn.forward_with_routing(
+        if moe:
+            h, routing = ffn.forward_with_routing(
                 h, token_mask, previous=previous, attention_received=received
             )
         else:
-            h = self.ffn(h)
+            h = ffn(h)
         return x + self._scaled(h), routing
 
     def _scaled(self, h: Tensor) -> Tensor:
@@ -197,7 +200,7 @@ class FamilyModel(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = _norm(config)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head = RowsLinear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -208,14 +211,14 @@ class FamilyModel(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [layer.ffn for layer in self.layers if layer.is_moe]
 
-    def _rope_frequencies(self, device: torch.device) -> tuple[Tensor, float]:
-        """RoPE's inverse frequencies (fp32) and scaling, computed once per device rather than
-        at every decoding step (kept off the state dict and out of `model.to(dtype)`)."""
+    def _rope_frequencies(self, device: torch.device) -> tuple[Tensor, float, Tensor]:
+        """RoPE's inverse frequencies (fp32), scaling and `half_signs`, computed once per device
+        rather than at every decoding step (kept off the state dict and out of `model.to(dtype)`)."""
         cached = self.__dict__.get("_rope_cache")
         if cached is None or cached[0].device != device:
-            with torch.inference_mode(False):  # a normal tensor, usable later in training too
+            with torch.inference_mode(False):  # normal tensors, usable later in training too
                 inv_freq, scaling = inverse_frequencies(self.config.rope)
-                cached = (inv_freq.to(device), scaling)
+                cached = (inv_freq.to(device), scaling, half_signs(2 * inv_freq.numel(), device))
             self.__dict__["_rope_cache"] = cached
         return cached
 
@@ -262,7 +265,9 @@ class FamilyModel(nn.Module):
         x = self.embed(input_ids)
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
-        cos, sin = rope_tables(self.config.rope, position_ids, x.dtype, self._rope_frequencies(device))
+        inv_freq, scaling, signs = self._rope_frequencies(device)
+        cos, sin = rope_tables(self.config.rope, position_ids, x.dtype, (inv_freq, scaling))
+        cos, sin = head_tables(cos, sin, self.config.rope.layout, signs)
         inputs = MaskInputs(b, s, padding, documents, device)
         materialise = self.config.attention.implementation == "eager"
         masks: dict[tuple[int | None, int | None], Tensor | None] = {}

@@ -118,23 +118,48 @@ def rope_tables(
     rope: RopeConfig, positions: Tensor, dtype: torch.dtype, frequencies: tuple[Tensor, float] | None = None
 ) -> tuple[Tensor, Tensor]:
     """cos, sin [B, S, dim] for integer `positions` [B, S] (HF's rotary embedding forward);
-    `frequencies`: `inverse_frequencies(rope)` if already computed."""
+    `frequencies`: `inverse_frequencies(rope)` if already computed. A scaling of 1 and a cast to
+    the dtype they have are left out (the same values, two ops fewer per decoding step)."""
     inv_freq, scaling = inverse_frequencies(rope) if frequencies is None else frequencies
-    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    if inv_freq.device != positions.device:
+        inv_freq = inv_freq.to(positions.device)
+    freqs = positions[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if scaling != 1.0:
+        cos, sin = cos * scaling, sin * scaling
+    if dtype != cos.dtype:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    return cos, sin
+
+
+def half_signs(dim: int, device: torch.device | str = "cpu") -> Tensor:
+    """[-1] * (dim / 2) + [1] * (dim / 2) in fp32: the signs `head_tables` gives the sine."""
+    return torch.ones(dim, device=device).index_fill_(0, torch.arange(dim // 2, device=device), -1.0)
+
+
+def head_tables(cos: Tensor, sin: Tensor, layout: str, signs: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The [B, S, dim] tables as `apply_rope` takes them, made once per forward rather than for
+    every query and key of every layer: [B, 1, S, dim] (broadcast over the heads), halved for the
+    pairwise layouts, and for `half` the sine's first half negated (times `signs`, `half_signs`,
+    where given in the tables' dtype), so that rotating is one swap of the halves, two products and
+    a sum (transformers' `rotate_half` takes a negation, two slices and a concatenation; -a * b is
+    a * -b exactly, so the values are the same)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = cos.shape[-1] // 2
+    if layout in ("interleaved", "complex"):
+        return cos[..., :half], sin[..., :half]
+    if signs is not None and signs.dtype == sin.dtype:
+        return cos, sin * signs
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, layout: str) -> Tensor:
-    """Rotate [B, heads, S, dim] features by the [B, S, dim] tables."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    """Rotate [B, heads, S, dim] features by the tables of `head_tables`."""
     if layout in ("interleaved", "complex"):
-        half = cos.shape[-1] // 2
-        cos, sin = cos[..., :half], sin[..., :half]
         even, odd = x[..., 0::2], x[..., 1::2]
         if layout == "complex":  # (even + i odd) * (cos + i sin), as torch's complex product
             return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
         return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos) + (rotated * sin)
+    # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]: the halves swapped, signs in `sin`
+    return (x * cos) + (torch.roll(x, x.shape[-1] // 2, dims=-1) * sin)

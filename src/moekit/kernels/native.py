@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "expert_gemm.cpp", CSRC / "expert_mm.cpp")
+SOURCES = (CSRC / "expert_gemm.cpp", CSRC / "expert_mm.cpp", CSRC / "rms_norm.cpp")
 HEADERS = (CSRC / "simd.h", CSRC / "expert_tasks.h")
 KERNELS = ("tile", "mm")
 # -fopenmp at compile time only: the OpenMP calls bind at load time to the runtime torch already
@@ -56,6 +56,8 @@ TILE_OPS = (
     "expert_products",
     "expert_backward_pairs",
     "expert_swiglu_forward",
+    "expert_swiglu_rows",
+    "rows_linear",
     "expert_swiglu_backward",
     "combine_rows",
     "swiglu_into",
@@ -116,10 +118,11 @@ def expert_kernel(x: Tensor, *weights: Tensor) -> str | None:
     weights with unit stride along one of their last two dimensions."""
     if torch.compiler.is_compiling() or x.device.type != "cpu" or not x.dtype.is_floating_point:
         return None
-    if not all(w.dtype == x.dtype for w in weights) or not loops_available():
+    requested = _requested()  # (read once: a decoding step asks once per MoE layer)
+    if requested == "0" or not all(w.dtype == x.dtype for w in weights) or not _built_and_checked()[1]:
         return None
     tile_fits = x.dtype == torch.float32 and all(1 in (w.stride(-1), w.stride(-2)) for w in weights)
-    return float32_kernel() if tile_fits else "mm"
+    return float32_kernel(requested) if tile_fits else "mm"
 
 
 def native_available() -> bool:
@@ -133,14 +136,22 @@ def loops_available() -> bool:
     return _requested() != "0" and _built_and_checked()[1]
 
 
-def float32_kernel() -> str:
-    """The kernel of fp32 expert products here: as `MOEKIT_NATIVE` forces it, else "mm" without the
-    tile kernel, else as measured once on this CPU model and stored."""
-    requested = _requested()
+def float32_kernel(requested: str | None = None) -> str:
+    """The kernel of fp32 expert products here: as `MOEKIT_NATIVE` forces it (`requested`, if read
+    already), else "mm" without the tile kernel, else as measured once on this CPU model and stored."""
+    requested = _requested() if requested is None else requested
     if not native_available():
         return "mm"
     if requested in KERNELS:
         return requested
+    return stored_float32_kernel()
+
+
+@cache
+def stored_float32_kernel() -> str:
+    """The stored (else measured and stored) kernel of fp32 expert products, read once per
+    process: the store's read (a JSON file and /proc/cpuinfo) took 0.29 ms, which every expert
+    plan paid, a decoding step once per MoE layer."""
     from moekit.kernels.store import stored_choice
 
     return stored_choice("experts-float32", KERNELS, measure_float32_kernel)

@@ -9,6 +9,7 @@ as flat assignments, so none of them changes the record's shape.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -45,8 +46,9 @@ class Assignments:
 
     @staticmethod
     def empty(device: torch.device | str = "cpu") -> Assignments:
-        idx = torch.zeros(0, dtype=torch.long, device=device)  # empty: safe to share
-        return Assignments(idx, idx, torch.zeros(0, device=device), idx)
+        """No assignments (a router's empty `dropped`): the same empty tensors every call, which
+        a decoding step would otherwise allocate in every layer."""
+        return _empty_assignments(torch.device(device))
 
     @staticmethod
     def from_dense(topk_index: Tensor, topk_weight: Tensor, token_mask: Tensor | None = None) -> Assignments:
@@ -71,13 +73,21 @@ class Assignments:
             expert = expert.masked_fill(~token_mask.repeat_interleave(k), sentinel)
             kept = int(token_mask.sum()) * k
         expert, order = stable_sort(expert)
-        order = order[:kept]
+        if kept < len(order):  # (no slicing where every choice is kept: fewer ops per decode step)
+            expert, order = expert[:kept], order[:kept]
         return Assignments(
             token=torch.div(order, k, rounding_mode="floor"),
-            expert=expert[:kept],
+            expert=expert,
             weight=topk_weight.reshape(-1).index_select(0, order),
-            rank=order % k,
+            rank=order if num_tokens == 1 else order % k,  # one token: the order is its ranks
         )
+
+
+@cache
+def _empty_assignments(device: torch.device) -> Assignments:
+    with torch.inference_mode(False):  # ordinary tensors, usable in training after a generation
+        idx = torch.zeros(0, dtype=torch.long, device=device)  # empty: safe to share
+        return Assignments(idx, idx, torch.zeros(0, device=device), idx)
 
 
 @dataclass(frozen=True)

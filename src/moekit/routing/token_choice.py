@@ -50,10 +50,12 @@ def group_limited(
 def renormalise(weights: Tensor, renorm: str, p: float, eps: float) -> Tensor:
     """Divide the chosen weights of each token by their sum or p-norm (plus eps)."""
     if renorm == "sum":
-        return weights / (weights.sum(dim=-1, keepdim=True) + eps)
-    if renorm == "pnorm":
-        return weights / (torch.linalg.vector_norm(weights, ord=p, dim=-1, keepdim=True) + eps)
-    return weights
+        total = weights.sum(dim=-1, keepdim=True)
+    elif renorm == "pnorm":
+        total = torch.linalg.vector_norm(weights, ord=p, dim=-1, keepdim=True)
+    else:
+        return weights
+    return weights / (total + eps) if eps else weights / total  # + 0.0 changes no value
 
 
 def choose_topk(
@@ -67,8 +69,11 @@ def choose_topk(
             selection = group_limited(
                 selection, spec.num_groups, spec.topk_groups, spec.group_score, spec.top_k
             )
-        index = selection.topk(spec.top_k, dim=-1).indices
-        weights = scores.gather(1, index)
+        if selection is scores:  # the chosen scores are topk's values, not gathered again
+            weights, index = scores.topk(spec.top_k, dim=-1)
+        else:
+            index = selection.topk(spec.top_k, dim=-1).indices
+            weights = scores.gather(1, index)
     else:
         selection = logits if selection_bias is None else logits + selection_bias
         index = selection.topk(spec.top_k, dim=-1).indices

@@ -27,6 +27,10 @@
 //     for every task, the gradient rows read once while they are in cache.
 //   moekit::expert_swiglu_forward / expert_swiglu_backward: SwiGLU experts (no biases, routing
 //     weight on the output) whole, gather, both products, activation and routing weight per expert.
+//   moekit::expert_swiglu_rows(x, token, expert, scale, w_in, w_out, threads) -> y: the same forward
+//     for a few expert-sorted rows outside autograd, tasks, work space and combine in the call.
+//   moekit::rows_linear(x, weight, bias?, threads) -> y: a dense layer's product for a few rows
+//     (decode), the weight's rows split over torch's threads.
 //   moekit::combine_rows(rows, order, bounds, out): out[t] = sum of rows[order[bounds[t]:bounds[t+1]]].
 //   moekit::swiglu_into(h, out), moekit::swiglu_backward_into(h, grad, out): SwiGLU of
 //     h = [gate | up] and its gradient with respect to h, rows split over torch's threads.
@@ -42,6 +46,8 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -220,8 +226,46 @@ void pack_transposed(const float* W, int64_t ldw, int64_t width, int64_t depth, 
 constexpr int64_t kDotRows = 4;
 
 template <int MR>
+void dot_rows_narrow(int64_t N, int64_t K, const float* A, int64_t lda, const float* W, int64_t ldw, float* C,
+                     int64_t ldc, Prefetch& prefetch);
+
+// One row of A against kWideRows weight rows at a time: more weight rows read at once keep more
+// of memory's reads in flight (one row against a 67 MB weight, one AVX2 EPYC thread: 15.8 GB/s
+// four rows at a time, a sum over 1 GB 20). Each output is the same sum in the same order as
+// dot_rows' (one vector accumulator along K, then its lanes), so the values do not change.
+constexpr int kWideRows = 8;
+
+void dot_row_wide(int64_t N, int64_t K, const float* A, const float* W, int64_t ldw, float* C, Prefetch& prefetch) {
+  int64_t n = 0;
+  for (; n + kWideRows <= N; n += kWideRows) {
+    S::Vec acc[kWideRows];
+    for (int j = 0; j < kWideRows; ++j) acc[j] = S::zero();
+    const float* w = W + n * ldw;
+    for (int64_t k = 0; k < K; k += S::kLanes) {
+      prefetch.step();
+      const S::Mask m = S::tail_mask(K - k);
+      const S::Vec a = S::load(m, A + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < kWideRows; ++j) acc[j] = S::fmadd(a, S::load(m, w + j * ldw + k), acc[j]);
+    }
+    for (int j = 0; j < kWideRows; ++j) C[n + j] = S::reduce_add(acc[j]);
+  }
+  if (n < N) dot_rows_narrow<1>(N - n, K, A, 0, W + n * ldw, ldw, C + n, 0, prefetch);
+}
+
+template <int MR>
 void dot_rows(int64_t N, int64_t K, const float* A, int64_t lda, const float* W, int64_t ldw, float* C,
               int64_t ldc, Prefetch& prefetch) {
+  if constexpr (MR == 1) {
+    dot_row_wide(N, K, A, W, ldw, C, prefetch);
+  } else {
+    dot_rows_narrow<MR>(N, K, A, lda, W, ldw, C, ldc, prefetch);
+  }
+}
+
+template <int MR>
+void dot_rows_narrow(int64_t N, int64_t K, const float* A, int64_t lda, const float* W, int64_t ldw, float* C,
+                     int64_t ldc, Prefetch& prefetch) {
   for (int64_t n = 0; n < N; n += 4) {
     const int64_t width = std::min<int64_t>(4, N - n);
     S::Vec acc[MR][4];
@@ -622,15 +666,13 @@ void check_swiglu_operands(const at::Tensor& rows_of_tokens, const at::Tensor& t
 // its rows are in cache: for every task (e, s, t) and row r in [s, t): xs = x[token[r]],
 // h = xs @ w_in[e]^T, a_in = swiglu(h) * scale[r], ys = a_in @ w_out[e]^T. Only h is kept for
 // the backward (with x): xs and a_in live in the thread's work space.
-void expert_swiglu_forward(const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
-                           const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h, const at::Tensor& ys,
-                           const at::Tensor& tasks, int64_t threads) {
-  const char* op = "moekit::expert_swiglu_forward";
+void swiglu_forward_tasks(const char* op, const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
+                          const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h, const at::Tensor& ys,
+                          const std::vector<Task>& work, int64_t threads) {
   check_rows(x, x.size(0), x.size(1), op, "x");
   check_swiglu_operands(x, token, scale, w_in, w_out, h, op);
   const int64_t d = x.size(1), ff = w_out.size(2), rows = token.size(0);
   check_rows(ys, rows, d, op, "ys");
-  const auto work = tasks_of(tasks, op);
   for (const auto& task : work) check_task(task, w_in.size(0), rows, op);
   const int64_t* T = token.data_ptr<int64_t>();
   const float *X = x.data_ptr<float>(), *S = scale.data_ptr<float>();
@@ -657,6 +699,96 @@ void expert_swiglu_forward(const at::Tensor& x, const at::Tensor& token, const a
                         : Prefetch{};
     product(count, d, ff, a_in, ldai, 1, wo, w_out.stride(2), w_out.stride(1), Y + s0 * ldy, ldy, next);
   });
+}
+
+void expert_swiglu_forward(const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
+                           const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h, const at::Tensor& ys,
+                           const at::Tensor& tasks, int64_t threads) {
+  const char* op = "moekit::expert_swiglu_forward";
+  swiglu_forward_tasks(op, x, token, scale, w_in, w_out, h, ys, tasks_of(tasks, op), threads);
+}
+
+// The experts' output of expert-sorted rows, for a few rows outside autograd (decode): the same
+// products and activation as expert_swiglu_forward, its tasks found from the expert ids and its
+// work space allocated here, then each row added into its token's output in row order (from
+// zero: the sums of combine_rows and of a serial index_add_). One call where the Python side would
+// build the tasks, allocate its buffers and combine in a dozen calls of a few microseconds each.
+at::Tensor expert_swiglu_rows(const at::Tensor& x, const at::Tensor& token, const at::Tensor& expert,
+                              const at::Tensor& scale, const at::Tensor& w_in, const at::Tensor& w_out,
+                              int64_t threads) {
+  const char* op = "moekit::expert_swiglu_rows";
+  check_packed(w_in, op, "w_in");
+  check_packed(w_out, op, "w_out");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [T, d]");
+  TORCH_CHECK(expert.dim() == 1 && expert.size(0) == token.size(0), op, ": expert and token must both be [A]");
+  const auto work = expert_runs(expert, w_in.size(0), op);
+  const int64_t rows = token.size(0), d = x.size(1), ff = w_out.size(2), num_tokens = x.size(0);
+  const auto options = x.options();
+  const at::Tensor ys = at::empty({rows, d}, options);
+  swiglu_forward_tasks(op, x.contiguous(), token, scale, w_in, w_out, at::empty({rows, 2 * ff}, options), ys, work,
+                       threads);
+  at::Tensor out = at::zeros({num_tokens, d}, options);
+  const int64_t* T = token.data_ptr<int64_t>();
+  const float* Y = ys.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = O + T[r] * d;
+    const float* y = Y + r * d;
+    for (int64_t j = 0; j < d; j += S::kLanes) {
+      const S::Mask m = tail_mask(d - j);
+      S::store(o + j, m, S::add(S::load(m, o + j), S::load(m, y + j)));
+    }
+  }
+  return out;
+}
+
+// out = x @ weight^T (+ bias) for a few rows x [M, K] (M <= kDotRows) of a dense layer, the
+// weight's rows [N, K] split into chunks that `threads` of torch's threads take from a shared
+// counter, each chunk's dot products along K read once, in place (dot_rows). A decoding step's
+// dense products (the output head, attention projections) read their weights once for a row or
+// a few; the library's GEMV, threaded or not, read a 67 MB head at 19-20 GB/s on one and two
+// threads of an AVX2 EPYC whose sum over 1 GB reads 20 and 30.
+at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       int64_t threads) {
+  const char* op = "moekit::rows_linear";
+  check_float_cpu(x, op, "x");
+  check_float_cpu(weight, op, "weight");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(0) <= kDotRows, op, ": x must be [M <= ", kDotRows,
+              ", K] with unit column stride");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K && weight.stride(1) == 1, op,
+              ": weight must be [N, K] with unit column stride");
+  const float* B = nullptr;
+  if (bias.has_value()) {
+    check_float_cpu(*bias, op, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(), op, ": bias must be [N]");
+    B = bias->data_ptr<float>();
+  }
+  at::Tensor out = at::empty({M, N}, x.options());
+  const float* X = x.data_ptr<float>();
+  const float* W = weight.data_ptr<float>();
+  float* Y = out.data_ptr<float>();
+  const int64_t ldx = x.stride(0), ldw = weight.stride(0);
+  // chunks of 64 weight rows or more, about 8 per thread so that the threads finish together
+  const int64_t chunk = std::max<int64_t>(64, (N / (8 * std::max<int64_t>(1, threads)) + 3) / 4 * 4);
+  const int64_t chunks = (N + chunk - 1) / chunk;
+  take_tasks(chunks, threads, [&](int64_t c) {
+    const int64_t n0 = c * chunk, width = std::min<int64_t>(chunk, N - n0);
+    Prefetch none;
+    const float* w = W + n0 * ldw;
+    float* y = Y + n0;
+    switch (M) {
+      case 0: break;
+      case 1: dot_rows<1>(width, K, X, ldx, w, ldw, y, N, none); break;
+      case 2: dot_rows<2>(width, K, X, ldx, w, ldw, y, N, none); break;
+      case 3: dot_rows<3>(width, K, X, ldx, w, ldw, y, N, none); break;
+      default: dot_rows<4>(width, K, X, ldx, w, ldw, y, N, none); break;
+    }
+    if (B != nullptr)
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < width; ++j) y[i * N + j] += B[n0 + j];
+  });
+  return out;
 }
 
 // The backward of `expert_swiglu_forward` for every task: the packed weight gradients (where
@@ -771,6 +903,12 @@ TORCH_LIBRARY(moekit, m) {
       "expert_swiglu_forward(Tensor x, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, Tensor(a!) h, "
       "Tensor(b!) ys, Tensor tasks, int threads) -> ()");
   m.impl("expert_swiglu_forward", c10::DispatchKey::CPU, TORCH_FN(expert_swiglu_forward));
+  m.def(
+      "expert_swiglu_rows(Tensor x, Tensor token, Tensor expert, Tensor scale, Tensor w_in, Tensor w_out, "
+      "int threads) -> Tensor");
+  m.impl("expert_swiglu_rows", c10::DispatchKey::CPU, TORCH_FN(expert_swiglu_rows));
+  m.def("rows_linear(Tensor x, Tensor weight, Tensor? bias, int threads) -> Tensor");
+  m.impl("rows_linear", c10::DispatchKey::CPU, TORCH_FN(rows_linear));
   m.def(
       "expert_swiglu_backward(Tensor grad_out, Tensor x, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, "
       "Tensor h, Tensor(a!)? grad_w_in, Tensor(b!)? grad_w_out, Tensor(c!) grad_scale, Tensor(d!) grad_xs, "

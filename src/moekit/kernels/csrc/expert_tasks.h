@@ -92,6 +92,28 @@ inline int64_t largest_task(const std::vector<Task>& work) {
   return rows;
 }
 
+// The tasks of expert-sorted rows: one (expert, start, stop) per run of equal ids in `expert`
+// (int64 [A], non-decreasing, each in [0, experts)), largest first as `tasks_of` gives them. For
+// callers that have the ids but no host-side task list (a decode step's few rows).
+inline std::vector<Task> expert_runs(const at::Tensor& expert, int64_t experts, const char* op) {
+  TORCH_CHECK(expert.dim() == 1 && expert.scalar_type() == at::kLong && expert.is_contiguous() &&
+                  expert.device().is_cpu(),
+              op, ": expert must be a contiguous int64 CPU tensor [A]");
+  const int64_t* e = expert.data_ptr<int64_t>();
+  std::vector<Task> out;
+  for (int64_t r = 0; r < expert.size(0); ++r) {
+    TORCH_CHECK(e[r] >= 0 && e[r] < experts, op, ": expert id ", e[r], " is out of range");
+    TORCH_CHECK(r == 0 || e[r] >= e[r - 1], op, ": expert ids must be sorted (non-decreasing)");
+    if (r == 0 || e[r] != e[r - 1])
+      out.push_back({e[r], r, r + 1});
+    else
+      out.back().stop = r + 1;
+  }
+  std::stable_sort(out.begin(), out.end(),
+                   [](const Task& a, const Task& b) { return a.stop - a.start > b.stop - b.start; });
+  return out;
+}
+
 inline void check_task(const Task& task, int64_t experts, int64_t rows, const char* op) {
   TORCH_CHECK(task.expert >= 0 && task.expert < experts && task.start >= 0 && task.start <= task.stop &&
                   task.stop <= rows,

@@ -1,0 +1,58 @@
+"""A dense layer's product for the few rows of a decoding step, on moekit's row kernel where
+torch's threads can split it.
+
+At batch 1 a decoding step reads every dense weight once for one row: the output head and the
+attention projections are pure weight reads. torch's `F.linear` (MKL's GEMV in torch's build)
+reads them on one thread whatever torch's thread count: a 67 MB head at 19-20 GB/s on one and on
+two threads of an AVX2 EPYC whose sum over 1 GB reads 20 and 30 GB/s. `moekit::rows_linear`
+(`csrc/expert_gemm.cpp`) splits the weight's rows into chunks that torch's threads take, each read
+once with eight rows in flight: 31 GB/s on two threads (20 on one, level with MKL). So a step on
+more than one thread takes the kernel, a step on one thread F.linear; whether a step runs on one
+thread or all is what generation times (`moekit.inference.step_threads`: on a loaded machine,
+where a second thread waits to be scheduled, one). The two round differently (1e-7 relative).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.dispatch.workers import CORE_BYTES_PER_S, MIN_THREADED_SECONDS
+from moekit.kernels import native
+
+# The kernel's rows of x per call (csrc: kDotRows).
+MAX_ROWS = 4
+
+
+def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias), on the row kernel where `fits`."""
+    if fits(x, weight, bias):
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        out = torch.ops.moekit.rows_linear(flat, weight, bias, torch.get_num_threads())
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+def fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """A few fp32 CPU rows outside autograd against a weight whose read pays a thread hand-off
+    (the rough rates of `dispatch.workers`), on more than one of torch's threads, with moekit's
+    tile kernel built."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if x.numel() > MAX_ROWS * x.shape[-1] or weight.stride(-1) != 1 or torch.compiler.is_compiling():
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        return False
+    if weight.numel() * 4 / CORE_BYTES_PER_S < MIN_THREADED_SECONDS:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return False
+    return torch.get_num_threads() > 1 and native.native_available()
+
+
+class RowsLinear(nn.Linear):
+    """`nn.Linear` (same parameters, same state dict) whose decoding steps take `decode_linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return decode_linear(x, self.weight, self.bias)
