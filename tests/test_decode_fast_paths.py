@@ -275,7 +275,10 @@ def test_decode_of_larger_experts_takes_one_call_on_the_callers_threads(threads)
     one C++ call on the caller's threads: the planned decode path's values bit for bit, and the
     float64 reference's; many rows per expert keep the planned path."""
     if native_module.expert_kernel(torch.ones(1), torch.ones(1, 1, 1)) != "tile":
-        pytest.skip("moekit's tile kernel does not run here (no AVX2/AVX-512 build, or forced off)")
+        pytest.skip(
+            "moekit's tile kernel is not the experts' kernel here (no AVX2/AVX-512 build, "
+            "MOEKIT_NATIVE off or mm, or the first-use measurement chose at::mm)"
+        )
     torch.manual_seed(0)
     router = preset("qwen3_moe", 16, 4)
     layer = MoE(MoEConfig(hidden_size=256, ff_size=512, router=router)).eval()

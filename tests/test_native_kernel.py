@@ -39,7 +39,8 @@ def loop_op(name: str, kernel: str):
     suffix, runs = LOOP_KERNELS[kernel]
     if not runs():
         pytest.skip(
-            f"the {kernel} kernel does not run here (the tile kernel needs AVX-512 or AVX2, both a compiler)"
+            f"the {kernel} kernel does not run here (off with MOEKIT_NATIVE; the tile kernel needs "
+            "AVX-512 or AVX2, both a compiler)"
         )
     return getattr(torch.ops.moekit, name + suffix)
 
