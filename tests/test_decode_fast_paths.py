@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import moekit.dispatch.few_rows as few_rows_module
 import moekit.kernels.native as native_module
+import moekit.layer as layer_module
 from moekit.dispatch.grouped import grouped_experts
 from moekit.dispatch.reference import reference_moe
 from moekit.interop.attention import RMSNorm
@@ -134,18 +135,25 @@ def test_few_rows_experts_equal_the_planned_path_and_float64(
 ):
     """A decode step (one token per row, a row masked; one row alone; every row masked) outside
     autograd takes the few-rows path: the C++ loops' whole-SwiGLU call where they run these
-    experts, else grouped_mm. Its output is the planned path's of the same kernel bit for bit, and
-    the float64 reference's."""
+    experts, else grouped_mm; a step of real rows only on the tile kernel goes from the router's
+    top-k to the experts in one call (`routed_rows`). Its output is the planned path's of the same
+    kernel bit for bit, and the float64 reference's."""
     monkeypatch.setenv("MOEKIT_NATIVE", native)
     layer = small_layer(activation, bias, weight_on)
     whole = activation == "swiglu" and not bias and weight_on == "output" and native_module.loops_available()
     kernels = []
-    original = few_rows_module.few_rows_experts
+    original, original_routed = few_rows_module.few_rows_experts, layer_module.routed_rows
 
     def counted(*args, kernel, threads, **kwargs):
         kernels.append(kernel)
         assert threads == 1  # experts this small: one thread
         return original(*args, kernel=kernel, threads=threads, **kwargs)
+
+    def counted_routed(*args):
+        taken = original_routed(*args)
+        if taken is not None:
+            kernels.append("topk")
+        return taken
 
     for x, mask in (
         (torch.randn(3, 1, 32), torch.tensor([[True], [False], [True]])),
@@ -156,9 +164,14 @@ def test_few_rows_experts_equal_the_planned_path_and_float64(
         previous = torch.get_num_threads()
         try:
             torch.set_num_threads(threads)
-            with torch.inference_mode(), patch.object(few_rows_module, "few_rows_experts", counted):
+            with (
+                torch.inference_mode(),
+                patch.object(few_rows_module, "few_rows_experts", counted),
+                patch.object(layer_module, "routed_rows", counted_routed),
+            ):
                 fast = layer(x, mask)
-            assert kernels == [native_module.expert_kernel(x, layer.experts.w_in) if whole else "grouped_mm"]
+            kernel = native_module.expert_kernel(x, layer.experts.w_in) if whole else "grouped_mm"
+            assert kernels == ["topk" if mask is None and kernel == "tile" else kernel]
             experts = layer.experts
             with torch.inference_mode():
                 routing = layer.router(x.reshape(-1, 32), None if mask is None else mask.reshape(-1))
@@ -380,3 +393,114 @@ def test_compiled_paths_gathered_form_equals_float64_and_drops_null_experts(acti
     assert torch.equal(got, with_null)
     reference = reference_moe(layer.double(), x.double()).output
     torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5)
+
+
+def tile_kernel_or_skip():
+    if native_module.expert_kernel(torch.ones(1), torch.ones(1, 1, 1)) != "tile":
+        pytest.skip(
+            "moekit's tile kernel is not the experts' kernel here (no AVX2/AVX-512 build, "
+            "MOEKIT_NATIVE off or mm, or the first-use measurement chose at::mm)"
+        )
+
+
+def general_path(layer, x):
+    """The layer's output and routing with the one-call decode path turned off."""
+    with patch.object(layer_module, "routed_rows", lambda *args: None):
+        return layer.forward_with_routing(x)
+
+
+def assert_same_routing(fast, general):
+    for name in ("logits", "scores", "token_mask"):
+        assert torch.equal(getattr(fast, name), getattr(general, name)), name
+    for part in ("kept", "dropped"):
+        for name in ("token", "expert", "weight", "rank"):
+            ours, theirs = getattr(getattr(fast, part), name), getattr(getattr(general, part), name)
+            assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), f"{part}.{name}"
+    assert fast.num_compute_experts == general.num_compute_experts
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    family=st.sampled_from(["qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "dbrx"]),
+    rows=st.integers(1, 3),
+    hidden=st.sampled_from([8, 20, 33, 64]),
+    ff=st.sampled_from([4, 13, 32]),
+    experts_and_k=st.sampled_from([(4, 1), (8, 2), (8, 8), (16, 4)]),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_decode_layer_in_one_call_is_the_general_path_bit_for_bit(
+    family, rows, hidden, ff, experts_and_k, threads, seed
+):
+    """A decoding step's MoE layer from the router's top-k to the experts in one call
+    (`few_rows.routed_rows`, `moekit::topk_swiglu_rows`) gives the general path's output and every
+    field of its routing record bit for bit (the same grouping, ranks and weights, the same
+    products and sums), for the routers of the families whose experts take the routing weight on
+    their output (Llama 4's on the input runs the general path), any row count below decode's
+    bound, tails of the vector width, one thread and two; and the float64 reference's output to
+    rounding."""
+    tile_kernel_or_skip()
+    num_experts, k = experts_and_k
+    overrides = {"num_groups": 2, "topk_groups": 2} if family == "deepseek_v3" else {}
+    router = preset(family, num_experts, k, **overrides)
+    torch.manual_seed(seed)
+    layer = MoE(MoEConfig(hidden_size=hidden, ff_size=ff, router=router)).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+        if layer.router.selection_bias is not None:
+            layer.router.selection_bias.normal_(0, 0.5)
+    x = torch.randn(rows, hidden)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            taken = few_rows_module.routed_rows(layer, x, None)
+            fast, routing = layer.forward_with_routing(x)
+            expected, expected_routing = general_path(layer, x)
+    finally:
+        torch.set_num_threads(previous)
+    assert taken is not None
+    assert torch.equal(taken[0], fast) and torch.equal(fast, expected)
+    assert_same_routing(routing, expected_routing)
+    reference = reference_moe(layer.double(), x.double(), None).output
+    torch.testing.assert_close(fast.double(), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_layer_in_one_call_only_where_the_general_path_would_give_the_same():
+    """The one-call path steps aside for padding (a token mask), a non-empty routing override,
+    training, gradients, capacity limits and decode-exceeding row counts; with a capture-only
+    override it runs, and the capture records its routing."""
+    from moekit.routing.override import Overrides, RoutingCapture, RoutingOverride, override_routing
+
+    tile_kernel_or_skip()
+    layer = small_layer()
+    x = torch.randn(2, 32)
+    with torch.inference_mode():
+        assert few_rows_module.routed_rows(layer, x, None) is not None
+        assert few_rows_module.routed_rows(layer, x, torch.tensor([True, False])) is None
+        assert few_rows_module.routed_rows(layer, torch.randn(64, 32), None) is None
+        with override_routing(layer, RoutingOverride(mask=[0])):
+            assert few_rows_module.routed_rows(layer, x, None) is None
+            masked = layer.forward_with_routing(x)[1]
+            assert not bool((masked.kept.expert == 0).any())
+        capture = RoutingCapture()
+        with override_routing(layer, Overrides(capture=capture)):
+            assert few_rows_module.routed_rows(layer, x, None) is not None
+            _, routing = layer.forward_with_routing(x)
+        assert torch.equal(capture.routings[0][0].kept.expert, routing.kept.expert)
+    with torch.no_grad():
+        layer.train()
+        assert few_rows_module.routed_rows(layer, x, None) is None
+        layer.eval()
+    assert few_rows_module.routed_rows(layer, x, None) is None  # the parameters want gradients
+    capped = MoE(MoEConfig(hidden_size=32, ff_size=16, router=preset("qwen3_moe", 8, 2, capacity_factor=1.0)))
+    with torch.inference_mode():
+        assert few_rows_module.routed_rows(capped.eval(), x, None) is None
+
+
+def test_topk_kernel_refuses_expert_ids_out_of_range():
+    tile_kernel_or_skip()
+    x, w_in, w_out = torch.randn(1, 8), torch.randn(4, 8, 8), torch.randn(4, 8, 4)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.moekit.topk_swiglu_rows(x, torch.tensor([[1, 4]]), torch.ones(1, 2), w_in, w_out, 1)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.device import no_autocast
+from moekit.dispatch.few_rows import routed_rows
 from moekit.dispatch.grouped import BACKENDS
 from moekit.errors import ConfigError, require_choice, require_int, require_known_fields, require_number
 from moekit.experts.activations import ACTIVATION_NAMES, make_activation
@@ -144,6 +145,10 @@ class MoE(nn.Module):
                     f"token_mask: expected shape {tuple(shape[:-1])}, got {tuple(token_mask.shape)}"
                 )
             mask = token_mask.reshape(-1).to(torch.bool)
+        if override is None:
+            fast = routed_rows(self, flat, mask)
+            if fast is not None:  # a decoding step: router to experts in one call
+                return self._finished(flat, *fast, shape)
         spec = self.config.router
         router_in = flat
         if self.training and spec.jitter_eps > 0:
@@ -177,6 +182,13 @@ class MoE(nn.Module):
                         routing = with_token_importance(routing, override, x, attention_received)
                     routing = apply_override(self, routing, override, shape[:-1])
             y = self.routed(flat, routing)
+        return self._finished(flat, y, routing, shape)
+
+    def _finished(
+        self, flat: Tensor, y: Tensor, routing: Routing, shape: torch.Size
+    ) -> tuple[Tensor, Routing]:
+        """The routed output plus the shared experts', in the input's shape; the routing captured
+        where an override asks for it."""
         if self.shared is not None:
             y = y + self.shared(flat)
         attached = self.routing_override

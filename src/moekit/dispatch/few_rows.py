@@ -20,16 +20,23 @@ kept assignments go straight to the kernels the planned path would run, on one t
 from __future__ import annotations
 
 from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moekit.device import autocast_dtype
 from moekit.dispatch.compiled import summed_expert_rows
 from moekit.dispatch.grouped import DECODE_ROWS_PER_EXPERT, ExpertGroups, NativeLoops, grouped_mm_fits
 from moekit.dispatch.workers import CORE_BYTES_PER_S, MIN_THREADED_SECONDS
 from moekit.experts.activations import Activation
 from moekit.kernels.native import expert_kernel
+from moekit.routing.record import Assignments, Routing
+from moekit.routing.token_choice import choose_topk
+
+if TYPE_CHECKING:
+    from moekit.layer import MoE
 
 
 @cache
@@ -140,3 +147,67 @@ def _whole_experts(
     NativeLoops(groups, kernel, threads=threads).swiglu_forward(x, scale, w_in, w_out, h, ys)
     # each token's rows summed from zero in assignment order, as the planned combine sums them
     return x.new_zeros(x.shape[0], d).index_add_(0, token, ys)
+
+
+def routed_rows(moe: MoE, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor, Routing] | None:
+    """(the routed experts' output, the routing) of a decoding step's few rows `x` [T, d] in one
+    C++ call after the router's top-k (`moekit::topk_swiglu_rows`), or None where the general path
+    must run. The values and the routing record are those of the general path (the router's own
+    logits and top-k, `Assignments.from_dense`'s grouping, `_whole_experts`' products and sums):
+    what is saved is its dozen small ops and their Python between the router and the experts
+    (sort, gathers, divisions, the planner's checks), which a decoding step pays in every layer.
+
+    Taken outside autograd, for every row real (`token_mask` None), fewer rows than decode has per
+    expert, no routing override attached (a capture is fine), a plain linear top-k router (no
+    capacity) and packed SwiGLU experts without biases whose products run on the tile kernel."""
+    from moekit.experts.packed import PackedExperts
+    from moekit.routing.token_choice import TokenChoiceRouter
+
+    router, experts, attached = moe.router, moe.experts, moe.routing_override
+    if (
+        token_mask is not None
+        or torch.is_grad_enabled()
+        or moe.training
+        or (attached is not None and attached.override is not None and not attached.override.is_empty)
+        or type(router) is not TokenChoiceRouter
+        or type(experts) is not PackedExperts
+        or x.shape[0] >= DECODE_ROWS_PER_EXPERT
+        or x.dtype != torch.float32
+        or autocast_dtype(x) is not None
+    ):
+        return None
+    spec, config = router.spec, moe.config
+    if spec.capacity_factor is not None or config.backend != "auto":
+        return None
+    w_in, w_out = experts.w_in, experts.w_out
+    if not runs_whole(experts.activation, spec.weight_on, experts.b_in, experts.b_out):
+        return None
+    if expert_kernel(x, w_in, w_out) != "tile":
+        return None
+    logits = router.logits(x)
+    selection_bias = router.selection_bias
+    if selection_bias is not None:
+        selection_bias = selection_bias.to(logits.dtype)
+    scores, index, weights = choose_topk(logits, spec, selection_bias)
+    expert_bytes = (w_in.shape[1] * w_in.shape[2] + w_out.shape[1] * w_out.shape[2]) * w_in.element_size()
+    small = index.numel() * expert_bytes / CORE_BYTES_PER_S < MIN_THREADED_SECONDS
+    threads = 1 if small else torch.get_num_threads()
+    y, *kept = torch.ops.moekit.topk_swiglu_rows(x, index, weights, w_in, w_out, threads)
+    token, expert, weight, rank = kept
+    routing = Routing(
+        logits=logits,
+        scores=scores,
+        kept=Assignments(token=token, expert=expert, weight=weight, rank=rank),
+        dropped=Assignments.empty(x.device),
+        token_mask=all_real(x.shape[0], x.device),
+        num_compute_experts=spec.num_experts,
+    )
+    return y, routing
+
+
+@cache
+def all_real(num_tokens: int, device: torch.device) -> Tensor:
+    """The token mask of a step whose every row is real, made once per size (a routing record's
+    `token_mask`, read and never written; an ordinary tensor, usable outside inference mode)."""
+    with torch.inference_mode(False):
+        return torch.ones(num_tokens, dtype=torch.bool, device=device)

@@ -57,6 +57,7 @@ TILE_OPS = (
     "expert_backward_pairs",
     "expert_swiglu_forward",
     "expert_swiglu_rows",
+    "topk_swiglu_rows",
     "rows_linear",
     "expert_swiglu_backward",
     "combine_rows",

@@ -29,6 +29,8 @@
 //     weight on the output) whole, gather, both products, activation and routing weight per expert.
 //   moekit::expert_swiglu_rows(x, token, expert, scale, w_in, w_out, threads) -> y: the same forward
 //     for a few expert-sorted rows outside autograd, tasks, work space and combine in the call.
+//   moekit::topk_swiglu_rows(x, index, weight, w_in, w_out, threads) -> (y, token, expert, weight, rank):
+//     the same from a router's [T, k] top-k choices, grouped by expert in the call.
 //   moekit::rows_linear(x, weight, bias?, threads) -> y: a dense layer's product for a few rows
 //     (decode), the weight's rows split over torch's threads.
 //   moekit::combine_rows(rows, order, bounds, out): out[t] = sum of rows[order[bounds[t]:bounds[t+1]]].
@@ -58,6 +60,7 @@
 #include <cstdint>
 #include <numeric>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #if !defined(_OPENMP)
@@ -708,25 +711,16 @@ void expert_swiglu_forward(const at::Tensor& x, const at::Tensor& token, const a
   swiglu_forward_tasks(op, x, token, scale, w_in, w_out, h, ys, tasks_of(tasks, op), threads);
 }
 
-// The experts' output of expert-sorted rows, for a few rows outside autograd (decode): the same
-// products and activation as expert_swiglu_forward, its tasks found from the expert ids and its
-// work space allocated here, then each row added into its token's output in row order (from
-// zero: the sums of combine_rows and of a serial index_add_). One call where the Python side would
-// build the tasks, allocate its buffers and combine in a dozen calls of a few microseconds each.
-at::Tensor expert_swiglu_rows(const at::Tensor& x, const at::Tensor& token, const at::Tensor& expert,
-                              const at::Tensor& scale, const at::Tensor& w_in, const at::Tensor& w_out,
+// Each token's sum of its expert-sorted rows' SwiGLU experts (`work`: their runs of equal expert
+// ids), computed as expert_swiglu_forward computes them, then each row added into its token's
+// output in row order (from zero: the sums of combine_rows and of a serial index_add_).
+at::Tensor summed_swiglu_rows(const char* op, const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
+                              const at::Tensor& w_in, const at::Tensor& w_out, const std::vector<Task>& work,
                               int64_t threads) {
-  const char* op = "moekit::expert_swiglu_rows";
-  check_packed(w_in, op, "w_in");
-  check_packed(w_out, op, "w_out");
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [T, d]");
-  TORCH_CHECK(expert.dim() == 1 && expert.size(0) == token.size(0), op, ": expert and token must both be [A]");
-  const auto work = expert_runs(expert, w_in.size(0), op);
   const int64_t rows = token.size(0), d = x.size(1), ff = w_out.size(2), num_tokens = x.size(0);
   const auto options = x.options();
   const at::Tensor ys = at::empty({rows, d}, options);
-  swiglu_forward_tasks(op, x.contiguous(), token, scale, w_in, w_out, at::empty({rows, 2 * ff}, options), ys, work,
-                       threads);
+  swiglu_forward_tasks(op, x, token, scale, w_in, w_out, at::empty({rows, 2 * ff}, options), ys, work, threads);
   at::Tensor out = at::zeros({num_tokens, d}, options);
   const int64_t* T = token.data_ptr<int64_t>();
   const float* Y = ys.data_ptr<float>();
@@ -740,6 +734,65 @@ at::Tensor expert_swiglu_rows(const at::Tensor& x, const at::Tensor& token, cons
     }
   }
   return out;
+}
+
+// The experts' output of expert-sorted rows, for a few rows outside autograd (decode): the same
+// products and activation as expert_swiglu_forward, its tasks found from the expert ids and its
+// work space allocated here, then each row added into its token's output in row order (from
+// zero: the sums of combine_rows and of a serial index_add_). One call where the Python side would
+// build the tasks, allocate its buffers and combine in a dozen calls of a few microseconds each.
+at::Tensor expert_swiglu_rows(const at::Tensor& x, const at::Tensor& token, const at::Tensor& expert,
+                              const at::Tensor& scale, const at::Tensor& w_in, const at::Tensor& w_out,
+                              int64_t threads) {
+  const char* op = "moekit::expert_swiglu_rows";
+  check_packed(w_in, op, "w_in");
+  check_packed(w_out, op, "w_out");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [T, d]");
+  TORCH_CHECK(expert.dim() == 1 && expert.size(0) == token.size(0), op, ": expert and token must both be [A]");
+  return summed_swiglu_rows(op, x.contiguous(), token, scale, w_in, w_out, expert_runs(expert, w_in.size(0), op),
+                            threads);
+}
+
+// `expert_swiglu_rows` from a router's top-k choices as they come, [T, k] expert ids `index` (best
+// first) and their weights: the choices grouped by expert here (one stable sort, as
+// `Assignments.from_dense` groups them), the experts' output summed per token, and the grouping
+// returned as the kept assignments (token, expert, weight, rank) [T k] that the routing record
+// holds. A decoding step's MoE layer in one call after its router's top-k, where the Python side
+// would sort, gather and divide in half a dozen calls between the two.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_swiglu_rows(
+    const at::Tensor& x, const at::Tensor& index, const at::Tensor& weight, const at::Tensor& w_in,
+    const at::Tensor& w_out, int64_t threads) {
+  const char* op = "moekit::topk_swiglu_rows";
+  check_packed(w_in, op, "w_in");
+  check_packed(w_out, op, "w_out");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [T, d]");
+  TORCH_CHECK(index.dim() == 2 && index.size(0) == x.size(0) && index.scalar_type() == at::kLong && index.device().is_cpu(),
+              op, ": index must be an int64 CPU tensor [T, k]");
+  TORCH_CHECK(weight.sizes() == index.sizes() && weight.scalar_type() == at::kFloat && weight.device().is_cpu(), op,
+              ": weight must be a float32 CPU tensor of index's shape");
+  const int64_t k = index.size(1), rows = index.numel(), experts = w_in.size(0);
+  const at::Tensor ids = index.contiguous(), weights = weight.contiguous();
+  const int64_t* I = ids.data_ptr<int64_t>();
+  const float* Wt = weights.data_ptr<float>();
+  std::vector<int64_t> order(static_cast<size_t>(rows));
+  std::iota(order.begin(), order.end(), int64_t{0});
+  for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(I[r] >= 0 && I[r] < experts, op, ": expert id ", I[r], " is out of range");
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return I[a] < I[b]; });
+  const auto long_options = ids.options();
+  at::Tensor token = at::empty({rows}, long_options), expert = at::empty({rows}, long_options);
+  at::Tensor rank = at::empty({rows}, long_options), scale = at::empty({rows}, weights.options());
+  int64_t *T = token.data_ptr<int64_t>(), *E = expert.data_ptr<int64_t>(), *R = rank.data_ptr<int64_t>();
+  float* Sc = scale.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t o = order[static_cast<size_t>(r)];
+    T[r] = o / k;
+    E[r] = I[o];
+    R[r] = o % k;
+    Sc[r] = Wt[o];
+  }
+  at::Tensor out =
+      summed_swiglu_rows(op, x.contiguous(), token, scale, w_in, w_out, expert_runs(expert, experts, op), threads);
+  return {out, token, expert, scale, rank};
 }
 
 // out = x @ weight^T (+ bias) for a few rows x [M, K] (M <= kDotRows) of a dense layer, the
@@ -907,6 +960,10 @@ TORCH_LIBRARY(moekit, m) {
       "expert_swiglu_rows(Tensor x, Tensor token, Tensor expert, Tensor scale, Tensor w_in, Tensor w_out, "
       "int threads) -> Tensor");
   m.impl("expert_swiglu_rows", c10::DispatchKey::CPU, TORCH_FN(expert_swiglu_rows));
+  m.def(
+      "topk_swiglu_rows(Tensor x, Tensor index, Tensor weight, Tensor w_in, Tensor w_out, int threads) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.impl("topk_swiglu_rows", c10::DispatchKey::CPU, TORCH_FN(topk_swiglu_rows));
   m.def("rows_linear(Tensor x, Tensor weight, Tensor? bias, int threads) -> Tensor");
   m.impl("rows_linear", c10::DispatchKey::CPU, TORCH_FN(rows_linear));
   m.def(
