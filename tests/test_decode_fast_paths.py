@@ -282,6 +282,64 @@ def test_joint_projection_follows_weight_changes_and_stays_out_of_autograd(famil
         assert attention._joint_projection(x) is not None
 
 
+@pytest.fixture(scope="module")
+def wide_attention_model(tmp_path_factory):
+    """A Qwen3-MoE model whose q, k and v weights each read more than a thread hand-off pays for
+    (hidden 1024, 16 query and 4 key/value heads of 64): one layer, few small experts."""
+    pytest.importorskip("transformers", reason="transformers is installed by the `hf` extra")
+    import transformers
+
+    from moekit.interop.hf import from_hf
+    from moekit.interop.tiny import randomize_, tiny_config
+
+    config = tiny_config(
+        "qwen3_moe", vocab_size=64, hidden_size=1024, num_hidden_layers=1, num_attention_heads=16,
+        num_key_value_heads=4, head_dim=64, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("wide")
+    randomize_(transformers.AutoModelForCausalLM.from_config(config), seed=5).save_pretrained(folder)
+    return from_hf(folder).eval()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_joint_projection_of_large_weights_reads_them_in_place_bit_for_bit(wide_attention_model, threads):
+    """Where q, k and v are large, a one-token step on the threads reads all three in one call of
+    the row kernel, without a joined copy, and one norm and rotation follow: the logits of the
+    separate products bit for bit (each is the row kernel's there too), and the float64 model's to
+    rounding. On one thread the separate products run."""
+    from moekit.interop.attention import Attention
+    from moekit.kernels import rows_linear
+
+    if not native_module.native_available():
+        pytest.skip("moekit's tile kernel is not built here (MOEKIT_NATIVE off or mm, or no AVX2/AVX-512)")
+    model = wide_attention_model
+    attention = model.layers[0].attn
+    calls = []
+    original = rows_linear.linear_parts
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            with patch("moekit.interop.attention.linear_parts", counted):
+                fast = decode_logits(model, batch=1)
+            with patch.object(Attention, "_joint_projection", lambda self, x: None):
+                separate = decode_logits(model, batch=1)
+    finally:
+        torch.set_num_threads(previous)
+    assert attention.__dict__["_joint"][1][0] is None  # no joined copy of large weights
+    assert len(calls) == (3 if threads > 1 else 0)  # the three decoding steps
+    assert torch.equal(fast, separate)
+    with torch.inference_mode():
+        exact = decode_logits(model.double(), batch=1)
+    model.float()
+    torch.testing.assert_close(fast.double(), exact, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decode_of_larger_experts_takes_one_call_on_the_callers_threads(threads):
     """Experts whose reads pay a thread hand-off, at decode sizes outside autograd, run whole in
@@ -504,3 +562,59 @@ def test_topk_kernel_refuses_expert_ids_out_of_range():
     x, w_in, w_out = torch.randn(1, 8), torch.randn(4, 8, 8), torch.randn(4, 8, 4)
     with pytest.raises(RuntimeError, match="out of range"):
         torch.ops.moekit.topk_swiglu_rows(x, torch.tensor([[1, 4]]), torch.ones(1, 2), w_in, w_out, 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    heads=st.integers(1, 20),
+    steps=st.integers(1, 3),
+    half=st.integers(1, 70),
+    seed=st.integers(0, 2**16),
+)
+def test_rope_kernel_is_torch_rotation_bit_for_bit(batch, heads, steps, half, seed):
+    """moekit's one-call rotation (`kernels.rope`) gives transformers' x * cos + rotate_half(x) *
+    sin bit for bit (its products rounded before their sum: no fused multiply-add), for any head
+    count, feature width and step count, and float64's to rounding; `apply_rope` takes it for a
+    decoding step's rows and leaves rows under autograd to torch."""
+    from moekit.interop.rope import apply_rope
+    from moekit.kernels import rope
+
+    if not native_module.loops_available():
+        pytest.skip("moekit's C++ kernels are not built here (MOEKIT_NATIVE=0 or no compiler)")
+    assert rope.matches_torch()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, heads, steps, 2 * half, generator=gen) * 3
+    cos = torch.randn(batch, 1, steps, 2 * half, generator=gen)
+    sin = torch.randn(batch, 1, steps, 2 * half, generator=gen)
+    expected = rope.torch_rotation(x, cos, sin)
+    with torch.inference_mode():
+        assert rope.fits(x, cos, sin)
+        assert torch.equal(apply_rope(x, cos, sin, "half"), expected)
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    exact = x.double() * cos.double() + swapped.double() * sin.double()
+    torch.testing.assert_close(expected.double(), exact, rtol=1e-5, atol=1e-5)
+    assert not rope.fits(x.requires_grad_(), cos, sin)
+
+
+def test_kv_append_writes_the_steps_bytes_and_refuses_what_does_not_fit():
+    """A step's keys and values land in the buffers' slot as the two copies put them (strided
+    steps, as the joint projection's split gives them); slots past the buffer are refused."""
+    from moekit.inference.kv_cache import LayerCache
+
+    if not native_module.loops_available():
+        pytest.skip("moekit's C++ kernels are not built here (MOEKIT_NATIVE=0 or no compiler)")
+    gen = torch.Generator().manual_seed(0)
+    steps = [torch.randn(2, 7, 1, 16, generator=gen) for _ in range(6)]
+    with torch.inference_mode():
+        ours, theirs = LayerCache(capacity=4), LayerCache(capacity=4)
+        for s in range(3):
+            qkv = steps[2 * s]  # keys: a strided view of heads 1..3 of a larger tensor
+            k, v = qkv[:, 1:4], steps[2 * s + 1][:, :3]
+            got = ours.update(k, v)
+            with patch("moekit.inference.kv_cache.appends_in_one_call", lambda *a: False):
+                want = theirs.update(k, v)
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        buffer = torch.zeros(2, 3, 4, 16)
+        with pytest.raises(RuntimeError, match="outside the buffer"):
+            torch.ops.moekit.kv_append_(buffer, buffer.clone(), steps[0][:, :3], steps[1][:, :3], 4)

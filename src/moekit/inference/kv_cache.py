@@ -16,9 +16,12 @@ tokens needs no look at the tensor (no host synchronisation) to choose its mask.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 from torch import Tensor
+
+from moekit.kernels import native
 
 
 def _grown(buffer: Tensor | None, like: Tensor, dim: int, needed: int, capacity: int | None) -> Tensor:
@@ -30,6 +33,25 @@ def _grown(buffer: Tensor | None, like: Tensor, dim: int, needed: int, capacity:
     if buffer is not None:
         out.narrow(dim, 0, buffer.shape[dim]).copy_(buffer)
     return out
+
+
+def appends_in_one_call(keys: Tensor, values: Tensor, buffer: Tensor) -> bool:
+    """Whether a step's keys and values go into the buffers in one call of moekit's kernel
+    (`csrc/kv_append.cpp`; the same bytes as the two copies): a decoding step's few CPU rows
+    outside autograd, where moekit's C++ ops are built."""
+    if keys.device.type != "cpu" or keys.shape[2] > 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
+        return False
+    if keys.dtype != buffer.dtype or values.dtype != buffer.dtype or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad or buffer.requires_grad):
+        return False
+    return kernel_built()
+
+
+@cache
+def kernel_built() -> bool:
+    """Whether moekit's C++ ops run in this process (decided at the first use, as theirs is)."""
+    return native.loops_available() and hasattr(torch.ops.moekit, "kv_append_")
 
 
 class LayerCache:
@@ -75,10 +97,13 @@ class LayerCache:
         ):
             self._keys = _grown(self.keys, keys, 2, end, self.capacity)
             self._values = _grown(self.values, values, 2, end, self.capacity)
-        self._keys[:, :, self._kept : end].copy_(keys)
-        self._values[:, :, self._kept : end].copy_(values)
+        if appends_in_one_call(keys, values, self._keys):
+            torch.ops.moekit.kv_append_(self._keys, self._values, keys, values, self._kept)
+        else:
+            self._keys[:, :, self._kept : end].copy_(keys)
+            self._values[:, :, self._kept : end].copy_(values)
         self._kept = end
-        return self._keys[:, :, :end], self._values[:, :, :end]
+        return self._keys.narrow(2, 0, end), self._values.narrow(2, 0, end)
 
     def first_key_slot(self, start: int) -> int:
         """The slot of the first key a step beginning at slot `start` attends over."""

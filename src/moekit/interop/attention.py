@@ -22,7 +22,7 @@ from moekit.errors import ConfigError, require_choice, require_int
 from moekit.inference.kv_cache import LayerCache
 from moekit.interop.rope import apply_rope
 from moekit.kernels import rms_norm as rms_norm_kernel
-from moekit.kernels.rows_linear import RowsLinear
+from moekit.kernels.rows_linear import RowsLinear, linear_parts, parts_fit
 from moekit.routing.importance import attention_received
 
 ATTENTION_KINDS = ("gqa", "mla")
@@ -260,7 +260,7 @@ class Attention(nn.Module):
         cfg = self.config
         b, s, _ = x.shape
         joint = self._joint_projection(x) if s == 1 else None
-        if joint is not None:  # a decoding step of a small model: one product, one norm, one rotation
+        if joint is not None:  # a decoding step: one product, one norm, one rotation
             q, k, v = self._joint_step(x, cos, sin, *joint)
         else:
             q, k, v = self._project(x, cos, sin, cache)
@@ -324,10 +324,12 @@ class Attention(nn.Module):
         rotations one. Joined only where the values stay those of the separate products: rows at
         the alignment they have in their own matrices (whole 64-byte lines: the products then
         measured bit for bit equal, tests/test_decode_fast_paths.py), no clipping, no norm over the
-        whole projection, RoPE on; and only where the weights are small (a product reading less
-        than a thread hand-off pays for, `dispatch.workers`), so that the joined copy costs little
-        memory where the step's time is its ops', not its weight reads. Rebuilt when a weight
-        changes (its version counter or storage)."""
+        whole projection, RoPE on. Small weights (a product reading less than a thread hand-off
+        pays for, `dispatch.workers`) are copied joined, which costs little memory where the
+        step's time is its ops', not its weight reads; large ones stay where they are and one call
+        of the row kernel reads all three on the threads (`rows_linear.linear_parts`: the values
+        of its separate calls), or, on one thread, the separate products run. Rebuilt when a
+        weight changes (its version counter or storage)."""
         if not self._joinable:
             return None
         modules = self._modules  # (read directly: a decoding step is a chain of small ops)
@@ -350,9 +352,12 @@ class Attention(nn.Module):
         if kept is None or kept[0] != key:
             read = sum(w.numel() for w in weights) * x.element_size()
             small = read / CORE_BYTES_PER_S < MIN_THREADED_SECONDS
-            kept = (key, _joined(self.config, weights, biases, norms) if small else None)
+            kept = (key, _joined(self.config, weights if small else None, biases, norms))
             self.__dict__["_joint"] = kept
-        return kept[1]
+        joint = kept[1]
+        if joint[0] is None and not parts_fit(x, weights, biases):
+            return None  # large weights on one thread: F.linear each, as the separate path
+        return joint
 
     @property
     def _joinable(self) -> bool:
@@ -373,7 +378,13 @@ class Attention(nn.Module):
         input last, as RMSNorm(x, None) * w does; the rotation is elementwise per head)."""
         cfg = self.config
         b, h, kv, d = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        qk, v = F.linear(x, weight, bias).view(b, h + 2 * kv, 1, d).split([h + kv, kv], dim=1)
+        if weight is None:  # large weights: one product over the three where they lie
+            modules = self._modules
+            projections = [modules["q_proj"], modules["k_proj"], modules["v_proj"]]
+            qkv = linear_parts(x, [m.weight for m in projections], [m.bias for m in projections])
+        else:
+            qkv = F.linear(x, weight, bias)
+        qk, v = qkv.view(b, h + 2 * kv, 1, d).split([h + kv, kv], dim=1)
         if norm is not None:
             fits = rms_norm_kernel.fits(qk, None)
             qk = (
@@ -387,13 +398,15 @@ class Attention(nn.Module):
 
 
 def _joined(
-    config: AttentionConfig, weights: list[Tensor], biases: list[Tensor | None], norms: list[Tensor]
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """`Attention._joint_projection`'s matrices: [W_q; W_k; W_v], their biases (all or none) and
-    the query and key norms' weights, one row per head."""
+    config: AttentionConfig, weights: list[Tensor] | None, biases: list[Tensor | None], norms: list[Tensor]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """`Attention._joint_projection`'s matrices: [W_q; W_k; W_v] and their biases (all or none),
+    or None for both where the weights are large (`weights` None: no copy; one call reads them
+    where they lie, `rows_linear.linear_parts`); and the query and key norms' weights, one row
+    per head."""
     with torch.inference_mode(False), torch.no_grad():  # normal tensors, usable outside it too
-        weight = torch.cat(weights)
-        bias = None if biases[0] is None else torch.cat(biases)
+        weight = None if weights is None else torch.cat(weights)
+        bias = None if weights is None or biases[0] is None else torch.cat(biases)
         norm = None
         if norms:
             h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim

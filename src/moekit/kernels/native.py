@@ -42,7 +42,13 @@ import torch
 from torch import Tensor
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "expert_gemm.cpp", CSRC / "expert_mm.cpp", CSRC / "rms_norm.cpp")
+SOURCES = (
+    CSRC / "expert_gemm.cpp",
+    CSRC / "expert_mm.cpp",
+    CSRC / "rms_norm.cpp",
+    CSRC / "rope.cpp",
+    CSRC / "kv_append.cpp",
+)
 HEADERS = (CSRC / "simd.h", CSRC / "expert_tasks.h")
 KERNELS = ("tile", "mm")
 # -fopenmp at compile time only: the OpenMP calls bind at load time to the runtime torch already
@@ -59,6 +65,7 @@ TILE_OPS = (
     "expert_swiglu_rows",
     "topk_swiglu_rows",
     "rows_linear",
+    "rows_linear_parts",
     "expert_swiglu_backward",
     "combine_rows",
     "swiglu_into",

@@ -56,3 +56,18 @@ class RowsLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return decode_linear(x, self.weight, self.bias)
+
+
+def parts_fit(x: Tensor, weights: list[Tensor], biases: list[Tensor | None]) -> bool:
+    """Whether `linear_parts` runs on the row kernel: where each part alone would (`fits`), so
+    that its values are those of the separate calls."""
+    return all(fits(x, w, b) for w, b in zip(weights, biases, strict=True))
+
+
+def linear_parts(x: Tensor, weights: list[Tensor], biases: list[Tensor | None]) -> Tensor:
+    """[decode_linear(x, w_1, b_1) | decode_linear(x, w_2, b_2) | ...] bit for bit in one call of
+    the row kernel (where `parts_fit`): the weights read where they lie, one hand-off between
+    threads for all of them."""
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.ops.moekit.rows_linear_parts(flat, weights, biases, torch.get_num_threads())
+    return out.view(*x.shape[:-1], out.shape[-1])

@@ -33,6 +33,8 @@
 //     the same from a router's [T, k] top-k choices, grouped by expert in the call.
 //   moekit::rows_linear(x, weight, bias?, threads) -> y: a dense layer's product for a few rows
 //     (decode), the weight's rows split over torch's threads.
+//   moekit::rows_linear_parts(x, weights, biases, threads) -> [y_1 | y_2 | ...]: the same for several
+//     weights in one call (a decoding step's q, k and v projections).
 //   moekit::combine_rows(rows, order, bounds, out): out[t] = sum of rows[order[bounds[t]:bounds[t+1]]].
 //   moekit::swiglu_into(h, out), moekit::swiglu_backward_into(h, grad, out): SwiGLU of
 //     h = [gate | up] and its gradient with respect to h, rows split over torch's threads.
@@ -801,14 +803,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_swig
 // dense products (the output head, attention projections) read their weights once for a row or
 // a few; the library's GEMV, threaded or not, read a 67 MB head at 19-20 GB/s on one and two
 // threads of an AVX2 EPYC whose sum over 1 GB reads 20 and 30.
-at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                       int64_t threads) {
-  const char* op = "moekit::rows_linear";
-  check_float_cpu(x, op, "x");
+// One weight of `rows_linear_parts`: W [N, K] (unit column stride), its bias [N] or null, and
+// the column of the output its rows start at.
+struct LinearPart {
+  const float* weight;
+  int64_t ldw, rows;
+  const float* bias;
+  int64_t column;
+};
+
+// out[:, part's columns] = x @ part.weight^T (+ bias) for every part, the parts' rows split into
+// chunks of about the same size that `threads` of torch's threads take from a shared counter.
+at::Tensor parts_product(const at::Tensor& x, const std::vector<LinearPart>& parts, int64_t columns, int64_t threads) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor out = at::empty({M, columns}, x.options());
+  const float* X = x.data_ptr<float>();
+  float* Y = out.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
+  // chunks of 64 weight rows or more, about 8 per thread so that the threads finish together
+  const int64_t chunk = std::max<int64_t>(64, (columns / (8 * std::max<int64_t>(1, threads)) + 3) / 4 * 4);
+  struct Chunk {
+    int64_t part, first, rows;
+  };
+  std::vector<Chunk> chunks;
+  for (int64_t p = 0; p < static_cast<int64_t>(parts.size()); ++p)
+    for (int64_t n0 = 0; n0 < parts[p].rows; n0 += chunk)
+      chunks.push_back({p, n0, std::min<int64_t>(chunk, parts[p].rows - n0)});
+  take_tasks(static_cast<int64_t>(chunks.size()), threads, [&](int64_t c) {
+    const Chunk& task = chunks[static_cast<size_t>(c)];
+    const LinearPart& part = parts[static_cast<size_t>(task.part)];
+    const int64_t width = task.rows, n0 = task.first;
+    Prefetch none;
+    const float* w = part.weight + n0 * part.ldw;
+    float* y = Y + part.column + n0;
+    switch (M) {
+      case 0: break;
+      case 1: dot_rows<1>(width, K, X, ldx, w, part.ldw, y, columns, none); break;
+      case 2: dot_rows<2>(width, K, X, ldx, w, part.ldw, y, columns, none); break;
+      case 3: dot_rows<3>(width, K, X, ldx, w, part.ldw, y, columns, none); break;
+      default: dot_rows<4>(width, K, X, ldx, w, part.ldw, y, columns, none); break;
+    }
+    if (part.bias != nullptr)
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < width; ++j) y[i * columns + j] += part.bias[n0 + j];
+  });
+  return out;
+}
+
+LinearPart checked_part(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, int64_t column) {
   check_float_cpu(weight, op, "weight");
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(0) <= kDotRows, op, ": x must be [M <= ", kDotRows,
-              ", K] with unit column stride");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const int64_t K = x.size(1), N = weight.size(0);
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K && weight.stride(1) == 1, op,
               ": weight must be [N, K] with unit column stride");
   const float* B = nullptr;
@@ -817,31 +862,38 @@ at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight, const std:
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(), op, ": bias must be [N]");
     B = bias->data_ptr<float>();
   }
-  at::Tensor out = at::empty({M, N}, x.options());
-  const float* X = x.data_ptr<float>();
-  const float* W = weight.data_ptr<float>();
-  float* Y = out.data_ptr<float>();
-  const int64_t ldx = x.stride(0), ldw = weight.stride(0);
-  // chunks of 64 weight rows or more, about 8 per thread so that the threads finish together
-  const int64_t chunk = std::max<int64_t>(64, (N / (8 * std::max<int64_t>(1, threads)) + 3) / 4 * 4);
-  const int64_t chunks = (N + chunk - 1) / chunk;
-  take_tasks(chunks, threads, [&](int64_t c) {
-    const int64_t n0 = c * chunk, width = std::min<int64_t>(chunk, N - n0);
-    Prefetch none;
-    const float* w = W + n0 * ldw;
-    float* y = Y + n0;
-    switch (M) {
-      case 0: break;
-      case 1: dot_rows<1>(width, K, X, ldx, w, ldw, y, N, none); break;
-      case 2: dot_rows<2>(width, K, X, ldx, w, ldw, y, N, none); break;
-      case 3: dot_rows<3>(width, K, X, ldx, w, ldw, y, N, none); break;
-      default: dot_rows<4>(width, K, X, ldx, w, ldw, y, N, none); break;
-    }
-    if (B != nullptr)
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t j = 0; j < width; ++j) y[i * N + j] += B[n0 + j];
-  });
-  return out;
+  return {weight.data_ptr<float>(), weight.stride(0), N, B, column};
+}
+
+void check_few_rows(const char* op, const at::Tensor& x) {
+  check_float_cpu(x, op, "x");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(0) <= kDotRows, op, ": x must be [M <= ", kDotRows,
+              ", K] with unit column stride");
+}
+
+at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       int64_t threads) {
+  const char* op = "moekit::rows_linear";
+  check_few_rows(op, x);
+  const LinearPart part = checked_part(op, x, weight, bias, 0);
+  return parts_product(x, {part}, part.rows, threads);
+}
+
+// [x @ W_1^T (+ b_1) | x @ W_2^T (+ b_2) | ...] in one call: a decoding step's query, key and
+// value projections as one product over their weights where they lie, each output the value
+// `rows_linear` gives it (the same dot products), with one hand-off between threads for all.
+at::Tensor rows_linear_parts(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                             int64_t threads) {
+  const char* op = "moekit::rows_linear_parts";
+  check_few_rows(op, x);
+  TORCH_CHECK(!weights.empty() && biases.size() == weights.size(), op, ": one bias (or None) per weight");
+  std::vector<LinearPart> parts;
+  int64_t columns = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    parts.push_back(checked_part(op, x, weights[i], biases.get(i), columns));
+    columns += parts.back().rows;
+  }
+  return parts_product(x, parts, columns, threads);
 }
 
 // The backward of `expert_swiglu_forward` for every task: the packed weight gradients (where
@@ -966,6 +1018,8 @@ TORCH_LIBRARY(moekit, m) {
   m.impl("topk_swiglu_rows", c10::DispatchKey::CPU, TORCH_FN(topk_swiglu_rows));
   m.def("rows_linear(Tensor x, Tensor weight, Tensor? bias, int threads) -> Tensor");
   m.impl("rows_linear", c10::DispatchKey::CPU, TORCH_FN(rows_linear));
+  m.def("rows_linear_parts(Tensor x, Tensor[] weights, Tensor?[] biases, int threads) -> Tensor");
+  m.impl("rows_linear_parts", c10::DispatchKey::CPU, TORCH_FN(rows_linear_parts));
   m.def(
       "expert_swiglu_backward(Tensor grad_out, Tensor x, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, "
       "Tensor h, Tensor(a!)? grad_w_in, Tensor(b!)? grad_w_out, Tensor(c!) grad_scale, Tensor(d!) grad_xs, "
