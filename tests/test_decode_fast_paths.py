@@ -480,7 +480,7 @@ def assert_same_routing(fast, general):
 @settings(max_examples=25, deadline=None)
 @given(
     family=st.sampled_from(["qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "dbrx"]),
-    rows=st.integers(1, 3),
+    rows=st.sampled_from([1, 2, 3, 8, 16]),
     hidden=st.sampled_from([8, 20, 33, 64]),
     ff=st.sampled_from([4, 13, 32]),
     experts_and_k=st.sampled_from([(4, 1), (8, 2), (8, 8), (16, 4)]),
@@ -521,8 +521,10 @@ def test_decode_layer_in_one_call_is_the_general_path_bit_for_bit(
     assert taken is not None
     assert torch.equal(taken[0], fast) and torch.equal(fast, expected)
     assert_same_routing(routing, expected_routing)
-    reference = reference_moe(layer.double(), x.double(), None).output
-    torch.testing.assert_close(fast.double(), reference, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        reference = reference_moe(layer.double(), x.double(), None).output
+    # (fp32 rounding of sums of up to 64 products of unit size: 1e-5 of the output's scale)
+    torch.testing.assert_close(fast.double(), reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
 
 
 def test_decode_layer_in_one_call_only_where_the_general_path_would_give_the_same():
@@ -537,7 +539,10 @@ def test_decode_layer_in_one_call_only_where_the_general_path_would_give_the_sam
     with torch.inference_mode():
         assert few_rows_module.routed_rows(layer, x, None) is not None
         assert few_rows_module.routed_rows(layer, x, torch.tensor([True, False])) is None
-        assert few_rows_module.routed_rows(layer, torch.randn(64, 32), None) is None
+        assert (
+            few_rows_module.routed_rows(layer, torch.randn(few_rows_module.ONE_CALL_ROWS + 1, 32), None)
+            is None
+        )
         with override_routing(layer, RoutingOverride(mask=[0])):
             assert few_rows_module.routed_rows(layer, x, None) is None
             masked = layer.forward_with_routing(x)[1]

@@ -31,12 +31,16 @@ from moekit.dispatch.compiled import summed_expert_rows
 from moekit.dispatch.grouped import DECODE_ROWS_PER_EXPERT, ExpertGroups, NativeLoops, grouped_mm_fits
 from moekit.dispatch.workers import CORE_BYTES_PER_S, MIN_THREADED_SECONDS
 from moekit.experts.activations import Activation
+from moekit.experts.packed import PackedExperts
 from moekit.kernels.native import expert_kernel
 from moekit.routing.record import Assignments, Routing
-from moekit.routing.token_choice import choose_topk
+from moekit.routing.token_choice import TokenChoiceRouter, choose_topk
 
 if TYPE_CHECKING:
     from moekit.layer import MoE
+
+# The most rows (tokens) a step's MoE layer takes in one call (`routed_rows`): decoding batches.
+ONE_CALL_ROWS = 16
 
 
 @cache
@@ -157,12 +161,11 @@ def routed_rows(moe: MoE, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor,
     what is saved is its dozen small ops and their Python between the router and the experts
     (sort, gathers, divisions, the planner's checks), which a decoding step pays in every layer.
 
-    Taken outside autograd, for every row real (`token_mask` None), fewer rows than decode has per
-    expert, no routing override attached (a capture is fine), a plain linear top-k router (no
-    capacity) and packed SwiGLU experts without biases whose products run on the tile kernel."""
-    from moekit.experts.packed import PackedExperts
-    from moekit.routing.token_choice import TokenChoiceRouter
-
+    Taken outside autograd, for every row real (`token_mask` None), at most ONE_CALL_ROWS rows
+    (a decoding step's batch: each expert then gets a few rows at most, which the general path
+    computes with the same kernel and sums in the same order), no routing override attached (a
+    capture is fine), a plain linear top-k router (no capacity) and packed SwiGLU experts without
+    biases whose products run on the tile kernel."""
     router, experts, attached = moe.router, moe.experts, moe.routing_override
     if (
         token_mask is not None
@@ -171,7 +174,7 @@ def routed_rows(moe: MoE, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor,
         or (attached is not None and attached.override is not None and not attached.override.is_empty)
         or type(router) is not TokenChoiceRouter
         or type(experts) is not PackedExperts
-        or x.shape[0] >= DECODE_ROWS_PER_EXPERT
+        or x.shape[0] > ONE_CALL_ROWS
         or x.dtype != torch.float32
         or autocast_dtype(x) is not None
     ):
