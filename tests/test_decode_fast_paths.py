@@ -261,6 +261,39 @@ def test_joint_projection_of_a_decode_step_is_the_separate_path_bit_for_bit(
     torch.testing.assert_close(fast.double(), exact, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_cached_attention_step_in_one_call_is_the_ops_bit_for_bit(families, family, threads):
+    """A one-token step of a full-attention layer normalises, rotates and appends its keys and
+    values in one call (`kernels.attention_step`: Qwen3's per-head norms, Qwen2-MoE's biases and no norm): the
+    logits of the separate ops bit for bit, batch rows with their own positions included."""
+    from moekit.interop.attention import Attention
+
+    if not native_module.native_available():
+        pytest.skip("moekit's tile kernel is not built here (MOEKIT_NATIVE off or mm, or no AVX2/AVX-512)")
+    model = families(family)
+    taken = []
+    original = Attention._cached_step
+
+    def counted(self, *args):
+        out = original(self, *args)
+        taken.append(out is not None)
+        return out
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            with patch.object(Attention, "_cached_step", counted):
+                fast = decode_logits(model, batch=3)
+            with patch("moekit.kernels.attention_step.fits", lambda *a: False):
+                ops = decode_logits(model, batch=3)
+    finally:
+        torch.set_num_threads(previous)
+    assert taken and all(taken)  # every decoding step of every layer
+    assert torch.equal(fast, ops)
+
+
 def test_joint_projection_follows_weight_changes_and_stays_out_of_autograd(families):
     """The joined matrices are rebuilt when a projection's weight changes in place; a step whose
     weights want gradients keeps the separate products."""

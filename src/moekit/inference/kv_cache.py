@@ -77,8 +77,8 @@ class LayerCache:
         """Append this step's [B, KV, S, D] keys and values; returns every key and value the step's
         queries attend over (the kept ones followed by the new ones)."""
         steps = int(keys.shape[2])
-        self.length += steps
         if self.window is not None:  # bounded by the window: the new keys join the kept ones
+            self.length += steps
             if self._keys is not None:
                 keys = torch.cat([self.keys, keys], dim=2)
                 values = torch.cat([self.values, values], dim=2)
@@ -87,7 +87,19 @@ class LayerCache:
             self._keys, self._values = keys[:, :, first:], values[:, :, first:]
             self._kept = keep
             return keys, values
-        end = self._kept + steps
+        keys_buffer, values_buffer, slot = self.room(keys, values)
+        if appends_in_one_call(keys, values, keys_buffer):
+            torch.ops.moekit.kv_append_(keys_buffer, values_buffer, keys, values, slot)
+        else:
+            keys_buffer[:, :, slot : slot + steps].copy_(keys)
+            values_buffer[:, :, slot : slot + steps].copy_(values)
+        return self.written(steps)
+
+    def room(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, int]:
+        """(keys buffer, values buffer, first free slot) with room for a step's [B, KV, S, D] keys
+        and values in a full-attention layer (grown where needed), for a caller that writes them
+        there itself; `written(S)` then counts them in and returns what the step attends over."""
+        end = self._kept + int(keys.shape[2])
         if (
             self._keys is None
             or end > self._keys.shape[2]
@@ -97,13 +109,14 @@ class LayerCache:
         ):
             self._keys = _grown(self.keys, keys, 2, end, self.capacity)
             self._values = _grown(self.values, values, 2, end, self.capacity)
-        if appends_in_one_call(keys, values, self._keys):
-            torch.ops.moekit.kv_append_(self._keys, self._values, keys, values, self._kept)
-        else:
-            self._keys[:, :, self._kept : end].copy_(keys)
-            self._values[:, :, self._kept : end].copy_(values)
-        self._kept = end
-        return self._keys.narrow(2, 0, end), self._values.narrow(2, 0, end)
+        return self._keys, self._values, self._kept
+
+    def written(self, steps: int) -> tuple[Tensor, Tensor]:
+        """Count in the `steps` slots written after `room`; every key and value kept (the new ones
+        last), as `update` returns them."""
+        self._kept += steps
+        self.length += steps
+        return self._keys.narrow(2, 0, self._kept), self._values.narrow(2, 0, self._kept)
 
     def first_key_slot(self, start: int) -> int:
         """The slot of the first key a step beginning at slot `start` attends over."""

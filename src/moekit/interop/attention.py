@@ -21,6 +21,7 @@ from moekit.dispatch.workers import CORE_BYTES_PER_S, MIN_THREADED_SECONDS
 from moekit.errors import ConfigError, require_choice, require_int
 from moekit.inference.kv_cache import LayerCache
 from moekit.interop.rope import apply_rope
+from moekit.kernels import attention_step
 from moekit.kernels import rms_norm as rms_norm_kernel
 from moekit.kernels.rows_linear import RowsLinear, linear_parts, parts_fit
 from moekit.routing.importance import attention_received
@@ -260,12 +261,22 @@ class Attention(nn.Module):
         cfg = self.config
         b, s, _ = x.shape
         joint = self._joint_projection(x) if s == 1 else None
-        if joint is not None:  # a decoding step: one product, one norm, one rotation
-            q, k, v = self._joint_step(x, cos, sin, *joint)
-        else:
+        if joint is None:
             q, k, v = self._project(x, cos, sin, cache)
-        if cache is not None:
-            k, v = cache.update(k, v)
+            if cache is not None:
+                k, v = cache.update(k, v)
+        else:  # a decoding step: one product, then one norm and one rotation for q and k
+            weight, bias, norm = joint
+            qkv = self._joint_qkv(x, weight, bias)
+            stepped = None
+            if cache is not None and cache.window is None and self.rope_layout == "half":
+                stepped = self._cached_step(qkv, cos, sin, cache, norm)
+            if stepped is not None:
+                q, k, v = stepped
+            else:
+                q, k, v = self._joint_step(qkv, cos, sin, norm)
+                if cache is not None:
+                    k, v = cache.update(k, v)
         out = self.o_proj(
             attend(q, k, v, mask, cfg.softmax_scale, cfg.implementation, self.sinks).reshape(b, s, -1)
         )
@@ -370,20 +381,40 @@ class Attention(nn.Module):
             and self.use_rope
         )
 
-    def _joint_step(
-        self, x: Tensor, cos: Tensor, sin: Tensor, weight: Tensor, bias: Tensor | None, norm: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """q [B, H, 1, D], k and v [B, KV, 1, D] of a one-token step through `_joint_projection`'s
-        matrices: the values of the separate path (an RMSNorm's weight multiplies its normalised
-        input last, as RMSNorm(x, None) * w does; the rotation is elementwise per head)."""
-        cfg = self.config
-        b, h, kv, d = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    def _joint_qkv(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """[q | k | v] of a one-token step through `_joint_projection`'s matrices."""
         if weight is None:  # large weights: one product over the three where they lie
             modules = self._modules
             projections = [modules["q_proj"], modules["k_proj"], modules["v_proj"]]
-            qkv = linear_parts(x, [m.weight for m in projections], [m.bias for m in projections])
-        else:
-            qkv = F.linear(x, weight, bias)
+            return linear_parts(x, [m.weight for m in projections], [m.bias for m in projections])
+        return F.linear(x, weight, bias)
+
+    def _cached_step(
+        self, qkv: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache, norm: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """`_joint_step` and the cache's update of a full-attention layer in one call: the per-head
+        norms, rotations and cache append (`kernels.attention_step`, the same values); None where
+        that kernel does not run."""
+        if not attention_step.fits(qkv, cos, sin):
+            return None
+        cfg = self.config
+        b, h, kv, d = qkv.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        heads = qkv.view(b, h + 2 * kv, 1, d)
+        keys_buffer, values_buffer, slot = cache.room(heads[:, h : h + kv], heads[:, h + kv :])
+        q = torch.ops.moekit.qk_norm_rope_append(
+            qkv.view(b, -1), norm, cfg.norm_eps, cos, sin, keys_buffer, values_buffer, slot, h
+        )
+        k, v = cache.written(1)
+        return q, k, v
+
+    def _joint_step(
+        self, qkv: Tensor, cos: Tensor, sin: Tensor, norm: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, H, 1, D], k and v [B, KV, 1, D] of a one-token step from `_joint_qkv`'s [q | k | v]:
+        the values of the separate path (an RMSNorm's weight multiplies its normalised input last,
+        as RMSNorm(x, None) * w does; the rotation is elementwise per head)."""
+        cfg = self.config
+        b, h, kv, d = qkv.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qk, v = qkv.view(b, h + 2 * kv, 1, d).split([h + kv, kv], dim=1)
         if norm is not None:
             fits = rms_norm_kernel.fits(qk, None)

@@ -48,8 +48,9 @@ SOURCES = (
     CSRC / "rms_norm.cpp",
     CSRC / "rope.cpp",
     CSRC / "kv_append.cpp",
+    CSRC / "attention_step.cpp",
 )
-HEADERS = (CSRC / "simd.h", CSRC / "expert_tasks.h")
+HEADERS = (CSRC / "simd.h", CSRC / "expert_tasks.h", CSRC / "torch_sum.h", CSRC / "rotation.h")
 KERNELS = ("tile", "mm")
 # -fopenmp at compile time only: the OpenMP calls bind at load time to the runtime torch already
 # loaded, so the kernels' parallel loops share torch's threads and thread count.

@@ -19,22 +19,11 @@
 
 #include <cstdint>
 
+#include "rotation.h"
+
 namespace {
 
-// o[j] = x[j] * c[j] + x[(j + half) mod 2 half] * s[j], each product and the sum rounded to fp32.
-__attribute__((optimize("fp-contract=off"))) void rotate_row(const float* x, const float* c, const float* s,
-                                                              float* o, int64_t half) {
-  for (int64_t j = 0; j < half; ++j) {
-    const float direct = x[j] * c[j];
-    const float swapped = x[j + half] * s[j];
-    o[j] = direct + swapped;
-  }
-  for (int64_t j = half; j < 2 * half; ++j) {
-    const float direct = x[j] * c[j];
-    const float swapped = x[j - half] * s[j];
-    o[j] = direct + swapped;
-  }
-}
+using moekit_rotation::rotate_row;
 
 at::Tensor rope_half_rows(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   const char* op = "moekit::rope_half_rows";
