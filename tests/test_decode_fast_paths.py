@@ -336,10 +336,10 @@ def wide_attention_model(tmp_path_factory):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_joint_projection_of_large_weights_reads_them_in_place_bit_for_bit(wide_attention_model, threads):
-    """Where q, k and v are large, a one-token step on the threads reads all three in one call of
+    """Where q, k and v are large, a one-token step reads all three in one call of
     the row kernel, without a joined copy, and one norm and rotation follow: the logits of the
     separate products bit for bit (each is the row kernel's there too), and the float64 model's to
-    rounding. On one thread the separate products run."""
+    rounding, on one thread and two."""
     from moekit.interop.attention import Attention
     from moekit.kernels import rows_linear
 
@@ -365,7 +365,7 @@ def test_joint_projection_of_large_weights_reads_them_in_place_bit_for_bit(wide_
     finally:
         torch.set_num_threads(previous)
     assert attention.__dict__["_joint"][1][0] is None  # no joined copy of large weights
-    assert len(calls) == (3 if threads > 1 else 0)  # the three decoding steps
+    assert len(calls) == 3  # the three decoding steps
     assert torch.equal(fast, separate)
     with torch.inference_mode():
         exact = decode_logits(model.double(), batch=1)
@@ -433,10 +433,10 @@ def test_rows_linear_kernel_against_float64(rows, outputs, inner, bias, threads,
     torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-5 * inner**0.5)
 
 
-def test_decode_linear_takes_the_kernel_for_large_reads_on_threads_only():
+def test_decode_linear_takes_the_kernel_for_large_reads_on_any_thread_count():
     """`decode_linear` runs the row kernel for a few rows against a weight large enough to split,
-    on more than one thread, outside autograd; F.linear otherwise. Its values are F.linear's to
-    rounding (the two sum in different orders)."""
+    outside autograd, giving the same values on one thread and two; F.linear otherwise. Its
+    values are F.linear's to rounding (the two sum in different orders)."""
     from moekit.kernels import rows_linear
 
     if not native_module.native_available():
@@ -451,10 +451,11 @@ def test_decode_linear_takes_the_kernel_for_large_reads_on_threads_only():
             assert not rows_linear.fits(torch.randn(5, 512), weight, None)  # more rows than the kernel's
             assert not rows_linear.fits(x, weight[:8], None)  # too small a read to split
             out = rows_linear.decode_linear(x, weight)
-        assert not rows_linear.fits(x, weight.requires_grad_(), None)
         torch.set_num_threads(1)
         with torch.no_grad():
-            assert not rows_linear.fits(x, weight, None)  # one thread: F.linear
+            assert rows_linear.fits(x, weight, None)  # one thread too: the same values either way
+            assert torch.equal(rows_linear.decode_linear(x, weight), out)
+        assert not rows_linear.fits(x, weight.requires_grad_(), None)
     finally:
         torch.set_num_threads(previous)
     torch.testing.assert_close(out, torch.nn.functional.linear(x, weight.detach()), rtol=1e-5, atol=1e-4)

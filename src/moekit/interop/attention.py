@@ -338,8 +338,8 @@ class Attention(nn.Module):
         whole projection, RoPE on. Small weights (a product reading less than a thread hand-off
         pays for, `dispatch.workers`) are copied joined, which costs little memory where the
         step's time is its ops', not its weight reads; large ones stay where they are and one call
-        of the row kernel reads all three on the threads (`rows_linear.linear_parts`: the values
-        of its separate calls), or, on one thread, the separate products run. Rebuilt when a
+        of the row kernel reads all three (`rows_linear.linear_parts`: the values of its separate
+        calls), or, where that kernel does not run, the separate products do. Rebuilt when a
         weight changes (its version counter or storage)."""
         if not self._joinable:
             return None
@@ -367,7 +367,7 @@ class Attention(nn.Module):
             self.__dict__["_joint"] = kept
         joint = kept[1]
         if joint[0] is None and not parts_fit(x, weights, biases):
-            return None  # large weights on one thread: F.linear each, as the separate path
+            return None  # large weights without the row kernel: F.linear each, as the separate path
         return joint
 
     @property

@@ -1,15 +1,15 @@
-"""A dense layer's product for the few rows of a decoding step, on moekit's row kernel where
-torch's threads can split it.
+"""A dense layer's product for the few rows of a decoding step, on moekit's row kernel.
 
 At batch 1 a decoding step reads every dense weight once for one row: the output head and the
 attention projections are pure weight reads. torch's `F.linear` (MKL's GEMV in torch's build)
 reads them on one thread whatever torch's thread count: a 67 MB head at 19-20 GB/s on one and on
 two threads of an AVX2 EPYC whose sum over 1 GB reads 20 and 30 GB/s. `moekit::rows_linear`
 (`csrc/expert_gemm.cpp`) splits the weight's rows into chunks that torch's threads take, each read
-once with eight rows in flight: 31 GB/s on two threads (20 on one, level with MKL). So a step on
-more than one thread takes the kernel, a step on one thread F.linear; whether a step runs on one
-thread or all is what generation times (`moekit.inference.step_threads`: on a loaded machine,
-where a second thread waits to be scheduled, one). The two round differently (1e-7 relative).
+once with eight rows in flight: 31 GB/s on two threads, and on one thread at least MKL's rate
+(a decoding step of the benchmark's `large` model on one thread, under load: 5.6 % less time
+than with F.linear). So every step takes the kernel for weights large enough to split, on one
+thread or all (which generation times, `moekit.inference.step_threads`), and its values do not
+depend on that choice; they differ from F.linear's by rounding (1e-7 relative).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
 
 def fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """A few fp32 CPU rows outside autograd against a weight whose read pays a thread hand-off
-    (the rough rates of `dispatch.workers`), on more than one of torch's threads, with moekit's
-    tile kernel built."""
+    (the rough rates of `dispatch.workers`), with moekit's tile kernel built: on one thread too,
+    where the kernel reads as fast as MKL's GEMV or faster, so that a step's values do not depend
+    on the thread count generation chooses for it."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     if x.numel() > MAX_ROWS * x.shape[-1] or weight.stride(-1) != 1 or torch.compiler.is_compiling():
@@ -48,7 +49,7 @@ def fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return False
-    return torch.get_num_threads() > 1 and native.native_available()
+    return native.native_available()
 
 
 class RowsLinear(nn.Linear):
