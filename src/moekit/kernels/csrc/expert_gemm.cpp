@@ -144,10 +144,10 @@ inline void store_part(int j, float* p, S::Mask tail, S::Vec v) {
 }
 
 // C[0:MR, 0:kLanes*NV] (+)= A[0:MR, 0:K] @ B[0:K, 0:kLanes*NV]; the last vector masked by `tail`
-// where Masked.
+// where Masked. `stream`: whole vectors stored past the caches (C's rows aligned to whole lines).
 template <int MR, int NV, bool Masked>
 inline void tile(int64_t K, const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb,
-                 float* C, int64_t ldc, S::Mask tail, bool accumulate) {
+                 float* C, int64_t ldc, S::Mask tail, bool accumulate, bool stream) {
   S::Vec acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
@@ -167,6 +167,13 @@ inline void tile(int64_t K, const float* A, int64_t sai, int64_t sak, const floa
       for (int j = 0; j < NV; ++j) acc[i][j] = S::fmadd(av, b[j], acc[i][j]);
     }
   }
+  if (!Masked && stream) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) S::stream(C + i * ldc + S::kLanes * j, acc[i][j]);
+    return;
+  }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
@@ -178,24 +185,24 @@ inline void tile(int64_t K, const float* A, int64_t sai, int64_t sak, const floa
 // a few lines of the next panel's source and of the caller's prefetch are requested.
 template <int NV, bool Masked>
 void panel_rows(int64_t M, int64_t K, const float* A, int64_t sai, int64_t sak, int64_t a_tile, const float* B,
-                int64_t ldb, float* C, int64_t ldc, S::Mask tail, bool accumulate, Prefetch& prefetch,
+                int64_t ldb, float* C, int64_t ldc, S::Mask tail, bool accumulate, bool stream, Prefetch& prefetch,
                 PanelAhead& ahead) {
   int64_t i = 0;
   const float* a = A;
   for (; i + kRowsPerTile <= M; i += kRowsPerTile, a += a_tile) {
     ahead.lines();
     prefetch.lines(prefetch.per_tile);
-    tile<kRowsPerTile, NV, Masked>(K, a, sai, sak, B, ldb, C + i * ldc, ldc, tail, accumulate);
+    tile<kRowsPerTile, NV, Masked>(K, a, sai, sak, B, ldb, C + i * ldc, ldc, tail, accumulate, stream);
   }
   ahead.lines();
   prefetch.lines(prefetch.per_tile);
   float* c = C + i * ldc;
   switch (M - i) {
-    case 5: tile<5, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate); break;
-    case 4: tile<4, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate); break;
-    case 3: tile<3, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate); break;
-    case 2: tile<2, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate); break;
-    case 1: tile<1, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate); break;
+    case 5: tile<5, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream); break;
+    case 4: tile<4, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream); break;
+    case 3: tile<3, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream); break;
+    case 2: tile<2, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream); break;
+    case 1: tile<1, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream); break;
     default: break;
   }
 }
@@ -203,26 +210,26 @@ void panel_rows(int64_t M, int64_t K, const float* A, int64_t sai, int64_t sak, 
 // A panel of NV vectors' width, its last vector whole or masked.
 template <int NV>
 void panel_of(int64_t M, int64_t K, const float* A, int64_t sai, int64_t sak, int64_t a_tile, const float* B,
-              int64_t ldb, float* C, int64_t ldc, int64_t rest, bool accumulate, Prefetch& prefetch,
+              int64_t ldb, float* C, int64_t ldc, int64_t rest, bool accumulate, bool stream, Prefetch& prefetch,
               PanelAhead& ahead) {
   if (rest)
-    panel_rows<NV, true>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, S::tail_mask(rest), accumulate, prefetch, ahead);
+    panel_rows<NV, true>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, S::tail_mask(rest), accumulate, stream, prefetch, ahead);
   else
-    panel_rows<NV, false>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, S::full_mask(), accumulate, prefetch, ahead);
+    panel_rows<NV, false>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, S::full_mask(), accumulate, stream, prefetch, ahead);
 }
 
 // C[:, 0:width] (+)= A @ B[:, 0:width] for a panel of width <= kPanel columns; A's tiles of rows
 // a_tile apart (see panel_rows).
 void panel(int64_t M, int64_t width, int64_t K, const float* A, int64_t sai, int64_t sak, int64_t a_tile,
-           const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate, Prefetch& prefetch,
+           const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate, bool stream, Prefetch& prefetch,
            PanelAhead ahead = {}) {
   static_assert(S::kTileVectors <= 4, "panel() dispatches up to 4 vectors per tile row");
   const int64_t rest = width % S::kLanes;
   switch ((width + S::kLanes - 1) / S::kLanes) {
-    case 4: panel_of<4>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, prefetch, ahead); break;
-    case 3: panel_of<3>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, prefetch, ahead); break;
-    case 2: panel_of<2>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, prefetch, ahead); break;
-    case 1: panel_of<1>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, prefetch, ahead); break;
+    case 4: panel_of<4>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, stream, prefetch, ahead); break;
+    case 3: panel_of<3>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, stream, prefetch, ahead); break;
+    case 2: panel_of<2>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, stream, prefetch, ahead); break;
+    case 1: panel_of<1>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, stream, prefetch, ahead); break;
     default: break;
   }
 }
@@ -363,10 +370,23 @@ void dot_rows_narrow(int64_t N, int64_t K, const float* A, int64_t lda, const fl
   }
 }
 
+void product_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B,
+                   int64_t sbk, int64_t sbn, float* C, int64_t ldc, Prefetch& prefetch, bool stream);
+
 // C[0:M, 0:N] = A @ B for A [M, K] (strides sai, sak), B [K, N] (strides sbk, sbn; one of them 1),
-// C rows of stride ldc.
+// C rows of stride ldc. `stream`: C is not read again soon (a weight gradient, which only the
+// optimizer reads after the whole backward): its final values are stored past the caches where its
+// rows are whole lines, which saves reading every line of it from memory before it is written.
 void product(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B,
-             int64_t sbk, int64_t sbn, float* C, int64_t ldc, Prefetch& prefetch) {
+             int64_t sbk, int64_t sbn, float* C, int64_t ldc, Prefetch& prefetch, bool stream = false) {
+  stream = stream && reinterpret_cast<uintptr_t>(C) % 64 == 0 && ldc % (64 / sizeof(float)) == 0 &&
+           kPanel % (64 / sizeof(float)) == 0;
+  product_tiles(M, N, K, A, sai, sak, B, sbk, sbn, C, ldc, prefetch, stream);
+  if (stream) _mm_sfence();  // the streamed lines visible before any other thread reads them
+}
+
+void product_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B,
+                   int64_t sbk, int64_t sbn, float* C, int64_t ldc, Prefetch& prefetch, bool stream) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
@@ -390,7 +410,8 @@ void product(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64
         pack_row_groups(A + m * sai + k * sak, sai, sak, rows, depth, rows_packed.data());
         for (int64_t n = 0; n < N; n += kPanel)
           panel(rows, std::min<int64_t>(kPanel, N - n), depth, rows_packed.data(), 1, kRowsPerTile,
-                kRowsPerTile * depth, B + k * sbk + n, sbk, C + m * ldc + n, ldc, k > 0, prefetch);
+                kRowsPerTile * depth, B + k * sbk + n, sbk, C + m * ldc + n, ldc, k > 0, stream && k + depth == K,
+                prefetch);
       }
     }
     return;
@@ -423,7 +444,7 @@ void product(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64
                                       : PanelAhead{};
         for (int64_t n = 0; n < columns; n += kPanel)
           panel(M, std::min<int64_t>(kPanel, columns - n), depth, A + k * sak, sai, sak, kRowsPerTile * sai,
-                &panels[n * depth], kPanel, C + n0 + n, ldc, k > 0, prefetch, ahead);
+                &panels[n * depth], kPanel, C + n0 + n, ldc, k > 0, stream && k + depth == K, prefetch, ahead);
       }
     }
     return;
@@ -432,7 +453,7 @@ void product(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64
     for (int64_t n = 0; n < N; n += kPanel)
       for (int64_t k = 0; k < K; k += kInnerBlock)
         panel(M, std::min<int64_t>(kPanel, N - n), std::min<int64_t>(kInnerBlock, K - k), A + k * sak, sai, sak,
-              kRowsPerTile * sai, B + k * sbk + n, sbk, C + n, ldc, k > 0, prefetch);
+              kRowsPerTile * sai, B + k * sbk + n, sbk, C + n, ldc, k > 0, stream && k + kInnerBlock >= K, prefetch);
     return;
   }
   // B = W^T with W [N, K] row-major (stride sbn): dot products for a few rows, else W's panels
@@ -461,7 +482,7 @@ void product(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64
                                                      std::min<int64_t>(kInnerBlock, K - next_k), ldw, row_tiles)
                                     : PanelAhead{};
       panel(M, width, depth, A + k * sak, sai, sak, kRowsPerTile * sai, packed.data(), kPanel, C + n, ldc, k > 0,
-            prefetch, ahead);
+            stream && last, prefetch, ahead);
     }
   }
 }
@@ -578,7 +599,7 @@ void expert_backward_pairs(const at::Tensor& grad_rows, const at::Tensor& in_row
       Prefetch this_expert = prefetch_of(w, span);
       // [n_out, count] @ [count, n_in]: A = grad_rows^T (strides 1, ldg)
       product(n_out, n_in, count, g, 1, ldg, X + task.start * ldx, ldx, 1, GW + task.expert * sgwe, ldgw,
-              this_expert);
+              this_expert, /*stream=*/true);
     }
     Prefetch next = !GW && i + 1 < static_cast<int64_t>(work.size()) ? prefetch_of(W + work[i + 1].expert * swe, span)
                                                                      : Prefetch{};
@@ -949,7 +970,7 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
     if (GWO != nullptr) {  // [d, count] @ [count, ff]
       Prefetch this_out = prefetch_of(wo, span_out);
       product(d, ff, count, rows_d, 1, ldd, ga, ldf, 1, GWO + task.expert * grad_w_out->stride(0), grad_w_out->stride(1),
-              this_out);
+              this_out, /*stream=*/true);
     }
     Prefetch this_in = prefetch_of(wi, span_in);  // grad_a = grad_ys @ w_out[e]: [count, d] @ [d, ff]
     product(count, ff, d, rows_d, ldd, 1, wo, w_out.stride(1), w_out.stride(2), ga, ldf, this_in);
@@ -972,7 +993,7 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
     gather_rows(X, ldx, T, task, rows_d, ldd, d);
     if (GWI != nullptr)  // [2 ff, count] @ [count, d]
       product(2 * ff, d, count, gh, 1, ldgh, rows_d, ldd, 1, GWI + task.expert * grad_w_in->stride(0),
-              grad_w_in->stride(1), none);
+              grad_w_in->stride(1), none, /*stream=*/true);
     Prefetch next = i + 1 < static_cast<int64_t>(work.size())
                         ? prefetch_of(WO + work[i + 1].expert * w_out.stride(0), span_out)
                         : Prefetch{};
