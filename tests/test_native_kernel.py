@@ -122,7 +122,15 @@ def test_products_match_float64_and_touch_only_their_output(layout, rows, inner,
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(
     ("rows", "inner", "outer"),
-    [(300, 70, 260), (257, 33, 700), (20, 300, 300), (7, 129, 1), (40, 5, 13), (1100, 520, 40), (13, 1030, 70)],
+    [
+        (300, 70, 260),
+        (257, 33, 700),
+        (20, 300, 300),
+        (7, 129, 1),
+        (40, 5, 13),
+        (1100, 520, 40),
+        (13, 1030, 70),
+    ],
 )
 def test_copied_operands_over_many_blocks_match_float64(layout, rows, inner, outer):
     """The operands the kernel copies before its tiles read them: the weight gradient's A (g^T:
