@@ -17,9 +17,11 @@
 //     strides; out with unit column stride; b with unit stride along either dimension (b = W^T
 //     packs panels of W); the memory of prefetch_next is pulled into cache while it runs.
 //     Blocking: the output is computed in panels one register tile wide, each as tiles of 6 rows
-//     over blocks of 256 of the inner dimension; the tile's width follows the vector set the file
-//     is built for (simd.h): 64 columns (6 x 4 vectors in 24 of AVX-512's 32 registers) or 16
-//     (6 x 2 vectors in 12 of AVX2's 16).
+//     over blocks of the inner dimension (a 32 KB packed panel, at least 256 deep: kInnerBlock);
+//     the tile's width follows the vector set the file is built for (simd.h): 64 columns (6 x 4
+//     vectors in 24 of AVX-512's 32 registers, blocks of 256) or 16 (6 x 2 vectors in 12 of
+//     AVX2's 16, blocks of 512). While a panel's tiles run, the next panel's weight rows are
+//     pulled into cache; weight gradients written in one pass are stored past the caches.
 //   moekit::expert_products(rows, weights, out, tasks, threads): out[s:t] = rows[s:t] @ weights[e]^T
 //     for every task (e, s, t), weights packed [E, n_out, n_in].
 //   moekit::expert_backward_pairs(grad_rows, in_rows, weights, grad_weight?, grad_in, tasks, threads):
