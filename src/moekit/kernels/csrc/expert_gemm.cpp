@@ -104,10 +104,11 @@ struct Prefetch {
 };
 
 // The source of the next panel a product packs (a block of a weight's rows: `rows` runs of
-// `bytes`, `stride` bytes apart), pulled into cache a few lines before each register tile of the
-// current panel. The packing reads a weight the experts' loop has not touched for a whole step
-// (the experts' weights exceed the last-level cache), a few short runs per row that the hardware's
-// stream prefetchers barely start on: read cold, those loads stalled the packing.
+// `elements` floats, `row_stride` apart), pulled into L2 a few lines before each register tile of
+// the current panel (`_MM_HINT_T1`; T0 measured inconsistent, -2.5 to +0.7 %). The packing reads
+// a weight the experts' loop has not touched for a whole step (the experts' weights exceed the
+// last-level cache), a few short runs per row that the hardware's stream prefetchers barely start
+// on: read cold, those loads stalled the packing.
 struct PanelAhead {
   const char* base = nullptr;
   int64_t rows = 0, lines_per_row = 0, stride = 0, per_tile = 0;
@@ -219,9 +220,11 @@ void panel_of(int64_t M, int64_t K, const float* A, int64_t sai, int64_t sak, in
               int64_t ldb, float* C, int64_t ldc, int64_t rest, bool accumulate, bool stream, Prefetch& prefetch,
               PanelAhead& ahead) {
   if (rest)
-    panel_rows<NV, true>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, S::tail_mask(rest), accumulate, stream, prefetch, ahead);
+    panel_rows<NV, true>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, S::tail_mask(rest), accumulate, stream,
+                         prefetch, ahead);
   else
-    panel_rows<NV, false>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, S::full_mask(), accumulate, stream, prefetch, ahead);
+    panel_rows<NV, false>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, S::full_mask(), accumulate, stream,
+                          prefetch, ahead);
 }
 
 // C[:, 0:width] (+)= A @ B[:, 0:width] for a panel of width <= kPanel columns; A's tiles of rows
@@ -250,13 +253,14 @@ void pack_row_groups(const float* A, int64_t sai, int64_t sak, int64_t rows, int
   int64_t g = 0;
   if (sai == 1) {
     // a group's 6 values per step of k are contiguous (one row of grad_rows): two moves of 4 and 2
-    // floats each, where the element-wise loop spent ~6 % of a weight gradient's time
+    // floats each (an element-wise loop before: weight gradients 2-3 % slower, hot, AVX2 EPYC)
     for (; g + kRowsPerTile <= rows; g += kRowsPerTile) {
       float* out = packed + g * depth;
       const float* a = A + g;
       for (int64_t k = 0; k < depth; ++k, a += sak, out += kRowsPerTile) {
         _mm_storeu_ps(out, _mm_loadu_ps(a));
-        _mm_storel_pi(reinterpret_cast<__m64*>(out + 4), _mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(a + 4)));
+        const __m128 last_two = _mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(a + 4));
+        _mm_storel_pi(reinterpret_cast<__m64*>(out + 4), last_two);
       }
     }
   }
@@ -272,8 +276,8 @@ void pack_row_groups(const float* A, int64_t sai, int64_t sak, int64_t rows, int
   }
 }
 
-// out[0:min(kPanel, count)] = row[...]: one panel's row in vector moves (a call of std::copy per
-// 64-byte run cost the input gradients ~10 % of their time), the last vector masked.
+// out[0:min(kPanel, count)] = row[...]: one panel's row in vector moves, the last vector masked
+// (inline, where std::copy called memmove per 64-byte run; level on hot operands).
 inline void copy_panel_row(const float* row, int64_t count, float* out) {
   if (count >= kPanel) {
 #pragma GCC unroll 4
@@ -442,12 +446,14 @@ void product_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai,
         const int64_t columns = std::min<int64_t>(chunk, N - n0);
         for (int64_t r = 0; r < depth; ++r) {
           const float* row = B + (k + r) * sbk + n0 * sbn;
-          for (int64_t n = 0; n < columns; n += kPanel) copy_panel_row(row + n, columns - n, &panels[(n * depth) + r * kPanel]);
+          for (int64_t n = 0; n < columns; n += kPanel)
+            copy_panel_row(row + n, columns - n, &panels[(n * depth) + r * kPanel]);
         }
         // the next chunk's rows: the next columns of this block of k, else the next block's first
         const bool last = n0 + chunk >= N;
         const int64_t next_k = last ? k + kInnerBlock : k, next_n = last ? 0 : n0 + chunk;
-        PanelAhead ahead = next_k < K ? PanelAhead::of(B + next_k * sbk + next_n, std::min<int64_t>(kInnerBlock, K - next_k),
+        PanelAhead ahead = next_k < K ? PanelAhead::of(B + next_k * sbk + next_n,
+                                                       std::min<int64_t>(kInnerBlock, K - next_k),
                                                        std::min<int64_t>(chunk, N - next_n), sbk,
                                                        row_tiles * ((columns + kPanel - 1) / kPanel))
                                       : PanelAhead{};
