@@ -97,8 +97,8 @@ def test_the_kernel_is_built_for_the_widest_vector_set_of_the_cpu(monkeypatch, c
     st.integers(0, 2**16),
 )
 def test_products_match_float64_and_touch_only_their_output(layout, rows, inner, outer, pad, prefetch, seed):
-    """Every row and column tail (tiles of 6 rows x 64 columns, inner blocks of 256, packed weight
-    panels of 16 x 16), including empty operands, into a view of a larger buffer whose other
+    """Every row and column tail (tiles of 6 rows x 64 or 16 columns, inner blocks of 256 or 512,
+    packed weight panels), including empty operands, into a view of a larger buffer whose other
     entries stay as they were; with or without memory to prefetch (a strided view is skipped)."""
     gen = torch.Generator().manual_seed(seed)
     a, b = _operands(layout, rows, inner, outer, gen)
@@ -119,16 +119,26 @@ def test_products_match_float64_and_touch_only_their_output(layout, rows, inner,
 
 
 @needs_native
-@pytest.mark.parametrize("layout", ["input_grad", "weight_grad"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(
-    ("rows", "inner", "outer"), [(300, 70, 260), (257, 33, 700), (20, 300, 300), (7, 129, 1), (40, 5, 13)]
+    ("rows", "inner", "outer"),
+    [
+        (300, 70, 260),
+        (257, 33, 700),
+        (20, 300, 300),
+        (7, 129, 1),
+        (40, 5, 13),
+        (1100, 520, 40),
+        (13, 1030, 70),
+    ],
 )
 def test_copied_operands_over_many_blocks_match_float64(layout, rows, inner, outer):
     """The operands the kernel copies before its tiles read them: the weight gradient's A (g^T:
-    its columns contiguous), packed by blocks of rows per block of 256 of the inner dimension, and
-    the input gradient's B (W read in place), copied into panels by chunks of columns per block
-    of k; several blocks of each and their tails, into a view of a larger buffer whose other
-    entries stay as they were."""
+    its columns contiguous), packed by blocks of rows per block of k (256 deep on AVX-512, 512 on
+    AVX2), the input gradient's B (W read in place), copied into panels by chunks of columns per
+    block of k, and the forward's W^T packed by panels; several blocks of each (inner and rows
+    past 1024) and their tails, into a view of a larger buffer whose other entries stay as they
+    were."""
     gen = torch.Generator().manual_seed(rows + outer)
     a, b = _operands(layout, rows, inner, outer, gen)
     buffer = torch.full((a.shape[0] + 2, b.shape[1] + 3), float("nan"))
@@ -139,6 +149,36 @@ def test_copied_operands_over_many_blocks_match_float64(layout, rows, inner, out
     untouched = torch.ones_like(buffer, dtype=torch.bool)
     untouched[1 : a.shape[0] + 1, 2 : b.shape[1] + 2] = False
     assert torch.isnan(buffer[untouched]).all()
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_weight_gradients_stored_past_the_caches_match_float64(threads, offset):
+    """Weight gradients written in one pass into rows of whole 64-byte lines (offset 0, 64 columns)
+    are stored past the caches; an expert with more rows than a block of k (700), or rows that do
+    not start on a line (offset 1), is stored as usual. Every expert's gradient against float64,
+    the input gradients too, and the slice of an expert without rows keeps what was there."""
+    backward_pairs = loop_op("expert_backward_pairs", "tile")
+    gen = torch.Generator().manual_seed(11 + offset)
+    n_out, n_in, counts = 40, 64, [100, 700, 0, 5]
+    num_experts, rows = len(counts), sum(counts)
+    weights = torch.randn(num_experts, n_out, n_in, generator=gen) * 0.2
+    x = torch.randn(rows, n_in, generator=gen)
+    grad = torch.randn(rows, n_out, generator=gen)
+    storage = torch.full((num_experts * n_out * n_in + offset,), float("nan"))
+    grad_weight = storage[offset:].view(num_experts, n_out, n_in)
+    grad_in = torch.full((rows, n_in), float("nan"))
+    starts = [sum(counts[:e]) for e in range(num_experts)]
+    tasks = [(e, starts[e], starts[e] + c) for e, c in enumerate(counts) if c]
+    with torch_threads(threads):
+        backward_pairs(grad, x, weights, grad_weight, grad_in, torch.tensor(tasks).reshape(-1, 3), threads)
+    close = dict(rtol=1e-5, atol=1e-4 * 700**0.5)
+    for e, start, stop in tasks:
+        span = slice(start, stop)
+        torch.testing.assert_close(grad_weight[e].double(), grad[span].double().T @ x[span].double(), **close)
+        torch.testing.assert_close(grad_in[span].double(), grad[span].double() @ weights[e].double(), **close)
+    assert torch.isnan(grad_weight[2]).all()
 
 
 @needs_native

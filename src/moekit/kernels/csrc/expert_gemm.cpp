@@ -17,9 +17,11 @@
 //     strides; out with unit column stride; b with unit stride along either dimension (b = W^T
 //     packs panels of W); the memory of prefetch_next is pulled into cache while it runs.
 //     Blocking: the output is computed in panels one register tile wide, each as tiles of 6 rows
-//     over blocks of 256 of the inner dimension; the tile's width follows the vector set the file
-//     is built for (simd.h): 64 columns (6 x 4 vectors in 24 of AVX-512's 32 registers) or 16
-//     (6 x 2 vectors in 12 of AVX2's 16).
+//     over blocks of the inner dimension (a 32 KB packed panel, at least 256 deep: kInnerBlock);
+//     the tile's width follows the vector set the file is built for (simd.h): 64 columns (6 x 4
+//     vectors in 24 of AVX-512's 32 registers, blocks of 256) or 16 (6 x 2 vectors in 12 of
+//     AVX2's 16, blocks of 512). While a panel's tiles run, the next panel's weight rows are
+//     pulled into cache; weight gradients written in one pass are stored past the caches.
 //   moekit::expert_products(rows, weights, out, tasks, threads): out[s:t] = rows[s:t] @ weights[e]^T
 //     for every task (e, s, t), weights packed [E, n_out, n_in].
 //   moekit::expert_backward_pairs(grad_rows, in_rows, weights, grad_weight?, grad_in, tasks, threads):
@@ -81,17 +83,61 @@ using namespace moekit_tasks;
 constexpr int kRowsPerTile = 6;
 // Output columns per panel: one register tile's width (AVX-512: 4 vectors of 16; AVX2: 2 of 8).
 constexpr int kPanel = S::kTileVectors * S::kLanes;
-constexpr int kInnerBlock = 256;
+// Depth (steps of k) of a block: a packed weight panel of kInnerBlock x kPanel floats fills up to
+// 32 KB (the L1 data cache of x86 cores with AVX2), and at least 256. AVX2: 512 (a product with
+// K = 512 in one pass, without reading its output back for a second block: fine shape on an AVX2
+// EPYC, fwd+bwd 2-3 % less time than with 256); AVX-512: 256, as measured there.
+constexpr int kInnerBlock = std::max<int>(256, 32 * 1024 / (kPanel * static_cast<int>(sizeof(float))));
 
-// Lines of memory to pull into L2 while a product runs (the next expert's weights): one per step
-// of the inner loop, so that the loads overlap the arithmetic instead of stalling the next product.
+// Lines of memory to pull into L2 while a product runs (the next expert's weights), so that the
+// loads overlap the arithmetic instead of stalling the next product: one per step of the
+// dot-product loops (decode), `per_tile` before each register tile of the tile kernel, spread
+// over the whole product (`product` sets it).
 struct Prefetch {
   const char* next = nullptr;
   const char* end = nullptr;
+  int64_t per_tile = 0;
   inline void step() {
     if (next < end) {
       _mm_prefetch(next, _MM_HINT_T1);
       next += 64;
+    }
+  }
+  inline void lines(int64_t count) {
+    for (; count > 0 && next < end; --count, next += 64) _mm_prefetch(next, _MM_HINT_T1);
+  }
+};
+
+// The source of the next panel a product packs (a block of a weight's rows: `rows` runs of
+// `elements` floats, `row_stride` apart), pulled into L2 a few lines before each register tile of
+// the current panel (`_MM_HINT_T1`; T0 measured inconsistent, -2.5 to +0.7 %). The packing reads
+// a weight the experts' loop has not touched for a whole step (the experts' weights exceed the
+// last-level cache), a few short runs per row that the hardware's stream prefetchers barely start
+// on: read cold, those loads stalled the packing.
+struct PanelAhead {
+  const char* base = nullptr;
+  int64_t rows = 0, lines_per_row = 0, stride = 0, per_tile = 0;
+  int64_t row = 0, line = 0;
+
+  static PanelAhead of(const float* first, int64_t rows, int64_t elements, int64_t row_stride, int64_t tiles) {
+    PanelAhead ahead;
+    if (rows <= 0 || elements <= 0) return ahead;
+    const auto address = reinterpret_cast<uintptr_t>(first);
+    ahead.base = reinterpret_cast<const char*>(address & ~uintptr_t{63});
+    ahead.rows = rows;
+    // lines a run touches, from the line of its first element (runs start anywhere in a line)
+    ahead.lines_per_row = ((address & 63) + elements * static_cast<int64_t>(sizeof(float)) + 63) / 64;
+    ahead.stride = row_stride * static_cast<int64_t>(sizeof(float));
+    ahead.per_tile = (rows * ahead.lines_per_row + tiles - 1) / std::max<int64_t>(1, tiles);
+    return ahead;
+  }
+  inline void lines() {
+    for (int64_t count = per_tile; count > 0 && row < rows; --count) {
+      _mm_prefetch(base + row * stride + line * 64, _MM_HINT_T1);
+      if (++line == lines_per_row) {
+        line = 0;
+        ++row;
+      }
     }
   }
 };
@@ -110,10 +156,10 @@ inline void store_part(int j, float* p, S::Mask tail, S::Vec v) {
 }
 
 // C[0:MR, 0:kLanes*NV] (+)= A[0:MR, 0:K] @ B[0:K, 0:kLanes*NV]; the last vector masked by `tail`
-// where Masked.
+// where Masked. `stream`: whole vectors stored past the caches (C's rows aligned to whole lines).
 template <int MR, int NV, bool Masked>
 inline void tile(int64_t K, const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb,
-                 float* C, int64_t ldc, S::Mask tail, bool accumulate, Prefetch& prefetch) {
+                 float* C, int64_t ldc, S::Mask tail, bool accumulate, bool stream) {
   S::Vec acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
@@ -121,7 +167,6 @@ inline void tile(int64_t K, const float* A, int64_t sai, int64_t sak, const floa
     for (int j = 0; j < NV; ++j)
       acc[i][j] = accumulate ? load_part<NV, Masked>(j, C + i * ldc + S::kLanes * j, tail) : S::zero();
   for (int64_t k = 0; k < K; ++k) {
-    prefetch.step();
     S::Vec b[NV];
     const float* row = B + k * ldb;
 #pragma GCC unroll 4
@@ -134,6 +179,13 @@ inline void tile(int64_t K, const float* A, int64_t sai, int64_t sak, const floa
       for (int j = 0; j < NV; ++j) acc[i][j] = S::fmadd(av, b[j], acc[i][j]);
     }
   }
+  if (!Masked && stream) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) S::stream(C + i * ldc + S::kLanes * j, acc[i][j]);
+    return;
+  }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
@@ -141,21 +193,28 @@ inline void tile(int64_t K, const float* A, int64_t sai, int64_t sak, const floa
 }
 
 // Rows of A by tiles of kRowsPerTile: tile g's rows start at A + g * a_tile (kRowsPerTile * sai
-// for A in place, one packed group's size for A packed by `pack_row_groups`).
+// for A in place, one packed group's size for A packed by `pack_row_groups`). Before each tile,
+// a few lines of the next panel's source and of the caller's prefetch are requested.
 template <int NV, bool Masked>
 void panel_rows(int64_t M, int64_t K, const float* A, int64_t sai, int64_t sak, int64_t a_tile, const float* B,
-                int64_t ldb, float* C, int64_t ldc, S::Mask tail, bool accumulate, Prefetch& prefetch) {
+                int64_t ldb, float* C, int64_t ldc, S::Mask tail, bool accumulate, bool stream, Prefetch& prefetch,
+                PanelAhead& ahead) {
   int64_t i = 0;
   const float* a = A;
-  for (; i + kRowsPerTile <= M; i += kRowsPerTile, a += a_tile)
-    tile<kRowsPerTile, NV, Masked>(K, a, sai, sak, B, ldb, C + i * ldc, ldc, tail, accumulate, prefetch);
+  for (; i + kRowsPerTile <= M; i += kRowsPerTile, a += a_tile) {
+    ahead.lines();
+    prefetch.lines(prefetch.per_tile);
+    tile<kRowsPerTile, NV, Masked>(K, a, sai, sak, B, ldb, C + i * ldc, ldc, tail, accumulate, stream);
+  }
+  ahead.lines();
+  prefetch.lines(prefetch.per_tile);
   float* c = C + i * ldc;
   switch (M - i) {
-    case 5: tile<5, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, prefetch); break;
-    case 4: tile<4, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, prefetch); break;
-    case 3: tile<3, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, prefetch); break;
-    case 2: tile<2, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, prefetch); break;
-    case 1: tile<1, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, prefetch); break;
+    case 5: tile<5, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream); break;
+    case 4: tile<4, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream); break;
+    case 3: tile<3, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream); break;
+    case 2: tile<2, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream); break;
+    case 1: tile<1, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream); break;
     default: break;
   }
 }
@@ -163,24 +222,28 @@ void panel_rows(int64_t M, int64_t K, const float* A, int64_t sai, int64_t sak, 
 // A panel of NV vectors' width, its last vector whole or masked.
 template <int NV>
 void panel_of(int64_t M, int64_t K, const float* A, int64_t sai, int64_t sak, int64_t a_tile, const float* B,
-              int64_t ldb, float* C, int64_t ldc, int64_t rest, bool accumulate, Prefetch& prefetch) {
+              int64_t ldb, float* C, int64_t ldc, int64_t rest, bool accumulate, bool stream, Prefetch& prefetch,
+              PanelAhead& ahead) {
   if (rest)
-    panel_rows<NV, true>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, S::tail_mask(rest), accumulate, prefetch);
+    panel_rows<NV, true>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, S::tail_mask(rest), accumulate, stream,
+                         prefetch, ahead);
   else
-    panel_rows<NV, false>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, S::full_mask(), accumulate, prefetch);
+    panel_rows<NV, false>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, S::full_mask(), accumulate, stream,
+                          prefetch, ahead);
 }
 
 // C[:, 0:width] (+)= A @ B[:, 0:width] for a panel of width <= kPanel columns; A's tiles of rows
 // a_tile apart (see panel_rows).
 void panel(int64_t M, int64_t width, int64_t K, const float* A, int64_t sai, int64_t sak, int64_t a_tile,
-           const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate, Prefetch& prefetch) {
+           const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate, bool stream, Prefetch& prefetch,
+           PanelAhead ahead = {}) {
   static_assert(S::kTileVectors <= 4, "panel() dispatches up to 4 vectors per tile row");
   const int64_t rest = width % S::kLanes;
   switch ((width + S::kLanes - 1) / S::kLanes) {
-    case 4: panel_of<4>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, prefetch); break;
-    case 3: panel_of<3>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, prefetch); break;
-    case 2: panel_of<2>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, prefetch); break;
-    case 1: panel_of<1>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, prefetch); break;
+    case 4: panel_of<4>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, stream, prefetch, ahead); break;
+    case 3: panel_of<3>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, stream, prefetch, ahead); break;
+    case 2: panel_of<2>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, stream, prefetch, ahead); break;
+    case 1: panel_of<1>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, stream, prefetch, ahead); break;
     default: break;
   }
 }
@@ -192,7 +255,21 @@ void panel(int64_t M, int64_t width, int64_t K, const float* A, int64_t sai, int
 // products). Packed, rows [g * 6, g * 6 + 6) x `depth` are one contiguous group, k-major:
 // packed[g][k][i] = A[(g * 6 + i) * sai + k * sak], rows past M zero.
 void pack_row_groups(const float* A, int64_t sai, int64_t sak, int64_t rows, int64_t depth, float* packed) {
-  for (int64_t g = 0; g < rows; g += kRowsPerTile) {
+  int64_t g = 0;
+  if (sai == 1) {
+    // a group's 6 values per step of k are contiguous (one row of grad_rows): two moves of 4 and 2
+    // floats each (an element-wise loop before: weight gradients 2-3 % slower, hot, AVX2 EPYC)
+    for (; g + kRowsPerTile <= rows; g += kRowsPerTile) {
+      float* out = packed + g * depth;
+      const float* a = A + g;
+      for (int64_t k = 0; k < depth; ++k, a += sak, out += kRowsPerTile) {
+        _mm_storeu_ps(out, _mm_loadu_ps(a));
+        const __m128 last_two = _mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(a + 4));
+        _mm_storel_pi(reinterpret_cast<__m64*>(out + 4), last_two);
+      }
+    }
+  }
+  for (; g < rows; g += kRowsPerTile) {
     const int64_t count = std::min<int64_t>(kRowsPerTile, rows - g);
     float* group = packed + g * depth;
     for (int64_t k = 0; k < depth; ++k) {
@@ -201,6 +278,20 @@ void pack_row_groups(const float* A, int64_t sai, int64_t sak, int64_t rows, int
       for (int64_t i = 0; i < count; ++i) out[i] = a[i * sai];
       for (int64_t i = count; i < kRowsPerTile; ++i) out[i] = 0.0f;
     }
+  }
+}
+
+// out[0:min(kPanel, count)] = row[...]: one panel's row in vector moves, the last vector masked
+// (inline, where std::copy called memmove per 64-byte run; level on hot operands).
+inline void copy_panel_row(const float* row, int64_t count, float* out) {
+  if (count >= kPanel) {
+#pragma GCC unroll 4
+    for (int j = 0; j < S::kTileVectors; ++j) S::store(out + j * S::kLanes, S::load(row + j * S::kLanes));
+    return;
+  }
+  for (int64_t j = 0; j < count; j += S::kLanes) {
+    const S::Mask m = S::tail_mask(count - j);
+    S::store(out + j, m, S::load(m, row + j));
   }
 }
 
@@ -218,7 +309,9 @@ void pack_transposed(const float* W, int64_t ldw, int64_t width, int64_t depth, 
       const S::Mask mask = S::tail_mask(cols);
       S::Vec r[S::kLanes];
       for (int64_t j = 0; j < S::kLanes; ++j)
-        r[j] = block + j < width ? S::load(mask, W + (block + j) * ldw + k) : S::zero();
+        r[j] = block + j >= width        ? S::zero()
+               : cols == S::kLanes ? S::load(W + (block + j) * ldw + k)
+                                   : S::load(mask, W + (block + j) * ldw + k);
       S::transpose(r);
       for (int64_t j = 0; j < cols; ++j) S::store(packed + (k + j) * kPanel + block, r[j]);
     }
@@ -292,14 +385,35 @@ void dot_rows_narrow(int64_t N, int64_t K, const float* A, int64_t lda, const fl
   }
 }
 
+void product_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B,
+                   int64_t sbk, int64_t sbn, float* C, int64_t ldc, Prefetch& prefetch, bool stream);
+
 // C[0:M, 0:N] = A @ B for A [M, K] (strides sai, sak), B [K, N] (strides sbk, sbn; one of them 1),
-// C rows of stride ldc.
+// C rows of stride ldc. `stream`: C is not read again soon (a weight gradient, which only the
+// optimizer reads after the whole backward): where it is written in one pass (K within one block
+// of k) and its rows are whole lines, it is stored past the caches, which saves reading each line
+// from memory before writing it (fine shape on an AVX2 EPYC: weight gradients 2-4 % faster).
+// Not over several blocks: a line streamed after an earlier block left it in cache is evicted
+// first (coarse shape, K = 512: the layer's fwd+bwd 7 % slower).
 void product(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B,
-             int64_t sbk, int64_t sbn, float* C, int64_t ldc, Prefetch& prefetch) {
+             int64_t sbk, int64_t sbn, float* C, int64_t ldc, Prefetch& prefetch, bool stream = false) {
+  stream = stream && K <= kInnerBlock && reinterpret_cast<uintptr_t>(C) % 64 == 0 &&
+           ldc % (64 / sizeof(float)) == 0 && kPanel % (64 / sizeof(float)) == 0;
+  product_tiles(M, N, K, A, sai, sak, B, sbk, sbn, C, ldc, prefetch, stream);
+  if (stream) _mm_sfence();  // the streamed lines visible before any other thread reads them
+}
+
+void product_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B,
+                   int64_t sbk, int64_t sbn, float* C, int64_t ldc, Prefetch& prefetch, bool stream) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
     return;
+  }
+  const int64_t row_tiles = (M + kRowsPerTile - 1) / kRowsPerTile;
+  if (prefetch.next < prefetch.end) {  // the caller's lines, spread over every tile of the product
+    const int64_t tiles = row_tiles * ((N + kPanel - 1) / kPanel) * ((K + kInnerBlock - 1) / kInnerBlock);
+    prefetch.per_tile = ((prefetch.end - prefetch.next) / 64 + tiles) / tiles;
   }
   if ((sbn == 1 || N == 1) && sai == 1 && sak != 1 && M > 1) {
     // A with contiguous columns (weight gradients): packed by blocks of rows, per block of k
@@ -314,7 +428,8 @@ void product(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64
         pack_row_groups(A + m * sai + k * sak, sai, sak, rows, depth, rows_packed.data());
         for (int64_t n = 0; n < N; n += kPanel)
           panel(rows, std::min<int64_t>(kPanel, N - n), depth, rows_packed.data(), 1, kRowsPerTile,
-                kRowsPerTile * depth, B + k * sbk + n, sbk, C + m * ldc + n, ldc, k > 0, prefetch);
+                kRowsPerTile * depth, B + k * sbk + n, sbk, C + m * ldc + n, ldc, k > 0, stream,
+                prefetch);
       }
     }
     return;
@@ -337,11 +452,19 @@ void product(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64
         for (int64_t r = 0; r < depth; ++r) {
           const float* row = B + (k + r) * sbk + n0 * sbn;
           for (int64_t n = 0; n < columns; n += kPanel)
-            std::copy(row + n, row + std::min<int64_t>(n + kPanel, columns), &panels[(n * depth) + r * kPanel]);
+            copy_panel_row(row + n, columns - n, &panels[(n * depth) + r * kPanel]);
         }
+        // the next chunk's rows: the next columns of this block of k, else the next block's first
+        const bool last = n0 + chunk >= N;
+        const int64_t next_k = last ? k + kInnerBlock : k, next_n = last ? 0 : n0 + chunk;
+        PanelAhead ahead = next_k < K ? PanelAhead::of(B + next_k * sbk + next_n,
+                                                       std::min<int64_t>(kInnerBlock, K - next_k),
+                                                       std::min<int64_t>(chunk, N - next_n), sbk,
+                                                       row_tiles * ((columns + kPanel - 1) / kPanel))
+                                      : PanelAhead{};
         for (int64_t n = 0; n < columns; n += kPanel)
           panel(M, std::min<int64_t>(kPanel, columns - n), depth, A + k * sak, sai, sak, kRowsPerTile * sai,
-                &panels[n * depth], kPanel, C + n0 + n, ldc, k > 0, prefetch);
+                &panels[n * depth], kPanel, C + n0 + n, ldc, k > 0, stream, prefetch, ahead);
       }
     }
     return;
@@ -350,7 +473,7 @@ void product(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64
     for (int64_t n = 0; n < N; n += kPanel)
       for (int64_t k = 0; k < K; k += kInnerBlock)
         panel(M, std::min<int64_t>(kPanel, N - n), std::min<int64_t>(kInnerBlock, K - k), A + k * sak, sai, sak,
-              kRowsPerTile * sai, B + k * sbk + n, sbk, C + n, ldc, k > 0, prefetch);
+              kRowsPerTile * sai, B + k * sbk + n, sbk, C + n, ldc, k > 0, stream, prefetch);
     return;
   }
   // B = W^T with W [N, K] row-major (stride sbn): dot products for a few rows, else W's panels
@@ -372,8 +495,14 @@ void product(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64
     for (int64_t k = 0; k < K; k += kInnerBlock) {
       const int64_t depth = std::min<int64_t>(kInnerBlock, K - k);
       pack_transposed(B + n * ldw + k, ldw, width, depth, packed.data());
+      // the next pack's rows of W: this panel's next block of k, else the next panel's first
+      const bool last = k + kInnerBlock >= K;
+      const int64_t next_n = last ? n + kPanel : n, next_k = last ? 0 : k + kInnerBlock;
+      PanelAhead ahead = next_n < N ? PanelAhead::of(B + next_n * ldw + next_k, std::min<int64_t>(kPanel, N - next_n),
+                                                     std::min<int64_t>(kInnerBlock, K - next_k), ldw, row_tiles)
+                                    : PanelAhead{};
       panel(M, width, depth, A + k * sak, sai, sak, kRowsPerTile * sai, packed.data(), kPanel, C + n, ldc, k > 0,
-            prefetch);
+            stream, prefetch, ahead);
     }
   }
 }
@@ -490,7 +619,7 @@ void expert_backward_pairs(const at::Tensor& grad_rows, const at::Tensor& in_row
       Prefetch this_expert = prefetch_of(w, span);
       // [n_out, count] @ [count, n_in]: A = grad_rows^T (strides 1, ldg)
       product(n_out, n_in, count, g, 1, ldg, X + task.start * ldx, ldx, 1, GW + task.expert * sgwe, ldgw,
-              this_expert);
+              this_expert, /*stream=*/true);
     }
     Prefetch next = !GW && i + 1 < static_cast<int64_t>(work.size()) ? prefetch_of(W + work[i + 1].expert * swe, span)
                                                                      : Prefetch{};
@@ -967,7 +1096,7 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
     if (GWO != nullptr) {  // [d, count] @ [count, ff]
       Prefetch this_out = prefetch_of(wo, span_out);
       product(d, ff, count, rows_d, 1, ldd, ga, ldf, 1, GWO + task.expert * grad_w_out->stride(0), grad_w_out->stride(1),
-              this_out);
+              this_out, /*stream=*/true);
     }
     Prefetch this_in = prefetch_of(wi, span_in);  // grad_a = grad_ys @ w_out[e]: [count, d] @ [d, ff]
     product(count, ff, d, rows_d, ldd, 1, wo, w_out.stride(1), w_out.stride(2), ga, ldf, this_in);
@@ -990,7 +1119,7 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
     gather_rows(X, ldx, T, task, rows_d, ldd, d);
     if (GWI != nullptr)  // [2 ff, count] @ [count, d]
       product(2 * ff, d, count, gh, 1, ldgh, rows_d, ldd, 1, GWI + task.expert * grad_w_in->stride(0),
-              grad_w_in->stride(1), none);
+              grad_w_in->stride(1), none, /*stream=*/true);
     Prefetch next = i + 1 < static_cast<int64_t>(work.size())
                         ? prefetch_of(WO + work[i + 1].expert * w_out.stride(0), span_out)
                         : Prefetch{};

@@ -33,6 +33,8 @@ inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec load(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
 inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 inline void store(float* p, Mask m, Vec v) { _mm512_mask_storeu_ps(p, m, v); }
+// past the caches (p aligned to 64 bytes; whole lines written in order combine in the CPU's buffers)
+inline void stream(float* p, Vec v) { _mm512_stream_ps(p, v); }
 inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
 inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
@@ -103,6 +105,8 @@ inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
 inline Vec load(Mask m, const float* p) { return _mm256_maskload_ps(p, m); }
 inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 inline void store(float* p, Mask m, Vec v) { _mm256_maskstore_ps(p, m, v); }
+// past the caches (p aligned to 32 bytes; whole lines written in order combine in the CPU's buffers)
+inline void stream(float* p, Vec v) { _mm256_stream_ps(p, v); }
 inline Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 inline Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
 inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
