@@ -854,7 +854,7 @@ at::Tensor summed_swiglu_rows(const char* op, const at::Tensor& x, const at::Ten
   const at::Tensor ys = at::empty({rows, d}, options);
   // The next task's weights are pulled into this core's cache only on one thread: on several, the
   // next task goes to whichever thread asks first, and the lines pulled for another core's task
-  // are read twice (decode, `large` on two threads of an AVX2 EPYC: the experts 2-9 % faster
+  // are read twice (decode, `large` on two threads of an AVX2 EPYC: the experts 1-9 % faster
   // without).
   swiglu_forward_tasks(op, x, token, scale, w_in, w_out, at::empty({rows, 2 * ff}, options), ys, work, threads,
                        /*prefetch_next_task=*/threads <= 1);
