@@ -59,7 +59,10 @@ def test_rms_norm_kernel_is_torch_rms_norm_bit_for_bit(shape, width, eps, weight
     from moekit.kernels import native, rms_norm
 
     if not native.loops_available():
-        pytest.skip("moekit's C++ kernels are not built here (MOEKIT_NATIVE=0 or no compiler)")
+        pytest.skip(
+            "moekit's C++ kernels do not run here (MOEKIT_NATIVE=0, no compiler, or their probe "
+            "against torch disagreed)"
+        )
     assert rms_norm.matches_torch()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, width, generator=gen) * 3
@@ -270,7 +273,10 @@ def test_cached_attention_step_in_one_call_is_the_ops_bit_for_bit(families, fami
     from moekit.interop.attention import Attention
 
     if not native_module.native_available():
-        pytest.skip("moekit's tile kernel is not built here (MOEKIT_NATIVE off or mm, or no AVX2/AVX-512)")
+        pytest.skip(
+            "moekit's tile kernel does not run here (MOEKIT_NATIVE off or mm, no AVX2/AVX-512, no "
+            "compiler, or its probe against torch.mm disagreed)"
+        )
     model = families(family)
     taken = []
     original = Attention._cached_step
@@ -344,7 +350,10 @@ def test_joint_projection_of_large_weights_reads_them_in_place_bit_for_bit(wide_
     from moekit.kernels import rows_linear
 
     if not native_module.native_available():
-        pytest.skip("moekit's tile kernel is not built here (MOEKIT_NATIVE off or mm, or no AVX2/AVX-512)")
+        pytest.skip(
+            "moekit's tile kernel does not run here (MOEKIT_NATIVE off or mm, no AVX2/AVX-512, no "
+            "compiler, or its probe against torch.mm disagreed)"
+        )
     model = wide_attention_model
     attention = model.layers[0].attn
     calls = []
@@ -423,7 +432,10 @@ def test_rows_linear_kernel_against_float64(rows, outputs, inner, bias, threads,
     """moekit's row kernel for a decoding step's dense products: x @ W^T + b for a few rows, the
     weight's rows split over threads (row and column tails, strided x rows), against float64."""
     if not native_module.native_available():
-        pytest.skip("moekit's tile kernel does not run here (no AVX2/AVX-512 build, or forced off)")
+        pytest.skip(
+            "moekit's tile kernel does not run here (MOEKIT_NATIVE off or mm, no AVX2/AVX-512, no "
+            "compiler, or its probe against torch.mm disagreed)"
+        )
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, inner + 3, generator=gen)[:, :inner]  # rows a stride apart
     weight = torch.randn(outputs, inner, generator=gen)
@@ -440,7 +452,10 @@ def test_decode_linear_takes_the_kernel_for_large_reads_on_any_thread_count():
     from moekit.kernels import rows_linear
 
     if not native_module.native_available():
-        pytest.skip("moekit's tile kernel does not run here")
+        pytest.skip(
+            "moekit's tile kernel does not run here (MOEKIT_NATIVE off or mm, no AVX2/AVX-512, no "
+            "compiler, or its probe against torch.mm disagreed)"
+        )
     weight = torch.randn(1024, 512)  # 2 MB: its read pays a thread hand-off
     x = torch.randn(1, 1, 512)
     previous = torch.get_num_threads()
@@ -620,7 +635,10 @@ def test_rope_kernel_is_torch_rotation_bit_for_bit(batch, heads, steps, half, se
     from moekit.kernels import rope
 
     if not native_module.loops_available():
-        pytest.skip("moekit's C++ kernels are not built here (MOEKIT_NATIVE=0 or no compiler)")
+        pytest.skip(
+            "moekit's C++ kernels do not run here (MOEKIT_NATIVE=0, no compiler, or their probe "
+            "against torch disagreed)"
+        )
     assert rope.matches_torch()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, heads, steps, 2 * half, generator=gen) * 3
@@ -642,7 +660,10 @@ def test_kv_append_writes_the_steps_bytes_and_refuses_what_does_not_fit():
     from moekit.inference.kv_cache import LayerCache
 
     if not native_module.loops_available():
-        pytest.skip("moekit's C++ kernels are not built here (MOEKIT_NATIVE=0 or no compiler)")
+        pytest.skip(
+            "moekit's C++ kernels do not run here (MOEKIT_NATIVE=0, no compiler, or their probe "
+            "against torch disagreed)"
+        )
     gen = torch.Generator().manual_seed(0)
     steps = [torch.randn(2, 7, 1, 16, generator=gen) for _ in range(6)]
     with torch.inference_mode():

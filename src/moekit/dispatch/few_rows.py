@@ -54,6 +54,13 @@ def runs_whole(activation: Activation, weight_on: str, b_in: Tensor | None, b_ou
     return activation.name == "swiglu" and weight_on == "output" and b_in is None and b_out is None
 
 
+def reads_are_small(rows: int, w_in: Tensor, w_out: Tensor) -> bool:
+    """Whether the experts `rows` assignments can reach read in less time than a thread hand-off
+    pays for (the rough single-core rate of `dispatch.workers`): such calls run on one thread."""
+    expert_bytes = (w_in.shape[1] * w_in.shape[2] + w_out.shape[1] * w_out.shape[2]) * w_in.element_size()
+    return rows * expert_bytes / CORE_BYTES_PER_S < MIN_THREADED_SECONDS
+
+
 def few_rows_kernel(
     x: Tensor,
     rows: int,
@@ -77,8 +84,7 @@ def few_rows_kernel(
         return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_in, w_out, *tensors)):
         return None
-    expert_bytes = (w_in.shape[1] * w_in.shape[2] + w_out.shape[1] * w_out.shape[2]) * w_in.element_size()
-    small = rows * expert_bytes / CORE_BYTES_PER_S < MIN_THREADED_SECONDS
+    small = reads_are_small(rows, w_in, w_out)
     kernel = expert_kernel(x, w_in, w_out) if whole else None
     if kernel is not None and small:
         return kernel, 1
@@ -192,9 +198,7 @@ def routed_rows(moe: MoE, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor,
     if selection_bias is not None:
         selection_bias = selection_bias.to(logits.dtype)
     scores, index, weights = choose_topk(logits, spec, selection_bias)
-    expert_bytes = (w_in.shape[1] * w_in.shape[2] + w_out.shape[1] * w_out.shape[2]) * w_in.element_size()
-    small = index.numel() * expert_bytes / CORE_BYTES_PER_S < MIN_THREADED_SECONDS
-    threads = 1 if small else torch.get_num_threads()
+    threads = 1 if reads_are_small(index.numel(), w_in, w_out) else torch.get_num_threads()
     y, *kept = torch.ops.moekit.topk_swiglu_rows(x, index, weights, w_in, w_out, threads)
     token, expert, weight, rank = kept
     routing = Routing(
