@@ -29,7 +29,7 @@ from torch import Tensor
 from moekit.device import autocast_dtype
 from moekit.dispatch.compiled import summed_expert_rows
 from moekit.dispatch.grouped import DECODE_ROWS_PER_EXPERT, ExpertGroups, NativeLoops, grouped_mm_fits
-from moekit.dispatch.workers import CORE_BYTES_PER_S, MIN_THREADED_SECONDS
+from moekit.dispatch.workers import too_small_to_share
 from moekit.experts.activations import Activation
 from moekit.experts.packed import PackedExperts
 from moekit.kernels.native import expert_kernel
@@ -58,7 +58,7 @@ def reads_are_small(rows: int, w_in: Tensor, w_out: Tensor) -> bool:
     """Whether the experts `rows` assignments can reach read in less time than a thread hand-off
     pays for (the rough single-core rate of `dispatch.workers`): such calls run on one thread."""
     expert_bytes = (w_in.shape[1] * w_in.shape[2] + w_out.shape[1] * w_out.shape[2]) * w_in.element_size()
-    return rows * expert_bytes / CORE_BYTES_PER_S < MIN_THREADED_SECONDS
+    return too_small_to_share(rows * expert_bytes)
 
 
 def few_rows_kernel(

@@ -19,10 +19,17 @@ from functools import cache
 import torch
 
 # Rough single-core rates of an x86 core of the AVX2/AVX-512 class, and the least time of a
-# product worth a hand-off between threads: an estimate of what is too small to time, only.
+# product worth a hand-off between threads: an estimate of what is too small to time, only
+# (`too_small_to_share`).
 CORE_FLOPS_PER_S = 100e9
 CORE_BYTES_PER_S = 10e9
 MIN_THREADED_SECONDS = 100e-6
+
+
+def too_small_to_share(read_bytes: float, flops: float = 0.0) -> bool:
+    """Whether work that reads `read_bytes` and does `flops` takes one core less time than a
+    hand-off between threads pays for (the rough rates above): such work runs on one thread."""
+    return max(read_bytes / CORE_BYTES_PER_S, flops / CORE_FLOPS_PER_S) < MIN_THREADED_SECONDS
 
 
 @cache

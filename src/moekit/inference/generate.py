@@ -17,12 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moekit.dispatch.workers import (
-    CORE_BYTES_PER_S,
-    CORE_FLOPS_PER_S,
-    MIN_THREADED_SECONDS,
-    single_threaded,
-)
+from moekit.dispatch.workers import single_threaded, too_small_to_share
 from moekit.errors import ConfigError, MoekitError, require_int, require_number
 from moekit.inference.step_threads import step_threads_of
 from moekit.routing.override import Overrides, RoutingOverride, override_routing
@@ -147,12 +142,10 @@ def threads_may_pay_off(rows: int, largest_elements: int, element_size: int) -> 
     worth timing both ways (`moekit.inference.step_threads`).
 
     Its largest product, estimated on one core (the rough rates of `dispatch.workers`), must take
-    at least MIN_THREADED_SECONDS, to pay OpenMP's hand-off between threads: decoding a small
-    model is a chain of tiny ops, each of which a second thread only delays (and, on a loaded
-    machine, waits for); such steps run on one thread without being timed."""
-    read_seconds = largest_elements * element_size / CORE_BYTES_PER_S
-    compute_seconds = 2 * rows * largest_elements / CORE_FLOPS_PER_S
-    return max(read_seconds, compute_seconds) >= MIN_THREADED_SECONDS
+    long enough to pay a hand-off between threads: decoding a small model is a chain of tiny ops,
+    each of which a second thread only delays (and, on a loaded machine, waits for); such steps run
+    on one thread without being timed."""
+    return not too_small_to_share(largest_elements * element_size, 2 * rows * largest_elements)
 
 
 def _forward(

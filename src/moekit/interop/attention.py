@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.device import autocast_dtype
-from moekit.dispatch.workers import CORE_BYTES_PER_S, MIN_THREADED_SECONDS
+from moekit.dispatch.workers import too_small_to_share
 from moekit.errors import ConfigError, require_choice, require_int
 from moekit.inference.kv_cache import LayerCache
 from moekit.interop.rope import apply_rope
@@ -361,8 +361,7 @@ class Attention(nn.Module):
         key = tuple((t.data_ptr(), t._version) for t in sources)
         kept = self.__dict__.get("_joint")
         if kept is None or kept[0] != key:
-            read = sum(w.numel() for w in weights) * x.element_size()
-            small = read / CORE_BYTES_PER_S < MIN_THREADED_SECONDS
+            small = too_small_to_share(sum(w.numel() for w in weights) * x.element_size())
             kept = (key, _joined(self.config, weights if small else None, biases, norms))
             self.__dict__["_joint"] = kept
         joint = kept[1]

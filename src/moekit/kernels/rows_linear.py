@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.dispatch.workers import CORE_BYTES_PER_S, MIN_THREADED_SECONDS
+from moekit.dispatch.workers import too_small_to_share
 from moekit.kernels import native
 
 # The kernel's rows of x per call (csrc: kDotRows).
@@ -45,7 +45,7 @@ def fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         return False
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         return False
-    if weight.numel() * 4 / CORE_BYTES_PER_S < MIN_THREADED_SECONDS:
+    if too_small_to_share(weight.numel() * 4):
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return False
