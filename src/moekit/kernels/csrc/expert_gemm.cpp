@@ -765,13 +765,6 @@ void swiglu_backward_into(const at::Tensor& h, const at::Tensor& grad, const at:
 }
 
 
-// rows [0, count) of out (row stride ldo) = rows token[s:t] of x, d columns.
-inline void gather_rows(const float* X, int64_t ldx, const int64_t* T, const Task& task, float* out, int64_t ldo,
-                        int64_t d) {
-  for (int64_t r = task.start; r < task.stop; ++r)
-    std::copy(X + T[r] * ldx, X + T[r] * ldx + d, out + (r - task.start) * ldo);
-}
-
 // The row stride of `cols` floats in a work space: one 64-byte line more, so that rows whose
 // length is a multiple of 1-4 KB (d = 256, 512, ...) do not map to the same few L1 sets, which
 // the tiles read 6 rows at a time and the weight gradients one row per step of k (x86's L1
@@ -1083,6 +1076,7 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
     gather_rows(G, ldg, T, task, rows_d, ldd, d);
     for (int64_t r = 0; r < count; ++r) {  // sigmoid(gate) and a_in, as the forward formed it
       const float *gate = Hp + (s0 + r) * ldh, *up = gate + ff;
+      if (r + 1 < count) prefetch_row(gate + ldh, 2 * ff);
       const S::Vec sc = S::set1(S[s0 + r]);
       for (int64_t j = 0; j < ff; j += S::kLanes) {
         const S::Mask m = tail_mask(ff - j);
@@ -1102,6 +1096,7 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
     product(count, ff, d, rows_d, ldd, 1, wo, w_out.stride(1), w_out.stride(2), ga, ldf, this_in);
     for (int64_t r = 0; r < count; ++r) {
       const float *gate = Hp + (s0 + r) * ldh, *up = gate + ff;
+      if (r + 1 < count) prefetch_row(gate + ldh, 2 * ff);
       float* gar = ga + r * ldf;
       const float* sr = sig + r * ldf;
       S::Vec dot = S::zero();
