@@ -54,8 +54,8 @@ struct Task {
 // at a time: h (written by the forward, read back by the backward; 25 MB at the layer benchmark's
 // fine shape, past the last-level cache) and x's and grad_out's rows gathered in token order.
 // Without it each row's loads waited on memory: on an AVX2 EPYC (Zen 3) the backward's first pass
-// over h read ~1.3 GB/s, about one line in flight at a time (fine shape, one thread: that pass
-// 17-27 ms, 6-8 ms with it; BENCHMARKS.md §13).
+// over h read 25 MB in 15-27 ms (by the machine's load), about one line in flight at a time; 6 ms
+// with it (fine shape, one thread; the passes and gathers 32 -> 20 ms per step, BENCHMARKS.md §13).
 template <typename scalar_t>
 inline void prefetch_row(const scalar_t* row, int64_t count) {
   const auto first = reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63};
