@@ -55,7 +55,9 @@ struct Task {
 // fine shape, past the last-level cache) and x's and grad_out's rows gathered in token order.
 // Without it each row's loads waited on memory: on an AVX2 EPYC (Zen 3) the backward's first pass
 // over h read 25 MB in 15-27 ms (by the machine's load), about one line in flight at a time; 6 ms
-// with it (fine shape, one thread; the passes and gathers 32 -> 20 ms per step, BENCHMARKS.md §13).
+// with the next row requested (fine shape, one thread; the passes and gathers 32 -> 20 ms per
+// step, BENCHMARKS.md §13). The tile kernel's passes over h request it a line at a time
+// (expert_gemm.cpp: prefetch_next_row_line).
 template <typename scalar_t>
 inline void prefetch_row(const scalar_t* row, int64_t count) {
   const auto first = reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63};
