@@ -7,7 +7,7 @@ from unittest.mock import patch
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moekit.dispatch.grouped as grouped_module
@@ -276,6 +276,41 @@ def test_float32_paths_match_float64(path):
         torch.testing.assert_close(fast.double(), exact, rtol=1e-4, atol=1e-4)
     for grad in results[torch.float32][3:]:
         assert torch.count_nonzero(grad[5]) == 0
+
+
+@pytest.mark.parametrize("path", LOOP_PATHS)
+@settings(max_examples=15, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 9), min_size=2, max_size=5),
+    last_token_last=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_whole_swiglu_passes_read_every_row_to_the_ends_of_their_buffers(path, counts, last_token_last, seed):
+    """The SwiGLU passes gather each expert's rows of x and grad_out in token order and read h row
+    by row, requesting the next row while one is worked on: experts of one row or none, tokens in
+    any order, the last token's row gathered last and the last expert ending at h's last row, on
+    the tile kernel (AVX-512 or AVX2), on one thread, and on at::mm. Output and every gradient
+    against float64."""
+    gen = torch.Generator().manual_seed(seed)
+    num_tokens, hidden, ff = 24, 20, 12
+    counts = [*counts, 16]  # one expert large enough that the call is not decode-sized
+    expert = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    token = torch.randint(0, num_tokens, (len(expert),), generator=gen)
+    if last_token_last:
+        token[-1] = num_tokens - 1
+    inputs = swiglu_inputs(gen, num_tokens, len(token), len(counts), hidden, ff, weight_scale=0.3)
+    upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
+    exact = swiglu_output_and_grads(inputs, token, expert, upstream, torch.float64)
+    with torch_threads(2), expert_path(path) as options:
+        x, _, w_in, w_out = (t.float() for t in inputs)
+        plan = grouped_module.plan_experts(
+            x, token, expert, w_in, w_out, make_activation("swiglu"), "output", **options
+        )
+        assert isinstance(plan.loops, NativeLoops) and plan.loops.whole_swiglu
+        assert plan.path == "many_tokens"
+        fast = swiglu_output_and_grads(inputs, token, expert, upstream, torch.float32, **options)
+    for got, want in zip(fast, exact, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
 @needs_loops

@@ -139,13 +139,6 @@ void expert_backward_pairs_mm(const at::Tensor& grad_rows, const at::Tensor& in_
   });
 }
 
-// rows [0, count) of out = rows token[s:t] of x (the gather of an expert's rows), d columns.
-template <typename scalar_t>
-void gather_rows(const scalar_t* X, int64_t ldx, const int64_t* T, const Task& task, scalar_t* out, int64_t d) {
-  for (int64_t r = task.start; r < task.stop; ++r)
-    std::copy(X + T[r] * ldx, X + T[r] * ldx + d, out + (r - task.start) * d);
-}
-
 // rows of `count` x `cols` at `data` (a thread's work space) as a tensor like `like`'s.
 at::Tensor rows_at(void* data, const at::Tensor& like, int64_t count, int64_t cols) {
   return at::from_blob(data, {count, cols}, like.options());
@@ -196,7 +189,7 @@ void expert_swiglu_forward_mm(const at::Tensor& x, const at::Tensor& token, cons
       scalar_t* space = spaces.mine();
       auto xs = rows_at(space, x, count, d), a_in = rows_at(space + count * d, x, count, ff);
       auto h_e = rows_of(h, task), ys_e = rows_of(ys, task);
-      gather_rows(X, ldx, T, task, xs.data_ptr<scalar_t>(), d);
+      gather_rows(X, ldx, T, task, xs.data_ptr<scalar_t>(), d, d);
       at::mm_out(h_e, xs, w_in.select(0, task.expert).t());
       scalar_t* AI = a_in.data_ptr<scalar_t>();
       for (int64_t r = task.start; r < task.stop; ++r) {
@@ -251,9 +244,10 @@ void expert_swiglu_backward_mm(const at::Tensor& grad_out, const at::Tensor& x, 
       auto a = rows_at(space + count * (d + ff), x, count, ff);
       auto gh = rows_at(space + count * (d + 2 * ff), x, count, 2 * ff);
       scalar_t *GA = ga.data_ptr<scalar_t>(), *A = a.data_ptr<scalar_t>(), *GH = gh.data_ptr<scalar_t>();
-      gather_rows(G, ldg, T, task, rows_d.data_ptr<scalar_t>(), d);
+      gather_rows(G, ldg, T, task, rows_d.data_ptr<scalar_t>(), d, d);
       for (int64_t r = 0; r < count; ++r) {
         const scalar_t *gate = H + (task.start + r) * ldh, *up = gate + ff;
+        if (r + 1 < count) prefetch_row(gate + ldh, 2 * ff);
         const acc_t sc = static_cast<acc_t>(S[task.start + r]);
         for (int64_t j = 0; j < ff; ++j) {
           const acc_t g = static_cast<acc_t>(gate[j]);
@@ -269,6 +263,7 @@ void expert_swiglu_backward_mm(const at::Tensor& grad_out, const at::Tensor& x, 
       at::mm_out(ga, rows_d, w_out.select(0, task.expert));  // the gradient of a_in
       for (int64_t r = 0; r < count; ++r) {
         const scalar_t *gr = GA + r * ff, *ar = A + r * ff, *gate = H + (task.start + r) * ldh, *up = gate + ff;
+        if (r + 1 < count) prefetch_row(gate + ldh, 2 * ff);
         scalar_t* out = GH + r * 2 * ff;
         acc_t dot = 0;
         for (int64_t j = 0; j < ff; ++j) dot += static_cast<acc_t>(gr[j]) * static_cast<acc_t>(ar[j]);
@@ -281,7 +276,7 @@ void expert_swiglu_backward_mm(const at::Tensor& grad_out, const at::Tensor& x, 
           out[ff + j] = static_cast<scalar_t>(da * g * sg);
         }
       }
-      gather_rows(X, ldx, T, task, rows_d.data_ptr<scalar_t>(), d);
+      gather_rows(X, ldx, T, task, rows_d.data_ptr<scalar_t>(), d, d);
       if (grad_w_in.has_value()) {
         auto target = grad_w_in->select(0, task.expert);
         at::mm_out(target, gh.t(), rows_d);

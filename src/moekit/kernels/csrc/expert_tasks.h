@@ -49,6 +49,33 @@ struct Task {
   int64_t expert, start, stop;
 };
 
+// Requests the cache lines of a row of `count` elements, for a loop over rows to ask for the next
+// row while it works on this one. The SwiGLU passes read rows that are not in cache one short run
+// at a time: h (written by the forward, read back by the backward; 25 MB at the layer benchmark's
+// fine shape, past the last-level cache) and x's and grad_out's rows gathered in token order.
+// Without it each row's loads waited on memory: on an AVX2 EPYC (Zen 3) the backward's first pass
+// over h read 25 MB in 15-27 ms (by the machine's load), about one line in flight at a time; 6 ms
+// with the next row requested (fine shape, one thread; the passes and gathers 32 -> 20 ms per
+// step, BENCHMARKS.md §13). The tile kernel's passes over h request it a line at a time
+// (expert_gemm.cpp: prefetch_next_row_line).
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t count) {
+  const auto first = reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63};
+  const auto end = reinterpret_cast<uintptr_t>(row + count);
+  for (uintptr_t line = first; line < end; line += 64) __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 3);
+}
+
+// rows [0, stop - start) of out (row stride ldo) = rows token[start:stop] of X, d columns (an
+// expert's rows gathered), the next token's row requested while one is copied.
+template <typename scalar_t>
+inline void gather_rows(const scalar_t* X, int64_t ldx, const int64_t* T, const Task& task, scalar_t* out, int64_t ldo,
+                        int64_t d) {
+  for (int64_t r = task.start; r < task.stop; ++r) {
+    if (r + 1 < task.stop) prefetch_row(X + T[r + 1] * ldx, d);
+    std::copy(X + T[r] * ldx, X + T[r] * ldx + d, out + (r - task.start) * ldo);
+  }
+}
+
 // The tasks [n, 3] (expert, start row, stop row) as given, largest first: the last ones taken are
 // the shortest, so the threads finish together.
 inline std::vector<Task> tasks_of(const at::Tensor& tasks, const char* op) {
