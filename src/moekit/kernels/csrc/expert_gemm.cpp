@@ -330,7 +330,12 @@ void dot_rows_narrow(int64_t N, int64_t K, const float* A, int64_t lda, const fl
 // One row of A against kWideRows weight rows at a time: more weight rows read at once keep more
 // of memory's reads in flight (one row against a 67 MB weight, one AVX2 EPYC thread: 15.8 GB/s
 // four rows at a time, a sum over 1 GB 20). Each output is the same sum in the same order as
-// dot_rows' (one vector accumulator along K, then its lanes), so the values do not change.
+// dot_rows' (one vector accumulator along K, then its lanes), so the values do not change. The
+// next block of rows is requested a block ahead, line by line as this block is read: a decode
+// step's weights come from memory a few MB at a time, and with eight rows in flight per thread
+// they were read at 21-24 GB/s where a 1 GB sum reads 30 (AVX2 EPYC, two threads; with the
+// requests, a `large` step's experts faster in 7 of 8 process pairs, the step 3.5 % by the
+// median of 11, BENCHMARKS.md §8).
 constexpr int kWideRows = 8;
 
 void dot_row_wide(int64_t N, int64_t K, const float* A, const float* W, int64_t ldw, float* C, Prefetch& prefetch) {
@@ -339,8 +344,12 @@ void dot_row_wide(int64_t N, int64_t K, const float* A, const float* W, int64_t 
     S::Vec acc[kWideRows];
     for (int j = 0; j < kWideRows; ++j) acc[j] = S::zero();
     const float* w = W + n * ldw;
+    const float* ahead = n + 2 * kWideRows <= N ? w + kWideRows * ldw : nullptr;
     for (int64_t k = 0; k < K; k += S::kLanes) {
       prefetch.step();
+      if (ahead != nullptr && k % (64 / static_cast<int64_t>(sizeof(float))) == 0)  // once per line
+        for (int j = 0; j < kWideRows; ++j)
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + j * ldw + k), _MM_HINT_T0);
       const S::Mask m = S::tail_mask(K - k);
       const S::Vec a = S::load(m, A + k);
 #pragma GCC unroll 8
