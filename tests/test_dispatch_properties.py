@@ -25,7 +25,13 @@ from moekit.routing.token_choice import TokenChoiceRouter
 # portable path (torch.mm per expert; grouped_mm where its dtype and strides allow).
 LOOP_PATHS = ("loops", "loops_one_thread", "loops_mm")
 EXPERT_PATHS = (*LOOP_PATHS, "portable", "portable_grouped_mm")
-needs_loops = pytest.mark.skipif(not loops_available(), reason="the C++ expert loops need a C++ compiler")
+needs_loops = pytest.mark.skipif(
+    not loops_available(),
+    reason=(
+        "the C++ expert loops do not run here (MOEKIT_NATIVE=0, no C++ compiler, or their first-use "
+        "check against torch disagreed)"
+    ),
+)
 
 
 @contextmanager
@@ -33,7 +39,10 @@ def expert_path(path: str):
     """Run the block on `path`; yields the `backend` and `threads` options of `grouped_experts`."""
     native = {"loops_mm": "mm", "portable": "0", "portable_grouped_mm": "0"}.get(path, "auto")
     if path in LOOP_PATHS and not loops_available():
-        pytest.skip("the C++ expert loops do not run here (no C++ compiler, or MOEKIT_NATIVE=0)")
+        pytest.skip(
+            "the C++ expert loops do not run here (MOEKIT_NATIVE=0, no C++ compiler, or their first-use "
+            "check against torch disagreed)"
+        )
     with patch.dict(os.environ, {"MOEKIT_NATIVE": native}):
         yield {
             "backend": "auto" if path == "portable_grouped_mm" else "loop",

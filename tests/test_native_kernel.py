@@ -27,10 +27,17 @@ from moekit.kernels.native import (
 
 needs_native = pytest.mark.skipif(
     not native_available(),
-    reason="the native kernel needs an AVX-512 or AVX2 CPU and a C++ compiler; without them the "
-    "library kernels run, and the dispatch tests cover those",
+    reason="the native kernel does not run here (it needs an AVX-512 or AVX2 CPU, a C++ compiler, "
+    "MOEKIT_NATIVE not 0 or mm, and a first-use check against torch.mm that agreed); the library "
+    "kernels run instead, and the dispatch tests cover those",
 )
-needs_loops = pytest.mark.skipif(not loops_available(), reason="the C++ expert loops need a C++ compiler")
+needs_loops = pytest.mark.skipif(
+    not loops_available(),
+    reason=(
+        "the C++ expert loops do not run here (MOEKIT_NATIVE=0, no C++ compiler, or their first-use "
+        "check against torch disagreed)"
+    ),
+)
 # The loops' kernels: the op-name suffix of each, and whether it runs here
 LOOP_KERNELS = {"tile": ("", native_available), "mm": ("_mm", loops_available)}
 
@@ -40,7 +47,7 @@ def loop_op(name: str, kernel: str):
     if not runs():
         pytest.skip(
             f"the {kernel} kernel does not run here (off with MOEKIT_NATIVE; the tile kernel needs "
-            "AVX-512 or AVX2, both a compiler)"
+            "AVX-512 or AVX2, both a compiler and a first-use check against torch that agreed)"
         )
     return getattr(torch.ops.moekit, name + suffix)
 

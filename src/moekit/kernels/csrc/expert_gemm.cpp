@@ -81,6 +81,8 @@ namespace S = moekit_simd;
 using namespace moekit_tasks;
 
 constexpr int kRowsPerTile = 6;
+// Floats per 64-byte cache line.
+constexpr int64_t kLineFloats = 64 / static_cast<int64_t>(sizeof(float));
 // Output columns per panel: one register tile's width (AVX-512: 4 vectors of 16; AVX2: 2 of 8).
 constexpr int kPanel = S::kTileVectors * S::kLanes;
 // Depth (steps of k) of a block: a packed weight panel of kInnerBlock x kPanel floats fills up to
@@ -347,7 +349,7 @@ void dot_row_wide(int64_t N, int64_t K, const float* A, const float* W, int64_t 
     const float* ahead = n + 2 * kWideRows <= N ? w + kWideRows * ldw : nullptr;
     for (int64_t k = 0; k < K; k += S::kLanes) {
       prefetch.step();
-      if (ahead != nullptr && k % (64 / static_cast<int64_t>(sizeof(float))) == 0)  // once per line
+      if (ahead != nullptr && k % kLineFloats == 0)  // once per line
         for (int j = 0; j < kWideRows; ++j)
           _mm_prefetch(reinterpret_cast<const char*>(ahead + j * ldw + k), _MM_HINT_T0);
       const S::Mask m = S::tail_mask(K - k);
@@ -407,7 +409,7 @@ void product_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai,
 void product(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B,
              int64_t sbk, int64_t sbn, float* C, int64_t ldc, Prefetch& prefetch, bool stream = false) {
   stream = stream && K <= kInnerBlock && reinterpret_cast<uintptr_t>(C) % 64 == 0 &&
-           ldc % (64 / sizeof(float)) == 0 && kPanel % (64 / sizeof(float)) == 0;
+           ldc % kLineFloats == 0 && kPanel % kLineFloats == 0;
   product_tiles(M, N, K, A, sai, sak, B, sbk, sbn, C, ldc, prefetch, stream);
   if (stream) _mm_sfence();  // the streamed lines visible before any other thread reads them
 }
@@ -779,7 +781,7 @@ void swiglu_backward_into(const at::Tensor& h, const at::Tensor& grad, const at:
 // the tiles read 6 rows at a time and the weight gradients one row per step of k (x86's L1
 // caches are indexed by address bits 6-11). Measured on an AVX2 EPYC (Zen 3), fwd+bwd at
 // T=2048, one thread: 5 % less time at fine and at very fine (BENCHMARKS.md §13).
-inline int64_t padded(int64_t cols) { return cols + 64 / static_cast<int64_t>(sizeof(float)); }
+inline int64_t padded(int64_t cols) { return cols + kLineFloats; }
 
 void check_swiglu_operands(const at::Tensor& rows_of_tokens, const at::Tensor& token, const at::Tensor& scale,
                            const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h, const char* op) {
@@ -1039,7 +1041,6 @@ at::Tensor rows_linear_parts(const at::Tensor& x, at::TensorList weights, const 
 // requested at once, 128 lines at ff = 1024: fwd+bwd 1-2 % slower at the coarse shape, one thread
 // of an AVX2 EPYC; level at fine and very fine.)
 inline void prefetch_next_row_line(const float* next, int64_t j, int64_t ff) {
-  constexpr int64_t kLineFloats = 64 / static_cast<int64_t>(sizeof(float));
   if (next == nullptr || j % kLineFloats != 0) return;
   _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T0);
   _mm_prefetch(reinterpret_cast<const char*>(next + ff + j), _MM_HINT_T0);
