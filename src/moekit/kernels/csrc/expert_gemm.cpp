@@ -291,10 +291,7 @@ inline void copy_panel_row(const float* row, int64_t count, float* out) {
     for (int j = 0; j < S::kTileVectors; ++j) S::store(out + j * S::kLanes, S::load(row + j * S::kLanes));
     return;
   }
-  for (int64_t j = 0; j < count; j += S::kLanes) {
-    const S::Mask m = S::tail_mask(count - j);
-    S::store(out + j, m, S::load(m, row + j));
-  }
+  for (int64_t j = 0; j < count; j += S::kLanes) S::store_upto(out + j, count - j, S::load_upto(row + j, count - j));
 }
 
 // Packed A's bytes per block of rows: a block's packed rows stay in L2 (256 KB or more on every
@@ -332,30 +329,33 @@ void dot_rows_narrow(int64_t N, int64_t K, const float* A, int64_t lda, const fl
 // One row of A against kWideRows weight rows at a time: more weight rows read at once keep more
 // of memory's reads in flight (one row against a 67 MB weight, one AVX2 EPYC thread: 15.8 GB/s
 // four rows at a time, a sum over 1 GB 20). Each output is the same sum in the same order as
-// dot_rows' (one vector accumulator along K, then its lanes), so the values do not change. The
-// next block of rows is requested a block ahead, line by line as this block is read: a decode
-// step's weights come from memory a few MB at a time, and with eight rows in flight per thread
-// they were read at 21-24 GB/s where a 1 GB sum reads 30 (AVX2 EPYC, two threads; with the
-// requests, a `large` step's experts faster in 7 of 8 process pairs, the step 3.5 % by the
-// median of 11, BENCHMARKS.md §8).
+// dot_rows' (one vector accumulator along K, then its lanes), so the values do not change.
+// Whole vectors are read with plain loads and only the last, partial one masked: on AVX2 every
+// masked load is a `vmaskmovps`, and with masks on every load a 67 MB head and a `large` layer's
+// experts were read 4-10 % and 2.5-6 % slower (AVX2 EPYC, two threads, six runs of the variants
+// side by side in one process; BENCHMARKS.md §8). With plain loads, requesting the next block of
+// rows a block ahead no longer paid (level or slower in all six), so there is none.
 constexpr int kWideRows = 8;
 
 void dot_row_wide(int64_t N, int64_t K, const float* A, const float* W, int64_t ldw, float* C, Prefetch& prefetch) {
+  const int64_t whole = K / S::kLanes * S::kLanes;
   int64_t n = 0;
   for (; n + kWideRows <= N; n += kWideRows) {
     S::Vec acc[kWideRows];
     for (int j = 0; j < kWideRows; ++j) acc[j] = S::zero();
     const float* w = W + n * ldw;
-    const float* ahead = n + 2 * kWideRows <= N ? w + kWideRows * ldw : nullptr;
-    for (int64_t k = 0; k < K; k += S::kLanes) {
+    for (int64_t k = 0; k < whole; k += S::kLanes) {
       prefetch.step();
-      if (ahead != nullptr && k % kLineFloats == 0)  // once per line
-        for (int j = 0; j < kWideRows; ++j)
-          _mm_prefetch(reinterpret_cast<const char*>(ahead + j * ldw + k), _MM_HINT_T0);
-      const S::Mask m = S::tail_mask(K - k);
-      const S::Vec a = S::load(m, A + k);
+      const S::Vec a = S::load(A + k);
 #pragma GCC unroll 8
-      for (int j = 0; j < kWideRows; ++j) acc[j] = S::fmadd(a, S::load(m, w + j * ldw + k), acc[j]);
+      for (int j = 0; j < kWideRows; ++j) acc[j] = S::fmadd(a, S::load(w + j * ldw + k), acc[j]);
+    }
+    if (whole < K) {
+      prefetch.step();
+      const S::Mask m = S::tail_mask(K - whole);
+      const S::Vec a = S::load(m, A + whole);
+#pragma GCC unroll 8
+      for (int j = 0; j < kWideRows; ++j) acc[j] = S::fmadd(a, S::load(m, w + j * ldw + whole), acc[j]);
     }
     for (int j = 0; j < kWideRows; ++j) C[n + j] = S::reduce_add(acc[j]);
   }
@@ -382,12 +382,10 @@ void dot_rows_narrow(int64_t N, int64_t K, const float* A, int64_t lda, const fl
       for (int j = 0; j < 4; ++j) acc[i][j] = S::zero();
     for (int64_t k = 0; k < K; k += S::kLanes) {
       prefetch.step();
-      const S::Mask m = S::tail_mask(K - k);
       S::Vec w[4];
-      for (int j = 0; j < 4; ++j)
-        w[j] = j < width ? S::load(m, W + (n + j) * ldw + k) : S::zero();
+      for (int j = 0; j < 4; ++j) w[j] = j < width ? S::load_upto(W + (n + j) * ldw + k, K - k) : S::zero();
       for (int i = 0; i < MR; ++i) {
-        const S::Vec a = S::load(m, A + i * lda + k);
+        const S::Vec a = S::load_upto(A + i * lda + k, K - k);
         for (int j = 0; j < 4; ++j) acc[i][j] = S::fmadd(a, w[j], acc[i][j]);
       }
     }
@@ -669,12 +667,11 @@ void combine_rows(const at::Tensor& rows, const at::Tensor& order, const at::Ten
     for (int64_t t = first; t < last; ++t) {
       float* y = Y + t * ldy;
       for (int64_t j = 0; j < cols; j += S::kLanes) {
-        const S::Mask m = S::tail_mask(cols - j);
         S::Vec acc = S::zero();
         for (int64_t i = B[t]; i < B[t + 1]; ++i) {
-          acc = S::add(acc, S::load(m, R + O[i] * ldr + j));
+          acc = S::add(acc, S::load_upto(R + O[i] * ldr + j, cols - j));
         }
-        S::store(y + j, m, acc);
+        S::store_upto(y + j, cols - j, acc);
       }
     }
   });
@@ -702,18 +699,15 @@ inline S::Vec sigmoid_ps(S::Vec x) {
   return S::reciprocal(S::add(S::set1(1.0f), exp_ps(S::sub(S::zero(), x))));
 }
 
-using S::tail_mask;
-
 // o[0:ff] = silu(gate) * up for one row h = [gate | up] (Shazeer 2020, "GLU Variants Improve
 // Transformer"), times `scale` (the routing weight, 1 where none applies).
 inline void swiglu_row(const float* gate, float* o, int64_t ff, float scale = 1.0f) {
   const float* up = gate + ff;
   const S::Vec sc = S::set1(scale);
   for (int64_t j = 0; j < ff; j += S::kLanes) {
-    const S::Mask m = tail_mask(ff - j);
-    const S::Vec g = S::load(m, gate + j);
-    const S::Vec u = S::load(m, up + j);
-    S::store(o + j, m, S::mul(S::mul(S::mul(g, sigmoid_ps(g)), u), sc));
+    const S::Vec g = S::load_upto(gate + j, ff - j);
+    const S::Vec u = S::load_upto(up + j, ff - j);
+    S::store_upto(o + j, ff - j, S::mul(S::mul(S::mul(g, sigmoid_ps(g)), u), sc));
   }
 }
 
@@ -725,14 +719,14 @@ inline void swiglu_backward_row(const float* gate, const float* gr, float* o, in
   const float* up = gate + ff;
   const S::Vec one = S::set1(1.0f);
   for (int64_t j = 0; j < ff; j += S::kLanes) {
-    const S::Mask m = tail_mask(ff - j);
-    const S::Vec g = S::load(m, gate + j);
-    const S::Vec u = S::load(m, up + j);
-    const S::Vec d = S::load(m, gr + j);
-    const S::Vec s = sig != nullptr ? S::load(m, sig + j) : sigmoid_ps(g);
+    const int64_t rest = ff - j;
+    const S::Vec g = S::load_upto(gate + j, rest);
+    const S::Vec u = S::load_upto(up + j, rest);
+    const S::Vec d = S::load_upto(gr + j, rest);
+    const S::Vec s = sig != nullptr ? S::load_upto(sig + j, rest) : sigmoid_ps(g);
     const S::Vec silu_grad = S::mul(s, S::fmadd(g, S::sub(one, s), one));
-    S::store(o + j, m, S::mul(S::mul(d, u), silu_grad));
-    S::store(o + ff + j, m, S::mul(d, S::mul(g, s)));
+    S::store_upto(o + j, rest, S::mul(S::mul(d, u), silu_grad));
+    S::store_upto(o + ff + j, rest, S::mul(d, S::mul(g, s)));
   }
 }
 
@@ -869,10 +863,8 @@ at::Tensor summed_swiglu_rows(const char* op, const at::Tensor& x, const at::Ten
   for (int64_t r = 0; r < rows; ++r) {
     float* o = O + T[r] * d;
     const float* y = Y + r * d;
-    for (int64_t j = 0; j < d; j += S::kLanes) {
-      const S::Mask m = tail_mask(d - j);
-      S::store(o + j, m, S::add(S::load(m, o + j), S::load(m, y + j)));
-    }
+    for (int64_t j = 0; j < d; j += S::kLanes)
+      S::store_upto(o + j, d - j, S::add(S::load_upto(o + j, d - j), S::load_upto(y + j, d - j)));
   }
   return out;
 }
@@ -1102,11 +1094,11 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
       const S::Vec sc = S::set1(S[s0 + r]);
       for (int64_t j = 0; j < ff; j += S::kLanes) {
         prefetch_next_row_line(next, j, ff);
-        const S::Mask m = tail_mask(ff - j);
-        const S::Vec g = S::load(m, gate + j);
+        const int64_t rest = ff - j;
+        const S::Vec g = S::load_upto(gate + j, rest);
         const S::Vec s = sigmoid_ps(g);
-        S::store(sig + r * ldf + j, m, s);
-        S::store(ga + r * ldf + j, m, S::mul(S::mul(S::mul(g, s), S::load(m, up + j)), sc));
+        S::store_upto(sig + r * ldf + j, rest, s);
+        S::store_upto(ga + r * ldf + j, rest, S::mul(S::mul(S::mul(g, s), S::load_upto(up + j, rest)), sc));
       }
     }
     Prefetch none;
@@ -1126,11 +1118,12 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
       const S::Vec sc = S::set1(S[s0 + r]);
       for (int64_t j = 0; j < ff; j += S::kLanes) {
         prefetch_next_row_line(next, j, ff);
-        const S::Mask m = tail_mask(ff - j);
-        const S::Vec g = S::load(m, gar + j);
-        const S::Vec a = S::mul(S::mul(S::load(m, gate + j), S::load(m, sr + j)), S::load(m, up + j));
+        const int64_t rest = ff - j;
+        const S::Vec g = S::load_upto(gar + j, rest);
+        const S::Vec a =
+            S::mul(S::mul(S::load_upto(gate + j, rest), S::load_upto(sr + j, rest)), S::load_upto(up + j, rest));
         dot = S::fmadd(g, a, dot);
-        S::store(gar + j, m, S::mul(g, sc));
+        S::store_upto(gar + j, rest, S::mul(g, sc));
       }
       GS[s0 + r] = S::reduce_add(dot);
       swiglu_backward_row(gate, gar, gh + r * ldgh, ff, sr);

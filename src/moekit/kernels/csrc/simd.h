@@ -152,3 +152,26 @@ inline void transpose(Vec r[kLanes]) {
 #define MOEKIT_SIMD 1
 
 #endif
+
+#if defined(MOEKIT_SIMD)
+
+namespace moekit_simd {
+
+// The vector at p, or its first `remaining` lanes (zero beyond; a store writes nothing beyond)
+// where fewer remain: plain loads and stores for whole vectors, the mask at a row's end only. On
+// AVX2 a masked load is a `vmaskmovps` and a masked store a slower one still: a pass over rows
+// of 256 floats that loads two vectors and stores two took 4.6-6.8x as long with masks on every
+// vector (AVX2 EPYC, Zen 3; BENCHMARKS.md §13).
+inline Vec load_upto(const float* p, int64_t remaining) {
+  return remaining >= kLanes ? load(p) : load(tail_mask(remaining), p);
+}
+inline void store_upto(float* p, int64_t remaining, Vec v) {
+  if (remaining >= kLanes)
+    store(p, v);
+  else
+    store(p, tail_mask(remaining), v);
+}
+
+}  // namespace moekit_simd
+
+#endif
