@@ -5,11 +5,14 @@ and SwiGLU with its derivative."""
 
 import os
 import shutil
+import subprocess
+import sysconfig
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils import cpp_extension
 
 from helpers import torch_threads
 from moekit.dispatch.grouped import grouped_experts, plan_experts
@@ -90,6 +93,23 @@ def test_the_kernel_is_built_for_the_widest_vector_set_of_the_cpu(monkeypatch, c
     else:
         assert native.compile_flags(isa) == native.COMPILE_FLAGS
     assert len({extension_name("avx512"), extension_name("avx2"), extension_name(None)}) == 3
+
+
+def test_the_other_vector_sets_kernel_compiles_here():
+    """A machine builds the kernel only for its own vector set, so a change that breaks the other
+    set's build (AVX-512 on an AVX2 CPU, AVX2 on an AVX-512 one) would first show on a machine of
+    the other kind: the kernels' main source is compiled for that set here, syntax and types only."""
+    compiler = shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler (`c++`) on PATH, which the native kernels also need")
+    other = "avx2" if kernel_isa() == "avx512" else "avx512"
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    command = [
+        compiler, "-fsyntax-only", "-std=c++20", *native.compile_flags(other),
+        *(f"-I{path}" for path in includes), str(native.CSRC / "expert_gemm.cpp"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"the {other} build does not compile:\n{result.stderr[-3000:]}"
 
 
 @needs_native
