@@ -3,7 +3,17 @@ they need is imported from here (the tests folder is on `sys.path` under pytest)
 
 from contextlib import contextmanager
 
+import pytest
 import torch
+
+from moekit.kernels.native import loops_available
+
+# Why a test of moekit's C++ loops and kernels is skipped, naming every condition that turns them off.
+LOOPS_UNAVAILABLE = (
+    "moekit's C++ expert loops and kernels do not run here (MOEKIT_NATIVE=0, no C++ compiler, or "
+    "their first-use check against torch disagreed)"
+)
+needs_loops = pytest.mark.skipif(not loops_available(), reason=LOOPS_UNAVAILABLE)
 
 
 @contextmanager

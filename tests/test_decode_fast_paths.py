@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import moekit.dispatch.few_rows as few_rows_module
 import moekit.kernels.native as native_module
 import moekit.layer as layer_module
+from helpers import LOOPS_UNAVAILABLE
 from moekit.dispatch.grouped import grouped_experts
 from moekit.dispatch.reference import reference_moe
 from moekit.interop.attention import RMSNorm
@@ -59,10 +60,7 @@ def test_rms_norm_kernel_is_torch_rms_norm_bit_for_bit(shape, width, eps, weight
     from moekit.kernels import native, rms_norm
 
     if not native.loops_available():
-        pytest.skip(
-            "moekit's C++ kernels do not run here (MOEKIT_NATIVE=0, no compiler, or their probe "
-            "against torch disagreed)"
-        )
+        pytest.skip(LOOPS_UNAVAILABLE)
     assert rms_norm.matches_torch()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, width, generator=gen) * 3
@@ -635,10 +633,7 @@ def test_rope_kernel_is_torch_rotation_bit_for_bit(batch, heads, steps, half, se
     from moekit.kernels import rope
 
     if not native_module.loops_available():
-        pytest.skip(
-            "moekit's C++ kernels do not run here (MOEKIT_NATIVE=0, no compiler, or their probe "
-            "against torch disagreed)"
-        )
+        pytest.skip(LOOPS_UNAVAILABLE)
     assert rope.matches_torch()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, heads, steps, 2 * half, generator=gen) * 3
@@ -660,10 +655,7 @@ def test_kv_append_writes_the_steps_bytes_and_refuses_what_does_not_fit():
     from moekit.inference.kv_cache import LayerCache
 
     if not native_module.loops_available():
-        pytest.skip(
-            "moekit's C++ kernels do not run here (MOEKIT_NATIVE=0, no compiler, or their probe "
-            "against torch disagreed)"
-        )
+        pytest.skip(LOOPS_UNAVAILABLE)
     gen = torch.Generator().manual_seed(0)
     steps = [torch.randn(2, 7, 1, 16, generator=gen) for _ in range(6)]
     with torch.inference_mode():

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moekit.dispatch.grouped as grouped_module
-from helpers import torch_threads
+from helpers import LOOPS_UNAVAILABLE, needs_loops, torch_threads
 from moekit.dispatch.grouped import NativeLoops, PortableLoops, grouped_experts, packed_grad
 from moekit.experts.activations import make_activation
 from moekit.kernels.native import loops_available
@@ -25,13 +25,6 @@ from moekit.routing.token_choice import TokenChoiceRouter
 # portable path (torch.mm per expert; grouped_mm where its dtype and strides allow).
 LOOP_PATHS = ("loops", "loops_one_thread", "loops_mm")
 EXPERT_PATHS = (*LOOP_PATHS, "portable", "portable_grouped_mm")
-needs_loops = pytest.mark.skipif(
-    not loops_available(),
-    reason=(
-        "the C++ expert loops do not run here (MOEKIT_NATIVE=0, no C++ compiler, or their first-use "
-        "check against torch disagreed)"
-    ),
-)
 
 
 @contextmanager
@@ -39,10 +32,7 @@ def expert_path(path: str):
     """Run the block on `path`; yields the `backend` and `threads` options of `grouped_experts`."""
     native = {"loops_mm": "mm", "portable": "0", "portable_grouped_mm": "0"}.get(path, "auto")
     if path in LOOP_PATHS and not loops_available():
-        pytest.skip(
-            "the C++ expert loops do not run here (MOEKIT_NATIVE=0, no C++ compiler, or their first-use "
-            "check against torch disagreed)"
-        )
+        pytest.skip(LOOPS_UNAVAILABLE)
     with patch.dict(os.environ, {"MOEKIT_NATIVE": native}):
         yield {
             "backend": "auto" if path == "portable_grouped_mm" else "loop",

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils import cpp_extension
 
-from helpers import torch_threads
+from helpers import needs_loops, torch_threads
 from moekit.dispatch.grouped import grouped_experts, plan_experts
 from moekit.experts.activations import make_activation, swiglu_with_grad
 from moekit.kernels import native
@@ -33,13 +33,6 @@ needs_native = pytest.mark.skipif(
     reason="the native kernel does not run here (it needs an AVX-512 or AVX2 CPU, a C++ compiler, "
     "MOEKIT_NATIVE not 0 or mm, and a first-use check against torch.mm that agreed); the library "
     "kernels run instead, and the dispatch tests cover those",
-)
-needs_loops = pytest.mark.skipif(
-    not loops_available(),
-    reason=(
-        "the C++ expert loops do not run here (MOEKIT_NATIVE=0, no C++ compiler, or their first-use "
-        "check against torch disagreed)"
-    ),
 )
 # The loops' kernels: the op-name suffix of each, and whether it runs here
 LOOP_KERNELS = {"tile": ("", native_available), "mm": ("_mm", loops_available)}
