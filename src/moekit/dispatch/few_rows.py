@@ -167,15 +167,22 @@ def routed_rows(moe: MoE, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor,
     what is saved is its dozen small ops and their Python between the router and the experts
     (sort, gathers, divisions, the planner's checks), which a decoding step pays in every layer.
 
-    Taken outside autograd, for every row real (`token_mask` None), at most ONE_CALL_ROWS rows
-    (a decoding step's batch: each expert then gets a few rows at most, which the general path
-    computes with the same kernel and sums in the same order), no routing override attached (a
-    capture is fine), a plain linear top-k router (no capacity) and packed SwiGLU experts without
-    biases whose products run on the tile kernel."""
+    Taken for every row real (`token_mask` None) where `rows_route_in_one_call`."""
+    if token_mask is not None or not rows_route_in_one_call(moe, x):
+        return None
+    y, logits, scores, kept = route_rows(moe, x, one_call_threads(moe, x.shape[0]))
+    return y, rows_routing(moe, x, logits, scores, kept)
+
+
+def rows_route_in_one_call(moe: MoE, x: Tensor) -> bool:
+    """Whether `route_rows` computes the MoE of rows like `x` [T, d] as the general path would:
+    outside autograd, at most ONE_CALL_ROWS rows (a decoding step's batch: each expert then gets
+    a few rows at most, which the general path computes with the same kernel and sums in the same
+    order), no routing override attached (a capture is fine), a plain linear top-k router (no
+    capacity) and packed SwiGLU experts without biases whose products run on the tile kernel."""
     router, experts, attached = moe.router, moe.experts, moe.routing_override
     if (
-        token_mask is not None
-        or torch.is_grad_enabled()
+        torch.is_grad_enabled()
         or moe.training
         or (attached is not None and attached.override is not None and not attached.override.is_empty)
         or type(router) is not TokenChoiceRouter
@@ -184,32 +191,48 @@ def routed_rows(moe: MoE, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor,
         or x.dtype != torch.float32
         or autocast_dtype(x) is not None
     ):
-        return None
+        return False
     spec, config = router.spec, moe.config
     if spec.capacity_factor is not None or config.backend != "auto":
-        return None
+        return False
     w_in, w_out = experts.w_in, experts.w_out
     if not runs_whole(experts.activation, spec.weight_on, experts.b_in, experts.b_out):
-        return None
-    if expert_kernel(x, w_in, w_out) != "tile":
-        return None
+        return False
+    return expert_kernel(x, w_in, w_out) == "tile"
+
+
+def one_call_threads(moe: MoE, rows: int) -> int:
+    """The threads `route_rows` takes for `rows` rows: one where the experts they reach read
+    faster than a thread hand-off pays for, else torch's."""
+    experts = moe.experts
+    small = reads_are_small(rows * moe.router.spec.top_k, experts.w_in, experts.w_out)
+    return 1 if small else torch.get_num_threads()
+
+
+def route_rows(moe: MoE, x: Tensor, threads: int) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """(routed output, router logits, scores, [token, expert, weight, rank] of the kept
+    assignments) of rows `x` where `rows_route_in_one_call`, on `threads` (`one_call_threads`)."""
+    router, experts = moe.router, moe.experts
     logits = router.logits(x)
     selection_bias = router.selection_bias
     if selection_bias is not None:
         selection_bias = selection_bias.to(logits.dtype)
-    scores, index, weights = choose_topk(logits, spec, selection_bias)
-    threads = 1 if reads_are_small(index.numel(), w_in, w_out) else torch.get_num_threads()
-    y, *kept = torch.ops.moekit.topk_swiglu_rows(x, index, weights, w_in, w_out, threads)
+    scores, index, weights = choose_topk(logits, router.spec, selection_bias)
+    y, *kept = torch.ops.moekit.topk_swiglu_rows(x, index, weights, experts.w_in, experts.w_out, threads)
+    return y, logits, scores, kept
+
+
+def rows_routing(moe: MoE, x: Tensor, logits: Tensor, scores: Tensor, kept: list[Tensor]) -> Routing:
+    """The routing record of `route_rows`' results (as the general path records it)."""
     token, expert, weight, rank = kept
-    routing = Routing(
+    return Routing(
         logits=logits,
         scores=scores,
         kept=Assignments(token=token, expert=expert, weight=weight, rank=rank),
         dropped=Assignments.empty(x.device),
         token_mask=all_real(x.shape[0], x.device),
-        num_compute_experts=spec.num_experts,
+        num_compute_experts=moe.router.spec.num_experts,
     )
-    return y, routing
 
 
 @cache

@@ -4,7 +4,9 @@
 Prompts of different lengths are left-padded (`attention_mask` 0 on padding), positions count real
 tokens only, and finished rows continue with the pad token, as transformers' `generate` does, so
 that greedy decoding gives transformers' tokens. Sampling applies temperature, then top-k, then
-top-p (nucleus), in transformers' order.
+top-p (nucleus), in transformers' order. A family model's one-token steps run through its
+`DecodePlan` (`interop/decode_plan.py`: the forward's calls, their checks made once per
+generation), where it covers the model.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +23,9 @@ from moekit.dispatch.workers import single_threaded, too_small_to_share
 from moekit.errors import ConfigError, MoekitError, require_int, require_number
 from moekit.inference.step_threads import step_threads_of
 from moekit.routing.override import Overrides, RoutingOverride, override_routing
+
+if TYPE_CHECKING:
+    from moekit.interop.decode_plan import DecodePlan
 
 
 @dataclass(frozen=True)
@@ -202,6 +207,7 @@ def stream(
         element_size = next(model.parameters()).element_size()
         step_threads = step_threads_of(model)
         timed_by_rows: dict[int, bool] = {}  # whether threads may pay depends on the rows only
+        plan = _Plan(model, kind)
         for _ in range(config.max_new_tokens):
             rows = step_ids.numel()
             if rows not in timed_by_rows:
@@ -210,7 +216,12 @@ def stream(
             # into the caller's tensors from C++ below autograd (`kernels/csrc/`), which inference
             # tensors allow
             with step_threads.step(rows) if timed_by_rows[rows] else single_threaded():
-                logits = _forward(model, kind, step_ids, step_real, step_positions, cache)
+                one_token = step_real is None and step_ids.shape[1] == 1
+                decode = plan.current(rows) if one_token else None
+                if decode is not None:
+                    logits = decode.step(step_ids, step_positions, cache)
+                else:
+                    logits = _forward(model, kind, step_ids, step_real, step_positions, cache)
             if config.do_sample:
                 filtered = filter_logits(logits, config.temperature, config.top_k, config.top_p)
                 token = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)
@@ -229,6 +240,29 @@ def stream(
             step_positions = step_positions[:, -1:] + 1
         if offload is not None and report is not None:
             report["offload"] = handle.report()
+
+
+class _Plan:
+    """The `DecodePlan` of a generation's one-token steps of `rows` rows, built at the first and
+    again where it no longer holds; None where the model's steps take another path (other models,
+    offloaded experts, overrides that change routing)."""
+
+    def __init__(self, model: nn.Module, kind: str):
+        self.model = model
+        self.family = kind == "family"
+        self.plan: DecodePlan | None = None
+        self.built_for: int | None = None
+
+    def current(self, rows: int) -> DecodePlan | None:
+        if not self.family:
+            return None
+        plan = self.plan
+        if self.built_for != rows or (plan is not None and not plan.current()):
+            from moekit.interop.decode_plan import DecodePlan
+
+            plan = self.plan = DecodePlan.build(self.model, rows)
+            self.built_for = rows
+        return plan
 
 
 def generate(

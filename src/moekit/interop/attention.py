@@ -396,6 +396,12 @@ class Attention(nn.Module):
         that kernel does not run."""
         if not attention_step.fits(qkv, cos, sin):
             return None
+        return self.norm_rope_append(qkv, cos, sin, cache, norm)
+
+    def norm_rope_append(
+        self, qkv: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache, norm: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`_cached_step` where its kernel is known to run (`attention_step.fits`)."""
         cfg = self.config
         b, h, kv, d = qkv.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         heads = qkv.view(b, h + 2 * kv, 1, d)

@@ -222,6 +222,13 @@ class FamilyModel(nn.Module):
             self.__dict__["_rope_cache"] = cached
         return cached
 
+    def position_tables(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """RoPE's cos and sin tables for `position_ids` [B, S], as every layer's attention takes
+        them (`head_tables`)."""
+        inv_freq, scaling, signs = self._rope_frequencies(position_ids.device)
+        cos, sin = rope_tables(self.config.rope, position_ids, dtype, (inv_freq, scaling))
+        return head_tables(cos, sin, self.config.rope.layout, signs)
+
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """An empty KV cache for this model (sliding-window layers keep only their window);
         `capacity`: the positions it will hold, if known (its buffers are then allocated once)."""
@@ -265,9 +272,7 @@ class FamilyModel(nn.Module):
         x = self.embed(input_ids)
         if self.config.embedding_multiplier != 1.0:
             x = x * self.config.embedding_multiplier
-        inv_freq, scaling, signs = self._rope_frequencies(device)
-        cos, sin = rope_tables(self.config.rope, position_ids, x.dtype, (inv_freq, scaling))
-        cos, sin = head_tables(cos, sin, self.config.rope.layout, signs)
+        cos, sin = self.position_tables(position_ids, x.dtype)
         inputs = MaskInputs(b, s, padding, documents, device)
         materialise = self.config.attention.implementation == "eager"
         masks: dict[tuple[int | None, int | None], Tensor | None] = {}

@@ -824,7 +824,11 @@ void swiglu_forward_tasks(const char* op, const at::Tensor& x, const at::Tensor&
     gather_rows(X, ldx, T, task, xs, ldxs, d);
     const float* wi = WI + task.expert * w_in.stride(0);
     const float* wo = WO + task.expert * w_out.stride(0);
-    Prefetch this_out = prefetch_of(wo, span_out);
+    // This expert's w_out is pulled into cache during its first product only on the tile kernel:
+    // in the dot products of a few rows (decode) those extra reads competed with the product's
+    // own (the 8 experts of a `large` layer, cold, on two threads of an AVX2 EPYC: 6-22 % faster
+    // without, in five runs of 40 calls each way side by side; BENCHMARKS.md §8).
+    Prefetch this_out = count <= kDotRows ? Prefetch{} : prefetch_of(wo, span_out);
     product(count, 2 * ff, d, xs, ldxs, 1, wi, w_in.stride(2), w_in.stride(1), Hp + s0 * ldh, ldh, this_out);
     for (int64_t r = s0; r < task.stop; ++r) swiglu_row(Hp + r * ldh, a_in + (r - s0) * ldai, ff, S[r]);
     Prefetch next = prefetch_next_task && i + 1 < static_cast<int64_t>(work.size())
