@@ -826,7 +826,7 @@ void swiglu_forward_tasks(const char* op, const at::Tensor& x, const at::Tensor&
     const float* wo = WO + task.expert * w_out.stride(0);
     // This expert's w_out is pulled into cache during its first product only on the tile kernel:
     // in the dot products of a few rows (decode) those extra reads competed with the product's
-    // own (the 8 experts of a `large` layer, cold, on two threads of an AVX2 EPYC: 6-22 % faster
+    // own (the 8 experts of a `large` layer, cold, on two threads of an AVX2 EPYC: 6-18 % less time
     // without, in five runs of 40 calls each way side by side; BENCHMARKS.md §8).
     Prefetch this_out = count <= kDotRows ? Prefetch{} : prefetch_of(wo, span_out);
     product(count, 2 * ff, d, xs, ldxs, 1, wi, w_in.stride(2), w_in.stride(1), Hp + s0 * ldh, ldh, this_out);
