@@ -6,7 +6,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from moekit.kernels.native import loops_available
+from moekit.kernels.native import expert_kernel, loops_available
 
 # Why a test of moekit's C++ loops and kernels is skipped, naming every condition that turns them off.
 LOOPS_UNAVAILABLE = (
@@ -14,6 +14,17 @@ LOOPS_UNAVAILABLE = (
     "their first-use check against torch disagreed)"
 )
 needs_loops = pytest.mark.skipif(not loops_available(), reason=LOOPS_UNAVAILABLE)
+
+# Why a test of the experts' one-call decode paths is skipped: they run on the tile kernel only.
+TILE_EXPERTS_UNAVAILABLE = (
+    "moekit's tile kernel is not the experts' kernel here (no AVX2/AVX-512 build, "
+    "MOEKIT_NATIVE off or mm, or the first-use measurement chose at::mm)"
+)
+
+
+def tile_experts() -> bool:
+    """Whether fp32 experts run on moekit's tile kernel in this process."""
+    return expert_kernel(torch.ones(1), torch.ones(1, 1, 1)) == "tile"
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import moekit.dispatch.few_rows as few_rows_module
 import moekit.kernels.native as native_module
 import moekit.layer as layer_module
-from helpers import LOOPS_UNAVAILABLE
+from helpers import LOOPS_UNAVAILABLE, TILE_EXPERTS_UNAVAILABLE, tile_experts
 from moekit.dispatch.grouped import grouped_experts
 from moekit.dispatch.reference import reference_moe
 from moekit.interop.attention import RMSNorm
@@ -385,11 +385,8 @@ def test_decode_of_larger_experts_takes_one_call_on_the_callers_threads(threads)
     """Experts whose reads pay a thread hand-off, at decode sizes outside autograd, run whole in
     one C++ call on the caller's threads: the planned decode path's values bit for bit, and the
     float64 reference's; many rows per expert keep the planned path."""
-    if native_module.expert_kernel(torch.ones(1), torch.ones(1, 1, 1)) != "tile":
-        pytest.skip(
-            "moekit's tile kernel is not the experts' kernel here (no AVX2/AVX-512 build, "
-            "MOEKIT_NATIVE off or mm, or the first-use measurement chose at::mm)"
-        )
+    if not tile_experts():
+        pytest.skip(TILE_EXPERTS_UNAVAILABLE)
     torch.manual_seed(0)
     router = preset("qwen3_moe", 16, 4)
     layer = MoE(MoEConfig(hidden_size=256, ff_size=512, router=router)).eval()
@@ -501,11 +498,8 @@ def test_compiled_paths_gathered_form_equals_float64_and_drops_null_experts(acti
 
 
 def tile_kernel_or_skip():
-    if native_module.expert_kernel(torch.ones(1), torch.ones(1, 1, 1)) != "tile":
-        pytest.skip(
-            "moekit's tile kernel is not the experts' kernel here (no AVX2/AVX-512 build, "
-            "MOEKIT_NATIVE off or mm, or the first-use measurement chose at::mm)"
-        )
+    if not tile_experts():
+        pytest.skip(TILE_EXPERTS_UNAVAILABLE)
 
 
 def general_path(layer, x):

@@ -5,8 +5,10 @@ or an override changes, and not taken where a step must run the forward (overrid
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from helpers import LOOPS_UNAVAILABLE, needs_loops, torch_threads
+from helpers import TILE_EXPERTS_UNAVAILABLE, tile_experts, torch_threads
 from moekit.inference.generate import generate, stream
 from moekit.routing.override import Overrides, RoutingCapture, RoutingOverride, override_routing
 
@@ -16,6 +18,9 @@ transformers = pytest.importorskip(
 from moekit.interop.decode_plan import DecodePlan  # noqa: E402
 from moekit.interop.hf import from_hf  # noqa: E402
 from moekit.interop.tiny import TINY_CONFIGS, randomize_, tiny_config, tiny_model  # noqa: E402
+
+# The plan covers MoE layers whose experts run on the tile kernel (`few_rows.route_rows`)
+pytestmark = pytest.mark.skipif(not tile_experts(), reason=TILE_EXPERTS_UNAVAILABLE)
 
 # The families whose decoder layers the plan covers (the others' attention or experts take paths
 # of their own: OLMoE's norm over the whole projection, MLA, sinks with biased experts, chunked
@@ -95,15 +100,29 @@ def test_plan_gives_the_forwards_logits_bit_for_bit_for_every_family_it_covers(f
             assert torch.equal(planned, expected)
 
 
-@needs_loops
+@settings(max_examples=15, deadline=None)
+@given(
+    family=st.sampled_from(sorted(COVERED)),
+    lengths=st.lists(st.integers(1, 7), min_size=1, max_size=4),
+    steps=st.integers(1, 6),
+    threads=st.sampled_from([1, 2]),
+)
+def test_plan_equals_the_forward_for_any_padding_batch_and_thread_count(
+    family_model, family, lengths, steps, threads
+):
+    """Any left padding of 1-4 rows, any number of steps (past the tiny configurations' windows of
+    5-6 slots), one thread or two: the plan's logits are the forward's bit for bit."""
+    model = family_model(family)
+    ids, mask = left_padded(model.config.vocab_size, tuple(lengths), seed=len(lengths) + steps)
+    with torch_threads(threads), torch.inference_mode():
+        for expected, planned in both_ways(model, ids, mask, steps=steps):
+            assert torch.equal(planned, expected)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_plan_on_the_row_kernels_gives_the_forwards_logits_bit_for_bit(wide_model, threads):
     """Large weights: the plan's products are the row kernels' calls, on one thread and two, at
     batch 1 and at a padded batch of 3."""
-    from moekit.kernels import native
-
-    if not native.native_available():
-        pytest.skip(LOOPS_UNAVAILABLE)
     calls = []
     original = torch.ops.moekit.rows_linear_parts
     with torch_threads(threads), torch.inference_mode():
@@ -174,7 +193,8 @@ def test_a_capture_records_the_forwards_routing_through_the_plan(family_model):
 
 def test_a_weight_changed_between_steps_ends_the_plan_and_is_seen(family_model):
     """A weight changed in place, a parameter replaced, an override attached, a hook registered:
-    `current` turns False, and a stream whose consumer changes a weight mid-way decodes as the forward does."""
+    `current` turns False; and a stream whose consumer changes a weight mid-way decodes as the
+    forward does."""
     model = family_model("qwen3_moe")
     ids, mask = left_padded(model.config.vocab_size)
     with torch.inference_mode():
