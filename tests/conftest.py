@@ -52,3 +52,23 @@ def _production_threads(request):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """family -> a tiny random model of that HF family loaded by moekit (hidden 32: whole 64-byte
+    weight rows), made once per test module."""
+    pytest.importorskip("transformers", reason="transformers is installed by the `hf` extra")
+    from moekit.interop.hf import from_hf
+    from moekit.interop.tiny import tiny_model
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            folder = tmp_path_factory.mktemp(family)
+            tiny_model(family, seed=3).save_pretrained(folder)
+            cache[family] = from_hf(folder).eval()
+        return cache[family]
+
+    return get

@@ -74,3 +74,16 @@ def tiny_models(tmp_path_factory, moekit_model=tiny_lm):
         return cache[name]
 
     return get
+
+
+def saved_and_loaded(folder, family: str, seed: int, **sizes):
+    """A random HF model of `family` at the given sizes (`tiny_config`'s overrides), saved to
+    `folder` and loaded by moekit: the same checkpoint both ways."""
+    import transformers
+
+    from moekit.interop.hf import from_hf
+    from moekit.interop.tiny import randomize_, tiny_config
+
+    hf = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **sizes))
+    randomize_(hf, seed=seed).save_pretrained(folder)
+    return from_hf(folder).eval()

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import moekit.dispatch.few_rows as few_rows_module
 import moekit.kernels.native as native_module
 import moekit.layer as layer_module
-from helpers import LOOPS_UNAVAILABLE, TILE_EXPERTS_UNAVAILABLE, tile_experts
+from helpers import LOOPS_UNAVAILABLE, TILE_EXPERTS_UNAVAILABLE, saved_and_loaded, tile_experts
 from moekit.dispatch.grouped import grouped_experts
 from moekit.dispatch.reference import reference_moe
 from moekit.interop.attention import RMSNorm
@@ -199,25 +199,6 @@ def test_few_rows_path_is_not_taken_where_gradients_or_large_experts_are():
         assert few_rows_module.few_rows_kernel(x, 4, *args, whole=whole) is None  # weights' gradients
 
 
-@pytest.fixture(scope="module")
-def families(tmp_path_factory):
-    """family -> a tiny random model loaded by moekit (hidden 32: whole 64-byte weight rows)."""
-    pytest.importorskip("transformers", reason="transformers is installed by the `hf` extra")
-    from moekit.interop.hf import from_hf
-    from moekit.interop.tiny import tiny_model
-
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            folder = tmp_path_factory.mktemp(family)
-            tiny_model(family, seed=3).save_pretrained(folder)
-            cache[family] = from_hf(folder).eval()
-        return cache[family]
-
-    return get
-
-
 def decode_logits(model, steps=3, batch=2):
     """Logits of a few one-token steps after a prompt, through the KV cache."""
     gen = torch.Generator().manual_seed(0)
@@ -324,18 +305,11 @@ def wide_attention_model(tmp_path_factory):
     """A Qwen3-MoE model whose q, k and v weights each read more than a thread hand-off pays for
     (hidden 1024, 16 query and 4 key/value heads of 64): one layer, few small experts."""
     pytest.importorskip("transformers", reason="transformers is installed by the `hf` extra")
-    import transformers
-
-    from moekit.interop.hf import from_hf
-    from moekit.interop.tiny import randomize_, tiny_config
-
-    config = tiny_config(
-        "qwen3_moe", vocab_size=64, hidden_size=1024, num_hidden_layers=1, num_attention_heads=16,
-        num_key_value_heads=4, head_dim=64, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+    return saved_and_loaded(
+        tmp_path_factory.mktemp("wide"), "qwen3_moe", seed=5, vocab_size=64, hidden_size=1024,
+        num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+        moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
     )  # fmt: skip
-    folder = tmp_path_factory.mktemp("wide")
-    randomize_(transformers.AutoModelForCausalLM.from_config(config), seed=5).save_pretrained(folder)
-    return from_hf(folder).eval()
 
 
 @pytest.mark.parametrize("threads", [1, 2])

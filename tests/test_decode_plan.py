@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import TILE_EXPERTS_UNAVAILABLE, tile_experts, torch_threads
+from helpers import TILE_EXPERTS_UNAVAILABLE, saved_and_loaded, tile_experts, torch_threads
 from moekit.inference.generate import generate, stream
 from moekit.routing.override import Overrides, RoutingCapture, RoutingOverride, override_routing
 
@@ -16,8 +16,7 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers is installed by the `hf` extra that `make test` installs"
 )
 from moekit.interop.decode_plan import DecodePlan  # noqa: E402
-from moekit.interop.hf import from_hf  # noqa: E402
-from moekit.interop.tiny import TINY_CONFIGS, randomize_, tiny_config, tiny_model  # noqa: E402
+from moekit.interop.tiny import TINY_CONFIGS  # noqa: E402
 
 # The plan covers MoE layers whose experts run on the tile kernel (`few_rows.route_rows`)
 pytestmark = pytest.mark.skipif(not tile_experts(), reason=TILE_EXPERTS_UNAVAILABLE)
@@ -29,31 +28,15 @@ COVERED = {"mixtral", "qwen2_moe", "qwen3_moe", "granitemoe"}
 
 
 @pytest.fixture(scope="module")
-def family_model(tmp_path_factory):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            folder = tmp_path_factory.mktemp(family)
-            tiny_model(family, seed=3).save_pretrained(folder)
-            cache[family] = from_hf(folder).eval()
-        return cache[family]
-
-    return get
-
-
-@pytest.fixture(scope="module")
 def wide_model(tmp_path_factory):
     """A Qwen3-MoE whose attention weights, head and experts each read more than a thread hand-off
     pays for: the plan's steps take the row kernels (`rows_linear`, `rows_linear_parts`) and the
     experts' one call on the caller's threads."""
-    config = tiny_config(
-        "qwen3_moe", vocab_size=512, hidden_size=1024, num_hidden_layers=2, num_attention_heads=16,
-        num_key_value_heads=4, head_dim=64, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
+    return saved_and_loaded(
+        tmp_path_factory.mktemp("wide"), "qwen3_moe", seed=5, vocab_size=512, hidden_size=1024,
+        num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+        moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
     )  # fmt: skip
-    folder = tmp_path_factory.mktemp("wide")
-    randomize_(transformers.AutoModelForCausalLM.from_config(config), seed=5).save_pretrained(folder)
-    return from_hf(folder).eval()
 
 
 def left_padded(vocab, lengths=(6, 3, 1), seed=0):
@@ -87,10 +70,10 @@ def both_ways(model, ids, mask, steps=6):
 
 
 @pytest.mark.parametrize("family", list(TINY_CONFIGS))
-def test_plan_gives_the_forwards_logits_bit_for_bit_for_every_family_it_covers(family_model, family):
+def test_plan_gives_the_forwards_logits_bit_for_bit_for_every_family_it_covers(families, family):
     """Left-padded rows of 6, 3 and 1 tokens (sliding windows shorter than the sequence in Mixtral's
     and Qwen2-MoE's tiny configurations); families it does not cover get no plan."""
-    model = family_model(family)
+    model = families(family)
     ids, mask = left_padded(model.config.vocab_size)
     with torch.inference_mode():
         if family not in COVERED:
@@ -108,11 +91,11 @@ def test_plan_gives_the_forwards_logits_bit_for_bit_for_every_family_it_covers(f
     threads=st.sampled_from([1, 2]),
 )
 def test_plan_equals_the_forward_for_any_padding_batch_and_thread_count(
-    family_model, family, lengths, steps, threads
+    families, family, lengths, steps, threads
 ):
     """Any left padding of 1-4 rows, any number of steps (past the tiny configurations' windows of
     5-6 slots), one thread or two: the plan's logits are the forward's bit for bit."""
-    model = family_model(family)
+    model = families(family)
     ids, mask = left_padded(model.config.vocab_size, tuple(lengths), seed=len(lengths) + steps)
     with torch_threads(threads), torch.inference_mode():
         for expected, planned in both_ways(model, ids, mask, steps=steps):
@@ -146,10 +129,10 @@ def test_plan_on_the_row_kernels_gives_the_forwards_logits_bit_for_bit(wide_mode
     assert len(calls) == 2 * 2 * 2  # two steps, two layers, the forward's and the plan's
 
 
-def test_generation_takes_the_plan_and_keeps_the_forwards_tokens(family_model, monkeypatch):
+def test_generation_takes_the_plan_and_keeps_the_forwards_tokens(families, monkeypatch):
     """`generate` steps through the plan (its step runs) and its tokens are those of the same
     generation with the plan turned off."""
-    model = family_model("qwen3_moe")
+    model = families("qwen3_moe")
     ids, mask = left_padded(model.config.vocab_size)
     steps = []
     original = DecodePlan.step
@@ -165,8 +148,8 @@ def test_generation_takes_the_plan_and_keeps_the_forwards_tokens(family_model, m
     assert torch.equal(generate(model, ids, mask, max_new_tokens=8), planned)
 
 
-def test_a_capture_records_the_forwards_routing_through_the_plan(family_model):
-    model = family_model("qwen2_moe")  # shared experts too
+def test_a_capture_records_the_forwards_routing_through_the_plan(families):
+    model = families("qwen2_moe")  # shared experts too
     ids, mask = left_padded(model.config.vocab_size)
     captures = {}
     for planned in (True, False):
@@ -191,11 +174,11 @@ def test_a_capture_records_the_forwards_routing_through_the_plan(family_model):
             assert torch.equal(mine.kept.token, theirs.kept.token)
 
 
-def test_a_weight_changed_between_steps_ends_the_plan_and_is_seen(family_model):
+def test_a_weight_changed_between_steps_ends_the_plan_and_is_seen(families):
     """A weight changed in place, a parameter replaced, an override attached, a hook registered:
     `current` turns False; and a stream whose consumer changes a weight mid-way decodes as the
     forward does."""
-    model = family_model("qwen3_moe")
+    model = families("qwen3_moe")
     ids, mask = left_padded(model.config.vocab_size)
     with torch.inference_mode():
         plan = DecodePlan.build(model, 3)
@@ -239,12 +222,12 @@ def test_a_weight_changed_between_steps_ends_the_plan_and_is_seen(family_model):
     handle.remove()
 
 
-def test_no_plan_where_a_step_must_run_the_forward(family_model):
+def test_no_plan_where_a_step_must_run_the_forward(families):
     """A routing override that changes routing, a forward hook and autograd each keep the
     forward (which applies them), and a model outside the families' decoder has no plan."""
     from helpers import tiny_lm
 
-    model = family_model("qwen3_moe")
+    model = families("qwen3_moe")
     with torch.inference_mode():
         assert DecodePlan.build(model, 1) is not None
         with override_routing(model, RoutingOverride(mask=[0])):
