@@ -3,6 +3,8 @@ for every family it covers, padded batches and sliding windows, one thread and t
 kernels' path for large weights; the routing a capture records; the plan given up where a weight
 or an override changes, and not taken where a step must run the forward (overrides, hooks)."""
 
+from unittest.mock import patch
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -155,12 +157,10 @@ def test_a_capture_records_the_forwards_routing_through_the_plan(families):
     for planned in (True, False):
         capture = RoutingCapture()
         with override_routing(model, Overrides(capture=capture)), torch.inference_mode():
-            assert (DecodePlan.build(model, 3) is not None) is True
+            assert DecodePlan.build(model, 3) is not None
             if planned:
                 generate(model, ids, mask, max_new_tokens=5)
             else:
-                from unittest.mock import patch
-
                 with patch.object(DecodePlan, "build", classmethod(lambda cls, model, batch: None)):
                     generate(model, ids, mask, max_new_tokens=5)
         captures[planned] = capture.routings
@@ -192,8 +192,6 @@ def test_a_weight_changed_between_steps_ends_the_plan_and_is_seen(families):
 
     def decode(planned):
         tokens = []
-        from unittest.mock import patch
-
         builder = DecodePlan.build if planned else classmethod(lambda cls, model, batch: None)
         saved = q_norm.detach().clone()
         with patch.object(DecodePlan, "build", builder):
