@@ -23,10 +23,9 @@ from moekit.interop.tiny import TINY_CONFIGS  # noqa: E402
 # The plan covers MoE layers whose experts run on the tile kernel (`few_rows.route_rows`)
 pytestmark = pytest.mark.skipif(not tile_experts(), reason=TILE_EXPERTS_UNAVAILABLE)
 
-# The families whose decoder layers the plan covers (the others' attention or experts take paths
-# of their own: OLMoE's norm over the whole projection, MLA, sinks with biased experts, chunked
-# attention, DBRX's fused and clipped projection)
-COVERED = {"mixtral", "qwen2_moe", "qwen3_moe", "granitemoe"}
+# The families whose steps the plan covers (GPT-OSS's experts have biases and Llama 4's take the
+# routing weight on their input: their MoE layers take paths of their own)
+COVERED = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "granitemoe", "dbrx"}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +73,8 @@ def both_ways(model, ids, mask, steps=6):
 @pytest.mark.parametrize("family", list(TINY_CONFIGS))
 def test_plan_gives_the_forwards_logits_bit_for_bit_for_every_family_it_covers(families, family):
     """Left-padded rows of 6, 3 and 1 tokens (sliding windows shorter than the sequence in Mixtral's
-    and Qwen2-MoE's tiny configurations); families it does not cover get no plan."""
+    and Qwen2-MoE's tiny configurations; OLMoE's, DeepSeek-V3's and DBRX's attention through their
+    modules); families it does not cover get no plan."""
     model = families(family)
     ids, mask = left_padded(model.config.vocab_size)
     with torch.inference_mode():

@@ -10,9 +10,10 @@ with the three large products memoised, so that only the rest ran (AVX2 EPYC, tw
 generation's step 1.45 ms through `FamilyModel.forward`, 0.84 ms through the plan.
 
 The values are `FamilyModel.forward`'s bit for bit: the same ops on the same operands in the same
-order (`tests/test_decode_plan.py`). A layer the plan does not cover (latent or chunked
-attention, a separate projection path, an MoE outside `few_rows.route_rows`) or a forward hook
-makes `build` return None, and the step takes the model's forward. `current` tells a caller
+order (`tests/test_decode_plan.py`). Attention other than the joined projection's (latent,
+chunked, separate projections) runs as its module; an MoE layer outside `few_rows.route_rows`
+(biased or non-SwiGLU experts, the routing weight on the input, experts not on the tile kernel)
+or a forward hook makes `build` return None, and the step takes the model's forward. `current` tells a caller
 whether the plan still holds: a parameter changed or replaced, an override attached or removed,
 or a hook registered since `build` ends it.
 """
@@ -125,6 +126,19 @@ class AttentionStep:
 
 
 @dataclass
+class ModuleAttention:
+    """The attention module's own forward, for the attentions `AttentionStep` does not cover
+    (latent, chunked, separate projections): what `DecoderLayer.forward` calls."""
+
+    attention: nn.Module
+
+    def __call__(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: LayerCache, threads: int
+    ) -> Tensor:
+        return self.attention(x, cos, sin, mask, cache)
+
+
+@dataclass
 class MoEStep:
     """`MoE.forward_with_routing` of a step's rows through `few_rows.route_rows`."""
 
@@ -155,7 +169,7 @@ class LayerStep:
     """`DecoderLayer.forward` of a one-token step."""
 
     attn_norm: Norm
-    attention: AttentionStep
+    attention: AttentionStep | ModuleAttention
     ffn_norm: Norm
     moe: MoEStep | None  # None: a dense FFN, run as its module `ffn`
     ffn: nn.Module
@@ -184,7 +198,7 @@ class DecodePlan:
         self.layers = layers
         self.norm = norm
         self.head = head
-        self.windows = set(model.config.windows)
+        self.spans = {(layer.window, layer.chunk) for layer in model.layers}
         self.modules = list(model.modules())
         self.signature = _signature(model, self.modules)
 
@@ -204,9 +218,9 @@ class DecodePlan:
         cos, sin = model.position_tables(positions, sample.dtype)
         layers = []
         for layer in model.layers:
-            attention = AttentionStep.build(layer, sample, cos, sin)
+            attention = AttentionStep.build(layer, sample, cos, sin) or ModuleAttention(layer.attn)
             moe = MoEStep.build(layer.ffn, sample.view(batch, -1)) if layer.is_moe else None
-            if attention is None or (layer.is_moe and moe is None):
+            if layer.is_moe and moe is None:
                 return None
             layers.append(
                 LayerStep(
@@ -240,9 +254,9 @@ class DecodePlan:
             x = x * config.embedding_multiplier
         cos, sin = model.position_tables(positions, x.dtype)
         materialise = config.attention.implementation == "eager"
-        masks = {w: step_mask(cache, start, w, None, materialise) for w in self.windows}
-        for layer, window, layer_cache in zip(self.layers, config.windows, cache.layers, strict=True):
-            x = layer(x, cos, sin, masks[window], layer_cache, threads)
+        masks = {span: step_mask(cache, start, *span, materialise) for span in self.spans}
+        for layer, module, layer_cache in zip(self.layers, model.layers, cache.layers, strict=True):
+            x = layer(x, cos, sin, masks[module.window, module.chunk], layer_cache, threads)
         logits = self.head(self.norm(x).view(b, -1), threads)
         if config.logits_scaling != 1.0:
             logits = logits / config.logits_scaling
