@@ -13,9 +13,9 @@ The values are `FamilyModel.forward`'s bit for bit: the same ops on the same ope
 order (`tests/test_decode_plan.py`). Attention other than the joined projection's (latent,
 chunked, separate projections) runs as its module; an MoE layer outside `few_rows.route_rows`
 (biased or non-SwiGLU experts, the routing weight on the input, experts not on the tile kernel)
-or a forward hook makes `build` return None, and the step takes the model's forward. `current` tells a caller
-whether the plan still holds: a parameter changed or replaced, an override attached or removed,
-or a hook registered since `build` ends it.
+or a forward hook makes `build` return None, and the step takes the model's forward. `current`
+tells a caller whether the plan still holds: a parameter changed or replaced, an override
+attached or removed, or a hook registered since `build` ends it.
 """
 
 from __future__ import annotations
