@@ -6,7 +6,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from moekit.kernels.native import expert_kernel, loops_available
+from moekit.kernels.native import expert_kernel, loops_available, native_available
 
 # Why a test of moekit's C++ loops and kernels is skipped, naming every condition that turns them off.
 LOOPS_UNAVAILABLE = (
@@ -14,6 +14,13 @@ LOOPS_UNAVAILABLE = (
     "their first-use check against torch disagreed)"
 )
 needs_loops = pytest.mark.skipif(not loops_available(), reason=LOOPS_UNAVAILABLE)
+
+# Why a test of moekit's tile kernel (the row kernel, the attention step) is skipped.
+TILE_KERNEL_UNAVAILABLE = (
+    "moekit's tile kernel does not run here (MOEKIT_NATIVE off or mm, no AVX2/AVX-512, no "
+    "compiler, or its probe against torch.mm disagreed)"
+)
+needs_tile_kernel = pytest.mark.skipif(not native_available(), reason=TILE_KERNEL_UNAVAILABLE)
 
 # Why a test of the experts' one-call decode paths is skipped: they run on the tile kernel only.
 TILE_EXPERTS_UNAVAILABLE = (

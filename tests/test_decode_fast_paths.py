@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 import moekit.dispatch.few_rows as few_rows_module
 import moekit.kernels.native as native_module
 import moekit.layer as layer_module
-from helpers import LOOPS_UNAVAILABLE, TILE_EXPERTS_UNAVAILABLE, saved_and_loaded, tile_experts
+from helpers import (
+    LOOPS_UNAVAILABLE,
+    TILE_EXPERTS_UNAVAILABLE,
+    needs_tile_kernel,
+    saved_and_loaded,
+    tile_experts,
+)
 from moekit.dispatch.grouped import grouped_experts
 from moekit.dispatch.reference import reference_moe
 from moekit.interop.attention import RMSNorm
@@ -245,17 +251,13 @@ def test_joint_projection_of_a_decode_step_is_the_separate_path_bit_for_bit(
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+@needs_tile_kernel
 def test_cached_attention_step_in_one_call_is_the_ops_bit_for_bit(families, family, threads):
     """A one-token step of a full-attention layer normalises, rotates and appends its keys and
     values in one call (`kernels.attention_step`: Qwen3's per-head norms, Qwen2-MoE's biases and no norm): the
     logits of the separate ops bit for bit, batch rows with their own positions included."""
     from moekit.interop.attention import Attention
 
-    if not native_module.native_available():
-        pytest.skip(
-            "moekit's tile kernel does not run here (MOEKIT_NATIVE off or mm, no AVX2/AVX-512, no "
-            "compiler, or its probe against torch.mm disagreed)"
-        )
     model = families(family)
     taken = []
     original = Attention._cached_step
@@ -313,6 +315,7 @@ def wide_attention_model(tmp_path_factory):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@needs_tile_kernel
 def test_joint_projection_of_large_weights_reads_them_in_place_bit_for_bit(wide_attention_model, threads):
     """Where q, k and v are large, a one-token step reads all three in one call of
     the row kernel, without a joined copy, and one norm and rotation follow: the logits of the
@@ -321,11 +324,6 @@ def test_joint_projection_of_large_weights_reads_them_in_place_bit_for_bit(wide_
     from moekit.interop.attention import Attention
     from moekit.kernels import rows_linear
 
-    if not native_module.native_available():
-        pytest.skip(
-            "moekit's tile kernel does not run here (MOEKIT_NATIVE off or mm, no AVX2/AVX-512, no "
-            "compiler, or its probe against torch.mm disagreed)"
-        )
     model = wide_attention_model
     attention = model.layers[0].attn
     calls = []
@@ -388,6 +386,7 @@ def test_decode_of_larger_experts_takes_one_call_on_the_callers_threads(threads)
     assert_planned_and_exact(fast, planned, layer, x, None)
 
 
+@needs_tile_kernel
 @settings(max_examples=30, deadline=None)
 @given(
     rows=st.integers(1, 4),
@@ -400,11 +399,6 @@ def test_decode_of_larger_experts_takes_one_call_on_the_callers_threads(threads)
 def test_rows_linear_kernel_against_float64(rows, outputs, inner, bias, threads, seed):
     """moekit's row kernel for a decoding step's dense products: x @ W^T + b for a few rows, the
     weight's rows split over threads (row and column tails, strided x rows), against float64."""
-    if not native_module.native_available():
-        pytest.skip(
-            "moekit's tile kernel does not run here (MOEKIT_NATIVE off or mm, no AVX2/AVX-512, no "
-            "compiler, or its probe against torch.mm disagreed)"
-        )
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, inner + 3, generator=gen)[:, :inner]  # rows a stride apart
     weight = torch.randn(outputs, inner, generator=gen)
@@ -414,17 +408,13 @@ def test_rows_linear_kernel_against_float64(rows, outputs, inner, bias, threads,
     torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-5 * inner**0.5)
 
 
+@needs_tile_kernel
 def test_decode_linear_takes_the_kernel_for_large_reads_on_any_thread_count():
     """`decode_linear` runs the row kernel for a few rows against a weight large enough to split,
     outside autograd, giving the same values on one thread and two; F.linear otherwise. Its
     values are F.linear's to rounding (the two sum in different orders)."""
     from moekit.kernels import rows_linear
 
-    if not native_module.native_available():
-        pytest.skip(
-            "moekit's tile kernel does not run here (MOEKIT_NATIVE off or mm, no AVX2/AVX-512, no "
-            "compiler, or its probe against torch.mm disagreed)"
-        )
     weight = torch.randn(1024, 512)  # 2 MB: its read pays a thread hand-off
     x = torch.randn(1, 1, 512)
     previous = torch.get_num_threads()
