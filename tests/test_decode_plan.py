@@ -131,6 +131,31 @@ def test_plan_on_the_row_kernels_gives_the_forwards_logits_bit_for_bit(wide_mode
     assert len(calls) == 2 * 2 * 2  # two steps, two layers, the forward's and the plan's
 
 
+def test_plan_built_on_one_thread_runs_large_experts_on_the_steps_threads(wide_model):
+    """A plan built during a step on one thread (a timed trial, a rebuild) still runs experts
+    whose reads pay a hand-off on the threads of each later step, as the forward would."""
+    original = torch.ops.moekit.topk_swiglu_rows
+    taken = []
+
+    def recorded(*args):
+        taken.append(args[-1])
+        return original(*args)
+
+    ids, mask = left_padded(wide_model.config.vocab_size, (5,))
+    cache = wide_model.new_cache()
+    with torch.inference_mode():
+        logits = wide_model(ids, cache=cache).logits[:, -1]
+        with torch_threads(1):
+            plan = DecodePlan.build(wide_model, 1)
+        torch.ops.moekit.topk_swiglu_rows = recorded
+        try:
+            with torch_threads(2):
+                plan.step(logits.argmax(-1, keepdim=True), torch.tensor([[5]]), cache)
+        finally:
+            torch.ops.moekit.topk_swiglu_rows = original
+    assert taken == [2, 2]  # both MoE layers, on the step's two threads
+
+
 def test_generation_takes_the_plan_and_keeps_the_forwards_tokens(families, monkeypatch):
     """`generate` steps through the plan (its step runs) and its tokens are those of the same
     generation with the plan turned off."""

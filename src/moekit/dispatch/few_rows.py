@@ -170,7 +170,8 @@ def routed_rows(moe: MoE, x: Tensor, token_mask: Tensor | None) -> tuple[Tensor,
     Taken for every row real (`token_mask` None) where `rows_route_in_one_call`."""
     if token_mask is not None or not rows_route_in_one_call(moe, x):
         return None
-    y, logits, scores, kept = route_rows(moe, x, one_call_threads(moe, x.shape[0]))
+    threads = 1 if reads_of_rows_are_small(moe, x.shape[0]) else torch.get_num_threads()
+    y, logits, scores, kept = route_rows(moe, x, threads)
     return y, rows_routing(moe, x, logits, scores, kept)
 
 
@@ -201,17 +202,17 @@ def rows_route_in_one_call(moe: MoE, x: Tensor) -> bool:
     return expert_kernel(x, w_in, w_out) == "tile"
 
 
-def one_call_threads(moe: MoE, rows: int) -> int:
-    """The threads `route_rows` takes for `rows` rows: one where the experts they reach read
-    faster than a thread hand-off pays for, else torch's."""
+def reads_of_rows_are_small(moe: MoE, rows: int) -> bool:
+    """Whether the experts `rows` rows reach read faster than a thread hand-off pays for: then
+    `route_rows` takes one thread, else the caller's."""
     experts = moe.experts
-    small = reads_are_small(rows * moe.router.spec.top_k, experts.w_in, experts.w_out)
-    return 1 if small else torch.get_num_threads()
+    return reads_are_small(rows * moe.router.spec.top_k, experts.w_in, experts.w_out)
 
 
 def route_rows(moe: MoE, x: Tensor, threads: int) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """(routed output, router logits, scores, [token, expert, weight, rank] of the kept
-    assignments) of rows `x` where `rows_route_in_one_call`, on `threads` (`one_call_threads`)."""
+    assignments) of rows `x` where `rows_route_in_one_call`, on `threads` (one where
+    `reads_of_rows_are_small`)."""
     router, experts = moe.router, moe.experts
     logits = router.logits(x)
     selection_bias = router.selection_bias

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.dispatch.few_rows import one_call_threads, route_rows, rows_route_in_one_call, rows_routing
+from moekit.dispatch.few_rows import reads_of_rows_are_small, route_rows, rows_route_in_one_call, rows_routing
 from moekit.inference.kv_cache import KVCache, LayerCache, step_mask
 from moekit.interop.attention import Attention, RMSNorm, attend
 from moekit.interop.model import DecoderLayer, FamilyModel
@@ -151,7 +151,7 @@ class MoEStep:
         """For rows like `sample` [B, hidden], or None where the forward takes another path."""
         if not rows_route_in_one_call(moe, sample):
             return None
-        return cls(moe, one_call_threads(moe, sample.shape[0]) == 1, moe.routing_override)
+        return cls(moe, reads_of_rows_are_small(moe, sample.shape[0]), moe.routing_override)
 
     def __call__(self, x: Tensor, threads: int) -> Tensor:
         moe = self.moe
