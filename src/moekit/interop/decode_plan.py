@@ -193,14 +193,16 @@ class LayerStep:
 class DecodePlan:
     """The calls of a `FamilyModel`'s one-token steps for a batch of `batch` rows."""
 
-    def __init__(self, model: FamilyModel, layers: list[LayerStep], norm: Norm, head: Linear):
+    def __init__(
+        self, model: FamilyModel, modules: list[nn.Module], layers: list[LayerStep], norm: Norm, head: Linear
+    ):
         self.model = model
+        self.modules = modules  # the model's, at build
         self.layers = layers
         self.norm = norm
         self.head = head
         self.spans = {(layer.window, layer.chunk) for layer in model.layers}
-        self.modules = list(model.modules())
-        self.signature = _signature(model, self.modules)
+        self.signature = _signature(model, modules)
 
     @classmethod
     def build(cls, model: nn.Module, batch: int) -> DecodePlan | None:
@@ -208,7 +210,8 @@ class DecodePlan:
         step takes another path than the plan's (then the model's forward runs it)."""
         if type(model) is not FamilyModel or torch.is_grad_enabled() or model.training:
             return None
-        if _has_hooks(list(model.modules())):
+        modules = list(model.modules())
+        if _has_hooks(modules):
             return None  # a step of the plan calls no module's hooks
         weight = model.embed.weight
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
@@ -233,7 +236,7 @@ class DecodePlan:
                 )
             )
         head = _linear(model.head, sample.view(batch, -1))
-        return cls(model, layers, _norm(model.norm, sample), head)
+        return cls(model, modules, layers, _norm(model.norm, sample), head)
 
     def current(self) -> bool:
         """Whether the plan still holds: no parameter changed in place or replaced, no override
