@@ -29,6 +29,10 @@ test: lint
 	# the portable leg: the tests marked `portable` again on the fallbacks (no native kernel,
 	# torch.mm per expert, MKL), so that machines without a compiler stay correct
 	MOEKIT_NATIVE=0 MOEKIT_GEMM=mkl $(BIN)/pytest -q -n $(PYTEST_WORKERS) -m portable
+	# the other vector set's leg: the kernel tests again on the tile kernel built for the set the
+	# CPU does not build by default (AVX2 on an AVX-512 CPU; on an AVX2 one the AVX-512 code on an
+	# emulation of its intrinsics), so that both sets' code runs on every machine
+	MOEKIT_NATIVE_ISA=other MOEKIT_NATIVE=tile $(BIN)/pytest -q -n $(PYTEST_WORKERS) -m other_vector_set
 
 demo: $(STAMP)
 	$(BIN)/moekit demo

@@ -14,7 +14,9 @@ import moekit.kernels.native as native_module
 import moekit.layer as layer_module
 from helpers import (
     LOOPS_UNAVAILABLE,
+    OTHER_VECTOR_SET,
     TILE_EXPERTS_UNAVAILABLE,
+    built_for_cpu_vector_set,
     needs_tile_kernel,
     saved_and_loaded,
     tile_experts,
@@ -24,6 +26,9 @@ from moekit.dispatch.reference import reference_moe
 from moekit.interop.attention import RMSNorm
 from moekit.layer import MoE, MoEConfig
 from moekit.routing.spec import preset
+
+# also run by `make test` on the kernel built for the CPU's other vector set
+pytestmark = pytest.mark.other_vector_set
 
 
 def hf_rms_norm(x, weight, eps):
@@ -67,6 +72,8 @@ def test_rms_norm_kernel_is_torch_rms_norm_bit_for_bit(shape, width, eps, weight
 
     if not native.loops_available():
         pytest.skip(LOOPS_UNAVAILABLE)
+    if not built_for_cpu_vector_set():
+        pytest.skip(OTHER_VECTOR_SET)
     assert rms_norm.matches_torch()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, width, generator=gen) * 3
@@ -252,6 +259,7 @@ def test_joint_projection_of_a_decode_step_is_the_separate_path_bit_for_bit(
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
 @needs_tile_kernel
+@pytest.mark.skipif(not built_for_cpu_vector_set(), reason=OTHER_VECTOR_SET)
 def test_cached_attention_step_in_one_call_is_the_ops_bit_for_bit(families, family, threads):
     """A one-token step of a full-attention layer normalises, rotates and appends its keys and
     values in one call (`kernels.attention_step`: Qwen3's per-head norms, Qwen2-MoE's biases and no norm): the

@@ -21,7 +21,11 @@ from moekit.interop.decode_plan import DecodePlan  # noqa: E402
 from moekit.interop.tiny import TINY_CONFIGS  # noqa: E402
 
 # The plan covers MoE layers whose experts run on the tile kernel (`few_rows.route_rows`)
-pytestmark = pytest.mark.skipif(not tile_experts(), reason=TILE_EXPERTS_UNAVAILABLE)
+# (and `make test` runs it again on the kernel built for the CPU's other vector set)
+pytestmark = [
+    pytest.mark.skipif(not tile_experts(), reason=TILE_EXPERTS_UNAVAILABLE),
+    pytest.mark.other_vector_set,
+]
 
 # The families whose steps the plan covers (GPT-OSS's experts have biases and Llama 4's take the
 # routing weight on their input: their MoE layers take paths of their own)

@@ -20,6 +20,9 @@ from moekit.routing.record import Assignments
 from moekit.routing.spec import RouterSpec
 from moekit.routing.token_choice import TokenChoiceRouter
 
+# also run by `make test` on the kernel built for the CPU's other vector set
+pytestmark = pytest.mark.other_vector_set
+
 # The dispatch's paths: the C++ expert loops on two threads and on the calling thread (fp32 on
 # the kernel chosen here; other dtypes on torch's at::mm), the loops forced onto at::mm, and the
 # portable path (torch.mm per expert; grouped_mm where its dtype and strides allow).

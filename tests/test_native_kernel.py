@@ -28,6 +28,9 @@ from moekit.kernels.native import (
     swiglu_fits,
 )
 
+# also run by `make test` on the kernel built for the CPU's other vector set
+pytestmark = pytest.mark.other_vector_set
+
 needs_native = pytest.mark.skipif(
     not native_available(),
     reason="the native kernel does not run here (it needs an AVX-512 or AVX2 CPU, a C++ compiler, "
@@ -80,12 +83,48 @@ def test_the_kernel_is_built_for_the_widest_vector_set_of_the_cpu(monkeypatch, c
     a build of its own, never one compiled for another CPU; without either only the at::mm loops
     are built (no vector flags)."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.delenv("MOEKIT_NATIVE_ISA", raising=False)
     assert kernel_isa() == isa
     if isa is not None:
         assert native.ISA_FLAGS[isa][0] in native.compile_flags(isa)
     else:
         assert native.compile_flags(isa) == native.COMPILE_FLAGS
-    assert len({extension_name("avx512"), extension_name("avx2"), extension_name(None)}) == 3
+    names = {extension_name(isa) for isa in ("avx512", "avx2", "avx512-emulated", None)}
+    assert len(names) == 4
+
+
+@pytest.mark.parametrize(
+    ("capability", "requested", "isa"),
+    [
+        ("AVX512", "other", "avx2"),
+        ("AVX512", "avx2", "avx2"),
+        ("AVX512", "avx512-emulated", "avx512-emulated"),
+        ("AVX2", "other", "avx512-emulated"),
+        ("AVX2", "AVX512-Emulated ", "avx512-emulated"),
+        ("AVX2", "avx2", "avx2"),
+        ("DEFAULT", "other", None),
+        ("DEFAULT", "avx512-emulated", None),
+    ],
+)
+def test_moekit_native_isa_builds_another_vector_set_the_cpu_runs(monkeypatch, capability, requested, isa):
+    """`MOEKIT_NATIVE_ISA` (for tests: `make test` runs the kernel tests again with `other`) picks
+    a vector set the CPU can run: AVX2 on an AVX-512 CPU, the AVX-512 code on its emulation on
+    either; without AVX2 there is no tile kernel to build."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setenv("MOEKIT_NATIVE_ISA", requested)
+    assert kernel_isa() == isa
+
+
+@pytest.mark.parametrize(
+    ("capability", "requested"), [("AVX2", "avx512"), ("AVX2", "sse4"), ("AVX512", "neon")]
+)
+def test_a_vector_set_the_cpu_cannot_run_is_refused_with_a_warning(monkeypatch, capability, requested):
+    """Built for AVX-512 on a CPU without it, the kernel would stop the process at its first
+    instruction: the request is named in a warning and the CPU's own set is built."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setenv("MOEKIT_NATIVE_ISA", requested)
+    with pytest.warns(RuntimeWarning, match=f"MOEKIT_NATIVE_ISA='{requested}' ignored"):
+        assert kernel_isa() == native.cpu_isa()
 
 
 def test_the_other_vector_sets_kernel_compiles_here():
@@ -95,7 +134,7 @@ def test_the_other_vector_sets_kernel_compiles_here():
     compiler = shutil.which("c++")
     if compiler is None:
         pytest.skip("no C++ compiler (`c++`) on PATH, which the native kernels also need")
-    other = "avx2" if kernel_isa() == "avx512" else "avx512"
+    other = "avx2" if native.cpu_isa() == "avx512" else "avx512"
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
     command = [
         compiler, "-fsyntax-only", "-std=c++20", *native.compile_flags(other),

@@ -23,7 +23,11 @@ build), for the widest vector set the CPU has, AVX-512 or else AVX2 with FMA (`k
 tile kernel's register tile follows from it, `csrc/simd.h`; on a CPU with neither only the `mm`
 loops are built). Where the build fails or its results disagree with `torch.mm` on a probe, the
 experts run on the portable path (`moekit.dispatch.grouped`). `MOEKIT_NATIVE` forces a path, for
-debugging: `0` the portable one, `tile` or `mm` that kernel where it runs.
+debugging: `0` the portable one, `tile` or `mm` that kernel where it runs. `MOEKIT_NATIVE_ISA`
+forces the vector set the tile kernel is built for, for testing (`kernel_isa`): `make test` runs
+the kernel tests again on the set the CPU does not build by default, AVX2 on an AVX-512 CPU and
+the AVX-512 code on an emulation of its intrinsics on an AVX2 one, so that both sets' code is
+tested on every machine.
 """
 
 from __future__ import annotations
@@ -50,13 +54,24 @@ SOURCES = (
     CSRC / "kv_append.cpp",
     CSRC / "attention_step.cpp",
 )
-HEADERS = (CSRC / "simd.h", CSRC / "expert_tasks.h", CSRC / "torch_sum.h", CSRC / "rotation.h")
+HEADERS = (
+    CSRC / "simd.h",
+    CSRC / "avx512_emulation.h",
+    CSRC / "expert_tasks.h",
+    CSRC / "torch_sum.h",
+    CSRC / "rotation.h",
+)
 KERNELS = ("tile", "mm")
 # -fopenmp at compile time only: the OpenMP calls bind at load time to the runtime torch already
 # loaded, so the kernels' parallel loops share torch's threads and thread count.
 COMPILE_FLAGS = ["-O3", "-fopenmp"]
-# The vector set's flags, by `kernel_isa`
-ISA_FLAGS = {"avx512": ["-mavx512f"], "avx2": ["-mavx2", "-mfma"]}
+# The vector set's flags, by `kernel_isa`; "avx512-emulated" is the AVX-512 code on an emulation of
+# its intrinsics in AVX2 (`csrc/avx512_emulation.h`): correct and several times slower, for tests.
+ISA_FLAGS = {
+    "avx512": ["-mavx512f"],
+    "avx2": ["-mavx2", "-mfma"],
+    "avx512-emulated": ["-mavx2", "-mfma", "-DMOEKIT_EMULATE_AVX512", "-Wno-psabi"],
+}
 # The ops of each kernel (`expert_mm.cpp` is built on every CPU, `expert_gemm.cpp`'s where `kernel_isa`)
 TILE_OPS = (
     "mm_into",
@@ -163,7 +178,11 @@ def stored_float32_kernel() -> str:
     plan paid, a decoding step once per MoE layer."""
     from moekit.kernels.store import stored_choice
 
-    return stored_choice("experts-float32", KERNELS, measure_float32_kernel)
+    # a build for another vector set than the CPU's own (`MOEKIT_NATIVE_ISA`) stores its choice
+    # apart: an emulated kernel's "mm" must not become the CPU's choice
+    isa = kernel_isa()
+    name = "experts-float32" if isa == cpu_isa() else f"experts-float32-{isa}"
+    return stored_choice(name, KERNELS, measure_float32_kernel)
 
 
 def _requested() -> str:
@@ -215,13 +234,35 @@ def _built_and_checked() -> tuple[bool, bool]:
     return tile and loops, loops
 
 
-def kernel_isa() -> str | None:
-    """The vector set the tile kernel is built for here: "avx512", "avx2" (AVX2 with FMA, which
-    torch's AVX2 capability implies), or None where the CPU has neither (only the `mm` loops)."""
+def cpu_isa() -> str | None:
+    """The widest vector set the CPU has for the tile kernel: "avx512", "avx2" (AVX2 with FMA, which
+    torch's AVX2 capability implies), or None where it has neither (only the `mm` loops)."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX512"):
         return "avx512"
     return "avx2" if capability == "AVX2" else None
+
+
+def kernel_isa() -> str | None:
+    """The vector set the tile kernel is built for here: the CPU's own (`cpu_isa`), unless
+    `MOEKIT_NATIVE_ISA` asks for another that runs on it, for testing: `avx2` (on an AVX-512 CPU),
+    `avx512-emulated` (on either), or `other`, whichever of the two is not the CPU's own set."""
+    own = cpu_isa()
+    requested = os.environ.get("MOEKIT_NATIVE_ISA", "").strip().lower()
+    if not requested or own is None:
+        return own
+    if requested == "other":
+        return "avx2" if own == "avx512" else "avx512-emulated"
+    runs_here = {"avx512": ("avx512", "avx2", "avx512-emulated"), "avx2": ("avx2", "avx512-emulated")}[own]
+    if requested not in runs_here:
+        warnings.warn(
+            f"moekit: MOEKIT_NATIVE_ISA={requested!r} ignored: this CPU's tile kernel can be built for "
+            f"{', '.join(runs_here)} or `other`; building for {own}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return own
+    return requested
 
 
 def compile_flags(isa: str | None) -> list[str]:

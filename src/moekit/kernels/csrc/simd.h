@@ -12,7 +12,12 @@
 
 #include <cstdint>
 
-#if defined(__AVX512F__)
+#if defined(MOEKIT_EMULATE_AVX512)
+// the AVX-512 backend below on an emulation of its intrinsics (a test build: avx512_emulation.h)
+#include "avx512_emulation.h"
+#endif
+
+#if defined(__AVX512F__) || defined(MOEKIT_EMULATE_AVX512)
 
 namespace moekit_simd {
 
