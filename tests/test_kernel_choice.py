@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+from helpers import TILE_KERNEL_UNAVAILABLE
 from moekit import MoE, MoEConfig, preset
 from moekit.dispatch.reference import reference_moe
 from moekit.kernels import gemm, native, store
@@ -120,6 +121,22 @@ def test_record_is_reapplied_on_resume(fresh_kernel_cache, monkeypatch):
         assert apply_kernel_record(now, torch.float32) == []  # nothing left to change
     finally:
         torch.set_num_threads(threads)
+
+
+def test_record_of_another_vector_set_warns(fresh_kernel_cache, monkeypatch):
+    """A run whose tile kernel was built for another vector set (`MOEKIT_NATIVE_ISA`) rounds its
+    SwiGLU differently: resuming it with this process's build is named in a warning."""
+    if not native.native_available():
+        pytest.skip(TILE_KERNEL_UNAVAILABLE)
+    monkeypatch.setenv("MOEKIT_NATIVE", "tile")  # (restored after the test, whatever the record sets)
+    here = kernel_record(torch.float32)
+    assert here["tile_isa"] == native.kernel_isa()
+    other = "avx2" if here["tile_isa"] != "avx2" else "avx512-emulated"
+    record = {**here, "expert_loops": "tile", "tile_isa": other}
+    with pytest.warns(
+        RuntimeWarning, match=f"tile kernel was built for {other}, here for {here['tile_isa']}"
+    ):
+        apply_kernel_record(record, torch.float32)
 
 
 def test_record_of_another_machine_warns(fresh_kernel_cache):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from moekit.kernels import gemm
-from moekit.kernels.native import float32_kernel, loops_available, native_available
+from moekit.kernels.native import float32_kernel, kernel_isa, loops_available, native_available
 from moekit.kernels.store import machine_key
 
 
@@ -32,6 +32,9 @@ def kernel_record(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
         if loops_available()
         else "portable",
         "threads": torch.get_num_threads(),
+        # the tile kernel's vector set (`MOEKIT_NATIVE_ISA` can force another than the CPU's):
+        # AVX-512's reciprocal rounds SwiGLU's sigmoid differently from AVX2's division
+        "tile_isa": kernel_isa() if native_available() else None,
         "machine": machine_key(),
     }
 
@@ -67,6 +70,12 @@ def apply_kernel_record(record: dict[str, Any], dtype: torch.dtype = torch.float
         mismatches.append(f"its expert loops ({loops}) do not run here")
     elif record.get("native") is True and not native_available():
         mismatches.append("the native kernel it used does not run here")
+    wanted_isa, isa_here = record.get("tile_isa"), kernel_record(dtype)["tile_isa"]
+    if loops == "tile" and wanted_isa is not None and isa_here is not None and wanted_isa != isa_here:
+        mismatches.append(
+            f"its tile kernel was built for {wanted_isa}, here for {isa_here} "
+            f"(MOEKIT_NATIVE_ISA={wanted_isa} at the start of a process builds that one)"
+        )
     if record.get("machine") not in (None, machine_key()):
         mismatches.append("it ran on another machine or torch version")
     if mismatches:
