@@ -456,3 +456,32 @@ def test_float32_paths_match_float64_for_every_expert_kind(act_name, weight_on, 
         torch.testing.assert_close(fast.double(), want, rtol=1e-4, atol=1e-4)
     for grad in results[torch.float32][3:5]:
         assert torch.count_nonzero(grad[3]) == 0
+
+
+@pytest.mark.parametrize("frozen", ["w_in", "w_out", "both"])
+@pytest.mark.parametrize("path", EXPERT_PATHS)
+def test_frozen_expert_weights_leave_the_other_gradients_exact(frozen, path):
+    """Experts whose weights take no gradient (a frozen base under adapters, a partly frozen
+    model) skip those weight gradients in the backward; the gradients of x, the routing weights
+    and the trained weights are float64's all the same."""
+    gen = torch.Generator().manual_seed(11)
+    num_tokens, num_experts, k, hidden, ff = 300, 6, 2, 24, 20
+    token, expert = sorted_topk_assignments(torch.randn(num_tokens, num_experts, generator=gen), k)
+    inputs = swiglu_inputs(gen, num_tokens, len(token), num_experts, hidden, ff, 0.2)
+    upstream = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
+    trained = {"w_in": (False, True), "w_out": (True, False), "both": (False, False)}[frozen]
+    results = {}
+    with torch_threads(2), expert_path(path) as options:
+        for dtype in (torch.float64, torch.float32):
+            x, weight, w_in, w_out = (t.detach().to(dtype) for t in inputs)
+            x.requires_grad_(), weight.requires_grad_()
+            w_in.requires_grad_(trained[0])
+            w_out.requires_grad_(trained[1])
+            leaves = [x, weight] + [w for w, t in zip((w_in, w_out), trained, strict=True) if t]
+            y = grouped_experts(
+                x, token, expert, weight, w_in, w_out, None, None, make_activation("swiglu"), **options
+            )
+            results[dtype] = (y, *torch.autograd.grad((y * upstream.to(dtype)).sum(), leaves))
+    assert len(results[torch.float32]) == 3 + sum(trained)
+    for fast, want in zip(results[torch.float32], results[torch.float64], strict=True):
+        torch.testing.assert_close(fast.double(), want, rtol=1e-4, atol=1e-4)

@@ -1105,14 +1105,20 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
         S::store_upto(ga + r * ldf + j, rest, S::mul(S::mul(S::mul(g, s), S::load_upto(up + j, rest)), sc));
       }
     }
-    Prefetch none;
+    // w_in, which grad_xs reads last, is pulled into cache during the product just before it (the
+    // weight gradient where there is one): requested during grad_a, two products ahead, its 1 MB
+    // (fine shape) were evicted again by those products' own operands before grad_xs read them
+    // (fine shape on an AVX2 EPYC, fwd+bwd: 1.3-2.6 % less time, very fine 1.0-2.6 %, coarse 1 %;
+    // requested in both products: no gain). BENCHMARKS.md §13.
+    Prefetch in_early = GWI == nullptr ? prefetch_of(wi, span_in) : Prefetch{};
+    Prefetch in_late = GWI == nullptr ? Prefetch{} : prefetch_of(wi, span_in);
     if (GWO != nullptr) {  // [d, count] @ [count, ff]
       Prefetch this_out = prefetch_of(wo, span_out);
       product(d, ff, count, rows_d, 1, ldd, ga, ldf, 1, GWO + task.expert * grad_w_out->stride(0), grad_w_out->stride(1),
               this_out, /*stream=*/true);
     }
-    Prefetch this_in = prefetch_of(wi, span_in);  // grad_a = grad_ys @ w_out[e]: [count, d] @ [d, ff]
-    product(count, ff, d, rows_d, ldd, 1, wo, w_out.stride(1), w_out.stride(2), ga, ldf, this_in);
+    // grad_a = grad_ys @ w_out[e]: [count, d] @ [d, ff]
+    product(count, ff, d, rows_d, ldd, 1, wo, w_out.stride(1), w_out.stride(2), ga, ldf, in_early);
     for (int64_t r = 0; r < count; ++r) {
       const float *gate = Hp + (s0 + r) * ldh, *up = gate + ff;
       const float* next = r + 1 < count ? gate + ldh : nullptr;
@@ -1135,7 +1141,7 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
     gather_rows(X, ldx, T, task, rows_d, ldd, d);
     if (GWI != nullptr)  // [2 ff, count] @ [count, d]
       product(2 * ff, d, count, gh, 1, ldgh, rows_d, ldd, 1, GWI + task.expert * grad_w_in->stride(0),
-              grad_w_in->stride(1), none, /*stream=*/true);
+              grad_w_in->stride(1), in_late, /*stream=*/true);
     Prefetch next = i + 1 < static_cast<int64_t>(work.size())
                         ? prefetch_of(WO + work[i + 1].expert * w_out.stride(0), span_out)
                         : Prefetch{};
