@@ -138,44 +138,22 @@ inline V castpd_ps(VD d) {
   std::memcpy(&v, &d, sizeof(v));
   return v;
 }
-// within each 128-bit lane L: a's and b's low (unpacklo) or high (unpackhi) two floats interleaved
-inline V unpacklo_ps(V a, V b) {
-  V v;
-  for (int L = 0; L < 4; ++L) {
-    v[4 * L] = a[4 * L];
-    v[4 * L + 1] = b[4 * L];
-    v[4 * L + 2] = a[4 * L + 1];
-    v[4 * L + 3] = b[4 * L + 1];
-  }
+// Within each 128-bit lane (`per_lane` elements): a's and b's elements `first`, `first + 1`, ...
+// (half a lane's worth) interleaved. unpacklo takes each lane's low half, unpackhi its high half.
+template <typename W, int per_lane>
+inline W interleave(W a, W b, int first) {
+  W v;
+  for (int L = 0; L < 4; ++L)
+    for (int i = 0; i < per_lane / 2; ++i) {
+      v[per_lane * L + 2 * i] = a[per_lane * L + first + i];
+      v[per_lane * L + 2 * i + 1] = b[per_lane * L + first + i];
+    }
   return v;
 }
-inline V unpackhi_ps(V a, V b) {
-  V v;
-  for (int L = 0; L < 4; ++L) {
-    v[4 * L] = a[4 * L + 2];
-    v[4 * L + 1] = b[4 * L + 2];
-    v[4 * L + 2] = a[4 * L + 3];
-    v[4 * L + 3] = b[4 * L + 3];
-  }
-  return v;
-}
-// within each 128-bit lane L: a's then b's low (unpacklo) or high (unpackhi) double
-inline VD unpacklo_pd(VD a, VD b) {
-  VD v;
-  for (int L = 0; L < 4; ++L) {
-    v[2 * L] = a[2 * L];
-    v[2 * L + 1] = b[2 * L];
-  }
-  return v;
-}
-inline VD unpackhi_pd(VD a, VD b) {
-  VD v;
-  for (int L = 0; L < 4; ++L) {
-    v[2 * L] = a[2 * L + 1];
-    v[2 * L + 1] = b[2 * L + 1];
-  }
-  return v;
-}
+inline V unpacklo_ps(V a, V b) { return interleave<V, 4>(a, b, 0); }
+inline V unpackhi_ps(V a, V b) { return interleave<V, 4>(a, b, 2); }
+inline VD unpacklo_pd(VD a, VD b) { return interleave<VD, 2>(a, b, 0); }
+inline VD unpackhi_pd(VD a, VD b) { return interleave<VD, 2>(a, b, 1); }
 // 128-bit lanes 0 and 1 from a, 2 and 3 from b, each picked by two bits of imm
 inline V shuffle_f32x4(V a, V b, int imm) {
   V v;
