@@ -1108,7 +1108,7 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
     // w_in, which grad_xs reads last, is pulled into cache during the product just before it (the
     // weight gradient where there is one): requested during grad_a, two products ahead, its 1 MB
     // (fine shape) were evicted again by those products' own operands before grad_xs read them
-    // (fine shape on an AVX2 EPYC, fwd+bwd: 1.3-2.6 % less time, very fine 1.0-2.6 %, coarse 1 %;
+    // (fine shape on an AVX2 EPYC, fwd+bwd: 1.2-2.6 % less time, very fine 1.5-2.8 %, coarse 1 %;
     // requested in both products: no gain). BENCHMARKS.md §13.
     Prefetch in_early = GWI == nullptr ? prefetch_of(wi, span_in) : Prefetch{};
     Prefetch in_late = GWI == nullptr ? Prefetch{} : prefetch_of(wi, span_in);
