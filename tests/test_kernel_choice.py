@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import TILE_KERNEL_UNAVAILABLE
+from helpers import needs_tile_kernel
 from moekit import MoE, MoEConfig, preset
 from moekit.dispatch.reference import reference_moe
 from moekit.kernels import gemm, native, store
@@ -123,11 +123,10 @@ def test_record_is_reapplied_on_resume(fresh_kernel_cache, monkeypatch):
         torch.set_num_threads(threads)
 
 
+@needs_tile_kernel
 def test_record_of_another_vector_set_warns(fresh_kernel_cache, monkeypatch):
     """A run whose tile kernel was built for another vector set (`MOEKIT_NATIVE_ISA`) rounds its
     SwiGLU differently: resuming it with this process's build is named in a warning."""
-    if not native.native_available():
-        pytest.skip(TILE_KERNEL_UNAVAILABLE)
     monkeypatch.setenv("MOEKIT_NATIVE", "tile")  # (restored after the test, whatever the record sets)
     here = kernel_record(torch.float32)
     assert here["tile_isa"] == native.kernel_isa()

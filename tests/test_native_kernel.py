@@ -128,9 +128,11 @@ def test_a_vector_set_the_cpu_cannot_run_is_refused_with_a_warning(monkeypatch, 
 
 
 def test_the_other_vector_sets_kernel_compiles_here():
-    """A machine builds the kernel only for its own vector set, so a change that breaks the other
-    set's build (AVX-512 on an AVX2 CPU, AVX2 on an AVX-512 one) would first show on a machine of
-    the other kind: the kernels' main source is compiled for that set here, syntax and types only."""
+    """A machine builds the kernel for its own vector set, and an AVX2 one runs the AVX-512 code
+    only on an emulation of its intrinsics (the other vector set's leg of `make test`), so a change
+    that breaks the other set's real build (its intrinsics' calls and types) would first show on a
+    machine of the other kind: the kernels' main source is compiled for that set here, syntax and
+    types only."""
     compiler = shutil.which("c++")
     if compiler is None:
         pytest.skip("no C++ compiler (`c++`) on PATH, which the native kernels also need")

@@ -65,18 +65,19 @@ def apply_kernel_record(record: dict[str, Any], dtype: torch.dtype = torch.float
     elif record.get("native") is False and native_available():  # a record from before expert_loops
         os.environ["MOEKIT_NATIVE"] = "0"
         changed.append("native=off")
+    now = kernel_record(dtype)  # with the settings above applied
     mismatches = []
-    if loops in ("tile", "mm", "portable") and kernel_record(dtype)["expert_loops"] != loops:
+    if loops in ("tile", "mm", "portable") and now["expert_loops"] != loops:
         mismatches.append(f"its expert loops ({loops}) do not run here")
     elif record.get("native") is True and not native_available():
         mismatches.append("the native kernel it used does not run here")
-    wanted_isa, isa_here = record.get("tile_isa"), kernel_record(dtype)["tile_isa"]
+    wanted_isa, isa_here = record.get("tile_isa"), now["tile_isa"]
     if loops == "tile" and wanted_isa is not None and isa_here is not None and wanted_isa != isa_here:
         mismatches.append(
             f"its tile kernel was built for {wanted_isa}, here for {isa_here} "
             f"(MOEKIT_NATIVE_ISA={wanted_isa} at the start of a process builds that one)"
         )
-    if record.get("machine") not in (None, machine_key()):
+    if record.get("machine") not in (None, now["machine"]):
         mismatches.append("it ran on another machine or torch version")
     if mismatches:
         warnings.warn(
