@@ -191,15 +191,17 @@ def test_products_match_float64_and_touch_only_their_output(layout, rows, inner,
         (40, 5, 13),
         (1100, 520, 40),
         (13, 1030, 70),
+        (520, 4200, 7),
     ],
 )
 def test_copied_operands_over_many_blocks_match_float64(layout, rows, inner, outer):
     """The operands the kernel copies before its tiles read them: the weight gradient's A (g^T:
     its columns contiguous), packed by blocks of rows per block of k (256 deep on AVX-512, 512 on
-    AVX2), the input gradient's B (W read in place), copied into panels by chunks of columns per
-    block of k, and the forward's W^T packed by panels; several blocks of each (inner and rows
-    past 1024) and their tails, into a view of a larger buffer whose other entries stay as they
-    were."""
+    AVX2), and its B, copied into panels by chunks of 4 MB (4,200 columns 256 or 512 deep: two or
+    three chunks); the input gradient's B (W read in place), copied into panels by chunks of
+    columns per block of k; the forward's W^T packed by panels; several blocks of each (inner and
+    rows past 1024) and their tails, into a view of a larger buffer whose other entries stay as
+    they were."""
     gen = torch.Generator().manual_seed(rows + outer)
     a, b = _operands(layout, rows, inner, outer, gen)
     buffer = torch.full((a.shape[0] + 2, b.shape[1] + 3), float("nan"))

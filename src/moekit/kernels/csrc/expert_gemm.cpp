@@ -299,6 +299,21 @@ inline void copy_panel_row(const float* row, int64_t count, float* out) {
 constexpr int64_t kPackedRowsBytes = 128 * 1024;
 // Copied panels of B's bytes per chunk of columns (input gradients), likewise.
 constexpr int64_t kCopiedPanelsBytes = 128 * 1024;
+// Copied panels of B's bytes per chunk of columns of a weight gradient, whose blocks of packed A
+// each pass over the whole chunk: every column of the layer benchmark's shapes in one chunk (2 MB
+// at coarse), so that A is packed once; a wider B is copied and A packed again chunk by chunk.
+constexpr int64_t kWeightGradPanelsBytes = 4 * 1024 * 1024;
+
+// B[0:depth, 0:columns] (rows sbk apart, columns contiguous) copied, row by row in memory order,
+// into panels of kPanel contiguous columns: panel p at panels + p * kPanel * depth, its row r at
+// + r * kPanel. Read in place, a panel's rows lie a whole row of B apart and fall into a few L1
+// sets, so every register tile over the panel would fetch them again.
+void copy_panels(const float* B, int64_t sbk, int64_t depth, int64_t columns, float* panels) {
+  for (int64_t r = 0; r < depth; ++r) {
+    const float* row = B + r * sbk;
+    for (int64_t n = 0; n < columns; n += kPanel) copy_panel_row(row + n, columns - n, panels + n * depth + r * kPanel);
+  }
+}
 
 // packed[k][j] = W[j][k] for j < width (zero up to kPanel), k < depth; W rows of stride ldw.
 void pack_transposed(const float* W, int64_t ldw, int64_t width, int64_t depth, float* packed) {
@@ -425,20 +440,30 @@ void product_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai,
     prefetch.per_tile = ((prefetch.end - prefetch.next) / 64 + tiles) / tiles;
   }
   if ((sbn == 1 || N == 1) && sai == 1 && sak != 1 && M > 1) {
-    // A with contiguous columns (weight gradients): packed by blocks of rows, per block of k
-    thread_local std::vector<float> rows_packed;
+    // A with contiguous columns (weight gradients): packed by blocks of rows, per block of k; B's
+    // block of k rows copied into panels first (`copy_panels`), once for all blocks of A: read in
+    // place, the weight gradients were 3-5 % of the coarse shape's fwd+bwd slower (AVX2 EPYC, the
+    // variants side by side in one process; fine 0-1.5 %, very fine level; BENCHMARKS.md §13).
+    thread_local std::vector<float> rows_packed, panels;
     for (int64_t k = 0; k < K; k += kInnerBlock) {
       const int64_t depth = std::min<int64_t>(kInnerBlock, K - k);
       const int64_t block = std::max<int64_t>(
           kRowsPerTile, kPackedRowsBytes / static_cast<int64_t>(sizeof(float)) / depth / kRowsPerTile * kRowsPerTile);
+      const int64_t chunk = std::max<int64_t>(
+          kPanel, kWeightGradPanelsBytes / static_cast<int64_t>(sizeof(float)) / depth / kPanel * kPanel);
       rows_packed.resize(static_cast<size_t>((block + kRowsPerTile) * depth));
-      for (int64_t m = 0; m < M; m += block) {
-        const int64_t rows = std::min<int64_t>(block, M - m);
-        pack_row_groups(A + m * sai + k * sak, sai, sak, rows, depth, rows_packed.data());
-        for (int64_t n = 0; n < N; n += kPanel)
-          panel(rows, std::min<int64_t>(kPanel, N - n), depth, rows_packed.data(), 1, kRowsPerTile,
-                kRowsPerTile * depth, B + k * sbk + n, sbk, C + m * ldc + n, ldc, k > 0, stream,
-                prefetch);
+      panels.resize(static_cast<size_t>(std::min<int64_t>(chunk, (N + kPanel - 1) / kPanel * kPanel) * depth));
+      for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+        const int64_t columns = std::min<int64_t>(chunk, N - n0);
+        copy_panels(B + k * sbk + n0, sbk, depth, columns, panels.data());
+        for (int64_t m = 0; m < M; m += block) {
+          const int64_t rows = std::min<int64_t>(block, M - m);
+          pack_row_groups(A + m * sai + k * sak, sai, sak, rows, depth, rows_packed.data());
+          for (int64_t n = 0; n < columns; n += kPanel)
+            panel(rows, std::min<int64_t>(kPanel, columns - n), depth, rows_packed.data(), 1, kRowsPerTile,
+                  kRowsPerTile * depth, &panels[n * depth], kPanel, C + m * ldc + n0 + n, ldc, k > 0, stream,
+                  prefetch);
+        }
       }
     }
     return;
@@ -458,11 +483,7 @@ void product_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai,
       panels.resize(static_cast<size_t>(chunk * depth));
       for (int64_t n0 = 0; n0 < N; n0 += chunk) {
         const int64_t columns = std::min<int64_t>(chunk, N - n0);
-        for (int64_t r = 0; r < depth; ++r) {
-          const float* row = B + (k + r) * sbk + n0 * sbn;
-          for (int64_t n = 0; n < columns; n += kPanel)
-            copy_panel_row(row + n, columns - n, &panels[(n * depth) + r * kPanel]);
-        }
+        copy_panels(B + k * sbk + n0 * sbn, sbk, depth, columns, panels.data());
         // the next chunk's rows: the next columns of this block of k, else the next block's first
         const bool last = n0 + chunk >= N;
         const int64_t next_k = last ? k + kInnerBlock : k, next_n = last ? 0 : n0 + chunk;
