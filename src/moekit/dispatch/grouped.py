@@ -11,7 +11,7 @@ backward, the combine of rows into tokens) that the autograd function calls, cho
 `plan_experts`:
 - many tokens: one C++ call per product over all experts (`moekit.kernels.native`), torch's
   threads taking whole experts, largest first; each expert's products on moekit's tile kernel
-  (fp32 on AVX-512) or on torch's `at::mm` (any dtype, any x86 CPU), whichever was measured
+  (fp32 on AVX-512 or AVX2) or on torch's `at::mm` (any dtype, any x86 CPU), whichever was measured
   faster on this CPU model where both run. SwiGLU experts without biases, routing weight on the
   output, run whole (gather, both products, activation, routing weight) in one call per pass.
 - decode (fewer than DECODE_ROWS_PER_EXPERT rows per active expert): the same calls, bound by
