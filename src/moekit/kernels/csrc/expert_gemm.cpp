@@ -7,10 +7,10 @@
 // between threads; here each thread takes whole experts, one at a time, largest first, from a
 // shared counter, and computes them alone, reading the operands in place where the tiles read
 // them in order (x @ W^T packs a weight panel with register transposes; g @ W copies W's panel
-// rows; g^T @ x packs g's columns by tiles of rows) and writing into any row-major view. Threads
-// that take the next expert when they finish the last keep every core busy whatever the experts'
-// sizes and whatever else runs on a core; each expert is computed by one thread in one way, so
-// results do not depend on which thread took it.
+// rows; g^T @ x packs g's columns by tiles of rows and copies x's panel rows) and writing into
+// any row-major view. Threads that take the next expert when they finish the last keep every
+// core busy whatever the experts' sizes and whatever else runs on a core; each expert is computed
+// by one thread in one way, so results do not depend on which thread took it.
 //
 // Registered with torch's dispatcher:
 //   moekit::mm_into(a, b, out, prefetch_next=None): out = a @ b, all 2-D fp32 CPU tensors; a any
