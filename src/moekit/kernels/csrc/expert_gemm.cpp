@@ -306,8 +306,9 @@ constexpr int64_t kWeightGradPanelsBytes = 4 * 1024 * 1024;
 
 // B[0:depth, 0:columns] (rows sbk apart, columns contiguous) copied, row by row in memory order,
 // into panels of kPanel contiguous columns: panel p at panels + p * kPanel * depth, its row r at
-// + r * kPanel. Read in place, a panel's rows lie a whole row of B apart and fall into a few L1
-// sets, so every register tile over the panel would fetch them again.
+// + r * kPanel. Read in place, a panel's rows lie a whole row of B apart: rows of whole kilobytes
+// fall into a few L1 sets, long panels spread over many pages, and every register tile over the
+// panel would fetch them again.
 void copy_panels(const float* B, int64_t sbk, int64_t depth, int64_t columns, float* panels) {
   for (int64_t r = 0; r < depth; ++r) {
     const float* row = B + r * sbk;
@@ -441,9 +442,9 @@ void product_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai,
   }
   if ((sbn == 1 || N == 1) && sai == 1 && sak != 1 && M > 1) {
     // A with contiguous columns (weight gradients): packed by blocks of rows, per block of k; B's
-    // block of k rows copied into panels first (`copy_panels`), once for all blocks of A: read in
-    // place, the weight gradients were 3-5 % of the coarse shape's fwd+bwd slower (AVX2 EPYC, the
-    // variants side by side in one process; fine 0-1.5 %, very fine level; BENCHMARKS.md §13).
+    // block of k rows copied into panels first (`copy_panels`), once for all blocks of A: with B
+    // read in place, the coarse shape's fwd+bwd took 3-5 % longer (AVX2 EPYC, the variants side by
+    // side in one process; fine 0-1.5 %, very fine level; BENCHMARKS.md §13).
     thread_local std::vector<float> rows_packed, panels;
     for (int64_t k = 0; k < K; k += kInnerBlock) {
       const int64_t depth = std::min<int64_t>(kInnerBlock, K - k);
