@@ -1,14 +1,15 @@
 """CPU runtime settings that moekit's commands apply before torch is imported.
 
 Large tensors (expert activations, packed weight gradients) are fresh multi-MB allocations every
-step; glibc serves them with mmap, so every step pays a page fault per 4 KiB page. PyTorch's
-allocator backs allocations of 2 MiB and more with transparent huge pages when
-THP_MEM_ALLOC_ENABLE=1 is set before torch starts, which removes most of that cost (measured in
-BENCHMARKS.md). The variable is read once, when torch makes its first allocation.
+step; glibc serves them with mmap, so every step would pay a page fault per 4 KiB page:
+`keep_freed_memory` has them reuse the heap's pages instead. Transparent huge pages
+(THP_MEM_ALLOC_ENABLE=1) are not used: each 16 MB allocation took ~15 ms of the kernel's
+compaction, and huge pages for the expert weights alone took 0.5-1.7 % off fwd+bwd
+(BENCHMARKS.md §1 and §13).
 
 GOMP_SPINCOUNT: after each parallel region OpenMP's idle threads spin before sleeping, taking cores
-that the rest of a step (and, on a shared machine, other work) needs, so the spin is shortened. Both are read
-when torch starts, hence this runs before `import torch`.
+that the rest of a step (and, on a shared machine, other work) needs, so the spin is shortened. It
+is read when torch starts, hence `tune_cpu_runtime` runs before `import torch`.
 """
 
 from __future__ import annotations
