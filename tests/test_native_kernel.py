@@ -197,8 +197,8 @@ def test_products_match_float64_and_touch_only_their_output(layout, rows, inner,
 def test_copied_operands_over_many_blocks_match_float64(layout, rows, inner, outer):
     """The operands the kernel copies before its tiles read them: the weight gradient's A (g^T:
     its columns contiguous), packed by blocks of rows per block of k (256 deep on AVX-512, 512 on
-    AVX2), and its B, copied into panels by chunks of 4 MB (4,200 columns 256 or 512 deep: two or
-    three chunks); the input gradient's B (W read in place), copied into panels by chunks of
+    AVX2), and its B, copied into panels by chunks of 2 MB (4,200 columns 256 or 512 deep: three
+    or five chunks); the input gradient's B (W read in place), copied into panels by chunks of
     columns per block of k; the forward's W^T packed by panels; several blocks of each (inner and
     rows past 1024) and their tails, into a view of a larger buffer whose other entries stay as
     they were."""

@@ -302,7 +302,8 @@ constexpr int64_t kCopiedPanelsBytes = 128 * 1024;
 // Copied panels of B's bytes per chunk of columns of a weight gradient, whose blocks of packed A
 // each pass over the whole chunk: every column of the layer benchmark's shapes in one chunk (2 MB
 // at coarse), so that A is packed once; a wider B is copied and A packed again chunk by chunk.
-constexpr int64_t kWeightGradPanelsBytes = 4 * 1024 * 1024;
+// Each of torch's threads keeps a buffer this large.
+constexpr int64_t kWeightGradPanelsBytes = 2 * 1024 * 1024;
 
 // B[0:depth, 0:columns] (rows sbk apart, columns contiguous) copied, row by row in memory order,
 // into panels of kPanel contiguous columns: panel p at panels + p * kPanel * depth, its row r at
