@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils import cpp_extension
 
-from helpers import needs_loops, torch_threads
+from helpers import needs_loops, needs_tile_kernel, torch_threads
 from moekit.dispatch.grouped import grouped_experts, plan_experts
 from moekit.experts.activations import make_activation, swiglu_with_grad
 from moekit.kernels import native
@@ -31,12 +31,6 @@ from moekit.kernels.native import (
 # also run by `make test` on the kernel built for the CPU's other vector set
 pytestmark = pytest.mark.other_vector_set
 
-needs_native = pytest.mark.skipif(
-    not native_available(),
-    reason="the native kernel does not run here (it needs an AVX-512 or AVX2 CPU, a C++ compiler, "
-    "MOEKIT_NATIVE not 0 or mm, and a first-use check against torch.mm that agreed); the library "
-    "kernels run instead, and the dispatch tests cover those",
-)
 # The loops' kernels: the op-name suffix of each, and whether it runs here
 LOOP_KERNELS = {"tile": ("", native_available), "mm": ("_mm", loops_available)}
 
@@ -146,7 +140,7 @@ def test_the_other_vector_sets_kernel_compiles_here():
     assert result.returncode == 0, f"the {other} build does not compile:\n{result.stderr[-3000:]}"
 
 
-@needs_native
+@needs_tile_kernel
 @settings(max_examples=60, deadline=None)
 @given(
     st.sampled_from(LAYOUTS),
@@ -179,7 +173,7 @@ def test_products_match_float64_and_touch_only_their_output(layout, rows, inner,
     assert torch.isnan(buffer[untouched]).all()
 
 
-@needs_native
+@needs_tile_kernel
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(
     ("rows", "inner", "outer"),
@@ -214,7 +208,7 @@ def test_copied_operands_over_many_blocks_match_float64(layout, rows, inner, out
     assert torch.isnan(buffer[untouched]).all()
 
 
-@needs_native
+@needs_tile_kernel
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("offset", [0, 1])
 def test_weight_gradients_stored_past_the_caches_match_float64(threads, offset):
@@ -244,7 +238,7 @@ def test_weight_gradients_stored_past_the_caches_match_float64(threads, offset):
     assert torch.isnan(grad_weight[2]).all()
 
 
-@needs_native
+@needs_tile_kernel
 def test_bad_operands_get_a_clear_error():
     a, b = torch.randn(4, 8), torch.randn(8, 5)
     with pytest.raises(RuntimeError, match="float32"):
@@ -362,7 +356,7 @@ def _swiglu_float64(h: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-@needs_native
+@needs_tile_kernel
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 20), st.integers(1, 70), st.sampled_from([1.0, 30.0]), st.integers(0, 2**16))
 def test_swiglu_and_its_derivative_match_float64(rows, ff, scale, seed):
@@ -379,7 +373,7 @@ def test_swiglu_and_its_derivative_match_float64(rows, ff, scale, seed):
     torch.testing.assert_close(act.backward(h, grad).double(), expected_grad, rtol=1e-4, atol=1e-4)
 
 
-@needs_native
+@needs_tile_kernel
 def test_swiglu_split_over_the_threads_and_under_autograd_matches_float64():
     """Inputs large enough to be split over torch's threads (more than 2^16 elements), and
     `swiglu_with_grad`, which dense layers differentiate through, against autograd in float64."""
