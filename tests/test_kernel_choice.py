@@ -12,6 +12,7 @@ from helpers import needs_tile_kernel
 from moekit import MoE, MoEConfig, preset
 from moekit.dispatch.reference import reference_moe
 from moekit.kernels import gemm, native, store
+from moekit.kernels import record as record_module
 from moekit.kernels.record import apply_kernel_record, kernel_record
 
 
@@ -136,6 +137,23 @@ def test_record_of_another_vector_set_warns(fresh_kernel_cache, monkeypatch):
         RuntimeWarning, match=f"tile kernel was built for {other}, here for {here['tile_isa']}"
     ):
         apply_kernel_record(record, torch.float32)
+
+
+@needs_tile_kernel
+@pytest.mark.parametrize("cpu", ["avx2", "avx512"])
+def test_record_of_the_avx512_kernel_suggests_the_setting_only_where_the_cpu_builds_it(
+    fresh_kernel_cache, monkeypatch, cpu
+):
+    """Resuming an AVX-512 run under an AVX2 build warns either way; `MOEKIT_NATIVE_ISA=avx512` is
+    suggested only on an AVX-512 CPU: on another, that setting is refused."""
+    monkeypatch.setenv("MOEKIT_NATIVE", "tile")
+    monkeypatch.setattr(record_module, "kernel_isa", lambda: "avx2")
+    monkeypatch.setattr(record_module, "cpu_isa", lambda: cpu)
+    record = {**kernel_record(torch.float32), "expert_loops": "tile", "tile_isa": "avx512"}
+    with pytest.warns(RuntimeWarning, match="tile kernel was built for avx512, here for avx2") as caught:
+        apply_kernel_record(record, torch.float32)
+    suggested = any("MOEKIT_NATIVE_ISA=avx512" in str(w.message) for w in caught)
+    assert suggested == (cpu == "avx512")
 
 
 def test_record_of_another_machine_warns(fresh_kernel_cache):
