@@ -34,7 +34,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -291,17 +290,6 @@ def run(args, folder: Path) -> dict:
     return results
 
 
-def cpu_model() -> str:
-    """The CPU's model name (as `lscpu` prints it), or the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--converter", type=Path, help="llama.cpp's convert_hf_to_gguf.py")
@@ -329,7 +317,9 @@ def main() -> None:
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         results = run(args, Path(tmp))
-    results["cpu"] = cpu_model()
+    from moekit.bench.machine import cpu_description
+
+    results["cpu"] = cpu_description()
     results["load_before_after"] = [load, os.getloadavg()]
     print(json.dumps(results, indent=1))
     if args.out is not None:

@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from moekit.bench.layer import SHAPES, contenders_for, run_layer_benchmark
+from moekit.bench.machine import cpu_caches, cpu_line
 from moekit.kernels.native import kernel_isa
+from moekit.kernels.store import cpu_signature
 
 
 def test_contenders_compute_the_same_moe_layer():
@@ -85,6 +87,8 @@ def test_report_records_cpu_dispatch_and_decode_against_weight_reads():
     cpu = report["cpu"]
     assert cpu["model"] and cpu["cores"] >= 1 and cpu["torch_threads"] == torch.get_num_threads()
     assert set(cpu["flags"]) == {"avx2", "avx512f", "avx512_bf16", "amx"}
+    assert cpu["signature"] == cpu_signature() and isinstance(cpu["caches"], dict)
+    assert cpu_line(cpu).startswith(", ".join(part for part in (cpu["model"], cpu["signature"]) if part))
     (choice,) = report["dispatch"]
     shape = SHAPES["very_fine"]
     per_expert = 3 * shape.hidden * shape.ff * 4  # SwiGLU: w_in [2 ff, d] and w_out [d, ff], fp32
@@ -113,3 +117,32 @@ def test_busy_core_runs_a_background_process_and_stops_it():
     # a reaped child's pid may be reused by an unrelated process: then it is not our child any more
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         assert b"getppid" not in f.read()
+
+
+def test_cpu_caches_and_line_name_the_cpu_generation(tmp_path):
+    for index, (level, kind, size) in enumerate(
+        [
+            ("1", "Data", "32K"),
+            ("1", "Instruction", "32K"),
+            ("2", "Unified", "512K"),
+            ("3", "Unified", "32768K"),
+        ]
+    ):
+        folder = tmp_path / f"index{index}"
+        folder.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (folder / name).write_text(value + "\n")
+    caches = cpu_caches(tmp_path)
+    assert caches == {"L1d": "32K", "L1i": "32K", "L2": "512K", "L3": "32768K"}
+    assert cpu_caches(tmp_path / "absent") == {}
+    cpu = dict(
+        model="AMD EPYC",
+        signature="family 25 model 1 stepping 1",
+        flags=dict(avx2=True, avx512f=False),
+        caches=caches,
+        cores=2,
+        torch_threads=2,
+    )
+    assert cpu_line(cpu) == (
+        "AMD EPYC, family 25 model 1 stepping 1 (avx2; L1d 32K, L2 512K, L3 32768K; 2 cores, 2 torch threads)"
+    )

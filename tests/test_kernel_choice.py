@@ -53,6 +53,27 @@ def test_choice_of_another_machine_or_torch_is_measured_again(fresh_kernel_cache
     assert store.stored_choice("probe", ("a", "b"), lambda: "a") == "a"
 
 
+# /proc/cpuinfo's first block on an AVX2 EPYC (Zen 3) whose VM names it only "AMD EPYC"
+ZEN3_CPUINFO = (
+    "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+    "model name\t: AMD EPYC\nstepping\t: 1\n"
+)
+
+
+def test_cpu_signature_tells_apart_generations_sharing_a_model_name(fresh_kernel_cache, monkeypatch):
+    zen4 = ZEN3_CPUINFO.replace("model\t\t: 1\n", "model\t\t: 17\n")
+    assert store.cpu_signature(ZEN3_CPUINFO) == "family 25 model 1 stepping 1"
+    assert store.cpu_signature(zen4) == "family 25 model 17 stepping 1"
+    # the first processor's block decides; a file without the fields gives ""
+    assert store.cpu_signature(ZEN3_CPUINFO + "\n" + zen4) == "family 25 model 1 stepping 1"
+    assert store.cpu_signature("processor\t: 0\nmodel name\t: some CPU\n") == ""
+    # a choice stored on one of them is not read on the other
+    monkeypatch.setattr(store, "cpu_signature", lambda: "family 25 model 1 stepping 1")
+    assert store.stored_choice("probe", ("a", "b"), lambda: "a") == "a"
+    monkeypatch.setattr(store, "cpu_signature", lambda: "family 25 model 17 stepping 1")
+    assert store.stored_choice("probe", ("a", "b"), lambda: "b") == "b"
+
+
 def test_gemm_kernel_follows_the_store_not_a_new_timing(fresh_kernel_cache, monkeypatch):
     if not gemm._onednn_matches_mm(torch.float32):
         pytest.skip("oneDNN's linear op is not usable in this torch build: MKL is the only kernel")
@@ -160,6 +181,18 @@ def test_record_of_another_machine_warns(fresh_kernel_cache):
     record = {**kernel_record(torch.float32), "machine": {"cpu": "elsewhere"}}
     with pytest.warns(RuntimeWarning, match="another machine"):
         apply_kernel_record(record, torch.float32)
+
+
+def test_record_machine_is_compared_by_the_fields_it_has(fresh_kernel_cache):
+    here = store.machine_key()
+    other_generation = {**here, "cpu_signature": here["cpu_signature"] + " (another generation)"}
+    with pytest.warns(RuntimeWarning, match="another machine"):
+        apply_kernel_record({**kernel_record(torch.float32), "machine": other_generation}, torch.float32)
+    # a record written before the CPU's family/model/stepping were recorded: the same machine
+    older = {field: value for field, value in here.items() if field != "cpu_signature"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_kernel_record({**kernel_record(torch.float32), "machine": older}, torch.float32)
 
 
 # -- fallbacks, against the float64 reference -------------------------------------------------

@@ -26,7 +26,13 @@ from pathlib import Path
 
 import torch
 
-from moekit.bench.machine import busy_core, cpu_description, memory_read_bandwidth, thread_round_trip_us
+from moekit.bench.machine import (
+    busy_core,
+    cpu_description,
+    cpu_line,
+    memory_read_bandwidth,
+    thread_round_trip_us,
+)
 from moekit.bench.peers import PEER_PACKAGES, PEERS, Contender, dense_contenders, moekit_contender
 from moekit.bench.timing import interleaved_medians
 from moekit.device import DTYPES, autocast, resolve_dtype, warn_if_slow_bf16
@@ -295,8 +301,7 @@ def main(args) -> int:
     )
     print()
     cpu = report["cpu"]
-    features = ", ".join(name for name, present in cpu["flags"].items() if present) or "no avx2/avx512/amx"
-    print(f"CPU: {cpu['model']} ({features}; {cpu['cores']} cores, {cpu['torch_threads']} torch threads)")
+    print(f"CPU: {cpu_line(cpu)}")
     if report["settings"]["busy"]:
         print("busy: one core was kept busy by a background process throughout")
     print(format_table(report))

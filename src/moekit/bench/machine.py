@@ -45,11 +45,29 @@ def thread_round_trip_us(rounds: int = 1000) -> float:
     return statistics.median(times) * 1e6
 
 
+def cpu_caches(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> dict[str, str]:
+    """The first core's caches as the kernel reports them ({"L1d": "32K", "L2": "512K", ...}),
+    {} where it does not: the kernels' blocking assumes at least 32 KB of L1 data and 256 KB of
+    L2 per core, and the last level decides whether the experts' weights stay in cache."""
+    caches = {}
+    for index in sorted(root.glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
+        caches[f"L{level}{suffix}"] = size
+    return caches
+
+
 def cpu_description() -> dict:
-    """The CPU a benchmark ran on: model, the vector features that decide which kernels run
-    (AVX2, AVX-512F, AVX512_BF16, AMX), logical cores, torch's threads and its vector capability,
-    so that figures from different machines are never compared as if they were one."""
-    from moekit.kernels.store import cpu_model
+    """The CPU a benchmark ran on: model name and family/model/stepping (one name can cover
+    several generations in a virtual machine), the vector features that decide which kernels run
+    (AVX2, AVX-512F, AVX512_BF16, AMX), its caches, logical cores, torch's threads and its vector
+    capability, so that figures from different machines are never compared as if they were one."""
+    from moekit.kernels.store import cpu_model, cpu_signature
 
     flags: set[str] = set()
     try:
@@ -61,17 +79,28 @@ def cpu_description() -> dict:
         pass
     return dict(
         model=cpu_model(),
+        signature=cpu_signature(),
         flags=dict(
             avx2="avx2" in flags,
             avx512f="avx512f" in flags,
             avx512_bf16="avx512_bf16" in flags,
             amx=any(f.startswith("amx") for f in flags),
         ),
+        caches=cpu_caches(),
         cores=os.cpu_count(),
         usable_cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         torch_threads=torch.get_num_threads(),
         torch_capability=torch.backends.cpu.get_cpu_capability(),
     )
+
+
+def cpu_line(cpu: dict) -> str:
+    """`cpu_description` in one line, for a benchmark's printed table."""
+    name = ", ".join(part for part in (cpu["model"], cpu.get("signature")) if part)
+    features = ", ".join(flag for flag, present in cpu["flags"].items() if present) or "no avx2/avx512/amx"
+    caches = ", ".join(f"{level} {size}" for level, size in cpu.get("caches", {}).items() if level[-1] != "i")
+    details = "; ".join(part for part in (features, caches) if part)
+    return f"{name} ({details}; {cpu['cores']} cores, {cpu['torch_threads']} torch threads)"
 
 
 # Bytes read per bandwidth trial: more than a last-level cache holds, so the trial reads memory.

@@ -22,7 +22,7 @@ import torch
 from moekit.domains.recipe import BuildRecipe
 from moekit.errors import MoekitError
 from moekit.io import write_json_atomic, write_text_atomic
-from moekit.kernels.store import cpu_model
+from moekit.kernels.store import cpu_model, cpu_signature
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -132,7 +132,12 @@ def build(
         "recipe": recipe.name,
         "run_seed": recipe.run_seed,
         "domains": list(recipe.domains),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads()},
+        "machine": {
+            "cpu": cpu_model(),
+            "cpu_signature": cpu_signature(),
+            "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+        },
         "models": {},
         "opt_out": {},
         "hf": {},

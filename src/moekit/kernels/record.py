@@ -78,7 +78,7 @@ def apply_kernel_record(record: dict[str, Any], dtype: torch.dtype = torch.float
         if wanted_isa != "avx512" or cpu_isa() == "avx512":
             mismatch += f" (MOEKIT_NATIVE_ISA={wanted_isa} at the start of a process builds that one)"
         mismatches.append(mismatch)
-    if record.get("machine") not in (None, now["machine"]):
+    if not same_machine(record.get("machine"), now["machine"]):
         mismatches.append("it ran on another machine or torch version")
     if mismatches:
         warnings.warn(
@@ -88,6 +88,15 @@ def apply_kernel_record(record: dict[str, Any], dtype: torch.dtype = torch.float
             stacklevel=2,
         )
     return changed
+
+
+def same_machine(recorded: Any, here: dict[str, str]) -> bool:
+    """Whether a record's machine (`machine_key` when it was written) is this one, by the fields
+    it has: records written before a field was added (the CPU's family/model/stepping) are
+    compared without it. No record counts as the same machine."""
+    if not isinstance(recorded, dict):
+        return True
+    return all(here.get(field) == value for field, value in recorded.items())
 
 
 def _per_dtype_setting() -> dict[str, str]:

@@ -4,7 +4,8 @@ Timing two kernels in each process lets the winner change with the machine's loa
 round differently: the same config and seed then trains to different losses in different
 processes. A choice is therefore measured once, under a file lock (so that concurrent first runs
 agree), and stored as JSON in `$MOEKIT_CACHE_DIR` (default `$XDG_CACHE_HOME/moekit/kernels`, else
-`~/.cache/moekit/kernels`), keyed by the CPU model, its vector capability and torch's version.
+`~/.cache/moekit/kernels`), keyed by the CPU model (its name and family/model/stepping numbers),
+its vector capability and torch's version.
 Delete the file to measure again.
 """
 
@@ -43,10 +44,39 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_signature(cpuinfo: str | None = None) -> str:
+    """The CPU's family, model and stepping numbers ("family 25 model 1 stepping 1"), from
+    /proc/cpuinfo (or `cpuinfo`, its text); "" where it gives none. Why: a virtual machine may
+    report one model name for several generations (seen: "AMD EPYC" for CPUs with AVX2 only, with
+    AVX-512 on a 256-bit datapath and with full-width AVX-512, which run the kernels at very
+    different speeds); these numbers tell them apart."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block is enough
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    parts = [
+        f"{name} {fields[key]}"
+        for key, name in (("cpu family", "family"), ("model", "model"), ("stepping", "stepping"))
+        if fields.get(key)
+    ]
+    return " ".join(parts)
+
+
 def machine_key() -> dict[str, str]:
-    """What a stored choice is valid for: the same CPU model and capability, the same torch."""
+    """What a stored choice is valid for: the same CPU (model name and family/model/stepping) and
+    capability, the same torch."""
     return {
         "cpu": cpu_model(),
+        "cpu_signature": cpu_signature(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
     }
