@@ -146,3 +146,31 @@ def test_cpu_caches_and_line_name_the_cpu_generation(tmp_path):
     assert cpu_line(cpu) == (
         "AMD EPYC, family 25 model 1 stepping 1 (avx2; L1d 32K, L2 512K, L3 32768K; 2 cores, 2 torch threads)"
     )
+
+
+def _rows(shape: str, field: str = "ratio_vs_dense", **by_impl: float) -> list[dict]:
+    return [dict(shape=shape, impl=impl, **{field: ratio}) for impl, ratio in by_impl.items()]
+
+
+def test_dispatch_goals_are_judged_on_the_median_of_the_runs():
+    goals = _load_benchmark_script("dispatch_goals")
+    quiet = [
+        {"results": _rows("fine", moekit=r, dense=1.0) + _rows("coarse", moekit=c, dense=1.0)}
+        for r, c in ((1.08, 1.12), (1.13, 1.09), (1.09, 1.11))
+    ]
+    busy = [
+        {"results": _rows("fine", moekit=0.97, dense=1.0, dense_torch=0.9, hf_grouped_mm=2.8)},
+        {"results": _rows("fine", moekit=0.99, dense=1.0, dense_torch=0.95, hf_grouped_mm=2.6)},
+        {"results": _rows("very_fine", moekit=1.2, dense=1.0, hf_grouped_mm=1.1)},
+    ]
+    decode = [{"results": _rows("fine", "ratio_vs_weight_reads", moekit=r)} for r in (1.7, 1.6, 2.0)]
+    result = goals.verdicts(quiet, busy, decode)
+    # one run over the goal does not fail it, a median over it does
+    assert result["quiet"]["fine"]["met"] and result["quiet"]["fine"]["median"] == 1.09
+    assert not result["quiet"]["coarse"]["met"] and result["quiet"]["coarse"]["median"] == 1.11
+    # busy: faster than every peer (a dense reference is not a peer) and within the limit
+    assert result["busy"]["fine"]["met"] and result["busy"]["fine"]["best_peer"] == ("hf_grouped_mm", 2.7)
+    assert not result["busy"]["very_fine"]["met"]  # a peer was faster
+    assert result["decode"]["fine"]["median"] == 1.7
+    assert not result["met"]
+    assert "| coarse | 1.11x (1.12, 1.09, 1.11) | 1.10x | no |" in goals.format_verdicts(result)
