@@ -6,10 +6,12 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from moekit.bench.layer import SHAPES, contenders_for, run_layer_benchmark
 from moekit.bench.machine import cpu_caches, cpu_line
+from moekit.cli import main as cli_main
 from moekit.kernels.native import kernel_isa
 from moekit.kernels.store import cpu_signature
 
@@ -174,3 +176,31 @@ def test_dispatch_goals_are_judged_on_the_median_of_the_runs():
     assert result["decode"]["fine"]["median"] == 1.7
     assert not result["met"]
     assert "| coarse | 1.11x (1.12, 1.09, 1.11) | 1.10x | no |" in goals.format_verdicts(result)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["layer", "--tokens", "0"], "--tokens: got 0, expected an integer >= 1"),
+        (["layer", "--tokens", "8", "-5"], "--tokens: got -5"),
+        (["layer", "--repeats", "0"], "--repeats: got 0"),
+        (["layer", "--warmup", "-1"], "--warmup: got -1, expected an integer >= 0"),
+        (["hf", "--batch", "-1"], "--batch: got -1"),
+        (["hf", "--hidden", "0"], "--hidden: got 0"),
+        (["hf", "--hidden", "12"], "--hidden: got 12, expected a multiple of 8"),
+        (["hf", "--experts", "0"], "--experts: got 0"),
+        (["hf", "--top-k", "9", "--experts", "4"], "--top-k: got 9, expected at most --experts (4)"),
+        (["hf", "--repeats", "0"], "--repeats: got 0"),
+    ],
+)
+def test_bench_rejects_counts_it_cannot_run_before_any_work(argv, message, capsys, monkeypatch):
+    from moekit.bench import hf, layer
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the benchmark started before its arguments were checked")
+
+    monkeypatch.setattr(layer, "run_layer_benchmark", no_work)
+    monkeypatch.setattr(hf, "run_hf_benchmark", no_work)
+    assert cli_main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err

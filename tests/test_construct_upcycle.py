@@ -133,7 +133,12 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
             "model_type 'mixtral' is not a supported dense family",
         ),
         ([str(src), "--experts", "5", "--top-k", "1", "--method", "split"], "do not divide into 5 experts"),
-        ([str(src), "--experts", "2", "--top-k", "3"], "top_k: got 3, expected at most experts=2"),
+        ([str(src), "--experts", "2", "--top-k", "3"], "--top-k: got 3, expected at most experts=2"),
+        (
+            [str(src), "--experts", "2", "--top-k", "1", "--seed", "-1"],
+            "--seed: got -1, expected an integer >= 0",
+        ),
+        ([str(src), "--experts", "2", "--top-k", "1", "--corpus", str(tmp_path / "nope")], "--corpus: got"),
         ([str(src), "--experts", "2", "--top-k", "1", "--shared"], "mixtral has no shared expert"),
         ([str(tmp_path / "nothing"), "--experts", "2", "--top-k", "1"], "no such folder"),
     ]

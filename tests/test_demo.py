@@ -82,9 +82,11 @@ def test_demo_seeds_run_each_seed_and_summarise(tmp_path, monkeypatch):
         (["--seeds", "1", "1"], "--seeds"),
         (["--seeds", "0", "-1"], "--seeds"),
         (["--seed", "-2"], "--seed"),
+        (["--steps", "0"], "--steps"),
+        (["--source", "no-such-corpus"], "--source"),
     ],
 )
-def test_demo_rejects_bad_seeds_in_one_line_before_any_work(tmp_path, capsys, argv, field):
+def test_demo_rejects_bad_input_in_one_line_before_any_work(tmp_path, capsys, argv, field):
     from moekit.cli import main
 
     out = tmp_path / "demo"

@@ -141,6 +141,14 @@ def test_an_unknown_odp_importance_is_one_line_and_status_2(tmp_path, capsys):
         (["--odp-skip-fraction", "2", "--method", "odp"], "--odp-skip-fraction"),
         (["--odp-protect-fraction", "-0.1", "--method", "odp"], "--odp-protect-fraction"),
         (["--odp-skipped-top-k", "-1", "--method", "odp"], "--odp-skipped-top-k"),
+        # past the model's experts: would be clamped, the option silently asking for less
+        (
+            ["--odp-skipped-top-k", "99", "--odp-threshold", "0.5", "--method", "odp"],
+            "--odp-skipped-top-k: got 99",
+        ),
+        (["--weak-top-k", "99", "--method", "scmoe"], "--weak-top-k: got 99"),
+        (["--rewire-steps", "-1", "--method", "rewire"], "--rewire-steps: got -1"),
+        (["--rewire-lr", "0", "--method", "rewire"], "--rewire-lr: got 0"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, extra, field):

@@ -122,6 +122,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     assert "context of 48" in error_line(capsys)
     assert main(["generate", run, "--prompt", "a", "--temperature", "0"]) == 2
     assert "--temperature" in error_line(capsys)
+    assert main(["generate", run, "--prompt", "a", "--seed", "-1"]) == 2
+    assert "--seed: got -1" in error_line(capsys)
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "a"]) == 2
     assert "no such file" in error_line(capsys)
     monkeypatch.setitem(sys.modules, "moekit.inference.offload", None)
@@ -169,6 +171,10 @@ def test_bad_odp_options_are_one_line_and_exit_2(tmp_path, capsys):
         == 2
     )
     assert "--odp-skipped-top-k" in error_line(capsys)
+    # more experts than the model's layers have: found at the first step, before any output
+    argv = ["generate", run, "--prompt", "a", "--odp-skipped-top-k", "99", "--odp-skip-fraction", "0.1"]
+    assert main([*argv, "--json", str(tmp_path / "g.json")]) == 2
+    assert "--odp-skipped-top-k: got 99" in error_line(capsys) and not (tmp_path / "g.json").exists()
 
 
 def test_hf_folders_without_tokenizer_or_moe_are_refused(tmp_path, capsys):

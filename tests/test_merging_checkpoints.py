@@ -177,6 +177,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, capsys):
         ([str(base), str(models[0])], ["--method", "ta", "--density", "0.5"], "--density: not a parameter"),
         ([str(base), str(models[0])], ["--method", "ties", "--density", "0"], "--density: got 0.0"),
         ([str(base), str(models[0])], ["--method", "dare", "--drop-rate", "1"], "--drop-rate: got 1.0"),
+        ([str(base), str(models[0])], ["--method", "dare", "--seed", "-1"], "--seed: got -1"),
         (
             [str(base), str(models[0])],
             ["--method", "pcb", "--weights", "1", "2"],

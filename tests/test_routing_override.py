@@ -135,6 +135,11 @@ def test_k_zero_skips_the_routed_experts_and_k_one_uses_one():
         assert bool((one.experts_per_token() == 1).all())
         _, four = layer.forward_with_routing(x, override=RoutingOverride(top_k=4))
         assert bool((four.experts_per_token() == 4).all())
+        # more than the layer's 6 experts would be clamped to 6: refused instead
+        with pytest.raises(MoekitError, match="override.top_k: got 7, the layer has 6 experts"):
+            layer.forward_with_routing(x, override=RoutingOverride(top_k=7))
+        with pytest.raises(MoekitError, match="override.skipped_top_k: got 7, the layer has 6 experts"):
+            layer.forward_with_routing(x, override=RoutingOverride(skip_fraction=0.5, skipped_top_k=7))
 
 
 def test_top_p_override_reaches_the_mass():

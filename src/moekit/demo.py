@@ -227,9 +227,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from moekit.data.build import check_source
     from moekit.errors import ConfigError, require_int
 
+    require_int("--steps", args.steps, minimum=1)
     require_int("--seed", args.seed, minimum=0)
+    check_source(args.source, "--source")
     for seed in args.seeds or ():
         require_int("--seeds", seed, minimum=0)
     if args.seeds and len(set(args.seeds)) != len(args.seeds):

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moekit.errors import ConfigError, require_int
+
 STYLES = ("qwen3_moe", "olmoe")
 
 
@@ -204,10 +206,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """The shape and counts, before any work, each error naming the option as typed."""
+    for name in ("hidden", "layers", "experts", "top_k", "expert_ff", "vocab", "batch", "seq", "repeats"):
+        require_int("--" + name.replace("_", "-"), getattr(args, name), 1)
+    require_int("--warmup", args.warmup, 0)
+    if args.top_k > args.experts:
+        raise ConfigError("--top-k", f"got {args.top_k}, expected at most --experts ({args.experts})")
+    heads = BenchShape.heads
+    if args.hidden % (2 * heads):
+        expected = f"expected a multiple of {2 * heads} ({heads} attention heads of even size)"
+        raise ConfigError("--hidden", f"got {args.hidden}, {expected}")
+
+
 def main(args: argparse.Namespace) -> int:
     from moekit.io import write_json_atomic
     from moekit.runtime import keep_freed_memory
 
+    check_arguments(args)
     keep_freed_memory()
     shape = BenchShape(
         hidden=args.hidden,

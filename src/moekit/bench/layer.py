@@ -36,6 +36,7 @@ from moekit.bench.machine import (
 from moekit.bench.peers import PEER_PACKAGES, PEERS, Contender, dense_contenders, moekit_contender
 from moekit.bench.timing import interleaved_medians
 from moekit.device import DTYPES, autocast, resolve_dtype, warn_if_slow_bf16
+from moekit.errors import require_int
 from moekit.io import write_json_atomic
 from moekit.layer import MoE, MoEConfig
 from moekit.routing.spec import preset
@@ -287,7 +288,16 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def check_arguments(args) -> None:
+    """Counts the benchmark cannot run with, before any work (one line naming the option)."""
+    for tokens in args.tokens:
+        require_int("--tokens", tokens, 1)
+    require_int("--repeats", args.repeats, 1)
+    require_int("--warmup", args.warmup, 0)
+
+
 def main(args) -> int:
+    check_arguments(args)
     report = run_layer_benchmark(
         shapes=args.shapes,
         token_counts=args.tokens,

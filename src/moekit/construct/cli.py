@@ -59,19 +59,27 @@ def main(args: argparse.Namespace) -> int:
     from moekit.construct.api import upcycle
     from moekit.construct.hf import UpcycleRecipe
     from moekit.construct.receipt import RECEIPT_FILE, summary
+    from moekit.errors import ConfigError, MoekitError
 
-    recipe = UpcycleRecipe(
-        num_experts=args.experts,
-        top_k=args.top_k,
-        method=args.method,
-        router=args.router,
-        seed=args.seed,
-        drop_ratio=args.drop_ratio,
-        noise=args.noise,
-        shared=args.shared,
-        shared_fraction=args.shared_fraction,
-        partition=args.partition,
-    )
+    try:
+        recipe = UpcycleRecipe(
+            num_experts=args.experts,
+            top_k=args.top_k,
+            method=args.method,
+            router=args.router,
+            seed=args.seed,
+            drop_ratio=args.drop_ratio,
+            noise=args.noise,
+            shared=args.shared,
+            shared_fraction=args.shared_fraction,
+            partition=args.partition,
+        )
+    except ConfigError as exc:  # the recipe's fields are the options' names (experts, top_k, ...)
+        raise MoekitError(f"--{exc.field.replace('_', '-')}: {str(exc).split(': ', 1)[1]}") from None
+    if args.corpus is not None:
+        from moekit.data.build import check_source
+
+        check_source(args.corpus, "--corpus")
     prompts = _prompts(args.prompts)
     dtype = None
     if args.dtype:

@@ -119,6 +119,7 @@ class UpcycleRecipe:
         require_choice("partition", self.partition, PARTITIONS)
         require_number("noise", self.noise, minimum=0.0)
         require_number("drop_ratio", self.drop_ratio, minimum=0.0)
+        require_int("seed", self.seed, minimum=0)
         if self.drop_ratio > 1:
             raise ConfigError("drop_ratio", f"got {self.drop_ratio}, expected a number in [0, 1]")
         if not 0 < self.shared_fraction < 1:

@@ -87,10 +87,16 @@ def load_corpus(
             allow_unpinned=allow_unpinned,
             log=log,
         )
-    path = Path(source)
-    if (path / MANIFEST_NAME).is_file():
-        return open_corpus(path)
-    raise ConfigError("source", f"got {str(source)!r}, expected 'sample', 'builtin' or a corpus directory")
+    check_source(source)
+    return open_corpus(Path(source))
+
+
+def check_source(source: str | Path, field: str = "source") -> None:
+    """`source` names a corpus `load_corpus` can open ('sample', 'builtin' or a corpus directory),
+    else an error naming `field` (a command's option): checked before any long work."""
+    if source in ("sample", "builtin") or (Path(source) / MANIFEST_NAME).is_file():
+        return
+    raise ConfigError(field, f"got {str(source)!r}, expected 'sample', 'builtin' or a corpus directory")
 
 
 def build_corpus(

@@ -193,24 +193,29 @@ def main(args: argparse.Namespace) -> int:
     printed = ""
     first_time = None
     start = time.perf_counter()
-    with autocast(device, dtype):  # bf16: the products in bf16, the routers in fp32
-        for token in stream(
-            model,
-            ids,
-            overrides=overrides,
-            offload=offload,
-            report=report,
-            eos_token_id=eos,
-            **options,
-        ):
-            if first_time is None:
-                first_time = time.perf_counter()
-            generated.append(int(token[0]))
-            text = tokenizer.decode(generated)
-            if not args.quiet and text.startswith(printed):
-                sys.stdout.write(text[len(printed) :])
-                sys.stdout.flush()
-                printed = text
+    try:
+        with autocast(device, dtype):  # bf16: the products in bf16, the routers in fp32
+            for token in stream(
+                model,
+                ids,
+                overrides=overrides,
+                offload=offload,
+                report=report,
+                eos_token_id=eos,
+                **options,
+            ):
+                if first_time is None:
+                    first_time = time.perf_counter()
+                generated.append(int(token[0]))
+                text = tokenizer.decode(generated)
+                if not args.quiet and text.startswith(printed):
+                    sys.stdout.write(text[len(printed) :])
+                    sys.stdout.flush()
+                    printed = text
+    except ConfigError as exc:  # an ODP option the model's layers cannot take (found at the first step)
+        if exc.field != "override.skipped_top_k":
+            raise
+        raise MoekitError(f"--odp-skipped-top-k: {str(exc).split(': ', 1)[1]}") from None
     end = time.perf_counter()
     if not args.quiet:
         sys.stdout.write("\n")

@@ -47,6 +47,8 @@ class GenerationConfig:
         require_number("temperature", self.temperature, minimum=0.0, strict=True)
         require_int("top_k", self.top_k, minimum=0)
         require_number("top_p", self.top_p, minimum=0.0, strict=True)
+        if self.seed is not None:
+            require_int("seed", self.seed, minimum=0)
         if self.top_p > 1.0:
             raise ConfigError("top_p", f"got {self.top_p}, expected a number in (0, 1]")
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moekit.errors import ConfigError, require_choice
+from moekit.errors import ConfigError, require_choice, require_int
 from moekit.merging import methods as m
 
 METHODS = ("ta", "ties", "dare_ta", "dare_ties", "pcb")
@@ -153,8 +153,8 @@ def _check_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
         _require_fraction("drop_rate", options["drop_rate"], low_open=False, high_open=True)
     if "ratio" in known:
         _require_fraction("ratio", options["ratio"], low_open=True, high_open=False)
-    if "seed" in known and (isinstance(options["seed"], bool) or not isinstance(options["seed"], int)):
-        raise ConfigError("seed", f"got {options['seed']!r}, expected an integer")
+    if "seed" in known:
+        require_int("seed", options["seed"], minimum=0)
     return options
 
 

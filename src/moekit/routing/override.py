@@ -298,6 +298,18 @@ def apply_override(
         k = max(override.ranks) + 1
         if k > num_experts:
             raise ConfigError("override.ranks", f"got rank {k - 1}, the layer has {num_experts} experts")
+    if (
+        override.top_k is not None
+        and override.top_k > num_experts
+        and override.top_p is None
+        and not top_p_router
+    ):
+        # a k past the layer's experts would be clamped: the override would silently ask for less
+        raise ConfigError("override.top_k", f"got {override.top_k}, the layer has {num_experts} experts")
+    if override.skipped_top_k > num_experts:
+        raise ConfigError(
+            "override.skipped_top_k", f"got {override.skipped_top_k}, the layer has {num_experts} experts"
+        )
     k = min(k, num_experts)
     allowed = num_experts - (0 if masked is None else int(masked.sum()))
     if k > allowed and override.top_p is None and not top_p_router:

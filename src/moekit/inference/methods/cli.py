@@ -263,6 +263,12 @@ def _flag(field: str, method: str) -> str:
     """The option a method's parameter error is about."""
     if field == "override.ranks":
         return "weak-rank"
+    if field == "override.skipped_top_k":
+        return "odp-skipped-top-k"
+    if field == "override.top_k":
+        return "weak-top-k" if method == "scmoe" else "top-k"
+    if method == "rewire" and field in ("steps", "lr"):
+        return f"rewire-{field}"
     if method == "steer" and field in ("layers", "top_n"):
         return f"steer-{field.replace('_', '-')}"
     if method == "odp":
