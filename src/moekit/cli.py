@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from moekit.errors import MoekitError
 from moekit.runtime import keep_freed_memory, tune_cpu_runtime
@@ -15,6 +16,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def _missing_action(parser: argparse.ArgumentParser, actions) -> Callable[[argparse.Namespace], int]:
+    """The handler of a command run without its sub-command (`moekit bench`): a usage error naming
+    the choices, exit status 2 (not the help and status 0, which a script would take for success)."""
+
+    def handler(args: argparse.Namespace) -> int:
+        parser.error(f"missing {actions.metavar} (one of: {', '.join(actions.choices)})")
+        return 2  # not reached: error() exits
+
+    return handler
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = data_sub.add_parser("build", help="build (or refresh) the corpus and print its manifest")
     data_cli.add_arguments(build)
     build.set_defaults(handler=data_cli.main)
-    data.set_defaults(handler=lambda args: (data.print_help(), 0)[1])
+    data.set_defaults(handler=_missing_action(data, data_sub))
 
     from moekit.analysis import cli as analysis_cli
 
@@ -84,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_hf_cli.add_arguments(hf)
     hf.set_defaults(handler=bench_hf_cli.main)
-    bench.set_defaults(handler=lambda args: (bench.print_help(), 0)[1])
+    bench.set_defaults(handler=_missing_action(bench, bench_sub))
 
     from moekit.inference import cli as inference_cli
 

@@ -29,31 +29,75 @@ def require_input(path: Path, what: str) -> None:
         raise MoekitError(f"{path}: {what} not found")
 
 
-def require_writable_dir(path: Path, what: str) -> None:
-    """`path` is (or can be made) a directory this process can write a file into."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise MoekitError(f"{what} {path}: exists and is not a directory")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise MoekitError(f"{what} {path}: {existing} is a file, not a directory")
+def _lexists(path: Path) -> bool:
+    """Whether anything (a broken symbolic link too) is at `path`; an unreadable place is an error."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".moekit-write-check.", dir=path)
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        raise MoekitError(f"{path}: cannot look there ({exc.strerror or exc})") from None
+    return True
+
+
+def _nearest_existing(path: Path) -> Path:
+    """The nearest of `path` and its ancestors that exists (`..` taken lexically, as mkdir -p does)."""
+    existing = Path(os.path.abspath(path))
+    while not _lexists(existing):
+        existing = existing.parent
+    return existing
+
+
+def _probe(directory: Path, new_directory: bool) -> None:
+    """Create and remove a scratch entry in the existing `directory`: a directory when the command
+    will have to make one there, else a file. Raises OSError when that is refused."""
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(13, "permission denied")
+    if new_directory:
+        os.rmdir(tempfile.mkdtemp(prefix=".moekit-write-check.", dir=directory))
+    else:
+        fd, probe = tempfile.mkstemp(prefix=".moekit-write-check.", dir=directory)
         os.close(fd)
         os.unlink(probe)
+
+
+def _check_location(path: Path, what: str, shown: Path) -> None:
+    """A directory `path` exists or can be made, and this process can write in it; creates
+    nothing (its nearest existing ancestor is probed). Errors name `what` and `shown`."""
+    existing = _nearest_existing(path)
+    if not existing.is_dir():  # follows a symbolic link to a directory
+        if existing.is_file():
+            kind = "a file, not a directory"
+        elif existing.is_symlink() and not existing.exists():
+            kind = "a broken symbolic link"
+        else:
+            kind = "not a directory"
+        raise MoekitError(f"{what} {shown}: {existing} is {kind}")
+    try:
+        _probe(existing, new_directory=Path(os.path.abspath(path)) != existing)
     except OSError as exc:
-        raise MoekitError(f"{what} {path}: cannot write there ({exc.strerror or exc})") from None
+        raise MoekitError(f"{what} {shown}: {existing} is not writable ({exc.strerror or exc})") from None
+
+
+def require_writable_dir(path: Path, what: str) -> None:
+    """`path` is (or can be made) a directory this process can write a file into. Nothing is created:
+    the command makes the directory itself when it starts writing, so a run refused later leaves
+    nothing behind."""
+    path = Path(path)
+    if _lexists(path) and not path.is_dir():
+        raise MoekitError(f"{what} {path}: exists and is not a directory")
+    _check_location(path, what, path)
 
 
 def require_writable_file(path: Path, what: str) -> None:
     """A file can be written at `path` (its directory is writable; the file itself is not a directory)."""
     path = Path(path)
-    if path.is_dir():
-        raise MoekitError(f"{what} {path}: is a directory, expected a file path")
-    require_writable_dir(path.parent if str(path.parent) else Path("."), what)
+    if _lexists(path):
+        if path.is_dir():
+            raise MoekitError(f"{what} {path}: is a directory, expected a file path")
+        if path.exists() and not path.is_file():
+            raise MoekitError(f"{what} {path}: exists and is not a regular file")
+    _check_location(path.parent, what, path)
 
 
 def check_command(args: argparse.Namespace) -> None:
@@ -81,3 +125,29 @@ def check_command(args: argparse.Namespace) -> None:
             require_module("transformers", "the HF benchmark")
         if getattr(args, "json", None):
             require_writable_file(Path(args.json), "--json")
+    elif command == "data":
+        if getattr(args, "data_command", None) == "build":
+            _check_corpus_locations(args)
+    elif command in ("upcycle", "compress", "merge"):
+        require_writable_dir(Path(args.out), "--out")
+    elif command in ("branch", "mix"):
+        require_writable_dir(Path(args.out), "OUT")
+    elif command in ("generate", "eval-tasks") and args.json is not None:
+        require_writable_file(Path(args.json), "--json")
+
+
+def _check_corpus_locations(args: argparse.Namespace) -> None:
+    """`moekit data build`: the corpus folder (--out, else <cache>/<source>) and the cache."""
+    if args.cache_dir is not None:
+        require_writable_dir(Path(args.cache_dir), "--cache-dir")
+    if args.out is not None:
+        require_writable_dir(Path(args.out), "--out")
+    else:
+        from moekit.data.build import default_cache_dir
+
+        cache, what = (
+            (args.cache_dir, "--cache-dir")
+            if args.cache_dir is not None
+            else (default_cache_dir(), "the data cache ($MOEKIT_DATA_CACHE or --cache-dir)")
+        )
+        require_writable_dir(Path(cache) / args.source, what)
