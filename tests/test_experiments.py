@@ -292,3 +292,24 @@ def test_cli_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err.strip()
     assert "needs sklearn" in err and "moekit[experiments]" in err and "\n" not in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["moe-vs-dense", "routing-locality"])
+def test_source_is_checked_with_and_without_quick_before_any_arm_runs(tmp_path, capsys, monkeypatch, name):
+    """--quick trains on its own corpus (the shipped sample): another --source is refused rather
+    than ignored; without --quick a --source that names no corpus is refused before the run."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the experiment ran")
+
+    monkeypatch.setattr(runner.experiment_module(name), "run", refuse)
+    for argv in (["--quick", "--source", str(tmp_path / "nope")], ["--quick", "--source", "builtin"],
+                 ["--source", "bogus"], ["--source", str(tmp_path)]):  # fmt: skip
+        out = tmp_path / "out"
+        assert cli.main(["experiment", name, *argv, "--out", str(out)]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("moekit: error: --source: got") and err.count("\n") == 1, err
+        assert ("--quick" in err) == ("--quick" in argv) and not out.exists()
+    with pytest.raises(MoekitError, match="--source"):  # the library entry point checks it too
+        runner.run_experiment(name, runner.ExperimentSettings(out_dir=tmp_path / "o", source="bogus"))
+    assert not (tmp_path / "o").exists()

@@ -258,7 +258,7 @@ def compress(
     model = loaded.model.float().eval()  # calibration and compression arithmetic in fp32 and up
     check_model(model, recipe)
     cal, ev = recipe.calibration, recipe.evaluation
-    seq_len = cal.seq_len if loaded.max_seq_len is None else min(cal.seq_len, loaded.max_seq_len)
+    seq_len = cal.resolved_seq_len(loaded.max_seq_len, f"the model {src}")
     data = analysis_batches(
         calib, loaded.tokenizer, batch_size=cal.batch_size, seq_len=seq_len,
         num_batches=cal.batches + ev.batches, layout=loaded.layout, data_config=loaded.data_config,
@@ -340,6 +340,7 @@ def compress(
             "data": data.description,
             **calibration.coverage(cal.min_tokens),
             "batches": calibration.meta["batches"],
+            "seq_len": seq_len,
         },
         "experts_per_layer": {
             "before": calibration.layers[0].num_experts,

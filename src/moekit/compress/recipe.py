@@ -10,7 +10,12 @@ quantize: {algorithm: gptq, hessian: affinity, group_size: 32, bits: 4}
                               # storage: fake (float weights, default) | packed (moekit's packed form)
 premoe: {keep: 0.5, window: 32, score: probability}  # per-domain masks, retrieved at inference
 calibration: {batches: 8, batch_size: 8, seq_len: 128, min_tokens: 0}
+                              # seq_len: at most the model's max positions (default: 128, or the
+                              # model's max positions when it has fewer)
 evaluation: {batches: 4}
+
+Only the section of the recipe's method may be given (a `prune:` section in a `method: merge`
+recipe would be ignored, so it is refused).
 """
 
 from __future__ import annotations
@@ -138,17 +143,36 @@ class PreMoeRecipe:
         require_int("premoe.window", self.window, minimum=1)
 
 
+DEFAULT_CALIBRATION_SEQ_LEN = 128
+
+
 @dataclass(frozen=True)
 class CalibrationRecipe:
     batches: int = 8
     batch_size: int = 8
-    seq_len: int = 128
+    seq_len: int | None = None  # None: DEFAULT_CALIBRATION_SEQ_LEN, or the model's max positions if fewer
     min_tokens: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("batches", "batch_size", "seq_len"):
+        for name in ("batches", "batch_size"):
             require_int(f"calibration.{name}", getattr(self, name), minimum=1)
+        if self.seq_len is not None:
+            require_int("calibration.seq_len", self.seq_len, minimum=2)
         require_int("calibration.min_tokens", self.min_tokens, minimum=0)
+
+    def resolved_seq_len(self, max_positions: int | None, model: str = "the model") -> int:
+        """The calibration rows' length for a model of `max_positions` (None: unknown). A seq_len
+        the recipe gives above the model's positions is refused; the default is cut to fit."""
+        if self.seq_len is None:
+            default = DEFAULT_CALIBRATION_SEQ_LEN
+            return default if max_positions is None else min(default, max_positions)
+        if max_positions is not None and self.seq_len > max_positions:
+            raise ConfigError(
+                "calibration.seq_len",
+                f"got {self.seq_len}, above the max_seq_len={max_positions} of {model}; "
+                f"expected at most {max_positions}",
+            )
+        return self.seq_len
 
 
 @dataclass(frozen=True)
@@ -213,6 +237,13 @@ def recipe_from_dict(data: Any) -> Recipe:
     if "method" not in data:
         raise ConfigError("method", f"missing; expected one of {', '.join(METHODS)}")
     require_choice("method", data["method"], METHODS)
+    for other in METHODS:
+        if other in data and other != data["method"]:
+            raise ConfigError(
+                other,
+                f"a section of method {other}, but this recipe's method is {data['method']}; "
+                "remove it (or set method: " + other + ")",
+            )
     sections = {name: _section(name, data[name]) for name in _SECTIONS if name in data}
     return Recipe(method=data["method"], **sections)
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from moekit.errors import ConfigError, MoekitError
+from moekit.errors import ConfigError, MoekitError, require_choice, require_int, require_number
 from moekit.io import read_json, write_json_atomic
 
 MANIFEST = "branches.json"
@@ -95,6 +95,24 @@ def train_run(config, data, parts: str, log: Callable[[str], None]):
         return trainer.run()
 
 
+# How `branch` names its inputs in errors: by default the parameter names; the CLI passes its
+# options (`--steps`), `moekit build` its recipe fields (`branch.steps`).
+FIELDS = {
+    "seed": "seed",
+    "out": "out_dir",
+    "domains": "domains",
+    "source": "source",
+    "tokenizer": "tokenizer",
+    "seq_len": "seq_len",
+    "steps": "steps",
+    "parts": "parts",
+    "top_k": "top_k",
+    "bias": "bias",
+    "train": "train",
+}
+OWNER_EXPERTS = 2  # a FlexOlmo owner model: the public expert and the owner's own
+
+
 def branch(
     seed: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -111,43 +129,98 @@ def branch(
     top_k: int = 2,
     bias: float = -0.5,
     log: Callable[[str], None] = print,
+    fields: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train one copy of `seed` per domain into `out_dir/<domain>`; returns the manifest (also
     written to `out_dir/branches.json`). `train` holds extra `train:` keys (lr, micro_batch_size...).
-    With `parts='flexolmo'` each copy is FlexOlmo's 2-expert owner model (router `top_k`, initial
-    negative bias `bias`), started from `out_dir/init/<domain>`."""
-    from moekit.domains.data import DomainData, check_domains, corpus_path, load_data
+    With `parts='flexolmo'` each copy is FlexOlmo's 2-expert owner model (router `top_k` of 1 or
+    2, initial negative bias `bias`), started from `out_dir/init/<domain>`.
 
-    if parts not in PARTS:
-        raise ConfigError("parts", f"got {parts!r}, expected one of {', '.join(PARTS)}")
+    Every input is checked before anything is written; `fields` renames the inputs in errors
+    (see FIELDS). A run refused before its first branch finished training leaves `out_dir` as
+    it found it (absent or empty), so the corrected command can run into the same folder."""
+    from moekit.domains.data import DomainData, check_domains, corpus_domains, corpus_path, load_data
+
+    names = {**FIELDS, **(fields or {})}
+    require_choice(names["parts"], parts, PARTS)
+    require_int(names["steps"], steps, minimum=1)
+    require_int(names["seq_len"], seq_len, minimum=2)
+    require_choice(names["tokenizer"], tokenizer, ("byte", "bpe"))
+    if parts == "flexolmo":
+        require_int(names["top_k"], top_k, minimum=1)
+        if top_k > OWNER_EXPERTS:
+            raise ConfigError(
+                names["top_k"],
+                f"got {top_k}, expected 1 or 2 (a FlexOlmo owner model has {OWNER_EXPERTS} experts: "
+                "the public one and its own)",
+            )
+        require_number(names["bias"], bias)
+        if bias > 0:
+            raise ConfigError(names["bias"], f"got {bias}, expected a number <= 0 (FlexOlmo's bias)")
     seed_path = Path(seed)
     if not seed_path.is_dir():
         raise MoekitError(f"{seed_path}: no such folder (expected a dense moekit run or HF folder)")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MoekitError(f"{out}: exists and is not a folder; choose a new folder")
     if out.exists() and any(out.iterdir()):
         raise MoekitError(f"{out}: already exists and is not empty; choose a new folder")
-    base = load_data(source, tokenizer, log=lambda _: None)
-    check_domains(domains, base.domains)
-    _require_dense_seed(str(seed_path))
+    check_domains(domains, corpus_domains(source, names["source"]), names["domains"])
+    seed_config = _require_dense_seed(str(seed_path))
+    positions = seed_config.get("max_seq_len")
+    if isinstance(positions, int) and seq_len > positions:
+        raise ConfigError(
+            names["seq_len"],
+            f"got {seq_len}, above the seed's model.max_seq_len={positions} ({seed_path}); "
+            f"expected at most {positions}",
+        )
     data_section = {"source": source, "tokenizer": tokenizer, "seq_len": seq_len}
     train_section = {"steps": steps, **(train or {})}
-    inits = {d: str(seed_path) for d in domains}
-    if parts == "flexolmo":
-        from moekit.domains.mix import MixOptions
 
-        MixOptions(router="flexolmo", top_k=top_k, bias=bias)  # checks both before any work
-        inits = _flexolmo_owner_inits(seed_path, out / "init", base, domains, seq_len, top_k, bias)
-    configs = {
-        d: run_config(f"branch-{d}", out / d, inits[d], data_section, train_section, run_seed, eval_batches)
-        for d in domains
-    }  # every config is checked before the first branch trains
-    runs: dict[str, str] = {}
-    val: dict[str, dict[str, float]] = {}
-    for domain in domains:
-        log(f"branch {domain}: {steps} steps from {seed_path} ({parts})")
-        result = train_run(configs[domain], DomainData(base, [domain]), parts, log=lambda _: None)
-        runs[domain] = domain
-        val[domain] = result.val_loss
+    def configs_from(inits: dict[str, str]) -> dict[str, Any]:
+        try:
+            return {
+                d: run_config(
+                    f"branch-{d}", out / d, inits[d], data_section, train_section, run_seed, eval_batches
+                )  # fmt: skip
+                for d in domains
+            }
+        except ConfigError as exc:
+            raise _renamed(exc, names) from None
+
+    # every config is checked before anything is written (FlexOlmo's on the seed: its owners'
+    # starting checkpoints are written below, and differ from the seed only in the FFN)
+    configs = configs_from({d: str(seed_path) for d in domains})
+    base = load_data(source, tokenizer, log=lambda _: None, field=names["source"])
+    vocab, needed = seed_config.get("vocab_size"), base.tokenizer.vocab_size
+    if isinstance(vocab, int) and vocab < needed:
+        raise ConfigError(
+            names["seed"],
+            f"{seed_path}: vocabulary of {vocab} tokens, the data's {tokenizer} tokenizer has {needed}; "
+            "expected a seed whose vocabulary holds the tokenizer's",
+        )
+    created = not out.exists()
+    trained = 0
+    try:
+        if parts == "flexolmo":
+            configs = configs_from(
+                _flexolmo_owner_inits(seed_path, out / "init", base, domains, seq_len, top_k, bias)
+            )
+        runs: dict[str, str] = {}
+        val: dict[str, dict[str, float]] = {}
+        for domain in domains:
+            log(f"branch {domain}: {steps} steps from {seed_path} ({parts})")
+            try:
+                result = train_run(configs[domain], DomainData(base, [domain]), parts, log=lambda _: None)
+            except ConfigError as exc:
+                raise _renamed(exc, names) from None
+            trained += 1
+            runs[domain] = domain
+            val[domain] = result.val_loss
+    except BaseException:
+        if not trained:
+            _undo(out, created)
+        raise
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": 1,
@@ -164,6 +237,38 @@ def branch(
     }
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
+
+
+def _renamed(exc: ConfigError, names: dict[str, str]) -> ConfigError:
+    """A run config's error under the name the user wrote (`train.steps` -> `--steps`)."""
+    internal = {
+        "train.steps": names["steps"],
+        "data.seq_len": names["seq_len"],
+        "data.source": names["source"],
+        "data.tokenizer": names["tokenizer"],
+    }
+    field = internal.get(exc.field)
+    if field is None and exc.field.startswith("train.") and names["train"] != "train":
+        field = f"{names['train']}.{exc.field.split('.', 1)[1]}"
+    if field is None:
+        return exc
+    return ConfigError(field, str(exc).split(": ", 1)[-1])
+
+
+def _undo(out: Path, created: bool) -> None:
+    """Remove what a refused `branch` wrote into `out` (which was absent or empty before)."""
+    import shutil
+
+    if not out.is_dir():
+        return
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def _flexolmo_owner_inits(seed_path: Path, folder: Path, data, domains, seq_len, top_k, bias):
@@ -188,22 +293,63 @@ def _flexolmo_owner_inits(seed_path: Path, folder: Path, data, domains, seq_len,
     return inits
 
 
-def _require_dense_seed(path: str) -> None:
+def _require_dense_seed(path: str) -> dict[str, Any]:
+    """The seed's model config, which must be dense."""
     from moekit.train.init_from import init_model_config
 
-    config = init_model_config(path)
+    try:
+        config = init_model_config(path)
+    except ConfigError as exc:  # named after the seed, not the internal model.init_from
+        raise MoekitError(str(exc).split(": ", 1)[-1]) from None
     if config.get("moe") is not None:
         raise MoekitError(
             f"{path}: the seed is an MoE (model.moe is set); branching starts from a dense model"
         )
+    return config
 
 
 def read_branches(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a `branch` output folder, its run paths made absolute."""
+    """The manifest of a `branch` output folder, its run paths made absolute. Every field `mix`
+    reads is checked here; an error names the file and the field."""
     folder = Path(path)
-    manifest = read_json(folder / MANIFEST, "branches manifest")
+    file = folder / MANIFEST
+    if not folder.is_dir():
+        raise MoekitError(f"{folder}: no such folder (expected a branches folder with {MANIFEST})")
+    if not file.is_file():
+        raise MoekitError(f"{file}: not found (expected the branches folder written by moekit branch)")
+    manifest = read_json(file, "branches manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise MoekitError(f"{folder / MANIFEST}: not a moekit branches manifest")
+        raise MoekitError(f"{file}: not a moekit branches manifest (expected format {MANIFEST_FORMAT!r})")
+    missing = [k for k in ("domains", "runs", "seed", "source", "tokenizer", "seq_len") if k not in manifest]
+    if missing:
+        fields = ", ".join(repr(k) for k in missing)
+        raise MoekitError(f"{file}: missing field{'s' if len(missing) > 1 else ''} {fields}")
+    domains = manifest["domains"]
+    if (
+        not isinstance(domains, list)
+        or not domains
+        or not all(isinstance(d, str) and d for d in domains)
+        or len(set(domains)) != len(domains)
+    ):
+        raise MoekitError(f"{file}: field 'domains' is {domains!r}, expected a list of distinct domain names")
+    runs = manifest["runs"]
+    if not isinstance(runs, dict):
+        raise MoekitError(f"{file}: field 'runs' is {runs!r}, expected a mapping of domain to run folder")
+    for domain in domains:
+        run = runs.get(domain)
+        if not isinstance(run, str) or not run:
+            raise MoekitError(f"{file}: field 'runs' has no run folder for domain {domain!r}")
+        if not (folder / run).is_dir():
+            raise MoekitError(f"{file}: runs.{domain} is {run!r}, no such folder in {folder}")
+    for key in ("seed", "source", "tokenizer"):
+        if not isinstance(manifest[key], str) or not manifest[key]:
+            raise MoekitError(f"{file}: field {key!r} is {manifest[key]!r}, expected a non-empty string")
+    seq_len = manifest["seq_len"]
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise MoekitError(f"{file}: field 'seq_len' is {seq_len!r}, expected an integer >= 2")
+    parts = manifest.get("parts", "all")
+    if parts not in PARTS:
+        raise MoekitError(f"{file}: field 'parts' is {parts!r}, expected one of {', '.join(PARTS)}")
     manifest = dict(manifest)
-    manifest["runs"] = {d: str((folder / r).resolve()) for d, r in manifest["runs"].items()}
+    manifest["runs"] = {d: str((folder / runs[d]).resolve()) for d in domains}
     return manifest

@@ -26,6 +26,20 @@ from moekit.kernels.store import cpu_model, cpu_signature
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
+# `branch`'s inputs under their recipe fields, for its errors
+RECIPE_FIELDS = {
+    "seed": "seed.path",
+    "out": "out_dir",
+    "domains": "domains",
+    "source": "data.source",
+    "tokenizer": "data.tokenizer",
+    "seq_len": "data.seq_len",
+    "steps": "branch.steps",
+    "parts": "branch.parts",
+    "top_k": "branch.top_k",
+    "bias": "branch.bias",
+    "train": "train",
+}
 
 
 class _Context:
@@ -33,7 +47,7 @@ class _Context:
         from moekit.domains.data import DomainData, check_domains, load_data
 
         self.recipe, self.out, self.log = recipe, out, log
-        base = load_data(recipe.data.source, recipe.data.tokenizer, log=lambda _: None)
+        base = load_data(recipe.data.source, recipe.data.tokenizer, log=lambda _: None, field="data.source")
         check_domains(recipe.domains, base.domains, "domains")
         self.data = DomainData(base, recipe.domains)
         coefficient = recipe.post_train.balance
@@ -96,6 +110,8 @@ def build(
     if not isinstance(recipe, BuildRecipe):
         recipe = BuildRecipe.load(recipe)
     out = Path(out_dir or recipe.out_dir)
+    if out.exists() and not out.is_dir():
+        raise MoekitError(f"{out}: exists and is not a folder; choose a new out_dir")
     if out.exists() and any(out.iterdir()):
         raise MoekitError(f"{out}: already exists and is not empty; choose a new out_dir")
     if recipe.merges:
@@ -104,9 +120,10 @@ def build(
         from moekit.preflight import require_module
 
         require_module("transformers", "the HF folders of the recipe (or set hf: false)")
-    ctx = _Context(recipe, out, log)  # checks the domains against the corpus before any training
+    seed_config = _check_inputs(recipe, out)  # everything below is long work
+    ctx = _Context(recipe, out, log)
     started = time.perf_counter()
-    seed = _seed(ctx)
+    seed = _seed(ctx, seed_config)
     from moekit.domains.branch import branch
 
     log(f"branching {len(recipe.domains)} domains for {recipe.branch.steps} steps ({recipe.branch.parts})")
@@ -125,6 +142,7 @@ def build(
         run_seed=recipe.run_seed,
         eval_batches=recipe.eval.batches,
         log=lambda _: None,
+        fields=RECIPE_FIELDS,
     )
     results: dict[str, Any] = {
         "format": "moekit-build-results",
@@ -195,22 +213,59 @@ def _check_merges(recipe: BuildRecipe) -> None:
             raise ConfigError(f"baselines.merge[{i}]", str(exc)) from None
 
 
-def _seed(ctx: _Context) -> Path:
-    recipe = ctx.recipe
+def _check_inputs(recipe: BuildRecipe, out: Path):
+    """What the recipe's runs need, checked before any corpus is built or model trained: the
+    domains are the corpus's (without building it), the seed is dense and takes data.seq_len
+    positions, and the seed's (or, for seed.path, a branch's) run config is valid. Returns the
+    seed's run config (None for seed.path)."""
+    from moekit.domains.branch import _renamed, _require_dense_seed, run_config
+    from moekit.domains.data import check_domains, corpus_domains
+    from moekit.errors import ConfigError
+
+    check_domains(recipe.domains, corpus_domains(recipe.data.source, "data.source"), "domains")
+    seq_len = recipe.data.seq_len
+    config = None
     if recipe.seed.path is not None:
-        return Path(recipe.seed.path)
-    from moekit.domains.branch import train_run
+        try:
+            model = _require_dense_seed(recipe.seed.path)
+        except MoekitError as exc:
+            raise ConfigError("seed.path", str(exc)) from None
+        positions, name = model.get("max_seq_len"), f"the seed's model.max_seq_len={model.get('max_seq_len')}"
+    else:
+        config = _seed_config(recipe, out)
+        positions = config.model_config(256).max_seq_len
+        name = f"seed.model.max_seq_len={positions}"
+    if isinstance(positions, int) and seq_len > positions:
+        raise ConfigError(
+            "data.seq_len", f"got {seq_len}, above {name}; lower data.seq_len or raise the seed's max_seq_len"
+        )
+    if recipe.seed.path is not None:  # (a seed.model's config has checked the data and train keys)
+        data = {"source": recipe.data.source, "tokenizer": recipe.data.tokenizer, "seq_len": seq_len}
+        try:
+            run_config("check", out / "check", str(recipe.seed.path), data,
+                       {**recipe.train, "steps": recipe.branch.steps}, recipe.run_seed,
+                       recipe.eval.batches)  # fmt: skip
+        except ConfigError as exc:
+            raise _renamed(exc, RECIPE_FIELDS) from None
+    return config
+
+
+def _seed_config(recipe: BuildRecipe, out: Path):
+    """The run config of the dense seed a recipe's `seed.model` trains."""
     from moekit.errors import ConfigError
     from moekit.train.config import RunConfig
 
-    out = ctx.out / "seed"
     try:
         config = RunConfig.from_dict(
             {
                 "name": "seed",
-                "out_dir": str(out),
+                "out_dir": str(out / "seed"),
                 "model": dict(recipe.seed.model),
-                "data": ctx.data_section,
+                "data": {
+                    "source": recipe.data.source,
+                    "tokenizer": recipe.data.tokenizer,
+                    "seq_len": recipe.data.seq_len,
+                },
                 "train": {**recipe.train, "steps": recipe.seed.steps},
                 "loop": {
                     "seed": recipe.run_seed,
@@ -220,13 +275,24 @@ def _seed(ctx: _Context) -> Path:
                 },
             }
         )
+        model = config.model_config(256)
     except ConfigError as exc:
-        raise ConfigError(f"seed.{exc.field}", str(exc).split(": ", 1)[-1]) from None
-    if config.model_config(256).moe is not None:
+        field = exc.field if exc.field.startswith("train.") else f"seed.{exc.field}"
+        raise ConfigError(field, str(exc).split(": ", 1)[-1]) from None
+    if model.moe is not None:
         raise ConfigError("seed.model.moe", "the seed is dense; leave moe out")
+    return config
+
+
+def _seed(ctx: _Context, config) -> Path:
+    recipe = ctx.recipe
+    if recipe.seed.path is not None:
+        return Path(recipe.seed.path)
+    from moekit.domains.branch import train_run
+
     ctx.log(f"training the dense seed for {recipe.seed.steps} steps on {', '.join(recipe.domains)}")
     train_run(config, ctx.data, "all", log=lambda _: None)
-    return out
+    return Path(config.out_dir)
 
 
 def _variant(ctx: _Context, variant, results: dict[str, Any]) -> dict[str, Any]:

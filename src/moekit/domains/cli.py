@@ -31,9 +31,14 @@ def add_branch_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("all", "ffn", "flexolmo"),
         help="train everything, only the FFNs, or FlexOlmo's coordinated 2-expert owner models",
     )
-    parser.add_argument("--top-k", type=int, default=2, help="--parts flexolmo: the owner router's k")
     parser.add_argument(
-        "--bias", type=float, default=-0.5, help="--parts flexolmo: initial negative bias b (learned)"
+        "--top-k", type=int, default=None, help="--parts flexolmo: the owner router's k, 1 or 2 (default 2)"
+    )
+    parser.add_argument(
+        "--bias",
+        type=float,
+        default=None,
+        help="--parts flexolmo: initial negative bias b, learned (default -0.5)",
     )
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--micro-batch-size", type=int, default=None)
@@ -77,18 +82,63 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output folder (default: the recipe's out_dir)")
 
 
+# The options of `moekit branch` and `moekit mix` under the names of the inputs they set, so that
+# an error names the option the user typed (`--steps`), not an internal field (`train.steps`).
+BRANCH_FLAGS = {
+    "seed": "SEED",
+    "out": "OUT",
+    "domains": "--domains",
+    "source": "--source",
+    "tokenizer": "--tokenizer",
+    "seq_len": "--seq-len",
+    "steps": "--steps",
+    "parts": "--parts",
+    "top_k": "--top-k",
+    "bias": "--bias",
+    "train": "train",
+}
+TRAIN_FLAGS = {"train.lr": "--lr", "train.micro_batch_size": "--micro-batch-size"}
+
+
+def _flag(exc, flags: dict[str, str]):
+    """`exc` (a ConfigError) under the option's name when its field is one of `flags`."""
+    from moekit.errors import ConfigError
+
+    if exc.field not in flags:
+        return exc
+    return ConfigError(flags[exc.field], str(exc).split(": ", 1)[-1])
+
+
+def _mix_flag(exc):
+    """A MixOptions error (`mix.attention_top_k`) under its option (`--attention-top-k`)."""
+    if not exc.field.startswith("mix."):
+        return exc
+    name = exc.field.split(".", 1)[1]
+    return _flag(exc, {exc.field: "--" + name.replace("_", "-")})
+
+
 def branch_main(args: argparse.Namespace) -> int:
     from moekit.domains.branch import branch
+    from moekit.errors import ConfigError
 
+    if args.parts != "flexolmo":
+        for flag, value in (("--top-k", args.top_k), ("--bias", args.bias)):
+            if value is not None:
+                raise ConfigError(flag, f"only --parts flexolmo takes {flag} (got --parts {args.parts})")
     train = {}
     if args.lr is not None:
         train["lr"] = args.lr
     if args.micro_batch_size is not None:
         train["micro_batch_size"] = args.micro_batch_size
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
-    manifest = branch(args.seed, args.out, domains, source=args.source, tokenizer=args.tokenizer,
-                      seq_len=args.seq_len, steps=args.steps, parts=args.parts, train=train,
-                      top_k=args.top_k, bias=args.bias)  # fmt: skip
+    try:
+        manifest = branch(args.seed, args.out, domains, source=args.source, tokenizer=args.tokenizer,
+                          seq_len=args.seq_len, steps=args.steps, parts=args.parts, train=train,
+                          top_k=2 if args.top_k is None else args.top_k,
+                          bias=-0.5 if args.bias is None else args.bias,
+                          fields=BRANCH_FLAGS)  # fmt: skip
+    except ConfigError as exc:
+        raise _flag(exc, TRAIN_FLAGS) from None
     for domain in manifest["domains"]:
         own = manifest["val_loss"][domain].get(domain)
         print(f"{domain}: validation loss on its own domain {own:.4f}")
@@ -99,16 +149,22 @@ def mix_main(args: argparse.Namespace) -> int:
     from moekit.construct.receipt import summary
     from moekit.domains.experts import edit_experts
     from moekit.domains.mix import MixOptions, mix
+    from moekit.errors import ConfigError
 
     if args.remove is not None or args.add is not None:
         edit_experts(args.src, args.out, remove=args.remove, add=args.add, domain=args.domain,
                      bias=args.bias, overwrite=args.overwrite)  # fmt: skip
         return 0
-    options = MixOptions(router=args.router, top_k=args.top_k, public=args.public, seed=args.seed,
-                         attention=args.attention, attention_top_k=args.attention_top_k,
-                         parallel=args.parallel,
-                         **({"bias": args.bias} if args.bias is not None else {}))  # fmt: skip
-    receipt = mix(args.src, args.out, options, overwrite=args.overwrite)
+    if args.bias is not None and args.router != "flexolmo":
+        raise ConfigError("--bias", f"only --router flexolmo takes a bias (got --router {args.router})")
+    try:
+        options = MixOptions(router=args.router, top_k=args.top_k, public=args.public, seed=args.seed,
+                             attention=args.attention, attention_top_k=args.attention_top_k,
+                             parallel=args.parallel,
+                             **({"bias": args.bias} if args.bias is not None else {}))  # fmt: skip
+        receipt = mix(args.src, args.out, options, overwrite=args.overwrite)
+    except ConfigError as exc:
+        raise _mix_flag(exc) from None
     print(summary(receipt))
     return 0
 

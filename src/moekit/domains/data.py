@@ -15,7 +15,7 @@ import torch
 
 from moekit.data.lmdata import LanguageModelData, prepare_data
 from moekit.data.loader import TrainBatches
-from moekit.errors import ConfigError
+from moekit.errors import ConfigError, MoekitError
 
 
 class DomainData(LanguageModelData):
@@ -59,10 +59,53 @@ def check_domains(domains: Sequence[str], known: Sequence[str], field: str = "do
         raise ConfigError(field, f"got {list(domains)}, expected distinct domains")
 
 
+def corpus_domains(source: str, field: str = "source") -> tuple[str, ...]:
+    """The domain names of the corpus `source` without building or reading its documents (the
+    built-in corpus takes seconds to build on first use): 'sample' and 'builtin' from what ships,
+    a corpus folder from its manifest. Errors name `field` (the option or recipe field the user
+    wrote) and what was expected."""
+    from moekit.data.build import load_sample
+    from moekit.data.corpus import MANIFEST_NAME, _check_manifest_shape
+    from moekit.data.recipes import builtin_recipe
+    from moekit.io import read_json
+
+    if not isinstance(source, str) or not source:
+        raise ConfigError(field, f"got {source!r}, expected 'sample', 'builtin' or a corpus folder")
+    if source == "sample":
+        return tuple(load_sample().domains)
+    if source == "builtin":
+        return tuple(d.domain for d in builtin_recipe().domains)
+    path = Path(source)
+    if not (path / MANIFEST_NAME).is_file():
+        what = "no such folder" if not path.exists() else f"no {MANIFEST_NAME} there"
+        raise ConfigError(
+            field,
+            f"got {source!r} ({what}), expected 'sample', 'builtin' or a corpus folder "
+            f"(with a {MANIFEST_NAME})",
+        )
+    try:
+        manifest = read_json(path / MANIFEST_NAME, "corpus manifest")
+        _check_manifest_shape(path / MANIFEST_NAME, manifest)
+    except MoekitError as exc:
+        raise ConfigError(field, str(exc)) from None
+    return tuple(entry["name"] for entry in manifest["domains"])
+
+
 def load_data(
-    source: str, tokenizer: str = "byte", bpe_vocab_size: int = 4096, log: Callable[[str], None] = print
+    source: str,
+    tokenizer: str = "byte",
+    bpe_vocab_size: int = 4096,
+    log: Callable[[str], None] = print,
+    field: str | None = None,
 ) -> LanguageModelData:
-    return prepare_data(source, tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, log=log)
+    """The corpus `source` split and tokenized; with `field`, an unusable source is reported under
+    that name (the option or recipe field the user wrote) instead of `source`."""
+    try:
+        return prepare_data(source, tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, log=log)
+    except ConfigError as exc:
+        if field is None or exc.field != "source":
+            raise
+        raise ConfigError(field, str(exc).split(": ", 1)[-1]) from None
 
 
 def calibration_ids(

@@ -94,6 +94,30 @@ class MixOptions:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def check_experts(self, num_experts: int, sources: str) -> None:
+        """`top_k` and `attention_top_k` fit a mix of `num_experts` experts made of `sources`
+        (e.g. "the public one and 2 branches"); a larger k is refused, never cut down."""
+        if self.top_k > num_experts:
+            raise ConfigError(
+                "mix.top_k",
+                f"got {self.top_k}, expected at most {num_experts} "
+                f"(the mix has {num_experts} experts: {sources})",
+            )
+        if self.attention != "average" and self.attention_top_k > num_experts:
+            raise ConfigError(
+                "mix.attention_top_k",
+                f"got {self.attention_top_k}, expected 0 (soft routing) to {num_experts} "
+                f"(the mix has {num_experts} attention experts: {sources})",
+            )
+
+
+def mix_experts(num_domains: int, options: MixOptions, owners: bool = False) -> tuple[int, str]:
+    """The expert count of a mix of `num_domains` branches (with the public expert for FlexOlmo
+    and `public`; coordinated owners always carry it) and what they are."""
+    public = options.with_public or owners
+    count = num_domains + int(public)
+    return count, ("the public one and " if public else "") + f"{num_domains} branches"
+
 
 def check_compatible(models: Sequence[LanguageModel], names: Sequence[str]) -> LMConfig:
     """The branches' common dense config; a mismatch names the field and both models."""
@@ -125,9 +149,10 @@ def moe_config(dense: LMConfig, num_experts: int, options: MixOptions) -> LMConf
     from moekit.layer import MoEConfig
     from moekit.routing.spec import RouterSpec
 
+    options.check_experts(num_experts, "one per source model")
     spec = RouterSpec(
         num_experts=num_experts,
-        top_k=min(options.top_k, num_experts),
+        top_k=options.top_k,
         renorm="sum",
         router_bias=options.router == "flexolmo",
         negative_bias=options.router == "flexolmo",
@@ -139,7 +164,7 @@ def moe_config(dense: LMConfig, num_experts: int, options: MixOptions) -> LMConf
 
         attention = AttentionExpertsConfig(
             num_experts=num_experts,
-            top_k=min(options.attention_top_k, num_experts),
+            top_k=options.attention_top_k,
             shared_kv=options.attention == "shared_kv",
         )
     return dataclasses.replace(
@@ -380,6 +405,7 @@ def mix(
         raise MoekitError(f"{out}: already exists (pass --overwrite to replace it)")
     manifest = read_branches(branches_dir)
     domains = list(manifest["domains"])
+    options.check_experts(*mix_experts(len(domains), options, manifest.get("parts") == "flexolmo"))
     if manifest.get("parts") == "flexolmo":
         return _mix_owners(manifest, out, options, branches_dir, overwrite=overwrite, log=log)
     loaded = [load_run_model(manifest["runs"][d]) for d in domains]

@@ -18,6 +18,9 @@
     run_seed: 0          # seeds the seed model's init and every run's data order
 
 Every field is checked when the recipe loads, before anything trains; an error names the field.
+`data.seq_len` is at most the seed's `max_seq_len` (refused, never raised silently); a variant's
+`top_k` (and `attention_top_k`) at most its expert count (the domains, plus the public expert for
+FlexOlmo); `branch.top_k` and `branch.bias` belong to `branch.parts: flexolmo` only (top_k 1 or 2).
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from moekit.config_tree import dataclass_from_dict, load_yaml
-from moekit.domains.branch import PARTS
-from moekit.domains.mix import MixOptions
+from moekit.domains.branch import OWNER_EXPERTS, PARTS
+from moekit.domains.mix import MixOptions, mix_experts
 from moekit.errors import ConfigError, require_choice, require_int, require_known_fields, require_number
 from moekit.merging import METHODS as MERGE_METHODS
 
@@ -66,6 +69,8 @@ class SeedSection:
     def __post_init__(self) -> None:
         if (self.path is None) == (self.model is None):
             raise ConfigError("seed", "give either seed.path (a dense run or HF folder) or seed.model")
+        if self.model is not None and not isinstance(self.model, dict):
+            raise ConfigError("seed.model", f"expected a mapping, got {type(self.model).__name__}")
         if self.path is not None and not Path(self.path).is_dir():
             raise ConfigError("seed.path", f"{self.path}: no such folder")
         require_int("seed.steps", self.steps, minimum=1)
@@ -84,6 +89,12 @@ class BranchSection:
         require_int("branch.steps", self.steps, minimum=1)
         require_choice("branch.parts", self.parts, PARTS)
         require_int("branch.top_k", self.top_k, minimum=1)
+        if self.parts == "flexolmo" and self.top_k > OWNER_EXPERTS:
+            raise ConfigError(
+                "branch.top_k",
+                f"got {self.top_k}, expected 1 or 2 (a FlexOlmo owner model has {OWNER_EXPERTS} experts: "
+                "the public one and its own)",
+            )
         require_number("branch.bias", self.bias)
         if self.bias > 0:
             raise ConfigError("branch.bias", f"got {self.bias}, expected a number <= 0 (FlexOlmo's bias)")
@@ -185,15 +196,43 @@ class BuildRecipe:
         run_seed = data.get("run_seed", 0)
         require_int("run_seed", run_seed, minimum=0)
         branch = dataclass_from_dict(BranchSection, data.get("branch"), "branch")
+        if branch.parts != "flexolmo" and isinstance(data.get("branch"), dict):
+            for key in ("top_k", "bias"):
+                if key in data["branch"]:
+                    raise ConfigError(
+                        f"branch.{key}",
+                        f"only branch.parts: flexolmo takes a {key} (got parts: {branch.parts}); remove it",
+                    )
         variants = _variants(data["variants"])
         if branch.parts == "flexolmo":
             _check_flexolmo_owners(variants, merges)
+        for i, variant in enumerate(variants):  # a k above the expert count is refused, not cut down
+            try:
+                variant.options.check_experts(
+                    *mix_experts(len(domains), variant.options, branch.parts == "flexolmo")
+                )
+            except ConfigError as exc:
+                raise _prefixed(f"variants[{i}]", exc) from None
+        data_section = dataclass_from_dict(DataSection, data.get("data"), "data")
+        seed = dataclass_from_dict(SeedSection, data["seed"], "seed")
+        if seed.model is not None:
+            positions = seed.model.get("max_seq_len")
+            if (
+                isinstance(positions, int)
+                and not isinstance(positions, bool)
+                and data_section.seq_len > positions
+            ):
+                raise ConfigError(
+                    "data.seq_len",
+                    f"got {data_section.seq_len}, above seed.model.max_seq_len={positions}; "
+                    "lower data.seq_len or raise seed.model.max_seq_len",
+                )
         return cls(
             name=name,
             out_dir=str(data.get("out_dir", f"runs/{name}")),
-            data=dataclass_from_dict(DataSection, data.get("data"), "data"),
+            data=data_section,
             domains=tuple(domains),
-            seed=dataclass_from_dict(SeedSection, data["seed"], "seed"),
+            seed=seed,
             train=dict(train),
             branch=branch,
             variants=variants,
@@ -233,6 +272,11 @@ def _variants(value: Any) -> tuple[Variant, ...]:
         if not isinstance(item, dict):
             raise ConfigError(where, f"expected a mapping, got {type(item).__name__}")
         item = dict(item)
+        if "bias" in item and item.get("router") != "flexolmo":
+            raise ConfigError(
+                f"{where}.bias",
+                f"only router: flexolmo takes a bias (got router: {item.get('router', 'random')})",
+            )
         name = item.pop("name", None)
         if not isinstance(name, str) or not NAME.match(name):
             raise ConfigError(

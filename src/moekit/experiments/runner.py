@@ -115,12 +115,20 @@ def run_experiment(
 
     module = experiment_module(name)
     check_requirements(name, module)
+    if not settings.quick:  # (--quick's own corpus is fixed by its scale)
+        check_source(settings.source, quick=False)
+    created = not settings.out_dir.exists()
     try:
         settings.out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MoekitError(f"--out {settings.out_dir}: cannot create the directory ({exc.strerror})") from None
     started = time.perf_counter()
-    outcome: Outcome = module.run(settings, log)
+    try:
+        outcome: Outcome = module.run(settings, log)
+    except MoekitError:
+        if created and settings.out_dir.is_dir() and not any(settings.out_dir.iterdir()):
+            settings.out_dir.rmdir()  # a refused run leaves no empty --out behind
+        raise
     results = {
         "format": RESULTS_FORMAT,
         "experiment": name,
@@ -152,18 +160,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a minutes-long version (fewer seeds and steps)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (runs/experiments/NAME)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the experiment's)")
-    parser.add_argument("--source", default="builtin", help="corpus for training experiments")
+    parser.add_argument(
+        "--source",
+        default=None,
+        help="corpus of the training experiments: sample, builtin or a corpus folder (default builtin); "
+        "--quick always trains on the shipped sample",
+    )
     parser.add_argument("--no-progress", action="store_true")
+
+
+QUICK_SOURCE = "sample"  # every experiment's --quick scale trains on the shipped sample corpus
+
+
+def check_source(source: str, quick: bool) -> None:
+    """`--source` names a corpus (checked without building it); with `--quick`, whose scale fixes
+    its own corpus, only that corpus is accepted, so a --source is never silently ignored."""
+    if quick:
+        if source != QUICK_SOURCE:
+            raise ConfigError(
+                "--source",
+                f"got {source!r}, but --quick always trains on the shipped {QUICK_SOURCE!r} corpus; "
+                "drop --quick to train on another corpus",
+            )
+        return
+    if source in ("sample", "builtin"):
+        return
+    from moekit.data.corpus import MANIFEST_NAME
+
+    folder = Path(source)
+    if not (folder / MANIFEST_NAME).is_file():
+        what = "no such folder" if not folder.exists() else f"no {MANIFEST_NAME} in it"
+        raise ConfigError(
+            "--source", f"got {source!r} ({what}), expected 'sample', 'builtin' or a corpus folder"
+        )
 
 
 def main(args: argparse.Namespace) -> int:
     if args.seeds is not None and args.seeds < 1:
         raise ConfigError("--seeds", f"got {args.seeds}, expected an integer >= 1")
+    if args.source is not None:
+        check_source(args.source, args.quick)
     settings = ExperimentSettings(
         out_dir=args.out or Path("runs/experiments") / args.name,
         quick=args.quick,
         seeds=args.seeds,
-        source=args.source,
+        source="builtin" if args.source is None else args.source,
         progress=not args.no_progress,
     )
     run_experiment(args.name, settings)
