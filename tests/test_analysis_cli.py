@@ -119,6 +119,36 @@ def test_clear_errors(tmp_path, monkeypatch):
         run(hf, "--out", out)
 
 
+def test_seq_len_zero_is_refused_like_a_negative_one(tmp_path):
+    save_tiny_run(tmp_path / "run")
+    for value in ("0", "-5"):
+        with pytest.raises(MoekitError, match=rf"^--seq-len: got {value}, expected a positive integer$"):
+            run(tmp_path / "run", "--seq-len", value, "--out", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_shorter_than_one_sequence_is_refused(tmp_path):
+    """An empty .txt file is one document of no text (its two markers): no routing to analyse."""
+    save_tiny_run(tmp_path / "run")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    short = tmp_path / "short.txt"
+    short.write_text("a few words")
+    for data in (empty, short):
+        with pytest.raises(MoekitError, match="fewer than one sequence") as info:
+            run(tmp_path / "run", "--data", data, "--seq-len", "48", "--out", tmp_path / "out")
+        message = str(info.value)
+        assert (
+            message.startswith(f"{data}: only ")
+            and "(48 tokens, --seq-len)" in message
+            and "\n" not in message
+        )
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    # one sequence's worth is enough
+    short.write_text("enough words to fill a whole sequence of the model. " * 2)
+    assert run(tmp_path / "run", "--data", short, "--seq-len", "48", "--out", tmp_path / "out") == 0
+
+
 def test_report_with_extra_sections(tmp_path):
     """What the demo does: its own sections in front of the routing-health ones."""
     from moekit.analysis.recorder import record_routing

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from moekit.cli import main as cli_main
 from moekit.data.lmdata import prepare_data
@@ -116,6 +117,24 @@ def test_config_errors_name_the_field(tmp_path):
     config["model"]["moe"]["router"]["top_k"] = 99
     with pytest.raises(ConfigError, match=r"router\.top_k"):
         RunConfig.from_dict(config)
+
+
+def test_min_lr_ratio_is_a_fraction_of_lr(tmp_path):
+    """The cosine schedule ends at min_lr_ratio x lr: a ratio above 1 would end above the peak."""
+    for ratio in (0, 0.5, 1):
+        assert tiny_config(tmp_path, min_lr_ratio=ratio).train.min_lr_ratio == ratio
+    for ratio in (1.01, 2, -0.1):
+        with pytest.raises(ConfigError, match=r"^train\.min_lr_ratio: got .*expected a number"):
+            tiny_config(tmp_path, min_lr_ratio=ratio)
+
+
+def test_cli_rejects_min_lr_ratio_above_one_in_one_line(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**tiny_config(tmp_path / "out").to_dict(), "loop": {"progress": False}}))
+    assert cli_main(["train", "--config", str(path), "--set", "train.min_lr_ratio=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.min_lr_ratio" in err and "[0, 1]" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_reports_bad_config_without_traceback(tmp_path, capsys):

@@ -69,6 +69,19 @@ def _positive(name: str, value: int) -> int:
     return value
 
 
+def _require_one_sequence(source: Any, batches: list[Any], seq_len: int) -> None:
+    """Refuse data shorter than one sequence (an empty file still gives its document markers):
+    its routing statistics would be those of a couple of tokens, NMI undefined."""
+    if not all(hasattr(batch, "num_tokens") for batch in batches):
+        return
+    tokens = sum(int(batch.num_tokens) for batch in batches)
+    if tokens < seq_len:
+        raise MoekitError(
+            f"{source}: only {tokens} tokens of data, fewer than one sequence ({seq_len} tokens, "
+            "--seq-len); give more text or a smaller --seq-len"
+        )
+
+
 def _lengths(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -190,7 +203,10 @@ def record_models(args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, A
     torch.manual_seed(0)
     loaded = LoadedModel(args.checkpoint)
     trained_len = loaded.data_config.get("seq_len")
-    seq_len = args.seq_len or trained_len or min(loaded.max_seq_len or DEFAULT_SEQ_LEN, DEFAULT_SEQ_LEN)
+    if args.seq_len is not None:
+        seq_len = args.seq_len
+    else:
+        seq_len = trained_len or min(loaded.max_seq_len or DEFAULT_SEQ_LEN, DEFAULT_SEQ_LEN)
     _positive("seq-len", seq_len)
     if loaded.max_seq_len is not None and seq_len > loaded.max_seq_len:
         raise MoekitError(f"--seq-len: got {seq_len}, the model's max_seq_len is {loaded.max_seq_len}")
@@ -203,6 +219,7 @@ def record_models(args: argparse.Namespace, out: Path) -> tuple[Any, dict[str, A
         layout=loaded.layout,
         data_config=loaded.data_config,
     )
+    _require_one_sequence(args.data, data.batches, seq_len)
     options = dict(
         scores=args.scores, expert_activations=not args.no_super_experts, domain_names=data.domain_names
     )
@@ -256,6 +273,8 @@ def main(args: argparse.Namespace) -> int:
     options = HealthOptions(segment_lengths=_lengths(args.segment_lengths))
     _positive("batches", args.batches)
     _positive("batch-size", args.batch_size)
+    if args.seq_len is not None:
+        _positive("seq-len", args.seq_len)
     out = Path(args.out)
     if is_trace_dir(args.checkpoint):
         trace, drift = load_trace(args.checkpoint), None

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moekit.errors import MoekitError
+
+if TYPE_CHECKING:
+    from moekit.train.config import RunConfig
+
+# What `moekit train` writes into `out_dir`: a run is there when either is (the checkpoints folder
+# only when it holds something). `--overwrite` removes exactly these, nothing else of the folder.
+RUN_ENTRIES = ("checkpoints", "metrics.jsonl")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +38,66 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CKPT",
         help="continue from a checkpoint (default: the run's latest)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in out_dir: its checkpoints/ and metrics.jsonl are removed once "
+        "the new run is ready to start (without --overwrite or --resume, an out_dir that holds a run "
+        "is refused)",
+    )
+
+
+def existing_run(out_dir: Path) -> list[str]:
+    """The entries of a previous run in `out_dir` (empty: no run there): a metrics.jsonl, or a
+    checkpoints/ folder with anything in it (a step, the `latest` pointer, a killed write)."""
+    found = []
+    for name in RUN_ENTRIES:
+        path = out_dir / name
+        if path.is_dir():
+            if any(path.iterdir()):
+                found.append(f"{name}/")
+        elif path.exists() or path.is_symlink():
+            found.append(name)
+    return found
+
+
+def refuse_existing_run(out_dir: Path) -> None:
+    found = existing_run(out_dir)
+    if found:
+        raise MoekitError(
+            f"out_dir {out_dir}: already holds a run ({', '.join(found)}); pass --resume to continue "
+            "it or --overwrite to replace it"
+        )
+
+
+def refuse_init_from_inside(config: RunConfig) -> None:
+    """With --overwrite, `model.init_from` must not be a checkpoint of the run being replaced: it
+    would be removed, and a later --resume rebuilds the model from it."""
+    if config.init_from is None:
+        return
+    out_dir = Path(config.out_dir).resolve()
+    start = Path(config.init_from).resolve()
+    if start == out_dir or start.is_relative_to(out_dir / "checkpoints"):
+        raise MoekitError(
+            f"model.init_from {config.init_from}: a checkpoint of the run in out_dir {config.out_dir}, "
+            "which --overwrite would remove; copy it elsewhere or choose another out_dir"
+        )
+
+
+def remove_previous_run(out_dir: Path) -> None:
+    """Remove the previous run's checkpoints/ and metrics.jsonl: each is first renamed (atomically)
+    into one hidden folder of `out_dir`, then that folder is deleted, so that the new run never
+    writes beside a part of the old one. The rest of `out_dir` (a config file, an analysis) stays."""
+    if not existing_run(out_dir):
+        return
+    for stale in out_dir.glob(".overwritten.*"):  # left by a removal that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    trash = Path(tempfile.mkdtemp(prefix=".overwritten.", dir=out_dir))
+    for name in RUN_ENTRIES:
+        path = out_dir / name
+        if path.exists() or path.is_symlink():
+            os.replace(path, trash / name)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def train_main(args: argparse.Namespace) -> int:
@@ -36,13 +107,35 @@ def train_main(args: argparse.Namespace) -> int:
     from moekit.train.config import RunConfig
     from moekit.train.trainer import Trainer
 
+    if args.overwrite and args.resume is not None:
+        raise MoekitError(
+            "--overwrite and --resume: pass one of them (--resume continues the run in out_dir, "
+            "--overwrite replaces it)"
+        )
     config = RunConfig.load(args.config, args.overrides)
-    require_writable_dir(Path(config.out_dir), "out_dir")
+    out_dir = Path(config.out_dir)
+    require_writable_dir(out_dir, "out_dir")
+    if args.overwrite:
+        refuse_init_from_inside(config)
+    elif args.resume is None:
+        refuse_existing_run(out_dir)  # before any work: nothing of that run is touched
+    else:
+        from moekit.train.checkpoint import resolve_checkpoint
+
+        resolve_checkpoint(out_dir if args.resume == "latest" else Path(args.resume))  # exists?
     joined = init_from_environment()
     try:
-        trainer = Trainer(config)
+        trainer = Trainer(config)  # data, model and init_from checked and loaded
         if args.resume is not None:
-            trainer.resume(Path(config.out_dir) if args.resume == "latest" else Path(args.resume))
+            trainer.resume(out_dir if args.resume == "latest" else Path(args.resume))
+        else:
+            if trainer.mesh.distributed:
+                import torch.distributed as dist
+
+                # every rank has checked out_dir before the main one writes (or removes) anything
+                dist.barrier(group=trainer.mesh.world_group)
+            if args.overwrite and trainer.mesh.is_main:
+                remove_previous_run(out_dir)
         result = trainer.run()
         if trainer.mesh.is_main:
             summary = {
@@ -64,7 +157,9 @@ def train_main(args: argparse.Namespace) -> int:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="a checkpoint directory or a run directory")
     parser.add_argument("--split", default="validation", choices=["validation", "test"])
-    parser.add_argument("--batches", type=int, default=0, help="batches per domain (0: all)")
+    parser.add_argument(
+        "--batches", type=int, default=0, metavar="N", help="batches per domain (default 0: all of them)"
+    )
     parser.add_argument("--data", default=None, help="corpus source (default: the one the run trained on)")
     from moekit.device import add_device_arguments
 
@@ -79,6 +174,8 @@ def eval_main(args: argparse.Namespace) -> int:
     from moekit.train.checkpoint import load_checkpoint, read_checkpoint_state
     from moekit.train.trainer import evaluate
 
+    if args.batches < 0:
+        raise MoekitError(f"--batches: got {args.batches}, expected a positive integer (or 0: all batches)")
     packed = is_packed_directory(args.checkpoint)  # quantized experts in moekit's packed form
     state = packed_run_state(args.checkpoint) if packed else read_checkpoint_state(args.checkpoint)
     try:
@@ -112,5 +209,7 @@ def eval_main(args: argparse.Namespace) -> int:
         layout=data_config["layout"],
         dtype=dtype,
     )
+    if not losses:
+        raise MoekitError(f"{args.data or data_config['source']}: no {args.split} text to evaluate on")
     print(json.dumps({"step": state.get("step"), "split": args.split, "loss": losses}, indent=2))
     return 0

@@ -68,6 +68,8 @@ class OptimConfig:
         require_int("train.warmup_steps", self.warmup_steps, minimum=0)
         require_number("train.lr", self.lr, minimum=0.0, strict=True)
         require_number("train.min_lr_ratio", self.min_lr_ratio, minimum=0.0)
+        if self.min_lr_ratio > 1:  # the final learning rate as a fraction of lr: at most lr itself
+            raise ConfigError("train.min_lr_ratio", f"got {self.min_lr_ratio}, expected a number in [0, 1]")
         require_number("train.weight_decay", self.weight_decay, minimum=0.0)
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
