@@ -420,7 +420,8 @@ def main() -> None:
         if args.command == "build":
             from moekit.cli import main as moekit
 
-            if moekit(["train", "--config", str(args.out / "config.yaml")]) != 0:
+            # `build` trains the model anew: a run already there is replaced
+            if moekit(["train", "--config", str(args.out / "config.yaml"), "--overwrite"]) != 0:
                 raise SystemExit("training failed")
     elif args.command == "measure":
         measure(args.run, args.out, args.level, args.limit, args.only)

@@ -94,3 +94,20 @@ def test_demo_rejects_bad_input_in_one_line_before_any_work(tmp_path, capsys, ar
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"moekit: error: {field}:"), err
     assert not out.exists() or not any(out.iterdir())  # nothing trained, nothing written
+
+
+def test_demo_run_again_replaces_its_runs_whole(tmp_path, monkeypatch):
+    import moekit.demo_report
+
+    monkeypatch.setattr(moekit.demo_report, "analyse_and_report", lambda *a, **k: {"domain_nmi": []})
+    for steps in (2, 1):
+        settings = DemoSettings(
+            out_dir=tmp_path, source="sample", steps=steps, eval_batches=1, progress=False
+        )
+        run_demo(settings, log=lambda _: None)
+    for name in ("dense", "moe"):
+        run = tmp_path / name
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["event"] for r in records if "event" in r] == ["start"]  # not the first run's as well
+        steps_saved = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
+        assert steps_saved == ["step-000001"]  # the first run's step 2 is gone

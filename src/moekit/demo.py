@@ -113,6 +113,7 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
     from moekit.demo_report import analyse_and_report, equal_time_losses
     from moekit.preflight import require_module, require_writable_dir
     from moekit.train.config import RunConfig
+    from moekit.train.run_dir import remove_previous_run
     from moekit.train.trainer import Trainer, evaluate
 
     require_module("matplotlib", "the demo's HTML report")  # before the training, not after it
@@ -125,6 +126,7 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, Any]:
     trainers = {}
     for name, config in configs.items():
         trainer = Trainer(config, data=data, log=log)
+        remove_previous_run(Path(config.out_dir))  # a demo run again replaces its runs whole
         result = trainer.run()
         val = evaluate(
             trainer.model,

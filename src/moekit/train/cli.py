@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moekit.errors import MoekitError
+from moekit.train.run_dir import existing_run, remove_previous_run
 
 if TYPE_CHECKING:
     from moekit.train.config import RunConfig
-
-# What `moekit train` writes into `out_dir`: a run is there when either is (the checkpoints folder
-# only when it holds something). `--overwrite` removes exactly these, nothing else of the folder.
-RUN_ENTRIES = ("checkpoints", "metrics.jsonl")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,20 +41,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def existing_run(out_dir: Path) -> list[str]:
-    """The entries of a previous run in `out_dir` (empty: no run there): a metrics.jsonl, or a
-    checkpoints/ folder with anything in it (a step, the `latest` pointer, a killed write)."""
-    found = []
-    for name in RUN_ENTRIES:
-        path = out_dir / name
-        if path.is_dir():
-            if any(path.iterdir()):
-                found.append(f"{name}/")
-        elif path.exists() or path.is_symlink():
-            found.append(name)
-    return found
-
-
 def refuse_existing_run(out_dir: Path) -> None:
     found = existing_run(out_dir)
     if found:
@@ -82,22 +62,6 @@ def refuse_init_from_inside(config: RunConfig) -> None:
             f"model.init_from {config.init_from}: a checkpoint of the run in out_dir {config.out_dir}, "
             "which --overwrite would remove; copy it elsewhere or choose another out_dir"
         )
-
-
-def remove_previous_run(out_dir: Path) -> None:
-    """Remove the previous run's checkpoints/ and metrics.jsonl: each is first renamed (atomically)
-    into one hidden folder of `out_dir`, then that folder is deleted, so that the new run never
-    writes beside a part of the old one. The rest of `out_dir` (a config file, an analysis) stays."""
-    if not existing_run(out_dir):
-        return
-    for stale in out_dir.glob(".overwritten.*"):  # left by a removal that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    trash = Path(tempfile.mkdtemp(prefix=".overwritten.", dir=out_dir))
-    for name in RUN_ENTRIES:
-        path = out_dir / name
-        if path.exists() or path.is_symlink():
-            os.replace(path, trash / name)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def train_main(args: argparse.Namespace) -> int:
