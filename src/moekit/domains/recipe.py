@@ -18,7 +18,8 @@
     run_seed: 0          # seeds the seed model's init and every run's data order
 
 Every field is checked when the recipe loads, before anything trains; an error names the field.
-`data.seq_len` is at most the seed's `max_seq_len` (refused, never raised silently); a variant's
+`data.seq_len` is at most the seed's `max_seq_len` (refused, never raised silently; without
+`data.seq_len`, the default 64 or the seed's `max_seq_len` if fewer); a variant's
 `top_k` (and `attention_top_k`) at most its expert count (the domains, plus the public expert for
 FlexOlmo); `branch.top_k` and `branch.bias` belong to `branch.parts: flexolmo` only (top_k 1 or 2).
 """
@@ -217,11 +218,12 @@ class BuildRecipe:
         seed = dataclass_from_dict(SeedSection, data["seed"], "seed")
         if seed.model is not None:
             positions = seed.model.get("max_seq_len")
-            if (
-                isinstance(positions, int)
-                and not isinstance(positions, bool)
-                and data_section.seq_len > positions
-            ):
+            given = isinstance(data.get("data"), dict) and "seq_len" in data["data"]
+            fits = isinstance(positions, int) and not isinstance(positions, bool) and positions >= 2
+            if fits and not given and data_section.seq_len > positions:
+                # the default length, cut to a seed that has fewer positions (an explicit one is refused)
+                data_section = dataclasses.replace(data_section, seq_len=positions)
+            if fits and data_section.seq_len > positions:
                 raise ConfigError(
                     "data.seq_len",
                     f"got {data_section.seq_len}, above seed.model.max_seq_len={positions}; "
