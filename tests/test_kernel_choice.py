@@ -74,6 +74,51 @@ def test_cpu_signature_tells_apart_generations_sharing_a_model_name(fresh_kernel
     assert store.stored_choice("probe", ("a", "b"), lambda: "b") == "b"
 
 
+def test_a_disturbed_measurement_is_used_once_and_not_stored(fresh_kernel_cache, monkeypatch):
+    waited = iter([0, 10**12])  # 1000 s of waiting for a core during the measurement
+    monkeypatch.setattr(store, "runqueue_wait_ns", lambda: next(waited))
+    assert store.stored_choice("probe", ("a", "b"), lambda: "b", disturbed="a") == "a"
+    assert not store.choice_path("probe").exists()
+    waited = iter([0, 10**12])
+    assert store.stored_choice("probe", ("a", "b"), lambda: "b") == "b"  # no safe default: as measured
+    assert not store.choice_path("probe").exists()
+    # measured again by a later, quiet process, and stored then
+    monkeypatch.setattr(store, "runqueue_wait_ns", lambda: 0)
+    assert store.stored_choice("probe", ("a", "b"), lambda: "b", disturbed="a") == "b"
+    assert json.loads(store.choice_path("probe").read_text())["choice"] == "b"
+
+
+def test_gemm_disturbed_while_measured_takes_mkl(fresh_kernel_cache, monkeypatch):
+    if not gemm._onednn_matches_mm(torch.float32):
+        pytest.skip("oneDNN's linear op is not usable in this torch build: MKL is the only kernel")
+    monkeypatch.setattr(gemm, "_measure_faster", lambda dtype: "onednn")
+    waited = iter([0, 10**12])
+    monkeypatch.setattr(store, "runqueue_wait_ns", lambda: next(waited))
+    assert gemm.gemm_kernel(torch.float32) == "mkl"
+
+
+def test_runqueue_wait_grows_while_another_process_holds_the_cores():
+    import subprocess
+    import sys
+    import time
+
+    before = store.runqueue_wait_ns()
+    if before is None:
+        pytest.skip("this kernel does not report schedstat (/proc/self/task/*/schedstat)")
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(len(os.sched_getaffinity(0)))
+    ]
+    try:
+        start = time.perf_counter()
+        while time.perf_counter() - start < 1.0:  # spin: this thread competes with the hogs
+            pass
+    finally:
+        for hog in hogs:
+            hog.kill()
+    assert store.runqueue_wait_ns() - before > 1e7  # waited at least 10 ms for a core in that second
+
+
 def test_gemm_kernel_follows_the_store_not_a_new_timing(fresh_kernel_cache, monkeypatch):
     if not gemm._onednn_matches_mm(torch.float32):
         pytest.skip("oneDNN's linear op is not usable in this torch build: MKL is the only kernel")

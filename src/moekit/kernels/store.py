@@ -6,7 +6,8 @@ processes. A choice is therefore measured once, under a file lock (so that concu
 agree), and stored as JSON in `$MOEKIT_CACHE_DIR` (default `$XDG_CACHE_HOME/moekit/kernels`, else
 `~/.cache/moekit/kernels`), keyed by the CPU model (its name and family/model/stepping numbers),
 its vector capability and torch's version.
-Delete the file to measure again.
+Delete the file to measure again. A measurement disturbed by other work on the machine (its
+threads kept waiting for a core) is not stored: the next process measures again.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,9 +101,51 @@ def _read_choice(path: Path, allowed: tuple[str, ...]) -> str | None:
     return choice if choice in allowed else None
 
 
-def stored_choice(name: str, allowed: tuple[str, ...], measure: Callable[[], str]) -> str:
+# A measurement during which this process's threads waited, in all, more than this share of the
+# time they could have run for a core (other work on the machine) is not stored. Measured on a
+# 2-core AVX2 EPYC, the GEMM probe on 2 threads: 0.05 % quiet, 35 % beside one busy process. A
+# choice made under such load once stored oneDNN there for good: 10-20 % slower than MKL on the
+# dense layers' products, the layer benchmark's dense reference 30-40 % slower.
+DISTURBED_WAIT_SHARE = 0.1
+
+
+def runqueue_wait_ns() -> int | None:
+    """Nanoseconds this process's threads have waited for a core so far (Linux schedstat, the
+    threads alive now), None where the kernel does not report it."""
+    total, seen = 0, False
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tasks:
+        try:
+            total += int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[1])
+            seen = True
+        except (OSError, IndexError, ValueError):
+            continue
+    return total if seen else None
+
+
+def measured_quietly(measure: Callable[[], str]) -> tuple[str, bool]:
+    """measure(), and whether its threads ran undisturbed (waited for a core under
+    DISTURBED_WAIT_SHARE of the time; true where the wait cannot be read)."""
+    before, start = runqueue_wait_ns(), time.perf_counter()
+    choice = measure()
+    wall_ns, after = (time.perf_counter() - start) * 1e9, runqueue_wait_ns()
+    if before is None or after is None or wall_ns <= 0:
+        return choice, True
+    share = (after - before) / (wall_ns * max(1, torch.get_num_threads()))
+    return choice, share < DISTURBED_WAIT_SHARE
+
+
+def stored_choice(
+    name: str, allowed: tuple[str, ...], measure: Callable[[], str], disturbed: str | None = None
+) -> str:
     """The stored choice `name` for this machine, measuring it (once, under a lock) if absent.
-    Where the cache directory cannot be written, the choice is measured in this process only."""
+    Where the cache directory cannot be written, the choice is measured in this process only. A
+    measurement disturbed by other work on the machine is not stored: this process takes
+    `disturbed` (a safe default, where given) or else what it measured, and a later process
+    measures again."""
     path = choice_path(name)
     found = _read_choice(path, allowed)
     if found is not None:
@@ -116,7 +160,9 @@ def stored_choice(name: str, allowed: tuple[str, ...], measure: Callable[[], str
         found = _read_choice(path, allowed)  # another process may have measured while we waited
         if found is not None:
             return found
-        choice = measure()
+        choice, quiet = measured_quietly(measure)
+        if not quiet:
+            return disturbed if disturbed is not None else choice
         data = {"machine": machine_key(), "choice": choice}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
