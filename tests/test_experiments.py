@@ -313,3 +313,23 @@ def test_source_is_checked_with_and_without_quick_before_any_arm_runs(tmp_path, 
     with pytest.raises(MoekitError, match="--source"):  # the library entry point checks it too
         runner.run_experiment(name, runner.ExperimentSettings(out_dir=tmp_path / "o", source="bogus"))
     assert not (tmp_path / "o").exists()
+
+
+def test_an_arm_run_again_replaces_its_previous_run(tmp_path):
+    from moekit.data.lmdata import prepare_data
+    from moekit.experiments.runner import ExperimentSettings
+    from moekit.experiments.training import ArmScale, arm_config, global_balance, moe_model, train_arm
+    from moekit.train.metrics import read_metrics
+
+    scale = ArmScale("sample", 16, 1, 2, 16, 4, 16, 2, 1, 1, 1e-3, 1, 1)
+    settings = ExperimentSettings(out_dir=tmp_path, quick=True, source="sample", progress=False)
+    config = arm_config("arm", 0, scale, settings, model=moe_model(scale), objectives=global_balance())
+    run = tmp_path / "runs" / "arm-seed0"
+    (run / "checkpoints" / "step-000099").mkdir(parents=True)  # a previous run's
+    (run / "metrics.jsonl").write_text('{"event": "start", "step": 0}\n{"step": 99, "loss": 9.0}\n')
+    train_arm(config, prepare_data("sample", log=lambda _: None), log=lambda _: None)
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["event"] for r in records if "event" in r] == ["start"] and all(
+        r.get("step") != 99 for r in records
+    )
+    assert not (run / "checkpoints" / "step-000099").exists()

@@ -140,6 +140,7 @@ def run(settings: ExperimentSettings, log: Callable[[str], None] = print) -> Out
     from moekit.data.lmdata import prepare_data
     from moekit.train.config import RunConfig
     from moekit.train.metrics import read_metrics
+    from moekit.train.run_dir import remove_previous_run
     from moekit.train.trainer import Trainer, evaluate
 
     scale, seeds = scale_and_seeds(settings, QUICK, FULL, "moe-vs-dense")
@@ -149,6 +150,7 @@ def run(settings: ExperimentSettings, log: Callable[[str], None] = print) -> Out
         for arm in ARMS:
             config = RunConfig.from_dict(run_config(arm, scale, seed, settings))
             trainer = Trainer(config, data=data, log=log)
+            remove_previous_run(trainer.out_dir)  # run again: the arm's metrics are this run's alone
             result = trainer.run()
             val = evaluate(trainer.model, data, scale.seq_len, scale.batch, "validation", scale.eval_batches)
             records = read_metrics(trainer.out_dir / "metrics.jsonl")

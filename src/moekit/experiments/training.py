@@ -112,11 +112,15 @@ def arm_config(
 
 
 def build_trainer(config: dict[str, Any], data: Any, log: Callable[[str], None]) -> Any:
-    """The Trainer of one arm, before its first step."""
+    """The Trainer of one arm, before its first step. An experiment run again into the same --out
+    replaces the arm's previous run (whose metrics it would otherwise read as this run's)."""
     from moekit.train.config import RunConfig
+    from moekit.train.run_dir import remove_previous_run
     from moekit.train.trainer import Trainer
 
-    return Trainer(RunConfig.from_dict(config), data=data, log=log)
+    trainer = Trainer(RunConfig.from_dict(config), data=data, log=log)
+    remove_previous_run(trainer.out_dir)
+    return trainer
 
 
 def train_arm(config: dict[str, Any], data: Any, log: Callable[[str], None]) -> tuple[Any, Any]:
