@@ -92,7 +92,7 @@ def _probe_onednn(dtype: torch.dtype) -> bool:
     from moekit.kernels.store import stored_choice
 
     name = f"gemm-{str(dtype).removeprefix('torch.')}"
-    # disturbed by other work, torch's own MKL for this process (the probe measured again later)
+    # measured only under load (every attempt disturbed): torch's own MKL
     return stored_choice(name, ("mkl", "onednn"), lambda: _measure_faster(dtype), disturbed="mkl") == "onednn"
 
 
