@@ -183,16 +183,9 @@ def check_source(source: str, quick: bool) -> None:
                 "drop --quick to train on another corpus",
             )
         return
-    if source in ("sample", "builtin"):
-        return
-    from moekit.data.corpus import MANIFEST_NAME
+    from moekit.data.build import check_source as check_corpus
 
-    folder = Path(source)
-    if not (folder / MANIFEST_NAME).is_file():
-        what = "no such folder" if not folder.exists() else f"no {MANIFEST_NAME} in it"
-        raise ConfigError(
-            "--source", f"got {source!r} ({what}), expected 'sample', 'builtin' or a corpus folder"
-        )
+    check_corpus(source, "--source")
 
 
 def main(args: argparse.Namespace) -> int:
