@@ -13,21 +13,14 @@ from moekit.domains.recipe import BuildRecipe
 from moekit.errors import ConfigError, MoekitError
 from moekit.models.lm import LanguageModel, LMConfig
 from moekit.train.checkpoint import save_checkpoint
+from test_domains import RECIPE as FULL_RECIPE
 
 # a byte-tokenizer dense model of 32 positions
 DENSE = LMConfig(vocab_size=259, hidden_size=16, num_layers=1, num_heads=2, ff_size=24, max_seq_len=32)
+# test_domains.py's small recipe, one variant and no baselines: checks that train nothing
 RECIPE = {
-    "data": {"source": "sample", "tokenizer": "byte", "seq_len": 32},
-    "domains": ["code", "math"],
-    "seed": {
-        "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "ff_size": 64, "max_seq_len": 32},
-        "steps": 8,
-    },
-    "train": {"micro_batch_size": 4, "warmup_steps": 2, "lr": 0.01},
-    "branch": {"steps": 12, "parts": "ffn"},
+    **{k: v for k, v in FULL_RECIPE.items() if k != "baselines"},
     "variants": [{"name": "btx", "router": "random"}],
-    "post_train": {"steps": 3},
-    "eval": {"batches": 2, "batch_size": 2},
     "hf": False,
 }
 
