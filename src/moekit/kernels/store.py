@@ -106,7 +106,7 @@ def _read_choice(path: Path, allowed: tuple[str, ...]) -> str | None:
 # time they could have run for a core (other work on the machine) is disturbed, and taken again.
 # Measured on a 2-core AVX2 EPYC, the GEMM probe on 2 threads: 0.05 % quiet, 35 % beside one busy
 # process. A choice made under such load once stored oneDNN there: 10-20 % slower than MKL on the
-# dense layers' products, the layer benchmark's dense reference up to 40 % slower.
+# dense layers' products, the layer benchmark's dense reference up to 45 % slower.
 DISTURBED_WAIT_SHARE = 0.1
 # Measurements tried before a disturbed one decides (as `stored_choice` says).
 MEASURE_ATTEMPTS = 3
