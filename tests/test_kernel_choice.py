@@ -18,10 +18,14 @@ from moekit.kernels.record import apply_kernel_record, kernel_record
 
 @pytest.fixture
 def fresh_kernel_cache(tmp_path, monkeypatch):
-    """An empty kernel store and no forced choice; the process's cached choices are dropped before
-    and after, so that other tests see this machine's own choice again."""
+    """An empty kernel store, no forced choice and no waiting for a core; the process's cached
+    choices are dropped before and after, so that other tests see this machine's own choice again."""
     monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path / "kernels"))
     monkeypatch.delenv("MOEKIT_GEMM", raising=False)
+    # measurements here are undisturbed unless a test says otherwise (other work on the machine,
+    # such as the suite's other worker, would otherwise make a quick fake measurement count as
+    # disturbed and be taken again)
+    monkeypatch.setattr(store, "runqueue_wait_ns", lambda: 0)
     gemm.onednn_is_faster.cache_clear()
     native.stored_float32_kernel.cache_clear()
     yield tmp_path / "kernels"
