@@ -16,7 +16,13 @@ class ConfigError(MoekitError, ValueError):
 
     def __init__(self, field: str, message: str):
         self.field = field
+        self.detail = message
         super().__init__(f"{field}: {message}")
+
+    def renamed(self, field: str) -> ConfigError:
+        """The same error under the name the user wrote (an option such as `--top-k`, a recipe's
+        field) instead of the internal field that raised it."""
+        return ConfigError(field, self.detail)
 
 
 def require_choice(field: str, value: Any, allowed: Iterable[Any]) -> None:

@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
     from moekit.construct.api import upcycle
     from moekit.construct.hf import UpcycleRecipe
     from moekit.construct.receipt import RECEIPT_FILE, summary
-    from moekit.errors import ConfigError, MoekitError
+    from moekit.errors import ConfigError
 
     try:
         recipe = UpcycleRecipe(
@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
             partition=args.partition,
         )
     except ConfigError as exc:  # the recipe's fields are the options' names (experts, top_k, ...)
-        raise MoekitError(f"--{exc.field.replace('_', '-')}: {str(exc).split(': ', 1)[1]}") from None
+        raise exc.renamed("--" + exc.field.replace("_", "-")) from None
     if args.corpus is not None:
         from moekit.data.build import check_source
 

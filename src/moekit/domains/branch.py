@@ -252,7 +252,7 @@ def _renamed(exc: ConfigError, names: dict[str, str]) -> ConfigError:
         field = f"{names['train']}.{exc.field.split('.', 1)[1]}"
     if field is None:
         return exc
-    return ConfigError(field, str(exc).split(": ", 1)[-1])
+    return exc.renamed(field)
 
 
 def _undo(out: Path, created: bool) -> None:
@@ -300,7 +300,7 @@ def _require_dense_seed(path: str) -> dict[str, Any]:
     try:
         config = init_model_config(path)
     except ConfigError as exc:  # named after the seed, not the internal model.init_from
-        raise MoekitError(str(exc).split(": ", 1)[-1]) from None
+        raise MoekitError(exc.detail) from None
     if config.get("moe") is not None:
         raise MoekitError(
             f"{path}: the seed is an MoE (model.moe is set); branching starts from a dense model"

@@ -208,7 +208,7 @@ def _check_merges(recipe: BuildRecipe) -> None:
         try:
             merge_state_dicts(probe, [probe, probe], merge.method, **merge.params)
         except ConfigError as exc:
-            raise ConfigError(f"baselines.merge[{i}].{exc.field}", str(exc).split(": ", 1)[-1]) from None
+            raise exc.renamed(f"baselines.merge[{i}].{exc.field}") from None
         except TypeError as exc:
             raise ConfigError(f"baselines.merge[{i}]", str(exc)) from None
 
@@ -278,7 +278,7 @@ def _seed_config(recipe: BuildRecipe, out: Path):
         model = config.model_config(256)
     except ConfigError as exc:
         field = exc.field if exc.field.startswith("train.") else f"seed.{exc.field}"
-        raise ConfigError(field, str(exc).split(": ", 1)[-1]) from None
+        raise exc.renamed(field) from None
     if model.moe is not None:
         raise ConfigError("seed.model.moe", "the seed is dense; leave moe out")
     return config

@@ -102,11 +102,10 @@ TRAIN_FLAGS = {"train.lr": "--lr", "train.micro_batch_size": "--micro-batch-size
 
 def _flag(exc, flags: dict[str, str]):
     """`exc` (a ConfigError) under the option's name when its field is one of `flags`."""
-    from moekit.errors import ConfigError
 
     if exc.field not in flags:
         return exc
-    return ConfigError(flags[exc.field], str(exc).split(": ", 1)[-1])
+    return exc.renamed(flags[exc.field])
 
 
 def _mix_flag(exc):

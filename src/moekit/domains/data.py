@@ -105,7 +105,7 @@ def load_data(
     except ConfigError as exc:
         if field is None or exc.field != "source":
             raise
-        raise ConfigError(field, str(exc).split(": ", 1)[-1]) from None
+        raise exc.renamed(field) from None
 
 
 def calibration_ids(

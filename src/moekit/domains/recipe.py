@@ -45,9 +45,8 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 def _prefixed(prefix: str, exc: ConfigError) -> ConfigError:
     """The same error with its field named as it is in the recipe."""
-    message = str(exc).split(": ", 1)[1] if ": " in str(exc) else str(exc)
     inner = exc.field.split(".", 1)[1] if exc.field.startswith(("mix.", "router.")) else exc.field
-    return ConfigError(f"{prefix}.{inner}", message)
+    return exc.renamed(f"{prefix}.{inner}")
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
     try:
         GenerationConfig(**options)
     except ConfigError as exc:
-        raise MoekitError(f"--{exc.field.replace('_', '-')}: {str(exc).split(': ', 1)[1]}") from None
+        raise exc.renamed("--" + exc.field.replace("_", "-")) from None
     return options
 
 
@@ -215,7 +215,7 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # an ODP option the model's layers cannot take (found at the first step)
         if exc.field != "override.skipped_top_k":
             raise
-        raise MoekitError(f"--odp-skipped-top-k: {str(exc).split(': ', 1)[1]}") from None
+        raise exc.renamed("--odp-skipped-top-k") from None
     end = time.perf_counter()
     if not args.quiet:
         sys.stdout.write("\n")

@@ -928,7 +928,7 @@ def family_config_from_hf(
     try:
         fields_ = spec.read_config(hf_config)
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc.field}", str(exc).split(": ", 1)[-1]) from None
+        raise exc.renamed(f"{source}: {exc.field}") from None
     except (AttributeError, KeyError, TypeError) as exc:
         raise MoekitError(
             f"{source}: not a usable {spec.name} config ({type(exc).__name__}: {exc})"

@@ -263,7 +263,7 @@ def patch(model: nn.Module, *, backend: str = "auto", record_padding: bool = Fal
     try:  # the MoE block's settings only: attention and RoPE settings are not patch's business
         moe_config = spec.read_moe(config)
     except ConfigError as exc:
-        raise ConfigError(f"patch: {spec.name} config {exc.field}", str(exc).split(": ", 1)[-1]) from None
+        raise exc.renamed(f"patch: {spec.name} config {exc.field}") from None
     moe_config = dataclasses.replace(moe_config, num_shared_experts=0, shared_gate=False, backend=backend)
     state = _ForwardState()
     replaced = []

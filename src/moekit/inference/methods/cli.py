@@ -147,7 +147,7 @@ def odp_from_arguments(args: argparse.Namespace) -> Any:
             spare_last_token=not args.odp_skip_last_token,
         )
     except ConfigError as exc:
-        raise MoekitError(f"--odp-{exc.field.replace('_', '-')}: {str(exc).split(': ', 1)[1]}") from None
+        raise exc.renamed("--odp-" + exc.field.replace("_", "-")) from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -240,7 +240,7 @@ def main(args: argparse.Namespace) -> int:
             model, tokenizer, problems, args.method, settings, args.max_new_tokens, eos_token_id=eos
         )
     except ConfigError as exc:
-        raise MoekitError(f"--{_flag(exc.field, args.method)}: {str(exc).split(': ', 1)[1]}") from None
+        raise exc.renamed("--" + _flag(exc.field, args.method)) from None
     result = {
         "source": str(args.source),
         "set": args.task_set,

@@ -43,9 +43,7 @@ def odp_overrides(
         )
     except ConfigError as exc:
         name = exc.field.removeprefix("override.")
-        raise ConfigError(
-            "threshold" if name == "min_weight_ratio" else name, str(exc).split(": ", 1)[1]
-        ) from None
+        raise exc.renamed("threshold" if name == "min_weight_ratio" else name) from None
     if layers is None:
         return Overrides(default=override)
     return Overrides(layers={key: override for key in layers})
