@@ -16,7 +16,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-from helpers import torch_threads  # noqa: E402
+from helpers import TILE_KERNEL_UNAVAILABLE, tile_experts, torch_threads  # noqa: E402
+from moekit.kernels.native import native_available  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -46,6 +47,17 @@ def _production_threads(request):
         return
     with torch_threads(PRODUCTION_THREADS):
         yield
+
+
+@pytest.fixture
+def experts_on_tile_kernel(monkeypatch):
+    """fp32 experts on moekit's tile kernel whatever this machine's first-use measurement chose
+    (`MOEKIT_NATIVE=tile`): the one-call decode paths and `DecodePlan` run where it chose the tile
+    kernel, so they are tested on every machine that builds it, not only where it won."""
+    if not native_available():
+        pytest.skip(TILE_KERNEL_UNAVAILABLE)
+    monkeypatch.setenv("MOEKIT_NATIVE", "tile")
+    assert tile_experts()
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from moekit.kernels.native import cpu_isa, expert_kernel, kernel_isa, loops_available, native_available
+from moekit.kernels.native import expert_kernel, loops_available, native_available
 
 # Why a test of moekit's C++ loops and kernels is skipped, naming every condition that turns them off.
 LOOPS_UNAVAILABLE = (
@@ -21,28 +21,6 @@ TILE_KERNEL_UNAVAILABLE = (
     "compiler, or its probe against torch.mm disagreed)"
 )
 needs_tile_kernel = pytest.mark.skipif(not native_available(), reason=TILE_KERNEL_UNAVAILABLE)
-
-# Why a test of the kernels that repeat torch's summation order (RMSNorm, the attention step) is
-# skipped: they sum in vectors of the build's width, which is torch's own only where the kernels
-# are built for the CPU's vector set; built for another (`MOEKIT_NATIVE_ISA`, the other vector
-# set's leg of `make test`) their sums round differently from torch's, and their first-use probe
-# turns them off (torch's ops run).
-OTHER_VECTOR_SET = (
-    "the kernels are built for another vector set than the CPU's (MOEKIT_NATIVE_ISA), whose sums "
-    "cannot repeat torch's own vector width bit for bit"
-)
-
-
-def built_for_cpu_vector_set() -> bool:
-    """Whether the native kernels are built for the CPU's own vector set (torch's vector width)."""
-    return kernel_isa() == cpu_isa()
-
-
-# Why a test of the experts' one-call decode paths is skipped: they run on the tile kernel only.
-TILE_EXPERTS_UNAVAILABLE = (
-    "moekit's tile kernel is not the experts' kernel here (no AVX2/AVX-512 build, "
-    "MOEKIT_NATIVE off or mm, or the first-use measurement chose at::mm)"
-)
 
 
 def tile_experts() -> bool:

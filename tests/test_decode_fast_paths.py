@@ -12,15 +12,7 @@ from hypothesis import strategies as st
 import moekit.dispatch.few_rows as few_rows_module
 import moekit.kernels.native as native_module
 import moekit.layer as layer_module
-from helpers import (
-    LOOPS_UNAVAILABLE,
-    OTHER_VECTOR_SET,
-    TILE_EXPERTS_UNAVAILABLE,
-    built_for_cpu_vector_set,
-    needs_tile_kernel,
-    saved_and_loaded,
-    tile_experts,
-)
+from helpers import LOOPS_UNAVAILABLE, needs_tile_kernel, saved_and_loaded
 from moekit.dispatch.grouped import grouped_experts
 from moekit.dispatch.reference import reference_moe
 from moekit.interop.attention import RMSNorm
@@ -72,8 +64,6 @@ def test_rms_norm_kernel_is_torch_rms_norm_bit_for_bit(shape, width, eps, weight
 
     if not native.loops_available():
         pytest.skip(LOOPS_UNAVAILABLE)
-    if not built_for_cpu_vector_set():
-        pytest.skip(OTHER_VECTOR_SET)
     assert rms_norm.matches_torch()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, width, generator=gen) * 3
@@ -259,7 +249,6 @@ def test_joint_projection_of_a_decode_step_is_the_separate_path_bit_for_bit(
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
 @needs_tile_kernel
-@pytest.mark.skipif(not built_for_cpu_vector_set(), reason=OTHER_VECTOR_SET)
 def test_cached_attention_step_in_one_call_is_the_ops_bit_for_bit(families, family, threads):
     """A one-token step of a full-attention layer normalises, rotates and appends its keys and
     values in one call (`kernels.attention_step`: Qwen3's per-head norms, Qwen2-MoE's biases and no norm): the
@@ -360,13 +349,12 @@ def test_joint_projection_of_large_weights_reads_them_in_place_bit_for_bit(wide_
     torch.testing.assert_close(fast.double(), exact, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.usefixtures("experts_on_tile_kernel")
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decode_of_larger_experts_takes_one_call_on_the_callers_threads(threads):
     """Experts whose reads pay a thread hand-off, at decode sizes outside autograd, run whole in
     one C++ call on the caller's threads: the planned decode path's values bit for bit, and the
     float64 reference's; many rows per expert keep the planned path."""
-    if not tile_experts():
-        pytest.skip(TILE_EXPERTS_UNAVAILABLE)
     torch.manual_seed(0)
     router = preset("qwen3_moe", 16, 4)
     layer = MoE(MoEConfig(hidden_size=256, ff_size=512, router=router)).eval()
@@ -469,11 +457,6 @@ def test_compiled_paths_gathered_form_equals_float64_and_drops_null_experts(acti
     torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5)
 
 
-def tile_kernel_or_skip():
-    if not tile_experts():
-        pytest.skip(TILE_EXPERTS_UNAVAILABLE)
-
-
 def general_path(layer, x):
     """The layer's output and routing with the one-call decode path turned off."""
     with patch.object(layer_module, "routed_rows", lambda *args: None):
@@ -490,6 +473,7 @@ def assert_same_routing(fast, general):
     assert fast.num_compute_experts == general.num_compute_experts
 
 
+@pytest.mark.usefixtures("experts_on_tile_kernel")
 @settings(max_examples=25, deadline=None)
 @given(
     family=st.sampled_from(["qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "dbrx"]),
@@ -510,7 +494,6 @@ def test_decode_layer_in_one_call_is_the_general_path_bit_for_bit(
     their output (Llama 4's on the input runs the general path), any row count below decode's
     bound, tails of the vector width, one thread and two; and the float64 reference's output to
     rounding."""
-    tile_kernel_or_skip()
     num_experts, k = experts_and_k
     overrides = {"num_groups": 2, "topk_groups": 2} if family == "deepseek_v3" else {}
     router = preset(family, num_experts, k, **overrides)
@@ -540,13 +523,13 @@ def test_decode_layer_in_one_call_is_the_general_path_bit_for_bit(
     torch.testing.assert_close(fast.double(), reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
 
 
+@pytest.mark.usefixtures("experts_on_tile_kernel")
 def test_decode_layer_in_one_call_only_where_the_general_path_would_give_the_same():
     """The one-call path steps aside for padding (a token mask), a non-empty routing override,
     training, gradients, capacity limits and decode-exceeding row counts; with a capture-only
     override it runs, and the capture records its routing."""
     from moekit.routing.override import Overrides, RoutingCapture, RoutingOverride, override_routing
 
-    tile_kernel_or_skip()
     layer = small_layer()
     x = torch.randn(2, 32)
     with torch.inference_mode():
@@ -575,8 +558,8 @@ def test_decode_layer_in_one_call_only_where_the_general_path_would_give_the_sam
         assert few_rows_module.routed_rows(capped.eval(), x, None) is None
 
 
+@pytest.mark.usefixtures("experts_on_tile_kernel")
 def test_topk_kernel_refuses_expert_ids_out_of_range():
-    tile_kernel_or_skip()
     x, w_in, w_out = torch.randn(1, 8), torch.randn(4, 8, 8), torch.randn(4, 8, 4)
     with pytest.raises(RuntimeError, match="out of range"):
         torch.ops.moekit.topk_swiglu_rows(x, torch.tensor([[1, 4]]), torch.ones(1, 2), w_in, w_out, 1)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import TILE_EXPERTS_UNAVAILABLE, saved_and_loaded, tile_experts, torch_threads
+from helpers import saved_and_loaded, torch_threads
 from moekit.inference.generate import generate, stream
 from moekit.routing.override import Overrides, RoutingCapture, RoutingOverride, override_routing
 
@@ -22,10 +22,7 @@ from moekit.interop.tiny import TINY_CONFIGS  # noqa: E402
 
 # The plan covers MoE layers whose experts run on the tile kernel (`few_rows.route_rows`)
 # (and `make test` runs it again on the kernel built for the CPU's other vector set)
-pytestmark = [
-    pytest.mark.skipif(not tile_experts(), reason=TILE_EXPERTS_UNAVAILABLE),
-    pytest.mark.other_vector_set,
-]
+pytestmark = [pytest.mark.usefixtures("experts_on_tile_kernel"), pytest.mark.other_vector_set]
 
 # The families whose steps the plan covers (GPT-OSS's experts have biases and Llama 4's take the
 # routing weight on their input: their MoE layers take paths of their own)

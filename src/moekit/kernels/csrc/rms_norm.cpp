@@ -4,9 +4,10 @@
 // (pow, sum, div, add, rsqrt, mul, mul), each setting up its own iteration: 15-30 us for one row
 // of 32 to 1024 values, where the arithmetic takes well under a microsecond. A decoding step of a
 // small model runs several per layer. Here one call does the same operations on each row: the
-// squares summed as torch's CPU sum kernel sums a contiguous row (`cascade_sum`: vectors of the
-// build's width in four interleaved accumulators with cascade levels, the scalar tail first, then
-// the vector's lanes in order; a row shorter than a vector as four interleaved scalars), divided
+// squares summed as torch's CPU sum kernel sums a contiguous row (`cascade_sum`: vectors of 8
+// lanes, torch's AVX2 kernel, which AVX-512 CPUs run too (torch_sum.h), in four interleaved
+// accumulators with cascade levels, the scalar tail first, then the vector's lanes in order; a
+// row shorter than a vector as four interleaved scalars), divided
 // by the width, plus eps (rounded to fp32 as torch rounds a Python float), 1 / sqrt of it, times
 // each value, times the weight. The Python side uses it only where a probe at first use finds it
 // equal to torch.rms_norm bit for bit (moekit/kernels/rms_norm.py).

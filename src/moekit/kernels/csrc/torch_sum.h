@@ -1,13 +1,20 @@
 // torch's CPU summation order for one contiguous fp32 row (its `cascade_sum` inner sum), so
 // that kernels which repeat torch's arithmetic (rms_norm.cpp, attention_step.cpp) round as
-// torch does: vectors of the build's width in four interleaved accumulators with cascade levels,
-// the scalar tail first, then the vector's lanes in order; a row shorter than a vector as four
+// torch does: vectors of 8 lanes in four interleaved accumulators with cascade levels, the
+// scalar tail first, then the vector's lanes in order; a row shorter than a vector as four
 // interleaved scalars. And one row's RMSNorm in torch's order on top of it.
+//
+// 8 lanes on AVX-512 CPUs too: torch registers its sum kernel with REGISTER_DISPATCH, which
+// gives an AVX-512 CPU the AVX2 build of the kernel (ATen's DispatchStub.h; only
+// ALSO_REGISTER_AVX512_DISPATCH kernels run 16 lanes). So the width here is torch's whatever set
+// this file is built for, and a build for the CPU's other set repeats torch's sums too. (Before,
+// it summed at the build's width: on an AVX-512 Xeon the probe failed and both kernels were off.)
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "simd.h"
 
@@ -15,7 +22,9 @@
 
 namespace moekit_torch_sum {
 
-namespace S = moekit_simd;
+// torch's AVX2 Vectorized<float>, as a plain GCC vector: lane-wise adds, in any build
+constexpr int kTorchLanes = 8;
+typedef float TorchVec __attribute__((vector_size(kTorchLanes * sizeof(float))));
 
 constexpr int kIlp = 4;     // torch's row_sum: four interleaved accumulators
 constexpr int kLevels = 4;  // torch's multi_row_sum: cascade levels
@@ -68,23 +77,22 @@ inline Acc row_sum(int64_t items, Load load, Acc zero) {
   return partial[0];
 }
 
-struct VecSum {
-  S::Vec v;
-  VecSum operator+(const VecSum& o) const { return {S::add(v, o.v)}; }
-};
+inline TorchVec load_torch_vec(const float* p) {
+  TorchVec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
 
 // The sum of sq[0:n] (squares already rounded to fp32) in torch's order.
 inline float sum_of(const float* sq, int64_t n) {
-  if (n < S::kLanes)  // scalar_inner_sum
+  if (n < kTorchLanes)  // scalar_inner_sum
     return row_sum<float>(n, [&](int64_t i) { return sq[i]; }, 0.0f);
-  const int64_t vectors = n / S::kLanes;  // vectorized_inner_sum
-  const VecSum acc = row_sum<VecSum>(vectors, [&](int64_t i) { return VecSum{S::load(sq + i * S::kLanes)}; },
-                                     VecSum{S::zero()});
+  const int64_t vectors = n / kTorchLanes;  // vectorized_inner_sum
+  const TorchVec acc = row_sum<TorchVec>(
+      vectors, [&](int64_t i) { return load_torch_vec(sq + i * kTorchLanes); }, TorchVec{});
   float total = 0.0f;
-  for (int64_t k = vectors * S::kLanes; k < n; ++k) total += sq[k];
-  alignas(64) float lanes[S::kLanes];
-  S::store(lanes, acc.v);
-  for (int k = 0; k < S::kLanes; ++k) total += lanes[k];
+  for (int64_t k = vectors * kTorchLanes; k < n; ++k) total += sq[k];
+  for (int k = 0; k < kTorchLanes; ++k) total += acc[k];
   return total;
 }
 
