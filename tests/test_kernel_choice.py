@@ -3,6 +3,7 @@ path taken when the native kernels cannot be built warns and stays exact."""
 
 import json
 import os
+import time
 import warnings
 
 import pytest
@@ -166,7 +167,7 @@ def test_expert_kernel_is_measured_once_per_cpu_model_and_then_read(fresh_kernel
     assert native.float32_kernel() == "mm"
     monkeypatch.setattr(native, "measure_float32_kernel", lambda: calls.append(1) or "tile")
     assert native.float32_kernel() == "mm" and len(calls) == 1  # read from the store
-    stored = json.loads(store.choice_path("experts-float32").read_text())
+    stored = json.loads(store.choice_path("experts-swiglu-float32").read_text())
     assert stored == {"machine": store.machine_key(), "choice": "mm", "quiet": True}
     monkeypatch.setenv("MOEKIT_NATIVE", "tile")
     assert native.float32_kernel() == "tile"
@@ -314,3 +315,21 @@ def test_production_marker_runs_the_cli_paths():
     if os.environ.get("MOEKIT_NATIVE", "auto") != "0":
         assert native.loops_available()
         assert native.native_available() == (native.kernel_isa() is not None)
+
+
+@needs_tile_kernel
+@pytest.mark.parametrize("slowed", ["", "_mm"])
+def test_expert_kernel_measurement_times_the_layers_swiglu_path(monkeypatch, slowed):
+    """The first-use measurement times SwiGLU experts' forward and backward as the layer runs them
+    (not products alone): the kernel whose SwiGLU ops are slowed loses, whichever it is."""
+
+    def slow(op):
+        def wrapped(*args):
+            time.sleep(0.02)
+            return op(*args)
+
+        return wrapped
+
+    for name in ("expert_swiglu_forward", "expert_swiglu_backward"):
+        monkeypatch.setattr(torch.ops.moekit, name + slowed, slow(getattr(torch.ops.moekit, name + slowed)))
+    assert native.measure_float32_kernel() == ("tile" if slowed == "_mm" else "mm")
