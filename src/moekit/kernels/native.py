@@ -203,8 +203,9 @@ def measure_float32_kernel() -> str:
     than the tile kernel on torch's threads, else "tile" (~0.3 s).
 
     The layer's path, not the products alone: on an AVX-512 Xeon (family 6 model 207) at::mm's
-    products alone were 5-15 % faster than the tile kernel's, so that measurement stored "mm",
-    while on the SwiGLU path the tile kernel took 4-29 % less time (the layer fwd+bwd 7-20 % less)."""
+    forward products alone were up to 23 % faster than the tile kernel's, so that measurement
+    stored "mm", while the SwiGLU ops on at::mm took 1.04-1.29x the tile kernel's time and the
+    layer's fwd+bwd 1.08-1.21x (BENCHMARKS.md §13)."""
     experts, rows, hidden, ff = MEASURE_SHAPE
     gen = torch.Generator().manual_seed(0)
     count, tokens = experts * rows, experts * rows // 2
