@@ -446,7 +446,7 @@ void product_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai,
     // block of k rows copied into panels first (`copy_panels`), once for all blocks of A: with B
     // read in place, the coarse shape's fwd+bwd took 3-5 % longer (AVX2 EPYC, the variants side by
     // side in one process; fine 0-1.5 %, very fine level; BENCHMARKS.md §13).
-    thread_local std::vector<float> rows_packed, panels;
+    thread_local LineVector<float> rows_packed, panels;
     for (int64_t k = 0; k < K; k += kInnerBlock) {
       const int64_t depth = std::min<int64_t>(kInnerBlock, K - k);
       const int64_t block = std::max<int64_t>(
@@ -477,7 +477,7 @@ void product_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai,
     // fall into a few L1 sets, so every tile would fetch them again (measured on an AVX2 EPYC,
     // fine shape: input gradients 11-14 % slower than the forward products, whose W^T is packed;
     // copied, 15 % faster, level with them; very fine level either way).
-    thread_local std::vector<float> panels;
+    thread_local LineVector<float> panels;
     for (int64_t k = 0; k < K; k += kInnerBlock) {
       const int64_t depth = std::min<int64_t>(kInnerBlock, K - k);
       const int64_t chunk = std::max<int64_t>(kPanel, kCopiedPanelsBytes / static_cast<int64_t>(sizeof(float)) /
@@ -520,7 +520,7 @@ void product_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai,
     }
     return;
   }
-  thread_local std::vector<float> packed;
+  thread_local LineVector<float> packed;
   packed.resize(kInnerBlock * kPanel);
   for (int64_t n = 0; n < N; n += kPanel) {
     const int64_t width = std::min<int64_t>(kPanel, N - n);
