@@ -94,9 +94,10 @@ inline std::vector<Task> tasks_of(const at::Tensor& tasks, const char* op) {
 
 // Memory of the kernels' work spaces and packed panels, aligned to a 64-byte cache line, so that
 // vector loads of a panel's rows never straddle two lines. new and std::vector align to 16 bytes:
-// a register tile reading a 256-deep panel from L2 16 bytes off a line took 9-25 % longer than
-// from an aligned one (AVX-512 Xeon, the tile alone; level with the panel in L1), and the layer's
-// speed then depended on where the heap happened to place each thread's buffers.
+// a register tile reading a 256-deep panel from L2 16 bytes off a line ran at 130-158 GFLOP/s
+// instead of 174 (AVX-512 Xeon, the tile alone; level with the panel in L1), the layer's fwd+bwd
+// took 5-13 % longer with every buffer off a line, and its speed depended on where the heap
+// happened to place each thread's buffers (BENCHMARKS.md §13).
 constexpr std::align_val_t kLine{64};
 
 template <typename T>
