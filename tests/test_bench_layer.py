@@ -60,26 +60,31 @@ def _load_benchmark_script(name: str):
 
 def test_expert_products_benchmark_times_the_layers_products():
     """`benchmarks/expert_products.py` times the layer's own expert GEMMs: every expert's rows
-    times its weights, and the weight gradients of exactly its rows."""
+    times its weights, and the weight gradients of exactly its rows; on the layer's own loops and
+    as one torch.mm per expert alike."""
     script = _load_benchmark_script("expert_products")
     case = script.ProductsCase.build("very_fine", tokens=64)
-    out = case.run_products()
     w_in, w_out = case.layer.experts.w_in.detach(), case.layer.experts.w_out.detach()
     rows = case.rows
-    seen = 0
-    for e, start, stop in case.plan.groups.nonempty:
-        span = slice(start, stop)
-        close = dict(rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(out["h"][span], rows["x"][span] @ w_in[e].T, **close)
-        torch.testing.assert_close(out["y"][span], rows["a"][span] @ w_out[e].T, **close)
-        torch.testing.assert_close(out["grad_a"][span], rows["grad_y"][span] @ w_out[e], **close)
-        torch.testing.assert_close(out["grad_x"][span], rows["grad_h"][span] @ w_in[e], **close)
-        torch.testing.assert_close(out["grad_w_out"][e], rows["grad_y"][span].T @ rows["a"][span], **close)
-        torch.testing.assert_close(out["grad_w_in"][e], rows["grad_h"][span].T @ rows["x"][span], **close)
-        seen += stop - start
-    assert seen == 64 * case.shape.top_k
+    torch_mm = case.torch_mm_loops()
+    assert not torch_mm.grouped_mm and not torch_mm.whole_swiglu  # one torch.mm per expert and product
+    for out in (case.run_products(), case.run_products(torch_mm)):
+        seen = 0
+        for e, start, stop in case.plan.groups.nonempty:
+            span = slice(start, stop)
+            close = dict(rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(out["h"][span], rows["x"][span] @ w_in[e].T, **close)
+            torch.testing.assert_close(out["y"][span], rows["a"][span] @ w_out[e].T, **close)
+            torch.testing.assert_close(out["grad_a"][span], rows["grad_y"][span] @ w_out[e], **close)
+            torch.testing.assert_close(out["grad_x"][span], rows["grad_h"][span] @ w_in[e], **close)
+            grad_y, grad_h = rows["grad_y"][span], rows["grad_h"][span]
+            torch.testing.assert_close(out["grad_w_out"][e], grad_y.T @ rows["a"][span], **close)
+            torch.testing.assert_close(out["grad_w_in"][e], grad_h.T @ rows["x"][span], **close)
+            seen += stop - start
+        assert seen == 64 * case.shape.top_k
     timings = script.time_shape("very_fine", tokens=64, repeats=1, warmup=0)
-    assert set(timings) == {"dense", "moekit", "products"} and min(timings.values()) > 0
+    assert set(timings) == {"dense", "moekit", "products", "products_torch_mm"}
+    assert min(timings.values()) > 0
 
 
 def test_report_records_cpu_dispatch_and_decode_against_weight_reads():

@@ -316,12 +316,21 @@ def test_whole_swiglu_passes_read_every_row_to_the_ends_of_their_buffers(path, c
 
 
 @needs_loops
-@pytest.mark.parametrize("weight_on", ["output", "input"])
-def test_bfloat16_loops_match_float64(weight_on):
-    """bf16 experts run on the C++ loops' at::mm kernel (the tile kernel is fp32 only): output and
-    gradients within bf16's precision of float64, on two threads and on one."""
+@pytest.mark.parametrize(
+    "weight_on, dtype, ff",
+    [
+        ("output", torch.bfloat16, 16),
+        ("input", torch.bfloat16, 16),
+        ("output", torch.bfloat16, 21),
+        ("output", torch.float16, 21),
+    ],
+)
+def test_reduced_precision_loops_match_float64(weight_on, dtype, ff):
+    """bf16 and fp16 experts run on the C++ loops' at::mm kernel (the tile kernel is fp32 only),
+    their SwiGLU rows converted to fp32 vectors and back (ff of whole vectors, and with a tail):
+    output and gradients within the dtype's precision of float64, on two threads and on one."""
     gen = torch.Generator().manual_seed(10)
-    num_tokens, num_experts, k, hidden, ff = 200, 6, 2, 32, 16
+    num_tokens, num_experts, k, hidden = 200, 6, 2, 32
     logits = torch.randn(num_tokens, num_experts, generator=gen)
     logits[:, 2] = -float("inf")
     token, expert = sorted_topk_assignments(logits, k)
@@ -330,13 +339,13 @@ def test_bfloat16_loops_match_float64(weight_on):
     exact = swiglu_output_and_grads(inputs, token, expert, upstream, torch.float64, weight_on=weight_on)
     for threads in (2, 1):
         with torch_threads(2):
-            x, _, w_in, w_out = (t.to(torch.bfloat16) for t in inputs)
+            x, _, w_in, w_out = (t.to(dtype) for t in inputs)
             plan = grouped_module.plan_experts(
                 x, token, expert, w_in, w_out, make_activation("swiglu"), weight_on
             )
             assert isinstance(plan.loops, NativeLoops) and plan.loops.kernel == "mm"
             fast = swiglu_output_and_grads(
-                inputs, token, expert, upstream, torch.bfloat16, weight_on=weight_on, threads=threads
+                inputs, token, expert, upstream, dtype, weight_on=weight_on, threads=threads
             )
         for got, want in zip(fast, exact, strict=True):
             scale = want.abs().max().item()

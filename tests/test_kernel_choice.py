@@ -167,12 +167,43 @@ def test_expert_kernel_is_measured_once_per_cpu_model_and_then_read(fresh_kernel
     assert native.float32_kernel() == "mm"
     monkeypatch.setattr(native, "measure_float32_kernel", lambda: calls.append(1) or "tile")
     assert native.float32_kernel() == "mm" and len(calls) == 1  # read from the store
-    stored = json.loads(store.choice_path("experts-swiglu-float32").read_text())
+    stored = json.loads(store.choice_path("experts-many-rows-float32").read_text())
     assert stored == {"machine": store.machine_key(), "choice": "mm", "quiet": True}
     monkeypatch.setenv("MOEKIT_NATIVE", "tile")
     assert native.float32_kernel() == "tile"
     monkeypatch.setattr(native, "native_available", lambda: False)
     assert native.float32_kernel() == "mm" and len(calls) == 1
+
+
+@needs_tile_kernel
+@pytest.mark.parametrize("many_rows", ["mm", "tile"])
+def test_decode_takes_the_tile_kernel_whatever_many_rows_take(fresh_kernel_cache, monkeypatch, many_rows):
+    """The measured choice is for many rows per expert; decode (a few rows per expert) runs on the
+    tile kernel wherever it runs, in the planned path and the few-rows one alike; `MOEKIT_NATIVE`
+    forcing a kernel forces it for both."""
+    from moekit.dispatch import few_rows
+    from moekit.dispatch.grouped import DECODE_ROWS_PER_EXPERT, plan_experts
+    from moekit.experts.activations import make_activation
+
+    monkeypatch.setenv("MOEKIT_NATIVE", "auto")
+    monkeypatch.setattr(native, "measure_float32_kernel", lambda: many_rows)
+    num_experts, hidden, ff = 4, 16, 8
+    w_in, w_out = torch.randn(num_experts, 2 * ff, hidden), torch.randn(num_experts, hidden, ff)
+    act = make_activation("swiglu")
+
+    def kernel_of(rows_per_expert: int) -> str:
+        expert = torch.arange(num_experts).repeat_interleave(rows_per_expert)
+        token = torch.arange(len(expert))
+        x = torch.randn(len(expert), hidden)
+        return plan_experts(x, token, expert, w_in, w_out, act, threads=2).loops.kernel
+
+    decode_rows, many = DECODE_ROWS_PER_EXPERT - 1, 4 * DECODE_ROWS_PER_EXPERT
+    assert (kernel_of(decode_rows), kernel_of(many)) == ("tile", many_rows)
+    expert = torch.arange(num_experts).repeat_interleave(decode_rows)
+    x = torch.randn(2, hidden)
+    assert few_rows.few_rows_kernel(x, len(expert), w_in, w_out, whole=True, expert=expert)[0] == "tile"
+    monkeypatch.setenv("MOEKIT_NATIVE", "mm")
+    assert (kernel_of(decode_rows), kernel_of(many)) == ("mm", "mm")
 
 
 def test_record_is_reapplied_on_resume(fresh_kernel_cache, monkeypatch):

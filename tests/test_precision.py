@@ -309,6 +309,37 @@ def test_kernel_probe_is_not_recast_by_autocast():
         gemm.onednn_is_faster.cache_clear()
 
 
+FIRST_FORWARD_UNDER_AUTOCAST = """
+import json, torch
+from moekit import MoE, MoEConfig, preset
+from moekit.kernels import native
+torch.manual_seed(0)
+layer = MoE(MoEConfig(hidden_size=32, ff_size=48, router=preset("qwen3_moe", 4, 2)))
+x = torch.randn(24, 32)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    y = layer(x)
+print(json.dumps({"finite": bool(torch.isfinite(y).all()), "checked": list(native._built_and_checked())}))
+"""
+
+
+def test_expert_kernels_probe_is_not_recast_by_autocast():
+    """A process's first MoE forward may run under bf16 autocast, which probes the expert kernels:
+    their fp32 reference products must not be recast (it raised 'Float did not match BFloat16'),
+    and the probes must pass as they do outside autocast."""
+    import json
+    import subprocess
+
+    from moekit.kernels import native
+
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_FORWARD_UNDER_AUTOCAST], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    state = json.loads(done.stdout.strip().splitlines()[-1])
+    assert state["finite"]
+    assert state["checked"] == list(native._built_and_checked())
+
+
 @pytest.mark.skipif(CUDA, reason="checks the message shown where there is no GPU")
 def test_gpu_smoke_without_gpu_exits_2_with_one_line():
     import subprocess

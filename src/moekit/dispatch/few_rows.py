@@ -85,10 +85,11 @@ def few_rows_kernel(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_in, w_out, *tensors)):
         return None
     small = reads_are_small(rows, w_in, w_out)
-    kernel = expert_kernel(x, w_in, w_out) if whole else None
+    decode = rows == 0 or (expert is not None and decode_sized(rows, expert))  # as `_is_decode`
+    kernel = expert_kernel(x, w_in, w_out, decode=decode) if whole else None
     if kernel is not None and small:
         return kernel, 1
-    if kernel == "tile" and expert is not None and rows and decode_sized(rows, expert):
+    if kernel == "tile" and decode and rows:
         return kernel, torch.get_num_threads()
     if not small:
         return None
@@ -199,7 +200,11 @@ def rows_route_in_one_call(moe: MoE, x: Tensor) -> bool:
     w_in, w_out = experts.w_in, experts.w_out
     if not runs_whole(experts.activation, spec.weight_on, experts.b_in, experts.b_out):
         return False
-    return expert_kernel(x, w_in, w_out) == "tile"
+    if expert_kernel(x, w_in, w_out, decode=True) != "tile":
+        return False
+    # the general path takes the tile kernel for these rows too: where many rows take at::mm, only
+    # if every expert gets fewer rows than decode's bound (a token reaches an expert once at most)
+    return x.shape[0] < DECODE_ROWS_PER_EXPERT or expert_kernel(x, w_in, w_out) == "tile"
 
 
 def reads_of_rows_are_small(moe: MoE, rows: int) -> bool:

@@ -390,13 +390,14 @@ def plan_experts(
     """How the kept assignments (expert-sorted `token`, `expert`) will be computed: which path,
     kernel and threads. `threads` forces the native loops' thread count (tests)."""
     groups = ExpertGroups.build(token, expert, w_in.shape[0], x.shape[0])
-    kernel = expert_kernel(x, w_in, w_out) if backend != "grouped_mm" else None
+    active = len(groups.nonempty)
+    decode = _is_decode(len(token), active)
+    kernel = expert_kernel(x, w_in, w_out, decode=decode) if backend != "grouped_mm" else None
     if kernel is None:
         return portable_plan(x, token, expert, w_in, w_out, activation, weight_on, backend)
-    active = len(groups.nonempty)
     if threads is None:
         threads = torch.get_num_threads()
-        if _is_decode(len(token), active):
+        if decode:
             # decode reads each expert's weights for a row or two: on the caller's threads, whose
             # number generation chooses by timing its steps (`inference.step_threads`)
             threads = threads if active > 1 else 1

@@ -13,9 +13,10 @@ Two kernels compute an expert's products inside that loop (`expert_kernel`):
   `benchmarks/native_kernel.py`);
 - `mm` (`csrc/expert_mm.cpp`, any floating dtype, any x86 CPU): torch's `at::mm` per product,
   MKL or oneDNN as torch picks, unthreaded inside the loop.
-Where both run (fp32 where the tile kernel is built), which is faster is measured once per CPU
-model at first use and stored (`moekit.kernels.store`); elsewhere the CPU's features and the dtype
-decide.
+Where both run (fp32 where the tile kernel is built), decode (a few rows per expert) takes the
+tile kernel, whose dot products read each weight once, and many rows take whichever kernel a
+measurement once per CPU model at first use found faster (`moekit.kernels.store`); elsewhere the
+CPU's features and the dtype decide.
 
 Compiled with OpenMP (without it, ATen's parallel_for runs serially: BENCHMARKS.md §13) with the
 machine's C++ compiler through torch's extension builder (a few seconds, once; torch caches the
@@ -60,6 +61,7 @@ HEADERS = (
     CSRC / "expert_tasks.h",
     CSRC / "torch_sum.h",
     CSRC / "rotation.h",
+    CSRC / "swiglu_rows.h",
 )
 KERNELS = ("tile", "mm")
 # -fopenmp at compile time only: the OpenMP calls bind at load time to the runtime torch already
@@ -135,18 +137,28 @@ def swiglu_backward(h: Tensor, grad: Tensor) -> Tensor:
     return out
 
 
-def expert_kernel(x: Tensor, *weights: Tensor) -> str | None:
+def expert_kernel(x: Tensor, *weights: Tensor, decode: bool = False) -> str | None:
     """The kernel of the C++ expert loops for activations like `x` and packed [E, n_out, n_in]
     `weights` here ("tile" or "mm"), or None where the loops do not run (off the CPU, under
     `torch.compile`, no extension, `MOEKIT_NATIVE=0`, integer dtypes). The tile kernel takes fp32
-    weights with unit stride along one of their last two dimensions."""
+    weights with unit stride along one of their last two dimensions.
+
+    `decode` (a few rows per expert): the tile kernel wherever it runs, unless `MOEKIT_NATIVE`
+    forces `mm`. Its dot products read each weight once where at::mm per expert pays a library
+    call per product: a layer's decode on at::mm took 1.14-1.48x the tile kernel's time at T=8
+    and 1.33-1.70x at T=1 (AVX-512 Xeon, the layer benchmark's shapes; BENCHMARKS.md §13), also
+    where at::mm computed many rows faster. Many rows take the measured choice (`float32_kernel`)."""
     if torch.compiler.is_compiling() or x.device.type != "cpu" or not x.dtype.is_floating_point:
         return None
     requested = _requested()  # (read once: a decoding step asks once per MoE layer)
     if requested == "0" or not all(w.dtype == x.dtype for w in weights) or not _built_and_checked()[1]:
         return None
     tile_fits = x.dtype == torch.float32 and all(1 in (w.stride(-1), w.stride(-2)) for w in weights)
-    return float32_kernel(requested) if tile_fits else "mm"
+    if not tile_fits:
+        return "mm"
+    if decode and requested not in KERNELS and native_available():
+        return "tile"
+    return float32_kernel(requested)
 
 
 def native_available() -> bool:
@@ -161,8 +173,9 @@ def loops_available() -> bool:
 
 
 def float32_kernel(requested: str | None = None) -> str:
-    """The kernel of fp32 expert products here: as `MOEKIT_NATIVE` forces it (`requested`, if read
-    already), else "mm" without the tile kernel, else as measured once on this CPU model and stored."""
+    """The kernel of fp32 expert products over many rows here: as `MOEKIT_NATIVE` forces it
+    (`requested`, if read already), else "mm" without the tile kernel, else as measured once on
+    this CPU model and stored."""
     requested = _requested() if requested is None else requested
     if not native_available():
         return "mm"
@@ -181,8 +194,10 @@ def stored_float32_kernel() -> str:
     # a build for another vector set than the CPU's own (`MOEKIT_NATIVE_ISA`) stores its choice
     # apart: an emulated kernel's "mm" must not become the CPU's choice
     isa = kernel_isa()
-    # (named for the measurement: a choice stored by the earlier products-only one is measured again)
-    name = "experts-swiglu-float32" if isa == cpu_isa() else f"experts-swiglu-float32-{isa}"
+    # (named for the measurement and its rule: choices stored by earlier ones are measured again:
+    # the products alone, then SwiGLU passes with at::mm's scalar activation and a 10 % margin
+    # for the tile kernel, which then also ran decode)
+    name = "experts-many-rows-float32" if isa == cpu_isa() else f"experts-many-rows-float32-{isa}"
     return stored_choice(name, KERNELS, measure_float32_kernel)
 
 
@@ -199,13 +214,15 @@ MEASURE_ROUNDS = 7
 
 
 def measure_float32_kernel() -> str:
-    """ "mm" if torch's products made SwiGLU experts' forward and backward at least 10 % faster
-    than the tile kernel on torch's threads, else "tile" (~0.3 s).
+    """ "mm" if torch's products made SwiGLU experts' forward and backward faster than the tile
+    kernel on torch's threads (the median of the rounds' ratios), else "tile" (~0.3 s).
 
     The layer's path, not the products alone: on an AVX-512 Xeon (family 6 model 207) at::mm's
-    forward products alone were up to 23 % faster than the tile kernel's, so that measurement
-    stored "mm", while the SwiGLU ops on at::mm took 1.04-1.29x the tile kernel's time and the
-    layer's fwd+bwd 1.08-1.21x (BENCHMARKS.md §13)."""
+    forward products alone were up to 23 % faster than the tile kernel's while its SwiGLU passes,
+    their activation then scalar, took 1.04-1.29x the tile kernel's time; with the activation in
+    vectors they took 0.84-0.96x (five shapes). No margin for either kernel: decode, where the
+    tile kernel is well ahead, does not follow this choice (`expert_kernel`), so a near tie costs
+    little either way (BENCHMARKS.md §13)."""
     experts, rows, hidden, ff = MEASURE_SHAPE
     gen = torch.Generator().manual_seed(0)
     count, tokens = experts * rows, experts * rows // 2
@@ -239,14 +256,21 @@ def measure_float32_kernel() -> str:
             mm = seconds("_mm")
             tile = seconds("")
         ratios.append(mm / tile)
-    return "mm" if statistics.median(ratios) < 0.9 else "tile"
+    return "mm" if statistics.median(ratios) < 1.0 else "tile"
 
 
 @cache
 def _built_and_checked() -> tuple[bool, bool]:
-    """(tile kernel runs, expert loops run): built once, each checked against torch.mm."""
+    """(tile kernel runs, expert loops run): built once, each checked against torch.mm. The first
+    call may come inside a bf16 forward: autocast must not recast the probes' fp32 reference
+    products (it raised 'Float did not match BFloat16' in a layer's first forward under autocast)."""
     if not _build_and_load():
         return False, False
+    with torch.autocast("cpu", enabled=False):
+        return _probes_pass()
+
+
+def _probes_pass() -> tuple[bool, bool]:
     loops = all(hasattr(torch.ops.moekit, op) for op in MM_OPS) and _loops_match_torch()
     tile = (
         kernel_isa() is not None

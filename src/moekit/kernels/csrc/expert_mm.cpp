@@ -26,10 +26,12 @@
 #include <torch/library.h>
 
 #include "expert_tasks.h"
+#include "swiglu_rows.h"
 
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #if !defined(_OPENMP)
@@ -149,6 +151,120 @@ inline acc_t sigmoid(acc_t g) {
   return acc_t(1) / (acc_t(1) + std::exp(-g));
 }
 
+// SwiGLU rows of any dtype, one row at a time. Where simd.h's vectors are built (AVX2 or AVX-512)
+// and the dtype computes in fp32 (fp32, bf16, fp16), a row is converted to fp32 in the thread's
+// scratch (`kRowScratch` rows of ff floats), computed by swiglu_rows.h and converted back,
+// rounding each value once as the scalar loop does; else (fp64, or no vectors) a scalar loop in
+// the op-math type. With a scalar expf per element, the SwiGLU passes of a bf16 layer's experts
+// took nearly as long as their products (fine shape, fwd+bwd under autocast on an AVX-512 Xeon
+// with AMX: the loops' own time 36 ms of a 105 ms step, the products 39 ms; BENCHMARKS.md §7).
+#if defined(MOEKIT_SIMD)
+template <typename scalar_t>
+constexpr bool kVectorRows = std::is_same_v<at::opmath_type<scalar_t>, float>;
+#else
+template <typename scalar_t>
+constexpr bool kVectorRows = false;
+#endif
+// scratch floats per row: h as fp32 [2 ff], the gradient of h [2 ff], three rows of ff
+constexpr int64_t kRowScratch = 7;
+
+// The row as fp32: itself for fp32, else converted into `scratch`.
+template <typename scalar_t>
+inline const float* as_floats(const scalar_t* in, int64_t n, float* scratch) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return in;
+  } else {
+    for (int64_t j = 0; j < n; ++j) scratch[j] = static_cast<float>(in[j]);
+    return scratch;
+  }
+}
+
+// Where an fp32 result of n values goes: `out` itself for fp32, else `scratch` (then `store_floats`).
+template <typename scalar_t>
+inline float* float_target(scalar_t* out, float* scratch) {
+  if constexpr (std::is_same_v<scalar_t, float>)
+    return out;
+  else
+    return scratch;
+}
+
+template <typename scalar_t>
+inline void store_floats(const float* in, int64_t n, scalar_t* out) {
+  if constexpr (!std::is_same_v<scalar_t, float>)
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(in[j]);
+}
+
+// out[0:ff] = silu(gate) * up * scale for h = [gate | up], and where `unscaled`, also
+// unscaled[0:ff] = silu(gate) * up (the backward's a, formed again as the forward formed it).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void swiglu_forward_row(const scalar_t* h, int64_t ff, acc_t scale, scalar_t* out, scalar_t* unscaled,
+                        float* scratch) {
+  if constexpr (kVectorRows<scalar_t>) {
+#if defined(MOEKIT_SIMD)
+    const float* hf = as_floats(h, 2 * ff, scratch);
+    if (unscaled == nullptr) {
+      float* value = float_target(out, scratch + 2 * ff);
+      moekit_swiglu::swiglu_row(hf, value, ff, scale);
+      store_floats(value, ff, out);
+      return;
+    }
+    float* value = scratch + 2 * ff;
+    moekit_swiglu::swiglu_row(hf, value, ff);
+    for (int64_t j = 0; j < ff; ++j) {
+      unscaled[j] = static_cast<scalar_t>(value[j]);
+      out[j] = static_cast<scalar_t>(value[j] * scale);
+    }
+#endif
+  } else {
+    const scalar_t* up = h + ff;
+    for (int64_t j = 0; j < ff; ++j) {
+      const acc_t g = static_cast<acc_t>(h[j]);
+      const acc_t value = g * sigmoid(g) * static_cast<acc_t>(up[j]);
+      if (unscaled != nullptr) unscaled[j] = static_cast<scalar_t>(value);
+      out[j] = static_cast<scalar_t>(value * scale);
+    }
+  }
+}
+
+// From the gradient gr of a_in = a * scale (a = silu(gate) * up, given): the routing weight's
+// gradient <gr, a> (returned) and the gradient of h = [gate | up] into out [2 ff]:
+// d gate = da * up * s * (1 + gate * (1 - s)), d up = da * gate * s, da = gr * scale, s = sigmoid(gate).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+acc_t swiglu_backward_row(const scalar_t* h, const scalar_t* gr, const scalar_t* a, int64_t ff, acc_t scale,
+                          scalar_t* out, float* scratch) {
+  if constexpr (kVectorRows<scalar_t>) {
+#if defined(MOEKIT_SIMD)
+    namespace S = moekit_simd;
+    const float* hf = as_floats(h, 2 * ff, scratch);
+    const float* grf = as_floats(gr, ff, scratch + 4 * ff);
+    const float* af = as_floats(a, ff, scratch + 5 * ff);
+    float* da = scratch + 6 * ff;
+    S::Vec dot = S::zero();
+    const S::Vec sc = S::set1(scale);
+    for (int64_t j = 0; j < ff; j += S::kLanes) {
+      const S::Vec g = S::load_upto(grf + j, ff - j);
+      dot = S::fmadd(g, S::load_upto(af + j, ff - j), dot);
+      S::store_upto(da + j, ff - j, S::mul(g, sc));
+    }
+    float* grad_h = float_target(out, scratch + 2 * ff);
+    moekit_swiglu::swiglu_backward_row(hf, da, grad_h, ff);
+    store_floats(grad_h, 2 * ff, out);
+    return S::reduce_add(dot);
+#endif
+  } else {
+    const scalar_t* up = h + ff;
+    acc_t dot = 0;
+    for (int64_t j = 0; j < ff; ++j) dot += static_cast<acc_t>(gr[j]) * static_cast<acc_t>(a[j]);
+    for (int64_t j = 0; j < ff; ++j) {
+      const acc_t da = static_cast<acc_t>(gr[j]) * scale, g = static_cast<acc_t>(h[j]);
+      const acc_t sg = sigmoid(g);
+      out[j] = static_cast<scalar_t>(da * static_cast<acc_t>(up[j]) * sg * (acc_t(1) + g * (acc_t(1) - sg)));
+      out[ff + j] = static_cast<scalar_t>(da * g * sg);
+    }
+    return dot;
+  }
+}
+
 void check_swiglu_operands(const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
                            const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h, const char* op) {
   const int64_t d = x.size(1), rows = token.size(0);
@@ -184,22 +300,19 @@ void expert_swiglu_forward_mm(const at::Tensor& x, const at::Tensor& token, cons
     const scalar_t* H = h.data_ptr<scalar_t>();
     const int64_t ldx = x.stride(0), ldh = h.stride(0);
     WorkSpaces<scalar_t> spaces(largest_task(work) * (d + ff));
+    WorkSpaces<float> scratches(kRowScratch * ff);
     for_each_task(work, threads, [&](const Task& task) {
       const int64_t count = task.stop - task.start;
       scalar_t* space = spaces.mine();
+      float* scratch = scratches.mine();
       auto xs = rows_at(space, x, count, d), a_in = rows_at(space + count * d, x, count, ff);
       auto h_e = rows_of(h, task), ys_e = rows_of(ys, task);
       gather_rows(X, ldx, T, task, xs.data_ptr<scalar_t>(), d, d);
       at::mm_out(h_e, xs, w_in.select(0, task.expert).t());
       scalar_t* AI = a_in.data_ptr<scalar_t>();
-      for (int64_t r = task.start; r < task.stop; ++r) {
-        const scalar_t *gate = H + r * ldh, *up = gate + ff;
-        const acc_t sc = static_cast<acc_t>(S[r]);
-        for (int64_t j = 0; j < ff; ++j) {
-          const acc_t g = static_cast<acc_t>(gate[j]);
-          AI[(r - task.start) * ff + j] = static_cast<scalar_t>(g * sigmoid(g) * static_cast<acc_t>(up[j]) * sc);
-        }
-      }
+      for (int64_t r = task.start; r < task.stop; ++r)
+        swiglu_forward_row(H + r * ldh, ff, static_cast<acc_t>(S[r]), AI + (r - task.start) * ff,
+                           static_cast<scalar_t*>(nullptr), scratch);
       at::mm_out(ys_e, a_in, w_out.select(0, task.expert).t());
     });
   });
@@ -236,25 +349,21 @@ void expert_swiglu_backward_mm(const at::Tensor& grad_out, const at::Tensor& x, 
     scalar_t* GS = grad_scale.data_ptr<scalar_t>();
     const int64_t ldg = grad_out.stride(0), ldx = x.stride(0), ldh = h.stride(0);
     WorkSpaces<scalar_t> spaces(largest_task(work) * (d + 4 * ff));
+    WorkSpaces<float> scratches(kRowScratch * ff);
     for_each_task(work, threads, [&](const Task& task) {
       const int64_t count = task.stop - task.start;
       // grad_out's rows, then x's; a_in, then the gradient of a_in; a; the gradient of h
       scalar_t* space = spaces.mine();
+      float* scratch = scratches.mine();
       auto rows_d = rows_at(space, x, count, d), ga = rows_at(space + count * d, x, count, ff);
       auto a = rows_at(space + count * (d + ff), x, count, ff);
       auto gh = rows_at(space + count * (d + 2 * ff), x, count, 2 * ff);
       scalar_t *GA = ga.data_ptr<scalar_t>(), *A = a.data_ptr<scalar_t>(), *GH = gh.data_ptr<scalar_t>();
       gather_rows(G, ldg, T, task, rows_d.data_ptr<scalar_t>(), d, d);
       for (int64_t r = 0; r < count; ++r) {
-        const scalar_t *gate = H + (task.start + r) * ldh, *up = gate + ff;
-        if (r + 1 < count) prefetch_row(gate + ldh, 2 * ff);
-        const acc_t sc = static_cast<acc_t>(S[task.start + r]);
-        for (int64_t j = 0; j < ff; ++j) {
-          const acc_t g = static_cast<acc_t>(gate[j]);
-          const acc_t value = g * sigmoid(g) * static_cast<acc_t>(up[j]);
-          A[r * ff + j] = static_cast<scalar_t>(value);
-          GA[r * ff + j] = static_cast<scalar_t>(value * sc);
-        }
+        const scalar_t* hr = H + (task.start + r) * ldh;
+        if (r + 1 < count) prefetch_row(hr + ldh, 2 * ff);
+        swiglu_forward_row(hr, ff, static_cast<acc_t>(S[task.start + r]), GA + r * ff, A + r * ff, scratch);
       }
       if (grad_w_out.has_value()) {
         auto target = grad_w_out->select(0, task.expert);
@@ -262,19 +371,10 @@ void expert_swiglu_backward_mm(const at::Tensor& grad_out, const at::Tensor& x, 
       }
       at::mm_out(ga, rows_d, w_out.select(0, task.expert));  // the gradient of a_in
       for (int64_t r = 0; r < count; ++r) {
-        const scalar_t *gr = GA + r * ff, *ar = A + r * ff, *gate = H + (task.start + r) * ldh, *up = gate + ff;
-        if (r + 1 < count) prefetch_row(gate + ldh, 2 * ff);
-        scalar_t* out = GH + r * 2 * ff;
-        acc_t dot = 0;
-        for (int64_t j = 0; j < ff; ++j) dot += static_cast<acc_t>(gr[j]) * static_cast<acc_t>(ar[j]);
-        GS[task.start + r] = static_cast<scalar_t>(dot);
-        const acc_t sc = static_cast<acc_t>(S[task.start + r]);
-        for (int64_t j = 0; j < ff; ++j) {
-          const acc_t da = static_cast<acc_t>(gr[j]) * sc, g = static_cast<acc_t>(gate[j]);
-          const acc_t sg = sigmoid(g);
-          out[j] = static_cast<scalar_t>(da * static_cast<acc_t>(up[j]) * sg * (acc_t(1) + g * (acc_t(1) - sg)));
-          out[ff + j] = static_cast<scalar_t>(da * g * sg);
-        }
+        const scalar_t* hr = H + (task.start + r) * ldh;
+        if (r + 1 < count) prefetch_row(hr + ldh, 2 * ff);
+        GS[task.start + r] = static_cast<scalar_t>(swiglu_backward_row(
+            hr, GA + r * ff, A + r * ff, ff, static_cast<acc_t>(S[task.start + r]), GH + r * 2 * ff, scratch));
       }
       gather_rows(X, ldx, T, task, rows_d.data_ptr<scalar_t>(), d, d);
       if (grad_w_in.has_value()) {
