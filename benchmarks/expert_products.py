@@ -4,13 +4,15 @@
 
 For each shape of `moekit bench layer` (T tokens, forward+backward), side by side in one process,
 interleaved round by round: `dense`, the dense-equivalent chain of the layer benchmark; `moekit`,
-the whole layer; and `products`, only the layer's six expert products per expert (two forward, two
+the whole layer; `products`, only the layer's six expert products per expert (two forward, two
 input gradients, two weight gradients) for the routing the layer makes, through the same loops
-and buffers as the layer, with no routing, gather, activation or combine. `products /
-dense` is the ratio the layer would reach if everything but its GEMMs were free; `moekit -
-products` is what the rest costs. (Where the layer runs whole experts in one loop or task, as
-SwiGLU experts on the C++ loops do, `products` times the same products in the paired
-path's order.)
+and buffers as the layer, with no routing, gather, activation or combine; and `torch.mm`, the
+same products as one torch.mm per expert (the portable path's loop: MKL or oneDNN underneath).
+`products / dense` is the ratio the layer would reach if everything but its GEMMs were free;
+`moekit - products` is what the rest costs; `torch.mm` against `products` tells moekit's kernel
+apart from the shape (the dense chain runs a few large GEMMs, the experts many small ones).
+(Where the layer runs whole experts in one loop or task, as SwiGLU experts on the C++ loops do,
+`products` times the same products in the paired path's order.)
 """
 
 from __future__ import annotations
@@ -32,14 +34,13 @@ from moekit.bench.layer import SHAPES, Shape, build_layer, timed_step  # noqa: E
 from moekit.bench.machine import thread_round_trip_us  # noqa: E402
 from moekit.bench.peers import dense_contenders, moekit_contender  # noqa: E402
 from moekit.bench.timing import interleaved_medians  # noqa: E402
-from moekit.dispatch.grouped import ExpertPlan, plan_experts  # noqa: E402
+from moekit.dispatch.grouped import ExpertLoops, ExpertPlan, PortableLoops, plan_experts  # noqa: E402
 from moekit.io import write_json_atomic  # noqa: E402
 from moekit.layer import MoE  # noqa: E402
 
 
-def expert_products_step(plan: ExpertPlan, w_in, w_out, rows: dict[str, Tensor]) -> dict[str, Tensor]:
+def expert_products_step(loops: ExpertLoops, w_in, w_out, rows: dict[str, Tensor]) -> dict[str, Tensor]:
     """The layer's expert GEMMs for one forward and backward, in the order the layer runs them."""
-    loops = plan.loops
     h = loops.products(rows["x"], w_in)
     y = loops.products(rows["a"], w_out)
     grad_w_out, grad_a = loops.backward_pairs(rows["grad_y"], rows["a"], w_out, True)
@@ -85,11 +86,15 @@ class ProductsCase:
         }
         return ProductsCase(shape, layer, x, upstream, plan, rows)
 
-    def run_products(self) -> dict[str, Tensor]:
+    def run_products(self, loops: ExpertLoops | None = None) -> dict[str, Tensor]:
+        """The products on the layer's own loops, or on `loops` (the same expert groups)."""
+        loops = self.plan.loops if loops is None else loops
         with torch.no_grad():
-            return expert_products_step(
-                self.plan, self.layer.experts.w_in, self.layer.experts.w_out, self.rows
-            )
+            return expert_products_step(loops, self.layer.experts.w_in, self.layer.experts.w_out, self.rows)
+
+    def torch_mm_loops(self) -> PortableLoops:
+        """The same products as one torch.mm per expert."""
+        return PortableLoops(self.plan.groups, grouped_mm=False)
 
 
 def time_shape(name: str, tokens: int, repeats: int, warmup: int) -> dict[str, float]:
@@ -97,15 +102,16 @@ def time_shape(name: str, tokens: int, repeats: int, warmup: int) -> dict[str, f
     shape, x, upstream = case.shape, case.x, case.upstream
     dense = dense_contenders(shape.hidden, shape.ff, shape.top_k)[0]
 
-    def timed_products() -> float:
+    def timed_products(loops: ExpertLoops | None) -> float:
         start = time.perf_counter()
-        case.run_products()
+        case.run_products(loops)
         return time.perf_counter() - start
 
     steps = {
         "dense": partial(timed_step, dense, x, upstream, "fwd_bwd"),
         "moekit": partial(timed_step, moekit_contender(case.layer), x, upstream, "fwd_bwd"),
-        "products": timed_products,
+        "products": partial(timed_products, None),
+        "products_torch_mm": partial(timed_products, case.torch_mm_loops()),
     }
     return interleaved_medians(steps, repeats, warmup)
 
@@ -122,13 +128,15 @@ def main() -> None:
     before = thread_round_trip_us()
     results = []
     print(f"fwd+bwd at T={args.tokens}, median of {args.repeats} rounds; ratios against dense")
-    print(f"{'shape':>10} {'dense':>10} {'moekit':>18} {'products':>18} {'rest':>10}")
+    print(f"{'shape':>10} {'dense':>10} {'moekit':>18} {'products':>18} {'rest':>10} {'torch.mm':>18}")
     for name in args.shapes:
         medians = time_shape(name, args.tokens, args.repeats, args.warmup)
         dense, moekit, products = medians["dense"], medians["moekit"], medians["products"]
+        torch_mm = medians["products_torch_mm"]
         print(
             f"{name:>10} {dense * 1e3:7.2f} ms {moekit * 1e3:7.2f} ms ({moekit / dense:.2f}x)"
             f" {products * 1e3:7.2f} ms ({products / dense:.2f}x) {(moekit - products) * 1e3:7.2f} ms"
+            f" {torch_mm * 1e3:7.2f} ms ({torch_mm / dense:.2f}x)"
         )
         results.append({"shape": name, "tokens": args.tokens, **{f"{k}_s": v for k, v in medians.items()}})
     after = thread_round_trip_us()
