@@ -354,6 +354,32 @@ def test_reduced_precision_loops_match_float64(weight_on, dtype, ff):
             assert torch.count_nonzero(grad[2]) == 0
 
 
+def test_decode_under_autocast_computes_from_the_fp32_weights():
+    """Under bf16 autocast a decode-sized call outside autograd computes from the fp32 weights as
+    they are (casting every weight first cost more than the step) and returns bf16: the fp32
+    result rounded once. With gradients wanted the products run in bf16 as autocast asks."""
+    gen = torch.Generator().manual_seed(11)
+    num_tokens, num_experts, k, hidden, ff = 2, 16, 2, 32, 16
+    token, expert = sorted_topk_assignments(torch.randn(num_tokens, num_experts, generator=gen), k)
+    x, weight, w_in, w_out = swiglu_inputs(
+        gen, num_tokens, len(token), num_experts, hidden, ff, weight_scale=0.3, dtype=torch.float32
+    )
+    act = make_activation("swiglu")
+
+    def run(autocast: bool) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return grouped_experts(x, token, expert, weight, w_in, w_out, None, None, act)
+
+    with torch.no_grad():
+        fp32, decoded = run(False), run(True)
+    assert fp32.dtype == torch.float32 and decoded.dtype == torch.bfloat16
+    assert torch.equal(decoded, fp32.to(torch.bfloat16))
+    w_in.requires_grad_()
+    trained = run(True)
+    assert trained.dtype == torch.bfloat16 and not torch.equal(trained, decoded)
+    torch.testing.assert_close(trained.float(), fp32, rtol=5e-2, atol=5e-2)
+
+
 @needs_loops
 @pytest.mark.parametrize("caller_threads", [1, 2])
 def test_decode_reads_experts_on_the_callers_threads(caller_threads):

@@ -98,6 +98,22 @@ def few_rows_kernel(
     return ("grouped_mm", 1) if fits else None
 
 
+def decodes_from_fp32_weights(
+    x: Tensor, rows: int, expert: Tensor, w_in: Tensor, w_out: Tensor, *tensors: Tensor | None
+) -> bool:
+    """Whether a call under autocast computes its experts from their fp32 weights as they are: on
+    the CPU, fp32 weights, no gradient wanted of any operand, and decode-sized. A decoding step's
+    cost is reading the weights of the experts it reaches; casting them first read them twice
+    and wrote them once more (all of them, for the few a step reaches), and a layer's bf16 step
+    took 3-18x fp32's time (the benchmark's shapes, T=1 and 8, AVX-512 Xeon; BENCHMARKS.md §7);
+    now 1.0-1.3x. fp32 is also the more exact."""
+    if x.device.type != "cpu" or w_in.dtype != torch.float32 or w_out.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_in, w_out, *tensors)):
+        return False
+    return rows == 0 or decode_sized(rows, expert)
+
+
 def decode_sized(rows: int, expert: Tensor) -> bool:
     """Whether `rows` expert-sorted assignments (ids `expert`) are decode-sized: fewer than
     DECODE_ROWS_PER_EXPERT per expert they reach (the planned path's `_is_decode`)."""

@@ -440,9 +440,21 @@ def grouped_experts(
     threads: int | None = None,
 ) -> Tensor:
     """Run the kept assignments (expert-sorted `token`, `expert`, `weight`) through packed experts.
-    Under autocast, in its dtype: the fp32 weights are cast as autocast casts a linear layer's.
-    Small decode-sized calls outside autograd skip the planner (`dispatch/few_rows.py`)."""
+    Under autocast, in its dtype: the fp32 weights are cast as autocast casts a linear layer's,
+    except in decode-sized calls outside autograd on the CPU, which compute from the fp32 weights
+    as they are and return the autocast dtype (`decodes_from_fp32_weights`). Small decode-sized
+    calls outside autograd skip the planner (`dispatch/few_rows.py`)."""
     dtype = autocast_dtype(x)
+    if dtype is not None:
+        from moekit.dispatch.few_rows import decodes_from_fp32_weights
+
+        if decodes_from_fp32_weights(x, token.numel(), expert, w_in, w_out, weight, b_in, b_out):
+            with no_autocast(x):
+                y = grouped_experts(
+                    x.float(), token, expert, weight, w_in, w_out, b_in, b_out, activation, weight_on,
+                    backend, threads,
+                )  # fmt: skip
+            return y.to(dtype)
     if dtype is None and backend == "auto" and threads is None:
         from moekit.dispatch.few_rows import few_rows_experts, few_rows_kernel, runs_whole
 
