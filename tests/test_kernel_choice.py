@@ -239,16 +239,18 @@ def test_record_is_reapplied_on_resume(fresh_kernel_cache, monkeypatch):
 
 
 @needs_tile_kernel
-def test_record_of_another_vector_set_warns(fresh_kernel_cache, monkeypatch):
-    """A run whose tile kernel was built for another vector set (`MOEKIT_NATIVE_ISA`) rounds its
-    SwiGLU differently: resuming it with this process's build is named in a warning."""
-    monkeypatch.setenv("MOEKIT_NATIVE", "tile")  # (restored after the test, whatever the record sets)
+@pytest.mark.parametrize("kernel", ["tile", "mm"])
+def test_record_of_another_vector_set_warns(fresh_kernel_cache, monkeypatch, kernel):
+    """A run whose kernels were built for another vector set (`MOEKIT_NATIVE_ISA`) rounds its
+    SwiGLU differently, on either kernel: resuming it with this process's build is named in a
+    warning."""
+    monkeypatch.setenv("MOEKIT_NATIVE", kernel)  # (restored after the test, whatever the record sets)
     here = kernel_record(torch.float32)
-    assert here["tile_isa"] == native.kernel_isa()
+    assert here["tile_isa"] == native.kernel_isa() and here["expert_loops"] == kernel
     other = "avx2" if here["tile_isa"] != "avx2" else "avx512-emulated"
-    record = {**here, "expert_loops": "tile", "tile_isa": other}
+    record = {**here, "tile_isa": other}
     with pytest.warns(
-        RuntimeWarning, match=f"tile kernel was built for {other}, here for {here['tile_isa']}"
+        RuntimeWarning, match=f"expert kernels were built for {other}, here for {here['tile_isa']}"
     ):
         apply_kernel_record(record, torch.float32)
 
@@ -264,7 +266,7 @@ def test_record_of_the_avx512_kernel_suggests_the_setting_only_where_the_cpu_bui
     monkeypatch.setattr(record_module, "kernel_isa", lambda: "avx2")
     monkeypatch.setattr(record_module, "cpu_isa", lambda: cpu)
     record = {**kernel_record(torch.float32), "expert_loops": "tile", "tile_isa": "avx512"}
-    with pytest.warns(RuntimeWarning, match="tile kernel was built for avx512, here for avx2") as caught:
+    with pytest.warns(RuntimeWarning, match="expert kernels were built for avx512, here for avx2") as caught:
         apply_kernel_record(record, torch.float32)
     suggested = any("MOEKIT_NATIVE_ISA=avx512" in str(w.message) for w in caught)
     assert suggested == (cpu == "avx512")

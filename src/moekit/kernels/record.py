@@ -32,9 +32,10 @@ def kernel_record(dtype: torch.dtype = torch.float32) -> dict[str, Any]:
         if loops_available()
         else "portable",
         "threads": torch.get_num_threads(),
-        # the tile kernel's vector set (`MOEKIT_NATIVE_ISA` can force another than the CPU's):
-        # AVX-512's reciprocal rounds SwiGLU's sigmoid differently from AVX2's division
-        "tile_isa": kernel_isa() if native_available() else None,
+        # the vector set the expert kernels were built for (`MOEKIT_NATIVE_ISA` can force another
+        # than the CPU's): both kernels' SwiGLU runs in its vectors, and AVX-512's reciprocal
+        # rounds the sigmoid differently from AVX2's division
+        "tile_isa": kernel_isa() if loops_available() else None,
         "machine": machine_key(),
     }
 
@@ -72,9 +73,9 @@ def apply_kernel_record(record: dict[str, Any], dtype: torch.dtype = torch.float
     elif record.get("native") is True and not native_available():
         mismatches.append("the native kernel it used does not run here")
     wanted_isa, isa_here = record.get("tile_isa"), now["tile_isa"]
-    if loops == "tile" and wanted_isa is not None and isa_here is not None and wanted_isa != isa_here:
-        # only an AVX-512 CPU builds the AVX-512 kernel; every other set can be forced here
-        mismatch = f"its tile kernel was built for {wanted_isa}, here for {isa_here}"
+    if loops in ("tile", "mm") and wanted_isa is not None and isa_here is not None and wanted_isa != isa_here:
+        # only an AVX-512 CPU builds the AVX-512 kernels; every other set can be forced here
+        mismatch = f"its expert kernels were built for {wanted_isa}, here for {isa_here}"
         if wanted_isa != "avx512" or cpu_isa() == "avx512":
             mismatch += f" (MOEKIT_NATIVE_ISA={wanted_isa} at the start of a process builds that one)"
         mismatches.append(mismatch)
