@@ -85,7 +85,7 @@ def few_rows_kernel(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_in, w_out, *tensors)):
         return None
     small = reads_are_small(rows, w_in, w_out)
-    decode = rows == 0 or (expert is not None and decode_sized(rows, expert))  # as `_is_decode`
+    decode = decode_sized(rows, expert, w_in.shape[0]) if expert is not None else rows == 0
     kernel = expert_kernel(x, w_in, w_out, decode=decode) if whole else None
     if kernel is not None and small:
         return kernel, 1
@@ -111,13 +111,16 @@ def decodes_from_fp32_weights(
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_in, w_out, *tensors)):
         return False
-    return rows == 0 or decode_sized(rows, expert)
+    return decode_sized(rows, expert, w_in.shape[0])
 
 
-def decode_sized(rows: int, expert: Tensor) -> bool:
-    """Whether `rows` expert-sorted assignments (ids `expert`) are decode-sized: fewer than
-    DECODE_ROWS_PER_EXPERT per expert they reach (the planned path's `_is_decode`)."""
-    if rows >= DECODE_ROWS_PER_EXPERT * min(rows, expert.shape[0]):
+def decode_sized(rows: int, expert: Tensor, num_experts: int) -> bool:
+    """Whether `rows` expert-sorted assignments (ids `expert` of `num_experts`) are decode-sized:
+    none, or fewer than DECODE_ROWS_PER_EXPERT per expert they reach (the planned path's
+    `_is_decode`). The ids are read on the host only where the count of experts could decide it."""
+    if rows == 0:
+        return True
+    if rows >= DECODE_ROWS_PER_EXPERT * min(rows, num_experts):
         return False  # more rows per expert than decode has, however many experts they reach
     ids = expert.tolist()
     active = 1 + sum(1 for a, b in zip(ids, ids[1:], strict=False) if a != b)
