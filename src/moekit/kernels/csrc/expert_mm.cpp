@@ -197,8 +197,8 @@ inline void store_floats(const float* in, int64_t n, scalar_t* out) {
 // out[0:ff] = silu(gate) * up * scale for h = [gate | up], and where `unscaled`, also
 // unscaled[0:ff] = silu(gate) * up (the backward's a, formed again as the forward formed it).
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-void swiglu_forward_row(const scalar_t* h, int64_t ff, acc_t scale, scalar_t* out, scalar_t* unscaled,
-                        float* scratch) {
+void scaled_swiglu_row(const scalar_t* h, int64_t ff, acc_t scale, scalar_t* out, scalar_t* unscaled,
+                       float* scratch) {
   if constexpr (kVectorRows<scalar_t>) {
 #if defined(MOEKIT_SIMD)
     const float* hf = as_floats(h, 2 * ff, scratch);
@@ -230,8 +230,8 @@ void swiglu_forward_row(const scalar_t* h, int64_t ff, acc_t scale, scalar_t* ou
 // gradient <gr, a> (returned) and the gradient of h = [gate | up] into out [2 ff]:
 // d gate = da * up * s * (1 + gate * (1 - s)), d up = da * gate * s, da = gr * scale, s = sigmoid(gate).
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-acc_t swiglu_backward_row(const scalar_t* h, const scalar_t* gr, const scalar_t* a, int64_t ff, acc_t scale,
-                          scalar_t* out, float* scratch) {
+acc_t scaled_swiglu_backward_row(const scalar_t* h, const scalar_t* gr, const scalar_t* a, int64_t ff,
+                                  acc_t scale, scalar_t* out, float* scratch) {
   if constexpr (kVectorRows<scalar_t>) {
 #if defined(MOEKIT_SIMD)
     namespace S = moekit_simd;
@@ -311,8 +311,8 @@ void expert_swiglu_forward_mm(const at::Tensor& x, const at::Tensor& token, cons
       at::mm_out(h_e, xs, w_in.select(0, task.expert).t());
       scalar_t* AI = a_in.data_ptr<scalar_t>();
       for (int64_t r = task.start; r < task.stop; ++r)
-        swiglu_forward_row(H + r * ldh, ff, static_cast<acc_t>(S[r]), AI + (r - task.start) * ff,
-                           static_cast<scalar_t*>(nullptr), scratch);
+        scaled_swiglu_row(H + r * ldh, ff, static_cast<acc_t>(S[r]), AI + (r - task.start) * ff,
+                          static_cast<scalar_t*>(nullptr), scratch);
       at::mm_out(ys_e, a_in, w_out.select(0, task.expert).t());
     });
   });
@@ -363,7 +363,7 @@ void expert_swiglu_backward_mm(const at::Tensor& grad_out, const at::Tensor& x, 
       for (int64_t r = 0; r < count; ++r) {
         const scalar_t* hr = H + (task.start + r) * ldh;
         if (r + 1 < count) prefetch_row(hr + ldh, 2 * ff);
-        swiglu_forward_row(hr, ff, static_cast<acc_t>(S[task.start + r]), GA + r * ff, A + r * ff, scratch);
+        scaled_swiglu_row(hr, ff, static_cast<acc_t>(S[task.start + r]), GA + r * ff, A + r * ff, scratch);
       }
       if (grad_w_out.has_value()) {
         auto target = grad_w_out->select(0, task.expert);
@@ -373,7 +373,7 @@ void expert_swiglu_backward_mm(const at::Tensor& grad_out, const at::Tensor& x, 
       for (int64_t r = 0; r < count; ++r) {
         const scalar_t* hr = H + (task.start + r) * ldh;
         if (r + 1 < count) prefetch_row(hr + ldh, 2 * ff);
-        GS[task.start + r] = static_cast<scalar_t>(swiglu_backward_row(
+        GS[task.start + r] = static_cast<scalar_t>(scaled_swiglu_backward_row(
             hr, GA + r * ff, A + r * ff, ff, static_cast<acc_t>(S[task.start + r]), GH + r * 2 * ff, scratch));
       }
       gather_rows(X, ldx, T, task, rows_d.data_ptr<scalar_t>(), d, d);
