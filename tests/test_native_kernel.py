@@ -280,13 +280,14 @@ def test_plans_take_the_tile_kernel_for_float32_only(dtype, monkeypatch):
 
 @st.composite
 def expert_tasks(draw):
-    """Packed weights [E, n_out, n_in] (row-major or transposed in memory), rows, and tasks: some
-    experts' row ranges in any order, some experts and rows left out."""
+    """Packed weights [E, n_out, n_in] (row-major, transposed in memory, or every other element of
+    a larger tensor: no unit stride), rows, and tasks: some experts' row ranges in any order, some
+    experts and rows left out."""
     num_experts = draw(st.integers(1, 5))
     n_out, n_in = draw(st.integers(1, 90)), draw(st.integers(1, 300))
     counts = draw(st.lists(st.integers(0, 14), min_size=num_experts, max_size=num_experts))
     included = draw(st.lists(st.booleans(), min_size=num_experts, max_size=num_experts))
-    transposed = draw(st.booleans())
+    layout = draw(st.sampled_from(["row_major", "transposed", "strided"]))
     threads = draw(st.sampled_from([1, 2]))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     tasks, start = [], 0
@@ -294,7 +295,7 @@ def expert_tasks(draw):
         if included[e]:
             tasks.append((e, start, start + counts[e]))
         start += counts[e] + draw(st.integers(0, 2))  # rows between experts: never written
-    return num_experts, n_out, n_in, start, tasks, transposed, threads, dtype, draw(st.integers(0, 2**16))
+    return num_experts, n_out, n_in, start, tasks, layout, threads, dtype, draw(st.integers(0, 2**16))
 
 
 @pytest.mark.parametrize("kernel", ["tile", "mm"])
@@ -302,16 +303,20 @@ def expert_tasks(draw):
 @given(case=expert_tasks())
 def test_expert_loops_match_float64_and_write_only_their_rows(kernel, case):
     """`expert_products` and `expert_backward_pairs` (every expert whole on one of the threads) on
-    either kernel (the tile kernel in fp32; at::mm in fp32 and float64): each task's rows against
-    float64, the weight gradients of its experts; rows and experts of no task keep what was there."""
-    num_experts, n_out, n_in, rows, tasks, transposed, threads, dtype, seed = case
+    either kernel (the tile kernel in fp32; in fp32 and float64 the mm kernel's BLAS calls, and
+    at::mm for weights without a unit stride): each task's rows against float64, the weight
+    gradients of its experts; rows and experts of no task keep what was there."""
+    num_experts, n_out, n_in, rows, tasks, layout, threads, dtype, seed = case
     products, backward_pairs = loop_op("expert_products", kernel), loop_op("expert_backward_pairs", kernel)
-    if kernel == "tile":
+    if kernel == "tile":  # fp32, and (as plans give it) weights with a unit stride
         dtype = torch.float32
+        layout = "row_major" if layout == "strided" else layout
     gen = torch.Generator().manual_seed(seed)
     weights = torch.randn(num_experts, n_out, n_in, generator=gen) * 0.2
-    if transposed:
+    if layout == "transposed":
         weights = weights.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "strided":
+        weights = torch.zeros(num_experts, 2 * n_out, 2 * n_in)[:, ::2, ::2].copy_(weights)
     x = torch.randn(rows, n_in, generator=gen)
     grad = torch.randn(rows, n_out, generator=gen)
     weights, x, grad = weights.to(dtype), x.to(dtype), grad.to(dtype)

@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -38,9 +39,107 @@
 #error "moekit's expert loops must be compiled with -fopenmp (else at::parallel_for is serial)"
 #endif
 
+// Fortran BLAS's sgemm_ and dgemm_: inside torch's x86 builds, MKL's, the routines at::mm ends in
+// for fp32 and fp64 (torch's own cpublas::gemm wrappers are not exported). Declared weak: where a
+// torch build does not export them, every product goes through at::mm.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
 namespace {
 
 using namespace moekit_tasks;
+
+// A matrix in memory: `rows` x `cols` at `data`, element (i, j) at data[i * row_stride + j *
+// col_stride]. The expert loops pass an expert's rows and weights to each product as these
+// instead of as tensor views: at very fine (128 experts, six products each per fwd+bwd step) the
+// views (select, narrow, transpose) and at::mm's own checks came to about 3,000 torch calls per
+// step, about 2 ms of a 50 ms step on an AVX-512 Xeon (BENCHMARKS.md §13).
+template <typename T>
+struct Matrix {
+  T* data;
+  int64_t rows, cols, row_stride, col_stride;
+  Matrix t() const { return {data, cols, rows, col_stride, row_stride}; }
+};
+
+template <typename T>
+Matrix<T> rows_matrix(const at::Tensor& t, const Task& task) {
+  return {static_cast<T*>(t.data_ptr()) + task.start * t.stride(0), task.stop - task.start, t.size(1), t.stride(0),
+          t.stride(1)};
+}
+
+// `count` rows of `cols` packed at `data` (a thread's work space)
+template <typename T>
+Matrix<T> packed_rows(T* data, int64_t count, int64_t cols) {
+  return {data, count, cols, cols, 1};
+}
+
+// weights[e] of packed weights [E, n_out, n_in]
+template <typename T>
+Matrix<T> expert_matrix(const at::Tensor& w, int64_t e) {
+  return {static_cast<T*>(w.data_ptr()) + e * w.stride(0), w.size(1), w.size(2), w.stride(1), w.stride(2)};
+}
+
+template <typename T>
+at::Tensor as_tensor(const Matrix<T>& m) {
+  return at::from_blob(m.data, {m.rows, m.cols}, {m.row_stride, m.col_stride},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// How BLAS reads a matrix: 'N' with leading dimension ld for row-major storage (BLAS's column-major
+// view of its transpose), 'T' for the transpose of row-major storage; false for any other layout.
+template <typename T>
+bool blas_layout(const Matrix<T>& m, char* trans, int64_t* ld) {
+  if (m.col_stride == 1 && (m.row_stride >= m.cols || m.rows <= 1)) {
+    *trans = 'N';
+    *ld = std::max<int64_t>({m.row_stride, m.cols, 1});
+    return true;
+  }
+  if (m.row_stride == 1 && (m.col_stride >= m.rows || m.cols <= 1)) {
+    *trans = 'T';
+    *ld = std::max<int64_t>({m.col_stride, m.rows, 1});
+    return true;
+  }
+  return false;
+}
+
+// c = a @ b (c [m, n] row-major, a [m, k], b [k, n]), c's old values unread. fp32 and fp64 go
+// straight to BLAS where every operand has a unit stride: the row-major product c = a b is BLAS's
+// column-major c^T = b^T a^T, so b is passed first. Other dtypes (bf16, fp16: oneDNN underneath),
+// layouts or sizes take at::mm.
+template <typename T>
+void product(const Matrix<T>& c, const Matrix<const T>& a, const Matrix<const T>& b) {
+  TORCH_INTERNAL_ASSERT(a.rows == c.rows && b.cols == c.cols && a.cols == b.rows);
+  const int64_t m = c.rows, n = c.cols, k = a.cols;
+  if (m == 0 || n == 0) return;
+  constexpr bool kHasBlas = std::is_same_v<T, float> || std::is_same_v<T, double>;
+  if constexpr (kHasBlas) {
+    const bool linked = std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
+    char trans_a = 'N', trans_b = 'N';
+    int64_t lda = 0, ldb = 0;
+    const int64_t ldc = std::max<int64_t>({c.row_stride, n, 1});
+    constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
+    if (linked && k > 0 && c.col_stride == 1 && blas_layout(a, &trans_a, &lda) && blas_layout(b, &trans_b, &ldb) &&
+        std::max({m, n, k, lda, ldb, ldc}) <= kMaxInt) {
+      const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+      const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
+      const T one = 1, zero = 0;
+      if constexpr (std::is_same_v<T, float>)
+        sgemm_(&trans_b, &trans_a, &M, &N, &K, &one, b.data, &LDA, a.data, &LDB, &zero, c.data, &LDC);
+      else
+        dgemm_(&trans_b, &trans_a, &M, &N, &K, &one, b.data, &LDA, a.data, &LDB, &zero, c.data, &LDC);
+      return;
+    }
+  }
+  auto out = as_tensor(c);
+  at::mm_out(out, as_tensor(Matrix<T>{const_cast<T*>(a.data), a.rows, a.cols, a.row_stride, a.col_stride}),
+             as_tensor(Matrix<T>{const_cast<T*>(b.data), b.rows, b.cols, b.row_stride, b.col_stride}));
+}
 
 // This thread's OpenMP regions (MKL's, oneDNN's, ATen's) on one thread while it lives.
 struct OneOpenMPThread {
@@ -99,8 +198,6 @@ void check_scale(const at::Tensor& t, const at::Tensor& like, int64_t rows, cons
               ": ", name, " must be a contiguous [A] of the rows' dtype");
 }
 
-at::Tensor rows_of(const at::Tensor& t, const Task& task) { return t.narrow(0, task.start, task.stop - task.start); }
-
 // out[s:t] = rows[s:t] @ weights[e]^T for every task (e, s, t).
 void expert_products_mm(const at::Tensor& rows, const at::Tensor& weights, const at::Tensor& out,
                         const at::Tensor& tasks, int64_t threads) {
@@ -109,9 +206,11 @@ void expert_products_mm(const at::Tensor& rows, const at::Tensor& weights, const
   check_rows(rows, rows, rows.size(0), weights.size(2), op, "rows");
   check_rows(out, rows, rows.size(0), weights.size(1), op, "out");
   const auto work = checked_tasks(tasks, weights.size(0), rows.size(0), op);
-  for_each_task(work, threads, [&](const Task& task) {
-    auto target = rows_of(out, task);
-    at::mm_out(target, rows_of(rows, task), weights.select(0, task.expert).t());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "expert_products_mm", [&] {
+    for_each_task(work, threads, [&](const Task& task) {
+      product(rows_matrix<scalar_t>(out, task), rows_matrix<const scalar_t>(rows, task),
+              expert_matrix<const scalar_t>(weights, task.expert).t());
+    });
   });
 }
 
@@ -130,20 +229,15 @@ void expert_backward_pairs_mm(const at::Tensor& grad_rows, const at::Tensor& in_
     TORCH_CHECK(grad_weight->scalar_type() == grad_rows.scalar_type() && grad_weight->sizes() == weights.sizes(), op,
                 ": grad_weight must be shaped like weights, of the rows' dtype");
   const auto work = checked_tasks(tasks, weights.size(0), rows, op);
-  for_each_task(work, threads, [&](const Task& task) {
-    const auto g = rows_of(grad_rows, task);
-    if (grad_weight.has_value()) {
-      auto target = grad_weight->select(0, task.expert);
-      at::mm_out(target, g.t(), rows_of(in_rows, task));
-    }
-    auto target = rows_of(grad_in, task);
-    at::mm_out(target, g, weights.select(0, task.expert));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_rows.scalar_type(), "expert_backward_pairs_mm", [&] {
+    for_each_task(work, threads, [&](const Task& task) {
+      const auto g = rows_matrix<const scalar_t>(grad_rows, task);
+      if (grad_weight.has_value())
+        product(expert_matrix<scalar_t>(*grad_weight, task.expert), g.t(),
+                rows_matrix<const scalar_t>(in_rows, task));
+      product(rows_matrix<scalar_t>(grad_in, task), g, expert_matrix<const scalar_t>(weights, task.expert));
+    });
   });
-}
-
-// rows of `count` x `cols` at `data` (a thread's work space) as a tensor like `like`'s.
-at::Tensor rows_at(void* data, const at::Tensor& like, int64_t count, int64_t cols) {
-  return at::from_blob(data, {count, cols}, like.options());
 }
 
 template <typename acc_t>
@@ -305,15 +399,15 @@ void expert_swiglu_forward_mm(const at::Tensor& x, const at::Tensor& token, cons
       const int64_t count = task.stop - task.start;
       scalar_t* space = spaces.mine();
       float* scratch = scratches.mine();
-      auto xs = rows_at(space, x, count, d), a_in = rows_at(space + count * d, x, count, ff);
-      auto h_e = rows_of(h, task), ys_e = rows_of(ys, task);
-      gather_rows(X, ldx, T, task, xs.data_ptr<scalar_t>(), d, d);
-      at::mm_out(h_e, xs, w_in.select(0, task.expert).t());
-      scalar_t* AI = a_in.data_ptr<scalar_t>();
+      scalar_t *XS = space, *AI = space + count * d;
+      gather_rows(X, ldx, T, task, XS, d, d);
+      product(rows_matrix<scalar_t>(h, task), packed_rows<const scalar_t>(XS, count, d),
+              expert_matrix<const scalar_t>(w_in, task.expert).t());
       for (int64_t r = task.start; r < task.stop; ++r)
         scaled_swiglu_row(H + r * ldh, ff, static_cast<acc_t>(S[r]), AI + (r - task.start) * ff,
                           static_cast<scalar_t*>(nullptr), scratch);
-      at::mm_out(ys_e, a_in, w_out.select(0, task.expert).t());
+      product(rows_matrix<scalar_t>(ys, task), packed_rows<const scalar_t>(AI, count, ff),
+              expert_matrix<const scalar_t>(w_out, task.expert).t());
     });
   });
 }
@@ -355,34 +449,30 @@ void expert_swiglu_backward_mm(const at::Tensor& grad_out, const at::Tensor& x, 
       // grad_out's rows, then x's; a_in, then the gradient of a_in; a; the gradient of h
       scalar_t* space = spaces.mine();
       float* scratch = scratches.mine();
-      auto rows_d = rows_at(space, x, count, d), ga = rows_at(space + count * d, x, count, ff);
-      auto a = rows_at(space + count * (d + ff), x, count, ff);
-      auto gh = rows_at(space + count * (d + 2 * ff), x, count, 2 * ff);
-      scalar_t *GA = ga.data_ptr<scalar_t>(), *A = a.data_ptr<scalar_t>(), *GH = gh.data_ptr<scalar_t>();
-      gather_rows(G, ldg, T, task, rows_d.data_ptr<scalar_t>(), d, d);
+      scalar_t *RD = space, *GA = space + count * d, *A = space + count * (d + ff);
+      scalar_t* GH = space + count * (d + 2 * ff);
+      const auto rows_d = packed_rows<const scalar_t>(RD, count, d), gh = packed_rows<const scalar_t>(GH, count, 2 * ff);
+      gather_rows(G, ldg, T, task, RD, d, d);
       for (int64_t r = 0; r < count; ++r) {
         const scalar_t* hr = H + (task.start + r) * ldh;
         if (r + 1 < count) prefetch_row(hr + ldh, 2 * ff);
         scaled_swiglu_row(hr, ff, static_cast<acc_t>(S[task.start + r]), GA + r * ff, A + r * ff, scratch);
       }
-      if (grad_w_out.has_value()) {
-        auto target = grad_w_out->select(0, task.expert);
-        at::mm_out(target, rows_d.t(), ga);
-      }
-      at::mm_out(ga, rows_d, w_out.select(0, task.expert));  // the gradient of a_in
+      if (grad_w_out.has_value())
+        product(expert_matrix<scalar_t>(*grad_w_out, task.expert), rows_d.t(),
+                packed_rows<const scalar_t>(GA, count, ff));
+      // the gradient of a_in
+      product(packed_rows<scalar_t>(GA, count, ff), rows_d, expert_matrix<const scalar_t>(w_out, task.expert));
       for (int64_t r = 0; r < count; ++r) {
         const scalar_t* hr = H + (task.start + r) * ldh;
         if (r + 1 < count) prefetch_row(hr + ldh, 2 * ff);
         GS[task.start + r] = static_cast<scalar_t>(scaled_swiglu_backward_row(
             hr, GA + r * ff, A + r * ff, ff, static_cast<acc_t>(S[task.start + r]), GH + r * 2 * ff, scratch));
       }
-      gather_rows(X, ldx, T, task, rows_d.data_ptr<scalar_t>(), d, d);
-      if (grad_w_in.has_value()) {
-        auto target = grad_w_in->select(0, task.expert);
-        at::mm_out(target, gh.t(), rows_d);
-      }
-      auto gx = rows_of(grad_xs, task);
-      at::mm_out(gx, gh, w_in.select(0, task.expert));
+      gather_rows(X, ldx, T, task, RD, d, d);
+      if (grad_w_in.has_value())
+        product(expert_matrix<scalar_t>(*grad_w_in, task.expert), gh.t(), rows_d);
+      product(rows_matrix<scalar_t>(grad_xs, task), gh, expert_matrix<const scalar_t>(w_in, task.expert));
     });
   });
 }
