@@ -40,6 +40,7 @@ from torch import Tensor
 from moekit.device import autocast_dtype, no_autocast
 from moekit.experts.activations import Activation
 from moekit.kernels.native import expert_kernel
+from moekit.routing.keysort import stable_sort
 
 BACKENDS = ("auto", "loop", "grouped_mm")
 # With fewer rows than this per active expert (decode), the products are bound by the experts'
@@ -80,8 +81,10 @@ class ExpertGroups:
     @cached_property
     def by_token(self) -> tuple[Tensor, Tensor]:
         """(order, bounds): the assignments sorted by token, stably (order [A]), token t's being
-        order[bounds[t]:bounds[t+1]]; for the native combine."""
-        order = torch.argsort(self.token, stable=True)
+        order[bounds[t]:bounds[t+1]]; for the native combine. Token ids are small keys, so the
+        stable sort is keysort's radix sort (very fine shape, 16,384 assignments of 2048 tokens:
+        0.21 ms against 1.07 ms for torch.argsort, BENCHMARKS.md §13)."""
+        _, order = stable_sort(self.token)
         bounds = self.token.new_zeros(self.num_tokens + 1)
         torch.cumsum(torch.bincount(self.token, minlength=self.num_tokens), 0, out=bounds[1:])
         return order, bounds

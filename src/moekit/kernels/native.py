@@ -54,6 +54,7 @@ SOURCES = (
     CSRC / "rope.cpp",
     CSRC / "kv_append.cpp",
     CSRC / "attention_step.cpp",
+    CSRC / "topk_rows.cpp",
 )
 HEADERS = (
     CSRC / "simd.h",

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from moekit.device import no_autocast
 from moekit.kernels.linear import fast_linear
+from moekit.kernels.topk import topk_indices
 from moekit.routing.capacity import apply_capacity, expert_capacity
 from moekit.routing.record import Assignments, Routing
 from moekit.routing.spec import RouterSpec
@@ -69,14 +70,11 @@ def choose_topk(
             selection = group_limited(
                 selection, spec.num_groups, spec.topk_groups, spec.group_score, spec.top_k
             )
-        if selection is scores:  # the chosen scores are topk's values, not gathered again
-            weights, index = scores.topk(spec.top_k, dim=-1)
-        else:
-            index = selection.topk(spec.top_k, dim=-1).indices
-            weights = scores.gather(1, index)
+        index = topk_indices(selection, spec.top_k)
+        weights = scores.gather(1, index)
     else:
         selection = logits if selection_bias is None else logits + selection_bias
-        index = selection.topk(spec.top_k, dim=-1).indices
+        index = topk_indices(selection, spec.top_k)
         weights = score(logits.gather(1, index), spec.score_fn)
     weights = renormalise(weights, spec.renorm, spec.renorm_p, spec.renorm_eps)
     if spec.scaling != 1.0:
