@@ -341,6 +341,27 @@ def test_expert_loops_match_float64_and_write_only_their_rows(kernel, case):
     assert torch.isnan(grad_weight[untouched]).all()
 
 
+@pytest.mark.parametrize("precision", ["highest", "medium"])
+def test_mm_loops_compute_as_torch_mm_under_its_fp32_precision_setting(precision):
+    """The mm kernel's fp32 products (BLAS called directly) are torch.mm's bit for bit, and where
+    the user allowed reduced-precision fp32 products ("medium": oneDNN in bf16 where the CPU has
+    it) they take at::mm, so that the setting reaches the experts as it reaches torch.mm."""
+    products = loop_op("expert_products", "mm")
+    gen = torch.Generator().manual_seed(0)
+    weights, x = torch.randn(3, 40, 96, generator=gen), torch.randn(70, 96, generator=gen)
+    tasks = torch.tensor([[2, 0, 30], [0, 30, 70]])
+    out = torch.empty(70, 40)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(precision)
+        with torch_threads(1):
+            products(x, weights, out, tasks, 1)
+            expected = torch.cat([x[:30] @ weights[2].t(), x[30:] @ weights[0].t()])
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("kernel", ["tile", "mm"])
 def test_bad_expert_tasks_get_a_clear_error(kernel):
     products = loop_op("expert_products", kernel)

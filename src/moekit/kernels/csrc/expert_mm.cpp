@@ -1,6 +1,7 @@
 // The expert loops of expert_gemm.cpp on torch's own matrix products: torch's threads take whole
-// experts, largest first, from a shared counter (expert_tasks.h), and each product is an at::mm
-// written into the caller's buffer (MKL or oneDNN, as torch picks for the dtype). For any floating
+// experts, largest first, from a shared counter (expert_tasks.h), and each product is written into
+// the caller's buffer by the library at::mm would call: BLAS's sgemm_ / dgemm_ (MKL) for fp32 and
+// fp64, called directly, else at::mm itself (oneDNN for bf16 and fp16). For any floating
 // dtype and any x86 CPU: where moekit's AVX-512 tile kernel does not run (no AVX-512, bf16, fp16,
 // fp64) or was measured slower than torch's products (moekit/kernels/native.py).
 //
@@ -12,11 +13,11 @@
 //   moekit::combine_rows_any(rows, order, bounds, out): out[t] = sum of rows[order[bounds[t]:bounds[t+1]]].
 //   moekit::parallel_width(n): how many of torch's threads at::parallel_for gives n one-item tasks.
 //
-// Threads: inside torch's parallel region every at::mm runs on the thread that took the expert
+// Threads: inside torch's parallel region every product runs on the thread that took the expert
 // (OpenMP runs nested regions serially, and ATen's own parallel_for runs inline there). With
 // `threads` 1 (decode) the loop runs on the calling thread with OpenMP set to one thread for the
 // duration, so that tiny products do not hand off between threads; a single expert with more
-// threads asked is one at::mm threaded as torch threads it.
+// threads asked is one product threaded as torch threads at::mm.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -59,7 +60,7 @@ using namespace moekit_tasks;
 // col_stride]. The expert loops pass an expert's rows and weights to each product as these
 // instead of as tensor views: at very fine (128 experts, six products each per fwd+bwd step) the
 // views (select, narrow, transpose) and at::mm's own checks came to about 3,000 torch calls per
-// step, about 2 ms of a 50 ms step on an AVX-512 Xeon (BENCHMARKS.md §13).
+// step; without them the layer's fwd+bwd took 0.96x the time on an AVX-512 Xeon (BENCHMARKS.md §13).
 template <typename T>
 struct Matrix {
   T* data;
@@ -108,10 +109,17 @@ bool blas_layout(const Matrix<T>& m, char* trans, int64_t* ld) {
   return false;
 }
 
+// Whether at::mm computes fp32 products in full fp32 (through BLAS): not where the user allowed
+// oneDNN's reduced-precision fp32 products (torch.set_float32_matmul_precision("medium"/"high")).
+inline bool full_fp32_products() {
+  const auto precision = at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+  return precision != at::Float32Precision::BF16 && precision != at::Float32Precision::TF32;
+}
+
 // c = a @ b (c [m, n] row-major, a [m, k], b [k, n]), c's old values unread. fp32 and fp64 go
-// straight to BLAS where every operand has a unit stride: the row-major product c = a b is BLAS's
-// column-major c^T = b^T a^T, so b is passed first. Other dtypes (bf16, fp16: oneDNN underneath),
-// layouts or sizes take at::mm.
+// straight to BLAS where every operand has a unit stride and at::mm would too: the row-major
+// product c = a b is BLAS's column-major c^T = b^T a^T, so b is passed first. Other dtypes (bf16,
+// fp16: oneDNN underneath), layouts, sizes and precision settings take at::mm.
 template <typename T>
 void product(const Matrix<T>& c, const Matrix<const T>& a, const Matrix<const T>& b) {
   TORCH_INTERNAL_ASSERT(a.rows == c.rows && b.cols == c.cols && a.cols == b.rows);
@@ -119,7 +127,8 @@ void product(const Matrix<T>& c, const Matrix<const T>& a, const Matrix<const T>
   if (m == 0 || n == 0) return;
   constexpr bool kHasBlas = std::is_same_v<T, float> || std::is_same_v<T, double>;
   if constexpr (kHasBlas) {
-    const bool linked = std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
+    const bool linked =
+        std::is_same_v<T, float> ? sgemm_ != nullptr && full_fp32_products() : dgemm_ != nullptr;
     char trans_a = 'N', trans_b = 'N';
     int64_t lda = 0, ldb = 0;
     const int64_t ldc = std::max<int64_t>({c.row_stride, n, 1});

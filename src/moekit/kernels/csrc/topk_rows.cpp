@@ -9,7 +9,7 @@
 // at or above the k-th pick and no NaN. Where that holds, the k largest values are distinct and
 // strictly above every other value, so they and their order are fixed by the values alone and
 // torch.topk gives the same indices. A row that fails the check (a tie among or at the edge of
-// its top k, a NaN, fewer than k values above -inf) is flagged, and the caller asks torch.topk
+// its top k, a NaN, a +inf, fewer than k values above -inf) is flagged, and the caller asks torch.topk
 // for those rows, whose order among equal values is its own (moekit/kernels/topk.py).
 //
 //   moekit::topk_rows(scores, k) -> (index, flagged): scores [T, n] contiguous fp32, 1 <= k <= n;
@@ -63,6 +63,7 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& scores, int64_t k
               op, ": scores must be a contiguous float32 CPU tensor [T, n]");
   const int64_t rows = scores.size(0), n = scores.size(1);
   TORCH_CHECK(k >= 1 && k <= n, op, ": k must be in [1, ", n, "], got ", k);
+  TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), op, ": rows of more than 2^31 - 1 scores");
   auto index = at::empty({rows, k}, scores.options().dtype(at::kLong));
   auto flagged = at::empty({rows}, scores.options().dtype(at::kBool));
   const float* S = scores.data_ptr<float>();
