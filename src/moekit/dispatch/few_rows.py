@@ -82,7 +82,7 @@ def few_rows_kernel(
       its autograd Function)."""
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_in, w_out, *tensors)):
+    if gradient_wanted(x, w_in, w_out, *tensors):
         return None
     small = reads_are_small(rows, w_in, w_out)
     decode = decode_sized(rows, expert, w_in.shape[0]) if expert is not None else rows == 0
@@ -98,6 +98,11 @@ def few_rows_kernel(
     return ("grouped_mm", 1) if fits else None
 
 
+def gradient_wanted(*tensors: Tensor | None) -> bool:
+    """Whether autograd would want a gradient of any of `tensors` (None ones skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def decodes_from_fp32_weights(
     x: Tensor, rows: int, expert: Tensor, w_in: Tensor, w_out: Tensor, *tensors: Tensor | None
 ) -> bool:
@@ -109,7 +114,7 @@ def decodes_from_fp32_weights(
     now 1.0-1.3x. fp32 is also the more exact."""
     if x.device.type != "cpu" or w_in.dtype != torch.float32 or w_out.dtype != torch.float32:
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_in, w_out, *tensors)):
+    if gradient_wanted(x, w_in, w_out, *tensors):
         return False
     return decode_sized(rows, expert, w_in.shape[0])
 

@@ -86,10 +86,12 @@ Matrix<T> expert_matrix(const at::Tensor& w, int64_t e) {
   return {static_cast<T*>(w.data_ptr()) + e * w.stride(0), w.size(1), w.size(2), w.stride(1), w.stride(2)};
 }
 
+// The matrix as a tensor over its memory (for at::mm, which writes only its output).
 template <typename T>
 at::Tensor as_tensor(const Matrix<T>& m) {
-  return at::from_blob(m.data, {m.rows, m.cols}, {m.row_stride, m.col_stride},
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  using Element = std::remove_const_t<T>;
+  return at::from_blob(const_cast<Element*>(m.data), {m.rows, m.cols}, {m.row_stride, m.col_stride},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<Element>::value));
 }
 
 // How BLAS reads a matrix: 'N' with leading dimension ld for row-major storage (BLAS's column-major
@@ -146,8 +148,7 @@ void product(const Matrix<T>& c, const Matrix<const T>& a, const Matrix<const T>
     }
   }
   auto out = as_tensor(c);
-  at::mm_out(out, as_tensor(Matrix<T>{const_cast<T*>(a.data), a.rows, a.cols, a.row_stride, a.col_stride}),
-             as_tensor(Matrix<T>{const_cast<T*>(b.data), b.rows, b.cols, b.row_stride, b.col_stride}));
+  at::mm_out(out, as_tensor(a), as_tensor(b));
 }
 
 // This thread's OpenMP regions (MKL's, oneDNN's, ATen's) on one thread while it lives.
