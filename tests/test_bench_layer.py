@@ -58,33 +58,72 @@ def _load_benchmark_script(name: str):
     return module
 
 
+CLOSE = dict(rtol=1e-4, atol=1e-4)
+
+
+def assert_products(out: dict, rows: dict, w_in, w_out, span=slice(None), into=None) -> None:
+    """out holds the six products of `rows[span]` (x, a, grad_y, grad_h) with w_in and w_out;
+    the weight gradients in out[...][into] (an expert's slice) or the whole of out[...]."""
+    grad_w = {name: out[name] if into is None else out[name][into] for name in ("grad_w_in", "grad_w_out")}
+    x, a, grad_y, grad_h = (rows[name][span] for name in ("x", "a", "grad_y", "grad_h"))
+    torch.testing.assert_close(out["h"][span], x @ w_in.T, **CLOSE)
+    torch.testing.assert_close(out["y"][span], a @ w_out.T, **CLOSE)
+    torch.testing.assert_close(out["grad_a"][span], grad_y @ w_out, **CLOSE)
+    torch.testing.assert_close(out["grad_x"][span], grad_h @ w_in, **CLOSE)
+    torch.testing.assert_close(grad_w["grad_w_out"], grad_y.T @ a, **CLOSE)
+    torch.testing.assert_close(grad_w["grad_w_in"], grad_h.T @ x, **CLOSE)
+
+
 def test_expert_products_benchmark_times_the_layers_products():
     """`benchmarks/expert_products.py` times the layer's own expert GEMMs: every expert's rows
-    times its weights, and the weight gradients of exactly its rows; on the layer's own loops and
-    as one torch.mm per expert alike."""
+    times its weights, and the weight gradients of exactly its rows; on the layer's own loops, as
+    one torch.mm per expert, and as `--caches` times them cold, alike."""
     script = _load_benchmark_script("expert_products")
     case = script.ProductsCase.build("very_fine", tokens=64)
     w_in, w_out = case.layer.experts.w_in.detach(), case.layer.experts.w_out.detach()
-    rows = case.rows
     torch_mm = case.torch_mm_loops()
     assert not torch_mm.grouped_mm and not torch_mm.whole_swiglu  # one torch.mm per expert and product
-    for out in (case.run_products(), case.run_products(torch_mm)):
+    cold = script.CachedProducts(case, hot_weights=False, hot_rows=False)
+    cold.run()
+    for out in (case.run_products(), case.run_products(torch_mm), cold.out):
         seen = 0
         for e, start, stop in case.plan.groups.nonempty:
-            span = slice(start, stop)
-            close = dict(rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(out["h"][span], rows["x"][span] @ w_in[e].T, **close)
-            torch.testing.assert_close(out["y"][span], rows["a"][span] @ w_out[e].T, **close)
-            torch.testing.assert_close(out["grad_a"][span], rows["grad_y"][span] @ w_out[e], **close)
-            torch.testing.assert_close(out["grad_x"][span], rows["grad_h"][span] @ w_in[e], **close)
-            grad_y, grad_h = rows["grad_y"][span], rows["grad_h"][span]
-            torch.testing.assert_close(out["grad_w_out"][e], grad_y.T @ rows["a"][span], **close)
-            torch.testing.assert_close(out["grad_w_in"][e], grad_h.T @ rows["x"][span], **close)
+            assert_products(out, case.rows, w_in[e], w_out[e], slice(start, stop), into=e)
             seen += stop - start
         assert seen == 64 * case.shape.top_k
     timings = script.time_shape("very_fine", tokens=64, repeats=1, warmup=0)
     assert set(timings) == {"dense", "moekit", "products", "products_torch_mm"}
     assert min(timings.values()) > 0
+
+
+@pytest.mark.parametrize("hot_weights, hot_rows", [(True, False), (False, True), (True, True)])
+def test_expert_products_caches_keep_only_the_stand_ins_in_use(hot_weights, hot_rows):
+    """`--caches`: a hot arm runs every expert's products on the first expert's weights (and
+    weight-gradient slice) or on the buffers' first rows, and touches nothing else, so what it
+    reads and writes stays in cache; the dense chain's six products are the products."""
+    script = _load_benchmark_script("expert_products")
+    case = script.ProductsCase.build("very_fine", tokens=64)
+    w_in, w_out = case.layer.experts.w_in.detach(), case.layer.experts.w_out.detach()
+    arm = script.CachedProducts(case, hot_weights=hot_weights, hot_rows=hot_rows)
+    for t in arm.out.values():
+        t.fill_(float("nan"))
+    arm.run()
+    nonempty = case.plan.groups.nonempty
+    first, (last, start, stop) = nonempty[0][0], nonempty[-1]
+    e = first if hot_weights else last
+    span = slice(0, stop - start) if hot_rows else slice(start, stop)
+    assert_products(arm.out, case.rows, w_in[e], w_out[e], span, into=e)  # the last expert's, in place
+    written_experts = {first} if hot_weights else {expert for expert, _, _ in nonempty}
+    untouched = [x for x in range(case.shape.num_experts) if x not in written_experts]
+    assert torch.isnan(arm.out["grad_w_in"][untouched]).all()
+    longest = max(end - begin for _, begin, end in nonempty)
+    rows_written = longest if hot_rows else len(case.plan.groups.token)
+    assert (
+        torch.isnan(arm.out["h"][rows_written:]).all() and not torch.isnan(arm.out["h"][:rows_written]).any()
+    )
+    dense = script.DenseProducts(case.shape, tokens=16)
+    dense.run()
+    assert_products(dense.out, dense.rows, dense.w_in, dense.w_out)
 
 
 def test_report_records_cpu_dispatch_and_decode_against_weight_reads():
