@@ -87,6 +87,14 @@ def test_the_kernel_is_built_for_the_widest_vector_set_of_the_cpu(monkeypatch, c
     assert len(names) == 4
 
 
+def test_the_build_name_hashes_every_source_file_the_kernels_include():
+    """A build is reused by its name, a hash of SOURCES and HEADERS: a file left out of them could
+    change while an old build, compiled from its old text, went on loading."""
+    hashed = {path.name for path in (*native.SOURCES, *native.HEADERS)}
+    on_disk = {path.name for path in native.CSRC.iterdir() if path.suffix in (".cpp", ".h")}
+    assert on_disk == hashed
+
+
 @pytest.mark.parametrize(
     ("capability", "requested", "isa"),
     [
@@ -500,3 +508,25 @@ def test_combine_sums_each_tokens_rows_and_zeroes_tokens_without_any(kernel, num
     assert torch.equal(outs[0], outs[1])
     with pytest.raises(RuntimeError, match="bounds must run from 0 to A"):
         combine(values, order, bounds + 1, torch.empty(num_tokens, cols))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 70), st.integers(0, 90), st.integers(0, 2**16))
+def test_both_combines_sum_fp32_rows_to_the_same_bits(num_tokens, cols, rows, seed):
+    """fp32 rows: the at::mm path's combine sums as the tile path's (combine_rows.h, which also
+    requests later tokens' rows), so a layer's output does not depend on which kernel ran."""
+    tile = loop_op("combine_rows", "tile")
+    loop_op("expert_products", "mm")  # skips where the at::mm loops do not run
+    any_dtype = torch.ops.moekit.combine_rows_any
+    gen = torch.Generator().manual_seed(seed)
+    token = torch.randint(0, num_tokens, (rows,), generator=gen)
+    values = torch.randn(rows, cols, generator=gen)
+    order = torch.randperm(rows, generator=gen)  # rows anywhere, as the experts' tasks put them
+    bounds = torch.zeros(num_tokens + 1, dtype=torch.long)
+    torch.cumsum(torch.bincount(token[order], minlength=num_tokens), 0, out=bounds[1:])
+    order = order[torch.argsort(token[order], stable=True)]
+    outs = [torch.full((num_tokens, cols), float("nan")) for _ in range(2)]
+    with torch_threads(2):
+        tile(values, order, bounds, outs[0])
+        any_dtype(values, order, bounds, outs[1])
+    assert torch.equal(outs[0], outs[1])

@@ -63,6 +63,7 @@ HEADERS = (
     CSRC / "torch_sum.h",
     CSRC / "rotation.h",
     CSRC / "swiglu_rows.h",
+    CSRC / "combine_rows.h",
 )
 KERNELS = ("tile", "mm")
 # -fopenmp at compile time only: the OpenMP calls bind at load time to the runtime torch already

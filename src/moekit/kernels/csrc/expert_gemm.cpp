@@ -71,6 +71,7 @@
 #error "moekit's expert kernels must be compiled with -fopenmp (else at::parallel_for is serial)"
 #endif
 
+#include "combine_rows.h"
 #include "simd.h"
 #include "swiglu_rows.h"
 
@@ -689,16 +690,7 @@ void combine_rows(const at::Tensor& rows, const at::Tensor& order, const at::Ten
   TORCH_CHECK(B[0] == 0 && B[tokens] == count, op, ": bounds must run from 0 to A");
   for (int64_t i = 0; i < count; ++i) TORCH_CHECK(O[i] >= 0 && O[i] < count, op, ": order holds ", O[i], ", out of range");
   at::parallel_for(0, tokens, std::max<int64_t>(1, split_grain(cols) / 8), [&](int64_t first, int64_t last) {
-    for (int64_t t = first; t < last; ++t) {
-      float* y = Y + t * ldy;
-      for (int64_t j = 0; j < cols; j += S::kLanes) {
-        S::Vec acc = S::zero();
-        for (int64_t i = B[t]; i < B[t + 1]; ++i) {
-          acc = S::add(acc, S::load_upto(R + O[i] * ldr + j, cols - j));
-        }
-        S::store_upto(y + j, cols - j, acc);
-      }
-    }
+    for (int64_t t = first; t < last; ++t) moekit_combine::sum_token_rows(R, ldr, O, B, t, last, cols, Y + t * ldy);
   });
 }
 
@@ -771,6 +763,18 @@ void check_swiglu_operands(const at::Tensor& rows_of_tokens, const at::Tensor& t
 // h = xs @ w_in[e]^T, a_in = swiglu(h) * scale[r], ys = a_in @ w_out[e]^T. Only h is kept for
 // the backward (with x): xs and a_in live in the thread's work space. `prefetch_next_task`: pull the
 // next task's weights into cache during this one's second product.
+// How much of a forward product's weights W^T (rows of W `row_stride` apart, `span` floats in
+// all) to request while the product before it runs: for `rows` on register tiles, only its first
+// panel (kPanel rows of W), since each pack requests the next one (PanelAhead); for dot products
+// (decode), which request nothing themselves, all of it. Requested whole, the next product's
+// weights (1.5 MB an expert at fine) evicted the current one's operands from L2: the tile kernel's
+// forward op took 13 % longer on one thread; with the first panel only, the layer's fwd+bwd at
+// fine on the tile kernel took 0.96x MKL's where each step's weights came from memory (AVX-512
+// Xeon, BENCHMARKS.md §13).
+inline int64_t span_ahead(int64_t rows, int64_t span, int64_t row_stride) {
+  return rows > kDotRows ? std::min<int64_t>(span, kPanel * row_stride) : span;
+}
+
 void swiglu_forward_tasks(const char* op, const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
                           const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h, const at::Tensor& ys,
                           const std::vector<Task>& work, int64_t threads, bool prefetch_next_task = true) {
@@ -800,11 +804,14 @@ void swiglu_forward_tasks(const char* op, const at::Tensor& x, const at::Tensor&
     // in the dot products of a few rows (decode) those extra reads competed with the product's
     // own (the 8 experts of a `large` layer, cold, on two threads of an AVX2 EPYC: 6-18 % less time
     // without, in five runs of 40 calls each way side by side; BENCHMARKS.md §8).
-    Prefetch this_out = count <= kDotRows ? Prefetch{} : prefetch_of(wo, span_out);
+    Prefetch this_out =
+        count <= kDotRows ? Prefetch{} : prefetch_of(wo, span_ahead(count, span_out, w_out.stride(1)));
     product(count, 2 * ff, d, xs, ldxs, 1, wi, w_in.stride(2), w_in.stride(1), Hp + s0 * ldh, ldh, this_out);
     for (int64_t r = s0; r < task.stop; ++r) swiglu_row(Hp + r * ldh, a_in + (r - s0) * ldai, ff, S[r]);
-    Prefetch next = prefetch_next_task && i + 1 < static_cast<int64_t>(work.size())
-                        ? prefetch_of(WI + work[i + 1].expert * w_in.stride(0), span_in)
+    const Task* following = i + 1 < static_cast<int64_t>(work.size()) ? &work[i + 1] : nullptr;
+    Prefetch next = prefetch_next_task && following != nullptr
+                        ? prefetch_of(WI + following->expert * w_in.stride(0),
+                                      span_ahead(following->stop - following->start, span_in, w_in.stride(1)))
                         : Prefetch{};
     product(count, d, ff, a_in, ldai, 1, wo, w_out.stride(2), w_out.stride(1), Y + s0 * ldy, ldy, next);
   });

@@ -26,6 +26,7 @@
 #include <omp.h>
 #include <torch/library.h>
 
+#include "combine_rows.h"
 #include "expert_tasks.h"
 #include "swiglu_rows.h"
 
@@ -490,6 +491,7 @@ void expert_swiglu_backward_mm(const at::Tensor& grad_out, const at::Tensor& x, 
 // out[t] = sum of rows[order[i]] for i in [bounds[t], bounds[t+1]), in that order, accumulated in
 // the dtype's op-math type (fp32 for bf16/fp16); tokens split over torch's threads, each token's sum
 // one thread's (torch's index_add_ on the CPU was 4-8x slower on two threads: BENCHMARKS.md §13).
+// fp32 rows where simd.h's vectors are built: combine_rows.h, as the tile path's combine_rows.
 void combine_rows_any(const at::Tensor& rows, const at::Tensor& order, const at::Tensor& bounds,
                       const at::Tensor& out) {
   const char* op = "moekit::combine_rows_any";
@@ -512,6 +514,16 @@ void combine_rows_any(const at::Tensor& rows, const at::Tensor& order, const at:
     const scalar_t* R = rows.data_ptr<scalar_t>();
     scalar_t* Y = out.data_ptr<scalar_t>();
     at::parallel_for(0, tokens, grain, [&](int64_t first, int64_t last) {
+#if defined(MOEKIT_SIMD)
+      if constexpr (std::is_same_v<scalar_t, float>) {  // as the tile path's combine_rows sums
+        // (the casts are no-ops: this lambda is no template, so the branch compiles for every dtype)
+        const auto* rows_f = reinterpret_cast<const float*>(R);
+        auto* out_f = reinterpret_cast<float*>(Y);
+        for (int64_t t = first; t < last; ++t)
+          moekit_combine::sum_token_rows(rows_f, ldr, O, B, t, last, cols, out_f + t * ldy);
+        return;
+      }
+#endif
       std::vector<acc_t> acc(cols);
       for (int64_t t = first; t < last; ++t) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
