@@ -7,7 +7,7 @@
 // start on them before the next token's rows begin elsewhere. So while a token's rows are summed,
 // the rows of the token `kTokensAhead` later are requested, one line per line summed (fine shape,
 // 2048 tokens x 6 rows of 512 read from the last-level cache, two threads of an AVX-512 Xeon:
-// 0.56 ms against 0.71-0.72 without; BENCHMARKS.md §13).
+// 0.62-0.79 ms against 0.74-1.07 without; BENCHMARKS.md §13).
 #pragma once
 
 #include <cstdint>

@@ -766,11 +766,11 @@ void check_swiglu_operands(const at::Tensor& rows_of_tokens, const at::Tensor& t
 // How much of a forward product's weights W^T (rows of W `row_stride` apart, `span` floats in
 // all) to request while the product before it runs: for `rows` on register tiles, only its first
 // panel (kPanel rows of W), since each pack requests the next one (PanelAhead); for dot products
-// (decode), which request nothing themselves, all of it. Requested whole, the next product's
-// weights (1.5 MB an expert at fine) evicted the current one's operands from L2: the tile kernel's
-// forward op took 13 % longer on one thread; with the first panel only, the layer's fwd+bwd at
-// fine on the tile kernel took 0.96x MKL's where each step's weights came from memory (AVX-512
-// Xeon, BENCHMARKS.md §13).
+// (decode), which request nothing themselves, all of it. Whole, the requests brought up to 1 MB
+// (fine) into an L2 already holding the current expert's operands; with the first panel only,
+// the layer's forward op took 33.2 ms against 37.0 at fine and 12.3 against 13.4 at very fine
+// (two threads of an AVX-512 Xeon; BENCHMARKS.md §13). Not measured again on the AVX2 EPYC where
+// the whole requests had helped.
 inline int64_t span_ahead(int64_t rows, int64_t span, int64_t row_stride) {
   return rows > kDotRows ? std::min<int64_t>(span, kPanel * row_stride) : span;
 }
