@@ -769,8 +769,8 @@ void check_swiglu_operands(const at::Tensor& rows_of_tokens, const at::Tensor& t
 // (decode), which request nothing themselves, all of it. Whole, the requests brought up to 1 MB
 // (fine) into an L2 already holding the current expert's operands; with the first panel only,
 // the layer's forward op took 33.2 ms against 37.0 at fine and 12.3 against 13.4 at very fine
-// (two threads of an AVX-512 Xeon; BENCHMARKS.md §13). Not measured again on the AVX2 EPYC where
-// the whole requests had helped.
+// (two threads of an AVX-512 Xeon; BENCHMARKS.md §13). On an AVX2 EPYC the whole requests had
+// measured within 1-3 % either way, and were not measured again there.
 inline int64_t span_ahead(int64_t rows, int64_t span, int64_t row_stride) {
   return rows > kDotRows ? std::min<int64_t>(span, kPanel * row_stride) : span;
 }
