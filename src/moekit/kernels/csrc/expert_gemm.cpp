@@ -758,11 +758,6 @@ void check_swiglu_operands(const at::Tensor& rows_of_tokens, const at::Tensor& t
     TORCH_CHECK(T[r] >= 0 && T[r] < rows_of_tokens.size(0), op, ": token ", T[r], " out of range");
 }
 
-// SwiGLU experts whole, the routing weight on their output, every step of an expert done while
-// its rows are in cache: for every task (e, s, t) and row r in [s, t): xs = x[token[r]],
-// h = xs @ w_in[e]^T, a_in = swiglu(h) * scale[r], ys = a_in @ w_out[e]^T. Only h is kept for
-// the backward (with x): xs and a_in live in the thread's work space. `prefetch_next_task`: pull the
-// next task's weights into cache during this one's second product.
 // How much of a forward product's weights W^T (rows of W `row_stride` apart, `span` floats in
 // all) to request while the product before it runs: for `rows` on register tiles, only its first
 // panel (kPanel rows of W), since each pack requests the next one (PanelAhead); for dot products
@@ -775,6 +770,11 @@ inline int64_t span_ahead(int64_t rows, int64_t span, int64_t row_stride) {
   return rows > kDotRows ? std::min<int64_t>(span, kPanel * row_stride) : span;
 }
 
+// SwiGLU experts whole, the routing weight on their output, every step of an expert done while
+// its rows are in cache: for every task (e, s, t) and row r in [s, t): xs = x[token[r]],
+// h = xs @ w_in[e]^T, a_in = swiglu(h) * scale[r], ys = a_in @ w_out[e]^T. Only h is kept for
+// the backward (with x): xs and a_in live in the thread's work space. `prefetch_next_task`: pull the
+// next task's weights (their first panel: span_ahead) into cache during this one's second product.
 void swiglu_forward_tasks(const char* op, const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
                           const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h, const at::Tensor& ys,
                           const std::vector<Task>& work, int64_t threads, bool prefetch_next_task = true) {
