@@ -17,7 +17,7 @@ from torch.utils import cpp_extension
 from helpers import needs_loops, needs_tile_kernel, torch_threads
 from moekit.dispatch.grouped import grouped_experts, plan_experts
 from moekit.experts.activations import make_activation, swiglu_with_grad
-from moekit.kernels import native
+from moekit.kernels import native, rows_linear
 from moekit.kernels.native import (
     expert_kernel,
     extension_name,
@@ -405,6 +405,24 @@ def test_swiglu_and_its_derivative_match_float64(rows, ff, scale, seed):
     (expected_grad,) = torch.autograd.grad(expected, exact, grad.double()) if rows else (exact * 0,)
     torch.testing.assert_close(act.forward(h).double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(act.backward(h, grad).double(), expected_grad, rtol=1e-4, atol=1e-4)
+
+
+@needs_tile_kernel
+def test_forcing_the_mm_expert_kernel_leaves_swiglu_and_dense_rows_on_the_native_ops(monkeypatch):
+    """`MOEKIT_NATIVE=mm` forces only the experts' products: a dense SwiGLU and a decoding step's
+    dense rows keep the native ops (the same bits as with the choice left to moekit), and only
+    `MOEKIT_NATIVE=0` turns those off."""
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(33, 2 * 40, generator=gen)
+    x, weight = torch.randn(1, 512, generator=gen), torch.randn(4096, 512, generator=gen)
+    act = make_activation("swiglu")
+    outs, native_ops = {}, {}
+    for setting in ("auto", "mm", "0"):
+        monkeypatch.setenv("MOEKIT_NATIVE", setting)
+        outs[setting] = act.forward(h)
+        native_ops[setting] = (swiglu_fits(h), rows_linear.fits(x, weight, None))
+    assert native_ops == {"auto": (True, True), "mm": (True, True), "0": (False, False)}
+    assert torch.equal(outs["mm"], outs["auto"])
 
 
 @needs_tile_kernel

@@ -24,7 +24,8 @@ build), for the widest vector set the CPU has, AVX-512 or else AVX2 with FMA (`k
 tile kernel's register tile follows from it, `csrc/simd.h`; on a CPU with neither only the `mm`
 loops are built). Where the build fails or its results disagree with `torch.mm` on a probe, the
 experts run on the portable path (`moekit.dispatch.grouped`). `MOEKIT_NATIVE` forces a path, for
-debugging: `0` the portable one, `tile` or `mm` that kernel where it runs. `MOEKIT_NATIVE_ISA`
+debugging: `0` the portable one (and torch's ops for SwiGLU and a decoding step's dense rows too),
+`tile` or `mm` that kernel for the experts' products where it runs. `MOEKIT_NATIVE_ISA`
 forces the vector set the tile kernel is built for, for testing (`kernel_isa`): `make test` runs
 the kernel tests again on the set the CPU does not build by default, AVX2 on an AVX-512 CPU and
 the AVX-512 code on an emulation of its intrinsics on an AVX2 one, so that both sets' code is
@@ -120,7 +121,7 @@ def swiglu_fits(h: Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
     fits = h.dim() == 2 and h.dtype == torch.float32 and h.device.type == "cpu" and h.stride(-1) == 1
-    return fits and not (h.requires_grad and torch.is_grad_enabled()) and native_available()
+    return fits and not (h.requires_grad and torch.is_grad_enabled()) and native_ops_available()
 
 
 def swiglu(h: Tensor) -> Tensor:
@@ -167,6 +168,16 @@ def native_available() -> bool:
     """Whether moekit's tile kernel (AVX-512 or AVX2) runs in this process: not turned off (`MOEKIT_NATIVE`,
     read at every call), built (or found built) once, and checked."""
     return _requested() not in ("0", "mm") and _built_and_checked()[0]
+
+
+def native_ops_available() -> bool:
+    """Whether the tile kernel's library serves the ops that are not expert products (SwiGLU
+    passes, a decoding step's dense rows) in this process: built (or found built) once, checked,
+    and not turned off with `MOEKIT_NATIVE=0`. `MOEKIT_NATIVE=mm` forces only the experts'
+    products onto at::mm: before, it also turned these ops off, so that a run resumed with the
+    `mm` its record names computed its dense SwiGLU in other bits than it started with, and a
+    dense chain timed beside `mm` experts took 4-8 % longer on torch's SwiGLU (BENCHMARKS.md §13)."""
+    return _requested() != "0" and _built_and_checked()[0]
 
 
 def loops_available() -> bool:

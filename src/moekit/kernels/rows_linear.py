@@ -49,7 +49,7 @@ def fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return False
-    return native.native_available()
+    return native.native_ops_available()
 
 
 class RowsLinear(nn.Linear):
