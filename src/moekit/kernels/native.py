@@ -167,7 +167,7 @@ def expert_kernel(x: Tensor, *weights: Tensor, decode: bool = False) -> str | No
 def native_available() -> bool:
     """Whether moekit's tile kernel (AVX-512 or AVX2) runs in this process: not turned off (`MOEKIT_NATIVE`,
     read at every call), built (or found built) once, and checked."""
-    return _requested() not in ("0", "mm") and _built_and_checked()[0]
+    return _requested() != "mm" and native_ops_available()
 
 
 def native_ops_available() -> bool:

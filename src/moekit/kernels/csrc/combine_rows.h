@@ -21,7 +21,6 @@ namespace moekit_combine {
 namespace S = moekit_simd;
 
 constexpr int64_t kTokensAhead = 2;
-constexpr int64_t kLineFloats = 64 / static_cast<int64_t>(sizeof(float));
 
 // y[0:cols] = sum of R[O[i] * ldr + 0:cols] for i in [bounds[t], bounds[t + 1]), in that order,
 // from zero; meanwhile the rows of token t + kTokensAhead are requested if it is below `end` (the
@@ -33,7 +32,7 @@ inline void sum_token_rows(const float* R, int64_t ldr, const int64_t* O, const 
   for (int64_t j = 0; j < cols; j += S::kLanes) {
     S::Vec acc = S::zero();
     for (int64_t i = bounds[t]; i < bounds[t + 1]; ++i) acc = S::add(acc, S::load_upto(R + O[i] * ldr + j, cols - j));
-    if (j % kLineFloats == 0)
+    if (j % S::kLineFloats == 0)
       for (int64_t i = first_ahead; i < last_ahead; ++i)
         _mm_prefetch(reinterpret_cast<const char*>(R + O[i] * ldr + j), _MM_HINT_T0);
     S::store_upto(y + j, cols - j, acc);

@@ -84,8 +84,7 @@ using namespace moekit_tasks;
 using namespace moekit_swiglu;
 
 constexpr int kRowsPerTile = 6;
-// Floats per 64-byte cache line.
-constexpr int64_t kLineFloats = 64 / static_cast<int64_t>(sizeof(float));
+using S::kLineFloats;
 // Output columns per panel: one register tile's width (AVX-512: 4 vectors of 16; AVX2: 2 of 8).
 constexpr int kPanel = S::kTileVectors * S::kLanes;
 // Depth (steps of k) of a block: a packed weight panel of kInnerBlock x kPanel floats fills up to

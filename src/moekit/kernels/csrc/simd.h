@@ -162,6 +162,9 @@ inline void transpose(Vec r[kLanes]) {
 
 namespace moekit_simd {
 
+// Floats per 64-byte cache line (the unit of a prefetch request).
+constexpr int64_t kLineFloats = 64 / static_cast<int64_t>(sizeof(float));
+
 // The vector at p, or its first `remaining` lanes (zero beyond; a store writes nothing beyond)
 // where fewer remain: plain loads and stores for whole vectors, the mask at a row's end only. On
 // AVX2 a masked load is a `vmaskmovps` and a masked store a slower one still: a pass over rows
