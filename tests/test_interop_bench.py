@@ -11,6 +11,7 @@ pytest.importorskip(
 )
 
 from moekit.bench import hf as bench  # noqa: E402
+from moekit.bench.machine import cpu_line  # noqa: E402
 
 
 def test_benchmark_runs_agrees_and_reports(tmp_path, capsys, monkeypatch):
@@ -29,5 +30,7 @@ def test_benchmark_runs_agrees_and_reports(tmp_path, capsys, monkeypatch):
         assert set(row["median_s"]) == {"hf_eager", "hf_grouped_mm", "moekit_patch"}
         assert all(t > 0 for t in row["median_s"].values())
         assert row["max_abs_diff_vs_hf_eager"]["moekit_patch"] < 1e-5
+    assert report["cpu"]["model"] and report["cpu"]["torch_threads"] >= 1  # figures name their machine
     table = capsys.readouterr().out
     assert "| qwen3_moe-style |" in table and "| olmoe-style |" in table
+    assert f"CPU: {cpu_line(report['cpu'])}" in table

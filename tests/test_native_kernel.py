@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch.utils import cpp_extension
 
 from helpers import needs_loops, needs_tile_kernel, torch_threads
-from moekit.dispatch.grouped import grouped_experts, plan_experts
+from moekit.dispatch.grouped import NativeLoops, grouped_experts, plan_experts
 from moekit.experts.activations import make_activation, swiglu_with_grad
 from moekit.kernels import native, rows_linear
 from moekit.kernels.native import (
@@ -456,6 +456,19 @@ def test_the_kernels_parallel_loops_run_on_torchs_threads():
         assert torch.ops.moekit.parallel_width(2) == 1
 
 
+def routed_swiglu_experts(gen: torch.Generator, num_experts: int, hidden: int, ff: int, tokens: int, k: int):
+    """(x, token, expert, weight, w_in, w_out): tokens' k random choices sorted by expert, their
+    routing weights, and SwiGLU experts' packed weights."""
+    x = torch.randn(tokens, hidden, generator=gen)
+    expert = torch.randint(0, num_experts, (tokens * k,), generator=gen)
+    order = torch.argsort(expert, stable=True)
+    token, expert = torch.arange(tokens).repeat_interleave(k)[order], expert[order]
+    weight = torch.rand(tokens * k, generator=gen)
+    w_in = torch.randn(num_experts, 2 * ff, hidden, generator=gen) * 0.2
+    w_out = torch.randn(num_experts, hidden, ff, generator=gen) * 0.2
+    return x, token, expert, weight, w_in, w_out
+
+
 @pytest.mark.parametrize("kernel", ["tile", "mm"])
 @pytest.mark.parametrize("weight_on", ["output", "input"])
 def test_native_experts_give_the_same_bits_on_one_thread_and_two(kernel, weight_on, monkeypatch):
@@ -465,16 +478,9 @@ def test_native_experts_give_the_same_bits_on_one_thread_and_two(kernel, weight_
     loop_op("expert_products", kernel)  # skips where the kernel does not run
     monkeypatch.setenv("MOEKIT_NATIVE", kernel)
     gen = torch.Generator().manual_seed(3)
-    num_experts, hidden, ff, tokens, k = 6, 32, 24, 96, 2
+    tokens, hidden = 96, 32
     act = make_activation("swiglu")
-    x = torch.randn(tokens, hidden, generator=gen)
-    expert = torch.randint(0, num_experts, (tokens * k,), generator=gen)
-    order = torch.argsort(expert, stable=True)
-    token = torch.arange(tokens).repeat_interleave(k)[order]
-    expert = expert[order]
-    weight = torch.rand(tokens * k, generator=gen)
-    w_in = torch.randn(num_experts, act.in_features(ff), hidden, generator=gen) * 0.2
-    w_out = torch.randn(num_experts, hidden, ff, generator=gen) * 0.2
+    x, token, expert, weight, w_in, w_out = routed_swiglu_experts(gen, 6, hidden, 24, tokens, 2)
     upstream = torch.randn(tokens, hidden, generator=gen)
     results = []
     for threads in (1, 2):
@@ -499,6 +505,44 @@ def test_native_experts_give_the_same_bits_on_one_thread_and_two(kernel, weight_
         results.append([y.detach(), *(leaf.grad for leaf in leaves)])
     for one, two in zip(*results, strict=True):
         assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("kernel", ["tile", "mm"])
+def test_experts_outside_autograd_keep_no_h_and_give_the_same_bits(kernel, monkeypatch):
+    """Under no_grad the SwiGLU forward call gets no h to keep (it stays in the call's work space):
+    the output has the bits of the autograd forward, which keeps h for the backward, and the op
+    called with and without an h writes the same rows."""
+    forward = loop_op("expert_swiglu_forward", kernel)
+    monkeypatch.setenv("MOEKIT_NATIVE", kernel)
+    gen = torch.Generator().manual_seed(5)
+    hidden, ff, tokens, k = 40, 24, 70, 2
+    act = make_activation("swiglu")
+    x, token, expert, weight, w_in, w_out = routed_swiglu_experts(gen, 5, hidden, ff, tokens, k)
+    kept = []
+    original = NativeLoops.swiglu_forward
+
+    def spy(self, x, scale, w_in, w_out, h, ys):
+        kept.append(h)
+        return original(self, x, scale, w_in, w_out, h, ys)
+
+    monkeypatch.setattr(NativeLoops, "swiglu_forward", spy)
+
+    def layer(*leaves):
+        return grouped_experts(leaves[0], token, expert, *leaves[1:], None, None, act, threads=2)
+
+    with torch_threads(2):
+        with torch.no_grad():
+            inference = layer(x, weight, w_in, w_out)
+        training = layer(*(t.clone().requires_grad_() for t in (x, weight, w_in, w_out)))
+    assert kept[0] is None and kept[1].shape == (tokens * k, 2 * ff)
+    assert torch.equal(inference, training.detach())
+
+    groups = plan_experts(x, token, expert, w_in, w_out, act).groups
+    h = torch.full((tokens * k, 2 * ff), float("nan"))
+    with_h, without_h = (torch.full((tokens * k, hidden), float("nan")) for _ in range(2))
+    forward(x, token, weight, w_in, w_out, h, with_h, groups.tasks, 2)
+    forward(x, token, weight, w_in, w_out, None, without_h, groups.tasks, 2)
+    assert not torch.isnan(h).any() and torch.equal(with_h, without_h)
 
 
 @pytest.mark.parametrize("kernel", ["tile", "mm"])

@@ -151,9 +151,12 @@ def run_hf_benchmark(
             + ", ".join(f"{name} {m * 1e3:.0f} ms" for name, m in medians.items())
             + f"; patched vs HF eager: loss/grad max diff {agreement['moekit_patch']:.1e}"
         )
+    from moekit.bench.machine import cpu_description
+
     return dict(
         results=results,
         shape=shape.__dict__,
+        cpu=cpu_description(),
         settings=dict(
             repeats=repeats,
             warmup=warmup,
@@ -166,8 +169,11 @@ def run_hf_benchmark(
 
 
 def format_table(report: dict) -> str:
+    from moekit.bench.machine import cpu_line
+
     s = report["shape"]
     lines = [
+        f"CPU: {cpu_line(report['cpu'])}",
         f"Training step (forward + LM loss + backward + AdamW), {s['layers']} layers, hidden {s['hidden']}, "
         f"{s['experts']} experts top-{s['top_k']} of ff {s['expert_ff']}, batch {s['batch']}x{s['seq']}, "
         f"median of {report['settings']['repeats']} rounds, {report['settings']['threads']} threads:",

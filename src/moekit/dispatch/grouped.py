@@ -40,7 +40,7 @@ from torch import Tensor
 from moekit.device import autocast_dtype, no_autocast
 from moekit.experts.activations import Activation
 from moekit.kernels.native import expert_kernel
-from moekit.routing.keysort import stable_sort
+from moekit.routing.keysort import key_runs
 
 BACKENDS = ("auto", "loop", "grouped_mm")
 # With fewer rows than this per active expert (decode), the products are bound by the experts'
@@ -82,12 +82,8 @@ class ExpertGroups:
     def by_token(self) -> tuple[Tensor, Tensor]:
         """(order, bounds): the assignments sorted by token, stably (order [A]), token t's being
         order[bounds[t]:bounds[t+1]]; for the native combine. Token ids are small keys, so the
-        stable sort is keysort's radix sort (very fine shape, 16,384 assignments of 2048 tokens:
-        0.21 ms against 1.07 ms for torch.argsort, BENCHMARKS.md §13)."""
-        _, order = stable_sort(self.token)
-        bounds = self.token.new_zeros(self.num_tokens + 1)
-        torch.cumsum(torch.bincount(self.token, minlength=self.num_tokens), 0, out=bounds[1:])
-        return order, bounds
+        stable sort is keysort's counting sort, which gives the bounds with the order."""
+        return key_runs(self.token, self.num_tokens)
 
     @cached_property
     def tasks(self) -> Tensor:
@@ -307,10 +303,12 @@ class GroupedExperts(torch.autograd.Function):
     @staticmethod
     def _swiglu_forward(ctx, x, weight, w_in, w_out, plan: ExpertPlan):
         """SwiGLU experts whole in one C++ call. Only h is kept for backward (with x): the gathered
-        rows and activations are formed again there, per expert, in cache (BENCHMARKS.md §13)."""
+        rows and activations are formed again there, per expert, in cache (BENCHMARKS.md §13).
+        Outside autograd (no input needs a gradient) no h is kept: the call writes it only into
+        its work space."""
         rows, ff = len(plan.groups.token), w_out.shape[2]
         x = x.contiguous()
-        h = x.new_empty(rows, 2 * ff)
+        h = x.new_empty(rows, 2 * ff) if any(ctx.needs_input_grad) else None
         ys = x.new_empty(rows, w_out.shape[1])
         plan.loops.swiglu_forward(x, weight.to(x.dtype).contiguous(), w_in, w_out, h, ys)
         ctx.save_for_backward(weight, w_in, w_out, x, h)

@@ -56,6 +56,7 @@ SOURCES = (
     CSRC / "kv_append.cpp",
     CSRC / "attention_step.cpp",
     CSRC / "topk_rows.cpp",
+    CSRC / "counting_sort.cpp",
 )
 HEADERS = (
     CSRC / "simd.h",

@@ -94,6 +94,6 @@ class CosineRouter(SpecRouter):
         features = self.features(x)
         logits = cosine_logits(features, self.prototypes.to(features.dtype), self.options.temperature)
         scores, index, weights = choose_topk(logits, self.spec, None)
-        chosen = Assignments.from_dense(index, weights, mask)
+        chosen = Assignments.from_dense(index, weights, mask, num_experts=logits.shape[1])
         kept, dropped = split_by_capacity(chosen, self.spec, x.shape[0], self.num_experts, generator)
         return Routing(logits, scores, kept, dropped, mask, self.num_experts)

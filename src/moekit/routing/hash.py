@@ -89,6 +89,6 @@ class HashRouter(SpecRouter):
         scores = torch.zeros(num_tokens, self.num_experts, dtype=dtype, device=x.device)
         scores.scatter_(-1, choice, 1.0 / k)
         weights = torch.full(choice.shape, 1.0 / k, dtype=dtype, device=x.device)
-        kept = Assignments.from_dense(choice, weights, mask)
+        kept = Assignments.from_dense(choice, weights, mask, num_experts=self.num_experts)
         logits = torch.zeros_like(scores)
         return Routing(logits, scores, kept, Assignments.empty(x.device), mask, self.num_experts)

@@ -51,8 +51,15 @@ class Assignments:
         return _empty_assignments(torch.device(device))
 
     @staticmethod
-    def from_dense(topk_index: Tensor, topk_weight: Tensor, token_mask: Tensor | None = None) -> Assignments:
+    def from_dense(
+        topk_index: Tensor,
+        topk_weight: Tensor,
+        token_mask: Tensor | None = None,
+        num_experts: int | None = None,
+    ) -> Assignments:
         """Group [T, k] top-k choices by expert; tokens where `token_mask` is false get none.
+        `num_experts`: a bound on the expert ids (the width of the scores the choices were taken
+        from), which lets the grouping run as a counting sort (`routing.keysort`).
 
         One stable sort does the grouping: masked tokens' choices get a sentinel expert id past
         the last expert, so they sort to the end and are cut off. Without a mask every shape is
@@ -62,17 +69,21 @@ class Assignments:
         num_tokens, k = topk_index.shape
         expert = topk_index.reshape(-1)
         kept = num_tokens * k
+        num_keys = num_experts
         if token_mask is not None:
-            # past every expert id; RADIX_KEY_LIMIT where that is enough, for the fast sort
+            # past every expert id; RADIX_KEY_LIMIT where that is enough, for the radix sort
             if torch.compiler.is_compiling():
                 sentinel = COMPILED_SENTINEL
+            elif num_experts is not None:
+                sentinel = num_experts
+                num_keys = num_experts + 1
             elif len(expert):
                 sentinel = max(RADIX_KEY_LIMIT, int(expert.max()) + 1)
             else:
                 sentinel = RADIX_KEY_LIMIT
             expert = expert.masked_fill(~token_mask.repeat_interleave(k), sentinel)
             kept = int(token_mask.sum()) * k
-        expert, order = stable_sort(expert)
+        expert, order = stable_sort(expert, num_keys)
         if kept < len(order):  # (no slicing where every choice is kept: fewer ops per decode step)
             expert, order = expert[:kept], order[:kept]
         return Assignments(

@@ -137,7 +137,7 @@ class RecurrentRouter(SpecRouter):
         bias = None if self.bias is None else self.bias.to(dtype)
         logits = F.linear(state, self.proj_out.to(dtype), bias)
         scores, index, weights = choose_topk(logits, self.spec, None)
-        chosen = Assignments.from_dense(index, weights, mask)
+        chosen = Assignments.from_dense(index, weights, mask, num_experts=logits.shape[1])
         kept, dropped = split_by_capacity(chosen, self.spec, num_tokens, self.num_experts, generator)
         return Routing(logits, scores, kept, dropped, mask, self.num_experts, extras={STATE_KEY: state})
 

@@ -42,7 +42,7 @@ def assignments_from_mask(
     chosen = selected & token_mask.unsqueeze(-1)
     rank = preference_rank(preference.detach(), chosen)
     token, expert = torch.nonzero(chosen, as_tuple=True)
-    expert, order = stable_sort(expert)
+    expert, order = stable_sort(expert, selected.shape[1])
     token = token[order]
     return Assignments(token, expert, weights[token, expert], rank[token, expert])
 

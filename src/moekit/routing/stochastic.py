@@ -76,7 +76,7 @@ class StochasticRouter(SpecRouter):
         expert = uniform_expert_draw(num_tokens, self.num_experts, sampling == "token", x.device, generator)
         dtype = router_dtype(x.dtype)
         ones = torch.ones(num_tokens, 1, dtype=dtype, device=x.device)
-        kept = Assignments.from_dense(expert.unsqueeze(-1), ones, mask)
+        kept = Assignments.from_dense(expert.unsqueeze(-1), ones, mask, num_experts=self.num_experts)
         logits = torch.zeros(num_tokens, self.num_experts, dtype=dtype, device=x.device)
         scores = torch.full_like(logits, 1.0 / self.num_experts)
         return Routing(logits, scores, kept, Assignments.empty(x.device), mask, self.num_experts)

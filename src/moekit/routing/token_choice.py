@@ -166,7 +166,9 @@ class TokenChoiceRouter(nn.Module):
         logits = self.logits(x)
         selection_bias = None if self.selection_bias is None else self.selection_bias.to(logits.dtype)
         scores, index, weights = choose_topk(logits, spec, selection_bias)
-        chosen = Assignments.from_dense(index, weights, None if every_token else token_mask)
+        chosen = Assignments.from_dense(
+            index, weights, None if every_token else token_mask, num_experts=logits.shape[1]
+        )
         if spec.capacity_factor is None:
             kept, dropped = chosen, Assignments.empty(x.device)
         else:

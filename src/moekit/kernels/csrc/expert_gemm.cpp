@@ -741,13 +741,14 @@ void swiglu_backward_into(const at::Tensor& h, const at::Tensor& grad, const at:
 inline int64_t padded(int64_t cols) { return cols + kLineFloats; }
 
 void check_swiglu_operands(const at::Tensor& rows_of_tokens, const at::Tensor& token, const at::Tensor& scale,
-                           const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h, const char* op) {
+                           const at::Tensor& w_in, const at::Tensor& w_out, const std::optional<at::Tensor>& h,
+                           const char* op) {
   check_packed(w_in, op, "w_in");
   check_packed(w_out, op, "w_out");
   const int64_t d = rows_of_tokens.size(1), ff = w_out.size(2), rows = token.size(0);
   TORCH_CHECK(w_in.size(1) == 2 * ff && w_in.size(2) == d && w_out.size(1) == d && w_in.size(0) == w_out.size(0), op,
               ": w_in must be [E, 2 ff, d] and w_out [E, d, ff]");
-  check_rows(h, rows, 2 * ff, op, "h");
+  if (h.has_value()) check_rows(*h, rows, 2 * ff, op, "h");
   TORCH_CHECK(token.dim() == 1 && token.scalar_type() == at::kLong && token.is_contiguous(), op,
               ": token must be a contiguous int64 [A]");
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == rows && scale.scalar_type() == at::kFloat && scale.is_contiguous(),
@@ -772,11 +773,14 @@ inline int64_t span_ahead(int64_t rows, int64_t span, int64_t row_stride) {
 // SwiGLU experts whole, the routing weight on their output, every step of an expert done while
 // its rows are in cache: for every task (e, s, t) and row r in [s, t): xs = x[token[r]],
 // h = xs @ w_in[e]^T, a_in = swiglu(h) * scale[r], ys = a_in @ w_out[e]^T. Only h is kept for
-// the backward (with x): xs and a_in live in the thread's work space. `prefetch_next_task`: pull the
-// next task's weights (their first panel: span_ahead) into cache during this one's second product.
+// the backward (with x), where `h` is given: xs, a_in and, outside autograd, h live in the
+// thread's work space (a forward that keeps no h writes 16-25 MB less at the layer benchmark's
+// very fine and fine shapes). `prefetch_next_task`: pull the next task's weights (their first
+// panel: span_ahead) into cache during this one's second product.
 void swiglu_forward_tasks(const char* op, const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
-                          const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h, const at::Tensor& ys,
-                          const std::vector<Task>& work, int64_t threads, bool prefetch_next_task = true) {
+                          const at::Tensor& w_in, const at::Tensor& w_out, const std::optional<at::Tensor>& h,
+                          const at::Tensor& ys, const std::vector<Task>& work, int64_t threads,
+                          bool prefetch_next_task = true) {
   check_rows(x, x.size(0), x.size(1), op, "x");
   check_swiglu_operands(x, token, scale, w_in, w_out, h, op);
   const int64_t d = x.size(1), ff = w_out.size(2), rows = token.size(0);
@@ -785,17 +789,20 @@ void swiglu_forward_tasks(const char* op, const at::Tensor& x, const at::Tensor&
   const int64_t* T = token.data_ptr<int64_t>();
   const float *X = x.data_ptr<float>(), *S = scale.data_ptr<float>();
   const float *WI = w_in.data_ptr<float>(), *WO = w_out.data_ptr<float>();
-  float *Hp = h.data_ptr<float>(), *Y = ys.data_ptr<float>();
-  const int64_t ldx = x.stride(0), ldh = h.stride(0), ldy = ys.stride(0);
+  float* Hp = h.has_value() ? h->data_ptr<float>() : nullptr;
+  float* Y = ys.data_ptr<float>();
+  const int64_t ldx = x.stride(0), ldy = ys.stride(0);
   const int64_t span_in = (2 * ff - 1) * w_in.stride(1) + (d - 1) * w_in.stride(2) + 1;
   const int64_t span_out = (d - 1) * w_out.stride(1) + (ff - 1) * w_out.stride(2) + 1;
   const int64_t ldxs = padded(d), ldai = padded(ff);
-  WorkSpaces<float> spaces(largest_task(work) * (ldxs + ldai));
+  const int64_t ldh = h.has_value() ? h->stride(0) : padded(2 * ff);
+  WorkSpaces<float> spaces(largest_task(work) * (ldxs + ldai + (h.has_value() ? 0 : ldh)));
   take_tasks(static_cast<int64_t>(work.size()), threads, [&](int64_t i) {
     const Task& task = work[i];
     const int64_t count = task.stop - task.start, s0 = task.start;
     float* xs = spaces.mine();
     float* a_in = xs + count * ldxs;
+    float* hs = h.has_value() ? Hp + s0 * ldh : a_in + count * ldai;  // the task's rows of h
     gather_rows(X, ldx, T, task, xs, ldxs, d);
     const float* wi = WI + task.expert * w_in.stride(0);
     const float* wo = WO + task.expert * w_out.stride(0);
@@ -805,8 +812,8 @@ void swiglu_forward_tasks(const char* op, const at::Tensor& x, const at::Tensor&
     // without, in five runs of 40 calls each way side by side; BENCHMARKS.md §8).
     Prefetch this_out =
         count <= kDotRows ? Prefetch{} : prefetch_of(wo, span_ahead(count, span_out, w_out.stride(1)));
-    product(count, 2 * ff, d, xs, ldxs, 1, wi, w_in.stride(2), w_in.stride(1), Hp + s0 * ldh, ldh, this_out);
-    for (int64_t r = s0; r < task.stop; ++r) swiglu_row(Hp + r * ldh, a_in + (r - s0) * ldai, ff, S[r]);
+    product(count, 2 * ff, d, xs, ldxs, 1, wi, w_in.stride(2), w_in.stride(1), hs, ldh, this_out);
+    for (int64_t r = 0; r < count; ++r) swiglu_row(hs + r * ldh, a_in + r * ldai, ff, S[s0 + r]);
     const Task* following = i + 1 < static_cast<int64_t>(work.size()) ? &work[i + 1] : nullptr;
     Prefetch next = prefetch_next_task && following != nullptr
                         ? prefetch_of(WI + following->expert * w_in.stride(0),
@@ -817,8 +824,8 @@ void swiglu_forward_tasks(const char* op, const at::Tensor& x, const at::Tensor&
 }
 
 void expert_swiglu_forward(const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
-                           const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h, const at::Tensor& ys,
-                           const at::Tensor& tasks, int64_t threads) {
+                           const at::Tensor& w_in, const at::Tensor& w_out, const std::optional<at::Tensor>& h,
+                           const at::Tensor& ys, const at::Tensor& tasks, int64_t threads) {
   const char* op = "moekit::expert_swiglu_forward";
   swiglu_forward_tasks(op, x, token, scale, w_in, w_out, h, ys, tasks_of(tasks, op), threads);
 }
@@ -836,7 +843,7 @@ at::Tensor summed_swiglu_rows(const char* op, const at::Tensor& x, const at::Ten
   // next task goes to whichever thread asks first, and the lines pulled for another core's task
   // are read twice (decode, `large` on two threads of an AVX2 EPYC: the experts 1-9 % faster
   // without).
-  swiglu_forward_tasks(op, x, token, scale, w_in, w_out, at::empty({rows, 2 * ff}, options), ys, work, threads,
+  swiglu_forward_tasks(op, x, token, scale, w_in, w_out, std::nullopt, ys, work, threads,
                        /*prefetch_next_task=*/threads <= 1);
   at::Tensor out = at::zeros({num_tokens, d}, options);
   const int64_t* T = token.data_ptr<int64_t>();
@@ -1140,7 +1147,7 @@ TORCH_LIBRARY(moekit, m) {
       "Tensor(d!) grad_in, Tensor tasks, int threads) -> ()");
   m.impl("expert_backward_pairs", c10::DispatchKey::CPU, TORCH_FN(expert_backward_pairs));
   m.def(
-      "expert_swiglu_forward(Tensor x, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, Tensor(a!) h, "
+      "expert_swiglu_forward(Tensor x, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, Tensor(a!)? h, "
       "Tensor(b!) ys, Tensor tasks, int threads) -> ()");
   m.impl("expert_swiglu_forward", c10::DispatchKey::CPU, TORCH_FN(expert_swiglu_forward));
   m.def(

@@ -371,7 +371,8 @@ acc_t scaled_swiglu_backward_row(const scalar_t* h, const scalar_t* gr, const sc
 }
 
 void check_swiglu_operands(const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
-                           const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h, const char* op) {
+                           const at::Tensor& w_in, const at::Tensor& w_out, const std::optional<at::Tensor>& h,
+                           const char* op) {
   const int64_t d = x.size(1), rows = token.size(0);
   check_packed(w_in, x, op, "w_in");
   check_packed(w_out, x, op, "w_out");
@@ -380,18 +381,19 @@ void check_swiglu_operands(const at::Tensor& x, const at::Tensor& token, const a
               ": w_in must be [E, 2 ff, d] and w_out [E, d, ff]");
   check_token(token, rows, x.size(0), op);
   check_rows(x, x, x.size(0), d, op, "x");
-  check_rows(h, x, rows, 2 * ff, op, "h");
+  if (h.has_value()) check_rows(*h, x, rows, 2 * ff, op, "h");
   check_scale(scale, x, rows, op, "scale");
 }
 
 // SwiGLU experts whole, the routing weight on their output (expert_gemm.cpp's
 // expert_swiglu_forward): for every task (e, s, t), xs = x[token[s:t]], h = xs @ w_in[e]^T,
 // a_in = silu(gate) * up * scale[s:t] for h = [gate | up] (Shazeer 2020), ys = a_in @ w_out[e]^T;
-// xs and a_in in the thread's work space, h kept for the backward. Only the products are torch
+// xs and a_in in the thread's work space, h kept for the backward where `h` is given (else in the
+// work space too). Only the products are torch
 // calls: the gather and the activation are loops here, so that a decode step's many small experts
 // pay no per-op dispatch for them.
 void expert_swiglu_forward_mm(const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
-                              const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& h,
+                              const at::Tensor& w_in, const at::Tensor& w_out, const std::optional<at::Tensor>& h,
                               const at::Tensor& ys, const at::Tensor& tasks, int64_t threads) {
   const char* op = "moekit::expert_swiglu_forward_mm";
   check_swiglu_operands(x, token, scale, w_in, w_out, h, op);
@@ -402,20 +404,20 @@ void expert_swiglu_forward_mm(const at::Tensor& x, const at::Tensor& token, cons
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t* T = token.data_ptr<int64_t>();
     const scalar_t *X = x.data_ptr<scalar_t>(), *S = scale.data_ptr<scalar_t>();
-    const scalar_t* H = h.data_ptr<scalar_t>();
-    const int64_t ldx = x.stride(0), ldh = h.stride(0);
-    WorkSpaces<scalar_t> spaces(largest_task(work) * (d + ff));
+    const int64_t ldx = x.stride(0);
+    WorkSpaces<scalar_t> spaces(largest_task(work) * (d + ff + (h.has_value() ? 0 : 2 * ff)));
     WorkSpaces<float> scratches(kRowScratch * ff);
     for_each_task(work, threads, [&](const Task& task) {
       const int64_t count = task.stop - task.start;
       scalar_t* space = spaces.mine();
       float* scratch = scratches.mine();
       scalar_t *XS = space, *AI = space + count * d;
+      const Matrix<scalar_t> hs =
+          h.has_value() ? rows_matrix<scalar_t>(*h, task) : packed_rows(AI + count * ff, count, 2 * ff);
       gather_rows(X, ldx, T, task, XS, d, d);
-      product(rows_matrix<scalar_t>(h, task), packed_rows<const scalar_t>(XS, count, d),
-              expert_matrix<const scalar_t>(w_in, task.expert).t());
-      for (int64_t r = task.start; r < task.stop; ++r)
-        scaled_swiglu_row(H + r * ldh, ff, static_cast<acc_t>(S[r]), AI + (r - task.start) * ff,
+      product(hs, packed_rows<const scalar_t>(XS, count, d), expert_matrix<const scalar_t>(w_in, task.expert).t());
+      for (int64_t r = 0; r < count; ++r)
+        scaled_swiglu_row(hs.data + r * hs.row_stride, ff, static_cast<acc_t>(S[task.start + r]), AI + r * ff,
                           static_cast<scalar_t*>(nullptr), scratch);
       product(rows_matrix<scalar_t>(ys, task), packed_rows<const scalar_t>(AI, count, ff),
               expert_matrix<const scalar_t>(w_out, task.expert).t());
@@ -548,7 +550,7 @@ TORCH_LIBRARY_FRAGMENT(moekit, m) {
       "Tensor(d!) grad_in, Tensor tasks, int threads) -> ()");
   m.impl("expert_backward_pairs_mm", c10::DispatchKey::CPU, TORCH_FN(expert_backward_pairs_mm));
   m.def(
-      "expert_swiglu_forward_mm(Tensor x, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, Tensor(a!) h, "
+      "expert_swiglu_forward_mm(Tensor x, Tensor token, Tensor scale, Tensor w_in, Tensor w_out, Tensor(a!)? h, "
       "Tensor(b!) ys, Tensor tasks, int threads) -> ()");
   m.impl("expert_swiglu_forward_mm", c10::DispatchKey::CPU, TORCH_FN(expert_swiglu_forward_mm));
   m.def(
