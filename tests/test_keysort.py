@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import moekit.routing.keysort as keysort
 from helpers import needs_loops
-from moekit.routing.keysort import RADIX_KEY_LIMIT, key_runs, stable_sort
+from moekit.routing.keysort import RADIX_KEY_LIMIT, key_runs, sort_cells, stable_sort
 from moekit.routing.record import Assignments
 
 
@@ -67,10 +67,31 @@ def test_counting_sort_and_its_runs_equal_torchs_stable_sort(keys, spare):
 
 
 @needs_loops
+@settings(max_examples=100, deadline=None)
+@given(
+    rows=st.integers(0, 60), width=st.integers(1, 9), num_keys=st.integers(1, 20), seed=st.integers(0, 2**16)
+)
+def test_sorted_cells_carry_their_rows_and_columns(rows, width, num_keys, seed):
+    """A router's [T, k] choices sorted by expert on the counting sort and without it: torch's
+    stable order of the flattened cells, and each cell's row and column (order // k, order % k),
+    one row (a decode step's token) included."""
+    gen = torch.Generator().manual_seed(seed)
+    cells = torch.randint(0, num_keys, (rows, width), generator=gen)
+    expected_values, expected_order = torch.sort(cells.reshape(-1), stable=True)
+    for counting in (True, False):
+        with patch.object(keysort.native, "loops_available", lambda counting=counting: counting):
+            values, order, row, column = sort_cells(cells, num_keys)
+        assert torch.equal(values, expected_values) and torch.equal(order, expected_order)
+        assert torch.equal(row, expected_order // width) and torch.equal(column, expected_order % width)
+
+
+@needs_loops
 def test_keys_outside_the_bound_get_a_clear_error():
     for keys, num_keys in (([0, 3, 1], 3), ([0, -1], 2)):
         with pytest.raises(RuntimeError, match=r"keys must be in \[0, \d\), got -?\d"):
             stable_sort(torch.tensor(keys), num_keys)
+        with pytest.raises(RuntimeError, match=r"keys must be in \[0, \d\), got -?\d"):
+            sort_cells(torch.tensor([keys]), num_keys)
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -14,7 +14,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from moekit.routing.keysort import RADIX_KEY_LIMIT, stable_sort
+from moekit.routing.keysort import RADIX_KEY_LIMIT, sort_cells
 
 # The padding sentinel under torch.compile: past any expert id without reading the ids on the host.
 COMPILED_SENTINEL = 2**62
@@ -67,7 +67,7 @@ class Assignments:
         is read on the host (a graph break under compile).
         """
         num_tokens, k = topk_index.shape
-        expert = topk_index.reshape(-1)
+        expert = topk_index
         kept = num_tokens * k
         num_keys = num_experts
         if token_mask is not None:
@@ -77,20 +77,17 @@ class Assignments:
             elif num_experts is not None:
                 sentinel = num_experts
                 num_keys = num_experts + 1
-            elif len(expert):
+            elif expert.numel():
                 sentinel = max(RADIX_KEY_LIMIT, int(expert.max()) + 1)
             else:
                 sentinel = RADIX_KEY_LIMIT
-            expert = expert.masked_fill(~token_mask.repeat_interleave(k), sentinel)
+            expert = expert.masked_fill(~token_mask.unsqueeze(1), sentinel)
             kept = int(token_mask.sum()) * k
-        expert, order = stable_sort(expert, num_keys)
+        expert, order, token, rank = sort_cells(expert, num_keys)
         if kept < len(order):  # (no slicing where every choice is kept: fewer ops per decode step)
-            expert, order = expert[:kept], order[:kept]
+            expert, order, token, rank = expert[:kept], order[:kept], token[:kept], rank[:kept]
         return Assignments(
-            token=torch.div(order, k, rounding_mode="floor"),
-            expert=expert,
-            weight=topk_weight.reshape(-1).index_select(0, order),
-            rank=order if num_tokens == 1 else order % k,  # one token: the order is its ranks
+            token=token, expert=expert, weight=topk_weight.reshape(-1).index_select(0, order), rank=rank
         )
 
 
