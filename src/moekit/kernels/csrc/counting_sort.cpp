@@ -5,9 +5,10 @@
 // the expert-sorted rows by token with another, once per layer and step. numpy's radix sort (the
 // portable path, moekit/routing/keysort.py) with its conversions, host reads of the keys' range,
 // the gather of the sorted keys, the token runs' bincount and cumsum, and torch's int64 division
-// and remainder for each choice's token and rank took 0.26 + 0.24 ms for the 16,384 choices of
-// 2048 tokens over 128 experts, in a very fine layer's forward of 10 ms (BENCHMARKS.md §13).
-// Counting is two passes over the keys and one over the counts, and it knows each key's place.
+// and remainder for each choice's token and rank took 0.32 + 0.29 ms for the 16,384 choices of
+// 2048 tokens over 128 experts, in a very fine layer's forward of 10-11 ms; counted, 0.11 + 0.15
+// (BENCHMARKS.md §13). Counting is two passes over the keys and one over the counts, and it knows
+// each key's place.
 //
 //   moekit::stable_counting_sort(keys, num_keys) -> (sorted, order, bounds): keys [n] int64, each in
 //   [0, num_keys); order [n] int64, the stable permutation (equal keys in their original order),

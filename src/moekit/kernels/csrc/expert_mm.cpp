@@ -389,9 +389,8 @@ void check_swiglu_operands(const at::Tensor& x, const at::Tensor& token, const a
 // expert_swiglu_forward): for every task (e, s, t), xs = x[token[s:t]], h = xs @ w_in[e]^T,
 // a_in = silu(gate) * up * scale[s:t] for h = [gate | up] (Shazeer 2020), ys = a_in @ w_out[e]^T;
 // xs and a_in in the thread's work space, h kept for the backward where `h` is given (else in the
-// work space too). Only the products are torch
-// calls: the gather and the activation are loops here, so that a decode step's many small experts
-// pay no per-op dispatch for them.
+// work space too). Only the products are torch calls: the gather and the activation are loops
+// here, so that a decode step's many small experts pay no per-op dispatch for them.
 void expert_swiglu_forward_mm(const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
                               const at::Tensor& w_in, const at::Tensor& w_out, const std::optional<at::Tensor>& h,
                               const at::Tensor& ys, const at::Tensor& tasks, int64_t threads) {
