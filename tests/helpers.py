@@ -88,3 +88,14 @@ def saved_and_loaded(folder, family: str, seed: int, **sizes):
     hf = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **sizes))
     randomize_(hf, seed=seed).save_pretrained(folder)
     return from_hf(folder).eval()
+
+
+def autograd_node_names(out: torch.Tensor) -> set[str]:
+    """The names of every node of `out`'s autograd graph."""
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return {node.name() for node in seen}

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from helpers import autograd_node_names
 from moekit.errors import ConfigError
 from moekit.experts.activations import ACTIVATION_NAMES, make_activation
 
@@ -33,3 +34,27 @@ def test_clamped_swiglu_is_gpt_oss_formula():
 def test_unknown_activation_names_the_field():
     with pytest.raises(ConfigError, match="experts.activation"):
         make_activation("tanh")
+
+
+@pytest.mark.parametrize("name", [n for n in ACTIVATION_NAMES if make_activation(n).gated])
+def test_gated_halves_differentiate_as_slices_without_zero_filled_copies(name):
+    """A shared expert differentiates through a gated activation's torch form: its halves, taken
+    as chunks, give the slices' values and gradients bit for bit, and the graph has no slice
+    backward (each zero-fills a copy of h)."""
+    act = make_activation(name)
+    ff = 24
+    h = torch.randn(64, act.in_features(ff)).requires_grad_()
+    grad = torch.randn(64, ff)
+    out = act.forward(h)
+    (got,) = torch.autograd.grad(out, h, grad)
+
+    def sliced(t):
+        return t[..., :ff], t[..., ff:]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(act), "split", lambda self, t: sliced(t))
+        expected_out = act.forward(h)
+        (expected,) = torch.autograd.grad(expected_out, h, grad)
+    assert torch.equal(out, expected_out) and torch.equal(got, expected)
+    names = autograd_node_names(out)
+    assert not any("Slice" in n for n in names) and any("Split" in n for n in names)

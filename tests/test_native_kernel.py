@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils import cpp_extension
 
-from helpers import needs_loops, needs_tile_kernel, torch_threads
+from helpers import autograd_node_names, needs_loops, needs_tile_kernel, torch_threads
 from moekit.dispatch.grouped import NativeLoops, grouped_experts, plan_experts
 from moekit.experts.activations import make_activation, swiglu_with_grad
 from moekit.kernels import native, rows_linear
@@ -27,6 +27,7 @@ from moekit.kernels.native import (
     native_available,
     swiglu_fits,
 )
+from moekit.models.lm import DenseFFN
 
 # also run by `make test` on the kernel built for the CPU's other vector set
 pytestmark = pytest.mark.other_vector_set
@@ -443,6 +444,30 @@ def test_swiglu_split_over_the_threads_and_under_autograd_matches_float64():
     (expected_grad,) = torch.autograd.grad(expected, exact, grad.double())
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.double(), expected_grad, rtol=1e-4, atol=1e-4)
+
+
+@needs_tile_kernel
+def test_a_dense_ffn_differentiates_through_the_swiglu_kernel():
+    """moekit's dense FFN trains through `swiglu_with_grad` (one native pass each way, where torch's
+    ops read h's halves as strided views): its autograd graph holds that node, and its output and
+    gradients match the same layer in float64 on torch's ops."""
+    torch.manual_seed(4)
+    hidden, ff = 24, 40
+    module = DenseFFN(hidden, ff)
+    x = torch.randn(300, hidden, requires_grad=True)
+    grad = torch.randn(300, hidden)
+    out = module(x)
+    assert "_SwiGLUFunctionBackward" in autograd_node_names(out)
+    got = torch.autograd.grad(out, [x, module.proj_in.weight, module.proj_out.weight], grad)
+    x64 = x.detach().double().requires_grad_()
+    weights = (module.proj_in.weight, module.proj_out.weight)
+    w_in, w_out = (w.detach().double().requires_grad_() for w in weights)
+    gate, up = (x64 @ w_in.T).chunk(2, dim=-1)
+    expected = (torch.nn.functional.silu(gate) * up) @ w_out.T
+    expected_grads = torch.autograd.grad(expected, [x64, w_in, w_out], grad.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(got, expected_grads, strict=True):
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-4)
 
 
 @needs_loops

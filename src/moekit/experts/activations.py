@@ -35,8 +35,12 @@ class Activation(ABC):
         return 2 * ff if self.gated else ff
 
     def split(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        ff = h.shape[-1] // 2
-        return h[..., :ff], h[..., ff:]
+        """(gate, up): views of h's halves. As `chunk`, not slices: where autograd differentiates
+        through them (a shared expert), a slice's backward zero-fills a copy of h per half (in the
+        tiny-moe config's training step 12 ms of 316 on one thread), a chunk's joins the halves'
+        gradients; the values are the same."""
+        gate, up = h.chunk(2, dim=-1)
+        return gate, up
 
 
 class SwiGLU(Activation):
@@ -77,7 +81,13 @@ class _SwiGLUFunction(torch.autograd.Function):
 
 def swiglu_with_grad(h: Tensor) -> Tensor:
     """SwiGLU of h = [gate | up] for code that differentiates through it with autograd (a dense
-    SwiGLU layer), on the same kernels as the experts' activation."""
+    SwiGLU layer), on the same kernels as the experts' activation: one pass each way, where
+    torch's silu and mul read h's halves as strided views both ways (a dense FFN's fwd+bwd took
+    1.05-1.27x this one's time, BENCHMARKS.md §13)."""
+    if torch.compiler.is_compiling() or not (h.requires_grad and torch.is_grad_enabled()):
+        # torch's ops under torch.compile, which fuses them (and cannot trace the kernels); no
+        # autograd node where nothing differentiates (decode steps)
+        return SwiGLU().forward(h)
     return _SwiGLUFunction.apply(h)
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.errors import ConfigError, require_choice, require_int, require_known_fields, require_number
+from moekit.experts.activations import swiglu_with_grad
 from moekit.inference.kv_cache import KVCache, LayerCache, step_mask
 from moekit.kernels.linear import Linear
 from moekit.layer import MoE, MoEConfig
@@ -243,8 +244,7 @@ class DenseFFN(nn.Module):
         self.proj_out = Linear(ff, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.proj_in(x).chunk(2, dim=-1)
-        return self.proj_out(F.silu(gate) * up)
+        return self.proj_out(swiglu_with_grad(self.proj_in(x)))
 
 
 class Block(nn.Module):
