@@ -57,7 +57,7 @@ def test_counting_sort_and_its_runs_equal_torchs_stable_sort(keys, spare):
     expected_values, expected_order = torch.sort(tensor, stable=True)
     expected_bounds = torch.zeros(num_keys + 1, dtype=torch.int64)
     expected_bounds[1:] = torch.bincount(tensor, minlength=num_keys).cumsum(0)
-    assert keysort._counts(tensor, num_keys)
+    assert keysort._counts(tensor, num_keys, dim=1)
     for counting in (True, False):
         with patch.object(keysort.native, "loops_available", lambda counting=counting: counting):
             values, order = stable_sort(tensor, num_keys)

@@ -33,7 +33,7 @@ def stable_sort(keys: Tensor, num_keys: int | None = None) -> tuple[Tensor, Tens
     """(sorted keys, order) of a 1-D tensor of non-negative integer keys, equal keys kept in their
     original order: `torch.sort(keys, stable=True)`, faster on the CPU. `num_keys`: a bound the
     caller knows (every key in [0, num_keys)), which lets the counting sort run."""
-    if _counts(keys, num_keys) and keys.dim() == 1:
+    if _counts(keys, num_keys, dim=1):
         sorted_keys, order, _ = torch.ops.moekit.stable_counting_sort(keys, num_keys)
         return sorted_keys, order
     small = keys.numel() < RADIX_MIN_KEYS or keys.numel() == 0
@@ -50,7 +50,7 @@ def sort_cells(cells: Tensor, num_keys: int | None = None) -> tuple[Tensor, Tens
     [T, k] choices) by key: `stable_sort` of the flattened cells, and each sorted cell's row and
     column (order // width and order % width: torch's int64 division and remainder took 44 and
     57 us for 16,384 choices, which the counting sort places without dividing)."""
-    if _counts(cells, num_keys) and cells.dim() == 2:
+    if _counts(cells, num_keys, dim=2):
         return torch.ops.moekit.stable_counting_sort_cells(cells, num_keys)
     sorted_keys, order = stable_sort(cells.reshape(-1), num_keys)
     width = cells.shape[1]
@@ -62,7 +62,7 @@ def sort_cells(cells: Tensor, num_keys: int | None = None) -> tuple[Tensor, Tens
 def key_runs(keys: Tensor, num_keys: int) -> tuple[Tensor, Tensor]:
     """(order, bounds) of keys in [0, num_keys): the stable order (as `stable_sort`'s) and
     bounds [num_keys + 1], key j's positions being order[bounds[j]:bounds[j + 1]]."""
-    if _counts(keys, num_keys) and keys.dim() == 1:
+    if _counts(keys, num_keys, dim=1):
         _, order, bounds = torch.ops.moekit.stable_counting_sort(keys, num_keys)
         return order, bounds
     _, order = stable_sort(keys)
@@ -71,11 +71,12 @@ def key_runs(keys: Tensor, num_keys: int) -> tuple[Tensor, Tensor]:
     return order, bounds
 
 
-def _counts(keys: Tensor, num_keys: int | None) -> bool:
-    """Whether the counting sort takes these keys: a bound given, int64 CPU keys outside
+def _counts(keys: Tensor, num_keys: int | None, dim: int) -> bool:
+    """Whether the counting sort takes these keys: a bound given, `dim`-D int64 CPU keys outside
     `torch.compile`, and the kernels built."""
     return (
         num_keys is not None
+        and keys.dim() == dim
         and keys.dtype == torch.int64
         and keys.device.type == "cpu"
         and not torch.compiler.is_compiling()
