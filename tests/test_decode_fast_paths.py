@@ -567,39 +567,6 @@ def test_topk_kernel_refuses_expert_ids_out_of_range():
         torch.ops.moekit.topk_swiglu_rows(x, torch.tensor([[1, 4]]), torch.ones(1, 2), w_in, w_out, 1)
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    batch=st.integers(1, 3),
-    heads=st.integers(1, 20),
-    steps=st.integers(1, 3),
-    half=st.integers(1, 70),
-    seed=st.integers(0, 2**16),
-)
-def test_rope_kernel_is_torch_rotation_bit_for_bit(batch, heads, steps, half, seed):
-    """moekit's one-call rotation (`kernels.rope`) gives transformers' x * cos + rotate_half(x) *
-    sin bit for bit (its products rounded before their sum: no fused multiply-add), for any head
-    count, feature width and step count, and float64's to rounding; `apply_rope` takes it for a
-    decoding step's rows and leaves rows under autograd to torch."""
-    from moekit.interop.rope import apply_rope
-    from moekit.kernels import rope
-
-    if not native_module.loops_available():
-        pytest.skip(LOOPS_UNAVAILABLE)
-    assert rope.matches_torch()
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, heads, steps, 2 * half, generator=gen) * 3
-    cos = torch.randn(batch, 1, steps, 2 * half, generator=gen)
-    sin = torch.randn(batch, 1, steps, 2 * half, generator=gen)
-    expected = rope.torch_rotation(x, cos, sin)
-    with torch.inference_mode():
-        assert rope.fits(x, cos, sin)
-        assert torch.equal(apply_rope(x, cos, sin, "half"), expected)
-    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
-    exact = x.double() * cos.double() + swapped.double() * sin.double()
-    torch.testing.assert_close(expected.double(), exact, rtol=1e-5, atol=1e-5)
-    assert not rope.fits(x.requires_grad_(), cos, sin)
-
-
 def test_kv_append_writes_the_steps_bytes_and_refuses_what_does_not_fit():
     """A step's keys and values land in the buffers' slot as the two copies put them (strided
     steps, as the joint projection's split gives them); slots past the buffer are refused."""

@@ -163,6 +163,4 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, layout: str) -> Tensor:
             return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
         return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
     # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]: the halves swapped, signs in `sin`
-    if rope_kernel.fits(x, cos, sin):  # a decoding step's few rows: the same values in one op
-        return rope_kernel.rotate_half_rows(x, cos, sin)
-    return (x * cos) + (torch.roll(x, x.shape[-1] // 2, dims=-1) * sin)
+    return rope_kernel.rotate_half(x, cos, sin, signed_sin=True)

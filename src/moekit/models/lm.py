@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from moekit.errors import ConfigError, require_choice, require_int, require_known_fields, require_number
 from moekit.experts.activations import swiglu_with_grad
 from moekit.inference.kv_cache import KVCache, LayerCache, step_mask
+from moekit.kernels import rope as rope_kernel
 from moekit.kernels.linear import Linear
 from moekit.layer import MoE, MoEConfig
 from moekit.models.attention_experts import AttentionExperts, AttentionExpertsConfig
@@ -170,10 +171,10 @@ def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dty
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate [B, H, S, D] queries or keys (the half-split convention used by HF Llama)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+    """Rotate [B, H, S, D] queries or keys (the half-split convention used by HF Llama), by the
+    tables of `rope_tables`: transformers' x * cos + cat(-x2, x1) * sin, on moekit's kernel where
+    it runs (the same bits, forward and backward: `kernels.rope`)."""
+    return rope_kernel.rotate_half(x, cos.unsqueeze(1), sin.unsqueeze(1), signed_sin=False)
 
 
 def attention_mask(doc_ids: Tensor | None, seq_len: int, device: torch.device) -> Tensor | None:

@@ -1,0 +1,199 @@
+"""RoPE's rotation on moekit's kernel (`kernels.rope`): torch's values and gradients bit for bit,
+for both conventions of the sine, any query layout a model makes, and the models that train and
+generate through it (moekit's LM and every imported family with the half-split layout)."""
+
+from unittest.mock import patch
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import moekit.kernels.native as native_module
+from helpers import LOOPS_UNAVAILABLE, autograd_node_names
+from moekit.kernels import rope
+from moekit.layer import MoEConfig
+from moekit.models.lm import LanguageModel, LMConfig
+from moekit.routing.spec import preset
+
+needs_kernel = pytest.mark.skipif(not native_module.loops_available(), reason=LOOPS_UNAVAILABLE)
+KERNEL_NODE = "_HalfRotationBackward"
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The float32 values as integers: equal bit for bit, signed zeros included."""
+    return t.contiguous().view(torch.int32)
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same strides wherever a dimension has more than one element."""
+    return all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True))
+
+
+def _queries(gen, batch, heads, steps, width, layout):
+    if layout == "contiguous":
+        return torch.randn(batch, heads, steps, width, generator=gen)
+    if layout == "transposed":  # [B, S, H, D] as the projection gives it, viewed [B, H, S, D]
+        return torch.randn(batch, steps, heads, width, generator=gen).transpose(1, 2)
+    fused = torch.randn(batch, steps, 3 * heads * width, generator=gen)  # a fused q/k/v projection
+    return fused[..., heads * width : 2 * heads * width].view(batch, steps, heads, width).transpose(1, 2)
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    heads=st.integers(1, 6),
+    steps=st.integers(1, 40),
+    half=st.integers(1, 40),
+    layout=st.sampled_from(["contiguous", "transposed", "split"]),
+    signed_sin=st.booleans(),
+    shared_tables=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_the_kernel_rotates_and_differentiates_as_torchs_ops(
+    batch, heads, steps, half, layout, signed_sin, shared_tables, seed
+):
+    """Forward and backward give torch's ops' values bit for bit (each product rounded before the
+    sum; -0 where torch's sum gives -0), in torch's layout, and float64's values to rounding."""
+    gen = torch.Generator().manual_seed(seed)
+    x = _queries(gen, batch, heads, steps, 2 * half, layout) * 3
+    x[..., ::3] = 0.0
+    tables = 1 if shared_tables else batch
+    cos = torch.randn(tables, 1, steps, 2 * half, generator=gen)
+    sin = torch.randn(tables, 1, steps, 2 * half, generator=gen)
+    grad = torch.randn(x.shape, generator=gen)
+    grad[:, :, 0] = -0.0  # both halves: a -0 sum, which transformers' slices turn to +0
+    ours, theirs = x.detach().requires_grad_(), x.detach().requires_grad_()
+    arriving = []  # the gradients as they arrive: their layout decides the order of later sums
+    for leaf in (ours, theirs):
+        leaf.register_hook(arriving.append)
+
+    y = rope.rotate_half(ours, cos, sin, signed_sin)
+    expected = rope.torch_rotation(theirs, cos, sin, signed_sin)
+    assert KERNEL_NODE in autograd_node_names(y)
+    assert torch.equal(_bits(y), _bits(expected))
+    assert _same_layout(y, expected)
+    y.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(_bits(ours.grad), _bits(theirs.grad))
+    assert _same_layout(*arriving)
+    with torch.no_grad():  # a prompt's prefill
+        assert torch.equal(_bits(rope.rotate_half(x, cos, sin, signed_sin)), _bits(expected))
+    with torch.inference_mode():  # a decoding step
+        assert torch.equal(_bits(rope.rotate_half(x, cos, sin, signed_sin)), _bits(expected))
+
+    sign = torch.ones(2 * half, dtype=torch.float64)
+    if not signed_sin:
+        sign[:half] = -1.0
+    exact = x.double() * cos.double() + torch.roll(x.double(), half, dims=-1) * sin.double() * sign
+    torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("signed_sin", [True, False])
+def test_gradients_of_minus_zero_keep_torchs_sign(signed_sin):
+    """dL/dy = -0 everywhere with positive tables: torch's sum is -0 through the roll (signed sine)
+    and +0 through transformers' slices, whose zero-filled gradients join the sum; so is the
+    kernel's."""
+    x = torch.randn(1, 2, 3, 8, requires_grad=True)
+    cos, sin = torch.rand(1, 1, 3, 8) + 0.1, torch.rand(1, 1, 3, 8) + 0.1
+    rope.rotate_half(x, cos, sin, signed_sin).backward(torch.full(x.shape, -0.0))
+    assert torch.equal(torch.signbit(x.grad), torch.full(x.shape, signed_sin))
+
+
+@needs_kernel
+def test_the_two_conventions_of_the_sine_rotate_alike():
+    """transformers' x * cos + cat(-x2, x1) * sin (moekit's LM) and the swap with the sine's first
+    half negated (imported models' `head_tables`) are one rotation: the same bits on the kernel."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, generator=gen)
+    cos, sin = torch.randn(2, 1, 5, 8, generator=gen), torch.randn(2, 1, 5, 8, generator=gen)
+    signed = torch.cat([-sin[..., :4], sin[..., 4:]], dim=-1)
+    plain = rope.rotate_half(x, cos, sin, signed_sin=False)
+    assert torch.equal(_bits(plain), _bits(rope.rotate_half(x, cos, signed, signed_sin=True)))
+    assert not torch.equal(plain, rope.rotate_half(x, cos, sin, signed_sin=True))  # the sign matters
+
+
+def test_what_the_kernel_does_not_take_runs_on_torchs_ops():
+    """float64, tables that need a gradient, odd widths and `MOEKIT_NATIVE=0` (the probe failing)
+    rotate on torch's ops, with the same values as the kernel would give."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 2, 3, 6, generator=gen, requires_grad=True)
+    cos, sin = torch.randn(1, 1, 3, 6, generator=gen), torch.randn(1, 1, 3, 6, generator=gen)
+    cases = [
+        (x.double(), cos.double(), sin.double()),
+        (x, cos.requires_grad_(), sin),
+        (torch.randn(1, 2, 3, 5, requires_grad=True), torch.randn(1, 1, 3, 5), torch.randn(1, 1, 3, 5)),
+    ]
+    for xs, c, s in cases:
+        y = rope.rotate_half(xs, c, s, signed_sin=False)
+        assert KERNEL_NODE not in autograd_node_names(y)
+        torch.testing.assert_close(y, rope.torch_rotation(xs, c, s, signed_sin=False), rtol=0, atol=0)
+    cos.requires_grad_(False)
+    with patch.object(rope, "matches_torch", return_value=False):
+        assert KERNEL_NODE not in autograd_node_names(rope.rotate_half(x, cos, sin))
+
+
+def _train_step_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(ids)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+    )
+    loss.backward()
+    return autograd_node_names(loss), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
+
+
+@needs_kernel
+def test_moekits_lm_trains_through_the_kernel_in_torchs_bits():
+    """An fp32 MoE LM's queries and keys rotate on the kernel in training, and every parameter's
+    gradient is the one torch's ops give, bit for bit."""
+    torch.manual_seed(0)
+    moe = MoEConfig(hidden_size=32, ff_size=16, router=preset("qwen3_moe", 4, 2), num_shared_experts=1)
+    model = LanguageModel(
+        LMConfig(
+            vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, ff_size=32, max_seq_len=32, moe=moe
+        )
+    )
+    ids = torch.randint(0, 64, (3, 24))
+    names, grads = _train_step_grads(model, ids)
+    assert KERNEL_NODE in names
+    with patch.object(rope, "matches_torch", return_value=False):
+        torch_names, torch_grads = _train_step_grads(model, ids)
+    assert KERNEL_NODE not in torch_names
+    assert grads.keys() == torch_grads.keys()
+    for name, grad in grads.items():
+        assert torch.equal(_bits(grad), _bits(torch_grads[name])), name
+
+
+@needs_kernel
+def test_imported_families_train_through_the_kernel_in_torchs_bits(tmp_path):
+    """Every imported family whose queries rotate in the half-split layout differentiates through
+    the kernel, with torch's gradients bit for bit."""
+    pytest.importorskip(
+        "transformers", reason="transformers is installed by the `hf` extra that `make test` installs"
+    )
+    from moekit.interop.hf import from_hf
+    from moekit.interop.tiny import TINY_CONFIGS, tiny_model
+
+    rotated, half_split = [], []
+    for family in TINY_CONFIGS:
+        folder = tmp_path / family
+        tiny_model(family, seed=4).save_pretrained(folder)
+        model = from_hf(folder).train()
+        if model.config.rope.layout == "half":
+            half_split.append(family)
+        ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(5))
+        names, grads = _train_step_grads(model, ids)
+        with patch.object(rope, "matches_torch", return_value=False):
+            _, torch_grads = _train_step_grads(model, ids)
+        assert grads.keys() == torch_grads.keys()
+        for name, grad in grads.items():
+            assert torch.equal(_bits(grad), _bits(torch_grads[name])), (family, name)
+        if KERNEL_NODE in names:
+            rotated.append(family)
+    assert len(half_split) >= 5 and rotated == half_split
