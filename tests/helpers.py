@@ -99,3 +99,37 @@ def autograd_node_names(out: torch.Tensor) -> set[str]:
             seen.add(node)
             stack.extend(next_node for next_node, _ in node.next_functions)
     return {node.name() for node in seen}
+
+
+def float_bits(t: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor's values as integers: equal bit for bit, signed zeros included."""
+    return t.contiguous().view(torch.int32)
+
+
+def training_step_gradients(model, ids: torch.Tensor) -> tuple[set[str], dict[str, torch.Tensor]]:
+    """One next-token loss's backward through `model` (moekit's LM or an imported family): the
+    names of its autograd graph's nodes and every parameter's gradient."""
+    model.zero_grad(set_to_none=True)
+    out = model(ids)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+    )
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return autograd_node_names(loss), grads
+
+
+def kernel_against_torch_gradients(
+    model, ids, kernel_module, probe: str
+) -> tuple[set[str], set[str], list[str]]:
+    """`training_step_gradients` with a kernel on, then with its probe reporting failure (torch's
+    ops): both graphs' node names, and the parameters whose gradients differ in any bit."""
+    from unittest.mock import patch
+
+    names, grads = training_step_gradients(model, ids)
+    with patch.object(kernel_module, probe, return_value=False):
+        torch_names, torch_grads = training_step_gradients(model, ids)
+    assert grads.keys() == torch_grads.keys()
+    differing = [n for n, g in grads.items() if not torch.equal(float_bits(g), float_bits(torch_grads[n]))]
+    return names, torch_names, differing

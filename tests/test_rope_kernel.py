@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moekit.kernels.native as native_module
-from helpers import LOOPS_UNAVAILABLE, autograd_node_names
+from helpers import LOOPS_UNAVAILABLE, autograd_node_names, float_bits, kernel_against_torch_gradients
 from moekit.kernels import rope
 from moekit.layer import MoEConfig
 from moekit.models.lm import LanguageModel, LMConfig
@@ -18,11 +18,6 @@ from moekit.routing.spec import preset
 
 needs_kernel = pytest.mark.skipif(not native_module.loops_available(), reason=LOOPS_UNAVAILABLE)
 KERNEL_NODE = "_HalfRotationBackward"
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The float32 values as integers: equal bit for bit, signed zeros included."""
-    return t.contiguous().view(torch.int32)
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -72,16 +67,16 @@ def test_the_kernel_rotates_and_differentiates_as_torchs_ops(
     y = rope.rotate_half(ours, cos, sin, signed_sin)
     expected = rope.torch_rotation(theirs, cos, sin, signed_sin)
     assert KERNEL_NODE in autograd_node_names(y)
-    assert torch.equal(_bits(y), _bits(expected))
+    assert torch.equal(float_bits(y), float_bits(expected))
     assert _same_layout(y, expected)
     y.backward(grad)
     expected.backward(grad)
-    assert torch.equal(_bits(ours.grad), _bits(theirs.grad))
+    assert torch.equal(float_bits(ours.grad), float_bits(theirs.grad))
     assert _same_layout(*arriving)
     with torch.no_grad():  # a prompt's prefill
-        assert torch.equal(_bits(rope.rotate_half(x, cos, sin, signed_sin)), _bits(expected))
+        assert torch.equal(float_bits(rope.rotate_half(x, cos, sin, signed_sin)), float_bits(expected))
     with torch.inference_mode():  # a decoding step
-        assert torch.equal(_bits(rope.rotate_half(x, cos, sin, signed_sin)), _bits(expected))
+        assert torch.equal(float_bits(rope.rotate_half(x, cos, sin, signed_sin)), float_bits(expected))
 
     sign = torch.ones(2 * half, dtype=torch.float64)
     if not signed_sin:
@@ -111,7 +106,7 @@ def test_the_two_conventions_of_the_sine_rotate_alike():
     cos, sin = torch.randn(2, 1, 5, 8, generator=gen), torch.randn(2, 1, 5, 8, generator=gen)
     signed = torch.cat([-sin[..., :4], sin[..., 4:]], dim=-1)
     plain = rope.rotate_half(x, cos, sin, signed_sin=False)
-    assert torch.equal(_bits(plain), _bits(rope.rotate_half(x, cos, signed, signed_sin=True)))
+    assert torch.equal(float_bits(plain), float_bits(rope.rotate_half(x, cos, signed, signed_sin=True)))
     assert not torch.equal(plain, rope.rotate_half(x, cos, sin, signed_sin=True))  # the sign matters
 
 
@@ -135,19 +130,6 @@ def test_what_the_kernel_does_not_take_runs_on_torchs_ops():
         assert KERNEL_NODE not in autograd_node_names(rope.rotate_half(x, cos, sin))
 
 
-def _train_step_grads(model, ids):
-    model.zero_grad(set_to_none=True)
-    out = model(ids)
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
-    )
-    loss.backward()
-    return autograd_node_names(loss), {
-        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
-    }
-
-
 @needs_kernel
 def test_moekits_lm_trains_through_the_kernel_in_torchs_bits():
     """An fp32 MoE LM's queries and keys rotate on the kernel in training, and every parameter's
@@ -160,14 +142,9 @@ def test_moekits_lm_trains_through_the_kernel_in_torchs_bits():
         )
     )
     ids = torch.randint(0, 64, (3, 24))
-    names, grads = _train_step_grads(model, ids)
-    assert KERNEL_NODE in names
-    with patch.object(rope, "matches_torch", return_value=False):
-        torch_names, torch_grads = _train_step_grads(model, ids)
-    assert KERNEL_NODE not in torch_names
-    assert grads.keys() == torch_grads.keys()
-    for name, grad in grads.items():
-        assert torch.equal(_bits(grad), _bits(torch_grads[name])), name
+    names, torch_names, differing = kernel_against_torch_gradients(model, ids, rope, "matches_torch")
+    assert KERNEL_NODE in names and KERNEL_NODE not in torch_names
+    assert not differing
 
 
 @needs_kernel
@@ -188,12 +165,8 @@ def test_imported_families_train_through_the_kernel_in_torchs_bits(tmp_path):
         if model.config.rope.layout == "half":
             half_split.append(family)
         ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(5))
-        names, grads = _train_step_grads(model, ids)
-        with patch.object(rope, "matches_torch", return_value=False):
-            _, torch_grads = _train_step_grads(model, ids)
-        assert grads.keys() == torch_grads.keys()
-        for name, grad in grads.items():
-            assert torch.equal(_bits(grad), _bits(torch_grads[name])), (family, name)
+        names, _, differing = kernel_against_torch_gradients(model, ids, rope, "matches_torch")
+        assert not differing, family
         if KERNEL_NODE in names:
             rotated.append(family)
     assert len(half_split) >= 5 and rotated == half_split

@@ -105,6 +105,14 @@ MM_OPS = (
 PROBE_SHAPES = ((13, 40, 70), (6, 64, 64), (1, 17, 3), (70, 300, 129))
 
 
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    """Whether two float32 tensors hold the same values bit for bit, signed zeros included (what the
+    kernels' probes against torch require; torch.equal takes -0 for +0)."""
+    if a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
+
+
 def mm_into(a: Tensor, b: Tensor, out: Tensor, prefetch_next: Tensor | None = None) -> None:
     """out = a @ b on the native kernel (fp32 CPU, 2-D; `out` with unit column stride; `b` with unit
     stride along either dimension). Only where `native_available()`. `prefetch_next`: a dense

@@ -131,9 +131,9 @@ def _agrees(x: Tensor, cos: Tensor, sin: Tensor, grad: Tensor, signed_sin: bool)
     y.backward(grad)
     expected.backward(grad)
     return (
-        _identical(y, expected)
+        native.same_bits(y, expected)
         and _same_layout(y, expected)
-        and _identical(*arriving)
+        and native.same_bits(*arriving)
         and _same_layout(*arriving)
     )
 
@@ -141,8 +141,3 @@ def _agrees(x: Tensor, cos: Tensor, sin: Tensor, grad: Tensor, signed_sin: bool)
 def _same_layout(a: Tensor, b: Tensor) -> bool:
     """The same strides wherever a dimension has more than one element (what lies in memory)."""
     return all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True))
-
-
-def _identical(a: Tensor, b: Tensor) -> bool:
-    """Equal bit for bit, signed zeros included."""
-    return torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from moekit.errors import ConfigError, require_choice, require_int, require_known_fields, require_number
 from moekit.experts.activations import swiglu_with_grad
 from moekit.inference.kv_cache import KVCache, LayerCache, step_mask
+from moekit.kernels import rms_norm as rms_norm_kernel
 from moekit.kernels import rope as rope_kernel
 from moekit.kernels.linear import Linear
 from moekit.layer import MoE, MoEConfig
@@ -157,7 +158,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return rms_norm_kernel.normalize(x, self.weight, self.eps)  # torch.rms_norm's bits
 
 
 def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

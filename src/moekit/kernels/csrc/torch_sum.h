@@ -97,8 +97,8 @@ inline float sum_of(const float* sq, int64_t n) {
 }
 
 // o = x * (1 / sqrt(mean(x^2) + eps)) (* w where given) for one row of n values, torch.rms_norm's
-// operations in its order; `squares` is room for n values.
-inline void rms_norm_row(const float* x, float* o, int64_t n, float eps32, const float* w, float* squares) {
+// operations in its order; `squares` is room for n values. Returns the row's scale (its rstd).
+inline float rms_norm_row(const float* x, float* o, int64_t n, float eps32, const float* w, float* squares) {
   for (int64_t i = 0; i < n; ++i) squares[i] = x[i] * x[i];
   const float mean = sum_of(squares, n) / static_cast<float>(n);
   const float scale = 1.0f / std::sqrt(mean + eps32);
@@ -106,6 +106,41 @@ inline void rms_norm_row(const float* x, float* o, int64_t n, float eps32, const
     for (int64_t i = 0; i < n; ++i) o[i] = (x[i] * scale) * w[i];
   else
     for (int64_t i = 0; i < n; ++i) o[i] = x[i] * scale;
+  return scale;
+}
+
+// The derivative of `rms_norm_row` as autograd computes it through torch's ops (pow, mean, add,
+// rsqrt, mul, mul), for dL/do = g and the row's scale r, in torch's order, each operation rounded
+// to fp32:
+//   g_n = g * w                              (the weight's product; g where there is none)
+//   through_scale = g_n * r                  (x * r's derivative with respect to x)
+//   d_r = sum(g_n * x)                       (... with respect to r, summed as torch sums a row)
+//   d_mean = ((-0.5 * d_r) * ((r * r) * r)) / n   (rsqrt's derivative, then the mean's)
+//   through_square = d_mean * (2 * x)        (pow(x, 2)'s derivative)
+// The two derivatives with respect to x stay apart, as autograd adds them to x's gradient one
+// after the other. `g_normed` (where not null): g * (x * r), whose sum over rows is the weight's
+// gradient. `scratch` is room for n values.
+__attribute__((optimize("fp-contract=off"))) inline void rms_norm_row_backward(
+    const float* g, const float* x, const float* w, float r, int64_t n, float* through_scale, float* through_square,
+    float* g_normed, float* scratch) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g_n = w != nullptr ? g[i] * w[i] : g[i];
+    through_scale[i] = g_n * r;
+    scratch[i] = g_n * x[i];
+  }
+  if (g_normed != nullptr)
+    for (int64_t i = 0; i < n; ++i) {
+      const float normed = x[i] * r;
+      g_normed[i] = g[i] * normed;
+    }
+  const float d_r = sum_of(scratch, n);
+  const float cube = (r * r) * r;
+  const float d_rsqrt = (-0.5f * d_r) * cube;
+  const float d_mean = d_rsqrt / static_cast<float>(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const float twice = 2.0f * x[i];
+    through_square[i] = d_mean * twice;
+  }
 }
 
 }  // namespace moekit_torch_sum
