@@ -55,6 +55,23 @@ def tiny_lm(seed: int = 0):
     return LanguageModel(config).eval()
 
 
+def training_lm(seed: int = 0, **overrides):
+    """An fp32 MoE LM in training mode whose every layer runs on moekit's training kernels: RoPE,
+    RMSNorm, a shared expert whose SwiGLU halves are 32 wide (`overrides`: LMConfig's fields)."""
+    from moekit.layer import MoEConfig
+    from moekit.models.lm import LanguageModel, LMConfig
+    from moekit.routing.spec import preset
+
+    torch.manual_seed(seed)
+    moe = MoEConfig(
+        hidden_size=32, ff_size=16, router=preset("qwen3_moe", 4, 2), num_shared_experts=1, shared_ff_size=32
+    )
+    values = dict(
+        vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, ff_size=32, max_seq_len=32, moe=moe
+    )
+    return LanguageModel(LMConfig(**{**values, **overrides})).train()
+
+
 def tiny_models(tmp_path_factory, moekit_model=tiny_lm):
     """`get(name)`: `moekit_model()` for "moekit", else the tiny transformers model of family `name`
     saved and read back by `from_hf` (the path users take); each built once. For a module-scoped

@@ -10,11 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moekit.kernels.native as native_module
-from helpers import LOOPS_UNAVAILABLE, autograd_node_names, float_bits, kernel_against_torch_gradients
+from helpers import (
+    LOOPS_UNAVAILABLE,
+    autograd_node_names,
+    float_bits,
+    kernel_against_torch_gradients,
+    training_lm,
+)
 from moekit.kernels import rope
-from moekit.layer import MoEConfig
-from moekit.models.lm import LanguageModel, LMConfig
-from moekit.routing.spec import preset
 
 needs_kernel = pytest.mark.skipif(not native_module.loops_available(), reason=LOOPS_UNAVAILABLE)
 KERNEL_NODE = "_HalfRotationBackward"
@@ -134,13 +137,7 @@ def test_what_the_kernel_does_not_take_runs_on_torchs_ops():
 def test_moekits_lm_trains_through_the_kernel_in_torchs_bits():
     """An fp32 MoE LM's queries and keys rotate on the kernel in training, and every parameter's
     gradient is the one torch's ops give, bit for bit."""
-    torch.manual_seed(0)
-    moe = MoEConfig(hidden_size=32, ff_size=16, router=preset("qwen3_moe", 4, 2), num_shared_experts=1)
-    model = LanguageModel(
-        LMConfig(
-            vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, ff_size=32, max_seq_len=32, moe=moe
-        )
-    )
+    model = training_lm()
     ids = torch.randint(0, 64, (3, 24))
     names, torch_names, differing = kernel_against_torch_gradients(model, ids, rope, "matches_torch")
     assert KERNEL_NODE in names and KERNEL_NODE not in torch_names

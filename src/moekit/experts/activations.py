@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from moekit.errors import require_choice
+from moekit.kernels import torch_swiglu
 from moekit.kernels.native import swiglu, swiglu_backward, swiglu_fits
 
 
@@ -50,8 +51,10 @@ class SwiGLU(Activation):
     gated = True
 
     def forward(self, h: Tensor) -> Tensor:
-        if swiglu_fits(h):
+        if swiglu_fits(h):  # outside autograd
             return swiglu(h)
+        if torch_swiglu.fits(h):  # under autograd (shared experts): torch's bits, one pass each way
+            return torch_swiglu.swiglu(h)
         gate, up = self.split(h)
         return torch.nn.functional.silu(gate) * up
 

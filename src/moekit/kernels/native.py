@@ -57,6 +57,7 @@ SOURCES = (
     CSRC / "attention_step.cpp",
     CSRC / "topk_rows.cpp",
     CSRC / "counting_sort.cpp",
+    CSRC / "torch_swiglu.cpp",
 )
 HEADERS = (
     CSRC / "simd.h",
