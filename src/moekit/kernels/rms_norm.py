@@ -154,9 +154,9 @@ def _torch_gradients(grad, x, weight, eps, needs) -> tuple[Tensor | None, Tensor
 def training_matches_torch() -> bool:
     """Whether the threaded kernel and its backward give torch.rms_norm's values and gradients bit
     for bit on the probe: widths around torch's vector and accumulator sizes and a few wider ones
-    (the decode probe takes every width up to 160), rows enough for torch to
-    split its sums over threads, with and without a weight, x with a residual use beside the norm
-    (whose gradient autograd adds first), contiguous and strided gradients."""
+    (the decode probe takes every width up to 160), rows enough for torch to split its sums over
+    threads, with and without a weight, x with a residual use beside the norm (whose gradient
+    autograd adds first), contiguous and strided gradients."""
     if not native.loops_available() or not hasattr(torch.ops.moekit, "rms_norm_forward"):
         return False
     gen = torch.Generator().manual_seed(1)
