@@ -19,6 +19,8 @@ from helpers import (
 )
 from moekit.kernels import rope
 
+# the kernels built for the CPU's other vector set repeat torch's bits too (`make test`'s third leg)
+pytestmark = pytest.mark.other_vector_set
 needs_kernel = pytest.mark.skipif(not native_module.loops_available(), reason=LOOPS_UNAVAILABLE)
 KERNEL_NODE = "_HalfRotationBackward"
 
