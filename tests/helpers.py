@@ -2,6 +2,7 @@
 they need is imported from here (the tests folder is on `sys.path` under pytest)."""
 
 from contextlib import contextmanager
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -142,8 +143,6 @@ def kernel_against_torch_gradients(
 ) -> tuple[set[str], set[str], list[str]]:
     """`training_step_gradients` with a kernel on, then with its probe reporting failure (torch's
     ops): both graphs' node names, and the parameters whose gradients differ in any bit."""
-    from unittest.mock import patch
-
     names, grads = training_step_gradients(model, ids)
     with patch.object(kernel_module, probe, return_value=False):
         torch_names, torch_grads = training_step_gradients(model, ids)

@@ -15,7 +15,7 @@
 //   moekit::rms_norm_rows(x, weight?, eps) -> y: x [..., n] contiguous fp32, weight [n] or None.
 //
 // Training runs the same arithmetic over many rows, and autograd's derivative of torch's ops, whose
-// passes over x's size (eight forward, about fifteen backward) took a tenth of a small model's
+// passes over x's size (seven ops forward, about a dozen backward) took a tenth of a small model's
 // training step (BENCHMARKS.md §2); the rows are split over torch's threads (each row's values do
 // not depend on the split):
 //
@@ -127,7 +127,9 @@ TORCH_LIBRARY_FRAGMENT(moekit, m) {
   m.impl("rms_norm_rows", c10::DispatchKey::CPU, TORCH_FN(rms_norm_rows));
   m.def("rms_norm_forward(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)");
   m.impl("rms_norm_forward", c10::DispatchKey::CPU, TORCH_FN(rms_norm_forward));
-  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor? weight, Tensor rstd, bool weight_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "rms_norm_backward(Tensor grad, Tensor x, Tensor? weight, Tensor rstd, bool weight_grad) -> "
+      "(Tensor, Tensor, Tensor)");
   m.impl("rms_norm_backward", c10::DispatchKey::CPU, TORCH_FN(rms_norm_backward));
 }
 
