@@ -10,19 +10,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import moekit.kernels.native as native_module
 from helpers import (
-    LOOPS_UNAVAILABLE,
     autograd_node_names,
     float_bits,
     kernel_against_torch_gradients,
+    needs_loops,
     training_lm,
 )
 from moekit.kernels import rms_norm
 
 # the kernels built for the CPU's other vector set repeat torch's bits too (`make test`'s third leg)
 pytestmark = pytest.mark.other_vector_set
-needs_kernel = pytest.mark.skipif(not native_module.loops_available(), reason=LOOPS_UNAVAILABLE)
 KERNEL_NODE = "_RMSNormBackward"
 
 
@@ -35,7 +33,7 @@ def _residual_block(norm, h, weight, scale, strided_grad):
     return h + y * scale
 
 
-@needs_kernel
+@needs_loops
 @settings(max_examples=60, deadline=None)
 @given(
     rows=st.integers(1, 300),
@@ -88,7 +86,7 @@ def test_the_kernel_normalises_and_differentiates_as_torch(
     torch.testing.assert_close(ours.double() - h.double(), exact * scale.double(), rtol=1e-5, atol=1e-5)
 
 
-@needs_kernel
+@needs_loops
 def test_each_derivative_reaches_x_apart():
     """The two derivatives with respect to x come back as two gradients (the one through x * rstd,
     then the one through x^2), as torch's ops give them; their sum is torch's gradient of a lone
@@ -120,7 +118,7 @@ def test_what_the_kernel_does_not_take_runs_on_torchs_op():
         assert KERNEL_NODE not in autograd_node_names(rms_norm.normalize(x, weight, 1e-6))
 
 
-@needs_kernel
+@needs_loops
 def test_moekits_lm_trains_through_the_kernel_in_torchs_bits():
     """An fp32 MoE LM (per-head query and key norms too) normalises on the kernel in training,
     and every parameter's gradient is the one torch's op gives, bit for bit."""
@@ -133,7 +131,7 @@ def test_moekits_lm_trains_through_the_kernel_in_torchs_bits():
     assert not differing
 
 
-@needs_kernel
+@needs_loops
 def test_imported_families_train_through_the_kernel_in_torchs_bits(tmp_path):
     """Every imported family with RMSNorm (all but DBRX, whose norms are LayerNorms) normalises on
     the kernel in training, with torch's gradients bit for bit (Qwen3's per-head query and key

@@ -9,19 +9,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import moekit.kernels.native as native_module
 from helpers import (
-    LOOPS_UNAVAILABLE,
     autograd_node_names,
     float_bits,
     kernel_against_torch_gradients,
+    needs_loops,
     training_lm,
 )
 from moekit.kernels import rope
 
 # the kernels built for the CPU's other vector set repeat torch's bits too (`make test`'s third leg)
 pytestmark = pytest.mark.other_vector_set
-needs_kernel = pytest.mark.skipif(not native_module.loops_available(), reason=LOOPS_UNAVAILABLE)
 KERNEL_NODE = "_HalfRotationBackward"
 
 
@@ -39,7 +37,7 @@ def _queries(gen, batch, heads, steps, width, layout):
     return fused[..., heads * width : 2 * heads * width].view(batch, steps, heads, width).transpose(1, 2)
 
 
-@needs_kernel
+@needs_loops
 @settings(max_examples=60, deadline=None)
 @given(
     batch=st.integers(1, 3),
@@ -90,7 +88,7 @@ def test_the_kernel_rotates_and_differentiates_as_torchs_ops(
     torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)
 
 
-@needs_kernel
+@needs_loops
 @pytest.mark.parametrize("signed_sin", [True, False])
 def test_gradients_of_minus_zero_keep_torchs_sign(signed_sin):
     """dL/dy = -0 everywhere with positive tables: torch's sum is -0 through the roll (signed sine)
@@ -102,7 +100,7 @@ def test_gradients_of_minus_zero_keep_torchs_sign(signed_sin):
     assert torch.equal(torch.signbit(x.grad), torch.full(x.shape, signed_sin))
 
 
-@needs_kernel
+@needs_loops
 def test_the_two_conventions_of_the_sine_rotate_alike():
     """transformers' x * cos + cat(-x2, x1) * sin (moekit's LM) and the swap with the sine's first
     half negated (imported models' `head_tables`) are one rotation: the same bits on the kernel."""
@@ -135,7 +133,7 @@ def test_what_the_kernel_does_not_take_runs_on_torchs_ops():
         assert KERNEL_NODE not in autograd_node_names(rope.rotate_half(x, cos, sin))
 
 
-@needs_kernel
+@needs_loops
 def test_moekits_lm_trains_through_the_kernel_in_torchs_bits():
     """An fp32 MoE LM's queries and keys rotate on the kernel in training, and every parameter's
     gradient is the one torch's ops give, bit for bit."""
@@ -146,7 +144,7 @@ def test_moekits_lm_trains_through_the_kernel_in_torchs_bits():
     assert not differing
 
 
-@needs_kernel
+@needs_loops
 def test_imported_families_train_through_the_kernel_in_torchs_bits(tmp_path):
     """Every imported family whose queries rotate in the half-split layout differentiates through
     the kernel, with torch's gradients bit for bit."""

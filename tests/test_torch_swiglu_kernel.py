@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 import moekit.kernels.native as native_module
 from helpers import (
-    LOOPS_UNAVAILABLE,
     autograd_node_names,
     float_bits,
     kernel_against_torch_gradients,
+    needs_loops,
     training_lm,
 )
 from moekit.experts.activations import SwiGLU
@@ -22,11 +22,10 @@ from moekit.kernels import torch_swiglu
 
 # the kernels built for the CPU's other vector set repeat torch's bits too (`make test`'s third leg)
 pytestmark = pytest.mark.other_vector_set
-needs_kernel = pytest.mark.skipif(not native_module.loops_available(), reason=LOOPS_UNAVAILABLE)
 KERNEL_NODE = "_TorchSwiGLUBackward"
 
 
-@needs_kernel
+@needs_loops
 @settings(max_examples=40, deadline=None)
 @given(
     rows=st.integers(1, 300),
@@ -77,7 +76,7 @@ def test_rows_the_kernel_does_not_take_run_on_torchs_ops():
         assert KERNEL_NODE not in autograd_node_names(SwiGLU().forward(base))
 
 
-@needs_kernel
+@needs_loops
 def test_shared_experts_of_moekits_lm_train_through_the_kernel_in_torchs_bits():
     """An fp32 MoE LM's shared expert (its half 32 wide) runs SwiGLU on the kernel in training,
     and every parameter's gradient is the one torch's ops give, bit for bit."""
@@ -88,7 +87,7 @@ def test_shared_experts_of_moekits_lm_train_through_the_kernel_in_torchs_bits():
     assert not differing
 
 
-@needs_kernel
+@needs_loops
 @pytest.mark.parametrize(
     "family, sizes",
     [
