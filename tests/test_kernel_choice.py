@@ -167,7 +167,7 @@ def test_expert_kernel_is_measured_once_per_cpu_model_and_then_read(fresh_kernel
     assert native.float32_kernel() == "mm"
     monkeypatch.setattr(native, "measure_float32_kernel", lambda: calls.append(1) or "tile")
     assert native.float32_kernel() == "mm" and len(calls) == 1  # read from the store
-    stored = json.loads(store.choice_path("experts-many-rows-float32").read_text())
+    stored = json.loads(store.choice_path(native.float32_choice_name(native.kernel_isa())).read_text())
     assert stored == {"machine": store.machine_key(), "choice": "mm", "quiet": True}
     monkeypatch.setenv("MOEKIT_NATIVE", "tile")
     assert native.float32_kernel() == "tile"

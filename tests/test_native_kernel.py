@@ -154,16 +154,17 @@ def test_the_other_vector_sets_kernel_compiles_here():
 @given(
     st.sampled_from(LAYOUTS),
     st.integers(0, 20),
-    st.integers(0, 300),
+    st.integers(0, 600),
     st.integers(0, 140),
     st.integers(0, 3),
     st.sampled_from(["none", "dense", "transposed", "strided"]),
     st.integers(0, 2**16),
 )
 def test_products_match_float64_and_touch_only_their_output(layout, rows, inner, outer, pad, prefetch, seed):
-    """Every row and column tail (tiles of 6 rows x 64 or 16 columns, inner blocks of 256 or 512,
-    packed weight panels), including empty operands, into a view of a larger buffer whose other
-    entries stay as they were; with or without memory to prefetch (a strided view is skipped)."""
+    """Every row and column tail (tiles of 6 rows x 64 or 16 columns, inner blocks of 512 and a
+    second block past them, packed weight panels), including empty operands, into a view of a
+    larger buffer whose other entries stay as they were; with or without memory to prefetch (a
+    strided view is skipped)."""
     gen = torch.Generator().manual_seed(seed)
     a, b = _operands(layout, rows, inner, outer, gen)
     upcoming = {
@@ -199,12 +200,11 @@ def test_products_match_float64_and_touch_only_their_output(layout, rows, inner,
 )
 def test_copied_operands_over_many_blocks_match_float64(layout, rows, inner, outer):
     """The operands the kernel copies before its tiles read them: the weight gradient's A (g^T:
-    its columns contiguous), packed by blocks of rows per block of k (256 deep on AVX-512, 512 on
-    AVX2), and its B, copied into panels by chunks of 2 MB (4,200 columns 256 or 512 deep: three
-    or five chunks); the input gradient's B (W read in place), copied into panels by chunks of
-    columns per block of k; the forward's W^T packed by panels; several blocks of each (inner and
-    rows past 1024) and their tails, into a view of a larger buffer whose other entries stay as
-    they were."""
+    its columns contiguous), packed by blocks of rows per block of k (512 deep), and its B, copied
+    into panels by chunks of 2 MB (4,200 columns 512 deep: five chunks); the input gradient's B
+    (W read in place), copied into panels by chunks of columns per block of k; the forward's W^T
+    packed by panels; several blocks of each (inner and rows past 1024) and their tails, into a
+    view of a larger buffer whose other entries stay as they were."""
     gen = torch.Generator().manual_seed(rows + outer)
     a, b = _operands(layout, rows, inner, outer, gen)
     buffer = torch.full((a.shape[0] + 2, b.shape[1] + 3), float("nan"))

@@ -214,25 +214,31 @@ def stored_float32_kernel() -> str:
     plan paid, a decoding step once per MoE layer."""
     from moekit.kernels.store import stored_choice
 
-    # a build for another vector set than the CPU's own (`MOEKIT_NATIVE_ISA`) stores its choice
-    # apart: an emulated kernel's "mm" must not become the CPU's choice
-    isa = kernel_isa()
-    # (named for the measurement and its rule: choices stored by earlier ones are measured again:
-    # the products alone, then SwiGLU passes with at::mm's scalar activation and a 10 % margin
-    # for the tile kernel, which then also ran decode)
-    name = "experts-many-rows-float32" if isa == cpu_isa() else f"experts-many-rows-float32-{isa}"
-    return stored_choice(name, KERNELS, measure_float32_kernel)
+    return stored_choice(float32_choice_name(kernel_isa()), KERNELS, measure_float32_kernel)
+
+
+def float32_choice_name(isa: str | None) -> str:
+    """The stored choice's name, carrying the kernels' build (`extension_name`: their sources and
+    flags): a choice between at::mm and one version of the tile kernel says nothing about the
+    next, so a changed kernel is measured again (a choice stored before the tile kernel spread its
+    memory requests over its steps named at::mm on an AVX-512 Xeon, where the tile kernel now
+    leads). The build also tells a build for another vector set than the CPU's own apart
+    (`MOEKIT_NATIVE_ISA`): an emulated kernel's "mm" must not become the CPU's choice."""
+    return "experts-many-rows-float32-" + extension_name(isa).rsplit("_", 1)[-1]
 
 
 def _requested() -> str:
     return os.environ.get("MOEKIT_NATIVE", "auto").strip().lower()
 
 
-# The one-off measurement: SwiGLU experts of a layer benchmark's fine shape (16 experts of 96 rows,
-# hidden 512, ff 256), forward and backward as the layer runs them (`expert_swiglu_forward` and
-# `_backward`: gathers, both products, the activation and the routing weight per expert); rounds
-# interleave the kernels, each first in every other round, so that load slows both alike.
-MEASURE_SHAPE = (16, 96, 512, 256)
+# The one-off measurement: SwiGLU experts of a layer benchmark's fine shape (16 of its 64 experts,
+# each with the 192 rows they get at T = 2048; hidden 512, ff 256), forward and backward as the
+# layer runs them (`expert_swiglu_forward` and `_backward`: gathers, both products, the activation
+# and the routing weight per expert); rounds interleave the kernels, each first in every other
+# round, so that load slows both alike. (With 96 rows per expert, half the layer's, at::mm's
+# share of the time was larger than in the layer: on an AVX-512 Xeon the measurement gave the
+# tile kernel 0.6-3 % where the layer's fwd+bwd gave it 8-9 %; with 192, 3-4.5 %.)
+MEASURE_SHAPE = (16, 192, 512, 256)
 MEASURE_ROUNDS = 7
 
 

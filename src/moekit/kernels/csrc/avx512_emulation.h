@@ -2,7 +2,7 @@
 // CPU, for a test build (MOEKIT_EMULATE_AVX512; moekit/kernels/native.py: MOEKIT_NATIVE_ISA).
 //
 // Why: a machine builds the tile kernel for its own vector set only, so the AVX-512 build's code
-// (16-lane vectors, tiles of 6 x 4 vectors, panels 64 wide, blocks of 256, mask registers, the
+// (16-lane vectors, tiles of 6 x 4 vectors, panels 64 wide, blocks of 512, mask registers, the
 // 16 x 16 transpose) would otherwise run nowhere but on an AVX-512 CPU. With this header the same
 // backend code, unchanged, is compiled for AVX2 and runs the kernel tests there: each intrinsic
 // below does what Intel's intrinsics guide specifies for it, lane by lane (several times slower

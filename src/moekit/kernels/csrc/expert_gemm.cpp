@@ -17,11 +17,11 @@
 //     strides; out with unit column stride; b with unit stride along either dimension (b = W^T
 //     packs panels of W); the memory of prefetch_next is pulled into cache while it runs.
 //     Blocking: the output is computed in panels one register tile wide, each as tiles of 6 rows
-//     over blocks of the inner dimension (a 32 KB packed panel, at least 256 deep: kInnerBlock);
-//     the tile's width follows the vector set the file is built for (simd.h): 64 columns (6 x 4
-//     vectors in 24 of AVX-512's 32 registers, blocks of 256) or 16 (6 x 2 vectors in 12 of
-//     AVX2's 16, blocks of 512). While a panel's tiles run, the next panel's weight rows are
-//     pulled into cache; weight gradients written in one pass are stored past the caches.
+//     over blocks of 512 of the inner dimension (kInnerBlock); the tile's width follows the
+//     vector set the file is built for (simd.h): 64 columns (6 x 4 vectors in 24 of AVX-512's 32
+//     registers) or 16 (6 x 2 vectors in 12 of AVX2's 16). While a panel's tiles run, the next
+//     panel's weight rows and the next tile's output rows are pulled into cache, a line at a time
+//     (kRequestEvery); weight gradients written in one pass are stored past the caches.
 //   moekit::expert_products(rows, weights, out, tasks, threads): out[s:t] = rows[s:t] @ weights[e]^T
 //     for every task (e, s, t), weights packed [E, n_out, n_in].
 //   moekit::expert_backward_pairs(grad_rows, in_rows, weights, grad_weight?, grad_in, tasks, threads):
@@ -87,34 +87,59 @@ constexpr int kRowsPerTile = 6;
 using S::kLineFloats;
 // Output columns per panel: one register tile's width (AVX-512: 4 vectors of 16; AVX2: 2 of 8).
 constexpr int kPanel = S::kTileVectors * S::kLanes;
-// Depth (steps of k) of a block: a packed weight panel of kInnerBlock x kPanel floats fills up to
-// 32 KB (the L1 data cache of x86 cores with AVX2), and at least 256. AVX2: 512 (a product with
-// K = 512 in one pass, without reading its output back for a second block: fine shape on an AVX2
-// EPYC, fwd+bwd 2-3 % less time than with 256); AVX-512: 256, as measured there.
-constexpr int kInnerBlock = std::max<int>(256, 32 * 1024 / (kPanel * static_cast<int>(sizeof(float))));
+// Depth (steps of k) of a block: 512, so that products with K up to 512 (an expert's weight
+// gradients over up to 512 rows; the layer benchmark's K = 512 products) run in one pass, without
+// reading their output back for a second block. AVX2 (a 32 KB panel of 16 columns): fine shape on
+// an AVX2 EPYC, fwd+bwd 2-3 % less time than with 256. AVX-512 (a 128 KB panel of 64 columns, in
+// L2): on an AVX-512 Xeon (family 6 model 207), two threads, the layer's fwd+bwd on the tile kernel
+// took 0.97x the time of blocks of 256 at the coarse shape (K = 512 to 1024), the same at fine and
+// very fine; with 128 (a panel in L1), 1.01-1.04x (BENCHMARKS.md §13).
+constexpr int kInnerBlock = 512;
+
+// Steps of k between a register tile's requests for memory it does not read itself: the next
+// panel's weight rows, the caller's lines (another product's weights) and the next tile's output
+// rows, one line of each per request (`tile`). A request that misses every cache holds one of the
+// core's few fill buffers until its line arrives, so a burst of them (the tile's whole share
+// before its first step, as requested before) stalls the tile's own loads for as long as the
+// burst takes to arrive; spread over the tile's steps, the lines arrive while it computes. On an
+// AVX-512 Xeon (family 6 model 207), with the next tile's output rows requested too: the layer's
+// fwd+bwd on the tile kernel 0.94-0.96x the time of the requests in bursts (fine, very fine and
+// coarse shapes, two threads), the same bits (BENCHMARKS.md §13); every 4 or every 16 steps
+// instead: within 2 % of every 8, either way.
+constexpr int64_t kRequestEvery = 8;
 
 // Lines of memory to pull into L2 while a product runs (the next expert's weights), so that the
 // loads overlap the arithmetic instead of stalling the next product: one per step of the
-// dot-product loops (decode), `per_tile` before each register tile of the tile kernel, spread
-// over the whole product (`product` sets it).
+// dot-product loops (decode); on the tile kernel, `per_tile` lines in each register tile, spread
+// over its steps (`product` sets the share, `tile` spends it).
 struct Prefetch {
   const char* next = nullptr;
   const char* end = nullptr;
   int64_t per_tile = 0;
+  int64_t budget = 0;  // of the current tile's share, the lines not yet requested
   inline void step() {
     if (next < end) {
       _mm_prefetch(next, _MM_HINT_T1);
       next += 64;
     }
   }
-  inline void lines(int64_t count) {
-    for (; count > 0 && next < end; --count, next += 64) _mm_prefetch(next, _MM_HINT_T1);
+  inline void begin_tile() { budget = per_tile; }
+  inline void one() {
+    if (budget > 0 && next < end) {
+      _mm_prefetch(next, _MM_HINT_T1);
+      next += 64;
+      --budget;
+    }
+  }
+  inline void finish_tile() {
+    for (; budget > 0 && next < end; --budget, next += 64) _mm_prefetch(next, _MM_HINT_T1);
+    budget = 0;
   }
 };
 
 // The source of the next panel a product packs (a block of a weight's rows: `rows` runs of
-// `elements` floats, `row_stride` apart), pulled into L2 a few lines before each register tile of
-// the current panel (`_MM_HINT_T1`; T0 measured inconsistent, -2.5 to +0.7 %). The packing reads
+// `elements` floats, `row_stride` apart), pulled into L2 a few lines in each register tile of the
+// current panel (`_MM_HINT_T1`; T0 measured inconsistent, -2.5 to +0.7 %). The packing reads
 // a weight the experts' loop has not touched for a whole step (the experts' weights exceed the
 // last-level cache), a few short runs per row that the hardware's stream prefetchers barely start
 // on: read cold, those loads stalled the packing.
@@ -135,13 +160,25 @@ struct PanelAhead {
     ahead.per_tile = (rows * ahead.lines_per_row + tiles - 1) / std::max<int64_t>(1, tiles);
     return ahead;
   }
-  inline void lines() {
-    for (int64_t count = per_tile; count > 0 && row < rows; --count) {
-      _mm_prefetch(base + row * stride + line * 64, _MM_HINT_T1);
-      if (++line == lines_per_row) {
-        line = 0;
-        ++row;
-      }
+  int64_t budget = 0;  // of the current tile's share, the lines not yet requested
+  inline void begin_tile() { budget = per_tile; }
+  inline void one() {
+    if (budget > 0 && row < rows) {
+      request();
+      --budget;
+    }
+  }
+  inline void finish_tile() {
+    for (; budget > 0 && row < rows; --budget) request();
+    budget = 0;
+  }
+
+ private:
+  inline void request() {
+    _mm_prefetch(base + row * stride + line * 64, _MM_HINT_T1);
+    if (++line == lines_per_row) {
+      line = 0;
+      ++row;
     }
   }
 };
@@ -161,9 +198,22 @@ inline void store_part(int j, float* p, S::Mask tail, S::Vec v) {
 
 // C[0:MR, 0:kLanes*NV] (+)= A[0:MR, 0:K] @ B[0:K, 0:kLanes*NV]; the last vector masked by `tail`
 // where Masked. `stream`: whole vectors stored past the caches (C's rows aligned to whole lines).
+// Every kRequestEvery steps of k, one line of each of `prefetch` and `ahead` is requested (their
+// shares for this tile, what is left at its end) and one line of `c_next`, the next tile's
+// `c_next_rows` output rows, for writing: written cold, each of the tile's stores waited for its
+// line to be read first.
 template <int MR, int NV, bool Masked>
 inline void tile(int64_t K, const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb,
-                 float* C, int64_t ldc, S::Mask tail, bool accumulate, bool stream) {
+                 float* C, int64_t ldc, S::Mask tail, bool accumulate, bool stream, Prefetch& prefetch,
+                 PanelAhead& ahead, const float* c_next = nullptr, int64_t c_next_rows = 0) {
+  const int64_t c_lines = c_next != nullptr ? c_next_rows * NV : 0;
+  int64_t c_line = 0;
+  const auto request_output_line = [&] {
+    __builtin_prefetch(c_next + (c_line / NV) * ldc + (c_line % NV) * S::kLanes, /*rw=*/1, /*locality=*/3);
+    ++c_line;
+  };
+  prefetch.begin_tile();
+  ahead.begin_tile();
   S::Vec acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
@@ -182,7 +232,15 @@ inline void tile(int64_t K, const float* A, int64_t sai, int64_t sak, const floa
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) acc[i][j] = S::fmadd(av, b[j], acc[i][j]);
     }
+    if (k % kRequestEvery == kRequestEvery - 1) {
+      ahead.one();
+      prefetch.one();
+      if (c_line < c_lines) request_output_line();
+    }
   }
+  ahead.finish_tile();
+  prefetch.finish_tile();
+  while (c_line < c_lines) request_output_line();
   if (!Masked && stream) {
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i)
@@ -197,28 +255,28 @@ inline void tile(int64_t K, const float* A, int64_t sai, int64_t sak, const floa
 }
 
 // Rows of A by tiles of kRowsPerTile: tile g's rows start at A + g * a_tile (kRowsPerTile * sai
-// for A in place, one packed group's size for A packed by `pack_row_groups`). Before each tile,
-// a few lines of the next panel's source and of the caller's prefetch are requested.
+// for A in place, one packed group's size for A packed by `pack_row_groups`). Each tile requests
+// lines of the next panel's source and of the caller's prefetch, and, where this pass writes C
+// first (not accumulating, not streaming it past the caches), the next tile's rows of C.
 template <int NV, bool Masked>
 void panel_rows(int64_t M, int64_t K, const float* A, int64_t sai, int64_t sak, int64_t a_tile, const float* B,
                 int64_t ldb, float* C, int64_t ldc, S::Mask tail, bool accumulate, bool stream, Prefetch& prefetch,
                 PanelAhead& ahead) {
+  const bool request_output = !accumulate && !stream;
   int64_t i = 0;
   const float* a = A;
   for (; i + kRowsPerTile <= M; i += kRowsPerTile, a += a_tile) {
-    ahead.lines();
-    prefetch.lines(prefetch.per_tile);
-    tile<kRowsPerTile, NV, Masked>(K, a, sai, sak, B, ldb, C + i * ldc, ldc, tail, accumulate, stream);
+    const int64_t next_rows = request_output ? std::min<int64_t>(kRowsPerTile, M - i - kRowsPerTile) : 0;
+    tile<kRowsPerTile, NV, Masked>(K, a, sai, sak, B, ldb, C + i * ldc, ldc, tail, accumulate, stream, prefetch,
+                                   ahead, next_rows > 0 ? C + (i + kRowsPerTile) * ldc : nullptr, next_rows);
   }
-  ahead.lines();
-  prefetch.lines(prefetch.per_tile);
   float* c = C + i * ldc;
   switch (M - i) {
-    case 5: tile<5, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream); break;
-    case 4: tile<4, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream); break;
-    case 3: tile<3, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream); break;
-    case 2: tile<2, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream); break;
-    case 1: tile<1, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream); break;
+    case 5: tile<5, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream, prefetch, ahead); break;
+    case 4: tile<4, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream, prefetch, ahead); break;
+    case 3: tile<3, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream, prefetch, ahead); break;
+    case 2: tile<2, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream, prefetch, ahead); break;
+    case 1: tile<1, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream, prefetch, ahead); break;
     default: break;
   }
 }
