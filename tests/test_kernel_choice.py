@@ -175,6 +175,29 @@ def test_expert_kernel_is_measured_once_per_cpu_model_and_then_read(fresh_kernel
     assert native.float32_kernel() == "mm" and len(calls) == 1
 
 
+def test_expert_kernel_is_measured_again_when_the_kernels_change(fresh_kernel_cache, monkeypatch, tmp_path):
+    """The stored choice between the tile kernel and at::mm is keyed by the kernels' build: a
+    changed kernel source (or another vector set's build) is measured afresh instead of reading a
+    choice made against the previous kernel."""
+    monkeypatch.setenv("MOEKIT_NATIVE", "auto")
+    monkeypatch.setattr(native, "native_available", lambda: True)
+    monkeypatch.setattr(native, "kernel_isa", lambda: "avx512")
+    source = tmp_path / "expert_gemm.cpp"
+    source.write_text("// one version of the tile kernel\n")
+    monkeypatch.setattr(native, "SOURCES", (source,))
+    monkeypatch.setattr(native, "HEADERS", ())
+    calls = []
+    monkeypatch.setattr(native, "measure_float32_kernel", lambda: calls.append(1) or "mm")
+    assert native.float32_kernel() == "mm" and len(calls) == 1
+    native.stored_float32_kernel.cache_clear()
+    assert native.float32_kernel() == "mm" and len(calls) == 1  # the same build: read, not measured
+    assert native.float32_choice_name("avx2") != native.float32_choice_name("avx512")
+    source.write_text("// the next version\n")
+    monkeypatch.setattr(native, "measure_float32_kernel", lambda: calls.append(1) or "tile")
+    native.stored_float32_kernel.cache_clear()
+    assert native.float32_kernel() == "tile" and len(calls) == 2
+
+
 @needs_tile_kernel
 @pytest.mark.parametrize("many_rows", ["mm", "tile"])
 def test_decode_takes_the_tile_kernel_whatever_many_rows_take(fresh_kernel_cache, monkeypatch, many_rows):
