@@ -108,32 +108,43 @@ constexpr int kInnerBlock = 512;
 // instead: within 2 % of every 8, either way.
 constexpr int64_t kRequestEvery = 8;
 
-// Lines of memory to pull into L2 while a product runs (the next expert's weights), so that the
-// loads overlap the arithmetic instead of stalling the next product: one per step of the
-// dot-product loops (decode); on the tile kernel, `per_tile` lines in each register tile, spread
-// over its steps (`product` sets the share, `tile` spends it).
-struct Prefetch {
-  const char* next = nullptr;
-  const char* end = nullptr;
+// A register tile's share of a stream of lines to request (`per_tile`, set by whoever sets up the
+// stream), spent by `tile` one line every kRequestEvery steps and the rest at its end. `Lines`
+// says whether lines are left (`more`) and requests the next (`request`).
+template <typename Lines>
+struct TileShare {
   int64_t per_tile = 0;
   int64_t budget = 0;  // of the current tile's share, the lines not yet requested
-  inline void step() {
-    if (next < end) {
-      _mm_prefetch(next, _MM_HINT_T1);
-      next += 64;
-    }
-  }
   inline void begin_tile() { budget = per_tile; }
   inline void one() {
-    if (budget > 0 && next < end) {
-      _mm_prefetch(next, _MM_HINT_T1);
-      next += 64;
+    if (budget > 0 && lines().more()) {
+      lines().request();
       --budget;
     }
   }
   inline void finish_tile() {
-    for (; budget > 0 && next < end; --budget, next += 64) _mm_prefetch(next, _MM_HINT_T1);
+    for (; budget > 0 && lines().more(); --budget) lines().request();
     budget = 0;
+  }
+
+ private:
+  inline Lines& lines() { return static_cast<Lines&>(*this); }
+};
+
+// Lines of memory to pull into L2 while a product runs (the next expert's weights), so that the
+// loads overlap the arithmetic instead of stalling the next product: one per step of the
+// dot-product loops (decode); on the tile kernel, `per_tile` lines in each register tile, spread
+// over its steps (`product` sets the share, `tile` spends it).
+struct Prefetch : TileShare<Prefetch> {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  inline bool more() const { return next < end; }
+  inline void request() {
+    _mm_prefetch(next, _MM_HINT_T1);
+    next += 64;
+  }
+  inline void step() {
+    if (more()) request();
   }
 };
 
@@ -143,9 +154,9 @@ struct Prefetch {
 // a weight the experts' loop has not touched for a whole step (the experts' weights exceed the
 // last-level cache), a few short runs per row that the hardware's stream prefetchers barely start
 // on: read cold, those loads stalled the packing.
-struct PanelAhead {
+struct PanelAhead : TileShare<PanelAhead> {
   const char* base = nullptr;
-  int64_t rows = 0, lines_per_row = 0, stride = 0, per_tile = 0;
+  int64_t rows = 0, lines_per_row = 0, stride = 0;
   int64_t row = 0, line = 0;
 
   static PanelAhead of(const float* first, int64_t rows, int64_t elements, int64_t row_stride, int64_t tiles) {
@@ -160,20 +171,7 @@ struct PanelAhead {
     ahead.per_tile = (rows * ahead.lines_per_row + tiles - 1) / std::max<int64_t>(1, tiles);
     return ahead;
   }
-  int64_t budget = 0;  // of the current tile's share, the lines not yet requested
-  inline void begin_tile() { budget = per_tile; }
-  inline void one() {
-    if (budget > 0 && row < rows) {
-      request();
-      --budget;
-    }
-  }
-  inline void finish_tile() {
-    for (; budget > 0 && row < rows; --budget) request();
-    budget = 0;
-  }
-
- private:
+  inline bool more() const { return row < rows; }
   inline void request() {
     _mm_prefetch(base + row * stride + line * 64, _MM_HINT_T1);
     if (++line == lines_per_row) {
