@@ -56,13 +56,17 @@ const float* checked_weight(const std::optional<at::Tensor>& weight, int64_t n, 
   return weight->data_ptr<float>();
 }
 
+void check_float_rows(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1, op,
+              ": x must be a contiguous float32 CPU tensor");
+}
+
 // about torch's grain (32768 values) a task: small inputs stay on the calling thread
 int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
 at::Tensor rms_norm_rows(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps) {
   const char* op = "moekit::rms_norm_rows";
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1, op,
-              ": x must be a contiguous float32 CPU tensor");
+  check_float_rows(x, op);
   const int64_t n = x.size(-1), rows = n ? x.numel() / n : 0;
   const float* W = checked_weight(weight, n, op);
   at::Tensor out = at::empty_like(x);
@@ -77,8 +81,7 @@ at::Tensor rms_norm_rows(const at::Tensor& x, const std::optional<at::Tensor>& w
 std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                     double eps) {
   const char* op = "moekit::rms_norm_forward";
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1, op,
-              ": x must be a contiguous float32 CPU tensor");
+  check_float_rows(x, op);
   const int64_t n = x.size(-1), rows = n ? x.numel() / n : 0;
   const float* W = checked_weight(weight, n, op);
   at::Tensor out = at::empty_like(x);
@@ -97,8 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward(const at::Tenso
                                                                  const std::optional<at::Tensor>& weight,
                                                                  const at::Tensor& rstd, bool weight_grad) {
   const char* op = "moekit::rms_norm_backward";
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1, op,
-              ": x must be a contiguous float32 CPU tensor");
+  check_float_rows(x, op);
   TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.device().is_cpu() && grad.is_contiguous() &&
                   grad.sizes() == x.sizes(),
               op, ": grad must be a contiguous float32 CPU tensor of x's shape");
