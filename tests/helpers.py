@@ -7,7 +7,7 @@ from unittest.mock import patch
 import pytest
 import torch
 
-from moekit.kernels.native import expert_kernel, loops_available, native_available
+from moekit.kernels.native import expert_kernel, loops_available, native_available, same_bits
 
 # Why a test of moekit's C++ loops and kernels is skipped, naming every condition that turns them off.
 LOOPS_UNAVAILABLE = (
@@ -119,11 +119,6 @@ def autograd_node_names(out: torch.Tensor) -> set[str]:
     return {node.name() for node in seen}
 
 
-def float_bits(t: torch.Tensor) -> torch.Tensor:
-    """A float32 tensor's values as integers: equal bit for bit, signed zeros included."""
-    return t.contiguous().view(torch.int32)
-
-
 def training_step_gradients(model, ids: torch.Tensor) -> tuple[set[str], dict[str, torch.Tensor]]:
     """One next-token loss's backward through `model` (moekit's LM or an imported family): the
     names of its autograd graph's nodes and every parameter's gradient."""
@@ -147,5 +142,5 @@ def kernel_against_torch_gradients(
     with patch.object(kernel_module, probe, return_value=False):
         torch_names, torch_grads = training_step_gradients(model, ids)
     assert grads.keys() == torch_grads.keys()
-    differing = [n for n, g in grads.items() if not torch.equal(float_bits(g), float_bits(torch_grads[n]))]
+    differing = [n for n, g in grads.items() if not same_bits(g, torch_grads[n])]
     return names, torch_names, differing

@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 
 from helpers import (
     autograd_node_names,
-    float_bits,
     kernel_against_torch_gradients,
     needs_loops,
     training_lm,
 )
 from moekit.kernels import rms_norm
+from moekit.kernels.native import same_bits
 
 # the kernels built for the CPU's other vector set repeat torch's bits too (`make test`'s third leg)
 pytestmark = pytest.mark.other_vector_set
@@ -70,14 +70,14 @@ def test_the_kernel_normalises_and_differentiates_as_torch(
         torch.set_num_threads(previous)
     (ours, our_grad, our_w, names), (theirs, their_grad, their_w, _) = results
     assert KERNEL_NODE in names
-    assert torch.equal(float_bits(ours), float_bits(theirs))
-    assert torch.equal(float_bits(our_grad), float_bits(their_grad))
+    assert same_bits(ours, theirs)
+    assert same_bits(our_grad, their_grad)
     if weight is not None:
-        assert torch.equal(float_bits(our_w.grad), float_bits(their_w.grad))
+        assert same_bits(our_w.grad, their_w.grad)
     with torch.no_grad():  # a prompt's prefill
-        assert torch.equal(
-            float_bits(rms_norm.normalize(h, weight, 1e-6)),
-            float_bits(torch.rms_norm(h, (width,), weight, 1e-6)),
+        assert same_bits(
+            rms_norm.normalize(h, weight, 1e-6),
+            torch.rms_norm(h, (width,), weight, 1e-6),
         )
 
     exact = h.double() * torch.rsqrt(h.double().pow(2).mean(-1, keepdim=True) + 1e-6)
@@ -98,12 +98,12 @@ def test_each_derivative_reaches_x_apart():
     y.backward(torch.ones_like(y))
     torch_scaled, torch_squared = h.clone().requires_grad_(), h.clone().requires_grad_()
     rms_norm.torch_decomposition(torch_scaled, torch_squared, weight, 1e-6).backward(torch.ones_like(y))
-    assert torch.equal(float_bits(scaled.grad), float_bits(torch_scaled.grad))
-    assert torch.equal(float_bits(squared.grad), float_bits(torch_squared.grad))
+    assert same_bits(scaled.grad, torch_scaled.grad)
+    assert same_bits(squared.grad, torch_squared.grad)
     assert not torch.equal(scaled.grad, squared.grad)
     lone = h.clone().requires_grad_()
     torch.rms_norm(lone, (24,), weight, 1e-6).backward(torch.ones_like(y))
-    assert torch.equal(float_bits(lone.grad), float_bits(scaled.grad + squared.grad))
+    assert same_bits(lone.grad, scaled.grad + squared.grad)
 
 
 def test_what_the_kernel_does_not_take_runs_on_torchs_op():

@@ -11,30 +11,16 @@ from hypothesis import strategies as st
 
 from helpers import (
     autograd_node_names,
-    float_bits,
     kernel_against_torch_gradients,
     needs_loops,
     training_lm,
 )
 from moekit.kernels import rope
+from moekit.kernels.native import same_bits, same_layout
 
 # the kernels built for the CPU's other vector set repeat torch's bits too (`make test`'s third leg)
 pytestmark = pytest.mark.other_vector_set
 KERNEL_NODE = "_HalfRotationBackward"
-
-
-def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The same strides wherever a dimension has more than one element."""
-    return all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True))
-
-
-def _queries(gen, batch, heads, steps, width, layout):
-    if layout == "contiguous":
-        return torch.randn(batch, heads, steps, width, generator=gen)
-    if layout == "transposed":  # [B, S, H, D] as the projection gives it, viewed [B, H, S, D]
-        return torch.randn(batch, steps, heads, width, generator=gen).transpose(1, 2)
-    fused = torch.randn(batch, steps, 3 * heads * width, generator=gen)  # a fused q/k/v projection
-    return fused[..., heads * width : 2 * heads * width].view(batch, steps, heads, width).transpose(1, 2)
 
 
 @needs_loops
@@ -44,7 +30,7 @@ def _queries(gen, batch, heads, steps, width, layout):
     heads=st.integers(1, 6),
     steps=st.integers(1, 40),
     half=st.integers(1, 40),
-    layout=st.sampled_from(["contiguous", "transposed", "split"]),
+    layout=st.sampled_from(rope.QUERY_LAYOUTS),
     signed_sin=st.booleans(),
     shared_tables=st.booleans(),
     seed=st.integers(0, 2**16),
@@ -55,7 +41,7 @@ def test_the_kernel_rotates_and_differentiates_as_torchs_ops(
     """Forward and backward give torch's ops' values bit for bit (each product rounded before the
     sum; -0 where torch's sum gives -0), in torch's layout, and float64's values to rounding."""
     gen = torch.Generator().manual_seed(seed)
-    x = _queries(gen, batch, heads, steps, 2 * half, layout) * 3
+    x = rope.queries(gen, batch, heads, steps, 2 * half, layout) * 3
     x[..., ::3] = 0.0
     tables = 1 if shared_tables else batch
     cos = torch.randn(tables, 1, steps, 2 * half, generator=gen)
@@ -70,16 +56,16 @@ def test_the_kernel_rotates_and_differentiates_as_torchs_ops(
     y = rope.rotate_half(ours, cos, sin, signed_sin)
     expected = rope.torch_rotation(theirs, cos, sin, signed_sin)
     assert KERNEL_NODE in autograd_node_names(y)
-    assert torch.equal(float_bits(y), float_bits(expected))
-    assert _same_layout(y, expected)
+    assert same_bits(y, expected)
+    assert same_layout(y, expected)
     y.backward(grad)
     expected.backward(grad)
-    assert torch.equal(float_bits(ours.grad), float_bits(theirs.grad))
-    assert _same_layout(*arriving)
+    assert same_bits(ours.grad, theirs.grad)
+    assert same_layout(*arriving)
     with torch.no_grad():  # a prompt's prefill
-        assert torch.equal(float_bits(rope.rotate_half(x, cos, sin, signed_sin)), float_bits(expected))
+        assert same_bits(rope.rotate_half(x, cos, sin, signed_sin), expected)
     with torch.inference_mode():  # a decoding step
-        assert torch.equal(float_bits(rope.rotate_half(x, cos, sin, signed_sin)), float_bits(expected))
+        assert same_bits(rope.rotate_half(x, cos, sin, signed_sin), expected)
 
     sign = torch.ones(2 * half, dtype=torch.float64)
     if not signed_sin:
@@ -109,7 +95,7 @@ def test_the_two_conventions_of_the_sine_rotate_alike():
     cos, sin = torch.randn(2, 1, 5, 8, generator=gen), torch.randn(2, 1, 5, 8, generator=gen)
     signed = torch.cat([-sin[..., :4], sin[..., 4:]], dim=-1)
     plain = rope.rotate_half(x, cos, sin, signed_sin=False)
-    assert torch.equal(float_bits(plain), float_bits(rope.rotate_half(x, cos, signed, signed_sin=True)))
+    assert same_bits(plain, rope.rotate_half(x, cos, signed, signed_sin=True))
     assert not torch.equal(plain, rope.rotate_half(x, cos, sin, signed_sin=True))  # the sign matters
 
 

@@ -114,6 +114,12 @@ def same_bits(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
 
 
+def same_layout(a: Tensor, b: Tensor) -> bool:
+    """The same strides wherever a dimension has more than one element (what lies in memory, which
+    decides the order of later sums: the probes require torch's layout too)."""
+    return all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True))
+
+
 def mm_into(a: Tensor, b: Tensor, out: Tensor, prefetch_next: Tensor | None = None) -> None:
     """out = a @ b on the native kernel (fp32 CPU, 2-D; `out` with unit column stride; `b` with unit
     stride along either dimension). Only where `native_available()`. `prefetch_next`: a dense

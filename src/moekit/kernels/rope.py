@@ -83,18 +83,19 @@ def rotate_half(x: Tensor, cos: Tensor, sin: Tensor, signed_sin: bool = True) ->
     return torch_rotation(x, cos, sin, signed_sin)
 
 
-def _probe_inputs(gen: torch.Generator, batch: int, heads: int, steps: int, width: int, layout: str):
-    """x [batch, heads, steps, width] laid out as a model's queries come: contiguous, a transposed
-    view of [batch, steps, heads, width], or the heads of a fused projection's split."""
+QUERY_LAYOUTS = ("contiguous", "transposed", "split")
+
+
+def queries(gen: torch.Generator, batch: int, heads: int, steps: int, width: int, layout: str) -> Tensor:
+    """Random x [batch, heads, steps, width] laid out as a model's queries come (QUERY_LAYOUTS):
+    contiguous, a transposed view of [batch, steps, heads, width] (the projection's output), or the
+    heads of a fused q/k/v projection's split."""
     if layout == "contiguous":
-        x = torch.randn(batch, heads, steps, width, generator=gen)
-    elif layout == "transposed":
-        x = torch.randn(batch, steps, heads, width, generator=gen).transpose(1, 2)
-    else:
-        fused = torch.randn(batch, steps, 3 * heads * width, generator=gen)
-        x = fused[..., heads * width : 2 * heads * width].view(batch, steps, heads, width).transpose(1, 2)
-    tables = [torch.randn(batch, 1, steps, width, generator=gen) for _ in range(2)]
-    return x * 3, tables[0], tables[1]
+        return torch.randn(batch, heads, steps, width, generator=gen)
+    if layout == "transposed":
+        return torch.randn(batch, steps, heads, width, generator=gen).transpose(1, 2)
+    fused = torch.randn(batch, steps, 3 * heads * width, generator=gen)
+    return fused[..., heads * width : 2 * heads * width].view(batch, steps, heads, width).transpose(1, 2)
 
 
 @cache
@@ -109,9 +110,10 @@ def matches_torch() -> bool:
     shapes = ((1, 6, 1, 16), (2, 20, 1, 64), (1, 3, 5, 128), (3, 1, 1, 2), (2, 2, 70, 64))
     with torch.inference_mode(False), torch.enable_grad():
         for batch, heads, steps, width in shapes:
-            for layout in ("contiguous", "transposed", "split"):
+            for layout in QUERY_LAYOUTS:
                 for signed_sin in (True, False):
-                    x, cos, sin = _probe_inputs(gen, batch, heads, steps, width, layout)
+                    x = queries(gen, batch, heads, steps, width, layout) * 3
+                    cos, sin = (torch.randn(batch, 1, steps, width, generator=gen) for _ in range(2))
                     x[..., ::7] = 0.0
                     grad = torch.randn(x.shape, generator=gen)
                     grad[:, :, 0] = -0.0
@@ -132,12 +134,7 @@ def _agrees(x: Tensor, cos: Tensor, sin: Tensor, grad: Tensor, signed_sin: bool)
     expected.backward(grad)
     return (
         native.same_bits(y, expected)
-        and _same_layout(y, expected)
+        and native.same_layout(y, expected)
         and native.same_bits(*arriving)
-        and _same_layout(*arriving)
+        and native.same_layout(*arriving)
     )
-
-
-def _same_layout(a: Tensor, b: Tensor) -> bool:
-    """The same strides wherever a dimension has more than one element (what lies in memory)."""
-    return all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True))
