@@ -288,8 +288,9 @@ def test_float32_paths_match_float64(path):
     seed=st.integers(0, 2**16),
 )
 def test_whole_swiglu_passes_read_every_row_to_the_ends_of_their_buffers(path, counts, last_token_last, seed):
-    """The SwiGLU passes gather each expert's rows of x and grad_out in token order and read h row
-    by row, requesting the next row while one is worked on: experts of one row or none, tokens in
+    """The SwiGLU passes read each expert's rows of x and grad_out in token order (in place on
+    the tile kernel, gathered on at::mm) and h row by row, requesting the next row while one is
+    worked on: experts of one row or none, tokens in
     any order, the last token's row gathered last and the last expert ending at h's last row, on
     the tile kernel (AVX-512 or AVX2), on one thread, and on at::mm. Output and every gradient
     against float64."""

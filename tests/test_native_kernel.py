@@ -533,6 +533,51 @@ def test_native_experts_give_the_same_bits_on_one_thread_and_two(kernel, weight_
 
 
 @pytest.mark.parametrize("kernel", ["tile", "mm"])
+def test_swiglu_experts_read_in_place_over_several_blocks_match_float64(kernel, monkeypatch):
+    """The tile kernel reads each expert's rows of x and grad_out where they lie, through their
+    token ids (no gathered copy): as the rows of the forward's and the input gradient's products,
+    as the packed columns of w_out's gradient and as the copied rows of w_in's. Here hidden and
+    one expert's rows span two blocks of k (512), tokens come in any order, and other experts have
+    a few rows (the dot products of decode), 7 rows (a register tile and one row more) or none:
+    output and every gradient against the same layer in float64."""
+    loop_op("expert_swiglu_forward", kernel)  # skips where the kernel does not run
+    monkeypatch.setenv("MOEKIT_NATIVE", kernel)
+    gen = torch.Generator().manual_seed(11)
+    num_tokens, hidden, ff = 600, 520, 20
+    counts = torch.tensor([530, 3, 7, 0, 1])
+    expert = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    token = torch.cat([torch.randperm(num_tokens, generator=gen)[:c] for c in counts.tolist()])
+    x = torch.randn(num_tokens, hidden, generator=gen, dtype=torch.float64)
+    weight = torch.rand(len(token), generator=gen, dtype=torch.float64)
+    w_in = torch.randn(len(counts), 2 * ff, hidden, generator=gen, dtype=torch.float64) * hidden**-0.5
+    w_out = torch.randn(len(counts), hidden, ff, generator=gen, dtype=torch.float64) * ff**-0.5
+    upstream = torch.randn(num_tokens, hidden, generator=gen, dtype=torch.float64)
+    act = make_activation("swiglu")
+
+    def exact(x, weight, w_in, w_out):
+        h = torch.einsum("rd,rfd->rf", x[token], w_in[expert])
+        gate, up = h.chunk(2, dim=-1)
+        a = torch.nn.functional.silu(gate) * up * weight[:, None]
+        return torch.zeros_like(x).index_add(0, token, torch.einsum("rf,rdf->rd", a, w_out[expert]))
+
+    results = []
+    for dtype, layer in ((torch.float64, exact), (torch.float32, None)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, weight, w_in, w_out)]
+        with torch_threads(2):
+            if layer is None:
+                plan = plan_experts(leaves[0], token, expert, leaves[2], leaves[3], act, "output", threads=2)
+                assert plan.loops.kernel == kernel and plan.loops.whole_swiglu
+                y = grouped_experts(leaves[0], token, expert, *leaves[1:], None, None, act, threads=2)
+            else:
+                y = layer(*leaves)
+            y.backward(upstream.to(dtype))
+        results.append([y.detach(), *(leaf.grad for leaf in leaves)])
+    for fast, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(fast.double(), want, rtol=1e-4, atol=1e-4)
+    assert torch.count_nonzero(results[1][3][3]) == 0 and torch.count_nonzero(results[1][4][3]) == 0
+
+
+@pytest.mark.parametrize("kernel", ["tile", "mm"])
 def test_experts_outside_autograd_keep_no_h_and_give_the_same_bits(kernel, monkeypatch):
     """Under no_grad the SwiGLU forward call gets no h to keep (it stays in the call's work space):
     the output has the bits of the autograd forward, which keeps h for the backward, and the op

@@ -302,8 +302,9 @@ class GroupedExperts(torch.autograd.Function):
 
     @staticmethod
     def _swiglu_forward(ctx, x, weight, w_in, w_out, plan: ExpertPlan):
-        """SwiGLU experts whole in one C++ call. Only h is kept for backward (with x): the gathered
-        rows and activations are formed again there, per expert, in cache (BENCHMARKS.md §13).
+        """SwiGLU experts whole in one C++ call. Only h is kept for backward (with x): the
+        activations are formed again there, per expert, in cache (BENCHMARKS.md §13), and the
+        experts' rows of x read again (in place on the tile kernel, gathered on at::mm).
         Outside autograd (no input needs a gradient) no h is kept: the call writes it only into
         its work space."""
         rows, ff = len(plan.groups.token), w_out.shape[2]

@@ -28,7 +28,8 @@
 //     grad_weight[e] = grad_rows[s:t]^T @ in_rows[s:t] and grad_in[s:t] = grad_rows[s:t] @ weights[e]
 //     for every task, the gradient rows read once while they are in cache.
 //   moekit::expert_swiglu_forward / expert_swiglu_backward: SwiGLU experts (no biases, routing
-//     weight on the output) whole, gather, both products, activation and routing weight per expert.
+//     weight on the output) whole, both products, activation and routing weight per expert, the
+//     expert's rows of x and grad_out read in place through their token ids.
 //   moekit::expert_swiglu_rows(x, token, expert, scale, w_in, w_out, threads) -> y: the same forward
 //     for a few expert-sorted rows outside autograd, tasks, work space and combine in the call.
 //   moekit::topk_swiglu_rows(x, index, weight, w_in, w_out, threads) -> (y, token, expert, weight, rank):
@@ -107,6 +108,35 @@ constexpr int kInnerBlock = 512;
 // coarse shapes, two threads), the same bits (BENCHMARKS.md §13); every 4 or every 16 steps
 // instead: within 2 % of every 8, either way.
 constexpr int64_t kRequestEvery = 8;
+
+// One dimension of a product's operand: element i lies `at(i)` floats from the operand's base,
+// i * stride, or index[i] * stride where the dimension runs through `index`. An indexed dimension
+// is how a product reads an expert's rows of x or grad_out where they lie, through their token
+// ids: gathered into a copy first, the rows passed through the cache twice (three gathers of
+// 25 MB a training step at the layer benchmark's fine shape, 3.4 % of the experts' thread time).
+struct Axis {
+  int64_t stride;
+  const int64_t* index = nullptr;
+  int64_t at(int64_t i) const { return (index != nullptr ? index[i] : i) * stride; }
+  Axis from(int64_t i) const { return {stride, index != nullptr ? index + i : nullptr}; }
+  bool is(int64_t plain_stride) const { return index == nullptr && stride == plain_stride; }
+};
+
+// A product's operand: element (i, j) at base + rows.at(i) + cols.at(j).
+struct Operand {
+  const float* base;
+  Axis rows, cols;
+  const float* at(int64_t i, int64_t j) const { return base + rows.at(i) + cols.at(j); }
+  // The operand from element (i, j) on.
+  Operand from(int64_t i, int64_t j) const {
+    const int64_t offset = (rows.index != nullptr ? 0 : i * rows.stride) + (cols.index != nullptr ? 0 : j * cols.stride);
+    return {base + offset, rows.from(i), cols.from(j)};
+  }
+};
+
+inline Operand strided(const float* base, int64_t row_stride, int64_t col_stride) {
+  return {base, {row_stride}, {col_stride}};
+}
 
 // A register tile's share of a stream of lines to request (`per_tile`, set by whoever sets up the
 // stream), spent by `tile` one line every kRequestEvery steps and the rest at its end. `Lines`
@@ -194,14 +224,14 @@ inline void store_part(int j, float* p, S::Mask tail, S::Vec v) {
     S::store(p, v);
 }
 
-// C[0:MR, 0:kLanes*NV] (+)= A[0:MR, 0:K] @ B[0:K, 0:kLanes*NV]; the last vector masked by `tail`
-// where Masked. `stream`: whole vectors stored past the caches (C's rows aligned to whole lines).
+// C[0:MR, 0:kLanes*NV] (+)= A[0:MR, 0:K] @ B[0:K, 0:kLanes*NV], A's row i from a_rows[i] on, sak
+// floats per step of k; the last vector masked by `tail` where Masked. `stream`: whole vectors stored past the caches (C's rows aligned to whole lines).
 // Every kRequestEvery steps of k, one line of each of `prefetch` and `ahead` is requested (their
 // shares for this tile, what is left at its end) and one line of `c_next`, the next tile's
 // `c_next_rows` output rows, for writing: written cold, each of the tile's stores waited for its
 // line to be read first.
 template <int MR, int NV, bool Masked>
-inline void tile(int64_t K, const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb,
+inline void tile(int64_t K, const float* const* a_rows, int64_t sak, const float* B, int64_t ldb,
                  float* C, int64_t ldc, S::Mask tail, bool accumulate, bool stream, Prefetch& prefetch,
                  PanelAhead& ahead, const float* c_next = nullptr, int64_t c_next_rows = 0) {
   const int64_t c_lines = c_next != nullptr ? c_next_rows * NV : 0;
@@ -212,6 +242,9 @@ inline void tile(int64_t K, const float* A, int64_t sai, int64_t sak, const floa
   };
   prefetch.begin_tile();
   ahead.begin_tile();
+  const float* a[MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) a[i] = a_rows[i];
   S::Vec acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
@@ -223,10 +256,9 @@ inline void tile(int64_t K, const float* A, int64_t sai, int64_t sak, const floa
     const float* row = B + k * ldb;
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) b[j] = load_part<NV, Masked>(j, row + S::kLanes * j, tail);
-    const float* a = A + k * sak;
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const S::Vec av = S::set1(a[i * sai]);
+      const S::Vec av = S::set1(a[i][k * sak]);
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) acc[i][j] = S::fmadd(av, b[j], acc[i][j]);
     }
@@ -252,58 +284,67 @@ inline void tile(int64_t K, const float* A, int64_t sai, int64_t sak, const floa
     for (int j = 0; j < NV; ++j) store_part<NV, Masked>(j, C + i * ldc + S::kLanes * j, tail, acc[i][j]);
 }
 
-// Rows of A by tiles of kRowsPerTile: tile g's rows start at A + g * a_tile (kRowsPerTile * sai
-// for A in place, one packed group's size for A packed by `pack_row_groups`). Each tile requests
-// lines of the next panel's source and of the caller's prefetch, and, where this pass writes C
-// first (not accumulating, not streaming it past the caches), the next tile's rows of C.
-template <int NV, bool Masked>
-void panel_rows(int64_t M, int64_t K, const float* A, int64_t sai, int64_t sak, int64_t a_tile, const float* B,
-                int64_t ldb, float* C, int64_t ldc, S::Mask tail, bool accumulate, bool stream, Prefetch& prefetch,
-                PanelAhead& ahead) {
-  const bool request_output = !accumulate && !stream;
-  int64_t i = 0;
-  const float* a = A;
-  for (; i + kRowsPerTile <= M; i += kRowsPerTile, a += a_tile) {
-    const int64_t next_rows = request_output ? std::min<int64_t>(kRowsPerTile, M - i - kRowsPerTile) : 0;
-    tile<kRowsPerTile, NV, Masked>(K, a, sai, sak, B, ldb, C + i * ldc, ldc, tail, accumulate, stream, prefetch,
-                                   ahead, next_rows > 0 ? C + (i + kRowsPerTile) * ldc : nullptr, next_rows);
+// Where the register tiles find A's rows: in place (`a`, its columns unit-stride or not, its rows
+// strided or indexed) or packed by `pack_row_groups` (group g at packed + g * group, its row i at
+// + i, kRowsPerTile floats per step of k).
+struct RowsOfA {
+  Operand a{nullptr, {0}, {0}};
+  const float* packed = nullptr;
+  int64_t group = 0;
+  int64_t step() const { return packed != nullptr ? kRowsPerTile : a.cols.stride; }
+  const float* row(int64_t i) const {
+    return packed != nullptr ? packed + i / kRowsPerTile * group + i % kRowsPerTile : a.at(i, 0);
   }
+};
+
+// Rows of A by tiles of kRowsPerTile. Each tile requests lines of the next panel's source and of
+// the caller's prefetch, and, where this pass writes C first (not accumulating, not streaming it
+// past the caches), the next tile's rows of C.
+template <int NV, bool Masked>
+void panel_rows(int64_t M, int64_t K, const RowsOfA& A, const float* B, int64_t ldb, float* C, int64_t ldc,
+                S::Mask tail, bool accumulate, bool stream, Prefetch& prefetch, PanelAhead& ahead) {
+  const bool request_output = !accumulate && !stream;
+  const int64_t sak = A.step();
+  const float* rows[kRowsPerTile];
+  int64_t i = 0;
+  for (; i + kRowsPerTile <= M; i += kRowsPerTile) {
+    for (int r = 0; r < kRowsPerTile; ++r) rows[r] = A.row(i + r);
+    const int64_t next_rows = request_output ? std::min<int64_t>(kRowsPerTile, M - i - kRowsPerTile) : 0;
+    tile<kRowsPerTile, NV, Masked>(K, rows, sak, B, ldb, C + i * ldc, ldc, tail, accumulate, stream, prefetch, ahead,
+                                   next_rows > 0 ? C + (i + kRowsPerTile) * ldc : nullptr, next_rows);
+  }
+  for (int r = 0; r < M - i; ++r) rows[r] = A.row(i + r);
   float* c = C + i * ldc;
   switch (M - i) {
-    case 5: tile<5, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream, prefetch, ahead); break;
-    case 4: tile<4, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream, prefetch, ahead); break;
-    case 3: tile<3, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream, prefetch, ahead); break;
-    case 2: tile<2, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream, prefetch, ahead); break;
-    case 1: tile<1, NV, Masked>(K, a, sai, sak, B, ldb, c, ldc, tail, accumulate, stream, prefetch, ahead); break;
+    case 5: tile<5, NV, Masked>(K, rows, sak, B, ldb, c, ldc, tail, accumulate, stream, prefetch, ahead); break;
+    case 4: tile<4, NV, Masked>(K, rows, sak, B, ldb, c, ldc, tail, accumulate, stream, prefetch, ahead); break;
+    case 3: tile<3, NV, Masked>(K, rows, sak, B, ldb, c, ldc, tail, accumulate, stream, prefetch, ahead); break;
+    case 2: tile<2, NV, Masked>(K, rows, sak, B, ldb, c, ldc, tail, accumulate, stream, prefetch, ahead); break;
+    case 1: tile<1, NV, Masked>(K, rows, sak, B, ldb, c, ldc, tail, accumulate, stream, prefetch, ahead); break;
     default: break;
   }
 }
 
 // A panel of NV vectors' width, its last vector whole or masked.
 template <int NV>
-void panel_of(int64_t M, int64_t K, const float* A, int64_t sai, int64_t sak, int64_t a_tile, const float* B,
-              int64_t ldb, float* C, int64_t ldc, int64_t rest, bool accumulate, bool stream, Prefetch& prefetch,
-              PanelAhead& ahead) {
+void panel_of(int64_t M, int64_t K, const RowsOfA& A, const float* B, int64_t ldb, float* C, int64_t ldc,
+              int64_t rest, bool accumulate, bool stream, Prefetch& prefetch, PanelAhead& ahead) {
   if (rest)
-    panel_rows<NV, true>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, S::tail_mask(rest), accumulate, stream,
-                         prefetch, ahead);
+    panel_rows<NV, true>(M, K, A, B, ldb, C, ldc, S::tail_mask(rest), accumulate, stream, prefetch, ahead);
   else
-    panel_rows<NV, false>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, S::full_mask(), accumulate, stream,
-                          prefetch, ahead);
+    panel_rows<NV, false>(M, K, A, B, ldb, C, ldc, S::full_mask(), accumulate, stream, prefetch, ahead);
 }
 
-// C[:, 0:width] (+)= A @ B[:, 0:width] for a panel of width <= kPanel columns; A's tiles of rows
-// a_tile apart (see panel_rows).
-void panel(int64_t M, int64_t width, int64_t K, const float* A, int64_t sai, int64_t sak, int64_t a_tile,
-           const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate, bool stream, Prefetch& prefetch,
-           PanelAhead ahead = {}) {
+// C[:, 0:width] (+)= A @ B[:, 0:width] for a panel of width <= kPanel columns.
+void panel(int64_t M, int64_t width, int64_t K, const RowsOfA& A, const float* B, int64_t ldb, float* C, int64_t ldc,
+           bool accumulate, bool stream, Prefetch& prefetch, PanelAhead ahead = {}) {
   static_assert(S::kTileVectors <= 4, "panel() dispatches up to 4 vectors per tile row");
   const int64_t rest = width % S::kLanes;
   switch ((width + S::kLanes - 1) / S::kLanes) {
-    case 4: panel_of<4>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, stream, prefetch, ahead); break;
-    case 3: panel_of<3>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, stream, prefetch, ahead); break;
-    case 2: panel_of<2>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, stream, prefetch, ahead); break;
-    case 1: panel_of<1>(M, K, A, sai, sak, a_tile, B, ldb, C, ldc, rest, accumulate, stream, prefetch, ahead); break;
+    case 4: panel_of<4>(M, K, A, B, ldb, C, ldc, rest, accumulate, stream, prefetch, ahead); break;
+    case 3: panel_of<3>(M, K, A, B, ldb, C, ldc, rest, accumulate, stream, prefetch, ahead); break;
+    case 2: panel_of<2>(M, K, A, B, ldb, C, ldc, rest, accumulate, stream, prefetch, ahead); break;
+    case 1: panel_of<1>(M, K, A, B, ldb, C, ldc, rest, accumulate, stream, prefetch, ahead); break;
     default: break;
   }
 }
@@ -313,16 +354,16 @@ void panel(int64_t M, int64_t width, int64_t K, const float* A, int64_t sai, int
 // apart (1-2 KB), so every step of the inner loop touches a new cache line, and those lines fall
 // into a few L1 sets (measured on an AVX2 EPYC: weight gradients 15-20 % below the forward
 // products). Packed, rows [g * 6, g * 6 + 6) x `depth` are one contiguous group, k-major:
-// packed[g][k][i] = A[(g * 6 + i) * sai + k * sak], rows past M zero.
-void pack_row_groups(const float* A, int64_t sai, int64_t sak, int64_t rows, int64_t depth, float* packed) {
+// packed[g][k][i] = A(g * 6 + i, k), rows past M zero.
+void pack_row_groups(const Operand& A, int64_t rows, int64_t depth, float* packed) {
   int64_t g = 0;
-  if (sai == 1) {
+  if (A.rows.is(1)) {
     // a group's 6 values per step of k are contiguous (one row of grad_rows): two moves of 4 and 2
     // floats each (an element-wise loop before: weight gradients 2-3 % slower, hot, AVX2 EPYC)
     for (; g + kRowsPerTile <= rows; g += kRowsPerTile) {
       float* out = packed + g * depth;
-      const float* a = A + g;
-      for (int64_t k = 0; k < depth; ++k, a += sak, out += kRowsPerTile) {
+      for (int64_t k = 0; k < depth; ++k, out += kRowsPerTile) {
+        const float* a = A.at(g, k);
         _mm_storeu_ps(out, _mm_loadu_ps(a));
         const __m128 last_two = _mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(a + 4));
         _mm_storel_pi(reinterpret_cast<__m64*>(out + 4), last_two);
@@ -333,9 +374,8 @@ void pack_row_groups(const float* A, int64_t sai, int64_t sak, int64_t rows, int
     const int64_t count = std::min<int64_t>(kRowsPerTile, rows - g);
     float* group = packed + g * depth;
     for (int64_t k = 0; k < depth; ++k) {
-      const float* a = A + g * sai + k * sak;
       float* out = group + k * kRowsPerTile;
-      for (int64_t i = 0; i < count; ++i) out[i] = a[i * sai];
+      for (int64_t i = 0; i < count; ++i) out[i] = *A.at(g + i, k);
       for (int64_t i = count; i < kRowsPerTile; ++i) out[i] = 0.0f;
     }
   }
@@ -363,14 +403,14 @@ constexpr int64_t kCopiedPanelsBytes = 128 * 1024;
 // Each of torch's threads keeps a buffer this large.
 constexpr int64_t kWeightGradPanelsBytes = 2 * 1024 * 1024;
 
-// B[0:depth, 0:columns] (rows sbk apart, columns contiguous) copied, row by row in memory order,
+// B[0:depth, 0:columns] (rows strided or indexed, columns contiguous) copied, row by row,
 // into panels of kPanel contiguous columns: panel p at panels + p * kPanel * depth, its row r at
 // + r * kPanel. Read in place, a panel's rows lie a whole row of B apart: rows of whole kilobytes
 // fall into a few L1 sets, long panels spread over many pages, and every register tile over the
 // panel would fetch them again.
-void copy_panels(const float* B, int64_t sbk, int64_t depth, int64_t columns, float* panels) {
+void copy_panels(const Operand& B, int64_t depth, int64_t columns, float* panels) {
   for (int64_t r = 0; r < depth; ++r) {
-    const float* row = B + r * sbk;
+    const float* row = B.at(r, 0);
     for (int64_t n = 0; n < columns; n += kPanel) copy_panel_row(row + n, columns - n, panels + n * depth + r * kPanel);
   }
 }
@@ -469,26 +509,34 @@ void dot_rows_narrow(int64_t N, int64_t K, const float* A, int64_t lda, const fl
   }
 }
 
-void product_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B,
-                   int64_t sbk, int64_t sbn, float* C, int64_t ldc, Prefetch& prefetch, bool stream);
+void product_tiles(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C, int64_t ldc,
+                   Prefetch& prefetch, bool stream);
 
-// C[0:M, 0:N] = A @ B for A [M, K] (strides sai, sak), B [K, N] (strides sbk, sbn; one of them 1),
-// C rows of stride ldc. `stream`: C is not read again soon (a weight gradient, which only the
-// optimizer reads after the whole backward): where it is written in one pass (K within one block
-// of k) and its rows are whole lines, it is stored past the caches, which saves reading each line
-// from memory before writing it (fine shape on an AVX2 EPYC: weight gradients 2-4 % faster).
-// Not over several blocks: a line streamed after an earlier block left it in cache is evicted
-// first (coarse shape, K = 512: the layer's fwd+bwd 7 % slower).
-void product(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B,
-             int64_t sbk, int64_t sbn, float* C, int64_t ldc, Prefetch& prefetch, bool stream = false) {
+// C[0:M, 0:N] = A @ B for A [M, K], B [K, N] (one of B's dimensions unit-stride), C rows of stride
+// ldc. Dimensions that may run through an index (Axis): A's rows, read in place by the register
+// tiles; A's columns where A is packed (a weight gradient's grad_rows^T); B's rows where its
+// columns are contiguous (copied into panels). `stream`: C is not read again soon (a weight gradient,
+// which only the optimizer reads after the whole backward): where it is written in one pass (K
+// within one block of k) and its rows are whole lines, it is stored past the caches, which saves
+// reading each line from memory before writing it (fine shape on an AVX2 EPYC: weight gradients
+// 2-4 % faster). Not over several blocks: a line streamed after an earlier block left it in cache
+// is evicted first (coarse shape, K = 512: the layer's fwd+bwd 7 % slower).
+void product(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C, int64_t ldc,
+             Prefetch& prefetch, bool stream = false) {
   stream = stream && K <= kInnerBlock && reinterpret_cast<uintptr_t>(C) % 64 == 0 &&
            ldc % kLineFloats == 0 && kPanel % kLineFloats == 0;
-  product_tiles(M, N, K, A, sai, sak, B, sbk, sbn, C, ldc, prefetch, stream);
+  product_tiles(M, N, K, A, B, C, ldc, prefetch, stream);
   if (stream) _mm_sfence();  // the streamed lines visible before any other thread reads them
 }
 
-void product_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B,
-                   int64_t sbk, int64_t sbn, float* C, int64_t ldc, Prefetch& prefetch, bool stream) {
+// The same for strided A (strides sai, sak) and B (sbk, sbn).
+void product(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B,
+             int64_t sbk, int64_t sbn, float* C, int64_t ldc, Prefetch& prefetch, bool stream = false) {
+  product(M, N, K, strided(A, sai, sak), strided(B, sbk, sbn), C, ldc, prefetch, stream);
+}
+
+void product_tiles(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C, int64_t ldc,
+                   Prefetch& prefetch, bool stream) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
@@ -499,7 +547,8 @@ void product_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai,
     const int64_t tiles = row_tiles * ((N + kPanel - 1) / kPanel) * ((K + kInnerBlock - 1) / kInnerBlock);
     prefetch.per_tile = ((prefetch.end - prefetch.next) / 64 + tiles) / tiles;
   }
-  if ((sbn == 1 || N == 1) && sai == 1 && sak != 1 && M > 1) {
+  const bool b_rows_contiguous = B.cols.is(1) || N == 1;
+  if (b_rows_contiguous && A.rows.is(1) && !A.cols.is(1) && M > 1) {
     // A with contiguous columns (weight gradients): packed by blocks of rows, per block of k; B's
     // block of k rows copied into panels first (`copy_panels`), once for all blocks of A: with B
     // read in place, the coarse shape's fwd+bwd took 3-5 % longer (AVX2 EPYC, the variants side by
@@ -513,22 +562,25 @@ void product_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai,
           kPanel, kWeightGradPanelsBytes / static_cast<int64_t>(sizeof(float)) / depth / kPanel * kPanel);
       rows_packed.resize(static_cast<size_t>((block + kRowsPerTile) * depth));
       panels.resize(static_cast<size_t>(std::min<int64_t>(chunk, (N + kPanel - 1) / kPanel * kPanel) * depth));
+      RowsOfA packed;
+      packed.packed = rows_packed.data();
+      packed.group = kRowsPerTile * depth;
       for (int64_t n0 = 0; n0 < N; n0 += chunk) {
         const int64_t columns = std::min<int64_t>(chunk, N - n0);
-        copy_panels(B + k * sbk + n0, sbk, depth, columns, panels.data());
+        copy_panels(B.from(k, n0), depth, columns, panels.data());
         for (int64_t m = 0; m < M; m += block) {
           const int64_t rows = std::min<int64_t>(block, M - m);
-          pack_row_groups(A + m * sai + k * sak, sai, sak, rows, depth, rows_packed.data());
+          pack_row_groups(A.from(m, k), rows, depth, rows_packed.data());
           for (int64_t n = 0; n < columns; n += kPanel)
-            panel(rows, std::min<int64_t>(kPanel, columns - n), depth, rows_packed.data(), 1, kRowsPerTile,
-                  kRowsPerTile * depth, &panels[n * depth], kPanel, C + m * ldc + n0 + n, ldc, k > 0, stream,
-                  prefetch);
+            panel(rows, std::min<int64_t>(kPanel, columns - n), depth, packed, &panels[n * depth], kPanel,
+                  C + m * ldc + n0 + n, ldc, k > 0, stream, prefetch);
         }
       }
     }
     return;
   }
-  if ((sbn == 1 || N == 1) && M > kRowsPerTile) {
+  TORCH_INTERNAL_ASSERT(A.cols.index == nullptr, "moekit: A's columns run through an index only when packed");
+  if (b_rows_contiguous && (M > kRowsPerTile || B.rows.index != nullptr)) {
     // B in place (input gradients: g @ W), reused by several tiles of A's rows: each block of k
     // rows is first copied, row by row in memory order, into panels of contiguous rows, a chunk of
     // columns at a time. Read in place, a panel's rows lie a whole weight row apart (1-2 KB) and
@@ -543,38 +595,50 @@ void product_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai,
       panels.resize(static_cast<size_t>(chunk * depth));
       for (int64_t n0 = 0; n0 < N; n0 += chunk) {
         const int64_t columns = std::min<int64_t>(chunk, N - n0);
-        copy_panels(B + k * sbk + n0 * sbn, sbk, depth, columns, panels.data());
+        copy_panels(B.from(k, n0), depth, columns, panels.data());
         // the next chunk's rows: the next columns of this block of k, else the next block's first
         const bool last = n0 + chunk >= N;
         const int64_t next_k = last ? k + kInnerBlock : k, next_n = last ? 0 : n0 + chunk;
-        PanelAhead ahead = next_k < K ? PanelAhead::of(B + next_k * sbk + next_n,
-                                                       std::min<int64_t>(kInnerBlock, K - next_k),
-                                                       std::min<int64_t>(chunk, N - next_n), sbk,
-                                                       row_tiles * ((columns + kPanel - 1) / kPanel))
-                                      : PanelAhead{};
+        PanelAhead ahead = next_k < K && B.rows.index == nullptr
+                               ? PanelAhead::of(B.at(next_k, next_n), std::min<int64_t>(kInnerBlock, K - next_k),
+                                                std::min<int64_t>(chunk, N - next_n), B.rows.stride,
+                                                row_tiles * ((columns + kPanel - 1) / kPanel))
+                               : PanelAhead{};
         for (int64_t n = 0; n < columns; n += kPanel)
-          panel(M, std::min<int64_t>(kPanel, columns - n), depth, A + k * sak, sai, sak, kRowsPerTile * sai,
-                &panels[n * depth], kPanel, C + n0 + n, ldc, k > 0, stream, prefetch, ahead);
+          panel(M, std::min<int64_t>(kPanel, columns - n), depth, {A.from(0, k)}, &panels[n * depth], kPanel,
+                C + n0 + n, ldc, k > 0, stream, prefetch, ahead);
       }
     }
     return;
   }
-  if (sbn == 1 || N == 1) {
+  if (b_rows_contiguous) {
     for (int64_t n = 0; n < N; n += kPanel)
       for (int64_t k = 0; k < K; k += kInnerBlock)
-        panel(M, std::min<int64_t>(kPanel, N - n), std::min<int64_t>(kInnerBlock, K - k), A + k * sak, sai, sak,
-              kRowsPerTile * sai, B + k * sbk + n, sbk, C + n, ldc, k > 0, stream, prefetch);
+        panel(M, std::min<int64_t>(kPanel, N - n), std::min<int64_t>(kInnerBlock, K - k), {A.from(0, k)}, B.at(k, n),
+              B.rows.stride, C + n, ldc, k > 0, stream, prefetch);
     return;
   }
-  // B = W^T with W [N, K] row-major (stride sbn): dot products for a few rows, else W's panels
+  // B = W^T with W [N, K] row-major (stride ldw): dot products for a few rows, else W's panels
   // packed transposed.
-  const int64_t ldw = sbn;
-  if (M <= kDotRows && (sak == 1 || K == 1)) {
+  TORCH_INTERNAL_ASSERT(B.rows.is(1) && B.cols.index == nullptr, "moekit: B = W^T must be strided");
+  const float* W = B.base;
+  const int64_t ldw = B.cols.stride;
+  if (M <= kDotRows && (A.cols.is(1) || K == 1)) {
+    // a few rows (decode): through an index, copied first (at most kDotRows rows)
+    thread_local LineVector<float> few;
+    const float* rows = A.base;
+    int64_t lda = A.rows.stride;
+    if (A.rows.index != nullptr) {
+      few.resize(static_cast<size_t>(M * K));
+      for (int64_t i = 0; i < M; ++i) std::copy(A.at(i, 0), A.at(i, 0) + K, few.data() + i * K);
+      rows = few.data();
+      lda = K;
+    }
     switch (M) {
-      case 1: dot_rows<1>(N, K, A, sai, B, ldw, C, ldc, prefetch); break;
-      case 2: dot_rows<2>(N, K, A, sai, B, ldw, C, ldc, prefetch); break;
-      case 3: dot_rows<3>(N, K, A, sai, B, ldw, C, ldc, prefetch); break;
-      default: dot_rows<4>(N, K, A, sai, B, ldw, C, ldc, prefetch); break;
+      case 1: dot_rows<1>(N, K, rows, lda, W, ldw, C, ldc, prefetch); break;
+      case 2: dot_rows<2>(N, K, rows, lda, W, ldw, C, ldc, prefetch); break;
+      case 3: dot_rows<3>(N, K, rows, lda, W, ldw, C, ldc, prefetch); break;
+      default: dot_rows<4>(N, K, rows, lda, W, ldw, C, ldc, prefetch); break;
     }
     return;
   }
@@ -584,15 +648,14 @@ void product_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai,
     const int64_t width = std::min<int64_t>(kPanel, N - n);
     for (int64_t k = 0; k < K; k += kInnerBlock) {
       const int64_t depth = std::min<int64_t>(kInnerBlock, K - k);
-      pack_transposed(B + n * ldw + k, ldw, width, depth, packed.data());
+      pack_transposed(W + n * ldw + k, ldw, width, depth, packed.data());
       // the next pack's rows of W: this panel's next block of k, else the next panel's first
       const bool last = k + kInnerBlock >= K;
       const int64_t next_n = last ? n + kPanel : n, next_k = last ? 0 : k + kInnerBlock;
-      PanelAhead ahead = next_n < N ? PanelAhead::of(B + next_n * ldw + next_k, std::min<int64_t>(kPanel, N - next_n),
+      PanelAhead ahead = next_n < N ? PanelAhead::of(W + next_n * ldw + next_k, std::min<int64_t>(kPanel, N - next_n),
                                                      std::min<int64_t>(kInnerBlock, K - next_k), ldw, row_tiles)
                                     : PanelAhead{};
-      panel(M, width, depth, A + k * sak, sai, sak, kRowsPerTile * sai, packed.data(), kPanel, C + n, ldc, k > 0,
-            stream, prefetch, ahead);
+      panel(M, width, depth, {A.from(0, k)}, packed.data(), kPanel, C + n, ldc, k > 0, stream, prefetch, ahead);
     }
   }
 }
@@ -828,10 +891,10 @@ inline int64_t span_ahead(int64_t rows, int64_t span, int64_t row_stride) {
 
 // SwiGLU experts whole, the routing weight on their output, every step of an expert done while
 // its rows are in cache: for every task (e, s, t) and row r in [s, t): xs = x[token[r]],
-// h = xs @ w_in[e]^T, a_in = swiglu(h) * scale[r], ys = a_in @ w_out[e]^T. Only h is kept for
-// the backward (with x), where `h` is given: xs, a_in and, outside autograd, h live in the
-// thread's work space (a forward that keeps no h writes 16-25 MB less at the layer benchmark's
-// very fine and fine shapes). `prefetch_next_task`: pull the next task's weights (their first
+// h = xs @ w_in[e]^T, a_in = swiglu(h) * scale[r], ys = a_in @ w_out[e]^T, xs read in place
+// (Axis). Only h is kept for the backward (with x), where `h` is given: a_in and, outside
+// autograd, h live in the thread's work space (a forward that keeps no h writes 16-25 MB less at
+// the layer benchmark's very fine and fine shapes). `prefetch_next_task`: pull the next task's weights (their first
 // panel: span_ahead) into cache during this one's second product.
 void swiglu_forward_tasks(const char* op, const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
                           const at::Tensor& w_in, const at::Tensor& w_out, const std::optional<at::Tensor>& h,
@@ -850,16 +913,14 @@ void swiglu_forward_tasks(const char* op, const at::Tensor& x, const at::Tensor&
   const int64_t ldx = x.stride(0), ldy = ys.stride(0);
   const int64_t span_in = (2 * ff - 1) * w_in.stride(1) + (d - 1) * w_in.stride(2) + 1;
   const int64_t span_out = (d - 1) * w_out.stride(1) + (ff - 1) * w_out.stride(2) + 1;
-  const int64_t ldxs = padded(d), ldai = padded(ff);
+  const int64_t ldai = padded(ff);
   const int64_t ldh = h.has_value() ? h->stride(0) : padded(2 * ff);
-  WorkSpaces<float> spaces(largest_task(work) * (ldxs + ldai + (h.has_value() ? 0 : ldh)));
+  WorkSpaces<float> spaces(largest_task(work) * (ldai + (h.has_value() ? 0 : ldh)));
   take_tasks(static_cast<int64_t>(work.size()), threads, [&](int64_t i) {
     const Task& task = work[i];
     const int64_t count = task.stop - task.start, s0 = task.start;
-    float* xs = spaces.mine();
-    float* a_in = xs + count * ldxs;
+    float* a_in = spaces.mine();
     float* hs = h.has_value() ? Hp + s0 * ldh : a_in + count * ldai;  // the task's rows of h
-    gather_rows(X, ldx, T, task, xs, ldxs, d);
     const float* wi = WI + task.expert * w_in.stride(0);
     const float* wo = WO + task.expert * w_out.stride(0);
     // This expert's w_out is pulled into cache during its first product only on the tile kernel:
@@ -868,7 +929,8 @@ void swiglu_forward_tasks(const char* op, const at::Tensor& x, const at::Tensor&
     // without, in five runs of 40 calls each way side by side; BENCHMARKS.md §8).
     Prefetch this_out =
         count <= kDotRows ? Prefetch{} : prefetch_of(wo, span_ahead(count, span_out, w_out.stride(1)));
-    product(count, 2 * ff, d, xs, ldxs, 1, wi, w_in.stride(2), w_in.stride(1), hs, ldh, this_out);
+    const Operand xs{X, {ldx, T + s0}, {1}};  // the expert's rows of x, in place
+    product(count, 2 * ff, d, xs, strided(wi, w_in.stride(2), w_in.stride(1)), hs, ldh, this_out);
     for (int64_t r = 0; r < count; ++r) swiglu_row(hs + r * ldh, a_in + r * ldai, ff, S[s0 + r]);
     const Task* following = i + 1 < static_cast<int64_t>(work.size()) ? &work[i + 1] : nullptr;
     Prefetch next = prefetch_next_task && following != nullptr
@@ -1084,10 +1146,10 @@ inline void prefetch_next_row_line(const float* next, int64_t j, int64_t ff) {
 }
 
 // The backward of `expert_swiglu_forward` for every task: the packed weight gradients (where
-// given), grad_scale[r] = <grad of a_in, a> (the routing weight's gradient), and the gathered
-// rows' gradient grad_xs (combined into tokens by the caller). The expert's rows of x, a and
-// a_in are formed again from x and h in the thread's work space (a and a_in with the forward's
-// arithmetic, so the same bits), as are grad_out's rows and the gradients of a and h.
+// given), grad_scale[r] = <grad of a_in, a> (the routing weight's gradient), and the gradient of
+// the expert's rows of x, grad_xs (combined into tokens by the caller). a and a_in are formed
+// again from h in the thread's work space (with the forward's arithmetic, so the same bits), as
+// are the gradients of a and h; the expert's rows of x and grad_out are read in place (Axis).
 void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& token,
                             const at::Tensor& scale, const at::Tensor& w_in, const at::Tensor& w_out,
                             const at::Tensor& h, const std::optional<at::Tensor>& grad_w_in,
@@ -1119,20 +1181,19 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
   const int64_t ldg = grad_out.stride(0), ldx = x.stride(0), ldh = h.stride(0), ldgx = grad_xs.stride(0);
   const int64_t span_in = (2 * ff - 1) * w_in.stride(1) + (d - 1) * w_in.stride(2) + 1;
   const int64_t span_out = (d - 1) * w_out.stride(1) + (ff - 1) * w_out.stride(2) + 1;
-  const int64_t ldd = padded(d), ldf = padded(ff), ldgh = padded(2 * ff);
-  WorkSpaces<float> spaces(largest_task(work) * (ldd + 2 * ldf + ldgh));
+  const int64_t ldf = padded(ff), ldgh = padded(2 * ff);
+  WorkSpaces<float> spaces(largest_task(work) * (2 * ldf + ldgh));
   take_tasks(static_cast<int64_t>(work.size()), threads, [&](int64_t i) {
     const Task& task = work[i];
     const int64_t count = task.stop - task.start, s0 = task.start;
     const float* wi = WI + task.expert * w_in.stride(0);
     const float* wo = WO + task.expert * w_out.stride(0);
-    // work space: [count, d] grad_out's rows, then x's; sigmoid(gate), a_in then grad_a [count, ff];
-    // grad_h [count, 2 ff]
-    float* rows_d = spaces.mine();
-    float* sig = rows_d + count * ldd;
+    // the expert's rows of grad_out and of x, read in place; work space: sigmoid(gate), a_in then
+    // grad_a [count, ff]; grad_h [count, 2 ff]
+    const Operand grad_ys{G, {ldg, T + s0}, {1}}, xs{X, {ldx, T + s0}, {1}};
+    float* sig = spaces.mine();
     float* ga = sig + count * ldf;
     float* gh = ga + count * ldf;
-    gather_rows(G, ldg, T, task, rows_d, ldd, d);
     for (int64_t r = 0; r < count; ++r) {  // sigmoid(gate) and a_in, as the forward formed it
       const float *gate = Hp + (s0 + r) * ldh, *up = gate + ff;
       const float* next = r + 1 < count ? gate + ldh : nullptr;
@@ -1155,11 +1216,12 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
     Prefetch in_late = GWI == nullptr ? Prefetch{} : prefetch_of(wi, span_in);
     if (GWO != nullptr) {  // [d, count] @ [count, ff]
       Prefetch this_out = prefetch_of(wo, span_out);
-      product(d, ff, count, rows_d, 1, ldd, ga, ldf, 1, GWO + task.expert * grad_w_out->stride(0), grad_w_out->stride(1),
-              this_out, /*stream=*/true);
+      const Operand grad_ys_t{G, grad_ys.cols, grad_ys.rows};  // grad_ys^T
+      product(d, ff, count, grad_ys_t, strided(ga, ldf, 1), GWO + task.expert * grad_w_out->stride(0),
+              grad_w_out->stride(1), this_out, /*stream=*/true);
     }
     // grad_a = grad_ys @ w_out[e]: [count, d] @ [d, ff]
-    product(count, ff, d, rows_d, ldd, 1, wo, w_out.stride(1), w_out.stride(2), ga, ldf, in_early);
+    product(count, ff, d, grad_ys, strided(wo, w_out.stride(1), w_out.stride(2)), ga, ldf, in_early);
     for (int64_t r = 0; r < count; ++r) {
       const float *gate = Hp + (s0 + r) * ldh, *up = gate + ff;
       const float* next = r + 1 < count ? gate + ldh : nullptr;
@@ -1179,9 +1241,8 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
       GS[s0 + r] = S::reduce_add(dot);
       swiglu_backward_row(gate, gar, gh + r * ldgh, ff, sr);
     }
-    gather_rows(X, ldx, T, task, rows_d, ldd, d);
     if (GWI != nullptr)  // [2 ff, count] @ [count, d]
-      product(2 * ff, d, count, gh, 1, ldgh, rows_d, ldd, 1, GWI + task.expert * grad_w_in->stride(0),
+      product(2 * ff, d, count, strided(gh, 1, ldgh), xs, GWI + task.expert * grad_w_in->stride(0),
               grad_w_in->stride(1), in_late, /*stream=*/true);
     Prefetch next = i + 1 < static_cast<int64_t>(work.size())
                         ? prefetch_of(WO + work[i + 1].expert * w_out.stride(0), span_out)
