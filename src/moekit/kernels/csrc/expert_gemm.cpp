@@ -916,7 +916,8 @@ void swiglu_forward_tasks(const char* op, const at::Tensor& x, const at::Tensor&
   const int64_t ldai = padded(ff);
   const int64_t ldh = h.has_value() ? h->stride(0) : padded(2 * ff);
   WorkSpaces<float> spaces(largest_task(work) * (ldai + (h.has_value() ? 0 : ldh)));
-  take_tasks(static_cast<int64_t>(work.size()), threads, [&](int64_t i) {
+  const int64_t task_count = static_cast<int64_t>(work.size());
+  take_tasks_ahead(task_count, threads, [&](int64_t i, int64_t following_task) {
     const Task& task = work[i];
     const int64_t count = task.stop - task.start, s0 = task.start;
     float* a_in = spaces.mine();
@@ -932,7 +933,7 @@ void swiglu_forward_tasks(const char* op, const at::Tensor& x, const at::Tensor&
     const Operand xs{X, {ldx, T + s0}, {1}};  // the expert's rows of x, in place
     product(count, 2 * ff, d, xs, strided(wi, w_in.stride(2), w_in.stride(1)), hs, ldh, this_out);
     for (int64_t r = 0; r < count; ++r) swiglu_row(hs + r * ldh, a_in + r * ldai, ff, S[s0 + r]);
-    const Task* following = i + 1 < static_cast<int64_t>(work.size()) ? &work[i + 1] : nullptr;
+    const Task* following = following_task < task_count ? &work[following_task] : nullptr;
     Prefetch next = prefetch_next_task && following != nullptr
                         ? prefetch_of(WI + following->expert * w_in.stride(0),
                                       span_ahead(following->stop - following->start, span_in, w_in.stride(1)))
@@ -957,10 +958,9 @@ at::Tensor summed_swiglu_rows(const char* op, const at::Tensor& x, const at::Ten
   const int64_t rows = token.size(0), d = x.size(1), ff = w_out.size(2), num_tokens = x.size(0);
   const auto options = x.options();
   const at::Tensor ys = at::empty({rows, d}, options);
-  // The next task's weights are pulled into this core's cache only on one thread: on several, the
-  // next task goes to whichever thread asks first, and the lines pulled for another core's task
-  // are read twice (decode, `large` on two threads of an AVX2 EPYC: the experts 1-9 % faster
-  // without).
+  // The next task's weights are pulled into this core's cache only on one thread (decode, `large`
+  // on two threads of an AVX2 EPYC: the experts 1-9 % faster without on two; measured when the
+  // next task went to whichever thread asked first, before tasks were claimed ahead).
   swiglu_forward_tasks(op, x, token, scale, w_in, w_out, std::nullopt, ys, work, threads,
                        /*prefetch_next_task=*/threads <= 1);
   at::Tensor out = at::zeros({num_tokens, d}, options);
@@ -1183,7 +1183,8 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
   const int64_t span_out = (d - 1) * w_out.stride(1) + (ff - 1) * w_out.stride(2) + 1;
   const int64_t ldf = padded(ff), ldgh = padded(2 * ff);
   WorkSpaces<float> spaces(largest_task(work) * (2 * ldf + ldgh));
-  take_tasks(static_cast<int64_t>(work.size()), threads, [&](int64_t i) {
+  const int64_t task_count = static_cast<int64_t>(work.size());
+  take_tasks_ahead(task_count, threads, [&](int64_t i, int64_t following_task) {
     const Task& task = work[i];
     const int64_t count = task.stop - task.start, s0 = task.start;
     const float* wi = WI + task.expert * w_in.stride(0);
@@ -1214,11 +1215,15 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
     // requested in both products: no gain). BENCHMARKS.md §13.
     Prefetch in_early = GWI == nullptr ? prefetch_of(wi, span_in) : Prefetch{};
     Prefetch in_late = GWI == nullptr ? Prefetch{} : prefetch_of(wi, span_in);
+    // w_out, which grad_a reads, was requested during this thread's previous task (its last
+    // product's `next`). Requested again during the weight gradient, as before tasks were claimed
+    // ahead: the layer's fwd+bwd 1.02x the time at the coarse shape, 0.99-1.00x at fine, level at
+    // very fine (two threads of an AVX-512 Xeon, two runs; BENCHMARKS.md §13).
     if (GWO != nullptr) {  // [d, count] @ [count, ff]
-      Prefetch this_out = prefetch_of(wo, span_out);
+      Prefetch none;
       const Operand grad_ys_t{G, grad_ys.cols, grad_ys.rows};  // grad_ys^T
       product(d, ff, count, grad_ys_t, strided(ga, ldf, 1), GWO + task.expert * grad_w_out->stride(0),
-              grad_w_out->stride(1), this_out, /*stream=*/true);
+              grad_w_out->stride(1), none, /*stream=*/true);
     }
     // grad_a = grad_ys @ w_out[e]: [count, d] @ [d, ff]
     product(count, ff, d, grad_ys, strided(wo, w_out.stride(1), w_out.stride(2)), ga, ldf, in_early);
@@ -1244,8 +1249,8 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
     if (GWI != nullptr)  // [2 ff, count] @ [count, d]
       product(2 * ff, d, count, strided(gh, 1, ldgh), xs, GWI + task.expert * grad_w_in->stride(0),
               grad_w_in->stride(1), in_late, /*stream=*/true);
-    Prefetch next = i + 1 < static_cast<int64_t>(work.size())
-                        ? prefetch_of(WO + work[i + 1].expert * w_out.stride(0), span_out)
+    Prefetch next = following_task < task_count
+                        ? prefetch_of(WO + work[following_task].expert * w_out.stride(0), span_out)
                         : Prefetch{};
     // grad_xs = grad_h @ w_in[e]: [count, 2 ff] @ [2 ff, d]
     product(count, d, 2 * ff, gh, ldgh, 1, wi, w_in.stride(1), w_in.stride(2), GX + s0 * ldgx, ldgx, next);

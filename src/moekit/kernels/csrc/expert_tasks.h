@@ -4,7 +4,9 @@
 // A task is one expert and its rows (expert, start, stop) of an expert-sorted buffer. Threads take
 // whole tasks, one at a time, largest first, from a shared counter: a thread that finishes early,
 // or was slowed by other work on its core, leaves the rest to the others, and each expert is
-// computed by one thread in one way, so results do not depend on which thread took it.
+// computed by one thread in one way, so results do not depend on which thread took it. (The
+// SwiGLU loops claim each thread's next task one ahead, to pull its weights into the right
+// core's cache: take_tasks_ahead.)
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -34,6 +36,30 @@ void take_tasks(int64_t count, int64_t threads, const Fn& fn) {
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(i);
+  });
+}
+
+// fn(i, following) for every task i as take_tasks, each thread claiming the task it will take
+// next (`following`; count where none is left) as it starts one, so that fn can pull that task's
+// operands into its own core's cache while it computes task i. With take_tasks, a thread that
+// requested "the next task's" weights (i + 1) left them in its cache while the other thread
+// often took that task and read them again from memory. The cost: a thread holds its claimed
+// task while it works, so at the end another may wait for up to one (small: tasks come largest
+// first) task more.
+template <typename Fn>
+void take_tasks_ahead(int64_t count, int64_t threads, const Fn& fn) {
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, count));
+  if (threads == 1) {
+    for (int64_t i = 0; i < count; ++i) fn(i, i + 1);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < count;) {
+      const int64_t following = std::min(next.fetch_add(1), count);
+      fn(i, following);
+      i = following;
+    }
   });
 }
 
