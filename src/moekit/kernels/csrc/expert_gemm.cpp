@@ -161,15 +161,24 @@ struct TileShare {
   inline Lines& lines() { return static_cast<Lines&>(*this); }
 };
 
-// Lines of memory to pull into L2 while a product runs (the next expert's weights), so that the
-// loads overlap the arithmetic instead of stalling the next product: one per step of the
-// dot-product loops (decode); on the tile kernel, `per_tile` lines in each register tile, spread
-// over its steps (`product` sets the share, `tile` spends it).
+// Lines of memory to pull into L2 while a product runs (the next expert's weights, and after
+// them, where `and_then` adds it, a second range), so that the loads overlap the arithmetic
+// instead of stalling the product or pass that reads them: one per step of the dot-product loops
+// (decode); on the tile kernel, `per_tile` lines in each register tile, spread over its steps
+// (`product` sets the share, `tile` spends it).
 struct Prefetch : TileShare<Prefetch> {
   const char* next = nullptr;
   const char* end = nullptr;
-  inline bool more() const { return next < end; }
+  const char* then_next = nullptr;  // the second range, requested once the first is
+  const char* then_end = nullptr;
+  inline bool more() const { return next < end || then_next < then_end; }
+  inline int64_t lines_left() const { return ((end - next) + (then_end - then_next)) / 64; }
   inline void request() {
+    if (next >= end) {
+      next = then_next;
+      end = then_end;
+      then_next = then_end = nullptr;
+    }
     _mm_prefetch(next, _MM_HINT_T1);
     next += 64;
   }
@@ -543,9 +552,9 @@ void product_tiles(int64_t M, int64_t N, int64_t K, const Operand& A, const Oper
     return;
   }
   const int64_t row_tiles = (M + kRowsPerTile - 1) / kRowsPerTile;
-  if (prefetch.next < prefetch.end) {  // the caller's lines, spread over every tile of the product
+  if (prefetch.more()) {  // the caller's lines, spread over every tile of the product
     const int64_t tiles = row_tiles * ((N + kPanel - 1) / kPanel) * ((K + kInnerBlock - 1) / kInnerBlock);
-    prefetch.per_tile = ((prefetch.end - prefetch.next) / 64 + tiles) / tiles;
+    prefetch.per_tile = (prefetch.lines_left() + tiles) / tiles;
   }
   const bool b_rows_contiguous = B.cols.is(1) || N == 1;
   if (b_rows_contiguous && A.rows.is(1) && !A.cols.is(1) && M > 1) {
@@ -665,6 +674,14 @@ Prefetch prefetch_of(const float* data, int64_t elements) {
   prefetch.next = reinterpret_cast<const char*>(data);
   prefetch.end = prefetch.next + elements * static_cast<int64_t>(sizeof(float));
   return prefetch;
+}
+
+// `first`'s lines, then those of `elements` floats from `data`.
+Prefetch and_then(Prefetch first, const float* data, int64_t elements) {
+  const Prefetch second = prefetch_of(data, elements);
+  first.then_next = second.next;
+  first.then_end = second.end;
+  return first;
 }
 
 void check_float_cpu(const at::Tensor& t, const char* op, const char* name) {
@@ -1249,8 +1266,15 @@ void expert_swiglu_backward(const at::Tensor& grad_out, const at::Tensor& x, con
     if (GWI != nullptr)  // [2 ff, count] @ [count, d]
       product(2 * ff, d, count, strided(gh, 1, ldgh), xs, GWI + task.expert * grad_w_in->stride(0),
               grad_w_in->stride(1), in_late, /*stream=*/true);
-    Prefetch next = following_task < task_count
-                        ? prefetch_of(WO + work[following_task].expert * w_out.stride(0), span_out)
+    // The next task's w_out (read by grad_a), then its rows of h, which its first pass reads from
+    // memory (written by the forward long before): requested here, during this product's
+    // arithmetic, the first pass reads them from cache (the layer's fwd+bwd 0.985-0.992x the time
+    // at fine, 0.982-0.998x at very fine, level at coarse, in four runs on two threads of an
+    // AVX-512 Xeon; BENCHMARKS.md §13).
+    const Task* following = following_task < task_count ? &work[following_task] : nullptr;
+    Prefetch next = following != nullptr
+                        ? and_then(prefetch_of(WO + following->expert * w_out.stride(0), span_out),
+                                   Hp + following->start * ldh, (following->stop - following->start) * ldh)
                         : Prefetch{};
     // grad_xs = grad_h @ w_in[e]: [count, 2 ff] @ [2 ff, d]
     product(count, d, 2 * ff, gh, ldgh, 1, wi, w_in.stride(1), w_in.stride(2), GX + s0 * ldgx, ldgx, next);
