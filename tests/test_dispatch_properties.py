@@ -290,10 +290,9 @@ def test_float32_paths_match_float64(path):
 def test_whole_swiglu_passes_read_every_row_to_the_ends_of_their_buffers(path, counts, last_token_last, seed):
     """The SwiGLU passes read each expert's rows of x and grad_out in token order (in place on
     the tile kernel, gathered on at::mm) and h row by row, requesting the next row while one is
-    worked on: experts of one row or none, tokens in
-    any order, the last token's row gathered last and the last expert ending at h's last row, on
-    the tile kernel (AVX-512 or AVX2), on one thread, and on at::mm. Output and every gradient
-    against float64."""
+    worked on: experts of one row or none, tokens in any order, the last token's row read last
+    and the last expert ending at h's last row, on the tile kernel (AVX-512 or AVX2), on one
+    thread, and on at::mm. Output and every gradient against float64."""
     gen = torch.Generator().manual_seed(seed)
     num_tokens, hidden, ff = 24, 20, 12
     counts = [*counts, 16]  # one expert large enough that the call is not decode-sized

@@ -241,9 +241,9 @@ def _requested() -> str:
 # each with the 192 rows they get at T = 2048; hidden 512, ff 256), forward and backward as the
 # layer runs them (`expert_swiglu_forward` and `_backward`: both products, the activation and the
 # routing weight per expert, and at::mm's gathers); rounds interleave the kernels, each first in
-# every other round, so that load slows both alike. (With 96 rows per expert, half the layer's, at::mm's
-# share of the time was larger than in the layer: on an AVX-512 Xeon the measurement gave the
-# tile kernel 0.6-3 % where the layer's fwd+bwd gave it 8-9 %; with 192, 3-4.5 %.)
+# every other round, so that load slows both alike. (With 96 rows per expert, half the layer's,
+# at::mm's share of the time was larger than in the layer: on an AVX-512 Xeon the measurement gave
+# the tile kernel 0.6-3 % where the layer's fwd+bwd gave it 8-9 %; with 192, 3-4.5 %.)
 MEASURE_SHAPE = (16, 192, 512, 256)
 MEASURE_ROUNDS = 7
 

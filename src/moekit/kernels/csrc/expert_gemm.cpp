@@ -113,7 +113,8 @@ constexpr int64_t kRequestEvery = 8;
 // i * stride, or index[i] * stride where the dimension runs through `index`. An indexed dimension
 // is how a product reads an expert's rows of x or grad_out where they lie, through their token
 // ids: gathered into a copy first, the rows passed through the cache twice (three gathers of
-// 25 MB a training step at the layer benchmark's fine shape, 3.4 % of the experts' thread time).
+// 25 MB a training step at the layer benchmark's fine shape, 3.4 % of the experts' thread time;
+// read in place, the layer's fwd+bwd 0.99x the time at fine and very fine, BENCHMARKS.md §13).
 struct Axis {
   int64_t stride;
   const int64_t* index = nullptr;
@@ -129,8 +130,9 @@ struct Operand {
   const float* at(int64_t i, int64_t j) const { return base + rows.at(i) + cols.at(j); }
   // The operand from element (i, j) on.
   Operand from(int64_t i, int64_t j) const {
-    const int64_t offset = (rows.index != nullptr ? 0 : i * rows.stride) + (cols.index != nullptr ? 0 : j * cols.stride);
-    return {base + offset, rows.from(i), cols.from(j)};
+    const int64_t row_offset = rows.index != nullptr ? 0 : i * rows.stride;
+    const int64_t col_offset = cols.index != nullptr ? 0 : j * cols.stride;
+    return {base + row_offset + col_offset, rows.from(i), cols.from(j)};
   }
 };
 
@@ -234,7 +236,8 @@ inline void store_part(int j, float* p, S::Mask tail, S::Vec v) {
 }
 
 // C[0:MR, 0:kLanes*NV] (+)= A[0:MR, 0:K] @ B[0:K, 0:kLanes*NV], A's row i from a_rows[i] on, sak
-// floats per step of k; the last vector masked by `tail` where Masked. `stream`: whole vectors stored past the caches (C's rows aligned to whole lines).
+// floats per step of k; the last vector masked by `tail` where Masked. `stream`: whole vectors
+// stored past the caches (C's rows aligned to whole lines).
 // Every kRequestEvery steps of k, one line of each of `prefetch` and `ahead` is requested (their
 // shares for this tile, what is left at its end) and one line of `c_next`, the next tile's
 // `c_next_rows` output rows, for writing: written cold, each of the tile's stores waited for its
@@ -524,12 +527,12 @@ void product_tiles(int64_t M, int64_t N, int64_t K, const Operand& A, const Oper
 // C[0:M, 0:N] = A @ B for A [M, K], B [K, N] (one of B's dimensions unit-stride), C rows of stride
 // ldc. Dimensions that may run through an index (Axis): A's rows, read in place by the register
 // tiles; A's columns where A is packed (a weight gradient's grad_rows^T); B's rows where its
-// columns are contiguous (copied into panels). `stream`: C is not read again soon (a weight gradient,
-// which only the optimizer reads after the whole backward): where it is written in one pass (K
-// within one block of k) and its rows are whole lines, it is stored past the caches, which saves
-// reading each line from memory before writing it (fine shape on an AVX2 EPYC: weight gradients
-// 2-4 % faster). Not over several blocks: a line streamed after an earlier block left it in cache
-// is evicted first (coarse shape, K = 512: the layer's fwd+bwd 7 % slower).
+// columns are contiguous (copied into panels). `stream`: C is not read again soon (a weight
+// gradient, which only the optimizer reads after the whole backward): where it is written in one
+// pass (K within one block of k) and its rows are whole lines, it is stored past the caches, which
+// saves reading each line from memory before writing it (fine shape on an AVX2 EPYC: weight
+// gradients 2-4 % faster). Not over several blocks: a line streamed after an earlier block left it
+// in cache is evicted first (coarse shape, K = 512: the layer's fwd+bwd 7 % slower).
 void product(int64_t M, int64_t N, int64_t K, const Operand& A, const Operand& B, float* C, int64_t ldc,
              Prefetch& prefetch, bool stream = false) {
   stream = stream && K <= kInnerBlock && reinterpret_cast<uintptr_t>(C) % 64 == 0 &&
@@ -911,8 +914,8 @@ inline int64_t span_ahead(int64_t rows, int64_t span, int64_t row_stride) {
 // h = xs @ w_in[e]^T, a_in = swiglu(h) * scale[r], ys = a_in @ w_out[e]^T, xs read in place
 // (Axis). Only h is kept for the backward (with x), where `h` is given: a_in and, outside
 // autograd, h live in the thread's work space (a forward that keeps no h writes 16-25 MB less at
-// the layer benchmark's very fine and fine shapes). `prefetch_next_task`: pull the next task's weights (their first
-// panel: span_ahead) into cache during this one's second product.
+// the layer benchmark's very fine and fine shapes). `prefetch_next_task`: pull the thread's next
+// task's weights (their first panel: span_ahead) into cache during this one's second product.
 void swiglu_forward_tasks(const char* op, const at::Tensor& x, const at::Tensor& token, const at::Tensor& scale,
                           const at::Tensor& w_in, const at::Tensor& w_out, const std::optional<at::Tensor>& h,
                           const at::Tensor& ys, const std::vector<Task>& work, int64_t threads,
