@@ -560,21 +560,22 @@ def test_swiglu_experts_read_in_place_over_several_blocks_match_float64(kernel, 
         a = torch.nn.functional.silu(gate) * up * weight[:, None]
         return torch.zeros_like(x).index_add(0, token, torch.einsum("rf,rdf->rd", a, w_out[expert]))
 
-    results = []
-    for dtype, layer in ((torch.float64, exact), (torch.float32, None)):
+    def moekit_layer(x, weight, w_in, w_out):
+        plan = plan_experts(x, token, expert, w_in, w_out, act, "output", threads=2)
+        assert plan.loops.kernel == kernel and plan.loops.whole_swiglu
+        return grouped_experts(x, token, expert, weight, w_in, w_out, None, None, act, threads=2)
+
+    def output_and_grads(layer, dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (x, weight, w_in, w_out)]
         with torch_threads(2):
-            if layer is None:
-                plan = plan_experts(leaves[0], token, expert, leaves[2], leaves[3], act, "output", threads=2)
-                assert plan.loops.kernel == kernel and plan.loops.whole_swiglu
-                y = grouped_experts(leaves[0], token, expert, *leaves[1:], None, None, act, threads=2)
-            else:
-                y = layer(*leaves)
+            y = layer(*leaves)
             y.backward(upstream.to(dtype))
-        results.append([y.detach(), *(leaf.grad for leaf in leaves)])
-    for fast, want in zip(results[1], results[0], strict=True):
-        torch.testing.assert_close(fast.double(), want, rtol=1e-4, atol=1e-4)
-    assert torch.count_nonzero(results[1][3][3]) == 0 and torch.count_nonzero(results[1][4][3]) == 0
+        return [y.detach(), *(leaf.grad for leaf in leaves)]
+
+    fast, want = output_and_grads(moekit_layer, torch.float32), output_and_grads(exact, torch.float64)
+    for got, expected in zip(fast, want, strict=True):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+    assert torch.count_nonzero(fast[3][3]) == 0 and torch.count_nonzero(fast[4][3]) == 0
 
 
 @pytest.mark.parametrize("kernel", ["tile", "mm"])
